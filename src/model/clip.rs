@@ -1,0 +1,93 @@
+//! The CLIP model: both towers built from a `Checkpoint` on a device.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use super::config::ClipConfig;
+use super::layers::l2_normalize;
+use super::text::TextTower;
+use super::tokenizer::ClipTokenizer;
+use super::vision::VisionTower;
+use super::weights::{Checkpoint, WeightsError};
+
+pub struct ClipModel {
+    pub vision: VisionTower,
+    pub text: TextTower,
+    pub config: ClipConfig,
+    pub device: Device,
+    pub dtype: DType,
+    /// Where the weights came from (for display and session metadata).
+    pub source: PathBuf,
+}
+
+impl ClipModel {
+    /// Builds both towers on `device` in `dtype`.
+    pub fn from_checkpoint(
+        ckpt: &Checkpoint,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, WeightsError> {
+        let wrap = |source| WeightsError::Candle {
+            path: ckpt.path.clone(),
+            source,
+        };
+        let tensors: HashMap<String, Tensor> = ckpt
+            .tensors
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.to_device(device)?.to_dtype(dtype)?)))
+            .collect::<candle_core::Result<_>>()
+            .map_err(wrap)?;
+        let vb = VarBuilder::from_tensors(tensors, dtype, device);
+        let cfg = &ckpt.config;
+        let vision = VisionTower::new(&cfg.vision, cfg.embed_dim, vb.clone()).map_err(wrap)?;
+        let text = TextTower::new(&cfg.text, cfg.embed_dim, vb).map_err(wrap)?;
+        Ok(Self {
+            vision,
+            text,
+            config: cfg.clone(),
+            device: device.clone(),
+            dtype,
+            source: ckpt.path.clone(),
+        })
+    }
+
+    /// L2-normalised image embeddings of preprocessed pixels [B, 3, S, S]: [B, E].
+    pub fn encode_images(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        let pixels = pixels.to_device(&self.device)?.to_dtype(self.dtype)?;
+        l2_normalize(&self.vision.forward(&pixels)?.to_dtype(DType::F32)?)
+    }
+
+    /// L2-normalised text embeddings of token ids [B, T]: [B, E].
+    pub fn encode_token_ids(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let vocab = self.config.text.vocab_size as u32;
+        if let Some(bad) = ids
+            .flatten_all()?
+            .to_vec1::<u32>()?
+            .into_iter()
+            .find(|&i| i >= vocab)
+        {
+            candle_core::bail!(
+                "token id {bad} is outside this model's vocabulary of {vocab} tokens"
+            )
+        }
+        l2_normalize(&self.text.forward_ids(ids)?.to_dtype(DType::F32)?)
+    }
+
+    /// L2-normalised text embeddings of strings: [B, E].
+    pub fn encode_texts(
+        &self,
+        tokenizer: &ClipTokenizer,
+        texts: &[&str],
+    ) -> candle_core::Result<Tensor> {
+        let ctx = self.config.text.context_length;
+        let ids: Vec<u32> = texts
+            .iter()
+            .flat_map(|t| tokenizer.encode(t, ctx))
+            .collect();
+        let ids = Tensor::from_vec(ids, (texts.len(), ctx), &self.device)?;
+        self.encode_token_ids(&ids)
+    }
+}

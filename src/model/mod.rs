@@ -1,0 +1,16 @@
+//! The model: CLIP towers, preprocessing, tokenizer glue, weights loading, and
+//! the CLIPER head. Knows nothing of cameras, threads or GUIs.
+
+pub mod clip;
+pub mod config;
+pub mod device;
+pub mod layers;
+pub mod preprocess;
+pub mod text;
+pub mod tokenizer;
+pub mod vision;
+pub mod weights;
+
+pub use clip::ClipModel;
+pub use config::ClipConfig;
+pub use weights::Checkpoint;

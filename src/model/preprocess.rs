@@ -1,0 +1,497 @@
+//! Image preprocessing for the CLIP vision tower, bit-compatible with the
+//! reference pipeline: OpenAI CLIP's `_transform` (torchvision `Resize(size,
+//! BICUBIC)`, `CenterCrop(size)`, `ToTensor()`, `Normalize(mean, std)`) run on
+//! PIL images.
+//!
+//! The checkpoints were trained and evaluated on pixels produced by Pillow's
+//! resampler, so "a good bicubic" is not enough: `resize_bicubic` reimplements
+//! Pillow's `ImagingResample` (libImaging/Resample.c) including its fixed-point
+//! rounding, and is checked byte for byte against Pillow by the fixtures that
+//! `tools/make_preprocess_fixture.py` writes into `tests/fixtures/preprocess/`.
+//!
+//! This module also owns the normalisation constants; everything else in the
+//! project imports `CLIP_MEAN` / `CLIP_STD` from here.
+//!
+//! One known, deliberate difference: OpenAI's transform converts to RGB *after*
+//! the crop, while `preprocess` converts first. For RGB and grey inputs the two
+//! orders give identical pixels; for images with partial transparency Pillow
+//! would resample in premultiplied alpha, which a face crop never needs.
+
+use candle_core::{Device, Tensor};
+use image::{DynamicImage, RgbImage};
+
+/// Per-channel (R, G, B) mean of OpenAI's CLIP training images, on the 0..1 scale.
+pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+/// Per-channel (R, G, B) standard deviation matching [`CLIP_MEAN`].
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+
+/// Pillow keeps 8 bits for the result and 2 for the overshoot of the bicubic
+/// kernel's negative lobes, leaving 22 fractional bits in an `int`.
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Bicubic support radius in output pixels before scaling (Pillow's `BICUBIC`).
+const BICUBIC_SUPPORT: f64 = 2.0;
+
+/// Keys' cubic convolution kernel with `a = -0.5`, written with the same
+/// operation order as Pillow's `bicubic_filter` so that every double rounds
+/// the same way.
+fn bicubic_filter(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// Fixed-point resampling weights for one axis: for output index `i`, the
+/// source window starts at `starts[i]` and its weights are
+/// `weights[i * window..][..lens[i]]`.
+struct AxisCoefficients {
+    window: usize,
+    starts: Vec<usize>,
+    lens: Vec<usize>,
+    weights: Vec<i32>,
+}
+
+impl AxisCoefficients {
+    /// Pillow's `precompute_coeffs` followed by `normalize_coeffs_8bpc`, for the
+    /// full-image box `(0, in_size)`.
+    fn bicubic(in_size: u32, out_size: u32) -> Self {
+        // Pillow receives the box as C floats and divides in double.
+        let scale = f64::from(in_size as f32) / f64::from(out_size);
+        // Downscaling widens the kernel so every source pixel contributes.
+        let filterscale = scale.max(1.0);
+        let support = BICUBIC_SUPPORT * filterscale;
+        let window = support.ceil() as usize * 2 + 1;
+        let inv_filterscale = 1.0 / filterscale;
+
+        let out_len = out_size as usize;
+        let mut starts = Vec::with_capacity(out_len);
+        let mut lens = Vec::with_capacity(out_len);
+        let mut weights = vec![0i32; out_len * window];
+        let mut k = vec![0f64; window];
+        for (i, row) in weights.chunks_exact_mut(window).enumerate() {
+            let center = (i as f64 + 0.5) * scale;
+            // `as i32` truncates toward zero exactly like C's `(int)` cast,
+            // which is how Pillow "rounds" the window ends.
+            let xmin = ((center - support + 0.5) as i32).max(0);
+            let xmax = ((center + support + 0.5) as i32).min(in_size as i32);
+            let len = (xmax - xmin).max(0) as usize;
+
+            let mut sum = 0.0;
+            for (x, w) in k.iter_mut().enumerate().take(len) {
+                *w = bicubic_filter((x as f64 + f64::from(xmin) - center + 0.5) * inv_filterscale);
+                sum += *w;
+            }
+            for (w, fixed) in k.iter().zip(row.iter_mut()).take(len) {
+                let w = if sum != 0.0 { w / sum } else { *w };
+                // Round half away from zero, then truncate: Pillow's
+                // `(int)(±0.5 + k * (1 << PRECISION_BITS))`.
+                let scaled = w * f64::from(1u32 << PRECISION_BITS);
+                *fixed = if w < 0.0 {
+                    (scaled - 0.5) as i32
+                } else {
+                    (scaled + 0.5) as i32
+                };
+            }
+            starts.push(xmin as usize);
+            lens.push(len);
+        }
+        Self {
+            window,
+            starts,
+            lens,
+            weights,
+        }
+    }
+
+    fn taps(&self, i: usize) -> (usize, &[i32]) {
+        let row = &self.weights[i * self.window..(i + 1) * self.window];
+        (self.starts[i], &row[..self.lens[i]])
+    }
+}
+
+/// Pillow's `clip8`: drop the fractional bits (arithmetic shift, i.e. floor)
+/// and saturate to a byte.
+fn clip8(acc: i32) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Pillow starts every accumulator at one half so the final shift rounds.
+const ROUNDING_BIAS: i32 = 1 << (PRECISION_BITS - 1);
+
+/// Resizes an 8-bit RGB image exactly like Pillow's
+/// `Image.resize((new_w, new_h), Image.BICUBIC)`.
+///
+/// Separable and in Pillow's order: a horizontal pass into an intermediate
+/// 8-bit image (clipped), then a vertical pass; an axis whose size does not
+/// change is not resampled at all. An empty source gives a black image of the
+/// requested size (Pillow refuses to resize it).
+pub fn resize_bicubic(img: &RgbImage, new_w: u32, new_h: u32) -> RgbImage {
+    let (src_w, src_h) = img.dimensions();
+    if (src_w, src_h) == (new_w, new_h) {
+        return img.clone();
+    }
+    if new_w == 0 || new_h == 0 || src_w == 0 || src_h == 0 {
+        return RgbImage::new(new_w, new_h);
+    }
+
+    let vertical = AxisCoefficients::bicubic(src_h, new_h);
+    let need_horizontal = src_w != new_w;
+    let need_vertical = src_h != new_h;
+
+    // The horizontal pass only covers the source rows the vertical pass will
+    // read, as in Pillow; the vertical window starts are taken relative to it.
+    let (first_row, rows) = if need_horizontal && need_vertical {
+        let last = new_h as usize - 1;
+        let first = vertical.starts[0];
+        (first, vertical.starts[last] + vertical.lens[last] - first)
+    } else {
+        (0, src_h as usize)
+    };
+
+    let horizontal_out;
+    let (mid, mid_w): (&[u8], usize) = if need_horizontal {
+        horizontal_out = resample_rows(img.as_raw(), src_w as usize, first_row, rows, new_w);
+        (&horizontal_out, new_w as usize)
+    } else {
+        (img.as_raw(), src_w as usize)
+    };
+
+    let mut out = RgbImage::new(new_w, new_h);
+    if need_vertical {
+        resample_columns(mid, mid_w, first_row, &vertical, &mut out);
+    } else {
+        out.copy_from_slice(mid);
+    }
+    out
+}
+
+/// Horizontal pass over `rows` source rows starting at `first_row`; returns a
+/// packed RGB buffer `new_w` wide.
+fn resample_rows(src: &[u8], src_w: usize, first_row: usize, rows: usize, new_w: u32) -> Vec<u8> {
+    let coeffs = AxisCoefficients::bicubic(src_w as u32, new_w);
+    let out_w = new_w as usize;
+    let mut out = vec![0u8; out_w * rows * 3];
+    for (y, out_row) in out.chunks_exact_mut(out_w * 3).enumerate() {
+        let src_row = &src[(first_row + y) * src_w * 3..][..src_w * 3];
+        for (x, px) in out_row.chunks_exact_mut(3).enumerate() {
+            let (start, taps) = coeffs.taps(x);
+            let mut acc = [ROUNDING_BIAS; 3];
+            for (&w, s) in taps.iter().zip(src_row[start * 3..].chunks_exact(3)) {
+                for c in 0..3 {
+                    // C `int` arithmetic; PRECISION_BITS leaves headroom so
+                    // it never wraps, wrapping_* just mirrors C exactly.
+                    acc[c] = acc[c].wrapping_add(i32::from(s[c]).wrapping_mul(w));
+                }
+            }
+            for c in 0..3 {
+                px[c] = clip8(acc[c]);
+            }
+        }
+    }
+    out
+}
+
+/// Vertical pass from a packed RGB buffer `src_w` wide whose row 0 is source
+/// row `first_row`.
+fn resample_columns(
+    src: &[u8],
+    src_w: usize,
+    first_row: usize,
+    coeffs: &AxisCoefficients,
+    out: &mut RgbImage,
+) {
+    let stride = src_w * 3;
+    for (y, out_row) in out.chunks_exact_mut(stride).enumerate() {
+        let (start, taps) = coeffs.taps(y);
+        let start = start - first_row;
+        for (i, o) in out_row.iter_mut().enumerate() {
+            let mut acc = ROUNDING_BIAS;
+            for (k, &w) in taps.iter().enumerate() {
+                let s = src[(start + k) * stride + i];
+                acc = acc.wrapping_add(i32::from(s).wrapping_mul(w));
+            }
+            *o = clip8(acc);
+        }
+    }
+}
+
+/// Python's `round(d / 2.0)` for a non-negative integer `d`: halves go to the
+/// even neighbour.
+fn half_round_even(d: u32) -> u32 {
+    let q = d / 2;
+    if d % 2 == 1 && q % 2 == 1 {
+        q + 1
+    } else {
+        q
+    }
+}
+
+/// torchvision's `Resize(size)` followed by `CenterCrop(size)` on a PIL image.
+///
+/// The shorter side becomes `size` and the longer `int(size * long / short)`;
+/// an image already at that size is not resampled. The crop is centred with
+/// `int(round((dim - size) / 2.0))`. Should the resized image still be smaller
+/// than the crop (only for an empty input), the missing border is black, as
+/// torchvision's padding does.
+pub fn resize_shorter_center_crop(img: &RgbImage, size: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let (short, long) = if w <= h { (w, h) } else { (h, w) };
+    let resized = if short == 0 {
+        img.clone()
+    } else {
+        // Python computes `size * long` exactly and divides in double; the
+        // product of two u32 is exact in f64 for any image that fits in memory.
+        let new_long = (f64::from(size) * f64::from(long) / f64::from(short)) as u32;
+        let (new_w, new_h) = if w <= h {
+            (size, new_long)
+        } else {
+            (new_long, size)
+        };
+        if (new_w, new_h) == (w, h) {
+            img.clone()
+        } else {
+            resize_bicubic(img, new_w, new_h)
+        }
+    };
+    center_crop(&resized, size)
+}
+
+/// torchvision's `CenterCrop(size)`: zero-pads first when the image is smaller
+/// than the crop (left/top get the floor of half the deficit).
+fn center_crop(img: &RgbImage, size: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    if (w, h) == (size, size) {
+        return img.clone();
+    }
+    // Work in the padded image's coordinates; pixels outside the source are
+    // the padding's zeros.
+    let pad_left = size.saturating_sub(w) / 2;
+    let pad_top = size.saturating_sub(h) / 2;
+    let padded_w = w.max(size);
+    let padded_h = h.max(size);
+    let left = half_round_even(padded_w - size);
+    let top = half_round_even(padded_h - size);
+
+    let mut out = RgbImage::new(size, size);
+    for (x, y, px) in out.enumerate_pixels_mut() {
+        let sx = i64::from(x) + i64::from(left) - i64::from(pad_left);
+        let sy = i64::from(y) + i64::from(top) - i64::from(pad_top);
+        if (0..i64::from(w)).contains(&sx) && (0..i64::from(h)).contains(&sy) {
+            *px = *img.get_pixel(sx as u32, sy as u32);
+        }
+    }
+    out
+}
+
+/// torchvision's `ToTensor()` then `Normalize(CLIP_MEAN, CLIP_STD)`: returns
+/// `[3, h, w]` in CHW order, computed in f32 with the same two roundings
+/// (`x / 255`, then `(x - mean) / std`).
+pub fn to_normalized_chw(img: &RgbImage) -> Vec<f32> {
+    let plane = img.width() as usize * img.height() as usize;
+    let mut out = vec![0f32; 3 * plane];
+    let (r, rest) = out.split_at_mut(plane);
+    let (g, b) = rest.split_at_mut(plane);
+    for (i, px) in img.pixels().enumerate() {
+        for (c, dst) in [&mut r[i], &mut g[i], &mut b[i]].into_iter().enumerate() {
+            *dst = (f32::from(px[c]) / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c];
+        }
+    }
+    out
+}
+
+/// The whole CLIP image transform: to RGB, shorter side to `size`, centre
+/// crop, normalise. Returns `3 * size * size` floats, `[3, size, size]` CHW.
+pub fn preprocess(img: &DynamicImage, size: u32) -> Vec<f32> {
+    let rgb = img.to_rgb8();
+    to_normalized_chw(&resize_shorter_center_crop(&rgb, size))
+}
+
+/// [`preprocess`] as a tensor on `device`: `[3, size, size]` f32.
+pub fn preprocess_tensor(
+    img: &DynamicImage,
+    size: u32,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let side = size as usize;
+    Tensor::from_vec(preprocess(img, size), (3, side, side), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+    use std::path::{Path, PathBuf};
+
+    #[derive(Deserialize)]
+    struct Manifest {
+        mean: [f32; 3],
+        std: [f32; 3],
+        resize: Vec<ResizeCase>,
+        pipeline: Vec<PipelineCase>,
+    }
+
+    #[derive(Deserialize)]
+    struct ResizeCase {
+        input: String,
+        width: u32,
+        height: u32,
+        expected: String,
+    }
+
+    #[derive(Deserialize)]
+    struct PipelineCase {
+        input: String,
+        size: u32,
+        expected: String,
+    }
+
+    fn fixture_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/preprocess")
+    }
+
+    fn manifest() -> Manifest {
+        let path = fixture_dir().join("manifest.json");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; run tools/make_preprocess_fixture.py",
+                path.display()
+            )
+        });
+        serde_json::from_str(&text).expect("manifest.json parses")
+    }
+
+    fn load_rgb(name: &str) -> RgbImage {
+        let path = fixture_dir().join(name);
+        image::open(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .to_rgb8()
+    }
+
+    fn load_f32(name: &str) -> Vec<f32> {
+        let bytes = std::fs::read(fixture_dir().join(name)).expect("fixture readable");
+        bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    }
+
+    #[test]
+    fn constants_match_the_fixture_generator() {
+        let m = manifest();
+        assert_eq!(m.mean, CLIP_MEAN);
+        assert_eq!(m.std, CLIP_STD);
+    }
+
+    #[test]
+    fn bicubic_resize_matches_pillow_byte_for_byte() {
+        let m = manifest();
+        assert!(m.resize.len() >= 10, "fixture lists too few resize cases");
+        for case in &m.resize {
+            let input = load_rgb(&case.input);
+            let expected = load_rgb(&case.expected);
+            let got = resize_bicubic(&input, case.width, case.height);
+            assert_eq!(got.dimensions(), expected.dimensions(), "{}", case.expected);
+            let mismatches = got
+                .as_raw()
+                .iter()
+                .zip(expected.as_raw())
+                .filter(|(a, b)| a != b)
+                .count();
+            assert_eq!(
+                mismatches, 0,
+                "{}: {mismatches} bytes differ",
+                case.expected
+            );
+        }
+    }
+
+    #[test]
+    fn full_transform_matches_torchvision() {
+        let m = manifest();
+        assert!(
+            m.pipeline.len() >= 5,
+            "fixture lists too few pipeline cases"
+        );
+        for case in &m.pipeline {
+            let input = DynamicImage::ImageRgb8(load_rgb(&case.input));
+            let expected = load_f32(&case.expected);
+            let got = preprocess(&input, case.size);
+            assert_eq!(got.len(), expected.len(), "{}", case.expected);
+            let worst = got
+                .iter()
+                .zip(&expected)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst <= 1e-6, "{}: max abs diff {worst}", case.expected);
+        }
+    }
+
+    #[test]
+    fn odd_offsets_round_half_to_even() {
+        // Python: round(0.5) = 0, round(1.5) = 2, round(2.5) = 2, round(3.5) = 4.
+        let got: Vec<u32> = (0..8).map(half_round_even).collect();
+        assert_eq!(got, [0, 0, 1, 2, 2, 2, 3, 4]);
+    }
+
+    #[test]
+    fn one_pixel_wide_image_becomes_a_vertical_ramp_copy() {
+        let img = RgbImage::from_fn(1, 5, |_, y| image::Rgb([y as u8 * 50, 7, 200]));
+        let out = resize_shorter_center_crop(&img, 4);
+        assert_eq!(out.dimensions(), (4, 4));
+        // Every column repeats the single source column: nothing to interpolate across.
+        for y in 0..4 {
+            let first = *out.get_pixel(0, y);
+            for x in 1..4 {
+                assert_eq!(*out.get_pixel(x, y), first, "row {y}");
+            }
+            assert_eq!(first[1], 7);
+            assert_eq!(first[2], 200);
+        }
+    }
+
+    #[test]
+    fn square_image_at_target_size_is_untouched() {
+        let img = RgbImage::from_fn(6, 6, |x, y| image::Rgb([(x * 40) as u8, (y * 40) as u8, 3]));
+        assert_eq!(resize_shorter_center_crop(&img, 6), img);
+        assert_eq!(resize_bicubic(&img, 6, 6), img);
+        let chw = to_normalized_chw(&img);
+        let expected_r01 = (40.0f32 / 255.0 - CLIP_MEAN[0]) / CLIP_STD[0];
+        assert_eq!(chw[1], expected_r01);
+        assert_eq!(chw[36 + 6], (40.0f32 / 255.0 - CLIP_MEAN[1]) / CLIP_STD[1]);
+    }
+
+    #[test]
+    fn constant_image_stays_constant_through_resampling() {
+        let img = RgbImage::from_pixel(13, 7, image::Rgb([10, 128, 255]));
+        for (w, h) in [(5, 3), (40, 21), (13, 30), (2, 7)] {
+            let out = resize_bicubic(&img, w, h);
+            assert!(out.pixels().all(|p| p.0 == [10, 128, 255]), "{w}x{h}");
+        }
+    }
+
+    #[test]
+    fn empty_input_gives_black_padding_not_a_panic() {
+        let out = resize_shorter_center_crop(&RgbImage::new(0, 0), 3);
+        assert_eq!(out, RgbImage::new(3, 3));
+        assert_eq!(
+            resize_bicubic(&RgbImage::new(0, 4), 2, 2),
+            RgbImage::new(2, 2)
+        );
+        assert!(preprocess(&DynamicImage::new_rgb8(5, 5), 0).is_empty());
+    }
+
+    #[test]
+    fn tensor_has_chw_shape() {
+        let img = DynamicImage::ImageRgb8(RgbImage::new(30, 20));
+        let t = preprocess_tensor(&img, 8, &Device::Cpu).expect("tensor builds");
+        assert_eq!(t.dims(), &[3, 8, 8]);
+        let v: Vec<f32> = t.flatten_all().and_then(|t| t.to_vec1()).expect("readable");
+        assert_eq!(v, preprocess(&img, 8));
+    }
+}

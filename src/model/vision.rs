@@ -1,0 +1,161 @@
+//! CLIP's vision tower (ViT): patch embedding, class token, pre-LN
+//! transformer, `ln_post` on the class token, projection to the joint space.
+//!
+//! Tensor names follow HF's `vision_model.*` / `visual_projection` layout;
+//! OpenAI-named checkpoints are renamed on load (`model::weights`).
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+
+use super::config::VisionConfig;
+use super::layers::{linear_no_bias, EncoderLayer, LayerNorm};
+
+/// What a vision forward returns.
+#[derive(Debug)]
+pub struct VisionOutput {
+    /// Projected image embedding, not normalised: [B, E].
+    pub embedding: Tensor,
+    /// Class-token hidden state after each transformer layer (before
+    /// `ln_post`), when asked for: `layers` x [B, D].
+    pub layer_cls: Vec<Tensor>,
+    /// Input of the last block (residual stream), when asked for: [B, T, D].
+    pub last_block_input: Option<Tensor>,
+}
+
+#[derive(Clone, Debug)]
+pub struct VisionTower {
+    patch_embedding: Conv2d,
+    class_embedding: Tensor,    // [D]
+    position_embedding: Tensor, // [T, D]
+    pre_layernorm: LayerNorm,
+    pub layers: Vec<EncoderLayer>,
+    pub post_layernorm: LayerNorm,
+    pub projection: Linear,
+    pub config: VisionConfig,
+}
+
+impl VisionTower {
+    /// `vb` at the checkpoint root (it reaches `vision_model.*` and
+    /// `visual_projection`).
+    pub fn new(cfg: &VisionConfig, embed_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let vm = vb.pp("vision_model");
+        let emb = vm.pp("embeddings");
+        let conv_cfg = Conv2dConfig {
+            stride: cfg.patch_size,
+            ..Default::default()
+        };
+        let patch_embedding = candle_nn::conv2d_no_bias(
+            3,
+            cfg.width,
+            cfg.patch_size,
+            conv_cfg,
+            emb.pp("patch_embedding"),
+        )?;
+        let class_embedding = emb.get(cfg.width, "class_embedding")?;
+        let position_embedding = emb.get((cfg.tokens(), cfg.width), "position_embedding.weight")?;
+        let pre_layernorm = LayerNorm::new(cfg.width, cfg.layer_norm_eps, vm.pp("pre_layrnorm"))?;
+        let layers = (0..cfg.layers)
+            .map(|i| {
+                EncoderLayer::new(
+                    cfg.width,
+                    cfg.heads,
+                    cfg.mlp,
+                    cfg.layer_norm_eps,
+                    cfg.activation,
+                    vm.pp(format!("encoder.layers.{i}")),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let post_layernorm =
+            LayerNorm::new(cfg.width, cfg.layer_norm_eps, vm.pp("post_layernorm"))?;
+        let projection = linear_no_bias(cfg.width, embed_dim, vb.pp("visual_projection"))?;
+        Ok(Self {
+            patch_embedding,
+            class_embedding,
+            position_embedding,
+            pre_layernorm,
+            layers,
+            post_layernorm,
+            projection,
+            config: cfg.clone(),
+        })
+    }
+
+    /// Token sequence entering the first block: [B, T, D].
+    pub fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
+        let b = pixels.dim(0)?;
+        let d = self.config.width;
+        let patches = self.patch_embedding.forward(pixels)?; // [B, D, g, g]
+        let patches = patches.flatten_from(2)?.transpose(1, 2)?; // [B, g*g, D]
+        let cls = self
+            .class_embedding
+            .reshape((1, 1, d))?
+            .broadcast_as((b, 1, d))?
+            .to_dtype(patches.dtype())?;
+        let x = Tensor::cat(&[&cls, &patches], 1)?;
+        let x = x.broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
+        self.pre_layernorm.forward(&x)
+    }
+
+    /// Full forward. `pixels`: [B, 3, S, S] normalised.
+    pub fn forward_with(
+        &self,
+        pixels: &Tensor,
+        want_layer_cls: bool,
+        want_last_input: bool,
+    ) -> Result<VisionOutput> {
+        let (_, c, h, w) = pixels.dims4()?;
+        let s = self.config.image_size;
+        if c != 3 || h != s || w != s {
+            candle_core::bail!(
+                "vision tower expects [B, 3, {s}, {s}] pixels, got [_, {c}, {h}, {w}]"
+            )
+        }
+        let mut x = self.embed(pixels)?;
+        let mut layer_cls = Vec::new();
+        let mut last_block_input = None;
+        let n = self.layers.len();
+        for (i, layer) in self.layers.iter().enumerate() {
+            if want_last_input && i + 1 == n {
+                last_block_input = Some(x.clone());
+            }
+            x = layer.forward(&x, None)?;
+            if want_layer_cls {
+                layer_cls.push(x.narrow(1, 0, 1)?.squeeze(1)?);
+            }
+        }
+        let cls = x.narrow(1, 0, 1)?.squeeze(1)?; // [B, D]
+        let pooled = self.post_layernorm.forward(&cls)?;
+        let embedding = self.projection.forward(&pooled)?;
+        Ok(VisionOutput {
+            embedding,
+            layer_cls,
+            last_block_input,
+        })
+    }
+
+    /// Projected image embeddings [B, E] (not normalised).
+    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_with(pixels, false, false)?.embedding)
+    }
+
+    /// Per-patch embeddings through the last block's value path (no
+    /// query-key mixing, as in MaskCLIP), `ln_post` and the projection:
+    /// [B, g*g, E], from the last block's input.
+    pub fn patch_value_embeddings(&self, last_block_input: &Tensor) -> Result<Tensor> {
+        let Some(last) = self.layers.last() else {
+            candle_core::bail!("vision tower has no layers")
+        };
+        let x = last_block_input;
+        let v = last.self_attn.value_path(&last.layer_norm1.forward(x)?)?;
+        let x = (x + v)?;
+        let x = (&x + last.mlp.forward(&last.layer_norm2.forward(&x)?)?)?;
+        let patches = x.narrow(1, 1, x.dim(1)? - 1)?;
+        let patches = self.post_layernorm.forward(&patches)?;
+        self.projection.forward(&patches)
+    }
+
+    pub fn embed_dim(&self) -> Result<usize> {
+        self.projection.weight().dim(D::Minus2)
+    }
+}

@@ -1,0 +1,710 @@
+//! Finding, reading and renaming CLIP weights.
+//!
+//! Two namings exist in the wild: HF (`vision_model.*`, `text_model.*`, what
+//! `openai/clip-vit-base-patch16` ships) and OpenAI's (`visual.*`,
+//! `transformer.resblocks.N.*`, what CLIPER checkpoints hold). Everything is
+//! converted to HF naming on load (see `../shared/CLIPER.md` section 1 for the
+//! mapping); tensors that are not CLIP's (a CLIPER `descriptor`, `temporal.*`)
+//! are kept under their own names for the CLIPER head to pick up.
+//!
+//! The architecture is read from the checkpoint: tensor shapes give every size;
+//! a `config.json` beside the file (HF format) supplies what shapes cannot
+//! (attention heads, activation, LayerNorm epsilon). Without one, heads are
+//! `width / 64`, as OpenAI's loader assumes.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use super::config::{Activation, ClipConfig, TextConfig, VisionConfig};
+
+/// The hub repository of the official weights.
+pub const HUB_REPO: &str = "openai/clip-vit-base-patch16";
+/// Environment variable that points at a weights file or folder.
+pub const WEIGHTS_ENV: &str = "CLIPER_WEIGHTS";
+/// Folder (relative to the working directory) searched for weights.
+pub const LOCAL_WEIGHTS_DIR: &str = "weights";
+
+const HOW_TO_GET: &str =
+    "run `cliper weights fetch`, or download model.safetensors and config.json \
+from https://huggingface.co/openai/clip-vit-base-patch16 into weights/, or pass --weights FILE|DIR";
+
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    #[error("weights not found at {0}; {HOW_TO_GET}")]
+    NotFound(PathBuf),
+    #[error("no CLIP weights found (looked in: {0}); {HOW_TO_GET}")]
+    NoneFound(String),
+    #[error("{0}: folder holds no weights file (.safetensors, .pt, .pth, .bin); {HOW_TO_GET}")]
+    EmptyDir(PathBuf),
+    #[error("cannot read weights file {path}: {reason}. It may be truncated or corrupt: download it again")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{path}: not CLIP weights: tensor `{name}` is missing (found {found} tensors, e.g. {sample})")]
+    Missing {
+        path: PathBuf,
+        name: String,
+        found: usize,
+        sample: String,
+    },
+    #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    Shape {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("{path}: {reason}")]
+    Config { path: PathBuf, reason: String },
+    #[error("{path}: {source}")]
+    Candle {
+        path: PathBuf,
+        source: candle_core::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, WeightsError>;
+
+/// Which naming a checkpoint used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Naming {
+    Hf,
+    OpenAi,
+}
+
+/// A CLIP checkpoint read into memory, renamed to HF naming.
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub naming: Naming,
+    pub config: ClipConfig,
+    /// CLIP tensors in HF naming, plus any non-CLIP tensors under their own names.
+    pub tensors: HashMap<String, Tensor>,
+}
+
+/// Resolves the weights to use: `explicit` (`--weights`), then
+/// `$CLIPER_WEIGHTS`, then `weights/`, then the Hugging Face hub cache.
+pub fn locate(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return resolve_path(p);
+    }
+    let mut searched = Vec::new();
+    if let Some(env) = std::env::var_os(WEIGHTS_ENV) {
+        return resolve_path(Path::new(&env));
+    }
+    searched.push(format!("${WEIGHTS_ENV} (unset)"));
+    let local = Path::new(LOCAL_WEIGHTS_DIR);
+    if let Ok(p) = resolve_path(local) {
+        return Ok(p);
+    }
+    searched.push(format!("{}/", local.display()));
+    if let Some(p) = hub_cached() {
+        return Ok(p);
+    }
+    searched.push(format!("the Hugging Face cache for {HUB_REPO}"));
+    Err(WeightsError::NoneFound(searched.join(", ")))
+}
+
+/// The hub cache's copy of the official weights, if it was downloaded.
+pub fn hub_cached() -> Option<PathBuf> {
+    let cache = hf_hub::Cache::from_env();
+    cache.model(HUB_REPO.to_string()).get("model.safetensors")
+}
+
+/// A file as is; a folder: its best weights file.
+pub fn resolve_path(p: &Path) -> Result<PathBuf> {
+    if p.is_file() {
+        return Ok(p.to_path_buf());
+    }
+    if !p.is_dir() {
+        return Err(WeightsError::NotFound(p.to_path_buf()));
+    }
+    for name in ["model.safetensors", "pytorch_model.bin"] {
+        let c = p.join(name);
+        if c.is_file() {
+            return Ok(c);
+        }
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(p)
+        .map_err(|_| WeightsError::NotFound(p.to_path_buf()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|f| f.is_file() && format_of(f).is_some())
+        .collect();
+    found.sort();
+    // Prefer safetensors over pickles.
+    found.sort_by_key(|f| format_of(f) != Some(Format::Safetensors));
+    found
+        .into_iter()
+        .next()
+        .ok_or_else(|| WeightsError::EmptyDir(p.to_path_buf()))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    Safetensors,
+    Pickle,
+}
+
+fn format_of(p: &Path) -> Option<Format> {
+    match p.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+        "safetensors" => Some(Format::Safetensors),
+        "pt" | "pth" | "bin" | "ckpt" => Some(Format::Pickle),
+        _ => None,
+    }
+}
+
+/// Reads every tensor of a `.safetensors` or PyTorch pickle file, strips a
+/// `module.` prefix and converts floating tensors to `dtype`.
+pub fn read_tensors(path: &Path, dtype: DType) -> Result<HashMap<String, Tensor>> {
+    let meta = std::fs::metadata(path).map_err(|_| WeightsError::NotFound(path.to_path_buf()))?;
+    if meta.len() == 0 {
+        return Err(WeightsError::Corrupt {
+            path: path.to_path_buf(),
+            reason: "the file is empty".into(),
+        });
+    }
+    let corrupt = |e: candle_core::Error| WeightsError::Corrupt {
+        path: path.to_path_buf(),
+        reason: first_line(&e.to_string()),
+    };
+    let format = format_of(path).unwrap_or_else(|| {
+        // Unknown extension: PyTorch zips start with "PK".
+        let mut magic = [0u8; 2];
+        let is_zip = std::fs::File::open(path)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .map(|_| &magic == b"PK")
+            .unwrap_or(false);
+        if is_zip {
+            Format::Pickle
+        } else {
+            Format::Safetensors
+        }
+    });
+    let raw: Vec<(String, Tensor)> = match format {
+        Format::Safetensors => candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(corrupt)?
+            .into_iter()
+            .collect(),
+        Format::Pickle => read_pickle(path).map_err(corrupt)?,
+    };
+    let mut out = HashMap::with_capacity(raw.len());
+    for (name, t) in raw {
+        let name = name
+            .strip_prefix("module.")
+            .map(str::to_string)
+            .unwrap_or(name);
+        let t = if t.dtype().is_float() && t.dtype() != dtype {
+            t.to_dtype(dtype).map_err(corrupt)?
+        } else {
+            t
+        };
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+fn read_pickle(path: &Path) -> candle_core::Result<Vec<(String, Tensor)>> {
+    let all = candle_core::pickle::read_all(path)?;
+    if !all.is_empty() {
+        return Ok(all);
+    }
+    // Training scripts often save `{"state_dict": ..., "epoch": ...}`.
+    for key in ["state_dict", "model", "model_state_dict"] {
+        if let Ok(v) = candle_core::pickle::read_all_with_key(path, Some(key)) {
+            if !v.is_empty() {
+                return Ok(v);
+            }
+        }
+    }
+    Ok(all)
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").to_string()
+}
+
+/// Detects the naming of a tensor map.
+pub fn detect_naming(tensors: &HashMap<String, Tensor>) -> Option<Naming> {
+    if tensors.keys().any(|k| k.starts_with("vision_model.")) {
+        Some(Naming::Hf)
+    } else if tensors
+        .keys()
+        .any(|k| k.starts_with("visual.") || k.starts_with("transformer.resblocks."))
+    {
+        Some(Naming::OpenAi)
+    } else {
+        None
+    }
+}
+
+/// Renames an OpenAI-named CLIP state dict to HF naming, splitting `in_proj`
+/// and transposing the projections. Non-CLIP tensors keep their names.
+pub fn openai_to_hf(
+    tensors: HashMap<String, Tensor>,
+) -> candle_core::Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::with_capacity(tensors.len() + 64);
+    for (name, t) in tensors {
+        if matches!(
+            name.as_str(),
+            "input_resolution" | "context_length" | "vocab_size" | "attn_mask"
+        ) || name.ends_with("position_ids")
+        {
+            continue;
+        }
+        let (tower, rest) = if let Some(r) = name.strip_prefix("visual.") {
+            ("vision_model", r)
+        } else {
+            ("text_model", name.as_str())
+        };
+        if let Some(block) = rest.strip_prefix("transformer.resblocks.") {
+            let Some((idx, part)) = block.split_once('.') else {
+                out.insert(name.clone(), t);
+                continue;
+            };
+            let base = format!("{tower}.encoder.layers.{idx}");
+            match part {
+                "attn.in_proj_weight" | "attn.in_proj_bias" => {
+                    let kind = if part.ends_with("weight") {
+                        "weight"
+                    } else {
+                        "bias"
+                    };
+                    let d = t.dim(0)? / 3;
+                    for (i, p) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+                        out.insert(
+                            format!("{base}.self_attn.{p}.{kind}"),
+                            t.narrow(0, i * d, d)?.contiguous()?,
+                        );
+                    }
+                }
+                _ if part.ends_with("attn_mask") => {}
+                _ => {
+                    let mapped = part
+                        .replace("attn.out_proj", "self_attn.out_proj")
+                        .replace("ln_1", "layer_norm1")
+                        .replace("ln_2", "layer_norm2")
+                        .replace("mlp.c_fc", "mlp.fc1")
+                        .replace("mlp.c_proj", "mlp.fc2");
+                    out.insert(format!("{base}.{mapped}"), t);
+                }
+            }
+            continue;
+        }
+        let mapped = match (tower, rest) {
+            ("vision_model", "conv1.weight") => {
+                "vision_model.embeddings.patch_embedding.weight".to_string()
+            }
+            ("vision_model", "class_embedding") => {
+                "vision_model.embeddings.class_embedding".to_string()
+            }
+            ("vision_model", "positional_embedding") => {
+                "vision_model.embeddings.position_embedding.weight".to_string()
+            }
+            ("vision_model", "proj") => {
+                out.insert("visual_projection.weight".into(), t.t()?.contiguous()?);
+                continue;
+            }
+            ("vision_model", r) if r.starts_with("ln_pre.") => {
+                r.replacen("ln_pre.", "vision_model.pre_layrnorm.", 1)
+            }
+            ("vision_model", r) if r.starts_with("ln_post.") => {
+                r.replacen("ln_post.", "vision_model.post_layernorm.", 1)
+            }
+            ("vision_model", _) => name.clone(),
+            (_, "token_embedding.weight") => {
+                "text_model.embeddings.token_embedding.weight".to_string()
+            }
+            (_, "positional_embedding") => {
+                "text_model.embeddings.position_embedding.weight".to_string()
+            }
+            (_, "text_projection") => {
+                out.insert("text_projection.weight".into(), t.t()?.contiguous()?);
+                continue;
+            }
+            (_, r) if r.starts_with("ln_final.") => {
+                r.replacen("ln_final.", "text_model.final_layer_norm.", 1)
+            }
+            _ => name.clone(),
+        };
+        out.insert(mapped, t);
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct HfTowerJson {
+    hidden_size: Option<usize>,
+    num_attention_heads: Option<usize>,
+    hidden_act: Option<String>,
+    layer_norm_eps: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct HfConfigJson {
+    text_config: Option<HfTowerJson>,
+    vision_config: Option<HfTowerJson>,
+}
+
+fn read_config_json(path: &Path) -> Result<Option<HfConfigJson>> {
+    let Some(dir) = path.parent() else {
+        return Ok(None);
+    };
+    let cfg_path = dir.join("config.json");
+    if !cfg_path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| WeightsError::Config {
+        path: cfg_path.clone(),
+        reason: e.to_string(),
+    })?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| WeightsError::Config {
+            path: cfg_path,
+            reason: format!("not a valid HF CLIP config.json: {e}"),
+        })
+}
+
+/// Counts `prefix.N.` layer indices.
+fn count_layers(tensors: &HashMap<String, Tensor>, prefix: &str) -> usize {
+    let idx: BTreeSet<usize> = tensors
+        .keys()
+        .filter_map(|k| k.strip_prefix(prefix))
+        .filter_map(|r| r.split('.').next()?.parse().ok())
+        .collect();
+    idx.len()
+}
+
+fn dims(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    name: &str,
+    rank: usize,
+) -> Result<Vec<usize>> {
+    let Some(t) = tensors.get(name) else {
+        let mut keys: Vec<&String> = tensors.keys().collect();
+        keys.sort();
+        let sample = keys
+            .iter()
+            .take(3)
+            .map(|k| format!("`{k}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(WeightsError::Missing {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            found: tensors.len(),
+            sample,
+        });
+    };
+    let d = t.dims().to_vec();
+    if d.len() != rank {
+        return Err(WeightsError::Config {
+            path: path.to_path_buf(),
+            reason: format!(
+                "tensor `{name}` has rank {} (shape {d:?}), expected rank {rank}",
+                d.len()
+            ),
+        });
+    }
+    Ok(d)
+}
+
+fn tower_extras(
+    path: &Path,
+    json: Option<&HfTowerJson>,
+    width: usize,
+    tower: &str,
+) -> Result<(usize, Activation, f64)> {
+    let cfg_err = |reason: String| WeightsError::Config {
+        path: path.with_file_name("config.json"),
+        reason,
+    };
+    let heads = match json.and_then(|j| j.num_attention_heads) {
+        Some(h) => h,
+        None => (width / 64).max(1),
+    };
+    if let Some(h) = json.and_then(|j| j.hidden_size) {
+        if h != width {
+            return Err(cfg_err(format!(
+                "{tower} hidden_size {h} does not match the weights (width {width})"
+            )));
+        }
+    }
+    if heads == 0 || width % heads != 0 {
+        return Err(cfg_err(format!(
+            "{tower} width {width} is not divisible by {heads} attention heads; \
+             put a config.json with num_attention_heads beside the weights"
+        )));
+    }
+    let act = match json.and_then(|j| j.hidden_act.as_deref()) {
+        None => Activation::QuickGelu,
+        Some(a) => Activation::from_hf(a)
+            .ok_or_else(|| cfg_err(format!("{tower} hidden_act `{a}` is not supported")))?,
+    };
+    let eps = json.and_then(|j| j.layer_norm_eps).unwrap_or(1e-5);
+    Ok((heads, act, eps))
+}
+
+/// Reads the architecture from HF-named tensors (+ optional config.json).
+pub fn infer_config(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<ClipConfig> {
+    let json = read_config_json(path)?;
+    let json = json.unwrap_or_default();
+
+    let patch = dims(
+        path,
+        tensors,
+        "vision_model.embeddings.patch_embedding.weight",
+        4,
+    )?;
+    let vpos = dims(
+        path,
+        tensors,
+        "vision_model.embeddings.position_embedding.weight",
+        2,
+    )?;
+    let vproj = dims(path, tensors, "visual_projection.weight", 2)?;
+    let vwidth = patch[0];
+    let grid = ((vpos[0].saturating_sub(1)) as f64).sqrt().round() as usize;
+    if grid * grid + 1 != vpos[0] {
+        return Err(WeightsError::Config {
+            path: path.to_path_buf(),
+            reason: format!(
+                "vision position embedding has {} rows, not a square grid plus a class token",
+                vpos[0]
+            ),
+        });
+    }
+    let vlayers = count_layers(tensors, "vision_model.encoder.layers.");
+    let vmlp = dims(
+        path,
+        tensors,
+        "vision_model.encoder.layers.0.mlp.fc1.weight",
+        2,
+    )?[0];
+    let (vheads, vact, veps) = tower_extras(path, json.vision_config.as_ref(), vwidth, "vision")?;
+
+    let tok = dims(
+        path,
+        tensors,
+        "text_model.embeddings.token_embedding.weight",
+        2,
+    )?;
+    let tpos = dims(
+        path,
+        tensors,
+        "text_model.embeddings.position_embedding.weight",
+        2,
+    )?;
+    let tproj = dims(path, tensors, "text_projection.weight", 2)?;
+    let twidth = tok[1];
+    let tlayers = count_layers(tensors, "text_model.encoder.layers.");
+    let tmlp = dims(
+        path,
+        tensors,
+        "text_model.encoder.layers.0.mlp.fc1.weight",
+        2,
+    )?[0];
+    let (theads, tact, teps) = tower_extras(path, json.text_config.as_ref(), twidth, "text")?;
+
+    if vproj[0] != tproj[0] {
+        return Err(WeightsError::Shape {
+            path: path.to_path_buf(),
+            name: "text_projection.weight".into(),
+            expected: vec![vproj[0], twidth],
+            found: tproj,
+        });
+    }
+    Ok(ClipConfig {
+        vision: VisionConfig {
+            image_size: grid * patch[3],
+            patch_size: patch[3],
+            width: vwidth,
+            layers: vlayers,
+            heads: vheads,
+            mlp: vmlp,
+            layer_norm_eps: veps,
+            activation: vact,
+        },
+        text: TextConfig {
+            vocab_size: tok[0],
+            context_length: tpos[0],
+            width: twidth,
+            layers: tlayers,
+            heads: theads,
+            mlp: tmlp,
+            layer_norm_eps: teps,
+            activation: tact,
+        },
+        embed_dim: vproj[0],
+    })
+}
+
+/// Every CLIP tensor (HF naming) and its shape, for a configuration.
+pub fn expected_tensors(cfg: &ClipConfig) -> Vec<(String, Vec<usize>)> {
+    let mut v = Vec::new();
+    let block = |v: &mut Vec<(String, Vec<usize>)>, base: String, d: usize, m: usize| {
+        for p in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+            v.push((format!("{base}.self_attn.{p}.weight"), vec![d, d]));
+            v.push((format!("{base}.self_attn.{p}.bias"), vec![d]));
+        }
+        for ln in ["layer_norm1", "layer_norm2"] {
+            v.push((format!("{base}.{ln}.weight"), vec![d]));
+            v.push((format!("{base}.{ln}.bias"), vec![d]));
+        }
+        v.push((format!("{base}.mlp.fc1.weight"), vec![m, d]));
+        v.push((format!("{base}.mlp.fc1.bias"), vec![m]));
+        v.push((format!("{base}.mlp.fc2.weight"), vec![d, m]));
+        v.push((format!("{base}.mlp.fc2.bias"), vec![d]));
+    };
+    let vc = &cfg.vision;
+    let (d, p) = (vc.width, vc.patch_size);
+    v.push((
+        "vision_model.embeddings.patch_embedding.weight".into(),
+        vec![d, 3, p, p],
+    ));
+    v.push(("vision_model.embeddings.class_embedding".into(), vec![d]));
+    v.push((
+        "vision_model.embeddings.position_embedding.weight".into(),
+        vec![vc.tokens(), d],
+    ));
+    for ln in ["pre_layrnorm", "post_layernorm"] {
+        v.push((format!("vision_model.{ln}.weight"), vec![d]));
+        v.push((format!("vision_model.{ln}.bias"), vec![d]));
+    }
+    for i in 0..vc.layers {
+        block(
+            &mut v,
+            format!("vision_model.encoder.layers.{i}"),
+            d,
+            vc.mlp,
+        );
+    }
+    v.push(("visual_projection.weight".into(), vec![cfg.embed_dim, d]));
+    let tc = &cfg.text;
+    let d = tc.width;
+    v.push((
+        "text_model.embeddings.token_embedding.weight".into(),
+        vec![tc.vocab_size, d],
+    ));
+    v.push((
+        "text_model.embeddings.position_embedding.weight".into(),
+        vec![tc.context_length, d],
+    ));
+    for i in 0..tc.layers {
+        block(&mut v, format!("text_model.encoder.layers.{i}"), d, tc.mlp);
+    }
+    v.push(("text_model.final_layer_norm.weight".into(), vec![d]));
+    v.push(("text_model.final_layer_norm.bias".into(), vec![d]));
+    v.push(("text_projection.weight".into(), vec![cfg.embed_dim, d]));
+    v
+}
+
+/// Checks that every CLIP tensor is present with the right shape, naming the
+/// first one that is not.
+pub fn validate(path: &Path, cfg: &ClipConfig, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    for (name, shape) in expected_tensors(cfg) {
+        dims(path, tensors, &name, shape.len()).or_else(|e| match e {
+            // Rank mismatches are reported as shape errors below.
+            WeightsError::Config { .. } => Ok(vec![]),
+            e => Err(e),
+        })?;
+        let found = tensors[&name].dims().to_vec();
+        if found != shape {
+            return Err(WeightsError::Shape {
+                path: path.to_path_buf(),
+                name,
+                expected: shape,
+                found,
+            });
+        }
+    }
+    Ok(())
+}
+
+impl Checkpoint {
+    /// Reads, renames, infers the architecture and validates.
+    pub fn load(path: &Path, dtype: DType) -> Result<Self> {
+        let tensors = read_tensors(path, dtype)?;
+        Self::from_tensors(path, tensors)
+    }
+
+    pub fn from_tensors(path: &Path, tensors: HashMap<String, Tensor>) -> Result<Self> {
+        let naming = detect_naming(&tensors).ok_or_else(|| {
+            let mut keys: Vec<&String> = tensors.keys().collect();
+            keys.sort();
+            WeightsError::Missing {
+                path: path.to_path_buf(),
+                name: "vision_model.* or visual.*".into(),
+                found: tensors.len(),
+                sample: keys
+                    .iter()
+                    .take(3)
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+        })?;
+        let tensors = match naming {
+            Naming::Hf => tensors,
+            Naming::OpenAi => openai_to_hf(tensors).map_err(|source| WeightsError::Candle {
+                path: path.to_path_buf(),
+                source,
+            })?,
+        };
+        let config = infer_config(path, &tensors)?;
+        validate(path, &config, &tensors)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            naming,
+            config,
+            tensors,
+        })
+    }
+
+    /// Random weights of a given shape (benchmarks, shape tests): normal
+    /// weights with std 0.02, unit LayerNorm scales, small biases.
+    pub fn random(config: &ClipConfig, seed: u64) -> candle_core::Result<Self> {
+        let dev = Device::Cpu;
+        dev.set_seed(seed)?;
+        let mut tensors = HashMap::new();
+        for (name, shape) in expected_tensors(config) {
+            let is_ln_scale = name.ends_with(".weight")
+                && (name.contains("layer_norm") || name.contains("layrnorm"));
+            let t = if is_ln_scale {
+                Tensor::ones(shape, DType::F32, &dev)?
+            } else {
+                Tensor::randn(0f32, 0.02, shape, &dev)?
+            };
+            tensors.insert(name, t);
+        }
+        Ok(Self {
+            path: PathBuf::from("<random>"),
+            naming: Naming::Hf,
+            config: config.clone(),
+            tensors,
+        })
+    }
+}
+
+/// Downloads the official weights (safetensors + config) into the hub cache
+/// with a progress bar, returning the weights file.
+pub fn fetch() -> std::result::Result<PathBuf, String> {
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(true)
+        .build()
+        .map_err(|e| format!("cannot set up the Hugging Face client: {e}"))?;
+    let repo = api.model(HUB_REPO.to_string());
+    let explain = |file: &str, e: hf_hub::api::sync::ApiError| {
+        format!(
+            "could not download {file} from {HUB_REPO} ({e}). Without network access, download \
+             model.safetensors and config.json from https://huggingface.co/{HUB_REPO} by hand \
+             and put them in {LOCAL_WEIGHTS_DIR}/ (or anywhere, and pass --weights DIR or set \
+             ${WEIGHTS_ENV})"
+        )
+    };
+    repo.get("config.json")
+        .map_err(|e| explain("config.json", e))?;
+    repo.get("model.safetensors")
+        .map_err(|e| explain("model.safetensors", e))
+}
