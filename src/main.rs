@@ -146,7 +146,10 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Candle appends a backtrace when RUST_BACKTRACE is set: keep
+            // the message to its first line.
+            let msg = format!("{e:#}");
+            eprintln!("error: {}", msg.lines().next().unwrap_or("unknown error"));
             ExitCode::FAILURE
         }
     }

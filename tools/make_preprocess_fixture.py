@@ -11,8 +11,11 @@ Two kinds of case, listed in `manifest.json`:
   same PIL image, stored as raw little-endian f32 in CHW order.
 
 Everything is synthetic and seeded, so rerunning this script gives the same
-files (for a given Pillow/torchvision). Needs pillow, numpy, torch and
-torchvision:
+files for a given Pillow. The Pillow version matters: from Pillow 13 on, a
+resize whose height shrinks by more than twice as many pixels as its width
+runs the vertical pass first, which can move some pixels by one level; the
+Rust code follows Pillow 13 and the manifest records the version used.
+Needs pillow, numpy, torch and torchvision:
 
     python3 tools/make_preprocess_fixture.py
 """
@@ -91,6 +94,9 @@ def main():
         "noise_1x30": noise_with_gradient(rng, 1, 30),
         # Already square at the target size: the transform must not resample.
         "noise_24x24": noise_with_gradient(rng, 24, 24),
+        # Taller than 2:1; size 16 gives 16x56, where Pillow >= 13 runs the
+        # vertical pass first (height shrinks more than twice the width).
+        "noise_20x70": noise_with_gradient(rng, 20, 70),
     }
 
     resize_targets = {
@@ -101,6 +107,7 @@ def main():
         "edges_29x17": [(70, 41), (11, 7), (29, 50)],
         "noise_1x30": [(16, 480), (5, 7), (1, 12)],
         "noise_24x24": [(24, 24), (17, 17)],
+        "noise_20x70": [(16, 56), (19, 30), (30, 9)],
     }
     pipeline_sizes = {
         "noise_37x23": [16, 24],
@@ -110,6 +117,7 @@ def main():
         "edges_29x17": [24],
         "noise_1x30": [16],
         "noise_24x24": [24, 16],
+        "noise_20x70": [16],
     }
 
     manifest = {

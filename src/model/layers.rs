@@ -82,7 +82,7 @@ pub struct Attention {
 
 impl Attention {
     pub fn new(width: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
-        if heads == 0 || width % heads != 0 {
+        if heads == 0 || !width.is_multiple_of(heads) {
             candle_core::bail!("attention width {width} is not divisible by {heads} heads")
         }
         let head_dim = width / heads;

@@ -23,6 +23,10 @@ use image::{DynamicImage, RgbImage};
 /// Per-channel (R, G, B) mean of OpenAI's CLIP training images, on the 0..1 scale.
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// Per-channel (R, G, B) standard deviation matching [`CLIP_MEAN`].
+// OpenAI's published digits, kept verbatim (more than f32 holds) so they can be
+// compared by eye and by grep with the Python reference; they round to the
+// same f32 that torchvision's Normalize uses (the fixture test checks this).
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// Pillow keeps 8 bits for the result and 2 for the overshoot of the bicubic
@@ -127,86 +131,98 @@ const ROUNDING_BIAS: i32 = 1 << (PRECISION_BITS - 1);
 /// Resizes an 8-bit RGB image exactly like Pillow's
 /// `Image.resize((new_w, new_h), Image.BICUBIC)`.
 ///
-/// Separable and in Pillow's order: a horizontal pass into an intermediate
-/// 8-bit image (clipped), then a vertical pass; an axis whose size does not
-/// change is not resampled at all. An empty source gives a black image of the
-/// requested size (Pillow refuses to resize it).
+/// Separable, with an 8-bit (clipped) intermediate image between the passes;
+/// an axis whose size does not change is not resampled at all. The pass order
+/// follows Pillow 13: horizontal first, unless the height shrinks by more than
+/// twice as many pixels as the width does (older Pillow always went
+/// horizontal first; the two orders can differ by one level on some pixels).
+/// An empty source gives a black image of the requested size (Pillow refuses
+/// to resize it).
 pub fn resize_bicubic(img: &RgbImage, new_w: u32, new_h: u32) -> RgbImage {
     let (src_w, src_h) = img.dimensions();
     if (src_w, src_h) == (new_w, new_h) {
         return img.clone();
     }
-    if new_w == 0 || new_h == 0 || src_w == 0 || src_h == 0 {
-        return RgbImage::new(new_w, new_h);
-    }
-
-    let vertical = AxisCoefficients::bicubic(src_h, new_h);
-    let need_horizontal = src_w != new_w;
-    let need_vertical = src_h != new_h;
-
-    // The horizontal pass only covers the source rows the vertical pass will
-    // read, as in Pillow; the vertical window starts are taken relative to it.
-    let (first_row, rows) = if need_horizontal && need_vertical {
-        let last = new_h as usize - 1;
-        let first = vertical.starts[0];
-        (first, vertical.starts[last] + vertical.lens[last] - first)
-    } else {
-        (0, src_h as usize)
-    };
-
-    let horizontal_out;
-    let (mid, mid_w): (&[u8], usize) = if need_horizontal {
-        horizontal_out = resample_rows(img.as_raw(), src_w as usize, first_row, rows, new_w);
-        (&horizontal_out, new_w as usize)
-    } else {
-        (img.as_raw(), src_w as usize)
-    };
-
     let mut out = RgbImage::new(new_w, new_h);
-    if need_vertical {
-        resample_columns(mid, mid_w, first_row, &vertical, &mut out);
-    } else {
-        out.copy_from_slice(mid);
+    if new_w == 0 || new_h == 0 || src_w == 0 || src_h == 0 {
+        return out;
     }
-    out
-}
 
-/// Horizontal pass over `rows` source rows starting at `first_row`; returns a
-/// packed RGB buffer `new_w` wide.
-fn resample_rows(src: &[u8], src_w: usize, first_row: usize, rows: usize, new_w: u32) -> Vec<u8> {
-    let coeffs = AxisCoefficients::bicubic(src_w as u32, new_w);
-    let out_w = new_w as usize;
-    let mut out = vec![0u8; out_w * rows * 3];
-    for (y, out_row) in out.chunks_exact_mut(out_w * 3).enumerate() {
-        let src_row = &src[(first_row + y) * src_w * 3..][..src_w * 3];
-        for (x, px) in out_row.chunks_exact_mut(3).enumerate() {
-            let (start, taps) = coeffs.taps(x);
-            let mut acc = [ROUNDING_BIAS; 3];
-            for (&w, s) in taps.iter().zip(src_row[start * 3..].chunks_exact(3)) {
-                for c in 0..3 {
-                    // C `int` arithmetic; PRECISION_BITS leaves headroom so
-                    // it never wraps, wrapping_* just mirrors C exactly.
-                    acc[c] = acc[c].wrapping_add(i32::from(s[c]).wrapping_mul(w));
-                }
-            }
-            for c in 0..3 {
-                px[c] = clip8(acc[c]);
+    let src = img.as_raw();
+    let width = src_w as usize;
+    match (src_w != new_w, src_h != new_h) {
+        (true, false) => {
+            let horizontal = AxisCoefficients::bicubic(src_w, new_w);
+            resample_rows(src, width, 0, &horizontal, &mut out);
+        }
+        (false, true) => {
+            let vertical = AxisCoefficients::bicubic(src_h, new_h);
+            resample_columns(src, width, 0, &vertical, &mut out);
+        }
+        _ => {
+            let horizontal = AxisCoefficients::bicubic(src_w, new_w);
+            let vertical = AxisCoefficients::bicubic(src_h, new_h);
+            let height_shrink = i64::from(src_h) - i64::from(new_h);
+            let width_shrink = i64::from(src_w) - i64::from(new_w);
+            if height_shrink > 0 && height_shrink > 2 * width_shrink {
+                let mut mid = vec![0u8; width * new_h as usize * 3];
+                resample_columns(src, width, 0, &vertical, &mut mid);
+                resample_rows(&mid, width, 0, &horizontal, &mut out);
+            } else {
+                // Only the source rows the vertical pass reads get the
+                // horizontal pass; vertical windows are then relative to the
+                // first of them.
+                let last = new_h as usize - 1;
+                let first_row = vertical.starts[0];
+                let rows = vertical.starts[last] + vertical.lens[last] - first_row;
+                let mut mid = vec![0u8; new_w as usize * rows * 3];
+                resample_rows(src, width, first_row, &horizontal, &mut mid);
+                resample_columns(&mid, new_w as usize, first_row, &vertical, &mut out);
             }
         }
     }
     out
 }
 
-/// Vertical pass from a packed RGB buffer `src_w` wide whose row 0 is source
-/// row `first_row`.
-fn resample_columns(
+/// Horizontal pass: fills `out` (packed RGB, one row per output row, as wide
+/// as `coeffs` has outputs) from the source rows starting at `first_row`.
+fn resample_rows(
     src: &[u8],
     src_w: usize,
     first_row: usize,
     coeffs: &AxisCoefficients,
-    out: &mut RgbImage,
+    out: &mut [u8],
 ) {
-    let stride = src_w * 3;
+    let out_stride = coeffs.starts.len() * 3;
+    for (y, out_row) in out.chunks_exact_mut(out_stride).enumerate() {
+        let src_row = &src[(first_row + y) * src_w * 3..][..src_w * 3];
+        for (x, px) in out_row.chunks_exact_mut(3).enumerate() {
+            let (start, taps) = coeffs.taps(x);
+            let mut acc = [ROUNDING_BIAS; 3];
+            for (&w, s) in taps.iter().zip(src_row[start * 3..].chunks_exact(3)) {
+                for (a, &v) in acc.iter_mut().zip(s) {
+                    // C `int` arithmetic; PRECISION_BITS leaves headroom so
+                    // it never wraps, wrapping_* just mirrors C exactly.
+                    *a = a.wrapping_add(i32::from(v).wrapping_mul(w));
+                }
+            }
+            for (p, a) in px.iter_mut().zip(acc) {
+                *p = clip8(a);
+            }
+        }
+    }
+}
+
+/// Vertical pass: fills `out` (packed RGB, `width` wide, one row per output of
+/// `coeffs`) from `src`, whose row 0 is source row `first_row`.
+fn resample_columns(
+    src: &[u8],
+    width: usize,
+    first_row: usize,
+    coeffs: &AxisCoefficients,
+    out: &mut [u8],
+) {
+    let stride = width * 3;
     for (y, out_row) in out.chunks_exact_mut(stride).enumerate() {
         let (start, taps) = coeffs.taps(y);
         let start = start - first_row;

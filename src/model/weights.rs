@@ -431,7 +431,7 @@ fn tower_extras(
             )));
         }
     }
-    if heads == 0 || width % heads != 0 {
+    if heads == 0 || !width.is_multiple_of(heads) {
         return Err(cfg_err(format!(
             "{tower} width {width} is not divisible by {heads} attention heads; \
              put a config.json with num_attention_heads beside the weights"
@@ -666,7 +666,7 @@ impl Checkpoint {
     /// weights with std 0.02, unit LayerNorm scales, small biases.
     pub fn random(config: &ClipConfig, seed: u64) -> candle_core::Result<Self> {
         let dev = Device::Cpu;
-        dev.set_seed(seed)?;
+        let mut rng = SplitMix64(seed);
         let mut tensors = HashMap::new();
         for (name, shape) in expected_tensors(config) {
             let is_ln_scale = name.ends_with(".weight")
@@ -674,7 +674,9 @@ impl Checkpoint {
             let t = if is_ln_scale {
                 Tensor::ones(shape, DType::F32, &dev)?
             } else {
-                Tensor::randn(0f32, 0.02, shape, &dev)?
+                let n: usize = shape.iter().product();
+                let v: Vec<f32> = (0..n).map(|_| 0.02 * rng.normal()).collect();
+                Tensor::from_vec(v, shape, &dev)?
             };
             tensors.insert(name, t);
         }
@@ -707,4 +709,26 @@ pub fn fetch() -> std::result::Result<PathBuf, String> {
         .map_err(|e| explain("config.json", e))?;
     repo.get("model.safetensors")
         .map_err(|e| explain("model.safetensors", e))
+}
+
+/// A small deterministic generator for random weights (Candle's CPU device
+/// cannot be seeded).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 + 0.5) / (1u64 << 24) as f32
+    }
+    /// Standard normal by Box-Muller.
+    fn normal(&mut self) -> f32 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+    }
 }
