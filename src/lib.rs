@@ -5,4 +5,5 @@
 //! command-line edge over it.
 
 pub mod model;
+pub mod pipeline;
 pub mod vision;

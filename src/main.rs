@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+use cliper::model::cliper::expressions::CLASSES;
 use cliper::model::{self, ClipModel};
+use cliper::pipeline::analyzer::{AnalyzerConfig, FaceAnalyzer};
+use cliper::pipeline::output;
+use cliper::pipeline::setup::{self, BankSource, ModelSpec};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -33,6 +37,30 @@ struct ModelArgs {
     device: String,
 }
 
+#[derive(clap::Args, Clone)]
+struct BankArgs {
+    /// CLIPER checkpoint with learned descriptors (and optionally a
+    /// fine-tuned vision tower). Default: zero-shot descriptions.
+    #[arg(long, conflicts_with = "prompts")]
+    descriptors: Option<PathBuf>,
+    /// Zero-shot descriptions file (format: assets/zero_shot_descriptors.txt).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+}
+
+impl BankArgs {
+    fn source(&self) -> BankSource {
+        match (&self.descriptors, &self.prompts) {
+            (Some(d), _) if cliper::pipeline::setup::is_prompts_file(d) => {
+                BankSource::Prompts(d.clone())
+            }
+            (Some(d), _) => BankSource::Learned(d.clone()),
+            (None, Some(p)) => BankSource::Prompts(p.clone()),
+            (None, None) => BankSource::BuiltinZeroShot,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Print the L2-normalised CLIP embedding of an image or a text as JSON.
@@ -45,6 +73,28 @@ enum Command {
         /// Text to embed.
         #[arg(long)]
         text: Option<String>,
+    },
+    /// Classify the facial expressions of every face in images.
+    Classify {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        bank: BankArgs,
+        /// Treat the whole image as one face (no face detection).
+        #[arg(long)]
+        no_detect: bool,
+        /// Show only the K highest-scoring descriptors per face.
+        #[arg(long)]
+        top: Option<usize>,
+        /// One JSON object per image on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Margin around each detected face, as a fraction of the box side.
+        #[arg(long, default_value_t = cliper::vision::faces::DEFAULT_FACE_MARGIN)]
+        margin: f32,
+        /// Images to classify.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
     },
     /// Manage CLIP weights.
     Weights {
@@ -98,8 +148,116 @@ fn embed(args: &ModelArgs, image: Option<PathBuf>, text: Option<String>) -> Resu
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
+fn classify(
+    model: ModelArgs,
+    bank: BankArgs,
+    no_detect: bool,
+    top: Option<usize>,
+    json: bool,
+    margin: f32,
+    images: Vec<PathBuf>,
+) -> Result<()> {
+    if !(0.0..=2.0).contains(&margin) {
+        anyhow::bail!("--margin {margin} is out of range: use a fraction between 0 and 2");
+    }
+    let loaded = setup::load(&ModelSpec {
+        weights: model.weights.clone(),
+        bank: bank.source(),
+        device: model.device.clone(),
+    })?;
+    let mut cfg = AnalyzerConfig {
+        detect: !no_detect,
+        margin,
+        ..Default::default()
+    };
+    // Stills: look for smaller faces than the live default.
+    cfg.detector.min_face_size = 24;
+    cfg.detector.max_side = 1280;
+    let mut analyzer = FaceAnalyzer::new(cfg)?;
+    let mut failed = 0;
+    for path in &images {
+        let rgb = match cliper::vision::images::load_rgb(path) {
+            Ok(rgb) => rgb,
+            Err(e) => {
+                eprintln!("error: {e}");
+                failed += 1;
+                continue;
+            }
+        };
+        let faces = analyzer
+            .analyze(&loaded.clip, &loaded.bank, &rgb)
+            .with_context(|| format!("cannot classify {}", path.display()))?;
+        if json {
+            let faces: Vec<_> = faces
+                .iter()
+                .map(|f| output::face_json(&f.bbox, &f.scores, &loaded.bank, top))
+                .collect();
+            println!("{}", serde_json::json!({"image": path, "faces": faces}));
+        } else {
+            print_table(path, &faces, &loaded.bank, top.unwrap_or(5));
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} images could not be read", images.len());
+    }
+    Ok(())
+}
+
+fn print_table(
+    path: &std::path::Path,
+    faces: &[cliper::pipeline::FaceResult],
+    bank: &cliper::model::cliper::DescriptorBank,
+    top: usize,
+) {
+    println!(
+        "{}: {} face(s)  [{} descriptors: {}]",
+        path.display(),
+        faces.len(),
+        bank.kind.as_str(),
+        bank.source
+    );
+    for (n, f) in faces.iter().enumerate() {
+        let b = &f.bbox;
+        println!(
+            "  face {} at x={} y={} w={} h={}: {}",
+            n + 1,
+            b.x,
+            b.y,
+            b.w,
+            b.h,
+            CLASSES[f.scores.predicted]
+        );
+        for (c, name) in CLASSES.iter().enumerate() {
+            let p = f.scores.probs[c];
+            let bar = "#".repeat((p * 30.0).round() as usize);
+            println!(
+                "    {name:<10} score {:>8.3}  prob {p:>6.3}  {bar}",
+                f.scores.class_scores[c]
+            );
+        }
+        println!("    top descriptors:");
+        for &i in f.scores.ranked().iter().take(top) {
+            let d = &bank.descriptors[i];
+            println!(
+                "      {:>8.3}  {:<10} #{}  {}",
+                f.scores.logits[i], CLASSES[d.class], d.index, d.text
+            );
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Classify {
+            model,
+            bank,
+            no_detect,
+            top,
+            json,
+            margin,
+            images,
+        } => classify(model, bank, no_detect, top, json, margin, images),
         Command::Embed { model, image, text } => embed(&model, image, text),
         Command::Weights { action } => match action {
             WeightsAction::Fetch => {

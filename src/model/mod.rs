@@ -2,6 +2,7 @@
 //! the CLIPER head. Knows nothing of cameras, threads or GUIs.
 
 pub mod clip;
+pub mod cliper;
 pub mod config;
 pub mod device;
 pub mod layers;

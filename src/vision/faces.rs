@@ -9,7 +9,7 @@
 //!
 //! Threading: `rustface` hands out its detector as `Box<dyn Detector>` without
 //! a `Send` bound, so [`FaceDetector`] is not `Send`. Build it on the thread that
-//! uses it (construction only parses the embedded model, a few milliseconds)
+//! uses it (construction only parses the embedded model, under a millisecond)
 //! and send the `Copy` [`FaceDetectorConfig`] across threads instead. With its
 //! default `rayon` feature, `rustface` also parallelises feature computation on
 //! rayon's global pool.
@@ -32,14 +32,15 @@ const DETECTOR_WINDOW: u32 = 40;
 /// Margin used for the crops fed to the expression model, as a fraction of the
 /// detected box side added on each side (see [`square_crop`]).
 ///
-/// SeetaFace boxes are tight: on the astronaut test photo the box runs from the
-/// eyebrows to just below the lips and from cheek to cheek, so without margin the
-/// forehead and chin are cut. RAF-DB's aligned crops, which CLIPER is trained
-/// on, show the whole face with a thin band of hair and background around it.
-/// A quarter of the box side on each side (crop side 1.5x the box side) brings
-/// the crop to the hairline above and just past the chin below, with a little
-/// background beside the cheeks, which matches that framing; 0.15 still cut the
-/// chin, 0.4 brings in much of the neck ring and shoulders.
+/// SeetaFace boxes are tight and sit high: on the astronaut test photo the box
+/// runs from the top of the forehead to between the lips and the chin, cheek to
+/// cheek, so without margin the chin is cut. RAF-DB's aligned crops, which
+/// CLIPER is trained on, show the whole face, chin included, with a thin band of
+/// hair and background around it. A quarter of the box side on each side (crop
+/// side 1.5x the box side) reaches a little below the chin and into the hair,
+/// with some background beside the cheeks, which matches that framing. Tried on
+/// the same photo: 0.15 leaves the chin on the bottom edge; 0.4 takes in the
+/// whole hairdo, the suit's neck ring and more background than face.
 pub const DEFAULT_FACE_MARGIN: f32 = 0.25;
 
 /// Errors from building a [`FaceDetector`].
@@ -92,11 +93,12 @@ impl FaceBox {
 /// Settings of the face detector.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct FaceDetectorConfig {
-    /// Smallest face side, in full-frame pixels, worth finding. The detector's
-    /// window is 40 px at the resolution it runs on, so a value above
-    /// `40 * frame_scale` lets `detect` shrink the frame further, which is where
-    /// most of the speed comes from. Values at or below that cost nothing and
-    /// change nothing: faces smaller than the window are never found.
+    /// Smallest face side, in full-frame pixels, worth finding. The detector
+    /// cannot see faces smaller than its 40 px window at the resolution it runs
+    /// on, so `detect` shrinks the frame until this size maps onto the window
+    /// (never enlarging it), which is where most of the speed comes from. At or
+    /// below 40 it has no effect; when `max_side` shrinks the frame more, the
+    /// smallest face found is 40 px divided by that shrink factor.
     pub min_face_size: u32,
     /// Cascade score a detection needs; higher means fewer false positives and
     /// more missed faces. `rustface` suggests 0.95, 2.8 or 4.5; must be > 0.
@@ -114,11 +116,16 @@ pub struct FaceDetectorConfig {
 impl Default for FaceDetectorConfig {
     /// Defaults for a live webcam view of one or a few people at desk distance.
     ///
-    /// `max_side` 480: `rustface` takes about 100 ms on a 640x480 frame on a
-    /// laptop-class CPU but about 55 ms at 480x360, and a face at desk distance
-    /// is 120 px or more in a 640x480 frame, still 90 px after the downscale,
-    /// far above the 40 px window. `min_face_size` 64: smaller faces give the
-    /// 224 px expression model too few pixels to read an expression from.
+    /// Detection time grows with the pixels searched. Measured on the 2-core
+    /// development VM (release build, median of 21 runs, see the ignored
+    /// `timing_report` test): about 117 ms for a full 640x480 frame, 78 ms at
+    /// 480x360, 39 ms at 320x240. With `min_face_size` 64 a 640x480 frame is
+    /// searched at 400x300 (64 px faces map onto the 40 px window), about 65 ms;
+    /// `max_side` 480 caps the cost for HD cameras, where the minimum face alone
+    /// would leave the frame large (a 1280x720 frame is searched at 480x270).
+    /// A face 60 cm from a typical webcam is about 110 px wide at 640x480 and
+    /// about 70 px at 1 m, so 64 px still finds someone leaning back, and smaller
+    /// faces give the 224 px expression model too little to read anyway.
     /// Score 2.0, pyramid 0.8 and step 4 are rustface's own example settings.
     fn default() -> Self {
         Self {
@@ -567,6 +574,7 @@ mod tests {
     fn crop_face_has_the_region_size() {
         let img = astronaut();
         let faces = detector().detect(&img);
+        assert_eq!(faces.len(), 1, "{faces:?}");
         let crop = crop_face(&img, &faces[0], DEFAULT_FACE_MARGIN);
         let (_, _, side, _) = square_crop(512, 512, &faces[0], DEFAULT_FACE_MARGIN);
         assert_eq!(crop.dimensions(), (side, side));

@@ -1,0 +1,125 @@
+//! CLIPER scoring (`../shared/CLIPER.md` section 3): 35 logits = cos / 0.01,
+//! class score = mean of its 5 logits, prediction = argmax, probabilities =
+//! softmax of the class scores.
+
+use candle_core::{DType, Result, Tensor};
+
+use super::bank::DescriptorBank;
+use super::expressions::{DESCRIPTORS_PER_CLASS, NUM_DESCRIPTORS, TEMPERATURE};
+
+/// The scores of one face (or one clip).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExpressionScores {
+    /// Descriptor logits, class-major: 35.
+    pub logits: Vec<f32>,
+    /// Mean logit per class: 7.
+    pub class_scores: Vec<f32>,
+    /// Softmax of the class scores: 7.
+    pub probs: Vec<f32>,
+    /// Argmax of the class scores.
+    pub predicted: usize,
+}
+
+impl ExpressionScores {
+    pub fn from_logits(logits: Vec<f32>) -> Self {
+        assert_eq!(
+            logits.len(),
+            NUM_DESCRIPTORS,
+            "CLIPER has 35 descriptor logits"
+        );
+        let class_scores: Vec<f32> = logits
+            .chunks(DESCRIPTORS_PER_CLASS)
+            .map(|c| c.iter().sum::<f32>() / DESCRIPTORS_PER_CLASS as f32)
+            .collect();
+        let probs = softmax(&class_scores);
+        let predicted = argmax(&class_scores);
+        Self {
+            logits,
+            class_scores,
+            probs,
+            predicted,
+        }
+    }
+
+    /// Descriptor indices by decreasing logit.
+    pub fn ranked(&self) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..self.logits.len()).collect();
+        idx.sort_by(|&a, &b| self.logits[b].total_cmp(&self.logits[a]));
+        idx
+    }
+
+    /// Average of several scores (e.g. the static scores of a window),
+    /// computed on the logits so the result is itself CLIPER-shaped.
+    pub fn mean(items: &[ExpressionScores]) -> Option<Self> {
+        let first = items.first()?;
+        let mut logits = vec![0f32; first.logits.len()];
+        for s in items {
+            for (a, b) in logits.iter_mut().zip(&s.logits) {
+                *a += b / items.len() as f32;
+            }
+        }
+        Some(Self::from_logits(logits))
+    }
+}
+
+pub fn softmax(x: &[f32]) -> Vec<f32> {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = x.iter().map(|v| (v - m).exp()).collect();
+    let s: f32 = e.iter().sum();
+    e.into_iter().map(|v| v / s).collect()
+}
+
+pub fn argmax(x: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, v) in x.iter().enumerate() {
+        if *v > x[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Logits of normalised image features [N, E] against normalised text
+/// features [35, E]: [N, 35]. Differentiable.
+pub fn logits(image_features: &Tensor, text_features: &Tensor) -> Result<Tensor> {
+    let text = text_features.to_dtype(image_features.dtype())?;
+    image_features.matmul(&text.t()?)? / TEMPERATURE as f64
+}
+
+/// Scores of normalised image features [N, E] under a bank.
+pub fn score(image_features: &Tensor, bank: &DescriptorBank) -> Result<Vec<ExpressionScores>> {
+    let l = logits(&image_features.to_dtype(DType::F32)?, &bank.text_features)?;
+    Ok(l.to_vec2::<f32>()?
+        .into_iter()
+        .map(ExpressionScores::from_logits)
+        .collect())
+}
+
+/// Logit of each image against one free-text probe feature [E] (normalised):
+/// the same scale as the descriptor logits, for side-by-side display.
+pub fn probe_logits(image_features: &Tensor, probe_feature: &Tensor) -> Result<Vec<f32>> {
+    let p = probe_feature.reshape((1, ()))?;
+    logits(&image_features.to_dtype(DType::F32)?, &p)?
+        .squeeze(1)?
+        .to_vec1()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn class_scores_are_means_and_probs_sum_to_one() {
+        let mut logits = vec![0f32; 35];
+        for (i, l) in logits.iter_mut().enumerate() {
+            *l = i as f32;
+        }
+        let s = ExpressionScores::from_logits(logits);
+        assert_eq!(s.class_scores[0], 2.0);
+        assert_eq!(s.class_scores[6], 32.0);
+        assert_eq!(s.predicted, 6);
+        assert!((s.probs.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert_eq!(s.ranked()[0], 34);
+        assert_eq!(super::super::expressions::NUM_CLASSES, s.probs.len());
+    }
+}

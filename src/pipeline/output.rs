@@ -1,0 +1,62 @@
+//! The JSON shape of results, shared by `cliper classify`, `cliper run` and
+//! session recordings.
+
+use serde_json::{json, Value};
+
+use crate::model::cliper::expressions::CLASSES;
+use crate::model::cliper::{DescriptorBank, ExpressionScores};
+use crate::vision::faces::FaceBox;
+
+pub fn box_json(b: &FaceBox) -> Value {
+    json!([b.x, b.y, b.w, b.h])
+}
+
+/// `[{"name", "score", "prob"}, ...]` in class order.
+pub fn classes_json(s: &ExpressionScores) -> Value {
+    Value::Array(
+        CLASSES
+            .iter()
+            .enumerate()
+            .map(|(c, name)| json!({"name": name, "score": s.class_scores[c], "prob": s.probs[c]}))
+            .collect(),
+    )
+}
+
+/// Descriptors ranked by logit, all of them or the top `top`.
+pub fn descriptors_json(s: &ExpressionScores, bank: &DescriptorBank, top: Option<usize>) -> Value {
+    let ranked = s.ranked();
+    let n = top.unwrap_or(ranked.len()).min(ranked.len());
+    Value::Array(
+        ranked[..n]
+            .iter()
+            .map(|&i| {
+                let d = &bank.descriptors[i];
+                let mut v = json!({
+                    "class": CLASSES[d.class],
+                    "index": d.index,
+                    "logit": s.logits[i],
+                    "text": d.text,
+                });
+                if let Some(words) = &d.words {
+                    v["words"] = json!(words);
+                }
+                v
+            })
+            .collect(),
+    )
+}
+
+/// One face: box, classes, prediction, ranked descriptors.
+pub fn face_json(
+    b: &FaceBox,
+    s: &ExpressionScores,
+    bank: &DescriptorBank,
+    top: Option<usize>,
+) -> Value {
+    json!({
+        "box": box_json(b),
+        "classes": classes_json(s),
+        "predicted": CLASSES[s.predicted],
+        "descriptors": descriptors_json(s, bank, top),
+    })
+}
