@@ -6,4 +6,5 @@
 
 pub mod model;
 pub mod pipeline;
+pub mod train;
 pub mod vision;

@@ -96,6 +96,61 @@ enum Command {
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
+    /// Train CLIPER descriptors (stage 1) and fine-tune the vision tower (stage 2).
+    Train {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Data set root (or the CSV manifest for --layout csv).
+        #[arg(long)]
+        data: PathBuf,
+        /// Data set layout.
+        #[arg(long, value_enum)]
+        layout: cliper::train::dataset::Layout,
+        /// Epochs of stage 1 (descriptors only, on cached image features).
+        #[arg(long, default_value_t = 2)]
+        stage1_epochs: usize,
+        /// Total epochs (stage 2 = the rest).
+        #[arg(long, default_value_t = 59)]
+        epochs: usize,
+        /// Stop after stage 1.
+        #[arg(long)]
+        stage1_only: bool,
+        #[arg(long, default_value_t = 128)]
+        batch_size: usize,
+        /// Where to write the best CLIPER checkpoint (.safetensors).
+        #[arg(long)]
+        out: PathBuf,
+        /// Continue from the training state saved next to --out.
+        #[arg(long)]
+        resume: bool,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Feature cache folder (default: .cliper-cache next to --out).
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// Skip unreadable images (counted) instead of failing.
+        #[arg(long)]
+        skip_unreadable: bool,
+    },
+    /// Evaluate on a data set's test split: WAR, UAR, per-class recall, confusion matrix.
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        bank: BankArgs,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, value_enum)]
+        layout: cliper::train::dataset::Layout,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Also draw the confusion matrix into this PNG.
+        #[arg(long)]
+        png: Option<PathBuf>,
+        #[arg(long)]
+        skip_unreadable: bool,
+    },
     /// Manage CLIP weights.
     Weights {
         #[command(subcommand)]
@@ -172,8 +227,8 @@ fn classify(
         ..Default::default()
     };
     // Stills: look for smaller faces than the live default.
-    cfg.detector.min_face_size = 24;
-    cfg.detector.max_side = 1280;
+    cfg.detector.min_face_size = 20;
+    cfg.detector.max_side = 4096;
     let mut analyzer = FaceAnalyzer::new(cfg)?;
     let mut failed = 0;
     for path in &images {
@@ -249,6 +304,71 @@ fn print_table(
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Train {
+            model,
+            data,
+            layout,
+            stage1_epochs,
+            epochs,
+            stage1_only,
+            batch_size,
+            out,
+            resume,
+            seed,
+            cache,
+            skip_unreadable,
+        } => {
+            let opts = cliper::train::trainer::TrainOptions {
+                weights: model.weights,
+                data,
+                layout,
+                stage1_epochs,
+                epochs,
+                stage1_only,
+                batch_size,
+                out: out.clone(),
+                resume,
+                seed,
+                cache_dir: cache,
+                skip_unreadable,
+                device: model.device,
+            };
+            let summary = cliper::train::trainer::train(&opts, &mut |line| eprintln!("{line}"))?;
+            eprintln!(
+                "best test WAR {:.2}% / UAR {:.2}% at epoch {}; checkpoint: {}",
+                100.0 * summary.best_war,
+                100.0 * summary.best_uar,
+                summary.best_epoch,
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Eval {
+            model,
+            bank,
+            data,
+            layout,
+            json,
+            png,
+            skip_unreadable,
+        } => {
+            let spec = ModelSpec {
+                weights: model.weights,
+                bank: bank.source(),
+                device: model.device,
+            };
+            let m = cliper::train::trainer::evaluate(&spec, &data, layout, skip_unreadable)?;
+            if let Some(p) = &png {
+                m.save_png(p, &format!("confusion: {}", data.display()))
+                    .map_err(anyhow::Error::msg)?;
+            }
+            if json {
+                println!("{}", m.to_json());
+            } else {
+                print!("{}", m.to_text());
+            }
+            Ok(())
+        }
         Command::Classify {
             model,
             bank,
@@ -307,6 +427,9 @@ fn main() -> ExitCode {
             // Candle appends a backtrace when RUST_BACKTRACE is set: keep
             // the message to its first line.
             let msg = format!("{e:#}");
+            if std::env::var_os("CLIPER_DEBUG").is_some() {
+                eprintln!("{e:?}");
+            }
             eprintln!("error: {}", msg.lines().next().unwrap_or("unknown error"));
             ExitCode::FAILURE
         }

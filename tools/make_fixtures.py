@@ -247,6 +247,88 @@ def cliper_reference(model, cfg, tok_decode_ids, images, seed):
     return descriptor, out
 
 
+def cliper_loss(s, y):
+    """CLIPER's training loss (CLIPER.md section 5) on logits s [B, 7, 5]."""
+    B = s.shape[0]
+    onehot = torch.nn.functional.one_hot(y, 7).bool()
+    m = torch.where(onehot, s.min(2).values, s.max(2).values)
+    l_margin = torch.nn.functional.cross_entropy(m, y)
+    rows = []
+    for b in range(B):
+        others = torch.cat([s[b, c] for c in range(7) if c != int(y[b])])
+        rows.append(torch.cat([s[b, int(y[b])].max().unsqueeze(0), others]))
+    g = torch.stack(rows)  # [B, 31]
+    l_fg = torch.nn.functional.cross_entropy(g, torch.zeros(B, dtype=torch.long), reduction="none")
+    with torch.no_grad():
+        j = s[torch.arange(B), y].argmax(1)
+        n = torch.zeros(7, 5)
+        for b in range(B):
+            n[y[b], j[b]] += 1
+        n[n == 0] = -1 / 99
+        w = torch.stack([
+            n[y[b]].sum() * torch.softmax(1 / n[y[b]], 0)[j[b]] / n[y[b], j[b]] for b in range(B)
+        ])
+    return l_margin + (w * l_fg).mean(), w
+
+
+def train_reference(model, cfg, descriptor):
+    """Loss and gradients for the Rust trainer's tests."""
+    g = torch.Generator().manual_seed(5)
+    out = {"logit_cases": []}
+    # Pure-logit cases, including batches where many (class, descriptor) counts are zero.
+    for B, labels in [(6, [0, 3, 3, 6, 2, 3]), (9, [1, 1, 1, 1, 5, 5, 0, 4, 2]), (3, [6, 6, 6])]:
+        s = (3 * torch.randn(B, 35, generator=g)).requires_grad_(True)
+        y = torch.tensor(labels)
+        loss, w = cliper_loss(s.view(B, 7, 5), y)
+        loss.backward()
+        out["logit_cases"].append({"logits": s.detach().tolist(), "labels": labels, "loss": loss.item(),
+                                   "weights": w.tolist(), "grad": s.grad.tolist()})
+    # Through the text tower: gradient w.r.t. the descriptor tensor.
+    B = 10
+    feats = torch.randn(B, cfg.projection_dim, generator=g)
+    feats = feats / feats.norm(dim=-1, keepdim=True)
+    labels = [0, 1, 2, 3, 4, 5, 6, 3, 3, 0]
+    d = descriptor.clone().requires_grad_(True)
+    ids = torch.tensor([TEMPLATE_IDS] * 35)
+    emb_layer = model.text_model.embeddings.token_embedding
+    base = emb_layer(ids).detach()
+    prompt = torch.cat([base[:, :5], d, base[:, 9:]], 1)
+    orig = emb_layer.forward
+    emb_layer.forward = lambda _ids: prompt
+    try:
+        t = model.text_projection(model.text_model(input_ids=ids).pooler_output)
+    finally:
+        emb_layer.forward = orig
+    t = t / t.norm(dim=-1, keepdim=True)
+    s = feats @ t.T / 0.01
+    loss, _ = cliper_loss(s.view(B, 7, 5), torch.tensor(labels))
+    loss.backward()
+    out["descriptor_case"] = {"features": feats.tolist(), "labels": labels, "loss": loss.item(),
+                              "grad": d.grad.tolist()}
+    # AdamW (PyTorch) steps on a small parameter with fixed gradients.
+    p = torch.randn(4, 3, generator=g).requires_grad_(True)
+    p0 = p.detach().clone()
+    grads = [torch.randn(4, 3, generator=g) for _ in range(3)]
+    opt = torch.optim.AdamW([p], lr=0.01, weight_decay=0.1, eps=1e-4, betas=(0.9, 0.999))
+    for gr in grads:
+        opt.zero_grad()
+        p.grad = gr.clone()
+        opt.step()
+    out["adamw"] = {"param": p0.tolist(), "grads": [x.tolist() for x in grads], "lr": 0.01,
+                    "weight_decay": 0.1, "eps": 1e-4, "result": p.detach().tolist()}
+    # Cosine annealing with warm restarts, T0 = 10, stepped per epoch.
+    sched_p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([sched_p], lr=5e-6)
+    sch = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=10)
+    lrs = []
+    for _ in range(25):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sch.step()
+    out["cosine_lrs"] = lrs
+    return out
+
+
 def main():
     import open_clip
     tok = open_clip.tokenize
@@ -302,6 +384,8 @@ def main():
               metadata={"format": "cliper", "version": "1", "classes": ",".join(CLASSES)})
     torch.save({"text_generator.descriptor": descriptor}, os.path.join(d, "descriptors_torch.pth"))
     json.dump(cref, open(os.path.join(d, "cliper_reference.json"), "w"))
+    tref = train_reference(model_c, cfg_c, descriptor)
+    json.dump(tref, open(os.path.join(OUT, "train_reference.json"), "w"))
 
     # Tokenizer: OpenAI's cleaning + BPE on tricky strings.
     tricky = [

@@ -37,7 +37,9 @@ impl Module for LayerNorm {
         if tracks(x) || tracks(&self.weight) || tracks(&self.bias) {
             candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)
         } else {
-            candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32)
+            // The fused kernel needs contiguous rows (a class token sliced
+            // out of a batch is strided).
+            candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
         }
     }
 }

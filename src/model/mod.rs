@@ -7,6 +7,7 @@ pub mod config;
 pub mod device;
 pub mod layers;
 pub mod preprocess;
+pub mod rng;
 pub mod text;
 pub mod tokenizer;
 pub mod vision;

@@ -666,7 +666,7 @@ impl Checkpoint {
     /// weights with std 0.02, unit LayerNorm scales, small biases.
     pub fn random(config: &ClipConfig, seed: u64) -> candle_core::Result<Self> {
         let dev = Device::Cpu;
-        let mut rng = SplitMix64(seed);
+        let mut rng = crate::model::rng::SplitMix64::new(seed);
         let mut tensors = HashMap::new();
         for (name, shape) in expected_tensors(config) {
             let is_ln_scale = name.ends_with(".weight")
@@ -711,24 +711,65 @@ pub fn fetch() -> std::result::Result<PathBuf, String> {
         .map_err(|e| explain("model.safetensors", e))
 }
 
-/// A small deterministic generator for random weights (Candle's CPU device
-/// cannot be seeded).
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+/// Like [`fetch`], for a GUI: `report(file, bytes_done, bytes_total)` is
+/// called as the download goes (from the calling thread).
+pub fn fetch_with_progress(
+    report: impl FnMut(&str, u64, u64) + Send + 'static,
+) -> std::result::Result<PathBuf, String> {
+    struct Report<F> {
+        file: String,
+        done: u64,
+        total: u64,
+        f: std::sync::Arc<std::sync::Mutex<F>>,
     }
-    fn uniform(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 + 0.5) / (1u64 << 24) as f32
+    impl<F: FnMut(&str, u64, u64)> hf_hub::api::Progress for Report<F> {
+        fn init(&mut self, size: usize, filename: &str) {
+            self.file = filename.to_string();
+            self.total = size as u64;
+            self.done = 0;
+            if let Ok(mut f) = self.f.lock() {
+                f(&self.file, 0, self.total);
+            }
+        }
+        fn update(&mut self, size: usize) {
+            self.done += size as u64;
+            if let Ok(mut f) = self.f.lock() {
+                f(&self.file, self.done, self.total);
+            }
+        }
+        fn finish(&mut self) {
+            if let Ok(mut f) = self.f.lock() {
+                f(&self.file, self.total, self.total);
+            }
+        }
     }
-    /// Standard normal by Box-Muller.
-    fn normal(&mut self) -> f32 {
-        let (u1, u2) = (self.uniform(), self.uniform());
-        (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(false)
+        .build()
+        .map_err(|e| format!("cannot set up the Hugging Face client: {e}"))?;
+    let repo = api.model(HUB_REPO.to_string());
+    let shared = std::sync::Arc::new(std::sync::Mutex::new(report));
+    let mut last = PathBuf::new();
+    for file in ["config.json", "model.safetensors"] {
+        let cache = hf_hub::Cache::from_env();
+        if let Some(p) = cache.model(HUB_REPO.to_string()).get(file) {
+            last = p;
+            continue;
+        }
+        let progress = Report {
+            file: file.to_string(),
+            done: 0,
+            total: 0,
+            f: shared.clone(),
+        };
+        last = repo.download_with_progress(file, progress).map_err(|e| {
+            format!(
+                "could not download {file} from {HUB_REPO} ({e}). Without network access, download \
+                 model.safetensors and config.json from https://huggingface.co/{HUB_REPO} by hand \
+                 and put them in {LOCAL_WEIGHTS_DIR}/ (or anywhere, and pass --weights DIR or set \
+                 ${WEIGHTS_ENV})"
+            )
+        })?;
     }
+    Ok(last)
 }

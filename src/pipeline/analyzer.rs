@@ -1,12 +1,11 @@
 //! Faces in, scores out: detect (or take the whole frame), crop, encode all
 //! faces of a frame in one batch, score against the bank.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use image::RgbImage;
 
 use crate::model::cliper::scoring::{self, ExpressionScores};
 use crate::model::cliper::DescriptorBank;
-use crate::model::preprocess;
 use crate::model::ClipModel;
 use crate::vision::faces::{
     crop_face, FaceBox, FaceDetector, FaceDetectorConfig, DEFAULT_FACE_MARGIN,
@@ -93,22 +92,9 @@ impl FaceAnalyzer {
     }
 }
 
-/// Preprocesses crops into one batch [N, 3, S, S].
-pub fn batch(crops: &[RgbImage], size: u32, device: &Device) -> candle_core::Result<Tensor> {
-    let s = size as usize;
-    let mut data = Vec::with_capacity(crops.len() * 3 * s * s);
-    for c in crops {
-        data.extend(preprocess::to_normalized_chw(
-            &preprocess::resize_shorter_center_crop(c, size),
-        ));
-    }
-    Tensor::from_vec(data, (crops.len(), 3, s, s), device)
-}
-
 /// Normalised embeddings [N, E] of crops, in one forward.
 pub fn encode_crops(clip: &ClipModel, crops: &[RgbImage]) -> candle_core::Result<Tensor> {
-    let px = batch(crops, clip.config.vision.image_size as u32, &clip.device)?;
-    clip.encode_images(&px)
+    clip.encode_rgb(crops)
 }
 
 pub fn score_crops(

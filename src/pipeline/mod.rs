@@ -1,8 +1,12 @@
-//! Turning frames into per-face results: model setup, face analysis, and the
-//! JSON shape of results. No UI types here.
+//! Turning frames into per-face results: model setup, face analysis, the
+//! threaded live pipeline, batch runs, and the JSON shape of results. No UI
+//! types here.
 
 pub mod analyzer;
+pub mod batch;
 pub mod output;
 pub mod setup;
+pub mod smoothing;
+pub mod worker;
 
 pub use analyzer::{FaceAnalyzer, FaceResult};

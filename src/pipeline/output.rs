@@ -60,3 +60,33 @@ pub fn face_json(
         "descriptors": descriptors_json(s, bank, top),
     })
 }
+
+/// One tracked face of a video frame: id, box, classes, prediction, and the
+/// top `top` descriptors and the probe when asked for.
+pub fn tracked_face_json(
+    id: u64,
+    b: &FaceBox,
+    s: &ExpressionScores,
+    bank: &DescriptorBank,
+    top: Option<usize>,
+    probe: Option<(&str, f32)>,
+) -> Value {
+    let mut v = json!({
+        "id": id,
+        "box": box_json(b),
+        "classes": classes_json(s),
+        "predicted": CLASSES[s.predicted],
+    });
+    if let Some(k) = top {
+        v["descriptors"] = descriptors_json(s, bank, Some(k));
+    }
+    if let Some((text, logit)) = probe {
+        v["probe"] = json!({"text": text, "logit": logit});
+    }
+    v
+}
+
+/// One processed frame of `cliper run`: `{"frame", "t", "faces"}`.
+pub fn frame_json(index: u64, t: f64, faces: Vec<Value>) -> Value {
+    json!({"frame": index, "t": (t * 1e6).round() / 1e6, "faces": faces})
+}

@@ -1,4 +1,8 @@
-//! Frames and faces: reading images, face detection and crops.
+//! Frames and faces: frame sources, reading images, face detection and
+//! crops, and tracking faces across frames.
 
+pub mod draw;
 pub mod faces;
 pub mod images;
+pub mod source;
+pub mod tracking;

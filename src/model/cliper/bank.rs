@@ -65,6 +65,7 @@ pub struct Descriptor {
     pub words: Option<Vec<Vec<String>>>,
 }
 
+#[derive(Debug)]
 pub struct DescriptorBank {
     pub kind: BankKind,
     /// Where it came from: a file path or "built-in".

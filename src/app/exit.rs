@@ -1,0 +1,143 @@
+//! `--exit-after` and `--screenshot`: close the window after a while,
+//! saving a PNG of it first.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver};
+use eframe::egui::{self, ColorImage};
+
+use super::SessionReport;
+
+/// How long to wait for the renderer to hand back a screenshot.
+const SHOT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the window leaves behind for `run_live`.
+#[derive(Clone, Debug, Default)]
+pub struct Outcome {
+    pub report: Option<SessionReport>,
+    pub screenshot_error: Option<String>,
+}
+
+/// Fails early (before a window opens) when the screenshot cannot be written.
+pub fn check_writable(path: &Path) -> Result<(), String> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(format!(
+            "cannot write the screenshot {}: folder {} does not exist",
+            path.display(),
+            parent.display()
+        ));
+    }
+    if path.is_dir() {
+        return Err(format!(
+            "cannot write the screenshot {}: it is a folder; give a file name ending in .png",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+enum Phase {
+    Running,
+    WaitingForShot {
+        since: Instant,
+        rx: Receiver<Arc<ColorImage>>,
+    },
+    Closing,
+}
+
+pub struct ExitPlan {
+    after: Option<Duration>,
+    screenshot: Option<PathBuf>,
+    started: Instant,
+    phase: Phase,
+}
+
+impl ExitPlan {
+    pub fn new(after: Option<f64>, screenshot: Option<PathBuf>) -> Self {
+        Self {
+            after: after.map(Duration::from_secs_f64),
+            screenshot,
+            started: Instant::now(),
+            phase: Phase::Running,
+        }
+    }
+
+    /// Whether the window is about to close (the report is due).
+    pub fn closing(&self) -> bool {
+        matches!(self.phase, Phase::Closing)
+    }
+
+    /// Advances the plan; returns a screenshot error when saving failed.
+    pub fn tick(&mut self, ctx: &egui::Context) -> Option<String> {
+        let mut error = None;
+        match &self.phase {
+            Phase::Running => {
+                let Some(after) = self.after else {
+                    return None;
+                };
+                if self.started.elapsed() < after {
+                    ctx.request_repaint_after(after - self.started.elapsed());
+                    return None;
+                }
+                if self.screenshot.is_some() {
+                    let (tx, rx) = bounded(1);
+                    let repaint = ctx.clone();
+                    ctx.send_viewport_cmd(egui::ViewportCommand::Screenshot(
+                        egui::ScreenshotCallback::new(move |img| {
+                            let _ = tx.send(img);
+                            repaint.request_repaint();
+                        }),
+                    ));
+                    self.phase = Phase::WaitingForShot {
+                        since: Instant::now(),
+                        rx,
+                    };
+                    ctx.request_repaint();
+                } else {
+                    self.close(ctx);
+                }
+            }
+            Phase::WaitingForShot { since, rx } => {
+                if let Ok(img) = rx.try_recv() {
+                    if let Some(path) = &self.screenshot {
+                        error = save_png(&img, path).err();
+                    }
+                    self.close(ctx);
+                } else if since.elapsed() > SHOT_TIMEOUT {
+                    error = Some(format!(
+                        "the renderer did not return a screenshot within {} s; {} was not written",
+                        SHOT_TIMEOUT.as_secs(),
+                        self.screenshot
+                            .as_deref()
+                            .unwrap_or(Path::new("?"))
+                            .display()
+                    ));
+                    self.close(ctx);
+                } else {
+                    ctx.request_repaint();
+                }
+            }
+            Phase::Closing => {}
+        }
+        error
+    }
+
+    fn close(&mut self, ctx: &egui::Context) {
+        self.phase = Phase::Closing;
+        ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+    }
+}
+
+fn save_png(img: &ColorImage, path: &Path) -> Result<(), String> {
+    let [w, h] = img.size;
+    let rgba = image::RgbaImage::from_raw(w as u32, h as u32, img.as_raw().to_vec())
+        .ok_or_else(|| "the screenshot has an unexpected size".to_string())?;
+    rgba.save_with_format(path, image::ImageFormat::Png)
+        .map_err(|e| format!("cannot write the screenshot {}: {e}", path.display()))
+}

@@ -1,0 +1,373 @@
+//! The app: owns the pipeline, the store and the settings; lays out the
+//! panels and applies their actions.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use eframe::egui;
+
+use super::controls::ControlsState;
+use super::exit::{ExitPlan, Outcome};
+use super::first_run::FirstRun;
+use super::settings::{BankChoice, Settings, STORAGE_KEY};
+use super::status::UiStats;
+use super::store::Store;
+use super::video::VideoView;
+use super::{controls, descriptors, first_run, scores, status, video};
+use super::{Action, LiveOptions, SessionReport};
+use crate::model::weights;
+use crate::pipeline::setup::{self, BankSource, ModelSpec};
+use crate::pipeline::worker::{Pipeline, PipelineCommand, PipelineConfig, RunMode};
+use crate::vision::source::camera::{self, CameraEntry};
+use crate::vision::source::SourceSpec;
+
+enum Screen {
+    /// No weights yet: the download screen.
+    FirstRun,
+    Live,
+}
+
+pub struct CliperApp {
+    opts: LiveOptions,
+    settings: Settings,
+    screen: Screen,
+    pipeline: Option<Pipeline>,
+    store: Store,
+    source: SourceSpec,
+    cameras: Vec<CameraEntry>,
+    /// A message shown above the video (e.g. no camera found).
+    notice: Option<String>,
+    video: VideoView,
+    controls: ControlsState,
+    first_run: FirstRun,
+    exit: ExitPlan,
+    ui_stats: UiStats,
+    outcome: Arc<Mutex<Outcome>>,
+}
+
+impl CliperApp {
+    pub fn new(
+        cc: &eframe::CreationContext<'_>,
+        opts: LiveOptions,
+        outcome: Arc<Mutex<Outcome>>,
+    ) -> Self {
+        let settings: Settings = cc
+            .storage
+            .and_then(|s| eframe::get_value(s, STORAGE_KEY))
+            .unwrap_or_default();
+        let mut settings = settings.sanitized();
+        configure_style(&cc.egui_ctx);
+        let cameras = camera::list_cameras().unwrap_or_default();
+        let mut notice = None;
+        let source = match &opts.source {
+            Some(s) => s.clone(),
+            None => initial_source(&settings, &cameras, &mut notice),
+        };
+        if let Some(SourceSpec::Camera { resolution, .. }) = &opts.source {
+            if resolution.is_some() {
+                settings.camera_resolution = *resolution;
+            }
+        }
+        let controls = ControlsState::new(&settings, &source);
+        let mut app = Self {
+            exit: ExitPlan::new(opts.exit_after, opts.screenshot.clone()),
+            store: Store::new(source.clone()),
+            screen: Screen::FirstRun,
+            pipeline: None,
+            source,
+            cameras,
+            notice,
+            video: VideoView::default(),
+            controls,
+            first_run: FirstRun::default(),
+            ui_stats: UiStats::default(),
+            settings,
+            opts,
+            outcome,
+        };
+        match weights::locate(app.opts.model.weights.as_deref()) {
+            Ok(_) => app.start(&cc.egui_ctx),
+            Err(e) => app.first_run.missing = Some(e.to_string()),
+        }
+        app
+    }
+
+    /// The model spec: weights and device from the command line, bank from
+    /// the command line or the saved choice.
+    fn model_spec(&mut self) -> ModelSpec {
+        let mut spec = self.opts.model.clone();
+        if !self.opts.bank_given {
+            spec.bank = match &self.settings.bank {
+                BankChoice::ZeroShot => BankSource::BuiltinZeroShot,
+                BankChoice::File(p) if Path::new(p).is_file() => bank_source(Path::new(p)),
+                BankChoice::File(p) => {
+                    self.store.bank_error = Some(format!(
+                        "descriptors file {p} is gone; using the built-in zero-shot descriptions"
+                    ));
+                    self.settings.bank = BankChoice::ZeroShot;
+                    BankSource::BuiltinZeroShot
+                }
+            };
+        }
+        spec
+    }
+
+    /// Starts the pipeline (model loading happens on its thread).
+    fn start(&mut self, ctx: &egui::Context) {
+        let mut config =
+            PipelineConfig::new(self.source.clone(), self.model_spec(), RunMode::Live);
+        let probe = self.settings.probe.trim();
+        config.probe = (!probe.is_empty()).then(|| probe.to_string());
+        let ctx = ctx.clone();
+        self.pipeline = Some(Pipeline::start(config, move || ctx.request_repaint()));
+        self.screen = Screen::Live;
+    }
+
+    fn drain_events(&mut self) {
+        let Some(p) = &self.pipeline else {
+            return;
+        };
+        let smoothing = self.settings.smoothing;
+        let keep = f64::from(self.settings.timeline_secs) + 1.0;
+        while let Ok(ev) = p.events.try_recv() {
+            self.store.apply(ev, smoothing, keep);
+        }
+        self.store.prune(keep);
+    }
+
+    fn apply(&mut self, action: Action, ctx: &egui::Context) {
+        match action {
+            Action::SetSource(spec) => {
+                if let SourceSpec::Camera { resolution, .. } = &spec {
+                    self.settings.camera_resolution = *resolution;
+                }
+                self.notice = None;
+                self.settings.source = Some(spec.to_arg());
+                self.source = spec.clone();
+                self.store.source_state = super::store::SourceState::Opening(spec.clone());
+                if let Some(p) = &self.pipeline {
+                    p.command(PipelineCommand::SetSource(spec));
+                }
+            }
+            Action::SetBank(choice) => {
+                let source = match &choice {
+                    BankChoice::ZeroShot => BankSource::BuiltinZeroShot,
+                    BankChoice::File(p) => bank_source(Path::new(p)),
+                };
+                self.settings.bank = choice;
+                self.opts.bank_given = false;
+                if let Some(p) = &self.pipeline {
+                    p.command(PipelineCommand::SetBank(source));
+                }
+            }
+            Action::SetProbe(text) => {
+                self.settings.probe = text.clone();
+                if let Some(p) = &self.pipeline {
+                    let t = text.trim();
+                    p.command(PipelineCommand::SetProbe(
+                        (!t.is_empty()).then(|| t.to_string()),
+                    ));
+                }
+            }
+            Action::SelectFace(id) => self.store.selected = Some(id),
+            Action::Download => self.first_run.download(ctx),
+            Action::RecheckWeights => match weights::locate(self.opts.model.weights.as_deref()) {
+                Ok(_) => {
+                    self.first_run.missing = None;
+                    self.start(ctx);
+                }
+                Err(e) => self.first_run.missing = Some(e.to_string()),
+            },
+            Action::RefreshCameras => {
+                self.cameras = camera::list_cameras().unwrap_or_default();
+            }
+        }
+    }
+
+    fn handle_dropped_files(&mut self, ctx: &egui::Context, actions: &mut Vec<Action>) {
+        let dropped: Vec<PathBuf> = ctx.input(|i| {
+            i.raw
+                .dropped_files
+                .iter()
+                .filter_map(|f| f.path.clone())
+                .collect()
+        });
+        for path in dropped {
+            let ext = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .map(str::to_ascii_lowercase)
+                .unwrap_or_default();
+            if matches!(
+                ext.as_str(),
+                "safetensors" | "pth" | "pt" | "txt" | "prompts"
+            ) {
+                actions.push(Action::SetBank(BankChoice::File(
+                    path.display().to_string(),
+                )));
+                continue;
+            }
+            match SourceSpec::from_path(&path, crate::vision::source::DEFAULT_IMAGE_FPS) {
+                Ok(spec) => actions.push(Action::SetSource(spec)),
+                Err(e) => self.store.warning = Some((e.to_string(), self.store.now())),
+            }
+        }
+    }
+
+    fn report(&self) -> SessionReport {
+        let t = &self.store.timings;
+        SessionReport {
+            ui_fps: self.ui_stats.fps(),
+            ui_ms: self.ui_stats.mean_ui_ms(),
+            capture_fps: t.capture_fps,
+            inference_fps: t.inference_fps,
+            capture_to_screen_ms: self.store.capture_to_screen.median(),
+            score_lag_ms: self.store.score_lag.median(),
+            detect_ms: t.detect_ms,
+            encode_ms: t.encode_ms,
+            score_ms: t.score_ms,
+            frames_shown: self.store.frames_seen,
+            scores: self.store.scores_seen,
+        }
+    }
+
+    fn live_ui(&mut self, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
+        egui::Panel::bottom("status")
+            .frame(egui::Frame::side_top_panel(ui.style()).inner_margin(egui::Margin::symmetric(10, 4)))
+            .show(ui, |ui| status::show(ui, &self.store, &self.ui_stats));
+        egui::Panel::left("controls")
+            .default_size(300.0)
+            .size_range(250.0..=420.0)
+            .show(ui, |ui| {
+                egui::ScrollArea::vertical().show(ui, |ui| {
+                    controls::show(
+                        ui,
+                        &mut self.controls,
+                        &mut self.settings,
+                        &self.store,
+                        &self.source,
+                        &self.cameras,
+                        actions,
+                    )
+                });
+            });
+        egui::Panel::right("descriptors")
+            .default_size(380.0)
+            .size_range(300.0..=560.0)
+            .show(ui, |ui| {
+                descriptors::show(ui, &self.store, self.settings.top_descriptors)
+            });
+        egui::CentralPanel::default().show(ui, |ui| {
+            let plots_h = (ui.available_height() * 0.36).clamp(190.0, 300.0);
+            let video_h = ui.available_height() - plots_h - ui.spacing().item_spacing.y;
+            ui.allocate_ui(egui::vec2(ui.available_width(), video_h), |ui| {
+                video::show(
+                    ui,
+                    &mut self.video,
+                    &mut self.store,
+                    self.notice.as_deref(),
+                    &self.source,
+                    actions,
+                );
+            });
+            scores::show(ui, &self.store, self.settings.timeline_secs, plots_h);
+        });
+    }
+}
+
+impl eframe::App for CliperApp {
+    fn logic(&mut self, _ctx: &egui::Context, _frame: &mut eframe::Frame) {
+        // Also runs while the window is hidden, so events never pile up.
+        self.drain_events();
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        let ctx = ui.ctx().clone();
+        self.ui_stats.begin();
+        let mut actions = Vec::new();
+        self.handle_dropped_files(&ctx, &mut actions);
+        match self.screen {
+            Screen::FirstRun => first_run::show(ui, &mut self.first_run, &mut actions),
+            Screen::Live => self.live_ui(ui, &mut actions),
+        }
+        if self.first_run.poll() {
+            actions.push(Action::RecheckWeights);
+        }
+        for a in actions {
+            self.apply(a, &ctx);
+        }
+        if let Some(e) = self.exit.tick(&ctx) {
+            if let Ok(mut o) = self.outcome.lock() {
+                o.screenshot_error = Some(e);
+            }
+        }
+        if self.exit.closing() {
+            if let Ok(mut o) = self.outcome.lock() {
+                o.report = Some(self.report());
+            }
+        }
+        self.ui_stats.end();
+        // The timeline scrolls continuously: aim for 60 fps without spinning
+        // (vsync caps it on a real display; under Xvfb this is the cap).
+        if matches!(self.screen, Screen::Live) {
+            ctx.request_repaint_after(std::time::Duration::from_millis(15));
+        }
+    }
+
+    fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        eframe::set_value(storage, STORAGE_KEY, &self.settings);
+    }
+}
+
+/// A checkpoint (learned descriptors) or a prompts file (zero-shot).
+fn bank_source(p: &Path) -> BankSource {
+    if setup::is_prompts_file(p) {
+        BankSource::Prompts(p.to_path_buf())
+    } else {
+        BankSource::Learned(p.to_path_buf())
+    }
+}
+
+/// The source to start with when none was given: the saved one if still
+/// there, else the first camera, else the demo (saying so).
+fn initial_source(
+    settings: &Settings,
+    cameras: &[CameraEntry],
+    notice: &mut Option<String>,
+) -> SourceSpec {
+    if let Some(saved) = &settings.source {
+        if let Ok(spec) = SourceSpec::parse(saved, None) {
+            match &spec {
+                SourceSpec::Camera { index, .. } if cameras.iter().any(|c| c.index == *index) => {
+                    return SourceSpec::Camera {
+                        index: *index,
+                        resolution: settings.camera_resolution,
+                    }
+                }
+                SourceSpec::Camera { .. } => {}
+                other => return other.clone(),
+            }
+        }
+    }
+    match cameras.first() {
+        Some(c) => SourceSpec::Camera {
+            index: c.index,
+            resolution: settings.camera_resolution,
+        },
+        None => {
+            *notice = Some(
+                "No camera found: showing the built-in demo. Connect a camera and pick it under Source, or open a video, an image or a folder."
+                    .to_string(),
+            );
+            SourceSpec::Demo
+        }
+    }
+}
+
+fn configure_style(ctx: &egui::Context) {
+    ctx.set_theme(egui::ThemePreference::Dark);
+    ctx.all_styles_mut(|style| {
+        style.spacing.item_spacing = egui::vec2(8.0, 6.0);
+        style.spacing.button_padding = egui::vec2(8.0, 3.0);
+    });
+}

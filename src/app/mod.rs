@@ -1,0 +1,142 @@
+//! The live window (eframe/egui, glow renderer): `cliper live`.
+//!
+//! The app owns a [`Pipeline`](crate::pipeline::worker::Pipeline) and folds
+//! its events into a [`store::Store`]; each panel is its own module and
+//! draws from the store. Panels never act directly: they return
+//! [`Action`]s that the app applies after drawing, so `ui()` stays short and
+//! nothing slow ever runs on the UI thread (model loading, inference, text
+//! encoding and downloads all live on background threads).
+
+mod controls;
+mod descriptors;
+mod exit;
+mod first_run;
+mod live;
+mod palette;
+mod scores;
+pub mod settings;
+mod status;
+pub mod store;
+mod video;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crate::pipeline::setup::ModelSpec;
+use crate::vision::source::SourceSpec;
+
+pub use live::CliperApp;
+
+/// What `cliper live` was asked for on the command line.
+#[derive(Clone, Debug, Default)]
+pub struct LiveOptions {
+    /// `--source` / `--camera`; `None`: the last source used, else the first
+    /// camera, else the demo.
+    pub source: Option<SourceSpec>,
+    /// Weights and device. Its bank is used only when `bank_given`.
+    pub model: ModelSpec,
+    /// Whether `--descriptors` / `--prompts` was given (it then overrides the
+    /// saved choice).
+    pub bank_given: bool,
+    /// Close the window after this many seconds (demos, tests, benchmarks);
+    /// the session's speed figures are printed on stderr.
+    pub exit_after: Option<f64>,
+    /// Save a PNG of the window just before closing (with `exit_after`).
+    pub screenshot: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot open the window: {0}. A display is needed (on Linux, DISPLAY or WAYLAND_DISPLAY with OpenGL); without one, use `cliper run --source SRC` or start under `xvfb-run -a`")]
+    Window(String),
+    #[error("{0}")]
+    Screenshot(String),
+    #[error("--exit-after {0} is out of range: give a number of seconds above 0")]
+    ExitAfter(f64),
+}
+
+/// Something a panel asks the app to do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Open another source (or the same again: replay).
+    SetSource(SourceSpec),
+    SetBank(settings::BankChoice),
+    SetProbe(String),
+    SelectFace(u64),
+    /// First-run screen: download the weights.
+    Download,
+    /// First-run screen: look for weights again and start if found.
+    RecheckWeights,
+    RefreshCameras,
+}
+
+/// Speed figures of a session, printed when it closes.
+#[derive(Clone, Debug, Default)]
+pub struct SessionReport {
+    pub ui_fps: f32,
+    pub ui_ms: f32,
+    pub capture_fps: f32,
+    pub inference_fps: f32,
+    pub capture_to_screen_ms: Option<f32>,
+    pub score_lag_ms: Option<f32>,
+    pub detect_ms: f32,
+    pub encode_ms: f32,
+    pub score_ms: f32,
+    pub frames_shown: u64,
+    pub scores: u64,
+}
+
+impl std::fmt::Display for SessionReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |v: Option<f32>| v.map_or("n/a".to_string(), |v| format!("{v:.0} ms"));
+        write!(
+            f,
+            "UI {:.0} fps (ui() {:.1} ms), capture {:.1} fps, inference {:.1} fps, capture-to-screen median {}, score lag median {} (detect {:.0} ms, encode {:.0} ms, score {:.1} ms), {} frames shown, {} scored",
+            self.ui_fps,
+            self.ui_ms,
+            self.capture_fps,
+            self.inference_fps,
+            ms(self.capture_to_screen_ms),
+            ms(self.score_lag_ms),
+            self.detect_ms,
+            self.encode_ms,
+            self.score_ms,
+            self.frames_shown,
+            self.scores
+        )
+    }
+}
+
+/// Opens the window and runs until it is closed.
+pub fn run_live(opts: LiveOptions) -> Result<SessionReport, AppError> {
+    if let Some(s) = opts.exit_after {
+        if !(s.is_finite() && s > 0.0) {
+            return Err(AppError::ExitAfter(s));
+        }
+    }
+    if let Some(p) = &opts.screenshot {
+        exit::check_writable(p).map_err(AppError::Screenshot)?;
+    }
+    let outcome: Arc<Mutex<exit::Outcome>> = Arc::default();
+    let native = eframe::NativeOptions {
+        renderer: eframe::Renderer::Glow,
+        viewport: eframe::egui::ViewportBuilder::default()
+            .with_title("cliper: live facial expressions")
+            .with_app_id("cliper")
+            .with_inner_size([1360.0, 860.0])
+            .with_min_inner_size([960.0, 620.0]),
+        ..Default::default()
+    };
+    let shared = outcome.clone();
+    eframe::run_native(
+        "cliper",
+        native,
+        Box::new(move |cc| Ok(Box::new(CliperApp::new(cc, opts, shared)))),
+    )
+    .map_err(|e| AppError::Window(e.to_string()))?;
+    let outcome = outcome.lock().map(|o| o.clone()).unwrap_or_default();
+    if let Some(e) = outcome.screenshot_error {
+        return Err(AppError::Screenshot(e));
+    }
+    Ok(outcome.report.unwrap_or_default())
+}

@@ -1,0 +1,141 @@
+//! The status bar: capture and inference rates, per-stage latency, the
+//! device and the weights in use; and the UI's own frame rate.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use eframe::egui::{self, Color32, RichText};
+
+use super::store::{ModelState, SourceState, Store};
+
+/// The UI's own frame rate and cost.
+#[derive(Default)]
+pub struct UiStats {
+    frames: VecDeque<Instant>,
+    began: Option<Instant>,
+    ui_ms: VecDeque<f32>,
+}
+
+impl UiStats {
+    pub fn begin(&mut self) {
+        let now = Instant::now();
+        self.frames.push_back(now);
+        while self
+            .frames
+            .front()
+            .is_some_and(|t| now.duration_since(*t).as_secs_f32() > 2.0)
+        {
+            self.frames.pop_front();
+        }
+        self.began = Some(now);
+    }
+
+    pub fn end(&mut self) {
+        if let Some(b) = self.began.take() {
+            if self.ui_ms.len() == 120 {
+                self.ui_ms.pop_front();
+            }
+            self.ui_ms.push_back(b.elapsed().as_secs_f32() * 1000.0);
+        }
+    }
+
+    /// Frames drawn per second over the last two seconds.
+    pub fn fps(&self) -> f32 {
+        match (self.frames.front(), self.frames.back()) {
+            (Some(a), Some(b)) if self.frames.len() > 1 => {
+                (self.frames.len() - 1) as f32 / b.duration_since(*a).as_secs_f32().max(1e-3)
+            }
+            _ => 0.0,
+        }
+    }
+
+    /// Mean time spent in `ui()` (building the frame, not rendering it).
+    pub fn mean_ui_ms(&self) -> f32 {
+        if self.ui_ms.is_empty() {
+            0.0
+        } else {
+            self.ui_ms.iter().sum::<f32>() / self.ui_ms.len() as f32
+        }
+    }
+}
+
+pub fn show(ui: &mut egui::Ui, store: &Store, stats: &UiStats) {
+    let t = &store.timings;
+    let dim = ui.visuals().weak_text_color();
+    ui.horizontal(|ui| {
+        let sep = |ui: &mut egui::Ui| {
+            ui.label(RichText::new("·").color(dim));
+        };
+        match &store.source_state {
+            SourceState::Playing => {
+                ui.label(format!("capture {:.1} fps", t.capture_fps));
+            }
+            SourceState::Opening(_) => {
+                ui.label("opening source…");
+            }
+            SourceState::Ended { frames } => {
+                ui.label(format!("source ended ({frames} frames)"));
+            }
+            SourceState::Failed { .. } => {
+                ui.label(RichText::new("source failed").color(Color32::LIGHT_RED));
+            }
+        }
+        sep(ui);
+        ui.label(format!("inference {:.1} fps", t.inference_fps))
+            .on_hover_text("Frames scored per second (all faces of a frame in one batch)");
+        sep(ui);
+        ui.label(format!(
+            "detect {:.0} ms · encode {:.0} ms · score {:.1} ms",
+            t.detect_ms, t.encode_ms, t.score_ms
+        ))
+        .on_hover_text(
+            "Per-stage time for the latest frame: face detection (downscaled frame), \
+             CLIP vision tower on all face crops, logits against the descriptors",
+        );
+        sep(ui);
+        let lag = |v: Option<f32>| v.map_or("–".to_string(), |v| format!("{v:.0} ms"));
+        ui.label(format!(
+            "to screen {} · score lag {}",
+            lag(store.capture_to_screen.median()),
+            lag(store.score_lag.median())
+        ))
+        .on_hover_text(
+            "Median over recent frames: capture to the frame on screen with its boxes, \
+             and capture to its scores on screen",
+        );
+        sep(ui);
+        ui.label(format!("UI {:.0} fps", stats.fps()));
+        ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+            match &store.model {
+                ModelState::Loading => {
+                    ui.spinner();
+                    ui.label("loading model…");
+                }
+                ModelState::Ready(info) => {
+                    let name = info
+                        .weights
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    let parent = info
+                        .weights
+                        .parent()
+                        .and_then(|p| p.file_name())
+                        .map(|n| format!("{}/", n.to_string_lossy()))
+                        .unwrap_or_default();
+                    ui.label(RichText::new(format!("{parent}{name}")).color(dim))
+                        .on_hover_text(format!(
+                            "weights: {}\nloaded in {:.1} s",
+                            info.weights.display(),
+                            info.load_secs
+                        ));
+                    ui.label(RichText::new(&info.device).strong());
+                }
+                ModelState::Failed(e) => {
+                    ui.label(RichText::new("model failed to load").color(Color32::LIGHT_RED))
+                        .on_hover_text(e);
+                }
+            }
+        });
+    });
+}

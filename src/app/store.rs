@@ -1,0 +1,394 @@
+//! What the window shows, folded from pipeline events: the newest frame and
+//! its boxes, per-face score histories, the state of the source and the
+//! model, and the latency figures. Plain data; the panels read it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::model::cliper::{DescriptorBank, ExpressionScores};
+use crate::pipeline::smoothing;
+use crate::pipeline::worker::{
+    DetectedFrame, FrameScores, ModelInfo, PipelineEvent, SourceInfo, StageTimings,
+};
+use crate::vision::faces::FaceBox;
+use crate::vision::source::SourceSpec;
+
+/// A face whose scores have not been updated for this long leaves the face
+/// list (its history stays in the timeline until it scrolls out).
+pub const FACE_TIMEOUT_SECS: f64 = 2.0;
+
+/// One face's history.
+#[derive(Clone, Debug)]
+pub struct FaceHistory {
+    pub id: u64,
+    pub bbox: FaceBox,
+    /// Latest scores as computed.
+    pub raw: ExpressionScores,
+    /// Latest scores as displayed (smoothed).
+    pub shown: ExpressionScores,
+    pub probe_logit: Option<f32>,
+    /// App time (seconds) of the latest scores.
+    pub updated: f64,
+    /// (app time, displayed probabilities), oldest first.
+    pub timeline: VecDeque<(f64, [f32; 7])>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum SourceState {
+    Opening(SourceSpec),
+    Playing,
+    Ended { frames: u64 },
+    Failed { spec: SourceSpec, error: String },
+}
+
+#[derive(Clone, Debug)]
+pub enum ModelState {
+    Loading,
+    Ready(ModelInfo),
+    Failed(String),
+}
+
+/// A rolling sample of a latency, in milliseconds.
+#[derive(Clone, Debug, Default)]
+pub struct LatencyStat {
+    samples: VecDeque<f32>,
+}
+
+impl LatencyStat {
+    const KEEP: usize = 240;
+
+    pub fn push(&mut self, ms: f32) {
+        if self.samples.len() == Self::KEEP {
+            self.samples.pop_front();
+        }
+        self.samples.push_back(ms);
+    }
+
+    /// The median of the recent samples.
+    pub fn median(&self) -> Option<f32> {
+        self.percentile(0.5)
+    }
+
+    pub fn percentile(&self, q: f32) -> Option<f32> {
+        if self.samples.is_empty() {
+            return None;
+        }
+        let mut v: Vec<f32> = self.samples.iter().copied().collect();
+        v.sort_by(f32::total_cmp);
+        let i = ((v.len() - 1) as f32 * q.clamp(0.0, 1.0)).round() as usize;
+        Some(v[i])
+    }
+
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+}
+
+pub struct Store {
+    start: Instant,
+    /// The newest frame with its boxes.
+    pub frame: Option<Arc<DetectedFrame>>,
+    /// Whether `frame` has been put on screen yet (for the latency figure).
+    pub frame_shown: bool,
+    pub faces: BTreeMap<u64, FaceHistory>,
+    pub selected: Option<u64>,
+    pub source: Option<SourceInfo>,
+    pub source_state: SourceState,
+    pub model: ModelState,
+    pub bank: Option<Arc<DescriptorBank>>,
+    pub bank_error: Option<String>,
+    /// The probe text the model has encoded, and the last probe error.
+    pub probe: Option<String>,
+    pub probe_error: Option<String>,
+    pub timings: StageTimings,
+    /// Latest warning (skipped frames) and when it came.
+    pub warning: Option<(String, f64)>,
+    /// Capture to first paint of a frame with its boxes.
+    pub capture_to_screen: LatencyStat,
+    /// Capture to scores arriving in the window.
+    pub score_lag: LatencyStat,
+    pub frames_seen: u64,
+    pub scores_seen: u64,
+}
+
+impl Store {
+    pub fn new(initial: SourceSpec) -> Self {
+        Self {
+            start: Instant::now(),
+            frame: None,
+            frame_shown: false,
+            faces: BTreeMap::new(),
+            selected: None,
+            source: None,
+            source_state: SourceState::Opening(initial),
+            model: ModelState::Loading,
+            bank: None,
+            bank_error: None,
+            probe: None,
+            probe_error: None,
+            timings: StageTimings::default(),
+            warning: None,
+            capture_to_screen: LatencyStat::default(),
+            score_lag: LatencyStat::default(),
+            frames_seen: 0,
+            scores_seen: 0,
+        }
+    }
+
+    /// Seconds since the window opened (the timeline's clock).
+    pub fn now(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+
+    /// Folds one event in. `smoothing` is the EMA factor (0 = off);
+    /// `keep_secs` how much timeline to keep.
+    pub fn apply(&mut self, event: PipelineEvent, smoothing: f32, keep_secs: f64) {
+        match event {
+            PipelineEvent::SourceOpened(info) => {
+                if self.source.as_ref().map(|s| &s.spec) != Some(&info.spec) {
+                    // Another source: old faces do not continue.
+                    self.faces.clear();
+                    self.selected = None;
+                }
+                self.source = Some(info);
+                self.source_state = SourceState::Playing;
+            }
+            PipelineEvent::SourceFailed { spec, error } => {
+                self.source_state = SourceState::Failed { spec, error };
+            }
+            PipelineEvent::SourceWarning(w) => self.warning = Some((w, self.now())),
+            PipelineEvent::SourceEnded { generation, frames } => {
+                if self.source.as_ref().map(|s| s.generation) == Some(generation) {
+                    self.source_state = SourceState::Ended { frames };
+                }
+            }
+            PipelineEvent::Frame(f) => {
+                self.frames_seen += 1;
+                let now = self.now();
+                for tf in &f.faces {
+                    if let Some(h) = self.faces.get_mut(&tf.id) {
+                        h.bbox = tf.bbox;
+                        // Seen again: it stays in the list while detected.
+                        h.updated = h.updated.max(now - FACE_TIMEOUT_SECS / 2.0);
+                    }
+                }
+                self.frame = Some(f);
+                self.frame_shown = false;
+            }
+            PipelineEvent::ModelLoading => self.model = ModelState::Loading,
+            PipelineEvent::ModelReady(info) => self.model = ModelState::Ready(info),
+            PipelineEvent::ModelFailed(e) => self.model = ModelState::Failed(e),
+            PipelineEvent::BankReady(b) => {
+                self.bank = Some(b);
+                self.bank_error = None;
+                // Scores under another bank are not comparable.
+                for h in self.faces.values_mut() {
+                    h.timeline.clear();
+                }
+            }
+            PipelineEvent::BankFailed(e) => self.bank_error = Some(e),
+            PipelineEvent::ProbeReady(t) => {
+                self.probe = t;
+                self.probe_error = None;
+            }
+            PipelineEvent::ProbeFailed { error, .. } => self.probe_error = Some(error),
+            PipelineEvent::Scores(s) => self.apply_scores(s, smoothing, keep_secs),
+            PipelineEvent::Finished => {}
+        }
+    }
+
+    fn apply_scores(&mut self, s: FrameScores, smoothing: f32, keep_secs: f64) {
+        if self.source.as_ref().map(|i| i.generation) != Some(s.generation) {
+            return; // a late result from the previous source
+        }
+        self.scores_seen += 1;
+        self.timings = s.timings;
+        self.score_lag
+            .push(s.captured.elapsed().as_secs_f32() * 1000.0);
+        let now = self.now();
+        for f in s.faces {
+            let scores = f.face.scores;
+            let h = self.faces.entry(f.id).or_insert_with(|| FaceHistory {
+                id: f.id,
+                bbox: f.face.bbox,
+                raw: scores.clone(),
+                shown: scores.clone(),
+                probe_logit: None,
+                updated: now,
+                timeline: VecDeque::new(),
+            });
+            h.shown = smoothing::ema(&h.shown, &scores, smoothing);
+            h.raw = scores;
+            h.bbox = f.face.bbox;
+            h.probe_logit = f.probe_logit;
+            h.updated = now;
+            let mut p = [0f32; 7];
+            for (d, v) in p.iter_mut().zip(&h.shown.probs) {
+                *d = *v;
+            }
+            h.timeline.push_back((now, p));
+        }
+        self.prune(keep_secs);
+    }
+
+    /// Drops timeline points older than `keep_secs` and faces with nothing left.
+    pub fn prune(&mut self, keep_secs: f64) {
+        let now = self.now();
+        for h in self.faces.values_mut() {
+            while h.timeline.front().is_some_and(|(t, _)| now - t > keep_secs) {
+                h.timeline.pop_front();
+            }
+        }
+        self.faces
+            .retain(|_, h| !h.timeline.is_empty() || now - h.updated < FACE_TIMEOUT_SECS);
+        let selected_alive = self.selected.is_some_and(|id| {
+            self.faces
+                .get(&id)
+                .is_some_and(|h| now - h.updated < FACE_TIMEOUT_SECS)
+        });
+        if !selected_alive {
+            self.selected = self.current_faces().first().map(|h| h.id).or_else(|| {
+                // Keep showing the last face's plots after the video ends.
+                self.selected.filter(|id| self.faces.contains_key(id))
+            });
+        }
+    }
+
+    /// Faces seen recently, left to right.
+    pub fn current_faces(&self) -> Vec<&FaceHistory> {
+        let now = self.now();
+        let mut v: Vec<&FaceHistory> = self
+            .faces
+            .values()
+            .filter(|h| now - h.updated < FACE_TIMEOUT_SECS)
+            .collect();
+        v.sort_by_key(|h| h.bbox.x);
+        v
+    }
+
+    pub fn selected_face(&self) -> Option<&FaceHistory> {
+        self.selected.and_then(|id| self.faces.get(&id))
+    }
+
+    /// Marks the newest frame as painted; records its latency once.
+    pub fn mark_frame_shown(&mut self) {
+        if let (false, Some(f)) = (self.frame_shown, &self.frame) {
+            self.capture_to_screen
+                .push(f.captured.elapsed().as_secs_f32() * 1000.0);
+            self.frame_shown = true;
+        }
+    }
+
+    /// Re-applies a smoothing factor change to what is displayed.
+    pub fn resmooth(&mut self, smoothing: f32) {
+        if smoothing == 0.0 {
+            for h in self.faces.values_mut() {
+                h.shown = h.raw.clone();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::worker::TrackedResult;
+    use crate::pipeline::FaceResult;
+
+    fn bank() -> Arc<DescriptorBank> {
+        Arc::new(DescriptorBank {
+            kind: crate::model::cliper::BankKind::ZeroShot,
+            source: "test".into(),
+            descriptors: Vec::new(),
+            text_features: candle_core::Tensor::zeros(
+                (35, 4),
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )
+            .unwrap(),
+        })
+    }
+
+    fn scores_event(generation: u64, faces: &[(u64, usize)]) -> PipelineEvent {
+        let faces = faces
+            .iter()
+            .map(|&(id, class)| {
+                let mut l = vec![0.0; 35];
+                l[class * 5..class * 5 + 5].iter_mut().for_each(|x| *x = 4.0);
+                TrackedResult {
+                    id,
+                    face: FaceResult {
+                        bbox: FaceBox {
+                            x: id as u32 * 100,
+                            y: 0,
+                            w: 50,
+                            h: 50,
+                            score: 3.0,
+                        },
+                        scores: ExpressionScores::from_logits(l),
+                        embedding: vec![],
+                    },
+                    probe_logit: Some(1.5),
+                }
+            })
+            .collect();
+        PipelineEvent::Scores(FrameScores {
+            seq: 0,
+            generation,
+            index: 0,
+            t: 0.0,
+            captured: Instant::now(),
+            faces,
+            timings: StageTimings::default(),
+            probe: Some("p".into()),
+            bank: bank(),
+        })
+    }
+
+    fn opened(generation: u64) -> PipelineEvent {
+        PipelineEvent::SourceOpened(SourceInfo {
+            spec: SourceSpec::Demo,
+            generation,
+            name: "demo".into(),
+            len: None,
+            fps: 25.0,
+            live: false,
+        })
+    }
+
+    #[test]
+    fn scores_build_histories_and_select_a_face() {
+        let mut s = Store::new(SourceSpec::Demo);
+        s.apply(opened(1), 0.0, 30.0);
+        s.apply(scores_event(1, &[(2, 3), (1, 6)]), 0.0, 30.0);
+        assert_eq!(s.faces.len(), 2);
+        assert_eq!(s.selected, Some(1), "leftmost face is selected");
+        assert_eq!(s.faces[&2].shown.predicted, 3);
+        // Smoothing keeps part of the old scores.
+        s.apply(scores_event(1, &[(2, 0), (1, 6)]), 0.5, 30.0);
+        let h = &s.faces[&2];
+        assert_eq!(h.timeline.len(), 2);
+        assert_eq!(h.raw.predicted, 0);
+        assert!((h.shown.class_scores[0] - 2.0).abs() < 1e-5);
+        assert_eq!(h.probe_logit, Some(1.5));
+        // A late result from an old source is ignored.
+        s.apply(scores_event(7, &[(9, 1)]), 0.0, 30.0);
+        assert!(!s.faces.contains_key(&9));
+        assert_eq!(s.score_lag.len(), 2);
+    }
+
+    #[test]
+    fn latency_median() {
+        let mut l = LatencyStat::default();
+        for v in [5.0, 1.0, 3.0] {
+            l.push(v);
+        }
+        assert_eq!(l.median(), Some(3.0));
+        assert_eq!(l.percentile(1.0), Some(5.0));
+    }
+}

@@ -1,0 +1,185 @@
+//! `cliper run`: the live pipeline without a window. Every frame of a file is
+//! processed in order (no dropping) and reported as one line, JSON or text;
+//! a progress bar goes to stderr when the length is known.
+
+use std::io::Write;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::model::cliper::expressions::CLASSES;
+use crate::pipeline::analyzer::AnalyzerConfig;
+use crate::pipeline::output;
+use crate::pipeline::setup::ModelSpec;
+use crate::pipeline::worker::{FrameScores, Pipeline, PipelineConfig, PipelineEvent, RunMode};
+use crate::vision::source::SourceSpec;
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub source: SourceSpec,
+    pub model: ModelSpec,
+    pub analyzer: AnalyzerConfig,
+    /// Stop after this many frames. A still image gives one frame unless
+    /// told otherwise; cameras and the demo run until interrupted.
+    pub frames: Option<u64>,
+    /// One JSON object per line instead of text.
+    pub json: bool,
+    /// Include the top K descriptors per face.
+    pub top: Option<usize>,
+    /// A free-text description scored next to the classes.
+    pub probe: Option<String>,
+    /// Show a progress bar on stderr (when the length is known).
+    pub progress: bool,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunSummary {
+    pub frames: u64,
+    pub faces: u64,
+    /// Frames skipped because they could not be read.
+    pub skipped: u64,
+    pub secs: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Source(String),
+    #[error("{0}")]
+    Model(String),
+    #[error("cannot write the results: {0}")]
+    Output(std::io::Error),
+}
+
+/// Runs the pipeline over `opts.source`, writing one line per frame to `out`.
+pub fn run(opts: &RunOptions, out: &mut dyn Write) -> Result<RunSummary, RunError> {
+    let frames = match (&opts.source, opts.frames) {
+        (SourceSpec::Still { .. }, None) => Some(1),
+        (_, f) => f,
+    };
+    if frames == Some(0) {
+        return Ok(RunSummary::default());
+    }
+    let mut config = PipelineConfig::new(opts.source.clone(), opts.model.clone(), RunMode::Batch);
+    config.analyzer = opts.analyzer.clone();
+    config.max_frames = frames;
+    config.probe = opts.probe.clone();
+    let pipeline = Pipeline::start(config, || {});
+    let start = Instant::now();
+    let mut summary = RunSummary::default();
+    let mut bar: Option<ProgressBar> = None;
+    let mut result = Ok(());
+    for event in pipeline.events.iter() {
+        match event {
+            PipelineEvent::SourceOpened(info) => {
+                let total = match (info.len, frames) {
+                    (Some(l), Some(f)) => Some(l.min(f)),
+                    (l, f) => l.or(f),
+                };
+                if let (true, Some(total)) = (opts.progress, total) {
+                    let pb = ProgressBar::new(total);
+                    pb.set_style(
+                        ProgressStyle::with_template(
+                            "{msg} [{bar:30}] {pos}/{len} frames, {per_sec}, eta {eta}",
+                        )
+                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                        .progress_chars("=> "),
+                    );
+                    pb.set_message(info.name.clone());
+                    bar = Some(pb);
+                }
+            }
+            PipelineEvent::SourceFailed { error, .. } => {
+                result = Err(RunError::Source(error));
+                break;
+            }
+            PipelineEvent::SourceWarning(w) => {
+                summary.skipped += 1;
+                match &bar {
+                    Some(pb) => pb.suspend(|| eprintln!("warning: {w}")),
+                    None => eprintln!("warning: {w}"),
+                }
+            }
+            PipelineEvent::ModelFailed(e) | PipelineEvent::BankFailed(e) => {
+                result = Err(RunError::Model(e));
+                break;
+            }
+            PipelineEvent::ProbeFailed { text, error } => {
+                result = Err(RunError::Model(format!("--probe \"{text}\": {error}")));
+                break;
+            }
+            PipelineEvent::Scores(s) => {
+                summary.frames += 1;
+                summary.faces += s.faces.len() as u64;
+                let line = if opts.json {
+                    json_line(&s, opts.top)
+                } else {
+                    text_line(&s)
+                };
+                let written = match &bar {
+                    Some(pb) => pb.suspend(|| writeln!(out, "{line}").and_then(|_| out.flush())),
+                    None => writeln!(out, "{line}").and_then(|_| out.flush()),
+                };
+                if let Err(e) = written {
+                    // A closed pipe (`| head`) ends the run quietly.
+                    if e.kind() != std::io::ErrorKind::BrokenPipe {
+                        result = Err(RunError::Output(e));
+                    }
+                    break;
+                }
+                if let Some(pb) = &bar {
+                    pb.inc(1);
+                }
+            }
+            PipelineEvent::Finished => break,
+            _ => {}
+        }
+    }
+    if let Some(pb) = bar {
+        pb.finish_and_clear();
+    }
+    drop(pipeline);
+    summary.secs = start.elapsed().as_secs_f64();
+    result.map(|_| summary)
+}
+
+fn json_line(s: &FrameScores, top: Option<usize>) -> String {
+    let faces = s
+        .faces
+        .iter()
+        .map(|f| {
+            let probe = match (&s.probe, f.probe_logit) {
+                (Some(text), Some(l)) => Some((text.as_str(), l)),
+                _ => None,
+            };
+            output::tracked_face_json(f.id, &f.face.bbox, &f.face.scores, &s.bank, top, probe)
+        })
+        .collect();
+    output::frame_json(s.index, s.t, faces).to_string()
+}
+
+fn text_line(s: &FrameScores) -> String {
+    let mut line = format!("frame {:>5}  {:>8.3}s ", s.index, s.t);
+    if s.faces.is_empty() {
+        line.push_str(" no face");
+    }
+    for f in &s.faces {
+        let sc = &f.face.scores;
+        let b = &f.face.bbox;
+        line.push_str(&format!(
+            "  face {} {} {:.0}% at {},{} {}x{}",
+            f.id,
+            CLASSES[sc.predicted],
+            sc.probs[sc.predicted] * 100.0,
+            b.x,
+            b.y,
+            b.w,
+            b.h
+        ));
+        if let (Some(p), Some(text)) = (f.probe_logit, &s.probe) {
+            line.push_str(&format!(" [\"{text}\" {p:.2}]"));
+        }
+    }
+    line
+}

@@ -1,0 +1,832 @@
+//! The live pipeline: background threads that turn frames into per-face
+//! results, for the app and for `cliper run`.
+//!
+//! ```text
+//!  capture ──[1]──> detect + track ──[1]──> encode + score ──> events
+//!  (source)         (FaceDetector,          (CLIP vision tower, one batch
+//!                    Tracker)                per frame; descriptor bank)
+//! ```
+//!
+//! Each arrow is a queue of capacity one. Live, the newest frame wins: a
+//! stage that is still busy when a new frame arrives finds only the newest
+//! one waiting, so latency never piles up and slow inference simply skips
+//! frames. In batch mode the queues block instead, and every frame of a file
+//! is processed.
+//!
+//! Results leave over a channel as [`PipelineEvent`]s; after each one the
+//! worker calls the `notify` callback it was given (the app passes
+//! `request_repaint`). Nothing here knows about the UI.
+//!
+//! Faults are events, never panics: a source that cannot be opened or a
+//! camera that vanishes is reported and the pipeline waits for another
+//! source; a model that fails to load is reported and frames still flow
+//! (boxes without scores).
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender, TrySendError};
+use image::RgbImage;
+
+use crate::model::cliper::scoring;
+use crate::model::cliper::{CliperCheckpoint, DescriptorBank};
+use crate::model::device;
+use crate::model::tokenizer::ClipTokenizer;
+use crate::model::ClipModel;
+use crate::pipeline::analyzer::{self, AnalyzerConfig, FaceAnalyzer, FaceResult};
+use crate::pipeline::setup::{self, BankSource, Loaded, ModelSpec};
+use crate::vision::faces::crop_face;
+use crate::vision::source::{Frame, FrameSource, SourceSpec};
+use crate::vision::tracking::{TrackedFace, Tracker, TrackerConfig};
+
+/// How the pipeline treats time and frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunMode {
+    /// For display: files and images play in real time, stale frames are
+    /// dropped, and a source that ends leaves the pipeline waiting for the
+    /// next one.
+    Live,
+    /// For batch processing: as fast as possible, every frame processed in
+    /// order, and the pipeline finishes when the source ends.
+    Batch,
+}
+
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    pub source: SourceSpec,
+    pub model: ModelSpec,
+    pub analyzer: AnalyzerConfig,
+    pub tracker: TrackerConfig,
+    pub mode: RunMode,
+    /// Stop after this many frames (`cliper run --frames N`).
+    pub max_frames: Option<u64>,
+    /// A free-text description scored next to the classes.
+    pub probe: Option<String>,
+}
+
+impl PipelineConfig {
+    pub fn new(source: SourceSpec, model: ModelSpec, mode: RunMode) -> Self {
+        Self {
+            source,
+            model,
+            analyzer: AnalyzerConfig::default(),
+            tracker: TrackerConfig::default(),
+            mode,
+            max_frames: None,
+            probe: None,
+        }
+    }
+}
+
+/// What the model loader found, for the status bar.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    /// "CPU", "CUDA", "Metal".
+    pub device: String,
+    /// The CLIP weights file in use.
+    pub weights: std::path::PathBuf,
+    /// Seconds it took to load the weights and build the bank.
+    pub load_secs: f32,
+}
+
+/// A frame after detection and tracking, ready to show.
+#[derive(Debug)]
+pub struct DetectedFrame {
+    /// Counter of frames that entered the pipeline (across sources).
+    pub seq: u64,
+    /// Source generation: bumps every time a source is (re)opened.
+    pub generation: u64,
+    /// Index and time of the frame in its source.
+    pub index: u64,
+    pub t: f64,
+    pub image: Arc<RgbImage>,
+    pub faces: Vec<TrackedFace>,
+    /// When the capture stage got the frame.
+    pub captured: Instant,
+    pub detect_ms: f32,
+    /// Capture rate of the source, frames per second.
+    pub capture_fps: f32,
+    /// Frames the capture stage dropped so far because detection was busy.
+    pub dropped: u64,
+}
+
+/// One face of a scored frame.
+#[derive(Clone, Debug)]
+pub struct TrackedResult {
+    /// Track id (stable across frames).
+    pub id: u64,
+    pub face: FaceResult,
+    /// Logit of the probe text, on the descriptor logits' scale.
+    pub probe_logit: Option<f32>,
+}
+
+/// Time spent in each stage for one frame, in milliseconds, plus rates.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StageTimings {
+    pub detect_ms: f32,
+    /// Crop, preprocess and vision-tower forward of all faces (one batch).
+    pub encode_ms: f32,
+    /// Logits against the bank and the probe.
+    pub score_ms: f32,
+    pub capture_fps: f32,
+    /// Frames scored per second.
+    pub inference_fps: f32,
+}
+
+/// The scores of one frame.
+#[derive(Clone, Debug)]
+pub struct FrameScores {
+    pub seq: u64,
+    pub generation: u64,
+    pub index: u64,
+    pub t: f64,
+    pub captured: Instant,
+    /// Faces in the order they were detected (left to right).
+    pub faces: Vec<TrackedResult>,
+    pub timings: StageTimings,
+    /// The probe text the `probe_logit`s refer to.
+    pub probe: Option<String>,
+    /// The bank the scores refer to.
+    pub bank: Arc<DescriptorBank>,
+}
+
+/// Facts about an opened source.
+#[derive(Clone, Debug)]
+pub struct SourceInfo {
+    pub spec: SourceSpec,
+    pub generation: u64,
+    pub name: String,
+    pub len: Option<u64>,
+    pub fps: f64,
+    pub live: bool,
+}
+
+/// What the pipeline reports.
+#[derive(Debug)]
+pub enum PipelineEvent {
+    SourceOpened(SourceInfo),
+    /// The source could not be opened, or failed for good (a camera
+    /// unplugged, a damaged file); the pipeline waits for another source.
+    SourceFailed {
+        spec: SourceSpec,
+        error: String,
+    },
+    /// A frame was skipped (an unreadable image in a folder).
+    SourceWarning(String),
+    /// A finite source played to its end.
+    SourceEnded {
+        generation: u64,
+        frames: u64,
+    },
+    /// A frame with its face boxes (live mode only).
+    Frame(Arc<DetectedFrame>),
+    ModelLoading,
+    ModelReady(ModelInfo),
+    ModelFailed(String),
+    BankReady(Arc<DescriptorBank>),
+    BankFailed(String),
+    /// The probe text was encoded (`None`: probe cleared).
+    ProbeReady(Option<String>),
+    ProbeFailed {
+        text: String,
+        error: String,
+    },
+    Scores(FrameScores),
+    /// Batch mode: every frame was processed, or the pipeline stopped.
+    Finished,
+}
+
+/// Commands to a running pipeline.
+#[derive(Clone, Debug)]
+pub enum PipelineCommand {
+    /// Close the current source and open another (or reopen it: replay).
+    SetSource(SourceSpec),
+    SetBank(BankSource),
+    SetProbe(Option<String>),
+}
+
+type Notify = Arc<Mutex<Box<dyn FnMut() + Send>>>;
+
+/// Sends events and pokes the consumer.
+#[derive(Clone)]
+struct Events {
+    tx: Sender<PipelineEvent>,
+    notify: Notify,
+}
+
+impl Events {
+    /// Returns false when nobody listens any more.
+    fn send(&self, e: PipelineEvent) -> bool {
+        let ok = self.tx.send(e).is_ok();
+        if let Ok(mut f) = self.notify.lock() {
+            f();
+        }
+        ok
+    }
+}
+
+/// A capacity-one queue in front of a stage.
+struct StageQueue<T> {
+    tx: Sender<T>,
+    /// A receiver kept by the sender to throw away a stale item.
+    drain: Receiver<T>,
+    newest_wins: bool,
+}
+
+impl<T> StageQueue<T> {
+    fn new(newest_wins: bool) -> (Self, Receiver<T>) {
+        let (tx, rx) = bounded(1);
+        (
+            Self {
+                tx,
+                drain: rx.clone(),
+                newest_wins,
+            },
+            rx,
+        )
+    }
+
+    /// Queues `item`; returns (still open, frames dropped).
+    fn push(&self, mut item: T) -> (bool, u64) {
+        if !self.newest_wins {
+            return (self.tx.send(item).is_ok(), 0);
+        }
+        let mut dropped = 0;
+        loop {
+            match self.tx.try_send(item) {
+                Ok(()) => return (true, dropped),
+                Err(TrySendError::Full(back)) => {
+                    if self.drain.try_recv().is_ok() {
+                        dropped += 1;
+                    }
+                    item = back;
+                }
+                Err(TrySendError::Disconnected(_)) => return (false, dropped),
+            }
+        }
+    }
+}
+
+/// A captured frame on its way to detection.
+struct Captured {
+    frame: Frame,
+    seq: u64,
+    generation: u64,
+    captured: Instant,
+    capture_fps: f32,
+    dropped: u64,
+}
+
+/// A running pipeline. Dropping it stops the threads (without waiting).
+pub struct Pipeline {
+    pub events: Receiver<PipelineEvent>,
+    capture_cmd: Sender<PipelineCommand>,
+    infer_cmd: Sender<PipelineCommand>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Pipeline {
+    /// Starts the threads. `notify` is called after every event (from the
+    /// worker threads): pass `move || ctx.request_repaint()` from an app, or
+    /// `|| {}`.
+    pub fn start(config: PipelineConfig, notify: impl FnMut() + Send + 'static) -> Self {
+        let (ev_tx, events) = unbounded();
+        let events_out = Events {
+            tx: ev_tx,
+            notify: Arc::new(Mutex::new(Box::new(notify))),
+        };
+        let newest_wins = config.mode == RunMode::Live;
+        let (to_detect, detect_rx) = StageQueue::<Captured>::new(newest_wins);
+        let (to_infer, infer_rx) = StageQueue::<Arc<DetectedFrame>>::new(newest_wins);
+        let (capture_cmd, capture_cmd_rx) = unbounded();
+        let (infer_cmd, infer_cmd_rx) = unbounded();
+        let mut threads = Vec::new();
+
+        let ev = events_out.clone();
+        let cfg = config.clone();
+        threads.push(spawn("cliper-capture", move || {
+            capture_stage(cfg, to_detect, capture_cmd_rx, ev)
+        }));
+        let ev = events_out.clone();
+        let cfg = config.clone();
+        threads.push(spawn("cliper-detect", move || {
+            detect_stage(cfg, detect_rx, to_infer, ev)
+        }));
+        let ev = events_out;
+        threads.push(spawn("cliper-infer", move || {
+            infer_stage(config, infer_rx, infer_cmd_rx, ev)
+        }));
+        Self {
+            events,
+            capture_cmd,
+            infer_cmd,
+            threads,
+        }
+    }
+
+    /// Sends a command to the stage that owns it.
+    pub fn command(&self, cmd: PipelineCommand) {
+        let _ = match cmd {
+            PipelineCommand::SetSource(_) => self.capture_cmd.send(cmd),
+            _ => self.infer_cmd.send(cmd),
+        };
+    }
+
+    /// Stops the threads and waits for them (batch use; the app just drops
+    /// the pipeline, since a camera read may block for a frame time).
+    pub fn join(mut self) {
+        self.shut();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    fn shut(&mut self) {
+        // Closing the command channels tells capture and inference to stop;
+        // detection stops when capture closes its queue.
+        let (dead, _) = unbounded();
+        self.capture_cmd = dead.clone();
+        self.infer_cmd = dead;
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.shut();
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(f)
+        .unwrap_or_else(|e| panic!("cannot start thread {name}: {e}"))
+}
+
+/// Rate of events from the spacing of the last few, in events per second.
+#[derive(Default)]
+struct RateMeter {
+    last: Option<Instant>,
+    period: Option<f32>,
+}
+
+impl RateMeter {
+    fn tick(&mut self) -> f32 {
+        let now = Instant::now();
+        if let Some(last) = self.last {
+            let dt = now.duration_since(last).as_secs_f32();
+            self.period = Some(match self.period {
+                Some(p) => 0.8 * p + 0.2 * dt,
+                None => dt,
+            });
+        }
+        self.last = Some(now);
+        match self.period {
+            Some(p) if p > 0.0 => 1.0 / p,
+            _ => 0.0,
+        }
+    }
+}
+
+fn capture_stage(
+    config: PipelineConfig,
+    out: StageQueue<Captured>,
+    commands: Receiver<PipelineCommand>,
+    events: Events,
+) {
+    let mut spec = Some(config.source.clone());
+    let mut current = config.source.clone();
+    let mut source: Option<Box<dyn FrameSource>> = None;
+    let mut generation = 0u64;
+    let mut seq = 0u64;
+    let mut dropped = 0u64;
+    let mut meter = RateMeter::default();
+    // Real-time pacing of file sources: wall time of the first frame and its `t`.
+    let mut clock: Option<(Instant, f64)> = None;
+    let mut frames_this_source = 0u64;
+    loop {
+        if let Some(s) = spec.take() {
+            source = None;
+            generation += 1;
+            clock = None;
+            frames_this_source = 0;
+            current = s.clone();
+            match s.open() {
+                Ok(src) => {
+                    let info = SourceInfo {
+                        spec: s.clone(),
+                        generation,
+                        name: src.name(),
+                        len: src.len(),
+                        fps: src.fps(),
+                        live: src.is_live(),
+                    };
+                    source = Some(src);
+                    if !events.send(PipelineEvent::SourceOpened(info)) {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let failed = PipelineEvent::SourceFailed {
+                        spec: s,
+                        error: e.to_string(),
+                    };
+                    if !events.send(failed) || config.mode == RunMode::Batch {
+                        return;
+                    }
+                }
+            }
+        }
+        let Some(src) = source.as_mut() else {
+            // Nothing to read: wait for a new source, or the end.
+            match commands.recv() {
+                Ok(PipelineCommand::SetSource(s)) => spec = Some(s),
+                Ok(_) => {}
+                Err(_) => return,
+            }
+            continue;
+        };
+        // Commands arrive between frames.
+        loop {
+            match commands.try_recv() {
+                Ok(PipelineCommand::SetSource(s)) => spec = Some(s),
+                Ok(_) => {}
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => return,
+            }
+        }
+        if spec.is_some() {
+            continue;
+        }
+        if config.max_frames.is_some_and(|m| seq >= m) {
+            // Batch: done. Live: hold the last picture until told otherwise.
+            if config.mode == RunMode::Batch {
+                return;
+            }
+            source = None;
+            continue;
+        }
+        let frame = match src.next_frame() {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                source = None;
+                let ended = PipelineEvent::SourceEnded {
+                    generation,
+                    frames: frames_this_source,
+                };
+                if !events.send(ended) || config.mode == RunMode::Batch {
+                    return;
+                }
+                continue;
+            }
+            Err(e) if e.is_recoverable() => {
+                if !events.send(PipelineEvent::SourceWarning(format!(
+                    "skipped a frame: {e}"
+                ))) {
+                    return;
+                }
+                continue;
+            }
+            Err(e) => {
+                source = None;
+                let failed = PipelineEvent::SourceFailed {
+                    spec: current.clone(),
+                    error: e.to_string(),
+                };
+                if !events.send(failed) || config.mode == RunMode::Batch {
+                    return;
+                }
+                continue;
+            }
+        };
+        if config.mode == RunMode::Live && !src.is_live() {
+            // Play files at their own pace; a command cuts the wait short.
+            let (start, t0) = *clock.get_or_insert((Instant::now(), frame.t));
+            let due = start + Duration::from_secs_f64((frame.t - t0).max(0.0));
+            let now = Instant::now();
+            if due > now {
+                match commands.recv_timeout(due - now) {
+                    Ok(PipelineCommand::SetSource(s)) => {
+                        spec = Some(s);
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+                }
+            } else if now.duration_since(due) > Duration::from_millis(500) {
+                // Fell behind (a slow decode, a suspended laptop): re-anchor
+                // instead of racing to catch up.
+                clock = Some((now, frame.t));
+            }
+        }
+        let capture_fps = meter.tick();
+        frames_this_source += 1;
+        let item = Captured {
+            frame,
+            seq,
+            generation,
+            captured: Instant::now(),
+            capture_fps,
+            dropped,
+        };
+        seq += 1;
+        let (open, d) = out.push(item);
+        dropped += d;
+        if !open {
+            return;
+        }
+    }
+}
+
+fn detect_stage(
+    config: PipelineConfig,
+    input: Receiver<Captured>,
+    out: StageQueue<Arc<DetectedFrame>>,
+    events: Events,
+) {
+    // The detector is not Send: build it here.
+    let mut analyzer = match FaceAnalyzer::new(config.analyzer.clone()) {
+        Ok(a) => a,
+        Err(e) => {
+            events.send(PipelineEvent::SourceFailed {
+                spec: config.source.clone(),
+                error: e.to_string(),
+            });
+            return;
+        }
+    };
+    let mut tracker = Tracker::new(config.tracker);
+    let mut generation = 0;
+    for c in input.iter() {
+        if c.generation != generation {
+            tracker.reset();
+            generation = c.generation;
+        }
+        let start = Instant::now();
+        let boxes = analyzer.find_faces(&c.frame.image);
+        let faces = tracker.update(&boxes);
+        let detected = Arc::new(DetectedFrame {
+            seq: c.seq,
+            generation: c.generation,
+            index: c.frame.index,
+            t: c.frame.t,
+            image: c.frame.image,
+            faces,
+            captured: c.captured,
+            detect_ms: start.elapsed().as_secs_f32() * 1000.0,
+            capture_fps: c.capture_fps,
+            dropped: c.dropped,
+        });
+        if config.mode == RunMode::Live && !events.send(PipelineEvent::Frame(detected.clone())) {
+            return;
+        }
+        if !out.push(detected).0 {
+            return;
+        }
+    }
+}
+
+/// The model side of the pipeline, owned by the inference thread.
+struct Scorer {
+    clip: ClipModel,
+    tokenizer: ClipTokenizer,
+    /// The CLIPER checkpoint given with `--descriptors` (its vision tower is
+    /// already applied; kept for the temporal weights of the dynamic branch).
+    #[allow(dead_code)]
+    cliper: Option<CliperCheckpoint>,
+    bank: Arc<DescriptorBank>,
+    /// (text, normalised feature [E]).
+    probe: Option<(String, Tensor)>,
+}
+
+impl Scorer {
+    fn new(loaded: Loaded) -> Self {
+        let Loaded {
+            clip,
+            bank,
+            tokenizer,
+            cliper,
+        } = loaded;
+        Self {
+            clip,
+            tokenizer,
+            cliper,
+            bank: Arc::new(bank),
+            probe: None,
+        }
+    }
+
+    fn set_bank(&mut self, source: &BankSource) -> Result<Arc<DescriptorBank>, String> {
+        // A learned bank from another checkpoint uses the text tower as
+        // loaded; its fine-tuned vision tower (if any) needs a restart with
+        // --descriptors, which the app does when weights change.
+        let bank = setup::load_bank(&self.clip, &self.tokenizer, source, None)
+            .map_err(|e| e.to_string())?;
+        self.bank = Arc::new(bank);
+        Ok(self.bank.clone())
+    }
+
+    fn set_probe(&mut self, text: Option<String>) -> Result<Option<String>, String> {
+        let Some(text) = text.map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) else {
+            self.probe = None;
+            return Ok(None);
+        };
+        let feat = self
+            .clip
+            .encode_texts(&self.tokenizer, &[text.as_str()])
+            .and_then(|f| f.squeeze(0))
+            .map_err(|e| format!("cannot encode the text: {e}"))?;
+        self.probe = Some((text.clone(), feat));
+        Ok(Some(text))
+    }
+
+    /// Scores all faces of a frame in one batch.
+    ///
+    /// The dynamic branch (its own issue) plugs in here: it keeps a window of
+    /// the last 16 `embedding`s per track id and scores the temporal module's
+    /// output against the same bank; the static results stay as they are.
+    fn score(
+        &self,
+        frame: &DetectedFrame,
+        analyzer: &AnalyzerConfig,
+        timings: &mut StageTimings,
+    ) -> candle_core::Result<Vec<TrackedResult>> {
+        if frame.faces.is_empty() {
+            return Ok(Vec::new());
+        }
+        let start = Instant::now();
+        let crops: Vec<RgbImage> = if analyzer.detect {
+            frame
+                .faces
+                .iter()
+                .map(|f| crop_face(&frame.image, &f.bbox, analyzer.margin))
+                .collect()
+        } else {
+            vec![(*frame.image).clone()]
+        };
+        let emb = analyzer::encode_crops(&self.clip, &crops)?; // [N, E]
+        timings.encode_ms = start.elapsed().as_secs_f32() * 1000.0;
+        let start = Instant::now();
+        let scores = scoring::score(&emb, &self.bank)?;
+        let probe = match &self.probe {
+            Some((_, feat)) => Some(scoring::probe_logits(&emb, feat)?),
+            None => None,
+        };
+        let rows = emb.to_vec2::<f32>()?;
+        timings.score_ms = start.elapsed().as_secs_f32() * 1000.0;
+        Ok(frame
+            .faces
+            .iter()
+            .zip(scores)
+            .zip(rows)
+            .enumerate()
+            .map(|(i, ((f, scores), embedding))| TrackedResult {
+                id: f.id,
+                face: FaceResult {
+                    bbox: f.bbox,
+                    scores,
+                    embedding,
+                },
+                probe_logit: probe.as_ref().and_then(|p| p.get(i).copied()),
+            })
+            .collect())
+    }
+}
+
+fn infer_stage(
+    config: PipelineConfig,
+    input: Receiver<Arc<DetectedFrame>>,
+    commands: Receiver<PipelineCommand>,
+    events: Events,
+) {
+    let batch = config.mode == RunMode::Batch;
+    if !events.send(PipelineEvent::ModelLoading) {
+        return;
+    }
+    let start = Instant::now();
+    let mut scorer = match setup::load(&config.model) {
+        Ok(loaded) => {
+            let scorer = Scorer::new(loaded);
+            let info = ModelInfo {
+                device: device::describe(&scorer.clip.device).to_string(),
+                weights: scorer.clip.source.clone(),
+                load_secs: start.elapsed().as_secs_f32(),
+            };
+            events.send(PipelineEvent::ModelReady(info));
+            events.send(PipelineEvent::BankReady(scorer.bank.clone()));
+            Some(scorer)
+        }
+        Err(e) => {
+            events.send(PipelineEvent::ModelFailed(e.to_string()));
+            if batch {
+                events.send(PipelineEvent::Finished);
+                return;
+            }
+            None
+        }
+    };
+    if let (Some(s), Some(text)) = (scorer.as_mut(), config.probe.clone()) {
+        let ev = match s.set_probe(Some(text.clone())) {
+            Ok(t) => PipelineEvent::ProbeReady(t),
+            Err(error) => PipelineEvent::ProbeFailed { text, error },
+        };
+        events.send(ev);
+    }
+    let mut meter = RateMeter::default();
+    let mut inference_fps = 0.0;
+    let mut commands_open = true;
+    loop {
+        let frame = if commands_open {
+            select! {
+                recv(commands) -> cmd => {
+                    match cmd {
+                        Ok(cmd) => handle_command(&mut scorer, cmd, &events),
+                        // The owner is gone: finish the frames in flight
+                        // (batch) or stop (live).
+                        Err(_) if batch => commands_open = false,
+                        Err(_) => return,
+                    }
+                    continue;
+                }
+                recv(input) -> f => f,
+            }
+        } else {
+            input.recv()
+        };
+        let Ok(frame) = frame else {
+            // Capture and detection are done.
+            events.send(PipelineEvent::Finished);
+            return;
+        };
+        let Some(s) = scorer.as_ref() else {
+            continue;
+        };
+        let mut timings = StageTimings {
+            detect_ms: frame.detect_ms,
+            capture_fps: frame.capture_fps,
+            inference_fps,
+            ..Default::default()
+        };
+        let faces = match s.score(&frame, &config.analyzer, &mut timings) {
+            Ok(f) => f,
+            Err(e) => {
+                events.send(PipelineEvent::ModelFailed(format!(
+                    "inference failed on frame {}: {e}",
+                    frame.index
+                )));
+                if batch {
+                    events.send(PipelineEvent::Finished);
+                    return;
+                }
+                continue;
+            }
+        };
+        inference_fps = meter.tick();
+        timings.inference_fps = inference_fps;
+        let scores = FrameScores {
+            seq: frame.seq,
+            generation: frame.generation,
+            index: frame.index,
+            t: frame.t,
+            captured: frame.captured,
+            faces,
+            timings,
+            probe: s.probe.as_ref().map(|(t, _)| t.clone()),
+            bank: s.bank.clone(),
+        };
+        if !events.send(PipelineEvent::Scores(scores)) {
+            return;
+        }
+    }
+}
+
+fn handle_command(scorer: &mut Option<Scorer>, cmd: PipelineCommand, events: &Events) {
+    let Some(s) = scorer.as_mut() else {
+        let what = match cmd {
+            PipelineCommand::SetBank(_) => "descriptors",
+            _ => "probe text",
+        };
+        events.send(PipelineEvent::ModelFailed(format!(
+            "cannot change the {what}: no model is loaded"
+        )));
+        return;
+    };
+    let ev = match cmd {
+        PipelineCommand::SetBank(source) => match s.set_bank(&source) {
+            Ok(bank) => PipelineEvent::BankReady(bank),
+            Err(e) => PipelineEvent::BankFailed(e),
+        },
+        PipelineCommand::SetProbe(text) => match s.set_probe(text.clone()) {
+            Ok(t) => PipelineEvent::ProbeReady(t),
+            Err(error) => PipelineEvent::ProbeFailed {
+                text: text.unwrap_or_default(),
+                error,
+            },
+        },
+        PipelineCommand::SetSource(_) => return,
+    };
+    events.send(ev);
+}

@@ -1,0 +1,419 @@
+//! Training and test sets on disk.
+//!
+//! Layouts:
+//! - `rafdb`: RAF-DB's `list_patition_label.txt` (`train_00001.jpg 5`, labels
+//!   1-7 in CLIPER's class order) with aligned images `NAME_aligned.jpg`;
+//! - `folder`: `root/{train,test}/<class name>/*.jpg`;
+//! - `clips`: `root/{train,test}/<class name>/<clip>/*.jpg` (video frames);
+//! - `csv`: a manifest `path,label,split` (paths relative to the manifest;
+//!   label a class name or 1-7; split `train` or `test`); a path may be an
+//!   image or a folder of frames.
+
+use std::path::{Path, PathBuf};
+
+use crate::model::cliper::expressions::{class_index, CLASSES, NUM_CLASSES};
+
+pub const IMAGE_EXTENSIONS: [&str; 7] = ["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("data folder {0} not found")]
+    NotFound(PathBuf),
+    #[error("{root}: no RAF-DB label file list_patition_label.txt (looked in {looked})")]
+    NoLabelFile { root: PathBuf, looked: String },
+    #[error("{file}:{line}: {reason}")]
+    BadLine {
+        file: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error("{path}: unknown class `{name}` (classes: {classes})")]
+    UnknownClass {
+        path: PathBuf,
+        name: String,
+        classes: String,
+    },
+    #[error("{0}: class folder holds no images")]
+    EmptyClass(PathBuf),
+    #[error("{root}: the {split} split has no samples; expected the {layout} layout ({hint})")]
+    Empty {
+        root: PathBuf,
+        split: &'static str,
+        layout: &'static str,
+        hint: &'static str,
+    },
+    #[error("{path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Layout {
+    Rafdb,
+    Folder,
+    Clips,
+    Csv,
+}
+
+impl Layout {
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Rafdb => "rafdb",
+            Layout::Folder => "folder",
+            Layout::Clips => "clips",
+            Layout::Csv => "csv",
+        }
+    }
+    fn hint(self) -> &'static str {
+        match self {
+            Layout::Rafdb => "EmoLabel/list_patition_label.txt and Image/aligned/*_aligned.jpg",
+            Layout::Folder => "train/<class>/*.jpg and test/<class>/*.jpg",
+            Layout::Clips => "train/<class>/<clip>/*.jpg and test/<class>/<clip>/*.jpg",
+            Layout::Csv => "a CSV manifest path,label,split",
+        }
+    }
+}
+
+/// One labelled sample: an image, or a folder of video frames.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    pub path: PathBuf,
+    pub label: usize,
+}
+
+#[derive(Debug)]
+pub struct Dataset {
+    pub root: PathBuf,
+    pub layout: Layout,
+    pub train: Vec<Sample>,
+    pub test: Vec<Sample>,
+    /// Whether samples are clips (folders of frames).
+    pub clips: bool,
+}
+
+impl Dataset {
+    /// Samples per class of a split.
+    pub fn counts(samples: &[Sample]) -> [usize; NUM_CLASSES] {
+        let mut c = [0; NUM_CLASSES];
+        for s in samples {
+            c[s.label] += 1;
+        }
+        c
+    }
+}
+
+pub fn is_image(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| DatasetError::Io {
+            path: dir.to_path_buf(),
+            reason: e.to_string(),
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// The frames of a clip folder, sorted by name.
+pub fn clip_frames(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
+    Ok(sorted_entries(dir)?
+        .into_iter()
+        .filter(|p| p.is_file() && is_image(p))
+        .collect())
+}
+
+/// Indices of `n` frames out of `len`, one per equal segment: the middle of
+/// each segment, or a random position in it when `rng` is given (training).
+/// Fewer frames than `n` repeat frames, as the reference sampling does.
+pub fn segment_indices(
+    len: usize,
+    n: usize,
+    rng: Option<&mut crate::model::rng::SplitMix64>,
+) -> Vec<usize> {
+    if len == 0 {
+        return Vec::new();
+    }
+    let seg = len as f64 / n as f64;
+    let mut rng = rng;
+    (0..n)
+        .map(|i| {
+            let start = (i as f64 * seg).floor() as usize;
+            let end = (((i + 1) as f64 * seg).floor() as usize).max(start + 1);
+            let pos = match rng.as_deref_mut() {
+                Some(r) => start + r.below(end - start),
+                None => (start + end - 1) / 2,
+            };
+            pos.min(len - 1)
+        })
+        .collect()
+}
+
+fn class_dirs(split_dir: &Path) -> Result<Vec<(usize, PathBuf)>, DatasetError> {
+    let mut out = Vec::new();
+    for p in sorted_entries(split_dir)? {
+        if !p.is_dir() {
+            continue;
+        }
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with('.') {
+            continue;
+        }
+        let c = class_index(name).ok_or_else(|| DatasetError::UnknownClass {
+            path: p.clone(),
+            name: name.to_string(),
+            classes: CLASSES.join(", "),
+        })?;
+        out.push((c, p));
+    }
+    Ok(out)
+}
+
+fn load_folder(root: &Path, split: &str, clips: bool) -> Result<Vec<Sample>, DatasetError> {
+    let dir = root.join(split);
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for (c, cdir) in class_dirs(&dir)? {
+        let before = out.len();
+        for p in sorted_entries(&cdir)? {
+            if clips {
+                if p.is_dir() && !clip_frames(&p)?.is_empty() {
+                    out.push(Sample { path: p, label: c });
+                }
+            } else if p.is_file() && is_image(&p) {
+                out.push(Sample { path: p, label: c });
+            }
+        }
+        if out.len() == before {
+            return Err(DatasetError::EmptyClass(cdir));
+        }
+    }
+    Ok(out)
+}
+
+fn find_rafdb_labels(root: &Path) -> Result<PathBuf, DatasetError> {
+    let candidates = [
+        root.join("list_patition_label.txt"),
+        root.join("EmoLabel/list_patition_label.txt"),
+        root.join("basic/EmoLabel/list_patition_label.txt"),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| DatasetError::NoLabelFile {
+            root: root.to_path_buf(),
+            looked: candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+fn find_rafdb_image(root: &Path, label_file: &Path, name: &str) -> Option<PathBuf> {
+    let stem = Path::new(name).file_stem()?.to_str()?;
+    let aligned = format!("{stem}_aligned.jpg");
+    let base = label_file.parent()?.parent().unwrap_or(root);
+    let dirs = [
+        root.join("Image/aligned"),
+        root.join("aligned"),
+        root.join("basic/Image/aligned"),
+        base.join("Image/aligned"),
+        root.to_path_buf(),
+    ];
+    for d in &dirs {
+        for n in [aligned.as_str(), name] {
+            let p = d.join(n);
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+fn load_rafdb(root: &Path) -> Result<(Vec<Sample>, Vec<Sample>), DatasetError> {
+    let file = find_rafdb_labels(root)?;
+    let text = std::fs::read_to_string(&file).map_err(|e| DatasetError::Io {
+        path: file.clone(),
+        reason: e.to_string(),
+    })?;
+    let (mut train, mut test) = (Vec::new(), Vec::new());
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let bad = |reason: String| DatasetError::BadLine {
+            file: file.clone(),
+            line: i + 1,
+            reason,
+        };
+        let mut parts = line.split_whitespace();
+        let (Some(name), Some(label)) = (parts.next(), parts.next()) else {
+            return Err(bad(format!("expected `NAME LABEL`, found `{line}`")));
+        };
+        let label: usize = label
+            .parse()
+            .map_err(|_| bad(format!("label `{label}` is not a number 1-7")))?;
+        if !(1..=NUM_CLASSES).contains(&label) {
+            return Err(bad(format!("label {label} is out of range 1-7")));
+        }
+        let path = find_rafdb_image(root, &file, name).ok_or_else(|| {
+            bad(format!(
+                "image for `{name}` not found (expected {}_aligned.jpg under Image/aligned/)",
+                name.trim_end_matches(".jpg")
+            ))
+        })?;
+        let sample = Sample {
+            path,
+            label: label - 1,
+        };
+        if name.starts_with("train") {
+            train.push(sample);
+        } else if name.starts_with("test") {
+            test.push(sample);
+        } else {
+            return Err(bad(format!(
+                "`{name}` starts with neither train_ nor test_"
+            )));
+        }
+    }
+    Ok((train, test))
+}
+
+fn parse_label(s: &str) -> Option<usize> {
+    if let Ok(n) = s.trim().parse::<usize>() {
+        return (1..=NUM_CLASSES).contains(&n).then(|| n - 1);
+    }
+    class_index(s)
+}
+
+fn load_csv(manifest: &Path) -> Result<(Vec<Sample>, Vec<Sample>), DatasetError> {
+    let text = std::fs::read_to_string(manifest).map_err(|e| DatasetError::Io {
+        path: manifest.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let base = manifest.parent().unwrap_or(Path::new("."));
+    let (mut train, mut test) = (Vec::new(), Vec::new());
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let cols: Vec<&str> = line.split(',').map(str::trim).collect();
+        if i == 0 && cols.first().is_some_and(|c| c.eq_ignore_ascii_case("path")) {
+            continue;
+        }
+        let bad = |reason: String| DatasetError::BadLine {
+            file: manifest.to_path_buf(),
+            line: i + 1,
+            reason,
+        };
+        if cols.len() != 3 {
+            return Err(bad(format!("expected `path,label,split`, found `{line}`")));
+        }
+        let label = parse_label(cols[1]).ok_or_else(|| {
+            bad(format!(
+                "label `{}` is neither 1-7 nor a class name ({})",
+                cols[1],
+                CLASSES.join(", ")
+            ))
+        })?;
+        let path = base.join(cols[0]);
+        if !path.exists() {
+            return Err(bad(format!("{} not found", path.display())));
+        }
+        let s = Sample { path, label };
+        match cols[2].to_ascii_lowercase().as_str() {
+            "train" => train.push(s),
+            "test" | "val" | "valid" => test.push(s),
+            other => return Err(bad(format!("split `{other}` is neither train nor test"))),
+        }
+    }
+    Ok((train, test))
+}
+
+/// Loads a data set; both splits must be non-empty.
+pub fn load(root: &Path, layout: Layout) -> Result<Dataset, DatasetError> {
+    if !root.exists() {
+        return Err(DatasetError::NotFound(root.to_path_buf()));
+    }
+    let (train, test) = match layout {
+        Layout::Rafdb => load_rafdb(root)?,
+        Layout::Folder => (
+            load_folder(root, "train", false)?,
+            load_folder(root, "test", false)?,
+        ),
+        Layout::Clips => (
+            load_folder(root, "train", true)?,
+            load_folder(root, "test", true)?,
+        ),
+        Layout::Csv => {
+            let manifest = if root.is_dir() {
+                root.join("manifest.csv")
+            } else {
+                root.to_path_buf()
+            };
+            load_csv(&manifest)?
+        }
+    };
+    for (split, v) in [("train", &train), ("test", &test)] {
+        if v.is_empty() {
+            return Err(DatasetError::Empty {
+                root: root.to_path_buf(),
+                split,
+                layout: layout.name(),
+                hint: layout.hint(),
+            });
+        }
+    }
+    let clips = match layout {
+        Layout::Clips => true,
+        Layout::Csv => train.iter().chain(&test).any(|s| s.path.is_dir()),
+        _ => false,
+    };
+    Ok(Dataset {
+        root: root.to_path_buf(),
+        layout,
+        train,
+        test,
+        clips,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_cover_the_clip() {
+        assert_eq!(
+            segment_indices(32, 16, None),
+            (0..16).map(|i| 2 * i).collect::<Vec<_>>()
+        );
+        let short = segment_indices(5, 16, None);
+        assert_eq!(short.len(), 16);
+        assert!(short.iter().all(|&i| i < 5));
+        let mut r = crate::model::rng::SplitMix64::new(3);
+        let rnd = segment_indices(160, 16, Some(&mut r));
+        for (i, &p) in rnd.iter().enumerate() {
+            assert!(p >= i * 10 && p < (i + 1) * 10);
+        }
+    }
+
+    #[test]
+    fn labels() {
+        assert_eq!(parse_label("1"), Some(0));
+        assert_eq!(parse_label("7"), Some(6));
+        assert_eq!(parse_label("8"), None);
+        assert_eq!(parse_label("happy"), Some(3));
+    }
+}

@@ -1,0 +1,638 @@
+//! `cliper train` and `cliper eval`: the two-stage recipe with progress
+//! bars, per-epoch metrics, the best checkpoint kept, and resumable state.
+//!
+//! Stage 1 (descriptors only) runs on cached image features, so it is cheap
+//! on a CPU. Stage 2 fine-tunes the vision tower with augmentation; it runs
+//! wherever the tower fits (a GPU for ViT-B/16 on real data, a CPU for tiny
+//! models).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::augment::{augment, AugmentConfig};
+use super::dataset::{self, Dataset, Layout};
+use super::features::{encode_split, EncodedSplit};
+use super::loss::cliper_loss;
+use super::metrics::Metrics;
+use super::optim::{cosine_warm_restarts, AdamW, AdamWConfig};
+use super::TrainError;
+use crate::model::cliper::bank::{learned_text_features, nearest_token_ids, WORDS_PER_TOKEN};
+use crate::model::cliper::checkpoint::CliperCheckpoint;
+use crate::model::cliper::expressions::{CLASSES, NUM_DESCRIPTORS, SLOTS};
+use crate::model::cliper::scoring::{logits as score_logits, ExpressionScores};
+use crate::model::layers::l2_normalize;
+use crate::model::rng::SplitMix64;
+use crate::model::tokenizer::ClipTokenizer;
+use crate::model::vision::VisionTower;
+use crate::model::weights::{self, Checkpoint};
+use crate::model::{device, ClipModel};
+use crate::vision::images::load_rgb;
+
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub weights: Option<PathBuf>,
+    pub data: PathBuf,
+    pub layout: Layout,
+    pub stage1_epochs: usize,
+    pub epochs: usize,
+    pub stage1_only: bool,
+    pub batch_size: usize,
+    pub out: PathBuf,
+    pub resume: bool,
+    pub seed: u64,
+    pub cache_dir: Option<PathBuf>,
+    pub skip_unreadable: bool,
+    pub device: String,
+}
+
+impl TrainOptions {
+    pub fn new(data: PathBuf, layout: Layout, out: PathBuf) -> Self {
+        Self {
+            weights: None,
+            data,
+            layout,
+            stage1_epochs: 2,
+            epochs: 59,
+            stage1_only: false,
+            batch_size: 128,
+            out,
+            resume: false,
+            seed: 0,
+            cache_dir: None,
+            skip_unreadable: false,
+            device: "auto".into(),
+        }
+    }
+}
+
+/// What a finished run reports.
+#[derive(Debug)]
+pub struct TrainSummary {
+    pub best_war: f64,
+    pub best_uar: f64,
+    pub best_epoch: usize,
+    pub epochs_run: usize,
+}
+
+/// Path of the resumable state next to the checkpoint.
+pub fn state_path(out: &Path) -> PathBuf {
+    let name = out.file_stem().and_then(|s| s.to_str()).unwrap_or("cliper");
+    out.with_file_name(format!("{name}.state.safetensors"))
+}
+
+struct State {
+    descriptor: Tensor,
+    vision: HashMap<String, Tensor>,
+    moments: Vec<(Tensor, Tensor)>,
+    opt_step: u64,
+    epoch: usize,
+    best_war: f64,
+    best_uar: f64,
+    best_epoch: usize,
+}
+
+fn save_state(path: &Path, s: &State, stage: u8) -> Result<(), TrainError> {
+    let mut ck = CliperCheckpoint {
+        descriptor: Some(s.descriptor.clone()),
+        vision: s.vision.clone(),
+        ..Default::default()
+    };
+    for (i, (m, v)) in s.moments.iter().enumerate() {
+        ck.temporal.insert(format!("optim.m.{i}"), m.clone());
+        ck.temporal.insert(format!("optim.v.{i}"), v.clone());
+    }
+    ck.save(
+        path,
+        &[
+            ("kind", "training-state".into()),
+            ("epoch", s.epoch.to_string()),
+            ("stage", stage.to_string()),
+            ("optim_step", s.opt_step.to_string()),
+            ("best_war", s.best_war.to_string()),
+            ("best_uar", s.best_uar.to_string()),
+            ("best_epoch", s.best_epoch.to_string()),
+        ],
+    )?;
+    Ok(())
+}
+
+fn load_state(path: &Path) -> Result<(State, u8), TrainError> {
+    if !path.is_file() {
+        return Err(TrainError::Invalid(format!(
+            "cannot resume: no training state at {} (start without --resume)",
+            path.display()
+        )));
+    }
+    // The state file stores optimiser moments as extra tensors; read raw.
+    let raw = weights::read_tensors(path, DType::F32)?;
+    let ck = CliperCheckpoint::load(path)?;
+    let meta = &ck.metadata;
+    let num = |k: &str| -> Result<f64, TrainError> {
+        meta.get(k)
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or_else(|| {
+                TrainError::Invalid(format!("{}: training state lacks `{k}`", path.display()))
+            })
+    };
+    let mut moments = Vec::new();
+    let mut i = 0;
+    while let (Some(m), Some(v)) = (
+        raw.get(&format!("optim.m.{i}")),
+        raw.get(&format!("optim.v.{i}")),
+    ) {
+        moments.push((m.clone(), v.clone()));
+        i += 1;
+    }
+    let state = State {
+        descriptor: ck.require_descriptor()?.clone(),
+        vision: ck.vision.clone(),
+        moments,
+        opt_step: num("optim_step")? as u64,
+        epoch: num("epoch")? as usize,
+        best_war: num("best_war")?,
+        best_uar: num("best_uar")?,
+        best_epoch: num("best_epoch")? as usize,
+    };
+    Ok((state, num("stage")? as u8))
+}
+
+fn epoch_bar(len: usize, label: String) -> ProgressBar {
+    let pb = ProgressBar::new(len as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_message(label);
+    pb
+}
+
+/// Predictions and metrics of normalised features [N, E] under text features [35, E].
+pub fn evaluate_features(
+    features: &Tensor,
+    labels: &[usize],
+    text_features: &Tensor,
+) -> Result<Metrics, TrainError> {
+    let l = score_logits(features, text_features)?.to_vec2::<f32>()?;
+    Ok(Metrics::from_pairs(l.into_iter().zip(labels).map(
+        |(row, &y)| (y, ExpressionScores::from_logits(row).predicted),
+    )))
+}
+
+fn weights_stamp(path: &Path) -> String {
+    let meta = std::fs::metadata(path).ok();
+    format!(
+        "{}:{}:{:?}",
+        path.display(),
+        meta.as_ref().map(|m| m.len()).unwrap_or(0),
+        meta.and_then(|m| m.modified().ok())
+    )
+}
+
+/// Nearest-word readings of a descriptor tensor, one line per descriptor.
+pub fn readings(clip: &ClipModel, descriptor: &Tensor) -> Result<String, TrainError> {
+    let tok = ClipTokenizer::new();
+    let ids = nearest_token_ids(
+        clip.text.token_embedding_matrix(),
+        descriptor,
+        WORDS_PER_TOKEN,
+    )?;
+    let mut s = String::new();
+    for (i, slots) in ids.iter().enumerate() {
+        let words: Vec<String> = slots
+            .iter()
+            .map(|ids| {
+                let w: Vec<String> = ids.iter().map(|&id| tok.decode_token(id)).collect();
+                format!("[{}]", w.join(" "))
+            })
+            .collect();
+        s.push_str(&format!(
+            "  {:<10} #{}  {}\n",
+            CLASSES[i / 5],
+            i % 5,
+            words.join(" ")
+        ));
+    }
+    Ok(s)
+}
+
+/// Runs the recipe; `log` receives one line per epoch and notices.
+pub fn train(opts: &TrainOptions, log: &mut dyn FnMut(&str)) -> Result<TrainSummary, TrainError> {
+    if opts.batch_size == 0 {
+        return Err(TrainError::Invalid(
+            "--batch-size must be at least 1".into(),
+        ));
+    }
+    if opts.stage1_epochs == 0 && opts.stage1_only {
+        return Err(TrainError::Invalid(
+            "--stage1-only needs --stage1-epochs of at least 1".into(),
+        ));
+    }
+    if opts.resume && !state_path(&opts.out).is_file() {
+        return Err(TrainError::Invalid(format!(
+            "cannot resume: no training state at {} (start without --resume)",
+            state_path(&opts.out).display()
+        )));
+    }
+    let data = dataset::load(&opts.data, opts.layout)?;
+    if data.clips {
+        return Err(TrainError::Invalid(
+            "clip data sets train the temporal module, which needs the dynamic branch; this build trains on images (layouts rafdb, folder, or a csv of images)".into(),
+        ));
+    }
+    let c_train = Dataset::counts(&data.train);
+    log(&format!(
+        "data: {} train / {} test samples ({}) from {}",
+        data.train.len(),
+        data.test.len(),
+        CLASSES
+            .iter()
+            .zip(c_train)
+            .map(|(n, c)| format!("{n} {c}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        data.root.display()
+    ));
+    let dev = device::select(&opts.device)?;
+    let wpath = weights::locate(opts.weights.as_deref())?;
+    let base = Checkpoint::load(&wpath, DType::F32)?;
+    // Training runs in f32 everywhere.
+    let mut clip = ClipModel::from_checkpoint(&base, &dev, DType::F32)?;
+    let width = clip.config.text.width;
+    let total_epochs = if opts.stage1_only {
+        opts.stage1_epochs
+    } else {
+        opts.epochs.max(opts.stage1_epochs)
+    };
+
+    let resume = if opts.resume {
+        Some(load_state(&state_path(&opts.out))?)
+    } else {
+        None
+    };
+    let mut rng = SplitMix64::new(opts.seed ^ 0x5eed);
+    let mut state = match resume {
+        Some((s, stage)) => {
+            if s.descriptor.dims() != [NUM_DESCRIPTORS, SLOTS, width] {
+                return Err(TrainError::Invalid(format!(
+                    "cannot resume: the saved descriptor has shape {:?}, but these weights need [35, 4, {width}] (a different CLIP?)",
+                    s.descriptor.dims()
+                )));
+            }
+            log(&format!("resuming after epoch {} (stage {stage})", s.epoch));
+            // Advance the shuffling stream as if the earlier epochs ran.
+            for _ in 0..s.epoch {
+                rng.next_u64();
+            }
+            s
+        }
+        None => {
+            let mut init = SplitMix64::new(opts.seed);
+            let v: Vec<f32> = (0..NUM_DESCRIPTORS * SLOTS * width)
+                .map(|_| init.normal() / 1000.0)
+                .collect();
+            State {
+                descriptor: Tensor::from_vec(v, (NUM_DESCRIPTORS, SLOTS, width), &Device::Cpu)?,
+                vision: HashMap::new(),
+                moments: Vec::new(),
+                opt_step: 0,
+                epoch: 0,
+                best_war: -1.0,
+                best_uar: 0.0,
+                best_epoch: 0,
+            }
+        }
+    };
+    if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| TrainError::Invalid(format!("cannot create {}: {e}", parent.display())))?;
+    }
+    let cache_dir = opts.cache_dir.clone().unwrap_or_else(|| {
+        opts.out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .join(".cliper-cache")
+    });
+    let stamp = weights_stamp(&wpath);
+
+    // Stage 2 state restores the tuned vision tower before features are computed.
+    if !state.vision.is_empty() {
+        let mut tuned = base.tensors.clone();
+        tuned.extend(state.vision.clone());
+        let vb = VarBuilder::from_tensors(tuned, DType::F32, &dev);
+        clip.vision = VisionTower::new(&clip.config.vision, clip.config.embed_dim, vb)?;
+    }
+
+    let mut epochs_run = 0;
+    // ---------------- stage 1: descriptors on cached features -------------
+    if state.epoch < opts.stage1_epochs {
+        let train_f = encode_split(
+            &clip,
+            &data.train,
+            false,
+            opts.skip_unreadable,
+            Some(&cache_dir),
+            &stamp,
+            "train",
+        )?;
+        let test_f = encode_split(
+            &clip,
+            &data.test,
+            false,
+            opts.skip_unreadable,
+            Some(&cache_dir),
+            &stamp,
+            "test",
+        )?;
+        let desc = Var::from_tensor(&state.descriptor.to_device(&dev)?)?;
+        let mut opt = AdamW::new(vec![desc.clone()], AdamWConfig::stage1())?;
+        if state.moments.len() == 1 {
+            opt.moments = vec![(
+                state.moments[0].0.to_device(&dev)?,
+                state.moments[0].1.to_device(&dev)?,
+            )];
+            opt.step = state.opt_step;
+        }
+        let train_feats = train_f.features.to_device(&dev)?;
+        let n = train_f.labels.len();
+        while state.epoch < opts.stage1_epochs {
+            let e = state.epoch;
+            let mut order: Vec<usize> = (0..n).collect();
+            rng.shuffle(&mut order);
+            let steps = n.div_ceil(opts.batch_size);
+            let pb = epoch_bar(steps, format!("epoch {}/{} stage 1", e + 1, total_epochs));
+            let (mut loss_sum, mut correct) = (0f64, 0usize);
+            for batch in order.chunks(opts.batch_size) {
+                let idx = Tensor::from_vec(
+                    batch.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                    batch.len(),
+                    &dev,
+                )?;
+                let f = train_feats.index_select(&idx, 0)?;
+                let labels: Vec<usize> = batch.iter().map(|&i| train_f.labels[i]).collect();
+                let t = l2_normalize(&learned_text_features(&clip.text, desc.as_tensor())?)?;
+                let logits = score_logits(&f, &t)?;
+                let out = cliper_loss(&logits, &labels)?;
+                let grads = out.loss.backward()?;
+                opt.step(&grads)?;
+                loss_sum += out.loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
+                for (row, &y) in logits.detach().to_vec2::<f32>()?.into_iter().zip(&labels) {
+                    correct += (ExpressionScores::from_logits(row).predicted == y) as usize;
+                }
+                pb.inc(1);
+            }
+            pb.finish_and_clear();
+            let t = l2_normalize(&learned_text_features(
+                &clip.text,
+                &desc.as_tensor().detach(),
+            )?)?;
+            let m = evaluate_features(&test_f.features.to_device(&dev)?, &test_f.labels, &t)?;
+            state.descriptor = desc.as_tensor().detach().to_device(&Device::Cpu)?;
+            state.moments = opt
+                .moments
+                .iter()
+                .map(|(a, b)| Ok((a.to_device(&Device::Cpu)?, b.to_device(&Device::Cpu)?)))
+                .collect::<candle_core::Result<_>>()?;
+            state.opt_step = opt.step;
+            state.epoch += 1;
+            epochs_run += 1;
+            let best = m.war() > state.best_war;
+            if best {
+                state.best_war = m.war();
+                state.best_uar = m.uar();
+                state.best_epoch = state.epoch;
+                save_checkpoint(opts, &state.descriptor, &HashMap::new(), &m, state.epoch)?;
+            }
+            log(&format!(
+                "epoch {:>3}/{} stage 1  lr {:.1e}  loss {:.4}  train acc {:5.1}%  test WAR {:5.1}%  UAR {:5.1}%{}",
+                state.epoch,
+                total_epochs,
+                opt.config.lr,
+                loss_sum / n as f64,
+                100.0 * correct as f64 / n as f64,
+                100.0 * m.war(),
+                100.0 * m.uar(),
+                if best { "  (best, saved)" } else { "" }
+            ));
+            save_state(&state_path(&opts.out), &state, 1)?;
+        }
+        log(&format!(
+            "descriptor readings (nearest words per token):\n{}",
+            readings(&clip, &state.descriptor)?
+        ));
+    }
+
+    // ---------------- stage 2: the vision tower ----------------------------
+    if !opts.stage1_only && state.epoch < total_epochs {
+        let text = l2_normalize(&learned_text_features(
+            &clip.text,
+            &state.descriptor.to_device(&dev)?,
+        )?)?;
+        let varmap = VarMap::new();
+        {
+            let mut data_map = varmap
+                .data()
+                .lock()
+                .map_err(|_| TrainError::Invalid("variable store poisoned".into()))?;
+            for (name, t) in &base.tensors {
+                if name.starts_with("vision_model.") || name.starts_with("visual_projection.") {
+                    let t = state.vision.get(name).unwrap_or(t);
+                    data_map.insert(name.clone(), Var::from_tensor(&t.to_device(&dev)?)?);
+                }
+            }
+        }
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let tower = VisionTower::new(&clip.config.vision, clip.config.embed_dim, vb)?;
+        let mut names: Vec<String> = varmap
+            .data()
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        names.sort();
+        let vars: Vec<Var> = {
+            let m = varmap
+                .data()
+                .lock()
+                .map_err(|_| TrainError::Invalid("variable store poisoned".into()))?;
+            names.iter().filter_map(|n| m.get(n).cloned()).collect()
+        };
+        let mut opt = AdamW::new(vars.clone(), AdamWConfig::stage2())?;
+        if state.moments.len() == vars.len()
+            && opt.step == 0
+            && state.opt_step > 0
+            && !state.vision.is_empty()
+        {
+            opt.moments = state
+                .moments
+                .iter()
+                .map(|(a, b)| Ok((a.to_device(&dev)?, b.to_device(&dev)?)))
+                .collect::<candle_core::Result<_>>()?;
+            opt.step = state.opt_step;
+        }
+        let size = clip.config.vision.image_size as u32;
+        let s = size as usize;
+        let aug = AugmentConfig::default();
+        let n = data.train.len();
+        while state.epoch < total_epochs {
+            let e2 = state.epoch - opts.stage1_epochs;
+            opt.set_lr(cosine_warm_restarts(AdamWConfig::stage2().lr, 0.0, 10, e2));
+            let mut order: Vec<usize> = (0..n).collect();
+            rng.shuffle(&mut order);
+            let pb = epoch_bar(
+                n.div_ceil(opts.batch_size),
+                format!("epoch {}/{} stage 2", state.epoch + 1, total_epochs),
+            );
+            let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
+            for batch in order.chunks(opts.batch_size) {
+                let mut px = Vec::with_capacity(batch.len() * 3 * s * s);
+                let mut labels = Vec::new();
+                for &i in batch {
+                    match load_rgb(&data.train[i].path) {
+                        Ok(img) => {
+                            px.extend(augment(&img, size, &aug, &mut rng));
+                            labels.push(data.train[i].label);
+                        }
+                        Err(e) if opts.skip_unreadable => pb.suspend(|| eprintln!("skipping: {e}")),
+                        Err(e) => return Err(TrainError::Unreadable(e.to_string())),
+                    }
+                }
+                if labels.is_empty() {
+                    continue;
+                }
+                let px = Tensor::from_vec(px, (labels.len(), 3, s, s), &dev)?;
+                let f = l2_normalize(&tower.forward(&px)?)?;
+                let logits = score_logits(&f, &text)?;
+                let out = cliper_loss(&logits, &labels)?;
+                let grads = out.loss.backward()?;
+                opt.step(&grads)?;
+                loss_sum += out.loss.to_scalar::<f32>()? as f64 * labels.len() as f64;
+                seen += labels.len();
+                for (row, &y) in logits.detach().to_vec2::<f32>()?.into_iter().zip(&labels) {
+                    correct += (ExpressionScores::from_logits(row).predicted == y) as usize;
+                }
+                pb.inc(1);
+            }
+            pb.finish_and_clear();
+            // Evaluate with a frozen copy of the current tower.
+            let tuned: HashMap<String, Tensor> = names
+                .iter()
+                .zip(&vars)
+                .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+                .collect();
+            let mut eval_map = base.tensors.clone();
+            eval_map.extend(tuned.clone());
+            clip.vision = VisionTower::new(
+                &clip.config.vision,
+                clip.config.embed_dim,
+                VarBuilder::from_tensors(eval_map, DType::F32, &dev),
+            )?;
+            let test_f: EncodedSplit = encode_split(
+                &clip,
+                &data.test,
+                false,
+                opts.skip_unreadable,
+                None,
+                &stamp,
+                "test",
+            )?;
+            let m = evaluate_features(&test_f.features.to_device(&dev)?, &test_f.labels, &text)?;
+            state.vision = tuned
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
+                .collect::<candle_core::Result<_>>()?;
+            state.moments = opt
+                .moments
+                .iter()
+                .map(|(a, b)| Ok((a.to_device(&Device::Cpu)?, b.to_device(&Device::Cpu)?)))
+                .collect::<candle_core::Result<_>>()?;
+            state.opt_step = opt.step;
+            state.epoch += 1;
+            epochs_run += 1;
+            let best = m.war() > state.best_war;
+            if best {
+                state.best_war = m.war();
+                state.best_uar = m.uar();
+                state.best_epoch = state.epoch;
+                save_checkpoint(opts, &state.descriptor, &state.vision, &m, state.epoch)?;
+            }
+            log(&format!(
+                "epoch {:>3}/{} stage 2  lr {:.1e}  loss {:.4}  train acc {:5.1}%  test WAR {:5.1}%  UAR {:5.1}%{}",
+                state.epoch,
+                total_epochs,
+                opt.config.lr,
+                loss_sum / seen.max(1) as f64,
+                100.0 * correct as f64 / seen.max(1) as f64,
+                100.0 * m.war(),
+                100.0 * m.uar(),
+                if best { "  (best, saved)" } else { "" }
+            ));
+            save_state(&state_path(&opts.out), &state, 2)?;
+        }
+    }
+    Ok(TrainSummary {
+        best_war: state.best_war.max(0.0),
+        best_uar: state.best_uar,
+        best_epoch: state.best_epoch,
+        epochs_run,
+    })
+}
+
+fn save_checkpoint(
+    opts: &TrainOptions,
+    descriptor: &Tensor,
+    vision: &HashMap<String, Tensor>,
+    m: &Metrics,
+    epoch: usize,
+) -> Result<(), TrainError> {
+    let ck = CliperCheckpoint {
+        descriptor: Some(descriptor.clone()),
+        vision: vision.clone(),
+        ..Default::default()
+    };
+    ck.save(
+        &opts.out,
+        &[
+            ("epoch", epoch.to_string()),
+            ("test_war", format!("{:.6}", m.war())),
+            ("test_uar", format!("{:.6}", m.uar())),
+            ("data", opts.data.display().to_string()),
+            ("layout", opts.layout.name().into()),
+        ],
+    )?;
+    Ok(())
+}
+
+/// `cliper eval`: metrics of a model and bank on the test split.
+pub fn evaluate(
+    spec: &crate::pipeline::setup::ModelSpec,
+    data_dir: &Path,
+    layout: Layout,
+    skip_unreadable: bool,
+) -> Result<Metrics, TrainError> {
+    let data = dataset::load(data_dir, layout)?;
+    if data.clips {
+        return Err(TrainError::Invalid(
+            "evaluating clips needs the dynamic branch; this build evaluates images".into(),
+        ));
+    }
+    let loaded = crate::pipeline::setup::load(spec)?;
+    let f = encode_split(
+        &loaded.clip,
+        &data.test,
+        false,
+        skip_unreadable,
+        None,
+        "",
+        "test",
+    )?;
+    evaluate_features(
+        &f.features.to_device(&loaded.clip.device)?,
+        &f.labels,
+        &loaded.bank.text_features,
+    )
+}
