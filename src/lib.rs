@@ -4,6 +4,7 @@
 //! The library holds everything the GUI and the CLI share; `main.rs` is a thin
 //! command-line edge over it.
 
+pub mod app;
 pub mod model;
 pub mod pipeline;
 pub mod train;

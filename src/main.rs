@@ -21,9 +21,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     version,
     about = "Live, interpretable facial-expression recognition with CLIPER"
 )]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    /// With no command: `cliper live` with these options.
+    #[command(flatten)]
+    live: LiveArgs,
 }
 
 #[derive(clap::Args, Clone)]
@@ -96,6 +100,29 @@ enum Command {
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
+    /// Classify the expression of the main face of a video clip (or a folder
+    /// of frames) with the dynamic branch: 16 frames, one per equal segment.
+    ClassifyClip {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        bank: BankArgs,
+        /// Treat the whole frame as the face (no face detection).
+        #[arg(long)]
+        no_detect: bool,
+        /// Show only the K highest-scoring descriptors.
+        #[arg(long)]
+        top: Option<usize>,
+        /// One JSON object per clip on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Margin around the detected face, as a fraction of the box side.
+        #[arg(long, default_value_t = cliper::vision::faces::DEFAULT_FACE_MARGIN)]
+        margin: f32,
+        /// Videos (.mp4, .avi) or folders of frames.
+        #[arg(required = true)]
+        clips: Vec<PathBuf>,
+    },
     /// Train CLIPER descriptors (stage 1) and fine-tune the vision tower (stage 2).
     Train {
         #[command(flatten)]
@@ -156,6 +183,150 @@ enum Command {
         #[command(subcommand)]
         action: WeightsAction,
     },
+    /// Open the live window (the default when no command is given).
+    Live(LiveArgs),
+    /// Run the live pipeline without a window: one line per processed frame.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Clone)]
+struct SourceArgs {
+    /// Where frames come from: a video (.mp4 H.264, .avi MJPEG), an image, a
+    /// folder of images, or `demo`.
+    #[arg(long, conflicts_with = "camera")]
+    source: Option<String>,
+    /// A camera by index (on Linux, N of /dev/videoN).
+    #[arg(long)]
+    camera: Option<u32>,
+    /// Frames per second of image and folder sources.
+    #[arg(long)]
+    fps: Option<f64>,
+}
+
+impl SourceArgs {
+    fn spec(&self) -> Result<Option<cliper::vision::source::SourceSpec>> {
+        use cliper::vision::source::SourceSpec;
+        Ok(match (&self.source, self.camera) {
+            (_, Some(index)) => Some(SourceSpec::Camera {
+                index,
+                resolution: None,
+            }),
+            (Some(s), None) => Some(SourceSpec::parse(s, self.fps)?),
+            (None, None) => None,
+        })
+    }
+}
+
+#[derive(clap::Args, Clone)]
+struct LiveArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    bank: BankArgs,
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Close the window after SECONDS and print the session's speed figures.
+    #[arg(long, value_name = "SECONDS")]
+    exit_after: Option<f64>,
+    /// Save a PNG of the window just before it closes (use with --exit-after).
+    #[arg(long, value_name = "PATH", requires = "exit_after")]
+    screenshot: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Clone)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    bank: BankArgs,
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Stop after N frames (a still image gives 1 frame unless told otherwise;
+    /// cameras and the demo run until interrupted).
+    #[arg(long, value_name = "N")]
+    frames: Option<u64>,
+    /// One JSON object per frame on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Include the K highest-scoring descriptors of each face.
+    #[arg(long, value_name = "K")]
+    top: Option<usize>,
+    /// Also score this free-text description against each face.
+    #[arg(long, value_name = "TEXT")]
+    probe: Option<String>,
+    /// Treat the whole frame as one face (no face detection).
+    #[arg(long)]
+    no_detect: bool,
+    /// Margin around each detected face, as a fraction of the box side.
+    #[arg(long, default_value_t = cliper::vision::faces::DEFAULT_FACE_MARGIN)]
+    margin: f32,
+}
+
+fn live(args: LiveArgs) -> Result<()> {
+    let opts = cliper::app::LiveOptions {
+        source: args.source.spec()?,
+        model: ModelSpec {
+            weights: args.model.weights.clone(),
+            bank: args.bank.source(),
+            device: args.model.device.clone(),
+        },
+        bank_given: args.bank.descriptors.is_some() || args.bank.prompts.is_some(),
+        exit_after: args.exit_after,
+        screenshot: args.screenshot,
+    };
+    let timed = opts.exit_after.is_some();
+    let report = cliper::app::run_live(opts)?;
+    if timed {
+        eprintln!("live session: {report}");
+    }
+    Ok(())
+}
+
+fn run_headless(args: RunArgs) -> Result<()> {
+    if !(0.0..=2.0).contains(&args.margin) {
+        anyhow::bail!(
+            "--margin {} is out of range: use a fraction between 0 and 2",
+            args.margin
+        );
+    }
+    let Some(source) = args.source.spec()? else {
+        anyhow::bail!("give --source VIDEO|IMAGE|FOLDER|demo or --camera N");
+    };
+    let opts = cliper::pipeline::batch::RunOptions {
+        source,
+        model: ModelSpec {
+            weights: args.model.weights.clone(),
+            bank: args.bank.source(),
+            device: args.model.device.clone(),
+        },
+        analyzer: AnalyzerConfig {
+            detect: !args.no_detect,
+            margin: args.margin,
+            ..Default::default()
+        },
+        frames: args.frames,
+        json: args.json,
+        top: args.top,
+        probe: args.probe.clone(),
+        progress: true,
+    };
+    let stdout = std::io::stdout();
+    let summary = cliper::pipeline::batch::run(&opts, &mut stdout.lock())?;
+    eprintln!(
+        "processed {} frames, {} faces in {:.1} s (per frame: detect {:.0} ms, encode {:.0} ms, score {:.1} ms){}",
+        summary.frames,
+        summary.faces,
+        summary.secs,
+        summary.detect_ms,
+        summary.encode_ms,
+        summary.score_ms,
+        if summary.skipped > 0 {
+            format!(" ({} unreadable frames skipped)", summary.skipped)
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -259,6 +430,87 @@ fn classify(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
+fn classify_clip(
+    model: ModelArgs,
+    bank: BankArgs,
+    no_detect: bool,
+    top: Option<usize>,
+    json: bool,
+    margin: f32,
+    clips: Vec<PathBuf>,
+) -> Result<()> {
+    use cliper::pipeline::clip::{classify_clip, clip_json, sample_clip};
+    use cliper::pipeline::dynamic::DynamicScorer;
+    if !(0.0..=2.0).contains(&margin) {
+        anyhow::bail!("--margin {margin} is out of range: use a fraction between 0 and 2");
+    }
+    let loaded = setup::load(&ModelSpec {
+        weights: model.weights.clone(),
+        bank: bank.source(),
+        device: model.device.clone(),
+    })?;
+    let temporal = match &loaded.cliper {
+        Some(ck) => ck
+            .temporal_module(loaded.clip.config.embed_dim, &loaded.clip.device)
+            .with_context(|| format!("cannot load the temporal module of {}", ck.path.display()))?,
+        None => None,
+    };
+    let scorer = DynamicScorer::new(temporal, &loaded.clip.device);
+    if scorer.temporal.is_none() {
+        eprintln!("note: no trained temporal weights; dynamic scores are the mean of the 16 frames' static scores");
+    }
+    let mut cfg = AnalyzerConfig {
+        detect: !no_detect,
+        margin,
+        ..Default::default()
+    };
+    cfg.detector.min_face_size = 20;
+    cfg.detector.max_side = 4096;
+    let mut analyzer = FaceAnalyzer::new(cfg)?;
+    let mut failed = 0;
+    for path in &clips {
+        let sampled = match sample_clip(path, scorer.frames()) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: {e}");
+                failed += 1;
+                continue;
+            }
+        };
+        for n in &sampled.notes {
+            eprintln!("{}: {n}", path.display());
+        }
+        let r = classify_clip(&loaded.clip, &loaded.bank, &mut analyzer, &scorer, &sampled)
+            .with_context(|| format!("cannot classify {}", path.display()))?;
+        if json {
+            println!("{}", clip_json(path, &r, &sampled, &loaded.bank, top));
+        } else {
+            let faces: Vec<cliper::pipeline::FaceResult> = match (&r.bbox, &r.scores) {
+                (Some(b), Some(s)) => vec![cliper::pipeline::FaceResult {
+                    bbox: *b,
+                    scores: s.scores.clone(),
+                    embedding: Vec::new(),
+                }],
+                _ => Vec::new(),
+            };
+            println!(
+                "[dynamic: {}, {} frames]",
+                r.scores
+                    .as_ref()
+                    .map(|s| s.mode.as_str())
+                    .unwrap_or("no face"),
+                sampled.frames.len()
+            );
+            print_table(path, &faces, &loaded.bank, top.unwrap_or(5));
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} clips could not be read", clips.len());
+    }
+    Ok(())
+}
+
 fn print_table(
     path: &std::path::Path,
     faces: &[cliper::pipeline::FaceResult],
@@ -303,7 +555,12 @@ fn print_table(
 }
 
 fn run(cli: Cli) -> Result<()> {
-    match cli.command {
+    let Some(command) = cli.command else {
+        return live(cli.live);
+    };
+    match command {
+        Command::Live(args) => live(args),
+        Command::Run(args) => run_headless(args),
         Command::Train {
             model,
             data,
@@ -369,6 +626,15 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::ClassifyClip {
+            model,
+            bank,
+            no_detect,
+            top,
+            json,
+            margin,
+            clips,
+        } => classify_clip(model, bank, no_detect, top, json, margin, clips),
         Command::Classify {
             model,
             bank,

@@ -329,6 +329,80 @@ def train_reference(model, cfg, descriptor):
     return out
 
 
+class TemporalBlock(torch.nn.Module):
+    """DFER-CLIP's pre-norm block: fused bias-free qkv, exact GELU MLP."""
+
+    def __init__(self, dim, heads, dim_head, mlp):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads, self.dim_head = heads, dim_head
+        self.norm1 = torch.nn.LayerNorm(dim)
+        self.to_qkv = torch.nn.Linear(dim, inner * 3, bias=False)
+        self.to_out = torch.nn.Linear(inner, dim)
+        self.norm2 = torch.nn.LayerNorm(dim)
+        self.fc1 = torch.nn.Linear(dim, mlp)
+        self.fc2 = torch.nn.Linear(mlp, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.to_qkv(self.norm1(x)).chunk(3, dim=-1)
+        q, k, v = [t.reshape(b, n, self.heads, self.dim_head).transpose(1, 2) for t in (q, k, v)]
+        attn = (q @ k.transpose(-1, -2) * self.dim_head ** -0.5).softmax(-1)
+        out = (attn @ v).transpose(1, 2).reshape(b, n, -1)
+        x = x + self.to_out(out)
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class Temporal(torch.nn.Module):
+    def __init__(self, dim, frames, depth, heads, dim_head, mlp):
+        super().__init__()
+        self.cls_token = torch.nn.Parameter(torch.randn(1, 1, dim))
+        self.pos_embedding = torch.nn.Parameter(torch.randn(1, frames + 1, dim))
+        self.layers = torch.nn.ModuleList([TemporalBlock(dim, heads, dim_head, mlp) for _ in range(depth)])
+
+    def forward(self, x):
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)
+        x = x + self.pos_embedding[:, : x.shape[1]]
+        for blk in self.layers:
+            x = blk(x)
+        return x[:, 0]
+
+
+def temporal_reference(descriptor_features, seed):
+    torch.manual_seed(seed)
+    dim, heads, dim_head, mlp, depth = 24, 2, 12, 40, 2
+    m = Temporal(dim, 16, depth, heads, dim_head, mlp).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias") or "token" in name or "pos" in name:
+                p.copy_(0.3 * torch.randn_like(p))
+        ours, dfer = {}, {}
+        for name, p in m.state_dict().items():
+            if name in ("cls_token", "pos_embedding"):
+                ours["temporal." + name] = p.clone()
+                dfer["temporal_net." + name] = p.clone()
+                continue
+            _, n, part = name.split(".", 2)
+            ours[f"temporal.layers.{n}." + part.replace("to_qkv", "attn.to_qkv").replace("to_out", "attn.to_out")
+                 .replace("fc1", "mlp.fc1").replace("fc2", "mlp.fc2")] = p.clone()
+            d = {"norm1": f"0.norm", "to_qkv": "0.fn.to_qkv", "to_out": "0.fn.to_out.0", "norm2": "1.norm",
+                 "fc1": "1.fn.net.0", "fc2": "1.fn.net.3"}
+            mod, kind = part.rsplit(".", 1)
+            dfer[f"temporal_net.temporal_transformer.layers.{n}.{d[mod]}.{kind}"] = p.clone()
+        g = torch.Generator().manual_seed(seed + 1)
+        x = torch.randn(3, 16, dim, generator=g)
+        x = x / x.norm(dim=-1, keepdim=True)
+        y = m(x)
+        yn = y / y.norm(dim=-1, keepdim=True)
+        logits = yn @ descriptor_features.T / 0.01
+        scores = logits.view(3, 7, 5).mean(2)
+    ref = {"heads": heads, "inputs": x.tolist(), "outputs": y.tolist(), "logits": logits.tolist(),
+           "class_scores": scores.tolist(), "probs": scores.softmax(1).tolist()}
+    return ours, dfer, ref
+
+
 def main():
     import open_clip
     tok = open_clip.tokenize
@@ -384,6 +458,12 @@ def main():
               metadata={"format": "cliper", "version": "1", "classes": ",".join(CLASSES)})
     torch.save({"text_generator.descriptor": descriptor}, os.path.join(d, "descriptors_torch.pth"))
     json.dump(cref, open(os.path.join(d, "cliper_reference.json"), "w"))
+    ours, dfer, temporal_ref = temporal_reference(torch.tensor(cref["text_features"]), 21)
+    save_file(dict(ours, descriptor=descriptor.contiguous()), os.path.join(d, "cliper_dynamic.safetensors"),
+              metadata={"format": "cliper", "version": "1", "classes": ",".join(CLASSES),
+                        "temporal_heads": str(temporal_ref["heads"])})
+    torch.save(dfer, os.path.join(d, "dfer_clip_temporal.pth"))
+    json.dump(temporal_ref, open(os.path.join(d, "temporal_reference.json"), "w"))
     tref = train_reference(model_c, cfg_c, descriptor)
     json.dump(tref, open(os.path.join(OUT, "train_reference.json"), "w"))
 

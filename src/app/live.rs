@@ -114,8 +114,7 @@ impl CliperApp {
 
     /// Starts the pipeline (model loading happens on its thread).
     fn start(&mut self, ctx: &egui::Context) {
-        let mut config =
-            PipelineConfig::new(self.source.clone(), self.model_spec(), RunMode::Live);
+        let mut config = PipelineConfig::new(self.source.clone(), self.model_spec(), RunMode::Live);
         let probe = self.settings.probe.trim();
         config.probe = (!probe.is_empty()).then(|| probe.to_string());
         let ctx = ctx.clone();
@@ -189,7 +188,8 @@ impl CliperApp {
             i.raw
                 .dropped_files
                 .iter()
-                .filter_map(|f| f.path.clone())
+                .map(|f| f.path().to_path_buf())
+                .filter(|p| !p.as_os_str().is_empty())
                 .collect()
         });
         for path in dropped {
@@ -233,7 +233,10 @@ impl CliperApp {
 
     fn live_ui(&mut self, ui: &mut egui::Ui, actions: &mut Vec<Action>) {
         egui::Panel::bottom("status")
-            .frame(egui::Frame::side_top_panel(ui.style()).inner_margin(egui::Margin::symmetric(10, 4)))
+            .frame(
+                egui::Frame::side_top_panel(ui.style())
+                    .inner_margin(egui::Margin::symmetric(10, 4)),
+            )
             .show(ui, |ui| status::show(ui, &self.store, &self.ui_stats));
         egui::Panel::left("controls")
             .default_size(300.0)

@@ -105,8 +105,9 @@ pub fn show(ui: &mut egui::Ui, store: &Store, stats: &UiStats) {
         );
         sep(ui);
         ui.label(format!("UI {:.0} fps", stats.fps()));
-        ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
-            match &store.model {
+        ui.with_layout(
+            egui::Layout::right_to_left(egui::Align::Center),
+            |ui| match &store.model {
                 ModelState::Loading => {
                     ui.spinner();
                     ui.label("loading model…");
@@ -135,7 +136,7 @@ pub fn show(ui: &mut egui::Ui, store: &Store, stats: &UiStats) {
                     ui.label(RichText::new("model failed to load").color(Color32::LIGHT_RED))
                         .on_hover_text(e);
                 }
-            }
-        });
+            },
+        );
     });
 }

@@ -283,15 +283,6 @@ impl Store {
             self.frame_shown = true;
         }
     }
-
-    /// Re-applies a smoothing factor change to what is displayed.
-    pub fn resmooth(&mut self, smoothing: f32) {
-        if smoothing == 0.0 {
-            for h in self.faces.values_mut() {
-                h.shown = h.raw.clone();
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -319,7 +310,9 @@ mod tests {
             .iter()
             .map(|&(id, class)| {
                 let mut l = vec![0.0; 35];
-                l[class * 5..class * 5 + 5].iter_mut().for_each(|x| *x = 4.0);
+                l[class * 5..class * 5 + 5]
+                    .iter_mut()
+                    .for_each(|x| *x = 4.0);
                 TrackedResult {
                     id,
                     face: FaceResult {

@@ -8,6 +8,7 @@ pub mod device;
 pub mod layers;
 pub mod preprocess;
 pub mod rng;
+pub mod temporal;
 pub mod text;
 pub mod tokenizer;
 pub mod vision;

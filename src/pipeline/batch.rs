@@ -40,6 +40,11 @@ pub struct RunSummary {
     /// Frames skipped because they could not be read.
     pub skipped: u64,
     pub secs: f64,
+    /// Mean time per frame in face detection, and in encoding and scoring
+    /// the frames that had faces, milliseconds.
+    pub detect_ms: f64,
+    pub encode_ms: f64,
+    pub score_ms: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +75,7 @@ pub fn run(opts: &RunOptions, out: &mut dyn Write) -> Result<RunSummary, RunErro
     let mut summary = RunSummary::default();
     let mut bar: Option<ProgressBar> = None;
     let mut result = Ok(());
+    let mut scored = 0u64;
     for event in pipeline.events.iter() {
         match event {
             PipelineEvent::SourceOpened(info) => {
@@ -112,6 +118,12 @@ pub fn run(opts: &RunOptions, out: &mut dyn Write) -> Result<RunSummary, RunErro
             PipelineEvent::Scores(s) => {
                 summary.frames += 1;
                 summary.faces += s.faces.len() as u64;
+                summary.detect_ms += f64::from(s.timings.detect_ms);
+                if !s.faces.is_empty() {
+                    scored += 1;
+                    summary.encode_ms += f64::from(s.timings.encode_ms);
+                    summary.score_ms += f64::from(s.timings.score_ms);
+                }
                 let line = if opts.json {
                     json_line(&s, opts.top)
                 } else {
@@ -141,6 +153,9 @@ pub fn run(opts: &RunOptions, out: &mut dyn Write) -> Result<RunSummary, RunErro
     }
     drop(pipeline);
     summary.secs = start.elapsed().as_secs_f64();
+    summary.detect_ms /= summary.frames.max(1) as f64;
+    summary.encode_ms /= scored.max(1) as f64;
+    summary.score_ms /= scored.max(1) as f64;
     result.map(|_| summary)
 }
 

@@ -4,6 +4,8 @@
 
 pub mod analyzer;
 pub mod batch;
+pub mod clip;
+pub mod dynamic;
 pub mod output;
 pub mod setup;
 pub mod smoothing;

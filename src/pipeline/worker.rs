@@ -34,7 +34,7 @@ use crate::model::cliper::scoring;
 use crate::model::cliper::{CliperCheckpoint, DescriptorBank};
 use crate::model::device;
 use crate::model::tokenizer::ClipTokenizer;
-use crate::model::ClipModel;
+use crate::model::{Checkpoint, ClipModel};
 use crate::pipeline::analyzer::{self, AnalyzerConfig, FaceAnalyzer, FaceResult};
 use crate::pipeline::setup::{self, BankSource, Loaded, ModelSpec};
 use crate::vision::faces::crop_face;
@@ -66,12 +66,23 @@ pub struct PipelineConfig {
     pub probe: Option<String>,
 }
 
+/// Live detection runs on frames shrunk to this longer side: 320x240 for a
+/// 640x480 camera, about 40 ms with rustface on a laptop core (against about
+/// 65 ms at the analyzer's default), and a new frame's boxes reach the screen
+/// that much sooner. Faces down to 80 px in a 640x480 frame are still found.
+pub const LIVE_DETECT_MAX_SIDE: u32 = 320;
+
 impl PipelineConfig {
+    /// Defaults for `mode`; live mode detects on smaller frames.
     pub fn new(source: SourceSpec, model: ModelSpec, mode: RunMode) -> Self {
+        let mut analyzer = AnalyzerConfig::default();
+        if mode == RunMode::Live {
+            analyzer.detector.max_side = LIVE_DETECT_MAX_SIDE;
+        }
         Self {
             source,
             model,
-            analyzer: AnalyzerConfig::default(),
+            analyzer,
             tracker: TrackerConfig::default(),
             mode,
             max_frames: None,
@@ -593,9 +604,8 @@ fn detect_stage(
 struct Scorer {
     clip: ClipModel,
     tokenizer: ClipTokenizer,
-    /// The CLIPER checkpoint given with `--descriptors` (its vision tower is
-    /// already applied; kept for the temporal weights of the dynamic branch).
-    #[allow(dead_code)]
+    /// The CLIPER checkpoint of the learned bank in use (its vision tower,
+    /// if any, is applied; its temporal weights await the dynamic branch).
     cliper: Option<CliperCheckpoint>,
     bank: Arc<DescriptorBank>,
     /// (text, normalised feature [E]).
@@ -620,12 +630,29 @@ impl Scorer {
     }
 
     fn set_bank(&mut self, source: &BankSource) -> Result<Arc<DescriptorBank>, String> {
-        // A learned bank from another checkpoint uses the text tower as
-        // loaded; its fine-tuned vision tower (if any) needs a restart with
-        // --descriptors, which the app does when weights change.
-        let bank = setup::load_bank(&self.clip, &self.tokenizer, source, None)
+        let checkpoint = match source {
+            BankSource::Learned(p) => Some(CliperCheckpoint::load(p).map_err(|e| e.to_string())?),
+            _ => None,
+        };
+        // The vision tower must match the bank: a checkpoint may carry a
+        // fine-tuned one, and leaving such a bank restores the original.
+        let tuned_now = self.cliper.as_ref().is_some_and(|c| !c.vision.is_empty());
+        let tuned_next = checkpoint.as_ref().is_some_and(|c| !c.vision.is_empty());
+        if tuned_now || tuned_next {
+            let mut base = Checkpoint::load(&self.clip.source, candle_core::DType::F32)
+                .map_err(|e| e.to_string())?;
+            if let Some(c) = checkpoint.as_ref().filter(|c| !c.vision.is_empty()) {
+                c.apply_vision(&mut base).map_err(|e| e.to_string())?;
+            }
+            self.clip = ClipModel::from_checkpoint(&base, &self.clip.device, self.clip.dtype)
+                .map_err(|e| e.to_string())?;
+        }
+        let bank = setup::load_bank(&self.clip, &self.tokenizer, source, checkpoint.as_ref())
             .map_err(|e| e.to_string())?;
+        self.cliper = checkpoint;
         self.bank = Arc::new(bank);
+        // A probe encoded by another text tower stays valid: the text tower
+        // never changes with the bank.
         Ok(self.bank.clone())
     }
 

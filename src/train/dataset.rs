@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use crate::model::cliper::expressions::{class_index, CLASSES, NUM_CLASSES};
 
-pub const IMAGE_EXTENSIONS: [&str; 7] = ["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff"];
+pub use crate::vision::clips::{clip_frames, is_image, segment_indices, IMAGE_EXTENSIONS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
@@ -101,12 +101,6 @@ impl Dataset {
     }
 }
 
-pub fn is_image(p: &Path) -> bool {
-    p.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-}
-
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| DatasetError::Io {
@@ -117,40 +111,6 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
         .collect();
     v.sort();
     Ok(v)
-}
-
-/// The frames of a clip folder, sorted by name.
-pub fn clip_frames(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
-    Ok(sorted_entries(dir)?
-        .into_iter()
-        .filter(|p| p.is_file() && is_image(p))
-        .collect())
-}
-
-/// Indices of `n` frames out of `len`, one per equal segment: the middle of
-/// each segment, or a random position in it when `rng` is given (training).
-/// Fewer frames than `n` repeat frames, as the reference sampling does.
-pub fn segment_indices(
-    len: usize,
-    n: usize,
-    rng: Option<&mut crate::model::rng::SplitMix64>,
-) -> Vec<usize> {
-    if len == 0 {
-        return Vec::new();
-    }
-    let seg = len as f64 / n as f64;
-    let mut rng = rng;
-    (0..n)
-        .map(|i| {
-            let start = (i as f64 * seg).floor() as usize;
-            let end = (((i + 1) as f64 * seg).floor() as usize).max(start + 1);
-            let pos = match rng.as_deref_mut() {
-                Some(r) => start + r.below(end - start),
-                None => (start + end - 1) / 2,
-            };
-            pos.min(len - 1)
-        })
-        .collect()
 }
 
 fn class_dirs(split_dir: &Path) -> Result<Vec<(usize, PathBuf)>, DatasetError> {
@@ -183,7 +143,14 @@ fn load_folder(root: &Path, split: &str, clips: bool) -> Result<Vec<Sample>, Dat
         let before = out.len();
         for p in sorted_entries(&cdir)? {
             if clips {
-                if p.is_dir() && !clip_frames(&p)?.is_empty() {
+                if p.is_dir()
+                    && !clip_frames(&p)
+                        .map_err(|e| DatasetError::Io {
+                            path: p.clone(),
+                            reason: e.to_string(),
+                        })?
+                        .is_empty()
+                {
                     out.push(Sample { path: p, label: c });
                 }
             } else if p.is_file() && is_image(&p) {
@@ -392,22 +359,6 @@ pub fn load(root: &Path, layout: Layout) -> Result<Dataset, DatasetError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn segments_cover_the_clip() {
-        assert_eq!(
-            segment_indices(32, 16, None),
-            (0..16).map(|i| 2 * i).collect::<Vec<_>>()
-        );
-        let short = segment_indices(5, 16, None);
-        assert_eq!(short.len(), 16);
-        assert!(short.iter().all(|&i| i < 5));
-        let mut r = crate::model::rng::SplitMix64::new(3);
-        let rnd = segment_indices(160, 16, Some(&mut r));
-        for (i, &p) in rnd.iter().enumerate() {
-            assert!(p >= i * 10 && p < (i + 1) * 10);
-        }
-    }
 
     #[test]
     fn labels() {

@@ -1,6 +1,7 @@
 //! Frames and faces: frame sources, reading images, face detection and
 //! crops, and tracking faces across frames.
 
+pub mod clips;
 pub mod draw;
 pub mod faces;
 pub mod images;

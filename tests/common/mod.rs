@@ -58,3 +58,16 @@ pub fn assert_clean_error(args: &[&str], needle: &str) -> String {
     );
     err
 }
+
+/// Asserts a failure without a panic whose stderr mentions `needle` (for
+/// commands that also print notes or per-file errors).
+pub fn assert_fails_naming(args: &[&str], needle: &str) -> String {
+    let (code, _out, err) = cliper(args);
+    assert_ne!(code, 0, "expected failure for {args:?}");
+    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
+    assert!(
+        err.contains(needle),
+        "stderr for {args:?} lacks `{needle}`: {err}"
+    );
+    err
+}

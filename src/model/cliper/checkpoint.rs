@@ -115,6 +115,9 @@ impl CliperCheckpoint {
                 descriptor = Some(t);
             } else if let Some(n) = from_marker(&name, "temporal.") {
                 temporal.insert(n, t);
+            } else if let Some(n) = from_marker(&name, "temporal_net.") {
+                // DFER-CLIP naming, renamed by `model::temporal`.
+                temporal.insert(n, t);
             } else if let Some(n) = from_marker(&name, "vision_model.") {
                 vision.insert(n, t);
             } else if let Some(n) = from_marker(&name, "visual_projection.") {
@@ -156,6 +159,35 @@ impl CliperCheckpoint {
         self.descriptor
             .as_ref()
             .ok_or_else(|| CliperFileError::NoDescriptor(self.path.clone()))
+    }
+
+    /// The trained temporal module, when the checkpoint has one.
+    pub fn temporal_module(
+        &self,
+        embed_dim: usize,
+        device: &candle_core::Device,
+    ) -> Result<Option<crate::model::temporal::TemporalModule>, crate::model::temporal::TemporalError>
+    {
+        if self.temporal.keys().all(|k| k.starts_with("optim.")) {
+            return Ok(None);
+        }
+        let heads = self
+            .metadata
+            .get("temporal_heads")
+            .and_then(|h| h.parse().ok());
+        crate::model::temporal::TemporalModule::from_tensors(
+            &self.temporal,
+            heads,
+            embed_dim,
+            device,
+        )
+        .map(Some)
+        .map_err(|e| match e {
+            crate::model::temporal::TemporalError::Candle(c) => {
+                crate::model::temporal::TemporalError::Candle(c)
+            }
+            other => other,
+        })
     }
 
     /// Replaces the base model's vision tensors with the fine-tuned ones,

@@ -1,0 +1,181 @@
+//! The descriptor panel: which of the 35 expression descriptors fire for the
+//! selected face. The top ones are listed with their logits and what they
+//! say (the sentence of a zero-shot descriptor, the nearest vocabulary words
+//! of a learned one); all 35 are shown as a 7x5 grid.
+
+use eframe::egui::{
+    self, Align2, Color32, CornerRadius, FontId, Rect, RichText, Sense, Stroke, StrokeKind, Vec2,
+};
+
+use super::palette::{class_color, text_on};
+use super::store::Store;
+use crate::model::cliper::bank::{BankKind, Descriptor};
+use crate::model::cliper::expressions::{CLASSES, DESCRIPTORS_PER_CLASS};
+
+pub fn show(ui: &mut egui::Ui, store: &Store, top: usize) {
+    ui.add_space(4.0);
+    ui.heading("Descriptors");
+    let Some(bank) = &store.bank else {
+        ui.horizontal(|ui| {
+            ui.spinner();
+            ui.label("waiting for the model…");
+        });
+        if let Some(e) = &store.bank_error {
+            ui.colored_label(Color32::LIGHT_RED, e);
+        }
+        return;
+    };
+    let source = if bank.source == "built-in" {
+        "built-in".to_string()
+    } else {
+        std::path::Path::new(&bank.source)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| bank.source.clone())
+    };
+    ui.label(RichText::new(format!("{} · {}", bank.kind.as_str(), source)).weak())
+        .on_hover_text(&bank.source);
+    if let Some(e) = &store.bank_error {
+        ui.colored_label(Color32::LIGHT_RED, e);
+    }
+    let Some(face) = store.selected_face() else {
+        ui.add_space(8.0);
+        ui.label(RichText::new("No face yet: the descriptors light up when one is found.").weak());
+        return;
+    };
+    let logits = &face.shown.logits;
+    if logits.len() != bank.descriptors.len() {
+        return;
+    }
+    ui.add_space(6.0);
+    ui.label(RichText::new(format!("Top {top} for face #{}", face.id)).strong());
+    egui::ScrollArea::vertical()
+        .id_salt("top-descriptors")
+        .max_height((ui.available_height() - 250.0).max(120.0))
+        .show(ui, |ui| {
+            for (rank, &i) in face.shown.ranked().iter().take(top).enumerate() {
+                descriptor_row(ui, rank, &bank.descriptors[i], logits[i], bank.kind);
+            }
+        });
+    ui.add_space(8.0);
+    ui.label(RichText::new("All 35 (logit = cosine / 0.01)").strong());
+    grid(ui, &bank.descriptors, logits);
+}
+
+fn descriptor_row(ui: &mut egui::Ui, rank: usize, d: &Descriptor, logit: f32, kind: BankKind) {
+    let color = class_color(d.class);
+    ui.horizontal_top(|ui| {
+        ui.label(RichText::new(format!("{}.", rank + 1)).monospace().weak());
+        let (chip, _) = ui.allocate_exact_size(Vec2::new(64.0, 18.0), Sense::hover());
+        ui.painter().rect_filled(chip, CornerRadius::same(3), color);
+        ui.painter().text(
+            chip.center(),
+            Align2::CENTER_CENTER,
+            format!("{} {}", short(CLASSES[d.class]), d.index + 1),
+            FontId::proportional(12.0),
+            text_on(color),
+        );
+        ui.label(RichText::new(format!("{logit:6.2}")).monospace());
+        let text = match kind {
+            BankKind::ZeroShot => RichText::new(&d.text),
+            BankKind::Learned => RichText::new(format!("“{}”", d.text)).italics(),
+        };
+        let r = ui.add(egui::Label::new(text).wrap());
+        if let Some(words) = &d.words {
+            r.on_hover_ui(|ui| {
+                ui.label("Nearest vocabulary words of each learned token:");
+                egui::Grid::new("words").striped(true).show(ui, |ui| {
+                    for (slot, ws) in words.iter().enumerate() {
+                        ui.label(format!("token {}", slot + 1));
+                        ui.label(ws.join(", "));
+                        ui.end_row();
+                    }
+                });
+            });
+        }
+    });
+}
+
+/// The 7x5 grid: one row per class, one cell per descriptor, shaded by logit.
+fn grid(ui: &mut egui::Ui, descriptors: &[Descriptor], logits: &[f32]) {
+    let (lo, hi) = logits
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
+    let range = (hi - lo).max(1e-6);
+    let label_w = 72.0;
+    let cols = DESCRIPTORS_PER_CLASS as f32;
+    let w = ui.available_width();
+    let cell = Vec2::new(((w - label_w) / cols - 3.0).max(30.0), 24.0);
+    let total = Vec2::new(w, (cell.y + 3.0) * CLASSES.len() as f32);
+    let (rect, response) = ui.allocate_exact_size(total, Sense::hover());
+    let painter = ui.painter_at(rect);
+    let mut hovered = None;
+    for (c, name) in CLASSES.iter().enumerate() {
+        let y = rect.top() + c as f32 * (cell.y + 3.0);
+        painter.text(
+            egui::pos2(rect.left(), y + cell.y / 2.0),
+            Align2::LEFT_CENTER,
+            *name,
+            FontId::proportional(13.0),
+            class_color(c),
+        );
+        for k in 0..DESCRIPTORS_PER_CLASS {
+            let i = c * DESCRIPTORS_PER_CLASS + k;
+            let Some(&l) = logits.get(i) else { continue };
+            let r = Rect::from_min_size(
+                egui::pos2(rect.left() + label_w + k as f32 * (cell.x + 3.0), y),
+                cell,
+            );
+            let strength = ((l - lo) / range).clamp(0.0, 1.0);
+            let fill = class_color(c).gamma_multiply(0.12 + 0.88 * strength * strength);
+            painter.rect_filled(r, CornerRadius::same(3), fill);
+            let text_color = if strength > 0.55 {
+                text_on(class_color(c))
+            } else {
+                Color32::from_gray(220)
+            };
+            painter.text(
+                r.center(),
+                Align2::CENTER_CENTER,
+                format!("{l:.1}"),
+                FontId::monospace(12.0),
+                text_color,
+            );
+            if response.hover_pos().is_some_and(|p| r.contains(p)) {
+                painter.rect_stroke(
+                    r,
+                    CornerRadius::same(3),
+                    Stroke::new(1.5, Color32::WHITE),
+                    StrokeKind::Inside,
+                );
+                hovered = Some(i);
+            }
+        }
+    }
+    if let Some(i) = hovered {
+        if let Some(d) = descriptors.get(i) {
+            response.on_hover_ui_at_pointer(|ui| {
+                ui.label(
+                    RichText::new(format!("{} #{}", CLASSES[d.class], d.index + 1))
+                        .color(class_color(d.class))
+                        .strong(),
+                );
+                ui.label(format!("logit {:.2}", logits[i]));
+                ui.label(&d.text);
+            });
+        }
+    }
+}
+
+fn short(name: &str) -> &str {
+    match name {
+        "happiness" => "happy",
+        "surprise" => "surpr.",
+        "sadness" => "sad",
+        "disgust" => "disg.",
+        "neutral" => "neutr.",
+        other => other,
+    }
+}

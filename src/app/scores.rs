@@ -1,0 +1,150 @@
+//! The selected face's scores: a bar chart of the 7 class probabilities and
+//! a scrolling timeline of the last N seconds of each class.
+
+use eframe::egui::{self, RichText};
+use egui_plot::{Bar, BarChart, GridMark, Line, Plot, PlotPoints};
+
+use super::palette::class_color;
+use super::store::Store;
+use crate::model::cliper::expressions::CLASSES;
+
+pub fn show(ui: &mut egui::Ui, store: &Store, timeline_secs: f32, height: f32) {
+    let face = store.selected_face();
+    ui.horizontal(|ui| {
+        match face {
+            Some(h) => {
+                let c = h.shown.predicted;
+                ui.label(RichText::new(format!("Face #{}", h.id)).strong());
+                ui.label(
+                    RichText::new(format!("{} {:.0}%", CLASSES[c], h.shown.probs[c] * 100.0))
+                        .color(class_color(c))
+                        .strong(),
+                );
+            }
+            None => {
+                ui.label(RichText::new("No face selected").weak());
+            }
+        }
+        // One legend for both plots, in class order.
+        ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+            for (c, name) in CLASSES.iter().enumerate().rev() {
+                ui.label(RichText::new(*name).color(class_color(c)).small());
+            }
+        });
+    });
+    let plot_h = (height - 28.0).max(120.0);
+    ui.horizontal(|ui| {
+        let w = ui.available_width();
+        let bar_w = (w * 0.4).max(220.0);
+        ui.allocate_ui(egui::vec2(bar_w, plot_h), |ui| bars(ui, store, plot_h));
+        ui.allocate_ui(egui::vec2(ui.available_width(), plot_h), |ui| {
+            timeline(ui, store, timeline_secs, plot_h)
+        });
+    });
+}
+
+fn bars(ui: &mut egui::Ui, store: &Store, h: f32) {
+    let probs = store
+        .selected_face()
+        .map(|f| f.shown.probs.clone())
+        .unwrap_or_else(|| vec![0.0; CLASSES.len()]);
+    let bars: Vec<Bar> = probs
+        .iter()
+        .enumerate()
+        .map(|(c, &p)| {
+            Bar::new(c as f64, f64::from(p))
+                .width(0.72)
+                .fill(class_color(c))
+                .name(CLASSES[c])
+        })
+        .collect();
+    Plot::new("class-probabilities")
+        .height(h)
+        .allow_drag(false)
+        .allow_zoom(false)
+        .allow_scroll(false)
+        .allow_boxed_zoom(false)
+        .allow_double_click_reset(false)
+        .show_x(false)
+        .show_grid([false, true])
+        .x_grid_spacer(|_| {
+            (0..7)
+                .map(|i| GridMark {
+                    value: i as f64,
+                    step_size: 1.0,
+                })
+                .collect()
+        })
+        .default_x_bounds(-0.6, 6.6)
+        .default_y_bounds(0.0, 1.0)
+        .y_axis_min_width(28.0)
+        .x_axis_formatter(|mark, _| {
+            let i = mark.value.round();
+            if (mark.value - i).abs() < 1e-6 && (0.0..7.0).contains(&i) {
+                short(CLASSES[i as usize]).to_string()
+            } else {
+                String::new()
+            }
+        })
+        .y_axis_formatter(|mark, _| format!("{:.0}%", mark.value * 100.0))
+        .show(ui, |p| {
+            p.set_plot_bounds_x(-0.6..=6.6);
+            p.set_plot_bounds_y(0.0..=1.0);
+            p.bar_chart(
+                BarChart::new("probability", bars).element_formatter(Box::new(|b, _| {
+                    format!("{}: {:.1}%", b.name, b.value * 100.0)
+                })),
+            );
+        });
+}
+
+fn timeline(ui: &mut egui::Ui, store: &Store, secs: f32, h: f32) {
+    let now = store.now();
+    let span = f64::from(secs);
+    let face = store.selected_face();
+    Plot::new("class-timeline")
+        .height(h)
+        .allow_drag(false)
+        .allow_zoom(false)
+        .allow_scroll(false)
+        .allow_boxed_zoom(false)
+        .allow_double_click_reset(false)
+        .y_axis_min_width(28.0)
+        .x_axis_formatter(|mark, _| {
+            if mark.value.abs() < 1e-9 {
+                "now".to_string()
+            } else {
+                format!("{:.0} s", mark.value)
+            }
+        })
+        .y_axis_formatter(|mark, _| format!("{:.0}%", mark.value * 100.0))
+        .show(ui, |p| {
+            p.set_plot_bounds_x(-span..=0.0);
+            p.set_plot_bounds_y(0.0..=1.0);
+            if let Some(f) = face {
+                for (c, name) in CLASSES.iter().enumerate() {
+                    let pts: Vec<[f64; 2]> = f
+                        .timeline
+                        .iter()
+                        .filter(|(t, _)| now - t <= span)
+                        .map(|(t, p)| [t - now, f64::from(p[c])])
+                        .collect();
+                    p.line(
+                        Line::new(*name, PlotPoints::new(pts))
+                            .color(class_color(c))
+                            .width(if c == f.shown.predicted { 2.5 } else { 1.5 }),
+                    );
+                }
+            }
+        });
+}
+
+/// Class names short enough for the bar chart's axis.
+fn short(name: &str) -> &str {
+    match name {
+        "happiness" => "happy",
+        "surprise" => "surprise",
+        "sadness" => "sad",
+        other => other,
+    }
+}

@@ -1,0 +1,226 @@
+//! The video panel: the newest frame with its face boxes, track ids and top
+//! expression; click a face to select it. Also shows what the source is
+//! doing (opening, failed, ended) with the buttons to recover.
+
+use eframe::egui::{
+    self, Align2, Color32, CornerRadius, FontId, Pos2, Rect, RichText, Sense, Stroke, StrokeKind,
+    TextureHandle, TextureOptions, Vec2,
+};
+
+use super::palette::{class_color, text_on};
+use super::store::{ModelState, SourceState, Store};
+use super::Action;
+use crate::model::cliper::expressions::CLASSES;
+use crate::vision::source::SourceSpec;
+
+#[derive(Default)]
+pub struct VideoView {
+    texture: Option<TextureHandle>,
+    /// (generation, seq) of the frame in the texture.
+    shown: Option<(u64, u64)>,
+}
+
+pub fn show(
+    ui: &mut egui::Ui,
+    view: &mut VideoView,
+    store: &mut Store,
+    notice: Option<&str>,
+    source: &SourceSpec,
+    actions: &mut Vec<Action>,
+) {
+    if let Some(n) = notice {
+        egui::Frame::new()
+            .fill(Color32::from_rgb(40, 62, 90))
+            .corner_radius(CornerRadius::same(4))
+            .inner_margin(egui::Margin::symmetric(10, 6))
+            .show(ui, |ui| {
+                ui.set_width(ui.available_width());
+                ui.label(RichText::new(n).color(Color32::WHITE));
+            });
+    }
+    let (rect, response) = ui.allocate_exact_size(ui.available_size(), Sense::click());
+    let painter = ui.painter_at(rect);
+    painter.rect_filled(rect, CornerRadius::same(4), Color32::from_gray(14));
+
+    let frame = store.frame.clone();
+    let mut image_rect = None;
+    if let Some(f) = &frame {
+        let key = (f.generation, f.seq);
+        if view.shown != Some(key) {
+            let (w, h) = f.image.dimensions();
+            let img = egui::ColorImage::from_rgb([w as usize, h as usize], f.image.as_raw());
+            match &mut view.texture {
+                Some(t) => t.set(img, TextureOptions::LINEAR),
+                None => {
+                    view.texture = Some(ui.ctx().load_texture("video", img, TextureOptions::LINEAR))
+                }
+            }
+            view.shown = Some(key);
+        }
+        if let Some(tex) = &view.texture {
+            let size = tex.size_vec2();
+            let scale = (rect.width() / size.x).min(rect.height() / size.y);
+            let r = Rect::from_center_size(rect.center(), size * scale);
+            painter.image(
+                tex.id(),
+                r,
+                Rect::from_min_max(Pos2::ZERO, Pos2::new(1.0, 1.0)),
+                Color32::WHITE,
+            );
+            image_rect = Some((r, scale));
+        }
+        store.mark_frame_shown();
+    }
+
+    if let (Some(f), Some((r, scale))) = (&frame, image_rect) {
+        let to_screen = |x: u32, y: u32| r.min + Vec2::new(x as f32, y as f32) * scale;
+        let mut clicked_face = None;
+        for tf in &f.faces {
+            let b = tf.bbox;
+            let bx = Rect::from_min_max(to_screen(b.x, b.y), to_screen(b.x + b.w, b.y + b.h));
+            let history = store.faces.get(&tf.id);
+            let (color, label) = match history {
+                Some(h) => {
+                    let c = h.shown.predicted;
+                    (
+                        class_color(c),
+                        format!(
+                            "#{}  {} {:.0}%",
+                            tf.id,
+                            CLASSES[c],
+                            h.shown.probs[c] * 100.0
+                        ),
+                    )
+                }
+                None => (Color32::WHITE, format!("#{}", tf.id)),
+            };
+            let selected = store.selected == Some(tf.id);
+            if selected {
+                painter.rect_stroke(
+                    bx.expand(3.0),
+                    CornerRadius::same(3),
+                    Stroke::new(5.0, color.gamma_multiply(0.35)),
+                    StrokeKind::Outside,
+                );
+            }
+            painter.rect_stroke(
+                bx,
+                CornerRadius::same(2),
+                Stroke::new(if selected { 3.0 } else { 2.0 }, color),
+                StrokeKind::Outside,
+            );
+            let font = FontId::proportional(15.0);
+            let galley = painter.layout_no_wrap(label, font, text_on(color));
+            let pad = Vec2::new(6.0, 2.0);
+            let mut tag = Rect::from_min_size(
+                Pos2::new(
+                    bx.left() - 2.0,
+                    bx.top() - galley.size().y - 2.0 * pad.y - 3.0,
+                ),
+                galley.size() + 2.0 * pad,
+            );
+            if tag.top() < rect.top() {
+                tag = tag.translate(Vec2::new(0.0, bx.height() + tag.height() + 6.0));
+            }
+            painter.rect_filled(tag, CornerRadius::same(3), color);
+            painter.galley(tag.min + pad, galley, Color32::BLACK);
+            if let Some(pos) = response.interact_pointer_pos() {
+                if response.clicked() && bx.expand(4.0).contains(pos) {
+                    clicked_face = Some(tf.id);
+                }
+            }
+        }
+        if let Some(id) = clicked_face {
+            actions.push(Action::SelectFace(id));
+        }
+        if f.faces.is_empty() && matches!(store.source_state, SourceState::Playing) {
+            overlay_label(
+                &painter,
+                r.left_bottom() + Vec2::new(10.0, -10.0),
+                Align2::LEFT_BOTTOM,
+                "no face found",
+            );
+        }
+        if let ModelState::Loading = store.model {
+            overlay_label(
+                &painter,
+                r.left_top() + Vec2::new(10.0, 10.0),
+                Align2::LEFT_TOP,
+                "loading the expression model…",
+            );
+        }
+    }
+
+    // Source state over the picture.
+    match store.source_state.clone() {
+        SourceState::Opening(spec) if frame.is_none() => {
+            let mut ui = ui.new_child(egui::UiBuilder::new().max_rect(Rect::from_center_size(
+                rect.center(),
+                Vec2::new(360.0, 60.0),
+            )));
+            ui.vertical_centered(|ui| {
+                ui.spinner();
+                ui.label(format!("Opening {}…", spec.label()));
+            });
+        }
+        SourceState::Failed { spec, error } => {
+            let r =
+                Rect::from_center_size(rect.center(), Vec2::new(rect.width().min(560.0), 170.0));
+            painter.rect_filled(
+                r,
+                CornerRadius::same(6),
+                Color32::from_rgba_unmultiplied(60, 20, 20, 235),
+            );
+            let mut ui = ui.new_child(egui::UiBuilder::new().max_rect(r.shrink(14.0)));
+            ui.vertical(|ui| {
+                ui.label(
+                    RichText::new(format!("{} stopped", spec.label()))
+                        .strong()
+                        .color(Color32::WHITE),
+                );
+                ui.label(RichText::new(error).color(Color32::from_gray(230)));
+                ui.add_space(6.0);
+                ui.horizontal(|ui| {
+                    let retry = if spec.is_camera() {
+                        "Reconnect"
+                    } else {
+                        "Try again"
+                    };
+                    if ui.button(retry).clicked() {
+                        actions.push(Action::SetSource(spec.clone()));
+                    }
+                    if *source != SourceSpec::Demo && ui.button("Use the demo").clicked() {
+                        actions.push(Action::SetSource(SourceSpec::Demo));
+                    }
+                });
+            });
+        }
+        SourceState::Ended { frames } => {
+            let r = Rect::from_min_size(
+                rect.left_bottom() + Vec2::new(12.0, -48.0),
+                Vec2::new(330.0, 36.0),
+            );
+            painter.rect_filled(r, CornerRadius::same(6), Color32::from_black_alpha(200));
+            let mut ui =
+                ui.new_child(egui::UiBuilder::new().max_rect(r.shrink2(Vec2::new(10.0, 6.0))));
+            ui.horizontal(|ui| {
+                ui.label(
+                    RichText::new(format!("End of the source ({frames} frames)"))
+                        .color(Color32::WHITE),
+                );
+                if ui.button("Replay").clicked() {
+                    actions.push(Action::SetSource(source.clone()));
+                }
+            });
+        }
+        _ => {}
+    }
+}
+
+fn overlay_label(painter: &egui::Painter, pos: Pos2, align: Align2, text: &str) {
+    let galley =
+        painter.layout_no_wrap(text.to_string(), FontId::proportional(14.0), Color32::WHITE);
+    let r = align.anchor_size(pos, galley.size() + Vec2::new(12.0, 6.0));
+    painter.rect_filled(r, CornerRadius::same(4), Color32::from_black_alpha(170));
+    painter.galley(r.min + Vec2::new(6.0, 3.0), galley, Color32::WHITE);
+}

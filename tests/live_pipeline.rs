@@ -1,0 +1,443 @@
+//! The live pipeline end to end: frame sources (image folder, MP4/H.264,
+//! MJPEG AVI) through detection, tracking, encoding and scoring with a tiny
+//! CLIP model; `cliper run`; bad videos; and the window under Xvfb.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use cliper::pipeline::setup::ModelSpec;
+use cliper::pipeline::worker::{FrameScores, Pipeline, PipelineConfig, PipelineEvent, RunMode};
+use cliper::vision::source::{SourceSpec, DEFAULT_IMAGE_FPS};
+use common::*;
+use image::{imageops, RgbImage};
+
+fn weights() -> String {
+    fixtures().join("clip_c_hf16").to_string_lossy().into_owned()
+}
+
+fn astronaut() -> RgbImage {
+    image::open(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/astronaut.png"))
+        .unwrap()
+        .to_rgb8()
+}
+
+/// Frame `i` of a two-person scene: two copies of the portrait side by side,
+/// drifting a few pixels per frame in opposite directions.
+fn two_faces(portrait: &RgbImage, i: u32) -> RgbImage {
+    let mut canvas = RgbImage::from_pixel(1120, 560, image::Rgb([30, 30, 40]));
+    imageops::overlay(&mut canvas, portrait, 10 + 4 * i as i64, 20);
+    imageops::overlay(&mut canvas, portrait, 590 - 3 * i as i64, 30 + 2 * i as i64);
+    canvas
+}
+
+fn write_frames(dir: &Path, n: u32) -> Vec<RgbImage> {
+    let portrait = astronaut();
+    (0..n)
+        .map(|i| {
+            let f = two_faces(&portrait, i);
+            f.save(dir.join(format!("frame{i}.png"))).unwrap();
+            f
+        })
+        .collect()
+}
+
+fn run_batch(source: SourceSpec, max_frames: Option<u64>) -> Vec<FrameScores> {
+    let model = ModelSpec {
+        weights: Some(weights().into()),
+        ..Default::default()
+    };
+    let mut config = PipelineConfig::new(source, model, RunMode::Batch);
+    config.max_frames = max_frames;
+    let pipeline = Pipeline::start(config, || {});
+    let mut out = Vec::new();
+    for ev in pipeline.events.iter() {
+        match ev {
+            PipelineEvent::Scores(s) => out.push(s),
+            PipelineEvent::SourceFailed { error, .. } => panic!("source failed: {error}"),
+            PipelineEvent::ModelFailed(e) => panic!("model failed: {e}"),
+            PipelineEvent::Finished => break,
+            _ => {}
+        }
+    }
+    pipeline.join();
+    out
+}
+
+/// Every frame is scored, in order, with both faces under the same ids.
+fn assert_two_stable_faces(results: &[FrameScores], n: usize) {
+    assert_eq!(results.len(), n, "one result per frame");
+    let mut left_ids = BTreeSet::new();
+    let mut right_ids = BTreeSet::new();
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.index, i as u64, "frames in order");
+        assert_eq!(r.faces.len(), 2, "frame {i}: {:?}", r.faces.len());
+        let mut faces = r.faces.clone();
+        faces.sort_by_key(|f| f.face.bbox.x);
+        left_ids.insert(faces[0].id);
+        right_ids.insert(faces[1].id);
+        for f in &faces {
+            let s = &f.face.scores;
+            assert_eq!((s.logits.len(), s.probs.len()), (35, 7));
+            assert!((s.probs.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+            assert_eq!(f.face.embedding.len(), 16, "tiny model embedding width");
+            let norm: f32 = f.face.embedding.iter().map(|v| v * v).sum();
+            assert!((norm - 1.0).abs() < 1e-3, "embedding is normalised: {norm}");
+        }
+        // The face boxes follow the drift: left moves right, right moves left.
+        assert!(faces[0].face.bbox.x < 400 && faces[1].face.bbox.x > 560);
+    }
+    assert_eq!(left_ids.len(), 1, "left face keeps one id: {left_ids:?}");
+    assert_eq!(right_ids.len(), 1, "right face keeps one id: {right_ids:?}");
+    assert_ne!(left_ids, right_ids);
+    // The left face drifted right by 4 px a frame.
+    let first = results[0].faces.iter().map(|f| f.face.bbox.x).min().unwrap();
+    let last = results[n - 1].faces.iter().map(|f| f.face.bbox.x).min().unwrap();
+    assert!(
+        (last as i64 - first as i64 - 4 * (n as i64 - 1)).abs() <= 12,
+        "left face moved {first} -> {last}"
+    );
+}
+
+#[test]
+fn image_folder_gives_every_face_with_stable_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    write_frames(dir.path(), 10);
+    let results = run_batch(
+        SourceSpec::Folder {
+            path: dir.path().to_path_buf(),
+            fps: DEFAULT_IMAGE_FPS,
+        },
+        None,
+    );
+    assert_two_stable_faces(&results, 10);
+    assert!((results[3].t - 3.0 / DEFAULT_IMAGE_FPS).abs() < 1e-9);
+}
+
+/// Encodes frames as H.264 (OpenH264) in an MP4 container.
+fn write_mp4(path: &Path, frames: &[RgbImage], fps: u32) {
+    use openh264::encoder::Encoder;
+    use openh264::formats::{RgbSliceU8, YUVBuffer};
+    let (w, h) = frames[0].dimensions();
+    let mut enc = Encoder::new().unwrap();
+    let mut samples = Vec::new();
+    let (mut sps, mut pps) = (None, None);
+    for f in frames {
+        let yuv = YUVBuffer::from_rgb8_source(RgbSliceU8::new(f.as_raw(), (w as usize, h as usize)));
+        let annexb = enc.encode(&yuv).unwrap().to_vec();
+        let mut sample = Vec::new();
+        let mut sync = false;
+        for nal in split_annexb(&annexb) {
+            match nal[0] & 0x1f {
+                7 => sps = Some(nal.to_vec()),
+                8 => pps = Some(nal.to_vec()),
+                t => {
+                    sync |= t == 5;
+                    sample.extend((nal.len() as u32).to_be_bytes());
+                    sample.extend(nal);
+                }
+            }
+        }
+        samples.push((sample, sync));
+    }
+    let file = std::fs::File::create(path).unwrap();
+    let config = mp4::Mp4Config {
+        major_brand: str::parse("isom").unwrap(),
+        minor_version: 512,
+        compatible_brands: vec![str::parse("isom").unwrap(), str::parse("avc1").unwrap()],
+        timescale: 1000,
+    };
+    let mut writer = mp4::Mp4Writer::write_start(file, &config).unwrap();
+    writer
+        .add_track(&mp4::TrackConfig {
+            track_type: mp4::TrackType::Video,
+            timescale: fps * 100,
+            language: "und".into(),
+            media_conf: mp4::MediaConfig::AvcConfig(mp4::AvcConfig {
+                width: w as u16,
+                height: h as u16,
+                seq_param_set: sps.unwrap(),
+                pic_param_set: pps.unwrap(),
+            }),
+        })
+        .unwrap();
+    for (i, (bytes, is_sync)) in samples.into_iter().enumerate() {
+        writer
+            .write_sample(
+                1,
+                &mp4::Mp4Sample {
+                    start_time: i as u64 * 100,
+                    duration: 100,
+                    rendering_offset: 0,
+                    is_sync,
+                    bytes: bytes.into(),
+                },
+            )
+            .unwrap();
+    }
+    writer.write_end().unwrap();
+}
+
+/// NAL units of an Annex B stream, without start codes.
+fn split_annexb(data: &[u8]) -> Vec<&[u8]> {
+    let mut starts = Vec::new();
+    let mut i = 0;
+    while i + 3 <= data.len() {
+        if data[i] == 0 && data[i + 1] == 0 && data[i + 2] == 1 {
+            starts.push(i + 3);
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    starts
+        .iter()
+        .enumerate()
+        .map(|(k, &s)| {
+            let mut end = starts.get(k + 1).map_or(data.len(), |&n| n - 3);
+            while end > s && data[end - 1] == 0 {
+                end -= 1;
+            }
+            &data[s..end]
+        })
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
+#[test]
+fn mp4_h264_video_gives_every_face_with_stable_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let portrait = astronaut();
+    let frames: Vec<RgbImage> = (0..8).map(|i| two_faces(&portrait, i)).collect();
+    let path = dir.path().join("two.mp4");
+    write_mp4(&path, &frames, 25);
+    let results = run_batch(SourceSpec::parse(path.to_str().unwrap(), None).unwrap(), None);
+    assert_two_stable_faces(&results, 8);
+    assert!((results[1].t - 0.04).abs() < 1e-6, "t from the track's rate");
+
+    // `cliper run` stops cleanly at the end of the file and reports every frame.
+    let (code, out, err) = cliper(&["run", "--source", path.to_str().unwrap(), "--weights", &weights(), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 8, "{out}");
+
+    // A truncated file is a clean error, not a panic.
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = dir.path().join("cut.mp4");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    let (code, _out, err) = cliper(&["run", "--source", cut.to_str().unwrap(), "--weights", &weights(), "--json"]);
+    assert_ne!(code, 0);
+    assert!(!err.contains("panicked") && err.contains("cut.mp4"), "{err}");
+}
+
+#[test]
+fn mjpeg_avi_plays() {
+    let dir = tempfile::tempdir().unwrap();
+    let portrait = astronaut();
+    let frames: Vec<Vec<u8>> = (0..5)
+        .map(|i| {
+            let mut buf = Vec::new();
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 85)
+                .encode_image(&two_faces(&portrait, i))
+                .unwrap();
+            buf
+        })
+        .collect();
+    let path = dir.path().join("two.avi");
+    std::fs::write(&path, avi_bytes(1120, 560, 10, &frames)).unwrap();
+    let results = run_batch(SourceSpec::parse(path.to_str().unwrap(), None).unwrap(), None);
+    assert_two_stable_faces(&results, 5);
+    assert!((results[2].t - 0.2).abs() < 1e-9);
+}
+
+/// A minimal MJPEG AVI: RIFF, hdrl with one video stream, movi with `00dc` chunks.
+fn avi_bytes(w: u32, h: u32, fps: u32, frames: &[Vec<u8>]) -> Vec<u8> {
+    fn chunk(id: &[u8], body: &[u8]) -> Vec<u8> {
+        let mut v = id.to_vec();
+        v.extend((body.len() as u32).to_le_bytes());
+        v.extend(body);
+        if body.len() % 2 == 1 {
+            v.push(0);
+        }
+        v
+    }
+    fn list(kind: &[u8], body: &[u8]) -> Vec<u8> {
+        chunk(b"LIST", &[kind, body].concat())
+    }
+    let le = |v: u32| v.to_le_bytes();
+    let mut avih = vec![0u8; 56];
+    avih[0..4].copy_from_slice(&le(1_000_000 / fps));
+    avih[32..36].copy_from_slice(&le(w));
+    avih[36..40].copy_from_slice(&le(h));
+    let mut strh = vec![0u8; 56];
+    strh[0..4].copy_from_slice(b"vids");
+    strh[4..8].copy_from_slice(b"MJPG");
+    strh[20..24].copy_from_slice(&le(1));
+    strh[24..28].copy_from_slice(&le(fps));
+    let mut strf = vec![0u8; 40];
+    strf[0..4].copy_from_slice(&le(40));
+    strf[4..8].copy_from_slice(&le(w));
+    strf[8..12].copy_from_slice(&le(h));
+    strf[14..16].copy_from_slice(&24u16.to_le_bytes());
+    strf[16..20].copy_from_slice(b"MJPG");
+    let strl = list(b"strl", &[chunk(b"strh", &strh), chunk(b"strf", &strf)].concat());
+    let hdrl = list(b"hdrl", &[chunk(b"avih", &avih), strl].concat());
+    let movi = list(b"movi", &frames.iter().flat_map(|f| chunk(b"00dc", f)).collect::<Vec<u8>>());
+    chunk(b"RIFF", &[b"AVI ".as_slice(), &hdrl, &movi].concat())
+}
+
+#[test]
+fn cliper_run_prints_one_json_line_per_frame() {
+    let img = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/astronaut.png");
+    let (code, out, err) = cliper(&[
+        "run",
+        "--source",
+        img.to_str().unwrap(),
+        "--frames",
+        "20",
+        "--json",
+        "--weights",
+        &weights(),
+        "--top",
+        "3",
+        "--probe",
+        "a smiling astronaut",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 20, "{out}");
+    for (i, line) in lines.iter().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["frame"], i as u64);
+        assert!((v["t"].as_f64().unwrap() - i as f64 / DEFAULT_IMAGE_FPS).abs() < 1e-6);
+        let faces = v["faces"].as_array().unwrap();
+        assert_eq!(faces.len(), 1, "{line}");
+        let f = &faces[0];
+        assert_eq!(f["id"], 1, "the one face keeps id 1");
+        let b: Vec<u64> = serde_json::from_value(f["box"].clone()).unwrap();
+        assert!(b[0] > 150 && b[0] < 220 && b[2] > 60, "box {b:?}");
+        let classes = f["classes"].as_array().unwrap();
+        assert_eq!(classes.len(), 7);
+        let best = classes
+            .iter()
+            .max_by(|a, b| a["score"].as_f64().unwrap().total_cmp(&b["score"].as_f64().unwrap()))
+            .unwrap();
+        assert_eq!(f["predicted"], best["name"]);
+        assert_eq!(f["descriptors"].as_array().unwrap().len(), 3);
+        assert_eq!(f["probe"]["text"], "a smiling astronaut");
+        assert!(f["probe"]["logit"].as_f64().unwrap().abs() <= 100.0);
+    }
+    // The same still gives the same scores every frame.
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(lines[0]).unwrap()["faces"],
+        serde_json::from_str::<serde_json::Value>(lines[19]).unwrap()["faces"]
+    );
+}
+
+#[test]
+fn bad_sources_are_clean_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad_mp4 = dir.path().join("corrupt.mp4");
+    std::fs::write(&bad_mp4, b"\0\0\0\x18ftypisom\0\0\0\0\0\0\x10\0moovgarbage-garbage").unwrap();
+    let w = weights();
+    let err = assert_clean_error(
+        &["run", "--source", bad_mp4.to_str().unwrap(), "--weights", &w],
+        "corrupt.mp4",
+    );
+    assert!(err.contains("MP4"), "{err}");
+    let bad_avi = dir.path().join("corrupt.avi");
+    std::fs::write(&bad_avi, b"RIFF\x10\0\0\0AVI LIST\x04\0\0\0movi").unwrap();
+    assert_clean_error(
+        &["run", "--source", bad_avi.to_str().unwrap(), "--weights", &w],
+        "corrupt.avi",
+    );
+    let empty = tempfile::tempdir().unwrap();
+    assert_clean_error(
+        &["run", "--source", empty.path().to_str().unwrap(), "--weights", &w],
+        "holds no images",
+    );
+    assert_clean_error(&["run", "--source", "/no/such/clip.mp4", "--weights", &w], "not found");
+    assert_clean_error(&["run", "--weights", &w], "--source");
+    let shot_dir = dir.path().join("missing-folder").join("shot.png");
+    assert_clean_error(
+        &["live", "--source", "demo", "--exit-after", "1", "--screenshot", shot_dir.to_str().unwrap()],
+        "does not exist",
+    );
+}
+
+fn xvfb_run() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("xvfb-run"))
+        .find(|p| p.is_file())
+}
+
+/// Runs `cliper live ARGS --exit-after S --screenshot shot.png` under Xvfb;
+/// returns the screenshot and stderr.
+fn live_screenshot(args: &[&str], secs: &str) -> Option<(RgbImage, String)> {
+    let Some(xvfb) = xvfb_run() else {
+        println!("NOTICE: xvfb-run not found; skipping the window test (CI installs xvfb)");
+        return None;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let shot = dir.path().join("shot.png");
+    let out = std::process::Command::new(xvfb)
+        .args(["-a", "-s", "-screen 0 1600x1000x24", env!("CARGO_BIN_EXE_cliper"), "live"])
+        .args(args)
+        .args(["--exit-after", secs, "--screenshot", shot.to_str().unwrap()])
+        // Keep saved settings out of the user's home and the test's way.
+        .env("XDG_DATA_HOME", dir.path())
+        .env("HOME", dir.path())
+        .output()
+        .expect("run xvfb-run");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "cliper live failed: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let img = image::open(&shot)
+        .unwrap_or_else(|e| panic!("no screenshot ({e}); stderr: {err}"))
+        .to_rgb8();
+    Some((img, err))
+}
+
+/// Standard deviation of the luminance: a blank window is near 0.
+fn luma_std(img: &RgbImage) -> f64 {
+    let l: Vec<f64> = img
+        .pixels()
+        .map(|p| 0.299 * p[0] as f64 + 0.587 * p[1] as f64 + 0.114 * p[2] as f64)
+        .collect();
+    let mean = l.iter().sum::<f64>() / l.len() as f64;
+    (l.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / l.len() as f64).sqrt()
+}
+
+#[test]
+fn live_window_runs_the_demo_and_saves_a_screenshot() {
+    let Some((img, err)) = live_screenshot(&["--source", "demo", "--weights", &weights()], "8") else {
+        return;
+    };
+    assert!(img.width() >= 900 && img.height() >= 600, "{:?}", img.dimensions());
+    assert!(luma_std(&img) > 25.0, "screenshot looks blank");
+    // The orange of the astronaut's suit is in the video panel.
+    let orange = img
+        .pixels()
+        .filter(|p| p[0] > 180 && p[1] > 60 && p[1] < 140 && p[2] < 70)
+        .count();
+    assert!(orange > 5_000, "the video frame is not on screen ({orange} orange pixels)");
+    // The session report: frames were shown and scored.
+    let report = err.lines().find(|l| l.starts_with("live session:")).unwrap_or_else(|| panic!("{err}"));
+    let scored: u64 = report
+        .split(", ")
+        .find_map(|p| p.strip_suffix(" scored"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{report}"));
+    assert!(scored > 5, "{report}");
+}
+
+#[test]
+fn live_window_without_weights_shows_the_first_run_screen() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-weights-here");
+    let Some((img, _)) = live_screenshot(&["--source", "demo", "--weights", missing.to_str().unwrap()], "3") else {
+        return;
+    };
+    assert!(luma_std(&img) > 5.0, "first-run screen looks blank");
+}
