@@ -229,7 +229,7 @@ struct LiveArgs {
     #[arg(long, value_name = "SECONDS")]
     exit_after: Option<f64>,
     /// Save a PNG of the window just before it closes (use with --exit-after).
-    #[arg(long, value_name = "PATH", requires = "exit_after")]
+    #[arg(long, value_name = "PATH")]
     screenshot: Option<PathBuf>,
 }
 
@@ -263,6 +263,11 @@ struct RunArgs {
 }
 
 fn live(args: LiveArgs) -> Result<()> {
+    if args.screenshot.is_some() && args.exit_after.is_none() {
+        anyhow::bail!(
+            "--screenshot needs --exit-after SECONDS: the picture is taken just before the window closes"
+        );
+    }
     let opts = cliper::app::LiveOptions {
         source: args.source.spec()?,
         model: ModelSpec {

@@ -14,7 +14,10 @@ use common::*;
 use image::{imageops, RgbImage};
 
 fn weights() -> String {
-    fixtures().join("clip_c_hf16").to_string_lossy().into_owned()
+    fixtures()
+        .join("clip_c_hf16")
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn astronaut() -> RgbImage {
@@ -81,7 +84,7 @@ fn assert_two_stable_faces(results: &[FrameScores], n: usize) {
             let s = &f.face.scores;
             assert_eq!((s.logits.len(), s.probs.len()), (35, 7));
             assert!((s.probs.iter().sum::<f32>() - 1.0).abs() < 1e-4);
-            assert_eq!(f.face.embedding.len(), 16, "tiny model embedding width");
+            assert_eq!(f.face.embedding.len(), 24, "tiny model embedding width");
             let norm: f32 = f.face.embedding.iter().map(|v| v * v).sum();
             assert!((norm - 1.0).abs() < 1e-3, "embedding is normalised: {norm}");
         }
@@ -92,8 +95,18 @@ fn assert_two_stable_faces(results: &[FrameScores], n: usize) {
     assert_eq!(right_ids.len(), 1, "right face keeps one id: {right_ids:?}");
     assert_ne!(left_ids, right_ids);
     // The left face drifted right by 4 px a frame.
-    let first = results[0].faces.iter().map(|f| f.face.bbox.x).min().unwrap();
-    let last = results[n - 1].faces.iter().map(|f| f.face.bbox.x).min().unwrap();
+    let first = results[0]
+        .faces
+        .iter()
+        .map(|f| f.face.bbox.x)
+        .min()
+        .unwrap();
+    let last = results[n - 1]
+        .faces
+        .iter()
+        .map(|f| f.face.bbox.x)
+        .min()
+        .unwrap();
     assert!(
         (last as i64 - first as i64 - 4 * (n as i64 - 1)).abs() <= 12,
         "left face moved {first} -> {last}"
@@ -117,14 +130,19 @@ fn image_folder_gives_every_face_with_stable_ids() {
 
 /// Encodes frames as H.264 (OpenH264) in an MP4 container.
 fn write_mp4(path: &Path, frames: &[RgbImage], fps: u32) {
-    use openh264::encoder::Encoder;
+    use openh264::encoder::{BitRate, Encoder, EncoderConfig};
     use openh264::formats::{RgbSliceU8, YUVBuffer};
     let (w, h) = frames[0].dimensions();
-    let mut enc = Encoder::new().unwrap();
+    // No frame skipping: every frame must be in the file.
+    let config = EncoderConfig::new()
+        .skip_frames(false)
+        .bitrate(BitRate::from_bps(4_000_000));
+    let mut enc = Encoder::with_api_config(openh264::OpenH264API::from_source(), config).unwrap();
     let mut samples = Vec::new();
     let (mut sps, mut pps) = (None, None);
     for f in frames {
-        let yuv = YUVBuffer::from_rgb8_source(RgbSliceU8::new(f.as_raw(), (w as usize, h as usize)));
+        let yuv =
+            YUVBuffer::from_rgb8_source(RgbSliceU8::new(f.as_raw(), (w as usize, h as usize)));
         let annexb = enc.encode(&yuv).unwrap().to_vec();
         let mut sample = Vec::new();
         let mut sync = false;
@@ -212,12 +230,25 @@ fn mp4_h264_video_gives_every_face_with_stable_ids() {
     let frames: Vec<RgbImage> = (0..8).map(|i| two_faces(&portrait, i)).collect();
     let path = dir.path().join("two.mp4");
     write_mp4(&path, &frames, 25);
-    let results = run_batch(SourceSpec::parse(path.to_str().unwrap(), None).unwrap(), None);
+    let results = run_batch(
+        SourceSpec::parse(path.to_str().unwrap(), None).unwrap(),
+        None,
+    );
     assert_two_stable_faces(&results, 8);
-    assert!((results[1].t - 0.04).abs() < 1e-6, "t from the track's rate");
+    assert!(
+        (results[1].t - 0.04).abs() < 1e-6,
+        "t from the track's rate"
+    );
 
     // `cliper run` stops cleanly at the end of the file and reports every frame.
-    let (code, out, err) = cliper(&["run", "--source", path.to_str().unwrap(), "--weights", &weights(), "--json"]);
+    let (code, out, err) = cliper(&[
+        "run",
+        "--source",
+        path.to_str().unwrap(),
+        "--weights",
+        &weights(),
+        "--json",
+    ]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.lines().count(), 8, "{out}");
 
@@ -225,9 +256,19 @@ fn mp4_h264_video_gives_every_face_with_stable_ids() {
     let bytes = std::fs::read(&path).unwrap();
     let cut = dir.path().join("cut.mp4");
     std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
-    let (code, _out, err) = cliper(&["run", "--source", cut.to_str().unwrap(), "--weights", &weights(), "--json"]);
+    let (code, _out, err) = cliper(&[
+        "run",
+        "--source",
+        cut.to_str().unwrap(),
+        "--weights",
+        &weights(),
+        "--json",
+    ]);
     assert_ne!(code, 0);
-    assert!(!err.contains("panicked") && err.contains("cut.mp4"), "{err}");
+    assert!(
+        !err.contains("panicked") && err.contains("cut.mp4"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -245,7 +286,10 @@ fn mjpeg_avi_plays() {
         .collect();
     let path = dir.path().join("two.avi");
     std::fs::write(&path, avi_bytes(1120, 560, 10, &frames)).unwrap();
-    let results = run_batch(SourceSpec::parse(path.to_str().unwrap(), None).unwrap(), None);
+    let results = run_batch(
+        SourceSpec::parse(path.to_str().unwrap(), None).unwrap(),
+        None,
+    );
     assert_two_stable_faces(&results, 5);
     assert!((results[2].t - 0.2).abs() < 1e-9);
 }
@@ -280,9 +324,18 @@ fn avi_bytes(w: u32, h: u32, fps: u32, frames: &[Vec<u8>]) -> Vec<u8> {
     strf[8..12].copy_from_slice(&le(h));
     strf[14..16].copy_from_slice(&24u16.to_le_bytes());
     strf[16..20].copy_from_slice(b"MJPG");
-    let strl = list(b"strl", &[chunk(b"strh", &strh), chunk(b"strf", &strf)].concat());
+    let strl = list(
+        b"strl",
+        &[chunk(b"strh", &strh), chunk(b"strf", &strf)].concat(),
+    );
     let hdrl = list(b"hdrl", &[chunk(b"avih", &avih), strl].concat());
-    let movi = list(b"movi", &frames.iter().flat_map(|f| chunk(b"00dc", f)).collect::<Vec<u8>>());
+    let movi = list(
+        b"movi",
+        &frames
+            .iter()
+            .flat_map(|f| chunk(b"00dc", f))
+            .collect::<Vec<u8>>(),
+    );
     chunk(b"RIFF", &[b"AVI ".as_slice(), &hdrl, &movi].concat())
 }
 
@@ -320,7 +373,12 @@ fn cliper_run_prints_one_json_line_per_frame() {
         assert_eq!(classes.len(), 7);
         let best = classes
             .iter()
-            .max_by(|a, b| a["score"].as_f64().unwrap().total_cmp(&b["score"].as_f64().unwrap()))
+            .max_by(|a, b| {
+                a["score"]
+                    .as_f64()
+                    .unwrap()
+                    .total_cmp(&b["score"].as_f64().unwrap())
+            })
             .unwrap();
         assert_eq!(f["predicted"], best["name"]);
         assert_eq!(f["descriptors"].as_array().unwrap().len(), 3);
@@ -338,29 +396,62 @@ fn cliper_run_prints_one_json_line_per_frame() {
 fn bad_sources_are_clean_errors() {
     let dir = tempfile::tempdir().unwrap();
     let bad_mp4 = dir.path().join("corrupt.mp4");
-    std::fs::write(&bad_mp4, b"\0\0\0\x18ftypisom\0\0\0\0\0\0\x10\0moovgarbage-garbage").unwrap();
+    std::fs::write(
+        &bad_mp4,
+        b"\0\0\0\x18ftypisom\0\0\0\0\0\0\x10\0moovgarbage-garbage",
+    )
+    .unwrap();
     let w = weights();
     let err = assert_clean_error(
-        &["run", "--source", bad_mp4.to_str().unwrap(), "--weights", &w],
+        &[
+            "run",
+            "--source",
+            bad_mp4.to_str().unwrap(),
+            "--weights",
+            &w,
+        ],
         "corrupt.mp4",
     );
     assert!(err.contains("MP4"), "{err}");
     let bad_avi = dir.path().join("corrupt.avi");
     std::fs::write(&bad_avi, b"RIFF\x10\0\0\0AVI LIST\x04\0\0\0movi").unwrap();
     assert_clean_error(
-        &["run", "--source", bad_avi.to_str().unwrap(), "--weights", &w],
+        &[
+            "run",
+            "--source",
+            bad_avi.to_str().unwrap(),
+            "--weights",
+            &w,
+        ],
         "corrupt.avi",
     );
     let empty = tempfile::tempdir().unwrap();
     assert_clean_error(
-        &["run", "--source", empty.path().to_str().unwrap(), "--weights", &w],
+        &[
+            "run",
+            "--source",
+            empty.path().to_str().unwrap(),
+            "--weights",
+            &w,
+        ],
         "holds no images",
     );
-    assert_clean_error(&["run", "--source", "/no/such/clip.mp4", "--weights", &w], "not found");
+    assert_clean_error(
+        &["run", "--source", "/no/such/clip.mp4", "--weights", &w],
+        "not found",
+    );
     assert_clean_error(&["run", "--weights", &w], "--source");
     let shot_dir = dir.path().join("missing-folder").join("shot.png");
     assert_clean_error(
-        &["live", "--source", "demo", "--exit-after", "1", "--screenshot", shot_dir.to_str().unwrap()],
+        &[
+            "live",
+            "--source",
+            "demo",
+            "--exit-after",
+            "1",
+            "--screenshot",
+            shot_dir.to_str().unwrap(),
+        ],
         "does not exist",
     );
 }
@@ -382,7 +473,13 @@ fn live_screenshot(args: &[&str], secs: &str) -> Option<(RgbImage, String)> {
     let dir = tempfile::tempdir().unwrap();
     let shot = dir.path().join("shot.png");
     let out = std::process::Command::new(xvfb)
-        .args(["-a", "-s", "-screen 0 1600x1000x24", env!("CARGO_BIN_EXE_cliper"), "live"])
+        .args([
+            "-a",
+            "-s",
+            "-screen 0 1600x1000x24",
+            env!("CARGO_BIN_EXE_cliper"),
+            "live",
+        ])
         .args(args)
         .args(["--exit-after", secs, "--screenshot", shot.to_str().unwrap()])
         // Keep saved settings out of the user's home and the test's way.
@@ -411,19 +508,30 @@ fn luma_std(img: &RgbImage) -> f64 {
 
 #[test]
 fn live_window_runs_the_demo_and_saves_a_screenshot() {
-    let Some((img, err)) = live_screenshot(&["--source", "demo", "--weights", &weights()], "8") else {
+    let Some((img, err)) = live_screenshot(&["--source", "demo", "--weights", &weights()], "8")
+    else {
         return;
     };
-    assert!(img.width() >= 900 && img.height() >= 600, "{:?}", img.dimensions());
+    assert!(
+        img.width() >= 900 && img.height() >= 600,
+        "{:?}",
+        img.dimensions()
+    );
     assert!(luma_std(&img) > 25.0, "screenshot looks blank");
     // The orange of the astronaut's suit is in the video panel.
     let orange = img
         .pixels()
         .filter(|p| p[0] > 180 && p[1] > 60 && p[1] < 140 && p[2] < 70)
         .count();
-    assert!(orange > 5_000, "the video frame is not on screen ({orange} orange pixels)");
+    assert!(
+        orange > 5_000,
+        "the video frame is not on screen ({orange} orange pixels)"
+    );
     // The session report: frames were shown and scored.
-    let report = err.lines().find(|l| l.starts_with("live session:")).unwrap_or_else(|| panic!("{err}"));
+    let report = err
+        .lines()
+        .find(|l| l.starts_with("live session:"))
+        .unwrap_or_else(|| panic!("{err}"));
     let scored: u64 = report
         .split(", ")
         .find_map(|p| p.strip_suffix(" scored"))
@@ -436,7 +544,10 @@ fn live_window_runs_the_demo_and_saves_a_screenshot() {
 fn live_window_without_weights_shows_the_first_run_screen() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-weights-here");
-    let Some((img, _)) = live_screenshot(&["--source", "demo", "--weights", missing.to_str().unwrap()], "3") else {
+    let Some((img, _)) = live_screenshot(
+        &["--source", "demo", "--weights", missing.to_str().unwrap()],
+        "3",
+    ) else {
         return;
     };
     assert!(luma_std(&img) > 5.0, "first-run screen looks blank");

@@ -409,3 +409,92 @@ fn bad_training_input() {
         "expected [35, 4, 32]",
     );
 }
+
+#[test]
+fn clips_train_descriptors_then_the_temporal_module() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("clips");
+    let classes = cliper::model::cliper::CLASSES;
+    for (split, n, base) in [("train", 4u64, 0u64), ("test", 2, 500)] {
+        for (c, name) in classes.iter().enumerate() {
+            for k in 0..n {
+                let dir = data.join(split).join(name).join(format!("clip{k}"));
+                std::fs::create_dir_all(&dir).unwrap();
+                for f in 0..10u64 {
+                    synthetic_image(c, base + k * 100 + f)
+                        .save(dir.join(format!("{f:04}.png")))
+                        .unwrap();
+                }
+            }
+        }
+    }
+    let out = tmp.path().join("dyn.safetensors");
+    let w = fixtures()
+        .join("clip_c_hf16")
+        .to_string_lossy()
+        .into_owned();
+    let (d, o) = (
+        data.to_string_lossy().into_owned(),
+        out.to_string_lossy().into_owned(),
+    );
+    let (code, _, err) = cliper(&[
+        "train",
+        "--weights",
+        &w,
+        "--data",
+        &d,
+        "--layout",
+        "clips",
+        "--stage1-epochs",
+        "15",
+        "--epochs",
+        "18",
+        "--batch-size",
+        "8",
+        "--out",
+        &o,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("stage 1 (clips") && err.contains("stage 2 (temporal)"),
+        "{err}"
+    );
+    let (code, out_json, err) = cliper(&[
+        "eval",
+        "--weights",
+        &w,
+        "--descriptors",
+        &o,
+        "--data",
+        &d,
+        "--layout",
+        "clips",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out_json.trim()).unwrap();
+    assert_eq!(v["n"], 14);
+    assert!(v["war"].as_f64().unwrap() >= 0.7, "{v}");
+    // The best checkpoint may be from stage 1 (no temporal weights) or stage 2;
+    // classify-clip handles both and says which.
+    let clip_dir = data.join("test/anger/clip0");
+    let (code, out, err) = cliper(&[
+        "classify-clip",
+        "--weights",
+        &w,
+        "--descriptors",
+        &o,
+        "--no-detect",
+        "--json",
+        &clip_dir.to_string_lossy(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let mode = v["faces"][0]["temporal"].as_str().unwrap().to_string();
+    let ck = CliperCheckpoint::load(&out_path(&o)).unwrap();
+    assert_eq!(mode == "temporal", !ck.temporal.is_empty(), "{mode}");
+}
+
+fn out_path(s: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(s)
+}

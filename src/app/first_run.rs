@@ -58,25 +58,23 @@ impl FirstRun {
         }
     }
 
-    /// Takes progress messages; true when the download finished well.
-    pub fn poll(&mut self) -> bool {
-        let Some(rx) = &self.rx else {
-            return false;
-        };
-        let mut finished = false;
+    /// Takes progress messages; the weights file once the download is done.
+    pub fn poll(&mut self) -> Option<std::path::PathBuf> {
+        let rx = self.rx.as_ref()?;
+        let mut finished = None;
         while let Ok(p) = rx.try_recv() {
             match p {
                 Progress::Bytes { file, done, total } => self.status = Some((file, done, total)),
-                Progress::Done(Ok(_)) => finished = true,
+                Progress::Done(Ok(path)) => finished = Some(path),
                 Progress::Done(Err(e)) => {
                     self.error = Some(e);
                     self.status = None;
                     self.rx = None;
-                    return false;
+                    return None;
                 }
             }
         }
-        if finished {
+        if finished.is_some() {
             self.rx = None;
             self.status = None;
         }
@@ -98,7 +96,7 @@ pub fn show(ui: &mut egui::Ui, state: &mut FirstRun, actions: &mut Vec<Action>) 
             if ui
                 .add_enabled(
                     !downloading,
-                    egui::Button::new(RichText::new("⬇  Download the weights").size(18.0))
+                    egui::Button::new(RichText::new("Download the weights").size(18.0))
                         .min_size(egui::vec2(260.0, 40.0)),
                 )
                 .clicked()
@@ -151,7 +149,7 @@ pub fn show(ui: &mut egui::Ui, state: &mut FirstRun, actions: &mut Vec<Action>) 
             }
             if let Some(m) = &state.missing {
                 ui.add_space(14.0);
-                ui.label(RichText::new(m).small().weak());
+                ui.label(RichText::new(m).weak());
             }
         });
     });

@@ -293,7 +293,9 @@ impl eframe::App for CliperApp {
             Screen::FirstRun => first_run::show(ui, &mut self.first_run, &mut actions),
             Screen::Live => self.live_ui(ui, &mut actions),
         }
-        if self.first_run.poll() {
+        if let Some(path) = self.first_run.poll() {
+            // Use what was downloaded, even if --weights pointed elsewhere.
+            self.opts.model.weights = Some(path);
             actions.push(Action::RecheckWeights);
         }
         for a in actions {

@@ -133,7 +133,7 @@ pub fn run_live(opts: LiveOptions) -> Result<SessionReport, AppError> {
         native,
         Box::new(move |cc| Ok(Box::new(CliperApp::new(cc, opts, shared)))),
     )
-    .map_err(|e| AppError::Window(e.to_string()))?;
+    .map_err(|e| AppError::Window(e.to_string().trim_end_matches('.').to_string()))?;
     let outcome = outcome.lock().map(|o| o.clone()).unwrap_or_default();
     if let Some(e) = outcome.screenshot_error {
         return Err(AppError::Screenshot(e));

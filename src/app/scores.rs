@@ -2,7 +2,7 @@
 //! a scrolling timeline of the last N seconds of each class.
 
 use eframe::egui::{self, RichText};
-use egui_plot::{Bar, BarChart, GridMark, Line, Plot, PlotPoints};
+use egui_plot::{Bar, BarChart, Line, Plot, PlotPoint, PlotPoints, Text};
 
 use super::palette::class_color;
 use super::store::Store;
@@ -66,30 +66,30 @@ fn bars(ui: &mut egui::Ui, store: &Store, h: f32) {
         .allow_boxed_zoom(false)
         .allow_double_click_reset(false)
         .show_x(false)
+        .show_axes([false, true])
         .show_grid([false, true])
-        .x_grid_spacer(|_| {
-            (0..7)
-                .map(|i| GridMark {
-                    value: i as f64,
-                    step_size: 1.0,
-                })
-                .collect()
-        })
-        .default_x_bounds(-0.6, 6.6)
-        .default_y_bounds(0.0, 1.0)
         .y_axis_min_width(28.0)
-        .x_axis_formatter(|mark, _| {
-            let i = mark.value.round();
-            if (mark.value - i).abs() < 1e-6 && (0.0..7.0).contains(&i) {
-                short(CLASSES[i as usize]).to_string()
-            } else {
+        .y_axis_formatter(|mark, _| {
+            if mark.value < -1e-9 {
                 String::new()
+            } else {
+                format!("{:.0}%", mark.value * 100.0)
             }
         })
-        .y_axis_formatter(|mark, _| format!("{:.0}%", mark.value * 100.0))
         .show(ui, |p| {
             p.set_plot_bounds_x(-0.6..=6.6);
-            p.set_plot_bounds_y(0.0..=1.0);
+            // Room under the bars for the class names.
+            p.set_plot_bounds_y(-0.1..=1.04);
+            for (c, name) in CLASSES.iter().enumerate() {
+                p.text(
+                    Text::new(
+                        *name,
+                        PlotPoint::new(c as f64, -0.05),
+                        RichText::new(short(name)).size(11.0),
+                    )
+                    .color(class_color(c)),
+                );
+            }
             p.bar_chart(
                 BarChart::new("probability", bars).element_formatter(Box::new(|b, _| {
                     format!("{}: {:.1}%", b.name, b.value * 100.0)

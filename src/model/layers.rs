@@ -23,6 +23,11 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
+    /// Scale, shift and epsilon (for kernels that run outside Candle).
+    pub fn parts(&self) -> (&Tensor, &Tensor, f64) {
+        (&self.weight, &self.bias, self.eps)
+    }
+
     pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             weight: vb.get(dim, "weight")?,
@@ -99,6 +104,15 @@ impl Attention {
         })
     }
 
+    /// The q, k, v and output projections, in that order.
+    pub fn projections(&self) -> [&Linear; 4] {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.out_proj]
+    }
+
+    pub fn heads(&self) -> usize {
+        self.heads
+    }
+
     /// `x`: [B, T, D]; `mask`: additive [T, T] (causal text mask) or none.
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
@@ -141,6 +155,13 @@ impl Mlp {
             fc2: linear(hidden, width, vb.pp("fc2"))?,
             act,
         })
+    }
+}
+
+impl Mlp {
+    /// `fc1`, `fc2` and the activation between them.
+    pub fn parts(&self) -> (&Linear, &Linear, Activation) {
+        (&self.fc1, &self.fc2, self.act)
     }
 }
 

@@ -12,6 +12,7 @@ pub mod temporal;
 pub mod text;
 pub mod tokenizer;
 pub mod vision;
+pub mod vision_cpu;
 pub mod weights;
 
 pub use clip::ClipModel;

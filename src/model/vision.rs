@@ -4,11 +4,14 @@
 //! Tensor names follow HF's `vision_model.*` / `visual_projection` layout;
 //! OpenAI-named checkpoints are renamed on load (`model::weights`).
 
+use std::sync::Arc;
+
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 
 use super::config::VisionConfig;
 use super::layers::{linear_no_bias, EncoderLayer, LayerNorm};
+use super::vision_cpu::QuantizedLinears;
 
 /// What a vision forward returns.
 #[derive(Debug)]
@@ -32,6 +35,11 @@ pub struct VisionTower {
     pub post_layernorm: LayerNorm,
     pub projection: Linear,
     pub config: VisionConfig,
+    /// 8-bit linear layers for `--precision q8` (CPU only; see `vision_cpu`).
+    pub quantized: Option<Arc<QuantizedLinears>>,
+    /// Always run Candle's op-by-op forward, never the fused CPU kernels
+    /// (for comparisons; gradient tracking selects it anyway).
+    pub candle_only: bool,
 }
 
 impl VisionTower {
@@ -78,7 +86,34 @@ impl VisionTower {
             post_layernorm,
             projection,
             config: cfg.clone(),
+            quantized: None,
+            candle_only: false,
         })
+    }
+
+    /// Patch-embedding weight [D, 3, P, P], class embedding [D] and
+    /// position embeddings [T, D].
+    pub fn embedding_weights(&self) -> (&Tensor, &Tensor, &Tensor) {
+        (
+            self.patch_embedding.weight(),
+            &self.class_embedding,
+            &self.position_embedding,
+        )
+    }
+
+    pub fn pre_layernorm(&self) -> &LayerNorm {
+        &self.pre_layernorm
+    }
+
+    /// Quantizes the blocks' linear layers to 8 bits (`true`) or goes back
+    /// to f32 (`false`). Only the CPU f32 fast path uses them.
+    pub fn set_quantized(&mut self, on: bool) -> Result<()> {
+        self.quantized = if on {
+            Some(Arc::new(QuantizedLinears::new(self)?))
+        } else {
+            None
+        };
+        Ok(())
     }
 
     /// Token sequence entering the first block: [B, T, D].
@@ -109,6 +144,16 @@ impl VisionTower {
         if c != 3 || h != s || w != s {
             candle_core::bail!(
                 "vision tower expects [B, 3, {s}, {s}] pixels, got [_, {c}, {h}, {w}]"
+            )
+        }
+        if let Some(out) =
+            super::vision_cpu::forward(self, pixels, want_layer_cls, want_last_input)?
+        {
+            return Ok(out);
+        }
+        if self.quantized.is_some() {
+            candle_core::bail!(
+                "8-bit precision runs only on the CPU in f32: use --precision f32 on this device"
             )
         }
         let mut x = self.embed(pixels)?;

@@ -87,6 +87,8 @@ pub fn state_path(out: &Path) -> PathBuf {
 struct State {
     descriptor: Tensor,
     vision: HashMap<String, Tensor>,
+    /// Temporal module tensors (`temporal.*`), clip data sets only.
+    temporal: HashMap<String, Tensor>,
     moments: Vec<(Tensor, Tensor)>,
     opt_step: u64,
     epoch: usize,
@@ -99,6 +101,7 @@ fn save_state(path: &Path, s: &State, stage: u8) -> Result<(), TrainError> {
     let mut ck = CliperCheckpoint {
         descriptor: Some(s.descriptor.clone()),
         vision: s.vision.clone(),
+        temporal: s.temporal.clone(),
         ..Default::default()
     };
     for (i, (m, v)) in s.moments.iter().enumerate() {
@@ -109,6 +112,7 @@ fn save_state(path: &Path, s: &State, stage: u8) -> Result<(), TrainError> {
         path,
         &[
             ("kind", "training-state".into()),
+            ("temporal_heads", temporal_heads(s).to_string()),
             ("epoch", s.epoch.to_string()),
             ("stage", stage.to_string()),
             ("optim_step", s.opt_step.to_string()),
@@ -118,6 +122,29 @@ fn save_state(path: &Path, s: &State, stage: u8) -> Result<(), TrainError> {
         ],
     )?;
     Ok(())
+}
+
+/// Heads of a temporal module of the state's width (see `temporal_config`).
+fn temporal_heads(s: &State) -> usize {
+    s.temporal
+        .get("temporal.pos_embedding")
+        .and_then(|t| t.dims().last().copied())
+        .map(|w| temporal_config(w).heads)
+        .unwrap_or(0)
+}
+
+/// The temporal module trained for clips: CLIPER/DFER-CLIP's shape (1 layer,
+/// 8 heads, MLP 2x width = 1024 for ViT-B/16) scaled to the embedding width.
+pub fn temporal_config(width: usize) -> crate::model::temporal::TemporalConfig {
+    let heads = if width % 8 == 0 { 8 } else { 1 };
+    crate::model::temporal::TemporalConfig {
+        width,
+        frames: crate::model::temporal::DEFAULT_FRAMES,
+        layers: 1,
+        heads,
+        inner: width,
+        mlp: 2 * width,
+    }
 }
 
 fn load_state(path: &Path) -> Result<(State, u8), TrainError> {
@@ -150,6 +177,12 @@ fn load_state(path: &Path) -> Result<(State, u8), TrainError> {
     let state = State {
         descriptor: ck.require_descriptor()?.clone(),
         vision: ck.vision.clone(),
+        temporal: ck
+            .temporal
+            .iter()
+            .filter(|(k, _)| k.starts_with("temporal."))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         moments,
         opt_step: num("optim_step")? as u64,
         epoch: num("epoch")? as usize,
@@ -239,11 +272,6 @@ pub fn train(opts: &TrainOptions, log: &mut dyn FnMut(&str)) -> Result<TrainSumm
         )));
     }
     let data = dataset::load(&opts.data, opts.layout)?;
-    if data.clips {
-        return Err(TrainError::Invalid(
-            "clip data sets train the temporal module, which needs the dynamic branch; this build trains on images (layouts rafdb, folder, or a csv of images)".into(),
-        ));
-    }
     let c_train = Dataset::counts(&data.train);
     log(&format!(
         "data: {} train / {} test samples ({}) from {}",
@@ -298,6 +326,7 @@ pub fn train(opts: &TrainOptions, log: &mut dyn FnMut(&str)) -> Result<TrainSumm
             State {
                 descriptor: Tensor::from_vec(v, (NUM_DESCRIPTORS, SLOTS, width), &Device::Cpu)?,
                 vision: HashMap::new(),
+                temporal: HashMap::new(),
                 moments: Vec::new(),
                 opt_step: 0,
                 epoch: 0,
@@ -328,6 +357,19 @@ pub fn train(opts: &TrainOptions, log: &mut dyn FnMut(&str)) -> Result<TrainSumm
         clip.vision = VisionTower::new(&clip.config.vision, clip.config.embed_dim, vb)?;
     }
 
+    if data.clips {
+        return train_clips(
+            opts,
+            &data,
+            &clip,
+            state,
+            &mut rng,
+            &cache_dir,
+            &stamp,
+            total_epochs,
+            log,
+        );
+    }
     let mut epochs_run = 0;
     // ---------------- stage 1: descriptors on cached features -------------
     if state.epoch < opts.stage1_epochs {
@@ -589,14 +631,32 @@ fn save_checkpoint(
     m: &Metrics,
     epoch: usize,
 ) -> Result<(), TrainError> {
+    save_checkpoint_with(opts, descriptor, vision, &HashMap::new(), m, epoch)
+}
+
+fn save_checkpoint_with(
+    opts: &TrainOptions,
+    descriptor: &Tensor,
+    vision: &HashMap<String, Tensor>,
+    temporal: &HashMap<String, Tensor>,
+    m: &Metrics,
+    epoch: usize,
+) -> Result<(), TrainError> {
     let ck = CliperCheckpoint {
         descriptor: Some(descriptor.clone()),
         vision: vision.clone(),
+        temporal: temporal.clone(),
         ..Default::default()
     };
+    let heads = temporal
+        .get("temporal.pos_embedding")
+        .and_then(|t| t.dims().last().copied())
+        .map(|w| temporal_config(w).heads.to_string())
+        .unwrap_or_default();
     ck.save(
         &opts.out,
         &[
+            ("temporal_heads", heads),
             ("epoch", epoch.to_string()),
             ("test_war", format!("{:.6}", m.war())),
             ("test_uar", format!("{:.6}", m.uar())),
@@ -607,6 +667,243 @@ fn save_checkpoint(
     Ok(())
 }
 
+/// Mean of the frame embeddings of clips [N, F, E] -> [N, E] (not
+/// renormalised: its logits are the mean of the frames' static logits).
+fn mean_of_frames(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.mean(1)
+}
+
+/// Clip data sets: stage 1 trains the descriptors on the mean of each clip's
+/// frame features (the dynamic branch's fallback); stage 2 freezes them and
+/// the vision tower and trains the temporal module on the cached per-frame
+/// features (AdamW lr 1e-3, weight decay 0.01, eps 1e-4, cosine warm restarts
+/// every 10 epochs: our choice, as the paper's temporal recipe is not public).
+#[allow(clippy::too_many_arguments)]
+fn train_clips(
+    opts: &TrainOptions,
+    data: &Dataset,
+    clip: &ClipModel,
+    mut state: State,
+    rng: &mut SplitMix64,
+    cache_dir: &Path,
+    stamp: &str,
+    total_epochs: usize,
+    log: &mut dyn FnMut(&str),
+) -> Result<TrainSummary, TrainError> {
+    let dev = clip.device.clone();
+    let train_f = encode_split(
+        clip,
+        &data.train,
+        true,
+        opts.skip_unreadable,
+        Some(cache_dir),
+        stamp,
+        "train clips",
+    )?;
+    let test_f = encode_split(
+        clip,
+        &data.test,
+        true,
+        opts.skip_unreadable,
+        Some(cache_dir),
+        stamp,
+        "test clips",
+    )?;
+    let train_x = train_f.features.to_device(&dev)?; // [N, 16, E]
+    let test_x = test_f.features.to_device(&dev)?;
+    let n = train_f.labels.len();
+    let mut epochs_run = 0;
+    if state.epoch < opts.stage1_epochs {
+        let train_mean = mean_of_frames(&train_x)?;
+        let test_mean = mean_of_frames(&test_x)?;
+        let desc = Var::from_tensor(&state.descriptor.to_device(&dev)?)?;
+        let mut opt = AdamW::new(vec![desc.clone()], AdamWConfig::stage1())?;
+        if state.moments.len() == 1 {
+            opt.moments = vec![(
+                state.moments[0].0.to_device(&dev)?,
+                state.moments[0].1.to_device(&dev)?,
+            )];
+            opt.step = state.opt_step;
+        }
+        while state.epoch < opts.stage1_epochs {
+            let mut order: Vec<usize> = (0..n).collect();
+            rng.shuffle(&mut order);
+            let (mut loss_sum, mut correct) = (0f64, 0usize);
+            for batch in order.chunks(opts.batch_size) {
+                let idx = Tensor::from_vec(
+                    batch.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                    batch.len(),
+                    &dev,
+                )?;
+                let f = train_mean.index_select(&idx, 0)?;
+                let labels: Vec<usize> = batch.iter().map(|&i| train_f.labels[i]).collect();
+                let t = l2_normalize(&learned_text_features(&clip.text, desc.as_tensor())?)?;
+                let logits = score_logits(&f, &t)?;
+                let out = cliper_loss(&logits, &labels)?;
+                opt.step(&out.loss.backward()?)?;
+                loss_sum += out.loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
+                for (row, &y) in logits.detach().to_vec2::<f32>()?.into_iter().zip(&labels) {
+                    correct += (ExpressionScores::from_logits(row).predicted == y) as usize;
+                }
+            }
+            let t = l2_normalize(&learned_text_features(
+                &clip.text,
+                &desc.as_tensor().detach(),
+            )?)?;
+            let m = evaluate_features(&test_mean, &test_f.labels, &t)?;
+            state.descriptor = desc.as_tensor().detach().to_device(&Device::Cpu)?;
+            state.moments = opt
+                .moments
+                .iter()
+                .map(|(a, b)| Ok((a.to_device(&Device::Cpu)?, b.to_device(&Device::Cpu)?)))
+                .collect::<candle_core::Result<_>>()?;
+            state.opt_step = opt.step;
+            state.epoch += 1;
+            epochs_run += 1;
+            let best = m.war() > state.best_war;
+            if best {
+                state.best_war = m.war();
+                state.best_uar = m.uar();
+                state.best_epoch = state.epoch;
+                save_checkpoint(opts, &state.descriptor, &HashMap::new(), &m, state.epoch)?;
+            }
+            log(&format!(
+                "epoch {:>3}/{} stage 1 (clips, mean of frames)  loss {:.4}  train acc {:5.1}%  test WAR {:5.1}%  UAR {:5.1}%{}",
+                state.epoch, total_epochs, loss_sum / n as f64, 100.0 * correct as f64 / n as f64,
+                100.0 * m.war(), 100.0 * m.uar(), if best { "  (best, saved)" } else { "" }
+            ));
+            save_state(&state_path(&opts.out), &state, 1)?;
+        }
+        log(&format!(
+            "descriptor readings (nearest words per token):\n{}",
+            readings(clip, &state.descriptor)?
+        ));
+    }
+    if !opts.stage1_only && state.epoch < total_epochs {
+        let text = l2_normalize(&learned_text_features(
+            &clip.text,
+            &state.descriptor.to_device(&dev)?,
+        )?)?;
+        let cfg = temporal_config(clip.config.embed_dim);
+        let init = if state.temporal.is_empty() {
+            crate::model::temporal::TemporalModule::init_tensors(&cfg, opts.seed ^ 0x7e4)?
+        } else {
+            state.temporal.clone()
+        };
+        let varmap = VarMap::new();
+        let mut names: Vec<String> = init.keys().cloned().collect();
+        names.sort();
+        let mut vars = Vec::new();
+        {
+            let mut m = varmap
+                .data()
+                .lock()
+                .map_err(|_| TrainError::Invalid("variable store poisoned".into()))?;
+            for name in &names {
+                let v = Var::from_tensor(&init[name].to_device(&dev)?)?;
+                m.insert(name.clone(), v.clone());
+                vars.push(v);
+            }
+        }
+        let module = crate::model::temporal::TemporalModule::new(
+            &cfg,
+            VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+        )?;
+        let base_cfg = AdamWConfig {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-4,
+            weight_decay: 0.01,
+        };
+        let mut opt = AdamW::new(vars.clone(), base_cfg)?;
+        if !state.temporal.is_empty() && state.moments.len() == vars.len() {
+            opt.moments = state
+                .moments
+                .iter()
+                .map(|(a, b)| Ok((a.to_device(&dev)?, b.to_device(&dev)?)))
+                .collect::<candle_core::Result<_>>()?;
+            opt.step = state.opt_step;
+        }
+        while state.epoch < total_epochs {
+            let e2 = state.epoch - opts.stage1_epochs;
+            opt.set_lr(cosine_warm_restarts(base_cfg.lr, 0.0, 10, e2));
+            let mut order: Vec<usize> = (0..n).collect();
+            rng.shuffle(&mut order);
+            let (mut loss_sum, mut correct) = (0f64, 0usize);
+            for batch in order.chunks(opts.batch_size) {
+                let idx = Tensor::from_vec(
+                    batch.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                    batch.len(),
+                    &dev,
+                )?;
+                let x = train_x.index_select(&idx, 0)?;
+                let labels: Vec<usize> = batch.iter().map(|&i| train_f.labels[i]).collect();
+                let f = l2_normalize(&module.forward(&x)?)?;
+                let logits = score_logits(&f, &text)?;
+                let out = cliper_loss(&logits, &labels)?;
+                opt.step(&out.loss.backward()?)?;
+                loss_sum += out.loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
+                for (row, &y) in logits.detach().to_vec2::<f32>()?.into_iter().zip(&labels) {
+                    correct += (ExpressionScores::from_logits(row).predicted == y) as usize;
+                }
+            }
+            let tensors: HashMap<String, Tensor> = names
+                .iter()
+                .zip(&vars)
+                .map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().to_device(&Device::Cpu)?)))
+                .collect::<candle_core::Result<_>>()?;
+            let frozen = crate::model::temporal::TemporalModule::from_tensors(
+                &tensors,
+                Some(cfg.heads),
+                cfg.width,
+                &dev,
+            )
+            .map_err(|e| TrainError::Invalid(e.to_string()))?;
+            let m = evaluate_features(
+                &l2_normalize(&frozen.forward(&test_x)?)?,
+                &test_f.labels,
+                &text,
+            )?;
+            state.temporal = tensors;
+            state.moments = opt
+                .moments
+                .iter()
+                .map(|(a, b)| Ok((a.to_device(&Device::Cpu)?, b.to_device(&Device::Cpu)?)))
+                .collect::<candle_core::Result<_>>()?;
+            state.opt_step = opt.step;
+            state.epoch += 1;
+            epochs_run += 1;
+            let best = m.war() > state.best_war;
+            if best {
+                state.best_war = m.war();
+                state.best_uar = m.uar();
+                state.best_epoch = state.epoch;
+                save_checkpoint_with(
+                    opts,
+                    &state.descriptor,
+                    &HashMap::new(),
+                    &state.temporal,
+                    &m,
+                    state.epoch,
+                )?;
+            }
+            log(&format!(
+                "epoch {:>3}/{} stage 2 (temporal)  lr {:.1e}  loss {:.4}  train acc {:5.1}%  test WAR {:5.1}%  UAR {:5.1}%{}",
+                state.epoch, total_epochs, opt.config.lr, loss_sum / n as f64, 100.0 * correct as f64 / n as f64,
+                100.0 * m.war(), 100.0 * m.uar(), if best { "  (best, saved)" } else { "" }
+            ));
+            save_state(&state_path(&opts.out), &state, 2)?;
+        }
+    }
+    Ok(TrainSummary {
+        best_war: state.best_war.max(0.0),
+        best_uar: state.best_uar,
+        best_epoch: state.best_epoch,
+        epochs_run,
+    })
+}
+
 /// `cliper eval`: metrics of a model and bank on the test split.
 pub fn evaluate(
     spec: &crate::pipeline::setup::ModelSpec,
@@ -615,12 +912,33 @@ pub fn evaluate(
     skip_unreadable: bool,
 ) -> Result<Metrics, TrainError> {
     let data = dataset::load(data_dir, layout)?;
-    if data.clips {
-        return Err(TrainError::Invalid(
-            "evaluating clips needs the dynamic branch; this build evaluates images".into(),
-        ));
-    }
     let loaded = crate::pipeline::setup::load(spec)?;
+    if data.clips {
+        let f = encode_split(
+            &loaded.clip,
+            &data.test,
+            true,
+            skip_unreadable,
+            None,
+            "",
+            "test clips",
+        )?;
+        let x = f.features.to_device(&loaded.clip.device)?;
+        let temporal = match &loaded.cliper {
+            Some(ck) => ck
+                .temporal_module(loaded.clip.config.embed_dim, &loaded.clip.device)
+                .map_err(|e| TrainError::Invalid(e.to_string()))?,
+            None => None,
+        };
+        let feats = match &temporal {
+            Some(t) => l2_normalize(&t.forward(&x)?)?,
+            None => {
+                eprintln!("note: no trained temporal weights; scoring each clip by the mean of its frames' static scores");
+                mean_of_frames(&x)?
+            }
+        };
+        return evaluate_features(&feats, &f.labels, &loaded.bank.text_features);
+    }
     let f = encode_split(
         &loaded.clip,
         &data.test,

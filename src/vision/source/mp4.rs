@@ -36,6 +36,7 @@ pub struct Mp4Source {
     fps: f64,
     out_index: u64,
     bad_in_a_row: u32,
+    last: Option<Arc<RgbImage>>,
 }
 
 impl Mp4Source {
@@ -128,6 +129,7 @@ impl Mp4Source {
             fps,
             out_index: 0,
             bad_in_a_row: 0,
+            last: None,
         })
     }
 
@@ -149,6 +151,14 @@ impl Mp4Source {
         let Some(sample) = sample else {
             return Ok(());
         };
+        if sample.bytes.is_empty() {
+            // An empty sample (an encoder's skipped frame) shows the
+            // previous picture again, so frames and samples stay in step.
+            if let Some(last) = &self.last {
+                self.pending.push_back((**last).clone());
+            }
+            return Ok(());
+        }
         self.annexb.clear();
         if sample.is_sync || id == 1 {
             self.annexb.extend(&self.parameter_sets);
@@ -161,6 +171,7 @@ impl Mp4Source {
             Ok(Some(yuv)) => {
                 self.bad_in_a_row = 0;
                 let img = to_rgb(&yuv);
+                self.last = Some(Arc::new(img.clone()));
                 self.pending.push_back(img);
                 Ok(())
             }

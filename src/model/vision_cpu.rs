@@ -1,0 +1,729 @@
+//! Inference-only forward of the vision tower on the CPU, on raw f32 buffers.
+//!
+//! Candle's op-by-op forward spends about as long outside the matrix
+//! products as inside them: a temporary per op, transposes made contiguous,
+//! many small batched matmuls for attention, and elementwise passes through
+//! scalar `exp`. This path runs the same arithmetic with the `gemm` crate
+//! (Candle's own CPU matmul) called directly: biases and residuals are
+//! accumulated into each product's destination, q/k/v are read in place with
+//! strides, attention runs per (image, head) in parallel, and LayerNorm,
+//! softmax and the activation are single vectorised passes.
+//!
+//! It runs when the tower is f32 on the CPU and nothing tracks gradients
+//! (training keeps Candle's differentiable path), reading the weights in
+//! place from the tower's tensors. With [`QuantizedLinears`] the transformer's
+//! linear layers run Candle's 8-bit (Q8_0) matmul instead (`--precision q8`).
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Result, Storage, Tensor};
+use candle_nn::Linear;
+use rayon::prelude::*;
+
+use super::config::Activation;
+use super::layers::LayerNorm;
+use super::vision::{VisionOutput, VisionTower};
+
+/// A read-locked view of a contiguous f32 CPU tensor's data.
+struct HostF32<'a> {
+    _guard: Box<dyn std::ops::Deref<Target = Storage> + 'a>,
+    ptr: *const f32,
+    len: usize,
+}
+
+impl<'a> HostF32<'a> {
+    /// `None` unless `t` is f32, on the CPU, contiguous and untracked.
+    fn new(t: &'a Tensor) -> Option<Self> {
+        if t.dtype() != DType::F32 || !t.device().is_cpu() || t.track_op() {
+            return None;
+        }
+        let (guard, layout) = t.storage_and_layout();
+        let (start, end) = layout.contiguous_offsets()?;
+        let ptr = match &*guard {
+            Storage::Cpu(cpu) => cpu.as_slice::<f32>().ok()?.get(start..end)?.as_ptr(),
+            _ => return None,
+        };
+        Some(Self {
+            _guard: Box::new(guard),
+            ptr,
+            len: end - start,
+        })
+    }
+
+    fn slice(&self) -> &[f32] {
+        // SAFETY: the read guard keeps the storage alive and unmodified.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+/// A linear layer `y = x W^T + b` with `W` [n, k] (nn.Linear layout).
+struct LinearView<'a> {
+    w: HostF32<'a>,
+    b: Option<HostF32<'a>>,
+    n: usize,
+    k: usize,
+    quantized: Option<&'a QMatMul>,
+}
+
+impl<'a> LinearView<'a> {
+    fn new(l: &'a Linear, quantized: Option<&'a QMatMul>) -> Option<Self> {
+        let (n, k) = l.weight().dims2().ok()?;
+        let w = HostF32::new(l.weight())?;
+        let b = match l.bias() {
+            Some(b) => {
+                let b = HostF32::new(b)?;
+                Some((b.len == n).then_some(b)?)
+            }
+            None => None,
+        };
+        Some(Self {
+            w,
+            b,
+            n,
+            k,
+            quantized,
+        })
+    }
+
+    /// `dst[r, ..n] (+)= x[r] W^T + b` for the `m` rows of `x` [m, k]; rows
+    /// of `dst` are `dst_rs` apart. `add`: accumulate into `dst`.
+    fn apply(&self, x: &[f32], m: usize, dst: &mut [f32], dst_rs: usize, add: bool) -> Result<()> {
+        let (n, k) = (self.n, self.k);
+        if x.len() < m * k || dst_rs < n || dst.len() < (m - 1) * dst_rs + n {
+            candle_core::bail!("linear layer buffers do not match [{m}, {k}] x [{n}, {k}]")
+        }
+        let bias = self.b.as_ref().map(|b| b.slice());
+        if let Some(q) = self.quantized {
+            let y = q.forward(&Tensor::from_slice(&x[..m * k], (m, k), &Device::Cpu)?)?;
+            let y = HostF32::new(&y).ok_or_else(|| candle_core::Error::Msg("q8 matmul".into()))?;
+            let y = y.slice();
+            rows_mut(dst, dst_rs, m).for_each(|(r, row)| {
+                let row = &mut row[..n];
+                let src = &y[r * n..(r + 1) * n];
+                match (add, bias) {
+                    (true, Some(b)) => add3(row, src, b),
+                    (true, None) => add2(row, src),
+                    (false, Some(b)) => set_sum(row, src, b),
+                    (false, None) => row.copy_from_slice(src),
+                }
+            });
+            return Ok(());
+        }
+        if let Some(b) = bias {
+            rows_mut(dst, dst_rs, m).for_each(|(_, row)| {
+                if add {
+                    add2(&mut row[..n], b)
+                } else {
+                    row[..n].copy_from_slice(b)
+                }
+            });
+        }
+        // SAFETY: bounds checked above; `w` is [n, k] row-major, read as
+        // the k x n matrix W^T (row stride 1, column stride k).
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                dst_rs as isize,
+                add || bias.is_some(),
+                x.as_ptr(),
+                1,
+                k as isize,
+                self.w.ptr,
+                k as isize,
+                1,
+                1.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                parallelism(m * n * k),
+            )
+        }
+        Ok(())
+    }
+}
+
+/// Rows of a strided matrix, in parallel when there are enough of them.
+fn rows_mut(
+    dst: &mut [f32],
+    rs: usize,
+    m: usize,
+) -> impl ParallelIterator<Item = (usize, &mut [f32])> {
+    dst.par_chunks_mut(rs)
+        .take(m)
+        .with_min_len(64)
+        .enumerate()
+}
+
+fn parallelism(work: usize) -> gemm::Parallelism {
+    let threads = rayon::current_num_threads();
+    if threads > 1 && work > 64 * 64 * 64 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// 8-bit weights of the transformer's linear layers (q, k, v, out, fc1, fc2
+/// of each block), for `--precision q8`. LayerNorms, attention scores, the
+/// patch embedding and the final projection stay f32.
+pub struct QuantizedLinears {
+    layers: Vec<[QMatMul; 6]>,
+}
+
+impl std::fmt::Debug for QuantizedLinears {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QuantizedLinears({} blocks, Q8_0)", self.layers.len())
+    }
+}
+
+impl QuantizedLinears {
+    /// Quantizes `tower`'s block weights to Q8_0 (one scale per 32 weights).
+    pub fn new(tower: &VisionTower) -> Result<Self> {
+        let q = |l: &Linear| -> Result<QMatMul> {
+            let w = l.weight().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+            QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)
+        };
+        let layers = tower
+            .layers
+            .iter()
+            .map(|layer| {
+                let [qp, kp, vp, op] = layer.self_attn.projections();
+                let (fc1, fc2, _) = layer.mlp.parts();
+                Ok([q(qp)?, q(kp)?, q(vp)?, q(op)?, q(fc1)?, q(fc2)?])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { layers })
+    }
+}
+
+struct NormView<'a> {
+    w: HostF32<'a>,
+    b: HostF32<'a>,
+    eps: f32,
+}
+
+impl<'a> NormView<'a> {
+    fn new(ln: &'a LayerNorm, width: usize) -> Option<Self> {
+        let (w, b, eps) = ln.parts();
+        let (w, b) = (HostF32::new(w)?, HostF32::new(b)?);
+        (w.len == width && b.len == width).then_some(Self {
+            w,
+            b,
+            eps: eps as f32,
+        })
+    }
+
+    /// Row-wise LayerNorm of `x` [m, d] into `y` [m, d].
+    fn apply(&self, x: &[f32], y: &mut [f32], d: usize) {
+        let (w, b, eps) = (self.w.slice(), self.b.slice(), self.eps);
+        y.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .with_min_len(32)
+            .for_each(|(y, x)| simd::layer_norm_row(x, y, w, b, eps));
+    }
+}
+
+struct BlockView<'a> {
+    ln1: NormView<'a>,
+    qkv: [LinearView<'a>; 3],
+    out: LinearView<'a>,
+    ln2: NormView<'a>,
+    fc1: LinearView<'a>,
+    fc2: LinearView<'a>,
+    act: Activation,
+    heads: usize,
+}
+
+/// Whether the fast path can run `tower` on `pixels`.
+fn eligible(tower: &VisionTower, pixels: &Tensor) -> bool {
+    !tower.candle_only
+        && pixels.device().is_cpu()
+        && pixels.dtype() == DType::F32
+        && !pixels.track_op()
+}
+
+/// The fast forward, or `None` when it does not apply (non-CPU, not f32,
+/// tracked weights or input): the caller then runs the Candle path.
+pub fn forward(
+    tower: &VisionTower,
+    pixels: &Tensor,
+    want_layer_cls: bool,
+    want_last_input: bool,
+) -> Result<Option<VisionOutput>> {
+    if !eligible(tower, pixels) {
+        return Ok(None);
+    }
+    let quantized = tower.quantized.as_deref();
+    let cfg = &tower.config;
+    let d = cfg.width;
+    let Some(views) = block_views(tower, quantized) else {
+        return Ok(None);
+    };
+    let (patch_w, class_emb, pos_emb) = tower.embedding_weights();
+    let (Some(patch_w), Some(class_emb), Some(pos_emb)) = (
+        HostF32::new(patch_w),
+        HostF32::new(class_emb),
+        HostF32::new(pos_emb),
+    ) else {
+        return Ok(None);
+    };
+    let (Some(pre_ln), Some(post_ln)) = (
+        NormView::new(tower.pre_layernorm(), d),
+        NormView::new(&tower.post_layernorm, d),
+    ) else {
+        return Ok(None);
+    };
+    let Some(proj) = LinearView::new(&tower.projection, None) else {
+        return Ok(None);
+    };
+    let pixels = pixels.contiguous()?;
+    let Some(px) = HostF32::new(&pixels) else {
+        return Ok(None);
+    };
+    let (b, _, s, _) = pixels.dims4()?;
+    let (p, g, t) = (cfg.patch_size, cfg.grid(), cfg.tokens());
+    let kdim = 3 * p * p;
+    if patch_w.len != d * kdim || class_emb.len != d || pos_emb.len != t * d || g * p != s {
+        return Ok(None);
+    }
+    let m = b * t;
+
+    // Patch embedding as a matmul over unfolded patches: [B*g*g, 3*p*p].
+    let mut cols = vec![0f32; b * g * g * kdim];
+    let px = px.slice();
+    cols.par_chunks_mut(kdim).enumerate().for_each(|(i, col)| {
+        let (bi, cell) = (i / (g * g), i % (g * g));
+        let (gy, gx) = (cell / g, cell % g);
+        for c in 0..3 {
+            for ky in 0..p {
+                let src = ((bi * 3 + c) * s + gy * p + ky) * s + gx * p;
+                let dst = (c * p + ky) * p;
+                col[dst..dst + p].copy_from_slice(&px[src..src + p]);
+            }
+        }
+    });
+    let mut x = vec![0f32; m * d]; // [B*T, D] residual stream
+    let pos = pos_emb.slice();
+    for bi in 0..b {
+        let xb = &mut x[bi * t * d..(bi + 1) * t * d];
+        xb.copy_from_slice(pos);
+        add2(&mut xb[..d], class_emb.slice());
+    }
+    let patch = LinearView {
+        w: patch_w,
+        b: None,
+        n: d,
+        k: kdim,
+        quantized: None,
+    };
+    for bi in 0..b {
+        patch.apply(
+            &cols[bi * g * g * kdim..(bi + 1) * g * g * kdim],
+            g * g,
+            &mut x[(bi * t + 1) * d..(bi + 1) * t * d],
+            d,
+            true,
+        )?;
+    }
+    drop(cols);
+    let mut h = vec![0f32; m * d];
+    pre_ln.apply(&x, &mut h, d);
+    std::mem::swap(&mut x, &mut h);
+
+    let hidden = cfg.mlp;
+    let mut qkv = vec![0f32; m * 3 * d];
+    let mut att = vec![0f32; m * d];
+    let mut f = vec![0f32; m * hidden];
+    let mut layer_cls = Vec::new();
+    let mut last_block_input = None;
+    let n_layers = views.len();
+    for (li, blk) in views.iter().enumerate() {
+        if want_last_input && li + 1 == n_layers {
+            last_block_input = Some(Tensor::from_slice(&x, (b, t, d), &Device::Cpu)?);
+        }
+        blk.ln1.apply(&x, &mut h, d);
+        for (j, lin) in blk.qkv.iter().enumerate() {
+            lin.apply(&h, m, &mut qkv[j * d..], 3 * d, false)?;
+        }
+        attention(&qkv, &mut att, b, t, d, blk.heads);
+        blk.out.apply(&att, m, &mut x, d, true)?;
+        blk.ln2.apply(&x, &mut h, d);
+        blk.fc1.apply(&h, m, &mut f, hidden, false)?;
+        activate(&mut f, blk.act);
+        blk.fc2.apply(&f, m, &mut x, d, true)?;
+        if want_layer_cls {
+            layer_cls.push(Tensor::from_vec(cls_rows(&x, b, t, d), (b, d), &Device::Cpu)?);
+        }
+    }
+    let cls = cls_rows(&x, b, t, d);
+    let mut pooled = vec![0f32; b * d];
+    post_ln.apply(&cls, &mut pooled, d);
+    let e = proj.n;
+    let mut emb = vec![0f32; b * e];
+    proj.apply(&pooled, b, &mut emb, e, false)?;
+    Ok(Some(VisionOutput {
+        embedding: Tensor::from_vec(emb, (b, e), &Device::Cpu)?,
+        layer_cls,
+        last_block_input,
+    }))
+}
+
+fn block_views<'a>(
+    tower: &'a VisionTower,
+    quantized: Option<&'a QuantizedLinears>,
+) -> Option<Vec<BlockView<'a>>> {
+    let d = tower.config.width;
+    if quantized.is_some_and(|q| q.layers.len() != tower.layers.len()) {
+        return None;
+    }
+    tower
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, layer)| {
+            let q = quantized.map(|q| &q.layers[i]);
+            let qm = |j: usize| q.map(|q| &q[j]);
+            let [qp, kp, vp, op] = layer.self_attn.projections();
+            let (fc1, fc2, act) = layer.mlp.parts();
+            let heads = layer.self_attn.heads();
+            if heads == 0 || d % heads != 0 {
+                return None;
+            }
+            let view = BlockView {
+                ln1: NormView::new(&layer.layer_norm1, d)?,
+                qkv: [
+                    LinearView::new(qp, qm(0))?,
+                    LinearView::new(kp, qm(1))?,
+                    LinearView::new(vp, qm(2))?,
+                ],
+                out: LinearView::new(op, qm(3))?,
+                ln2: NormView::new(&layer.layer_norm2, d)?,
+                fc1: LinearView::new(fc1, qm(4))?,
+                fc2: LinearView::new(fc2, qm(5))?,
+                act,
+                heads,
+            };
+            let square = view.qkv.iter().chain([&view.out]).all(|l| l.n == d && l.k == d);
+            (square && view.fc1.k == d && view.fc2.n == d && view.fc2.k == view.fc1.n)
+                .then_some(view)
+        })
+        .collect()
+}
+
+/// The class-token rows of a [B*T, D] stream: [B, D].
+fn cls_rows(x: &[f32], b: usize, t: usize, d: usize) -> Vec<f32> {
+    (0..b)
+        .flat_map(|bi| x[bi * t * d..bi * t * d + d].iter().copied())
+        .collect()
+}
+
+/// A pointer that may cross into rayon tasks writing disjoint regions.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// Softmax attention of every (image, head): `qkv` [B*T, 3D] holds q, k, v
+/// side by side; writes the heads' outputs side by side into `out` [B*T, D].
+fn attention(qkv: &[f32], out: &mut [f32], b: usize, t: usize, d: usize, heads: usize) {
+    let hd = d / heads;
+    let scale = (hd as f32).powf(-0.5);
+    assert!(qkv.len() >= b * t * 3 * d && out.len() >= b * t * d);
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    (0..b * heads).into_par_iter().for_each_init(
+        || vec![0f32; t * t],
+        |scores, task| {
+            let out_ptr = out_ptr;
+            let (bi, h) = (task / heads, task % heads);
+            let base = bi * t * 3 * d + h * hd;
+            let (q, k, v) = (
+                qkv[base..].as_ptr(),
+                qkv[base + d..].as_ptr(),
+                qkv[base + 2 * d..].as_ptr(),
+            );
+            // SAFETY: every pointer stays inside `qkv` (rows of 3D, t rows
+            // from `bi * t`), `scores` is t x t, and each task writes its
+            // own hd columns of its own image's rows of `out`.
+            unsafe {
+                // scores = scale * q k^T: [t, t]
+                gemm::gemm(
+                    t,
+                    t,
+                    hd,
+                    scores.as_mut_ptr(),
+                    1,
+                    t as isize,
+                    false,
+                    q,
+                    1,
+                    3 * d as isize,
+                    k,
+                    3 * d as isize,
+                    1,
+                    0.0f32,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                scores
+                    .chunks_exact_mut(t)
+                    .for_each(simd::softmax_row_in_place);
+                // out_h = scores v: [t, hd]
+                gemm::gemm(
+                    t,
+                    hd,
+                    t,
+                    out_ptr.0.add(bi * t * d + h * hd),
+                    1,
+                    d as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    t as isize,
+                    v,
+                    1,
+                    3 * d as isize,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        },
+    );
+}
+
+fn activate(x: &mut [f32], act: Activation) {
+    x.par_chunks_mut(16 * 1024).for_each(|c| match act {
+        Activation::QuickGelu => simd::quick_gelu_in_place(c),
+        Activation::Gelu => simd::gelu_erf_in_place(c),
+        Activation::GeluTanh => simd::gelu_tanh_in_place(c),
+    });
+}
+
+fn add2(a: &mut [f32], b: &[f32]) {
+    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+}
+
+fn add3(a: &mut [f32], b: &[f32], c: &[f32]) {
+    a.iter_mut()
+        .zip(b.iter().zip(c))
+        .for_each(|(a, (b, c))| *a += b + c);
+}
+
+fn set_sum(a: &mut [f32], b: &[f32], c: &[f32]) {
+    a.iter_mut()
+        .zip(b.iter().zip(c))
+        .for_each(|(a, (b, c))| *a = b + c);
+}
+
+/// Vectorised elementwise kernels. Each body is compiled once per
+/// instruction set (AVX-512, AVX2+FMA, baseline) and picked at run time, so
+/// a portable build still uses the wide registers.
+mod simd {
+    /// Declares `pub fn $name(args)` that dispatches to copies of `$body`
+    /// compiled with wider instruction sets when the CPU has them.
+    macro_rules! multiversion {
+        ($(#[$m:meta])* pub fn $name:ident($($arg:ident : $ty:ty),*) $body:block) => {
+            $(#[$m])*
+            pub fn $name($($arg: $ty),*) {
+                #[inline(always)]
+                fn body($($arg: $ty),*) $body
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma")]
+                    unsafe fn avx512($($arg: $ty),*) { body($($arg),*) }
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn avx2($($arg: $ty),*) { body($($arg),*) }
+                    if std::arch::is_x86_feature_detected!("avx512f")
+                        && std::arch::is_x86_feature_detected!("avx512vl")
+                        && std::arch::is_x86_feature_detected!("avx512dq")
+                    {
+                        // SAFETY: the features were detected.
+                        return unsafe { avx512($($arg),*) };
+                    }
+                    if std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                    {
+                        // SAFETY: the features were detected.
+                        return unsafe { avx2($($arg),*) };
+                    }
+                }
+                body($($arg),*)
+            }
+        };
+    }
+
+    const LANES: usize = 16;
+
+    /// `e^x` to about 2 ulp for x in [-87, 88] (clamped outside), written
+    /// without branches or calls so that loops over it vectorise.
+    #[inline(always)]
+    pub fn exp(x: f32) -> f32 {
+        const LOG2E: f32 = std::f32::consts::LOG2_E;
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        // 1.5 * 2^23: adding it rounds to an integer held in the low bits.
+        const MAGIC: f32 = 12_582_912.0;
+        let x = x.clamp(-87.0, 88.0);
+        let shifted = x * LOG2E + MAGIC;
+        let n = shifted - MAGIC;
+        let r = x - n * LN2_HI - n * LN2_LO;
+        let p = 1.987_569_1e-4;
+        let p = p * r + 1.398_199_9e-3;
+        let p = p * r + 8.333_452e-3;
+        let p = p * r + 4.166_579_6e-2;
+        let p = p * r + 1.666_666_5e-1;
+        let p = p * r + 5.000_000_1e-1;
+        let p = p * r * r + r + 1.0;
+        let k = shifted.to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
+        p * f32::from_bits((k.wrapping_add(127) as u32) << 23)
+    }
+
+    #[inline(always)]
+    fn sum(x: &[f32]) -> f32 {
+        let mut acc = [0f32; LANES];
+        let chunks = x.chunks_exact(LANES);
+        let tail: f32 = chunks.remainder().iter().sum();
+        for c in chunks {
+            for i in 0..LANES {
+                acc[i] += c[i];
+            }
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+
+    #[inline(always)]
+    fn max(x: &[f32]) -> f32 {
+        let mut acc = [f32::NEG_INFINITY; LANES];
+        let chunks = x.chunks_exact(LANES);
+        let tail = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for c in chunks {
+            for i in 0..LANES {
+                acc[i] = acc[i].max(c[i]);
+            }
+        }
+        acc.iter().copied().fold(tail, f32::max)
+    }
+
+    #[inline(always)]
+    fn centered_sq_sum(x: &[f32], mean: f32) -> f32 {
+        let mut acc = [0f32; LANES];
+        let chunks = x.chunks_exact(LANES);
+        let tail: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
+        for c in chunks {
+            for i in 0..LANES {
+                let v = c[i] - mean;
+                acc[i] += v * v;
+            }
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+
+    multiversion! {
+        /// `y = (x - mean) / sqrt(var + eps) * w + b` over one row.
+        pub fn layer_norm_row(x: &[f32], y: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+            let d = x.len() as f32;
+            let mean = sum(x) / d;
+            let inv = 1.0 / (centered_sq_sum(x, mean) / d + eps).sqrt();
+            for (((y, x), w), b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                *y = (x - mean) * inv * w + b;
+            }
+        }
+    }
+
+    multiversion! {
+        /// Softmax of one row, in place.
+        pub fn softmax_row_in_place(x: &mut [f32]) {
+            let m = max(x);
+            for v in x.iter_mut() {
+                *v = exp(*v - m);
+            }
+            let inv = 1.0 / sum(x);
+            for v in x.iter_mut() {
+                *v *= inv;
+            }
+        }
+    }
+
+    multiversion! {
+        /// `x * sigmoid(1.702 x)`, in place.
+        pub fn quick_gelu_in_place(x: &mut [f32]) {
+            for v in x.iter_mut() {
+                *v /= 1.0 + exp(-1.702 * *v);
+            }
+        }
+    }
+
+    multiversion! {
+        /// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))` = `x sigmoid(2 z)`, in place.
+        pub fn gelu_tanh_in_place(x: &mut [f32]) {
+            const C: f32 = 0.797_884_6; // sqrt(2 / pi)
+            for v in x.iter_mut() {
+                let z = C * (*v + 0.044_715 * *v * *v * *v);
+                *v /= 1.0 + exp(-2.0 * z);
+            }
+        }
+    }
+
+    multiversion! {
+        /// `0.5 x (1 + erf(x / sqrt 2))`, in place; erf by Abramowitz and
+        /// Stegun 7.1.26 (absolute error below 1.5e-7).
+        pub fn gelu_erf_in_place(x: &mut [f32]) {
+            for v in x.iter_mut() {
+                let z = (*v * std::f32::consts::FRAC_1_SQRT_2).abs();
+                let t = 1.0 / (1.0 + 0.327_591_1 * z);
+                let poly = t
+                    * (0.254_829_6
+                        + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+                let erf_abs = 1.0 - poly * exp(-z * z);
+                let erf = if *v < 0.0 { -erf_abs } else { erf_abs };
+                *v *= 0.5 * (1.0 + erf);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn exp_is_accurate() {
+            let mut worst = 0f32;
+            let mut x = -80.0f32;
+            while x < 80.0 {
+                let rel = (super::exp(x) - x.exp()).abs() / x.exp();
+                worst = worst.max(rel);
+                x += 0.0137;
+            }
+            assert!(worst < 5e-7, "relative error {worst}");
+            assert_eq!(super::exp(-1000.0), (-87.0f32).exp().max(super::exp(-87.0)));
+            assert!(super::exp(1000.0).is_finite());
+        }
+
+        #[test]
+        fn activations_match_their_definitions() {
+            let xs: Vec<f32> = (-400..400).map(|i| i as f32 * 0.025).collect();
+            let mut q = xs.clone();
+            super::quick_gelu_in_place(&mut q);
+            let mut e = xs.clone();
+            super::gelu_erf_in_place(&mut e);
+            let mut t = xs.clone();
+            super::gelu_tanh_in_place(&mut t);
+            for (i, &x) in xs.iter().enumerate() {
+                let quick = x / (1.0 + (-1.702 * x).exp());
+                assert!((q[i] - quick).abs() < 1e-6, "quick_gelu({x})");
+                let tanh = 0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044_715 * x * x * x)).tanh());
+                assert!((t[i] - tanh).abs() < 1e-6, "gelu_tanh({x})");
+                // erf GELU against the tanh form: they differ by < 1e-3.
+                assert!((e[i] - tanh).abs() < 1e-3, "gelu({x})");
+            }
+        }
+    }
+}
