@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use cliper::model::cliper::expressions::CLASSES;
+use cliper::model::device::Precision;
 use cliper::model::{self, ClipModel};
 use cliper::pipeline::analyzer::{AnalyzerConfig, FaceAnalyzer};
 use cliper::pipeline::output;
@@ -96,9 +97,45 @@ enum Command {
         /// Margin around each detected face, as a fraction of the box side.
         #[arg(long, default_value_t = cliper::vision::faces::DEFAULT_FACE_MARGIN)]
         margin: f32,
+        /// Image-encoder precision: auto (f32 on CPU, f16 on GPUs), f32,
+        /// f16, bf16 (GPUs) or q8 (8-bit, CPU; see `cliper bench`).
+        #[arg(long, value_enum, default_value_t = Precision::Auto)]
+        precision: Precision,
         /// Images to classify.
         #[arg(required = true)]
         images: Vec<PathBuf>,
+    },
+    /// Time each stage (preprocessing, image encoder, scoring, face
+    /// detection, temporal pass) and report peak memory and faces per second.
+    Bench {
+        /// CLIP weights (file or folder); default: the usual search.
+        #[arg(long, conflicts_with = "random")]
+        weights: Option<PathBuf>,
+        /// Random ViT-B/16 weights of the real shape (no download needed).
+        #[arg(long)]
+        random: bool,
+        /// Batch sizes of the image encoder, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        batch: Vec<usize>,
+        /// Image-encoder precision (q8: 8-bit, CPU; bf16/f16: GPUs).
+        #[arg(long, value_enum, default_value_t = Precision::Auto)]
+        precision: Precision,
+        /// Timed runs per stage, after 2 warm-up runs.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Worker threads (default: one per core, or $RAYON_NUM_THREADS).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Compute device: auto, cpu, cuda or metal.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Images for the reduced-precision agreement report (default: 64
+        /// crops of the built-in demo portrait).
+        #[arg(long, num_args = 1..)]
+        images: Vec<PathBuf>,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Classify the expression of the main face of a video clip (or a folder
     /// of frames) with the dynamic branch: 16 frames, one per equal segment.
@@ -122,6 +159,36 @@ enum Command {
         /// Videos (.mp4, .avi) or folders of frames.
         #[arg(required = true)]
         clips: Vec<PathBuf>,
+    },
+    /// Map where on each face a descriptor or class looks, drawn over the image.
+    Explain {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        bank: BankArgs,
+        /// fast (value path, every frame), gradcam (attention x gradient) or
+        /// occlusion (grey out grid cells).
+        #[arg(long, default_value = "fast")]
+        method: String,
+        /// A class name or a descriptor index 0..34 (default: each face's prediction).
+        #[arg(long)]
+        target: Option<String>,
+        /// Occlusion grid cells per side.
+        #[arg(long, default_value_t = 7)]
+        grid: usize,
+        /// Overlay opacity, 0..1.
+        #[arg(long, default_value_t = 0.55)]
+        opacity: f32,
+        /// Treat the whole image as one face.
+        #[arg(long)]
+        no_detect: bool,
+        /// The overlay PNG to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Print the raw grid values as JSON.
+        #[arg(long)]
+        json: bool,
+        image: PathBuf,
     },
     /// Train CLIPER descriptors (stage 1) and fine-tune the vision tower (stage 2).
     Train {
@@ -387,16 +454,20 @@ fn classify(
     top: Option<usize>,
     json: bool,
     margin: f32,
+    precision: Precision,
     images: Vec<PathBuf>,
 ) -> Result<()> {
     if !(0.0..=2.0).contains(&margin) {
         anyhow::bail!("--margin {margin} is out of range: use a fraction between 0 and 2");
     }
-    let loaded = setup::load(&ModelSpec {
-        weights: model.weights.clone(),
-        bank: bank.source(),
-        device: model.device.clone(),
-    })?;
+    let loaded = setup::load_with(
+        &ModelSpec {
+            weights: model.weights.clone(),
+            bank: bank.source(),
+            device: model.device.clone(),
+        },
+        precision,
+    )?;
     let mut cfg = AnalyzerConfig {
         detect: !no_detect,
         margin,
@@ -640,6 +711,86 @@ fn run(cli: Cli) -> Result<()> {
             margin,
             clips,
         } => classify_clip(model, bank, no_detect, top, json, margin, clips),
+        Command::Explain {
+            model,
+            bank,
+            method,
+            target,
+            grid,
+            opacity,
+            no_detect,
+            out,
+            json,
+            image,
+        } => {
+            use cliper::model::explain::Method;
+            use cliper::pipeline::explain as ex;
+            let method = Method::parse(&method).ok_or_else(|| {
+                anyhow::anyhow!("unknown --method `{method}`: use fast, gradcam or occlusion")
+            })?;
+            let target = target
+                .as_deref()
+                .map(ex::parse_target)
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            if !(0.0..=1.0).contains(&opacity) {
+                anyhow::bail!("--opacity {opacity} is out of range 0..1");
+            }
+            if grid == 0 {
+                anyhow::bail!("--grid must be at least 1");
+            }
+            let rgb = cliper::vision::images::load_rgb(&image)?;
+            let loaded = setup::load(&ModelSpec {
+                weights: model.weights,
+                bank: bank.source(),
+                device: model.device,
+            })?;
+            let mut cfg = AnalyzerConfig {
+                detect: !no_detect,
+                ..Default::default()
+            };
+            cfg.detector.min_face_size = 20;
+            cfg.detector.max_side = 4096;
+            let mut analyzer = FaceAnalyzer::new(cfg)?;
+            let faces = ex::explain_image(
+                &loaded.clip,
+                &loaded.bank,
+                &mut analyzer,
+                &rgb,
+                method,
+                target,
+                grid,
+            )
+            .with_context(|| format!("cannot explain {}", image.display()))?;
+            let title = match faces.first().map(|f| f.target) {
+                Some(cliper::model::explain::Target::Class(c)) => {
+                    format!("{} map: class {}", method.as_str(), CLASSES[c])
+                }
+                Some(cliper::model::explain::Target::Descriptor(i)) => {
+                    format!(
+                        "{} map: descriptor {} ({} #{})",
+                        method.as_str(),
+                        i,
+                        CLASSES[i / 5],
+                        i % 5
+                    )
+                }
+                None => String::new(),
+            };
+            ex::render(&rgb, &faces, opacity, &title)
+                .save(&out)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            if json {
+                let faces: Vec<_> = faces.iter().map(ex::explanation_json).collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"image": image, "method": method.as_str(), "faces": faces})
+                );
+            } else {
+                eprintln!("wrote {} ({} face(s))", out.display(), faces.len());
+            }
+            Ok(())
+        }
         Command::Classify {
             model,
             bank,
@@ -647,8 +798,39 @@ fn run(cli: Cli) -> Result<()> {
             top,
             json,
             margin,
+            precision,
             images,
-        } => classify(model, bank, no_detect, top, json, margin, images),
+        } => classify(model, bank, no_detect, top, json, margin, precision, images),
+        Command::Bench {
+            weights,
+            random,
+            batch,
+            precision,
+            runs,
+            threads,
+            device,
+            images,
+            json,
+        } => {
+            let opts = cliper::pipeline::bench::BenchOptions {
+                weights,
+                random,
+                batches: batch,
+                precision,
+                runs,
+                threads,
+                device,
+                images,
+                ..Default::default()
+            };
+            let report = cliper::pipeline::bench::run(&opts, &mut |s| eprintln!("bench: {s}"))?;
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.to_text());
+            }
+            Ok(())
+        }
         Command::Embed { model, image, text } => embed(&model, image, text),
         Command::Weights { action } => match action {
             WeightsAction::Fetch => {

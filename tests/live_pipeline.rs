@@ -300,7 +300,7 @@ fn avi_bytes(w: u32, h: u32, fps: u32, frames: &[Vec<u8>]) -> Vec<u8> {
         let mut v = id.to_vec();
         v.extend((body.len() as u32).to_le_bytes());
         v.extend(body);
-        if body.len() % 2 == 1 {
+        if !body.len().is_multiple_of(2) {
             v.push(0);
         }
         v
@@ -551,4 +551,109 @@ fn live_window_without_weights_shows_the_first_run_screen() {
         return;
     };
     assert!(luma_std(&img) > 5.0, "first-run screen looks blank");
+}
+
+/// Live mode: a source that ends, a camera that cannot open, and switching
+/// sources are events; the pipeline keeps running through all of them.
+#[test]
+fn live_pipeline_survives_ending_and_failing_sources() {
+    use cliper::pipeline::worker::PipelineCommand;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    write_frames(dir.path(), 3);
+    let folder = SourceSpec::Folder {
+        path: dir.path().to_path_buf(),
+        fps: 50.0,
+    };
+    let model = ModelSpec {
+        weights: Some(weights().into()),
+        ..Default::default()
+    };
+    let pipeline = Pipeline::start(
+        PipelineConfig::new(folder.clone(), model, RunMode::Live),
+        || {},
+    );
+    // Waits for an event matching `want` (events may come in any order
+    // between stages, so earlier ones are kept), failing after 60 s.
+    let seen = std::cell::RefCell::new(Vec::<PipelineEvent>::new());
+    let wait = |want: &dyn Fn(&PipelineEvent) -> bool, what: &str| {
+        let earlier = seen.borrow().iter().position(want);
+        if let Some(i) = earlier {
+            return seen.borrow_mut().remove(i);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match pipeline.events.recv_timeout(left) {
+                Ok(ev) if want(&ev) => return ev,
+                Ok(ev) => seen.borrow_mut().push(ev),
+                Err(e) => panic!("no {what}: {e}"),
+            }
+        }
+    };
+    wait(&|e| matches!(e, PipelineEvent::ModelReady(_)), "model");
+    let ended = wait(
+        &|e| matches!(e, PipelineEvent::SourceEnded { .. }),
+        "end of the folder",
+    );
+    assert!(
+        matches!(
+            ended,
+            PipelineEvent::SourceEnded {
+                frames: 3,
+                generation: 1
+            }
+        ),
+        "{ended:?}"
+    );
+    pipeline.command(PipelineCommand::SetSource(SourceSpec::Camera {
+        index: 97,
+        resolution: None,
+    }));
+    let failed = wait(
+        &|e| matches!(e, PipelineEvent::SourceFailed { .. }),
+        "camera failure",
+    );
+    let PipelineEvent::SourceFailed { error, .. } = failed else {
+        unreachable!()
+    };
+    assert!(error.contains("camera"), "{error}");
+    pipeline.command(PipelineCommand::SetSource(SourceSpec::Demo));
+    wait(
+        &|e| matches!(e, PipelineEvent::SourceOpened(i) if i.generation == 3),
+        "demo",
+    );
+    let scores = wait(
+        &|e| matches!(e, PipelineEvent::Scores(s) if s.generation == 3 && !s.faces.is_empty()),
+        "demo scores",
+    );
+    let PipelineEvent::Scores(s) = scores else {
+        unreachable!()
+    };
+    assert_eq!(s.faces.len(), 1);
+    // The probe is encoded on the worker and scored on the next frames.
+    pipeline.command(PipelineCommand::SetProbe(Some("a smiling woman".into())));
+    wait(
+        &|e| matches!(e, PipelineEvent::ProbeReady(Some(_))),
+        "probe",
+    );
+    wait(
+        &|e| matches!(e, PipelineEvent::Scores(s) if s.faces.first().is_some_and(|f| f.probe_logit.is_some())),
+        "probe logit",
+    );
+    // Switching the bank to a learned one from a file.
+    let learned = fixtures().join("clip_c_hf16/descriptors.safetensors");
+    pipeline.command(PipelineCommand::SetBank(
+        cliper::pipeline::setup::BankSource::Learned(learned),
+    ));
+    let learned_or_failed = |e: &PipelineEvent| match e {
+        PipelineEvent::BankReady(b) => b.kind == cliper::model::cliper::BankKind::Learned,
+        PipelineEvent::BankFailed(_) => true,
+        _ => false,
+    };
+    let bank = wait(&learned_or_failed, "learned bank");
+    let PipelineEvent::BankReady(bank) = bank else {
+        panic!("{bank:?}")
+    };
+    assert_eq!(bank.kind, cliper::model::cliper::BankKind::Learned);
 }

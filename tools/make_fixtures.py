@@ -403,6 +403,64 @@ def temporal_reference(descriptor_features, seed):
     return ours, dfer, ref
 
 
+def explain_reference(model, cfg, img, text_features):
+    """Fast (MaskCLIP value path), Grad-CAM and occlusion maps (issue 9)."""
+    px = preprocess(img, cfg.vision_config.image_size)
+    t = text_features
+    vm = model.vision_model
+    out = {}
+    with torch.no_grad():
+        vo = vm(pixel_values=px, output_hidden_states=True)
+        x = vo.hidden_states[-2]
+        layer = vm.encoder.layers[-1]
+        y = x + layer.self_attn.out_proj(layer.self_attn.v_proj(layer.layer_norm1(x)))
+        y = y + layer.mlp(layer.layer_norm2(y))
+        p = model.visual_projection(vm.post_layernorm(y[:, 1:]))[0]
+        p = p / p.norm(dim=-1, keepdim=True)
+        out["fast_maps"] = (t @ p.T / 0.01).tolist()  # [35, P]
+
+    def weights(kind, idx):
+        w = torch.zeros(35)
+        if kind == "descriptor":
+            w[idx] = 1.0
+        else:
+            w[idx * 5: idx * 5 + 5] = 0.2
+        return w
+
+    def logit_of(pixels, w):
+        f = model.visual_projection(vm(pixel_values=pixels).pooler_output)
+        f = f / f.norm(dim=-1, keepdim=True)
+        return (f @ t.T / 0.01) @ w
+
+    out["targets"] = []
+    for kind, idx in [("descriptor", 7), ("class", 3)]:
+        w = weights(kind, idx)
+        vo = vm(pixel_values=px, output_attentions=True)
+        attn = vo.attentions[-1]
+        attn.retain_grad()
+        f = model.visual_projection(vo.pooler_output)
+        f = f / f.norm(dim=-1, keepdim=True)
+        logit = ((f @ t.T / 0.01) @ w).sum()
+        logit.backward()
+        cam = (attn.grad * attn).clamp(min=0).mean(1)[0, 0, 1:]
+        with torch.no_grad():
+            s = px.shape[-1]
+            occ = {}
+            for grid in (2, 4):
+                edges = [i * s // grid for i in range(grid + 1)]
+                base = logit_of(px, w).item()
+                vals = []
+                for r in range(grid):
+                    for c in range(grid):
+                        q = px.clone()
+                        q[:, :, edges[r]:edges[r + 1], edges[c]:edges[c + 1]] = 0
+                        vals.append(base - logit_of(q, w).item())
+                occ[str(grid)] = vals
+        out["targets"].append({"kind": kind, "index": idx, "logit": logit.item(), "gradcam": cam.tolist(),
+                               "occlusion": occ})
+    return out
+
+
 def main():
     import open_clip
     tok = open_clip.tokenize
@@ -464,6 +522,8 @@ def main():
                         "temporal_heads": str(temporal_ref["heads"])})
     torch.save(dfer, os.path.join(d, "dfer_clip_temporal.pth"))
     json.dump(temporal_ref, open(os.path.join(d, "temporal_reference.json"), "w"))
+    eref = explain_reference(model_c, cfg_c, imgs[1][1], torch.tensor(cref["text_features"]))
+    json.dump(eref, open(os.path.join(d, "explain_reference.json"), "w"))
     tref = train_reference(model_c, cfg_c, descriptor)
     json.dump(tref, open(os.path.join(OUT, "train_reference.json"), "w"))
 

@@ -78,9 +78,7 @@ impl ExitPlan {
         let mut error = None;
         match &self.phase {
             Phase::Running => {
-                let Some(after) = self.after else {
-                    return None;
-                };
+                let after = self.after?;
                 if self.started.elapsed() < after {
                     ctx.request_repaint_after(after - self.started.elapsed());
                     return None;

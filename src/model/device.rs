@@ -1,4 +1,5 @@
-//! Choosing the compute device (`--device auto|cpu|cuda|metal`).
+//! Choosing the compute device (`--device auto|cpu|cuda|metal`) and the
+//! precision the image encoder runs in (`--precision`).
 
 use candle_core::{DType, Device};
 
@@ -10,6 +11,65 @@ pub enum DeviceError {
     NotBuilt(&'static str),
     #[error("cannot open the {0} device: {1}")]
     Open(&'static str, String),
+    #[error("--precision {precision} does not run on the {device}: {hint}")]
+    Precision {
+        precision: &'static str,
+        device: &'static str,
+        hint: &'static str,
+    },
+}
+
+/// Precision of the model weights and activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    /// f32 on the CPU, f16 on GPUs.
+    #[default]
+    Auto,
+    F32,
+    F16,
+    Bf16,
+    /// 8-bit weights (Q8_0) and activations in the image encoder's linear
+    /// layers, f32 elsewhere; CPU only.
+    Q8,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Auto => "auto",
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
+            Precision::Q8 => "q8",
+        }
+    }
+
+    /// The dtype the model is built in on `device`.
+    pub fn dtype(self, device: &Device) -> Result<DType, DeviceError> {
+        let refuse = |hint| DeviceError::Precision {
+            precision: self.as_str(),
+            device: describe(device),
+            hint,
+        };
+        match (self, device.is_cpu()) {
+            (Precision::Auto, _) => Ok(default_dtype(device)),
+            (Precision::F32, _) => Ok(DType::F32),
+            (Precision::F16, _) => Ok(DType::F16),
+            (Precision::Bf16, false) => Ok(DType::BF16),
+            (Precision::Bf16, true) => Err(refuse(
+                "Candle's CPU backend has no bf16 matmul; use --precision q8 (the fast reduced-precision CPU path) or f32",
+            )),
+            (Precision::Q8, true) => Ok(DType::F32),
+            (Precision::Q8, false) => Err(refuse(
+                "the 8-bit path is CPU-only; GPUs run f16 (--precision f16 or auto)",
+            )),
+        }
+    }
+
+    /// Whether the image encoder's linear layers are quantized to 8 bits.
+    pub fn quantized(self) -> bool {
+        self == Precision::Q8
+    }
 }
 
 /// Opens the device named by `choice`; `auto` takes the best one available.

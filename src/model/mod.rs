@@ -5,6 +5,7 @@ pub mod clip;
 pub mod cliper;
 pub mod config;
 pub mod device;
+pub mod explain;
 pub mod layers;
 pub mod preprocess;
 pub mod rng;

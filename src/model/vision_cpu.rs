@@ -152,10 +152,7 @@ fn rows_mut(
     rs: usize,
     m: usize,
 ) -> impl ParallelIterator<Item = (usize, &mut [f32])> {
-    dst.par_chunks_mut(rs)
-        .take(m)
-        .with_min_len(64)
-        .enumerate()
+    dst.par_chunks_mut(rs).take(m).with_min_len(64).enumerate()
 }
 
 fn parallelism(work: usize) -> gemm::Parallelism {
@@ -356,7 +353,11 @@ pub fn forward(
         activate(&mut f, blk.act);
         blk.fc2.apply(&f, m, &mut x, d, true)?;
         if want_layer_cls {
-            layer_cls.push(Tensor::from_vec(cls_rows(&x, b, t, d), (b, d), &Device::Cpu)?);
+            layer_cls.push(Tensor::from_vec(
+                cls_rows(&x, b, t, d),
+                (b, d),
+                &Device::Cpu,
+            )?);
         }
     }
     let cls = cls_rows(&x, b, t, d);
@@ -407,7 +408,11 @@ fn block_views<'a>(
                 act,
                 heads,
             };
-            let square = view.qkv.iter().chain([&view.out]).all(|l| l.n == d && l.k == d);
+            let square = view
+                .qkv
+                .iter()
+                .chain([&view.out])
+                .all(|l| l.n == d && l.k == d);
             (square && view.fc1.k == d && view.fc2.n == d && view.fc2.k == view.fc1.n)
                 .then_some(view)
         })
@@ -605,7 +610,11 @@ mod simd {
     fn max(x: &[f32]) -> f32 {
         let mut acc = [f32::NEG_INFINITY; LANES];
         let chunks = x.chunks_exact(LANES);
-        let tail = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let tail = chunks
+            .remainder()
+            .iter()
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
         for c in chunks {
             for i in 0..LANES {
                 acc[i] = acc[i].max(c[i]);
@@ -618,7 +627,11 @@ mod simd {
     fn centered_sq_sum(x: &[f32], mean: f32) -> f32 {
         let mut acc = [0f32; LANES];
         let chunks = x.chunks_exact(LANES);
-        let tail: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
+        let tail: f32 = chunks
+            .remainder()
+            .iter()
+            .map(|v| (v - mean) * (v - mean))
+            .sum();
         for c in chunks {
             for i in 0..LANES {
                 let v = c[i] - mean;
@@ -725,5 +738,86 @@ mod simd {
                 assert!((e[i] - tanh).abs() < 1e-3, "gelu({x})");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use crate::model::config::{Activation, ClipConfig};
+    use crate::model::{Checkpoint, ClipModel};
+
+    fn small(act: Activation) -> ClipModel {
+        let mut cfg = ClipConfig::vit_b16();
+        cfg.vision.image_size = 48;
+        cfg.vision.width = 64;
+        cfg.vision.layers = 3;
+        cfg.vision.heads = 4;
+        cfg.vision.mlp = 256;
+        cfg.vision.activation = act;
+        cfg.text.layers = 1;
+        cfg.text.vocab_size = 600;
+        cfg.text.width = 64;
+        cfg.text.heads = 2;
+        cfg.text.mlp = 128;
+        cfg.embed_dim = 32;
+        let ckpt = Checkpoint::random(&cfg, 7).unwrap();
+        ClipModel::from_checkpoint(&ckpt, &Device::Cpu, DType::F32).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_forward_matches_candle_ops() {
+        for act in [
+            Activation::QuickGelu,
+            Activation::Gelu,
+            Activation::GeluTanh,
+        ] {
+            let mut clip = small(act);
+            let px = Tensor::randn(0f32, 1.0, (3, 3, 48, 48), &Device::Cpu).unwrap();
+            let fast = clip.vision.forward_with(&px, true, true).unwrap();
+            clip.vision.candle_only = true;
+            let slow = clip.vision.forward_with(&px, true, true).unwrap();
+            let d = max_diff(&fast.embedding, &slow.embedding);
+            assert!(d < 1e-4, "{act:?}: embedding differs by {d}");
+            for (i, (a, b)) in fast.layer_cls.iter().zip(&slow.layer_cls).enumerate() {
+                let d = max_diff(a, b);
+                assert!(d < 1e-4, "{act:?}: layer {i} CLS differs by {d}");
+            }
+            assert_eq!(fast.layer_cls.len(), 3);
+            let (a, b) = (
+                fast.last_block_input.unwrap(),
+                slow.last_block_input.unwrap(),
+            );
+            assert_eq!(a.dims(), b.dims());
+            assert!(max_diff(&a, &b) < 1e-4);
+        }
+    }
+
+    #[test]
+    fn q8_stays_close_to_f32() {
+        let mut clip = small(Activation::QuickGelu);
+        let px = Tensor::randn(0f32, 1.0, (2, 3, 48, 48), &Device::Cpu).unwrap();
+        let full = clip.encode_images(&px).unwrap();
+        clip.vision.set_quantized(true).unwrap();
+        let low = clip.encode_images(&px).unwrap();
+        let cos: Vec<f32> = (full * low).unwrap().sum(1).unwrap().to_vec1().unwrap();
+        assert!(cos.iter().all(|&c| c > 0.995), "cosines {cos:?}");
+        // Training-style (tracked) inputs cannot take the 8-bit path.
+        clip.vision.candle_only = true;
+        assert!(clip.encode_images(&px).is_err());
     }
 }

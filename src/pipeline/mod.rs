@@ -4,8 +4,10 @@
 
 pub mod analyzer;
 pub mod batch;
+pub mod bench;
 pub mod clip;
 pub mod dynamic;
+pub mod explain;
 pub mod output;
 pub mod setup;
 pub mod smoothing;

@@ -7,7 +7,7 @@ use candle_core::DType;
 
 use crate::model::cliper::bank::{self, BankError, DescriptorBank};
 use crate::model::cliper::checkpoint::{CliperCheckpoint, CliperFileError};
-use crate::model::device::{self, DeviceError};
+use crate::model::device::{self, DeviceError, Precision};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::weights::{self, Checkpoint, WeightsError};
 use crate::model::ClipModel;
@@ -55,13 +55,18 @@ pub struct Loaded {
 }
 
 pub fn load(spec: &ModelSpec) -> Result<Loaded, SetupError> {
+    load_with(spec, Precision::Auto)
+}
+
+/// [`load`] with the image encoder in a chosen precision.
+pub fn load_with(spec: &ModelSpec, precision: Precision) -> Result<Loaded, SetupError> {
     let dev_name = if spec.device.is_empty() {
         "auto"
     } else {
         &spec.device
     };
     let device = device::select(dev_name)?;
-    let dtype = device::default_dtype(&device);
+    let dtype = precision.dtype(&device)?;
     let path = weights::locate(spec.weights.as_deref())?;
     let mut ckpt = Checkpoint::load(&path, DType::F32)?;
     let cliper = match &spec.bank {
@@ -72,7 +77,16 @@ pub fn load(spec: &ModelSpec) -> Result<Loaded, SetupError> {
         }
         _ => None,
     };
-    let clip = ClipModel::from_checkpoint(&ckpt, &device, dtype)?;
+    let mut clip = ClipModel::from_checkpoint(&ckpt, &device, dtype)?;
+    drop(ckpt);
+    if precision.quantized() {
+        clip.vision
+            .set_quantized(true)
+            .map_err(|source| WeightsError::Candle {
+                path: clip.source.clone(),
+                source,
+            })?;
+    }
     let tokenizer = ClipTokenizer::new();
     let bank = load_bank(&clip, &tokenizer, &spec.bank, cliper.as_ref())?;
     Ok(Loaded {

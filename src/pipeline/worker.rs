@@ -430,7 +430,7 @@ fn capture_stage(
                         spec: s.clone(),
                         generation,
                         name: src.name(),
-                        len: src.len(),
+                        len: src.frame_count(),
                         fps: src.fps(),
                         live: src.is_live(),
                     };
@@ -558,7 +558,27 @@ fn detect_stage(
     out: StageQueue<Arc<DetectedFrame>>,
     events: Events,
 ) {
-    // The detector is not Send: build it here.
+    // rustface parallelises on rayon, and so does the CPU model: on rayon's
+    // global pool a detection would queue behind a whole forward pass. In
+    // its own small pool the OS shares the cores between the two stages, so
+    // boxes keep coming at detection speed while the model is busy.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(std::thread::available_parallelism().map_or(2, |n| n.get().min(4)))
+        .thread_name(|i| format!("cliper-detect-{i}"))
+        .build();
+    match pool {
+        Ok(pool) => pool.install(move || detect_loop(config, input, out, events)),
+        Err(_) => detect_loop(config, input, out, events),
+    }
+}
+
+fn detect_loop(
+    config: PipelineConfig,
+    input: Receiver<Captured>,
+    out: StageQueue<Arc<DetectedFrame>>,
+    events: Events,
+) {
+    // The detector is not Send: build it on the thread that runs it.
     let mut analyzer = match FaceAnalyzer::new(config.analyzer.clone()) {
         Ok(a) => a,
         Err(e) => {

@@ -204,7 +204,7 @@ impl FrameSource for AviSource {
             t: index as f64 / self.fps,
         }))
     }
-    fn len(&self) -> Option<u64> {
+    fn frame_count(&self) -> Option<u64> {
         Some(self.chunks.len() as u64)
     }
     fn fps(&self) -> f64 {
@@ -294,25 +294,24 @@ fn walk<R: Read + Seek>(
                     head.chunk_ids = [[t[0], t[1], b'd', b'c'], [t[0], t[1], b'd', b'b']];
                 }
             }
-            b"strf" => {
-                // The strf that follows the video strh (same strl).
+            // The strf that follows the video strh (same strl).
+            b"strf"
                 if head.video_stream == Some(head.streams.saturating_sub(1))
                     && head.compression == [0; 4]
-                    && head.bits == 0
-                {
-                    let b = read_body(r, body, len, 40)?;
-                    let w = u32_at(&b, 4) as i32;
-                    let h = u32_at(&b, 8) as i32;
-                    head.width = w.unsigned_abs();
-                    head.height = h.unsigned_abs();
-                    head.top_down = h < 0;
-                    head.bits = b
-                        .get(14..16)
-                        .map(|s| u16::from_le_bytes([s[0], s[1]]))
-                        .unwrap_or(0);
-                    if let Some(c) = b.get(16..20) {
-                        head.compression = [c[0], c[1], c[2], c[3]];
-                    }
+                    && head.bits == 0 =>
+            {
+                let b = read_body(r, body, len, 40)?;
+                let w = u32_at(&b, 4) as i32;
+                let h = u32_at(&b, 8) as i32;
+                head.width = w.unsigned_abs();
+                head.height = h.unsigned_abs();
+                head.top_down = h < 0;
+                head.bits = b
+                    .get(14..16)
+                    .map(|s| u16::from_le_bytes([s[0], s[1]]))
+                    .unwrap_or(0);
+                if let Some(c) = b.get(16..20) {
+                    head.compression = [c[0], c[1], c[2], c[3]];
                 }
             }
             _ if head.video_stream.is_some() && head.chunk_ids.contains(&id) => {
@@ -343,7 +342,7 @@ pub(crate) mod tests {
             let mut v = id.to_vec();
             v.extend((body.len() as u32).to_le_bytes());
             v.extend(body);
-            if body.len() % 2 == 1 {
+            if !body.len().is_multiple_of(2) {
                 v.push(0);
             }
             v
@@ -404,7 +403,7 @@ pub(crate) mod tests {
         with_empty.push(Vec::new());
         write_avi(&p, 32, 16, b"MJPG", 24, 10, &with_empty);
         let mut src = AviSource::open(&p).unwrap();
-        assert_eq!(src.len(), Some(4));
+        assert_eq!(src.frame_count(), Some(4));
         assert!((src.fps() - 10.0).abs() < 1e-9);
         let mut reds = Vec::new();
         while let Some(f) = src.next_frame().unwrap() {

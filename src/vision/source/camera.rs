@@ -170,7 +170,7 @@ impl FrameSource for CameraSource {
             t: self.opened.elapsed().as_secs_f64(),
         }))
     }
-    fn len(&self) -> Option<u64> {
+    fn frame_count(&self) -> Option<u64> {
         None
     }
     fn fps(&self) -> f64 {
@@ -199,7 +199,7 @@ pub fn decode(format: FrameFormat, w: u32, h: u32, data: &[u8]) -> Result<RgbIma
             .map_err(|e| format!("bad MJPEG frame: {e}")),
         FrameFormat::YUYV => {
             let need = wu * hu * 2;
-            if data.len() < need || w % 2 != 0 {
+            if data.len() < need || !w.is_multiple_of(2) {
                 return Err(short(need));
             }
             let mut out = Vec::with_capacity(wu * hu * 3);

@@ -91,7 +91,7 @@ impl FrameSource for DemoSource {
             t,
         }))
     }
-    fn len(&self) -> Option<u64> {
+    fn frame_count(&self) -> Option<u64> {
         None
     }
     fn fps(&self) -> f64 {

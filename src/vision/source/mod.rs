@@ -85,7 +85,7 @@ pub trait FrameSource {
     fn next_frame(&mut self) -> Result<Option<Frame>, SourceError>;
     /// Number of frames when known (files, folders); `None` for cameras and
     /// endless sources.
-    fn len(&self) -> Option<u64>;
+    fn frame_count(&self) -> Option<u64>;
     /// Nominal frames per second.
     fn fps(&self) -> f64;
     /// A short name for display: the file name, the camera name, `demo`.

@@ -225,7 +225,7 @@ impl FrameSource for Mp4Source {
             return Ok(None);
         }
     }
-    fn len(&self) -> Option<u64> {
+    fn frame_count(&self) -> Option<u64> {
         Some(u64::from(self.sample_count))
     }
     fn fps(&self) -> f64 {

@@ -39,7 +39,7 @@ impl FrameSource for StillSource {
             t: index as f64 / self.fps,
         }))
     }
-    fn len(&self) -> Option<u64> {
+    fn frame_count(&self) -> Option<u64> {
         None
     }
     fn fps(&self) -> f64 {
@@ -96,7 +96,7 @@ impl FrameSource for FolderSource {
             t: index as f64 / self.fps,
         }))
     }
-    fn len(&self) -> Option<u64> {
+    fn frame_count(&self) -> Option<u64> {
         Some(self.files.len() as u64)
     }
     fn fps(&self) -> f64 {
@@ -180,7 +180,7 @@ mod tests {
         std::fs::write(dir.path().join("f5.png"), b"not a png").unwrap();
         std::fs::write(dir.path().join("notes.txt"), b"ignored").unwrap();
         let mut src = FolderSource::open(dir.path(), 10.0).unwrap();
-        assert_eq!(src.len(), Some(4));
+        assert_eq!(src.frame_count(), Some(4));
         let f = src.next_frame().unwrap().unwrap();
         assert_eq!((f.index, f.image.get_pixel(0, 0)[0]), (0, 1));
         let f = src.next_frame().unwrap().unwrap();

@@ -1,0 +1,578 @@
+//! `cliper bench`: per-stage timings of the pipeline on the chosen device and
+//! precision (preprocessing, image encoding per batch size, scoring, face
+//! detection, the temporal pass), peak memory, faces per second, and for a
+//! reduced precision its agreement with f32.
+//!
+//! Every stage runs `warmup` times untimed, then `runs` times; the figures
+//! are median, min and max in milliseconds. `tools/bench_reference.py` times
+//! ONNX Runtime and PyTorch on the same ViT-B/16 shape and can run this
+//! command itself so that the ratios come from one run.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+use serde_json::{json, Map, Value};
+
+use crate::model::cliper::scoring::{self, ExpressionScores};
+use crate::model::cliper::DescriptorBank;
+use crate::model::device::{self, Precision};
+use crate::model::temporal::{TemporalConfig, TemporalModule};
+use crate::model::tokenizer::ClipTokenizer;
+use crate::model::{preprocess, weights, Checkpoint, ClipConfig, ClipModel};
+use crate::vision::faces::{FaceDetector, FaceDetectorConfig};
+use crate::vision::source::demo::DemoSource;
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// CLIP weights; `None` with `random` builds random ViT-B/16 weights.
+    pub weights: Option<PathBuf>,
+    pub random: bool,
+    pub batches: Vec<usize>,
+    pub precision: Precision,
+    pub runs: usize,
+    pub warmup: usize,
+    /// Worker threads (rayon, Candle, gemm); `None` keeps the default.
+    pub threads: Option<usize>,
+    pub device: String,
+    /// Images for the agreement report (default: crops of the demo portrait).
+    pub images: Vec<PathBuf>,
+    /// Size of the default agreement set.
+    pub agreement_images: usize,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self {
+            weights: None,
+            random: false,
+            batches: vec![1, 8],
+            precision: Precision::Auto,
+            runs: 10,
+            warmup: 2,
+            threads: None,
+            device: "auto".into(),
+            images: Vec::new(),
+            agreement_images: 64,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{0}")]
+    Setup(#[from] crate::pipeline::setup::SetupError),
+    #[error("{0}")]
+    Device(#[from] crate::model::device::DeviceError),
+    #[error("{0}")]
+    Weights(#[from] crate::model::weights::WeightsError),
+    #[error("{0}")]
+    Bank(#[from] crate::model::cliper::bank::BankError),
+    #[error("{0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("{0}")]
+    Faces(#[from] crate::vision::faces::FaceError),
+    #[error("cannot read agreement image {path}: {reason}")]
+    Image { path: PathBuf, reason: String },
+    #[error("invalid benchmark settings: {0}")]
+    Settings(String),
+}
+
+/// Median, min and max of one stage, in milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stat {
+    fn from_ms(mut v: Vec<f64>) -> Self {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n == 0 {
+            f64::NAN
+        } else if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            0.5 * (v[n / 2 - 1] + v[n / 2])
+        };
+        Self {
+            median,
+            min: v.first().copied().unwrap_or(f64::NAN),
+            max: v.last().copied().unwrap_or(f64::NAN),
+        }
+    }
+
+    fn scaled(self, by: f64) -> Self {
+        Self {
+            median: self.median * by,
+            min: self.min * by,
+            max: self.max * by,
+        }
+    }
+
+    pub fn to_json(self) -> Value {
+        json!({"median": round3(self.median), "min": round3(self.min), "max": round3(self.max)})
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// How a reduced precision compares with f32 on the same images.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Agreement {
+    pub images: usize,
+    /// Fraction of images whose predicted class is the same.
+    pub top1: f64,
+    /// Largest absolute difference of any class probability.
+    pub max_prob_diff: f64,
+    /// Smallest cosine similarity between the two image embeddings.
+    pub min_cosine: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchReport {
+    pub device: String,
+    pub precision: Precision,
+    pub threads: usize,
+    pub weights: String,
+    pub runs: usize,
+    pub preprocess_ms_per_image: Stat,
+    /// Batch size -> per-image encode time.
+    pub image_encode_ms_per_image: Vec<(usize, Stat)>,
+    /// Scoring of the largest batch against the 35 descriptors.
+    pub scoring_ms: (usize, Stat),
+    /// Frame size -> detection time.
+    pub face_detection_ms: Vec<((u32, u32), Stat)>,
+    /// Faces found in each benchmark frame.
+    pub faces_found: Vec<((u32, u32), usize)>,
+    /// One temporal pass over a 16-frame window (random weights).
+    pub temporal_ms: Stat,
+    /// Batch size -> faces per second of a 640x480 frame holding that many
+    /// faces: detection + preprocessing + encoding + scoring, from the medians.
+    pub faces_per_second: Vec<(usize, f64)>,
+    pub peak_memory_mb: Option<f64>,
+    pub agreement: Option<Agreement>,
+}
+
+/// Times `f` after `warmup` untimed calls; milliseconds.
+fn time<T>(
+    warmup: usize,
+    runs: usize,
+    mut f: impl FnMut() -> Result<T, BenchError>,
+) -> Result<Stat, BenchError> {
+    for _ in 0..warmup {
+        std::hint::black_box(f()?);
+    }
+    let mut ms = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = Instant::now();
+        std::hint::black_box(f()?);
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(Stat::from_ms(ms))
+}
+
+/// Peak resident memory of this process (`VmHWM`), in MB.
+pub fn peak_memory_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Sets the worker thread count for rayon, gemm and Candle. Must run before
+/// any of them starts its pool.
+pub fn set_threads(n: usize) -> Result<(), BenchError> {
+    if n == 0 {
+        return Err(BenchError::Settings("--threads must be at least 1".into()));
+    }
+    // Candle reads RAYON_NUM_THREADS for its own pools.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| BenchError::Settings(format!("cannot set --threads {n}: {e}")))
+}
+
+fn load_model(opts: &BenchOptions) -> Result<(ClipModel, String), BenchError> {
+    let device = device::select(&opts.device)?;
+    let dtype = opts.precision.dtype(&device)?;
+    let ckpt = if opts.random {
+        Checkpoint::random(&ClipConfig::vit_b16(), 0)?
+    } else {
+        let path = weights::locate(opts.weights.as_deref())?;
+        Checkpoint::load(&path, DType::F32)?
+    };
+    let name = ckpt.path.display().to_string();
+    let mut clip = ClipModel::from_checkpoint(&ckpt, &device, dtype)?;
+    drop(ckpt);
+    if opts.precision.quantized() {
+        clip.vision.set_quantized(true)?;
+    }
+    Ok((clip, name))
+}
+
+/// Square face crops cut from the demo portrait at varied positions, sizes
+/// and brightness: a deterministic stand-in for a test set.
+fn demo_crops(n: usize) -> Vec<RgbImage> {
+    let demo = DemoSource::new();
+    (0..n)
+        .map(|i| {
+            let frame = demo.render(i as f64 * 0.73);
+            let (w, h) = frame.dimensions();
+            let side = (h as f32 * (0.45 + 0.4 * ((i * 7 % 11) as f32 / 10.0))) as u32;
+            let side = side.min(w).min(h);
+            let x = ((w - side) as f32 * ((i * 5 % 9) as f32 / 8.0)) as u32;
+            let y = ((h - side) as f32 * ((i * 3 % 5) as f32 / 4.0)) as u32;
+            let mut crop = image::imageops::crop_imm(&frame, x, y, side, side).to_image();
+            if i % 2 == 1 {
+                image::imageops::flip_horizontal_in_place(&mut crop);
+            }
+            crop
+        })
+        .collect()
+}
+
+fn pixels(clip: &ClipModel, crops: &[RgbImage]) -> Result<Tensor, BenchError> {
+    let size = clip.config.vision.image_size as u32;
+    let s = size as usize;
+    let mut data = Vec::with_capacity(crops.len() * 3 * s * s);
+    for c in crops {
+        data.extend(preprocess::to_normalized_chw(
+            &preprocess::resize_shorter_center_crop(c, size),
+        ));
+    }
+    Ok(Tensor::from_vec(
+        data,
+        (crops.len(), 3, s, s),
+        &Device::Cpu,
+    )?)
+}
+
+/// Scores of `px` [N, 3, S, S] in batches of `batch`, plus the embeddings.
+fn classify_all(
+    clip: &ClipModel,
+    bank: &DescriptorBank,
+    px: &Tensor,
+    batch: usize,
+) -> Result<(Vec<ExpressionScores>, Vec<Vec<f32>>), BenchError> {
+    let n = px.dim(0)?;
+    let (mut scores, mut embs) = (Vec::new(), Vec::new());
+    let mut i = 0;
+    while i < n {
+        let len = batch.min(n - i);
+        let emb = clip.encode_images(&px.narrow(0, i, len)?)?;
+        scores.extend(scoring::score(&emb, bank)?);
+        embs.extend(emb.to_vec2::<f32>()?);
+        i += len;
+    }
+    Ok((scores, embs))
+}
+
+/// Compares `low` (a reduced precision) with `full` (f32) on `crops`.
+fn agreement(
+    low: &ClipModel,
+    full: &ClipModel,
+    bank: &DescriptorBank,
+    crops: &[RgbImage],
+) -> Result<Agreement, BenchError> {
+    let px = pixels(low, crops)?;
+    let (low, low_emb) = classify_all(low, bank, &px, 8)?;
+    let (full, full_emb) = classify_all(full, bank, &px, 8)?;
+    let same = low
+        .iter()
+        .zip(&full)
+        .filter(|(a, b)| a.predicted == b.predicted)
+        .count();
+    let max_prob_diff = low
+        .iter()
+        .zip(&full)
+        .flat_map(|(a, b)| a.probs.iter().zip(&b.probs).map(|(x, y)| (x - y).abs()))
+        .fold(0f32, f32::max);
+    let min_cosine = low_emb
+        .iter()
+        .zip(&full_emb)
+        .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>())
+        .fold(1f32, f32::min);
+    Ok(Agreement {
+        images: crops.len(),
+        top1: same as f64 / crops.len().max(1) as f64,
+        max_prob_diff: max_prob_diff as f64,
+        min_cosine: min_cosine as f64,
+    })
+}
+
+/// The f32 twin of `clip`: the same weights without quantization, or
+/// rebuilt in f32 when `clip` runs in a 16-bit dtype.
+fn f32_reference(clip: &ClipModel, opts: &BenchOptions) -> Result<ClipModel, BenchError> {
+    if clip.dtype == DType::F32 {
+        let mut vision = clip.vision.clone();
+        vision.quantized = None;
+        return Ok(ClipModel {
+            vision,
+            text: clip.text.clone(),
+            config: clip.config.clone(),
+            device: clip.device.clone(),
+            dtype: clip.dtype,
+            source: clip.source.clone(),
+        });
+    }
+    let opts = BenchOptions {
+        precision: Precision::F32,
+        ..opts.clone()
+    };
+    Ok(load_model(&opts)?.0)
+}
+
+/// Runs every stage; `progress` receives one line per stage.
+pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchReport, BenchError> {
+    if opts.batches.is_empty() || opts.batches.contains(&0) {
+        return Err(BenchError::Settings(
+            "--batch needs sizes of at least 1, e.g. --batch 1,8".into(),
+        ));
+    }
+    if opts.runs == 0 {
+        return Err(BenchError::Settings("--runs must be at least 1".into()));
+    }
+    if let Some(n) = opts.threads {
+        set_threads(n)?;
+    }
+    let (w, r) = (opts.warmup, opts.runs);
+    progress("loading the model");
+    let (clip, weights_name) = load_model(opts)?;
+    let precision = match opts.precision {
+        Precision::Auto if clip.dtype == DType::F16 => Precision::F16,
+        Precision::Auto => Precision::F32,
+        p => p,
+    };
+    progress("computing the descriptor features");
+    let bank = DescriptorBank::default_zero_shot(&clip, &ClipTokenizer::new())?;
+
+    let max_batch = opts.batches.iter().copied().max().unwrap_or(1);
+    let crops = demo_crops(max_batch);
+    progress("preprocessing");
+    let size = clip.config.vision.image_size as u32;
+    let preprocess_ms = time(w, r, || {
+        Ok(preprocess::to_normalized_chw(
+            &preprocess::resize_shorter_center_crop(&crops[0], size),
+        ))
+    })?;
+    let px = pixels(&clip, &crops)?;
+
+    let mut encode = Vec::new();
+    for &b in &opts.batches {
+        progress(&format!("image encoder, batch {b}"));
+        let batch = px.narrow(0, 0, b)?;
+        // Read the result back so that GPU work is finished when timed.
+        let stat = time(w, r, || Ok(clip.encode_images(&batch)?.to_vec2::<f32>()?))?;
+        encode.push((b, stat.scaled(1.0 / b as f64)));
+    }
+
+    progress("scoring");
+    let emb = clip.encode_images(&px)?;
+    let scoring_ms = time(w, r, || Ok(scoring::score(&emb, &bank)?))?;
+
+    progress("face detection");
+    let frame = DemoSource::new().render(0.0);
+    let mut detection = Vec::new();
+    let mut faces_found = Vec::new();
+    let mut detector = FaceDetector::new(FaceDetectorConfig::default())?;
+    for (fw, fh) in [(640, 480), (320, 240)] {
+        let img = image::imageops::resize(&frame, fw, fh, image::imageops::FilterType::Triangle);
+        faces_found.push(((fw, fh), detector.detect(&img).len()));
+        detection.push(((fw, fh), time(w, r, || Ok(detector.detect(&img)))?));
+    }
+
+    progress("temporal module");
+    let temporal_ms = {
+        let cfg = TemporalConfig::cliper(clip.config.embed_dim);
+        let tensors = TemporalModule::init_tensors(&cfg, 0)?;
+        let module = TemporalModule::from_tensors(&tensors, None, cfg.width, &clip.device)
+            .map_err(|e| BenchError::Settings(format!("temporal module: {e}")))?;
+        let window = Tensor::randn(0f32, 1.0, (1, cfg.frames, cfg.width), &clip.device)?;
+        time(w, r, || Ok(module.forward(&window)?.to_vec2::<f32>()?))?
+    };
+
+    let detect_640 = detection[0].1.median;
+    let faces_per_second = encode
+        .iter()
+        .map(|&(b, stat)| {
+            let frame_ms = detect_640
+                + b as f64 * (preprocess_ms.median + stat.median)
+                + scoring_ms.median * b as f64 / max_batch as f64;
+            (b, 1000.0 * b as f64 / frame_ms)
+        })
+        .collect();
+
+    let agreement = if precision == Precision::F32 {
+        None
+    } else {
+        progress("agreement with f32");
+        let set = if opts.images.is_empty() {
+            demo_crops(opts.agreement_images.max(1))
+        } else {
+            opts.images
+                .iter()
+                .map(|p| {
+                    crate::vision::images::load_rgb(p).map_err(|e| BenchError::Image {
+                        path: p.clone(),
+                        reason: e.to_string(),
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        let reference = f32_reference(&clip, opts)?;
+        Some(agreement(&clip, &reference, &bank, &set)?)
+    };
+
+    Ok(BenchReport {
+        device: device::describe(&clip.device).to_string(),
+        precision,
+        threads: if clip.device.is_cpu() {
+            rayon::current_num_threads()
+        } else {
+            1
+        },
+        weights: weights_name,
+        runs: r,
+        preprocess_ms_per_image: preprocess_ms,
+        image_encode_ms_per_image: encode,
+        scoring_ms: (max_batch, scoring_ms),
+        face_detection_ms: detection,
+        faces_found,
+        temporal_ms,
+        faces_per_second,
+        peak_memory_mb: peak_memory_mb(),
+        agreement,
+    })
+}
+
+impl BenchReport {
+    pub fn to_json(&self) -> Value {
+        let per_batch = |v: &[(usize, Stat)]| {
+            Value::Object(
+                v.iter()
+                    .map(|(b, s)| (b.to_string(), s.to_json()))
+                    .collect::<Map<_, _>>(),
+            )
+        };
+        let mut out = json!({
+            "device": self.device,
+            "precision": self.precision.as_str(),
+            "threads": self.threads,
+            "weights": self.weights,
+            "runs": self.runs,
+            "image_encode_ms_per_image": per_batch(&self.image_encode_ms_per_image),
+            "preprocess_ms_per_image": self.preprocess_ms_per_image.to_json(),
+            "scoring_ms": {
+                "batch": self.scoring_ms.0,
+                "median": round3(self.scoring_ms.1.median),
+                "min": round3(self.scoring_ms.1.min),
+                "max": round3(self.scoring_ms.1.max),
+            },
+            "face_detection_ms": Value::Object(
+                self.face_detection_ms
+                    .iter()
+                    .map(|((w, h), s)| (format!("{w}x{h}"), s.to_json()))
+                    .collect(),
+            ),
+            "faces_found": Value::Object(
+                self.faces_found
+                    .iter()
+                    .map(|((w, h), n)| (format!("{w}x{h}"), json!(n)))
+                    .collect(),
+            ),
+            "temporal_ms": self.temporal_ms.to_json(),
+            "faces_per_second": Value::Object(
+                self.faces_per_second
+                    .iter()
+                    .map(|(b, f)| (b.to_string(), json!((f * 10.0).round() / 10.0)))
+                    .collect(),
+            ),
+            "peak_memory_mb": self.peak_memory_mb.map(|m| m.round()),
+        });
+        if let Some(a) = &self.agreement {
+            out["agreement_vs_f32"] = json!({
+                "images": a.images,
+                "top1_agreement": a.top1,
+                "max_prob_diff": (a.max_prob_diff * 1e6).round() / 1e6,
+                "min_cosine": a.min_cosine,
+            });
+        }
+        out
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut s = format!(
+            "cliper bench: {} {}, {} thread(s), weights {}, median/min/max of {} runs (ms)\n",
+            self.device,
+            self.precision.as_str(),
+            self.threads,
+            self.weights,
+            self.runs
+        );
+        let row = |name: &str, st: &Stat| {
+            format!(
+                "  {name:<34} {:>9.2} {:>9.2} {:>9.2}\n",
+                st.median, st.min, st.max
+            )
+        };
+        s += &format!(
+            "  {:<34} {:>9} {:>9} {:>9}\n",
+            "stage", "median", "min", "max"
+        );
+        s += &row("preprocess (per image)", &self.preprocess_ms_per_image);
+        for (b, st) in &self.image_encode_ms_per_image {
+            s += &row(&format!("image encode, batch {b} (per image)"), st);
+        }
+        s += &row(
+            &format!("scoring (batch {})", self.scoring_ms.0),
+            &self.scoring_ms.1,
+        );
+        for (((w, h), st), (_, n)) in self.face_detection_ms.iter().zip(&self.faces_found) {
+            s += &row(&format!("face detection {w}x{h} ({n} found)"), st);
+        }
+        s += &row("temporal pass (16 frames)", &self.temporal_ms);
+        for (b, f) in &self.faces_per_second {
+            s += &format!("  faces per second, {b} face(s) per 640x480 frame: {f:.1}\n");
+        }
+        if let Some(m) = self.peak_memory_mb {
+            s += &format!("  peak memory (VmHWM): {m:.0} MB\n");
+        }
+        if let Some(a) = &self.agreement {
+            s += &format!(
+                "  agreement with f32 on {} images: top-1 {:.1}%, max probability difference {:.4}, min embedding cosine {:.5}\n",
+                a.images,
+                100.0 * a.top1,
+                a.max_prob_diff,
+                a.min_cosine
+            );
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_are_median_min_max() {
+        let s = Stat::from_ms(vec![5.0, 1.0, 3.0]);
+        assert_eq!((s.median, s.min, s.max), (3.0, 1.0, 5.0));
+        let s = Stat::from_ms(vec![4.0, 1.0, 3.0, 2.0]);
+        assert_eq!(s.median, 2.5);
+        assert_eq!(s.scaled(0.5).max, 2.0);
+    }
+
+    #[test]
+    fn peak_memory_is_read() {
+        let mb = peak_memory_mb().expect("VmHWM in /proc/self/status");
+        assert!(mb > 1.0 && mb < 1e6, "{mb}");
+    }
+}

@@ -1,0 +1,188 @@
+//! `cliper explain`: maps of where each face's descriptor (or class) looks,
+//! drawn over the image, with the raw grid values for JSON.
+
+use image::{Rgb, RgbImage};
+use serde_json::{json, Value};
+
+use super::analyzer::FaceAnalyzer;
+use crate::model::cliper::expressions::{CLASSES, DESCRIPTORS_PER_CLASS};
+use crate::model::cliper::{scoring, DescriptorBank};
+use crate::model::explain::{self, colormap, ExplainMap, Method, Target};
+use crate::model::preprocess;
+use crate::model::ClipModel;
+use crate::vision::draw::{draw_text, fill_rect, stroke_rect};
+use crate::vision::faces::{square_crop, FaceBox};
+
+pub struct FaceExplanation {
+    pub bbox: FaceBox,
+    /// The square region the model saw, in image pixels: (x, y, side, side).
+    pub region: (u32, u32, u32, u32),
+    pub target: Target,
+    pub map: ExplainMap,
+}
+
+/// Parses `--target`: a class name, or a descriptor index 0..35.
+pub fn parse_target(s: &str) -> Result<Target, String> {
+    if let Ok(i) = s.trim().parse::<usize>() {
+        if i < CLASSES.len() * DESCRIPTORS_PER_CLASS {
+            return Ok(Target::Descriptor(i));
+        }
+        return Err(format!("descriptor index {i} is out of range 0..34"));
+    }
+    crate::model::cliper::expressions::class_index(s)
+        .map(Target::Class)
+        .ok_or_else(|| {
+            format!(
+                "unknown target `{s}`: give a class ({}) or a descriptor index 0..34",
+                CLASSES.join(", ")
+            )
+        })
+}
+
+pub fn target_json(t: Target) -> Value {
+    match t {
+        Target::Class(c) => json!({"kind": "class", "name": CLASSES[c]}),
+        Target::Descriptor(i) => {
+            json!({"kind": "descriptor", "index": i, "class": CLASSES[i / DESCRIPTORS_PER_CLASS], "class_index": i % DESCRIPTORS_PER_CLASS})
+        }
+    }
+}
+
+/// Computes a map for every face; with no target, each face's predicted class.
+pub fn explain_image(
+    clip: &ClipModel,
+    bank: &DescriptorBank,
+    analyzer: &mut FaceAnalyzer,
+    img: &RgbImage,
+    method: Method,
+    target: Option<Target>,
+    grid: usize,
+) -> candle_core::Result<Vec<FaceExplanation>> {
+    let faces = analyzer.find_faces(img);
+    let crops = analyzer.crops(img, &faces);
+    let size = clip.config.vision.image_size as u32;
+    let mut out = Vec::new();
+    for (face, crop) in faces.iter().zip(&crops) {
+        let region = if analyzer.config.detect {
+            square_crop(img.width(), img.height(), face, analyzer.config.margin)
+        } else {
+            // The model sees the center crop of the whole frame.
+            let side = img.width().min(img.height());
+            (
+                (img.width() - side) / 2,
+                (img.height() - side) / 2,
+                side,
+                side,
+            )
+        };
+        let px = preprocess::preprocess_tensor(
+            &image::DynamicImage::ImageRgb8(crop.clone()),
+            size,
+            &clip.device,
+        )?
+        .unsqueeze(0)?
+        .to_dtype(clip.dtype)?;
+        let target = match target {
+            Some(t) => t,
+            None => {
+                let f = clip.encode_images(&px)?;
+                Target::Class(scoring::score(&f, bank)?[0].predicted)
+            }
+        };
+        let text = bank.text_features.to_dtype(clip.dtype)?;
+        let map = match method {
+            Method::Fast => explain::fast_map(&clip.vision, &px, &text, target)?,
+            Method::GradCam => explain::gradcam_map(&clip.vision, &px, &text, target)?,
+            Method::Occlusion => explain::occlusion_map(&clip.vision, &px, &text, target, grid)?,
+        };
+        out.push(FaceExplanation {
+            bbox: *face,
+            region,
+            target,
+            map,
+        });
+    }
+    Ok(out)
+}
+
+/// The image with each face's map blended over the region the model saw,
+/// and a colour scale with the map's values.
+pub fn render(img: &RgbImage, faces: &[FaceExplanation], opacity: f32, title: &str) -> RgbImage {
+    let legend_h = 48u32;
+    let mut out = RgbImage::from_pixel(
+        img.width().max(320),
+        img.height() + legend_h,
+        Rgb([255, 255, 255]),
+    );
+    image::imageops::overlay(&mut out, img, 0, 0);
+    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+    for f in faces {
+        for &v in &f.map.values {
+            lo = lo.min(v);
+            hi = hi.max(v);
+        }
+    }
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    for f in faces {
+        let (x0, y0, side, _) = f.region;
+        let up = explain::upsample(&f.map, side, side);
+        for yy in 0..side {
+            for xx in 0..side {
+                let (x, y) = (x0 + xx, y0 + yy);
+                if x >= img.width() || y >= img.height() {
+                    continue;
+                }
+                let c = colormap((up[(yy * side + xx) as usize] - lo) / span);
+                let p = out.get_pixel_mut(x, y);
+                for k in 0..3 {
+                    p.0[k] =
+                        (p.0[k] as f32 * (1.0 - opacity) + c[k] as f32 * opacity).round() as u8;
+                }
+            }
+        }
+        stroke_rect(
+            &mut out,
+            x0 as i64,
+            y0 as i64,
+            side as i64,
+            side as i64,
+            2,
+            Rgb([255, 255, 255]),
+        );
+    }
+    // Legend: colour bar with its values.
+    let y = img.height() as i64 + 6;
+    let bar_w = (out.width() as i64 - 20).max(10);
+    for i in 0..bar_w {
+        let c = colormap(i as f32 / (bar_w - 1).max(1) as f32);
+        fill_rect(&mut out, 10 + i, y, 1, 12, Rgb(c));
+    }
+    let ink = Rgb([20, 20, 30]);
+    if faces.is_empty() {
+        draw_text(&mut out, 10, y + 18, "no face found", 1, ink);
+    } else {
+        draw_text(&mut out, 10, y + 18, &format!("{lo:.3}"), 1, ink);
+        let hi_s = format!("{hi:.3}");
+        draw_text(
+            &mut out,
+            10 + bar_w - 8 * hi_s.len() as i64,
+            y + 18,
+            &hi_s,
+            1,
+            ink,
+        );
+        draw_text(&mut out, 10, y + 30, title, 1, ink);
+    }
+    out
+}
+
+pub fn explanation_json(f: &FaceExplanation) -> Value {
+    json!({
+        "box": [f.bbox.x, f.bbox.y, f.bbox.w, f.bbox.h],
+        "region": [f.region.0, f.region.1, f.region.2, f.region.3],
+        "target": target_json(f.target),
+        "logit": f.map.logit,
+        "grid": [f.map.rows, f.map.cols],
+        "map": f.map.grid(),
+    })
+}

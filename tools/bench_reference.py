@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""Times the CLIP ViT-B/16 image encoder in ONNX Runtime and PyTorch, and
+optionally `cliper bench --json` in the same run, and prints the ratios.
+
+All three use random weights of the real shape (HF
+`CLIPVisionModelWithProjection`, 224 px, patch 16, width 768, 12 layers,
+projection to 512), the same thread count and the same batch sizes. The
+PyTorch model is exported to ONNX once (cached under target/bench-reference/).
+
+    pip install torch transformers onnx onnxruntime
+    cargo build --release
+    python3 tools/bench_reference.py --threads 2 --batch 1,8 --cliper target/release/cliper \
+        --precision f32 q8
+
+Ratios are cliper time / reference time per image: below 1.0 means cliper is
+faster. Each figure is the median of --runs timed runs after --warmup runs.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads for every engine")
+    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--cliper", help="path of the cliper binary to run `bench --json` with (optional)")
+    p.add_argument("--precision", nargs="+", default=["f32"], help="cliper precisions to time (f32, q8, ...)")
+    p.add_argument("--skip-torch", action="store_true", help="do not time PyTorch")
+    p.add_argument("--cache", default="target/bench-reference", help="where the ONNX export is kept")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p.parse_args()
+
+
+def vit_b16():
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = CLIPVisionConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        image_size=224,
+        patch_size=16,
+        projection_dim=512,
+        hidden_act="quick_gelu",
+    )
+    import torch
+
+    torch.manual_seed(0)
+    return CLIPVisionModelWithProjection(cfg).eval()
+
+
+def export_onnx(model, path: Path):
+    import torch
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, pixel_values):
+            return self.m(pixel_values=pixel_values).image_embeds
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = torch.randn(1, 3, 224, 224)
+    kwargs = dict(
+        input_names=["pixel_values"],
+        output_names=["image_embeds"],
+        dynamic_axes={"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
+        opset_version=17,
+    )
+    try:
+        torch.onnx.export(Wrapper(model), (x,), str(path), dynamo=False, **kwargs)
+    except TypeError:
+        torch.onnx.export(Wrapper(model), (x,), str(path), **kwargs)
+
+
+def timed(fn, warmup, runs):
+    for _ in range(warmup):
+        fn()
+    ms = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        ms.append((time.perf_counter() - t) * 1e3)
+    return {"median": statistics.median(ms), "min": min(ms), "max": max(ms)}
+
+
+def per_image(stat, b):
+    return {k: v / b for k, v in stat.items()}
+
+
+def bench_onnx(path, batches, threads, warmup, runs):
+    import numpy as np
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    out = {}
+    rng = np.random.default_rng(0)
+    for b in batches:
+        x = rng.standard_normal((b, 3, 224, 224), dtype=np.float32)
+        out[str(b)] = per_image(timed(lambda: sess.run(None, {"pixel_values": x}), warmup, runs), b)
+    return out, ort.__version__
+
+
+def bench_torch(model, batches, threads, warmup, runs):
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    for b in batches:
+        x = torch.randn(b, 3, 224, 224)
+        with torch.inference_mode():
+            out[str(b)] = per_image(timed(lambda: model(pixel_values=x).image_embeds, warmup, runs), b)
+    return out, torch.__version__
+
+
+def bench_cliper(binary, batches, threads, runs, precision):
+    cmd = [
+        binary, "bench", "--random", "--json",
+        "--batch", ",".join(str(b) for b in batches),
+        "--threads", str(threads),
+        "--runs", str(runs),
+        "--device", "cpu",
+        "--precision", precision,
+    ]
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        sys.exit(f"`{' '.join(cmd)}` failed:\n{res.stderr}")
+    return json.loads(res.stdout)
+
+
+def main():
+    args = parse_args()
+    batches = [int(b) for b in args.batch.split(",") if b]
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model = vit_b16()
+    onnx_path = Path(args.cache) / "clip_vit_b16_vision.onnx"
+    if not onnx_path.exists():
+        print(f"exporting {onnx_path} ...", file=sys.stderr)
+        export_onnx(model, onnx_path)
+
+    result = {"threads": args.threads, "batches": batches, "image_encode_ms_per_image": {}}
+    print("timing ONNX Runtime ...", file=sys.stderr)
+    ort_t, ort_v = bench_onnx(onnx_path, batches, args.threads, args.warmup, args.runs)
+    result["image_encode_ms_per_image"]["onnxruntime"] = ort_t
+    result["versions"] = {"onnxruntime": ort_v}
+    if not args.skip_torch:
+        print("timing PyTorch ...", file=sys.stderr)
+        pt_t, pt_v = bench_torch(model, batches, args.threads, args.warmup, args.runs)
+        result["image_encode_ms_per_image"]["pytorch"] = pt_t
+        result["versions"]["pytorch"] = pt_v
+    if args.cliper:
+        for prec in args.precision:
+            print(f"timing cliper ({prec}) ...", file=sys.stderr)
+            rep = bench_cliper(args.cliper, batches, args.threads, args.runs, prec)
+            result["image_encode_ms_per_image"][f"cliper-{prec}"] = rep["image_encode_ms_per_image"]
+            if "agreement_vs_f32" in rep:
+                result.setdefault("agreement_vs_f32", {})[prec] = rep["agreement_vs_f32"]
+            result.setdefault("peak_memory_mb", {})[prec] = rep.get("peak_memory_mb")
+
+    ref = result["image_encode_ms_per_image"]["onnxruntime"]
+    ratios = {}
+    for name, t in result["image_encode_ms_per_image"].items():
+        if name == "onnxruntime":
+            continue
+        ratios[name] = {b: t[b]["median"] / ref[b]["median"] for b in t if b in ref}
+    result["ratio_vs_onnxruntime"] = ratios
+
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    print(f"ViT-B/16 image encoder, ms per image (median of {args.runs}), {args.threads} thread(s)")
+    head = f"{'engine':<16}" + "".join(f"{'batch ' + str(b):>12}{'vs ORT':>9}" for b in batches)
+    print(head)
+    for name, t in result["image_encode_ms_per_image"].items():
+        row = f"{name:<16}"
+        for b in batches:
+            m = t[str(b)]["median"]
+            r = m / ref[str(b)]["median"]
+            row += f"{m:>12.1f}{r:>9.2f}"
+        print(row)
+    for prec, a in result.get("agreement_vs_f32", {}).items():
+        print(
+            f"cliper-{prec} vs f32 on {a['images']} images: top-1 agreement {100 * a['top1_agreement']:.1f}%, "
+            f"max probability difference {a['max_prob_diff']:.4f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
