@@ -54,25 +54,31 @@ impl DemoSource {
         let inv = 1.0 / scale;
         let src = self.portrait.as_raw();
         let stride = sw as usize * 3;
+        // Source column and weight for each output column, computed once a
+        // frame; the blend runs in 8-bit fixed point.
+        let cols: Vec<(usize, u32)> = (0..w)
+            .map(|x| {
+                let u = (cx + (x as f64 - w as f64 / 2.0) * inv).clamp(0.0, sw as f64 - 1.001);
+                let x0 = u.floor();
+                (x0 as usize * 3, ((u - x0) * 256.0) as u32)
+            })
+            .collect();
+        let gain = (gain * 256.0) as u32;
         let mut out = RgbImage::new(w, h);
         for (y, row) in out.as_mut().chunks_exact_mut(w as usize * 3).enumerate() {
             let v = (cy + (y as f64 - h as f64 / 2.0) * inv).clamp(0.0, sh as f64 - 1.001);
-            let y0 = v.floor() as usize;
-            let fy = (v - y0 as f64) as f32;
-            for x in 0..w as usize {
-                let u = (cx + (x as f64 - w as f64 / 2.0) * inv).clamp(0.0, sw as f64 - 1.001);
-                let x0 = u.floor() as usize;
-                let fx = (u - x0 as f64) as f32;
-                let p = y0 * stride + x0 * 3;
+            let y0 = v.floor();
+            let fy = ((v - y0) * 256.0) as u32;
+            let top = &src[y0 as usize * stride..];
+            let bottom = &top[stride..];
+            for (px, &(x3, fx)) in row.chunks_exact_mut(3).zip(&cols) {
                 for c in 0..3 {
-                    let a = src[p + c] as f32;
-                    let b = src[p + 3 + c] as f32;
-                    let d = src[p + stride + c] as f32;
-                    let e = src[p + stride + 3 + c] as f32;
-                    let top = a + (b - a) * fx;
-                    let bottom = d + (e - d) * fx;
-                    let val = (top + (bottom - top) * fy) * gain as f32;
-                    row[x * 3 + c] = val.clamp(0.0, 255.0) as u8;
+                    let (a, b) = (top[x3 + c] as u32, top[x3 + 3 + c] as u32);
+                    let (d, e) = (bottom[x3 + c] as u32, bottom[x3 + 3 + c] as u32);
+                    let t = a * (256 - fx) + b * fx;
+                    let btm = d * (256 - fx) + e * fx;
+                    let val = (t * (256 - fy) + btm * fy) >> 16;
+                    px[c] = ((val * gain) >> 8).min(255) as u8;
                 }
             }
         }
@@ -105,6 +111,20 @@ impl FrameSource for DemoSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[ignore = "timing report, run with --ignored --nocapture"]
+    fn render_timing() {
+        let demo = DemoSource::new();
+        let t = std::time::Instant::now();
+        for i in 0..50 {
+            std::hint::black_box(demo.render(i as f64 * 0.04));
+        }
+        println!(
+            "demo frame: {:.2} ms",
+            t.elapsed().as_secs_f64() * 1000.0 / 50.0
+        );
+    }
 
     #[test]
     fn frames_move_and_keep_the_face() {
