@@ -124,12 +124,7 @@ impl QuantizedRows {
                     s[g] = quantize_group(src, &mut q[g * GROUP..(g + 1) * GROUP]);
                 }
             });
-        Self {
-            m,
-            k,
-            data,
-            scales,
-        }
+        Self { m, k, data, scales }
     }
 }
 
@@ -289,7 +284,8 @@ mod tests {
         let mut worst = 0f32;
         for r in 0..m {
             for c in 0..n {
-                let exact: f32 = (0..k).map(|i| x[r * k + i] * w[c * k + i]).sum::<f32>() + b[c] + 1.0;
+                let exact: f32 =
+                    (0..k).map(|i| x[r * k + i] * w[c * k + i]).sum::<f32>() + b[c] + 1.0;
                 worst = worst.max((y[r * rs + c] - exact).abs());
             }
             // Padding columns are untouched.

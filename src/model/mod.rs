@@ -6,6 +6,7 @@ pub mod cliper;
 pub mod config;
 pub mod device;
 pub mod explain;
+pub mod gemm_i8;
 pub mod layers;
 pub mod preprocess;
 pub mod rng;

@@ -20,6 +20,7 @@ use candle_nn::Linear;
 use rayon::prelude::*;
 
 use super::config::Activation;
+use super::gemm_i8::{self, PackedWeights, QuantizedRows};
 use super::layers::LayerNorm;
 use super::vision::{VisionOutput, VisionTower};
 
@@ -61,11 +62,11 @@ struct LinearView<'a> {
     b: Option<HostF32<'a>>,
     n: usize,
     k: usize,
-    quantized: Option<&'a QMatMul>,
+    quantized: Option<&'a QuantizedLinear>,
 }
 
 impl<'a> LinearView<'a> {
-    fn new(l: &'a Linear, quantized: Option<&'a QMatMul>) -> Option<Self> {
+    fn new(l: &'a Linear, quantized: Option<&'a QuantizedLinear>) -> Option<Self> {
         let (n, k) = l.weight().dims2().ok()?;
         let w = HostF32::new(l.weight())?;
         let b = match l.bias() {
@@ -85,14 +86,35 @@ impl<'a> LinearView<'a> {
     }
 
     /// `dst[r, ..n] (+)= x[r] W^T + b` for the `m` rows of `x` [m, k]; rows
-    /// of `dst` are `dst_rs` apart. `add`: accumulate into `dst`.
-    fn apply(&self, x: &[f32], m: usize, dst: &mut [f32], dst_rs: usize, add: bool) -> Result<()> {
+    /// of `dst` are `dst_rs` apart. `add`: accumulate into `dst`. `xq`: `x`
+    /// already quantized for the 8-bit kernel (shared by q, k and v).
+    fn apply(
+        &self,
+        x: &[f32],
+        xq: Option<&QuantizedRows>,
+        m: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+        add: bool,
+    ) -> Result<()> {
         let (n, k) = (self.n, self.k);
-        if x.len() < m * k || dst_rs < n || dst.len() < (m - 1) * dst_rs + n {
+        if m == 0 || x.len() < m * k || dst_rs < n || dst.len() < (m - 1) * dst_rs + n {
             candle_core::bail!("linear layer buffers do not match [{m}, {k}] x [{n}, {k}]")
         }
         let bias = self.b.as_ref().map(|b| b.slice());
-        if let Some(q) = self.quantized {
+        if let Some(QuantizedLinear::Vnni(w)) = self.quantized {
+            let owned;
+            let xq = match xq {
+                Some(xq) => xq,
+                None => {
+                    owned = QuantizedRows::new(x, m, k);
+                    &owned
+                }
+            };
+            gemm_i8::matmul(xq, w, bias, dst, dst_rs, add);
+            return Ok(());
+        }
+        if let Some(QuantizedLinear::Candle(q)) = self.quantized {
             let y = q.forward(&Tensor::from_slice(&x[..m * k], (m, k), &Device::Cpu)?)?;
             let y = HostF32::new(&y).ok_or_else(|| candle_core::Error::Msg("q8 matmul".into()))?;
             let y = y.slice();
@@ -146,6 +168,14 @@ impl<'a> LinearView<'a> {
     }
 }
 
+impl LinearView<'_> {
+    /// `x` [m, k] quantized once for several VNNI layers reading it.
+    fn quantize_input(&self, x: &[f32], m: usize) -> Option<QuantizedRows> {
+        matches!(self.quantized, Some(QuantizedLinear::Vnni(_)))
+            .then(|| QuantizedRows::new(x, m, self.k))
+    }
+}
+
 /// Rows of a strided matrix, in parallel when there are enough of them.
 fn rows_mut(
     dst: &mut [f32],
@@ -164,25 +194,52 @@ fn parallelism(work: usize) -> gemm::Parallelism {
     }
 }
 
+/// One 8-bit linear layer: this crate's VNNI kernel where the CPU and the
+/// shape allow, Candle's Q8_0 matmul otherwise.
+enum QuantizedLinear {
+    Vnni(PackedWeights),
+    Candle(QMatMul),
+}
+
 /// 8-bit weights of the transformer's linear layers (q, k, v, out, fc1, fc2
-/// of each block), for `--precision q8`. LayerNorms, attention scores, the
-/// patch embedding and the final projection stay f32.
+/// of each block), for `--precision q8`. LayerNorms, attention, the patch
+/// embedding and the final projection stay f32.
 pub struct QuantizedLinears {
-    layers: Vec<[QMatMul; 6]>,
+    layers: Vec<[QuantizedLinear; 6]>,
 }
 
 impl std::fmt::Debug for QuantizedLinears {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "QuantizedLinears({} blocks, Q8_0)", self.layers.len())
+        let vnni = self
+            .layers
+            .iter()
+            .flatten()
+            .filter(|l| matches!(l, QuantizedLinear::Vnni(_)))
+            .count();
+        write!(
+            f,
+            "QuantizedLinears({} blocks, {vnni} VNNI layers)",
+            self.layers.len()
+        )
     }
 }
 
 impl QuantizedLinears {
-    /// Quantizes `tower`'s block weights to Q8_0 (one scale per 32 weights).
+    /// Quantizes `tower`'s block weights to 8 bits: per output channel and
+    /// group of 256 inputs for the VNNI kernel, Q8_0 (groups of 32) otherwise.
     pub fn new(tower: &VisionTower) -> Result<Self> {
-        let q = |l: &Linear| -> Result<QMatMul> {
+        let q = |l: &Linear| -> Result<QuantizedLinear> {
             let w = l.weight().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-            QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)
+            let (n, k) = w.dims2()?;
+            if gemm_i8::available() {
+                let data = w.flatten_all()?.to_vec1::<f32>()?;
+                if let Some(p) = PackedWeights::new(&data, n, k) {
+                    return Ok(QuantizedLinear::Vnni(p));
+                }
+            }
+            Ok(QuantizedLinear::Candle(QMatMul::from_qtensor(
+                QTensor::quantize(&w, GgmlDType::Q8_0)?,
+            )?))
         };
         let layers = tower
             .layers
@@ -320,6 +377,7 @@ pub fn forward(
     for bi in 0..b {
         patch.apply(
             &cols[bi * g * g * kdim..(bi + 1) * g * g * kdim],
+            None,
             g * g,
             &mut x[(bi * t + 1) * d..(bi + 1) * t * d],
             d,
@@ -343,15 +401,16 @@ pub fn forward(
             last_block_input = Some(Tensor::from_slice(&x, (b, t, d), &Device::Cpu)?);
         }
         blk.ln1.apply(&x, &mut h, d);
+        let hq = blk.qkv[0].quantize_input(&h, m);
         for (j, lin) in blk.qkv.iter().enumerate() {
-            lin.apply(&h, m, &mut qkv[j * d..], 3 * d, false)?;
+            lin.apply(&h, hq.as_ref(), m, &mut qkv[j * d..], 3 * d, false)?;
         }
         attention(&qkv, &mut att, b, t, d, blk.heads);
-        blk.out.apply(&att, m, &mut x, d, true)?;
+        blk.out.apply(&att, None, m, &mut x, d, true)?;
         blk.ln2.apply(&x, &mut h, d);
-        blk.fc1.apply(&h, m, &mut f, hidden, false)?;
+        blk.fc1.apply(&h, None, m, &mut f, hidden, false)?;
         activate(&mut f, blk.act);
-        blk.fc2.apply(&f, m, &mut x, d, true)?;
+        blk.fc2.apply(&f, None, m, &mut x, d, true)?;
         if want_layer_cls {
             layer_cls.push(Tensor::from_vec(
                 cls_rows(&x, b, t, d),
@@ -365,7 +424,7 @@ pub fn forward(
     post_ln.apply(&cls, &mut pooled, d);
     let e = proj.n;
     let mut emb = vec![0f32; b * e];
-    proj.apply(&pooled, b, &mut emb, e, false)?;
+    proj.apply(&pooled, None, b, &mut emb, e, false)?;
     Ok(Some(VisionOutput {
         embedding: Tensor::from_vec(emb, (b, e), &Device::Cpu)?,
         layer_cls,

@@ -391,82 +391,17 @@ pub fn train(opts: &TrainOptions, log: &mut dyn FnMut(&str)) -> Result<TrainSumm
             &stamp,
             "test",
         )?;
-        let desc = Var::from_tensor(&state.descriptor.to_device(&dev)?)?;
-        let mut opt = AdamW::new(vec![desc.clone()], AdamWConfig::stage1())?;
-        if state.moments.len() == 1 {
-            opt.moments = vec![(
-                state.moments[0].0.to_device(&dev)?,
-                state.moments[0].1.to_device(&dev)?,
-            )];
-            opt.step = state.opt_step;
-        }
-        let train_feats = train_f.features.to_device(&dev)?;
-        let n = train_f.labels.len();
-        while state.epoch < opts.stage1_epochs {
-            let e = state.epoch;
-            let mut order: Vec<usize> = (0..n).collect();
-            rng.shuffle(&mut order);
-            let steps = n.div_ceil(opts.batch_size);
-            let pb = epoch_bar(steps, format!("epoch {}/{} stage 1", e + 1, total_epochs));
-            let (mut loss_sum, mut correct) = (0f64, 0usize);
-            for batch in order.chunks(opts.batch_size) {
-                let idx = Tensor::from_vec(
-                    batch.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                    batch.len(),
-                    &dev,
-                )?;
-                let f = train_feats.index_select(&idx, 0)?;
-                let labels: Vec<usize> = batch.iter().map(|&i| train_f.labels[i]).collect();
-                let t = l2_normalize(&learned_text_features(&clip.text, desc.as_tensor())?)?;
-                let logits = score_logits(&f, &t)?;
-                let out = cliper_loss(&logits, &labels)?;
-                let grads = out.loss.backward()?;
-                opt.step(&grads)?;
-                loss_sum += out.loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
-                for (row, &y) in logits.detach().to_vec2::<f32>()?.into_iter().zip(&labels) {
-                    correct += (ExpressionScores::from_logits(row).predicted == y) as usize;
-                }
-                pb.inc(1);
-            }
-            pb.finish_and_clear();
-            let t = l2_normalize(&learned_text_features(
-                &clip.text,
-                &desc.as_tensor().detach(),
-            )?)?;
-            let m = evaluate_features(&test_f.features.to_device(&dev)?, &test_f.labels, &t)?;
-            state.descriptor = desc.as_tensor().detach().to_device(&Device::Cpu)?;
-            state.moments = opt
-                .moments
-                .iter()
-                .map(|(a, b)| Ok((a.to_device(&Device::Cpu)?, b.to_device(&Device::Cpu)?)))
-                .collect::<candle_core::Result<_>>()?;
-            state.opt_step = opt.step;
-            state.epoch += 1;
-            epochs_run += 1;
-            let best = m.war() > state.best_war;
-            if best {
-                state.best_war = m.war();
-                state.best_uar = m.uar();
-                state.best_epoch = state.epoch;
-                save_checkpoint(opts, &state.descriptor, &HashMap::new(), &m, state.epoch)?;
-            }
-            log(&format!(
-                "epoch {:>3}/{} stage 1  lr {:.1e}  loss {:.4}  train acc {:5.1}%  test WAR {:5.1}%  UAR {:5.1}%{}",
-                state.epoch,
-                total_epochs,
-                opt.config.lr,
-                loss_sum / n as f64,
-                100.0 * correct as f64 / n as f64,
-                100.0 * m.war(),
-                100.0 * m.uar(),
-                if best { "  (best, saved)" } else { "" }
-            ));
-            save_state(&state_path(&opts.out), &state, 1)?;
-        }
-        log(&format!(
-            "descriptor readings (nearest words per token):\n{}",
-            readings(&clip, &state.descriptor)?
-        ));
+        epochs_run += descriptor_stage(
+            opts,
+            &clip,
+            &mut state,
+            &mut rng,
+            (&train_f.features.to_device(&dev)?, &train_f.labels),
+            (&test_f.features.to_device(&dev)?, &test_f.labels),
+            total_epochs,
+            "stage 1",
+            log,
+        )?;
     }
 
     // ---------------- stage 2: the vision tower ----------------------------
@@ -624,6 +559,102 @@ pub fn train(opts: &TrainOptions, log: &mut dyn FnMut(&str)) -> Result<TrainSumm
     })
 }
 
+/// Stage 1: trains only the descriptors on fixed features [N, E] (cached
+/// image features, or the mean of each clip's frames), one epoch at a time
+/// until `opts.stage1_epochs`, saving the best checkpoint and the state after
+/// each epoch. Returns the number of epochs run.
+#[allow(clippy::too_many_arguments)]
+fn descriptor_stage(
+    opts: &TrainOptions,
+    clip: &ClipModel,
+    state: &mut State,
+    rng: &mut SplitMix64,
+    (train_x, train_labels): (&Tensor, &[usize]),
+    (test_x, test_labels): (&Tensor, &[usize]),
+    total_epochs: usize,
+    what: &str,
+    log: &mut dyn FnMut(&str),
+) -> Result<usize, TrainError> {
+    let dev = clip.device.clone();
+    let desc = Var::from_tensor(&state.descriptor.to_device(&dev)?)?;
+    let mut opt = AdamW::new(vec![desc.clone()], AdamWConfig::stage1())?;
+    if state.moments.len() == 1 {
+        opt.moments = vec![(
+            state.moments[0].0.to_device(&dev)?,
+            state.moments[0].1.to_device(&dev)?,
+        )];
+        opt.step = state.opt_step;
+    }
+    let n = train_labels.len();
+    let mut epochs_run = 0;
+    while state.epoch < opts.stage1_epochs {
+        let mut order: Vec<usize> = (0..n).collect();
+        rng.shuffle(&mut order);
+        let pb = epoch_bar(
+            n.div_ceil(opts.batch_size),
+            format!("epoch {}/{} {what}", state.epoch + 1, total_epochs),
+        );
+        let (mut loss_sum, mut correct) = (0f64, 0usize);
+        for batch in order.chunks(opts.batch_size) {
+            let idx = Tensor::from_vec(
+                batch.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                batch.len(),
+                &dev,
+            )?;
+            let f = train_x.index_select(&idx, 0)?;
+            let labels: Vec<usize> = batch.iter().map(|&i| train_labels[i]).collect();
+            let t = l2_normalize(&learned_text_features(&clip.text, desc.as_tensor())?)?;
+            let logits = score_logits(&f, &t)?;
+            let out = cliper_loss(&logits, &labels)?;
+            opt.step(&out.loss.backward()?)?;
+            loss_sum += out.loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
+            for (row, &y) in logits.detach().to_vec2::<f32>()?.into_iter().zip(&labels) {
+                correct += (ExpressionScores::from_logits(row).predicted == y) as usize;
+            }
+            pb.inc(1);
+        }
+        pb.finish_and_clear();
+        let t = l2_normalize(&learned_text_features(
+            &clip.text,
+            &desc.as_tensor().detach(),
+        )?)?;
+        let m = evaluate_features(test_x, test_labels, &t)?;
+        state.descriptor = desc.as_tensor().detach().to_device(&Device::Cpu)?;
+        state.moments = opt
+            .moments
+            .iter()
+            .map(|(a, b)| Ok((a.to_device(&Device::Cpu)?, b.to_device(&Device::Cpu)?)))
+            .collect::<candle_core::Result<_>>()?;
+        state.opt_step = opt.step;
+        state.epoch += 1;
+        epochs_run += 1;
+        let best = m.war() > state.best_war;
+        if best {
+            state.best_war = m.war();
+            state.best_uar = m.uar();
+            state.best_epoch = state.epoch;
+            save_checkpoint(opts, &state.descriptor, &HashMap::new(), &m, state.epoch)?;
+        }
+        log(&format!(
+            "epoch {:>3}/{} {what}  lr {:.1e}  loss {:.4}  train acc {:5.1}%  test WAR {:5.1}%  UAR {:5.1}%{}",
+            state.epoch,
+            total_epochs,
+            opt.config.lr,
+            loss_sum / n as f64,
+            100.0 * correct as f64 / n as f64,
+            100.0 * m.war(),
+            100.0 * m.uar(),
+            if best { "  (best, saved)" } else { "" }
+        ));
+        save_state(&state_path(&opts.out), state, 1)?;
+    }
+    log(&format!(
+        "descriptor readings (nearest words per token):\n{}",
+        readings(clip, &state.descriptor)?
+    ));
+    Ok(epochs_run)
+}
+
 fn save_checkpoint(
     opts: &TrainOptions,
     descriptor: &Tensor,
@@ -714,70 +745,17 @@ fn train_clips(
     let n = train_f.labels.len();
     let mut epochs_run = 0;
     if state.epoch < opts.stage1_epochs {
-        let train_mean = mean_of_frames(&train_x)?;
-        let test_mean = mean_of_frames(&test_x)?;
-        let desc = Var::from_tensor(&state.descriptor.to_device(&dev)?)?;
-        let mut opt = AdamW::new(vec![desc.clone()], AdamWConfig::stage1())?;
-        if state.moments.len() == 1 {
-            opt.moments = vec![(
-                state.moments[0].0.to_device(&dev)?,
-                state.moments[0].1.to_device(&dev)?,
-            )];
-            opt.step = state.opt_step;
-        }
-        while state.epoch < opts.stage1_epochs {
-            let mut order: Vec<usize> = (0..n).collect();
-            rng.shuffle(&mut order);
-            let (mut loss_sum, mut correct) = (0f64, 0usize);
-            for batch in order.chunks(opts.batch_size) {
-                let idx = Tensor::from_vec(
-                    batch.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                    batch.len(),
-                    &dev,
-                )?;
-                let f = train_mean.index_select(&idx, 0)?;
-                let labels: Vec<usize> = batch.iter().map(|&i| train_f.labels[i]).collect();
-                let t = l2_normalize(&learned_text_features(&clip.text, desc.as_tensor())?)?;
-                let logits = score_logits(&f, &t)?;
-                let out = cliper_loss(&logits, &labels)?;
-                opt.step(&out.loss.backward()?)?;
-                loss_sum += out.loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
-                for (row, &y) in logits.detach().to_vec2::<f32>()?.into_iter().zip(&labels) {
-                    correct += (ExpressionScores::from_logits(row).predicted == y) as usize;
-                }
-            }
-            let t = l2_normalize(&learned_text_features(
-                &clip.text,
-                &desc.as_tensor().detach(),
-            )?)?;
-            let m = evaluate_features(&test_mean, &test_f.labels, &t)?;
-            state.descriptor = desc.as_tensor().detach().to_device(&Device::Cpu)?;
-            state.moments = opt
-                .moments
-                .iter()
-                .map(|(a, b)| Ok((a.to_device(&Device::Cpu)?, b.to_device(&Device::Cpu)?)))
-                .collect::<candle_core::Result<_>>()?;
-            state.opt_step = opt.step;
-            state.epoch += 1;
-            epochs_run += 1;
-            let best = m.war() > state.best_war;
-            if best {
-                state.best_war = m.war();
-                state.best_uar = m.uar();
-                state.best_epoch = state.epoch;
-                save_checkpoint(opts, &state.descriptor, &HashMap::new(), &m, state.epoch)?;
-            }
-            log(&format!(
-                "epoch {:>3}/{} stage 1 (clips, mean of frames)  loss {:.4}  train acc {:5.1}%  test WAR {:5.1}%  UAR {:5.1}%{}",
-                state.epoch, total_epochs, loss_sum / n as f64, 100.0 * correct as f64 / n as f64,
-                100.0 * m.war(), 100.0 * m.uar(), if best { "  (best, saved)" } else { "" }
-            ));
-            save_state(&state_path(&opts.out), &state, 1)?;
-        }
-        log(&format!(
-            "descriptor readings (nearest words per token):\n{}",
-            readings(clip, &state.descriptor)?
-        ));
+        epochs_run += descriptor_stage(
+            opts,
+            clip,
+            &mut state,
+            rng,
+            (&mean_of_frames(&train_x)?, &train_f.labels),
+            (&mean_of_frames(&test_x)?, &test_f.labels),
+            total_epochs,
+            "stage 1 (clips, mean of frames)",
+            log,
+        )?;
     }
     if !opts.stage1_only && state.epoch < total_epochs {
         let text = l2_normalize(&learned_text_features(
