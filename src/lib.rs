@@ -7,5 +7,6 @@
 pub mod app;
 pub mod model;
 pub mod pipeline;
+pub mod session;
 pub mod train;
 pub mod vision;

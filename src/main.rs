@@ -254,6 +254,33 @@ enum Command {
     Live(LiveArgs),
     /// Run the live pipeline without a window: one line per processed frame.
     Run(RunArgs),
+    /// Replay a recorded session: its annotated video, the timelines and a
+    /// scrubber (no model needed).
+    Replay {
+        /// The session folder (what --record wrote).
+        dir: PathBuf,
+        /// Close the window after SECONDS.
+        #[arg(long, value_name = "SECONDS")]
+        exit_after: Option<f64>,
+        /// Save a PNG of the window just before it closes (use with --exit-after).
+        #[arg(long, value_name = "PATH")]
+        screenshot: Option<PathBuf>,
+    },
+    /// Summarise a recorded session per face (frames, share of time per
+    /// dominant expression, mean probabilities) and draw a timeline PNG per face.
+    Report {
+        /// The session folder (what --record wrote).
+        dir: PathBuf,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Where to write timeline_<id>.png (default: the session folder).
+        #[arg(long, value_name = "DIR")]
+        png_dir: Option<PathBuf>,
+        /// Do not draw the timeline PNGs.
+        #[arg(long, conflicts_with = "png_dir")]
+        no_png: bool,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -298,6 +325,11 @@ struct LiveArgs {
     /// Save a PNG of the window just before it closes (use with --exit-after).
     #[arg(long, value_name = "PATH")]
     screenshot: Option<PathBuf>,
+    /// Start in dynamic mode (the temporal window) instead of the saved choice.
+    #[arg(long)]
+    dynamic: bool,
+    #[command(flatten)]
+    record: RecordArgs,
 }
 
 #[derive(clap::Args, Clone)]
@@ -327,6 +359,90 @@ struct RunArgs {
     /// Margin around each detected face, as a fraction of the box side.
     #[arg(long, default_value_t = cliper::vision::faces::DEFAULT_FACE_MARGIN)]
     margin: f32,
+    /// Add each face's dynamic-branch scores ("dynamic") once its window of
+    /// frame features is full.
+    #[arg(long)]
+    dynamic: bool,
+    /// Frames per dynamic window (at most the temporal module's 16).
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    window: usize,
+    /// A new dynamic score every N frames once a window is full.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    stride: usize,
+    #[command(flatten)]
+    record: RecordArgs,
+}
+
+#[derive(clap::Args, Clone)]
+struct RecordArgs {
+    /// Record the session into this folder (new or empty): session.jsonl,
+    /// session.csv, video.mp4 and meta.json (see the README, "Recording").
+    #[arg(long, value_name = "DIR")]
+    record: Option<PathBuf>,
+    /// With --record: also keep the video without annotations (raw.mp4).
+    #[arg(long, requires = "record")]
+    record_raw: bool,
+}
+
+/// Finalises sessions in the default recordings folder that a crash left
+/// unfinished, saying so on stderr.
+fn recover_sessions() {
+    let base = cliper::session::default_recordings_dir();
+    for (dir, r) in cliper::session::finalize::finalize_all(&base) {
+        match r {
+            Ok(cliper::session::finalize::Finalized::Recovered(r)) => eprintln!("note: {r}"),
+            Ok(_) => {}
+            Err(e) => eprintln!("warning: cannot finalise {}: {e}", dir.display()),
+        }
+    }
+}
+
+/// Finalises `dir` if a crash left it unfinished (replay and report).
+fn recover_session(dir: &std::path::Path) -> Result<()> {
+    use cliper::session::finalize::{finalize, Finalized};
+    use cliper::session::SessionError;
+    match finalize(dir) {
+        Ok(Finalized::Recovered(r)) => eprintln!("note: {r}"),
+        Ok(Finalized::AlreadyFinished(_)) => {}
+        Err(SessionError::Busy(_)) => eprintln!(
+            "note: {} is still being recorded; showing what is written so far",
+            dir.display()
+        ),
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
+fn report(dir: PathBuf, json: bool, png_dir: Option<PathBuf>, no_png: bool) -> Result<()> {
+    use cliper::session::report::{summarize, write_timelines};
+    recover_session(&dir)?;
+    let session = cliper::session::Session::open(&dir)?;
+    let summary = summarize(&session);
+    let pngs = if no_png {
+        Vec::new()
+    } else {
+        write_timelines(&session, png_dir.as_deref().unwrap_or(&dir))?
+    };
+    if json {
+        let mut v = summary.to_json();
+        v["timelines"] = serde_json::json!(pngs);
+        println!("{v}");
+    } else {
+        print!("{}", summary.to_text());
+        if !pngs.is_empty() {
+            println!();
+            for p in &pngs {
+                println!("timeline: {}", p.display());
+            }
+        }
+    }
+    if session.bad_lines > 0 {
+        eprintln!(
+            "warning: {} unreadable line(s) of session.jsonl were skipped",
+            session.bad_lines
+        );
+    }
+    Ok(())
 }
 
 fn live(args: LiveArgs) -> Result<()> {
@@ -345,6 +461,9 @@ fn live(args: LiveArgs) -> Result<()> {
         bank_given: args.bank.descriptors.is_some() || args.bank.prompts.is_some(),
         exit_after: args.exit_after,
         screenshot: args.screenshot,
+        record: args.record.record.clone(),
+        record_raw: args.record.record_raw,
+        dynamic: args.dynamic,
     };
     let timed = opts.exit_after.is_some();
     let report = cliper::app::run_live(opts)?;
@@ -380,8 +499,31 @@ fn run_headless(args: RunArgs) -> Result<()> {
         json: args.json,
         top: args.top,
         probe: args.probe.clone(),
+        dynamic: args
+            .dynamic
+            .then_some(cliper::pipeline::worker::DynamicSettings {
+                window: args.window.max(1),
+                stride: args.stride.max(1),
+            }),
         progress: true,
+        record: None,
     };
+    let mut opts = opts;
+    if let Some(dir) = &args.record.record {
+        recover_sessions();
+        let mut r = cliper::pipeline::recorder::RecordOptions::new(dir);
+        r.raw_video = args.record.record_raw;
+        r.top = args.top.unwrap_or(5);
+        r.settings = cliper::pipeline::recorder::run_settings(
+            "run",
+            &opts.model,
+            &opts.analyzer,
+            opts.frames,
+            opts.probe.as_deref(),
+            0.0,
+        );
+        opts.record = Some(r);
+    }
     let stdout = std::io::stdout();
     let summary = cliper::pipeline::batch::run(&opts, &mut stdout.lock())?;
     eprintln!(
@@ -398,6 +540,31 @@ fn run_headless(args: RunArgs) -> Result<()> {
             String::new()
         }
     );
+    if let Some(rec) = &summary.record {
+        for n in &rec.notes {
+            eprintln!("warning: {n}");
+        }
+        if let Some(e) = &rec.error {
+            anyhow::bail!(
+                "the recording in {} stopped: {e} (all {} frames were processed; {} were recorded)",
+                rec.dir.display(),
+                summary.frames,
+                rec.frames
+            );
+        }
+        eprintln!(
+            "recorded {} frames ({} face rows, {} video frames{}) to {}",
+            rec.frames,
+            rec.face_rows,
+            rec.video_frames,
+            if rec.video_dropped > 0 {
+                format!(", {} dropped", rec.video_dropped)
+            } else {
+                String::new()
+            },
+            rec.dir.display()
+        );
+    }
     Ok(())
 }
 
@@ -637,6 +804,28 @@ fn run(cli: Cli) -> Result<()> {
     match command {
         Command::Live(args) => live(args),
         Command::Run(args) => run_headless(args),
+        Command::Report {
+            dir,
+            json,
+            png_dir,
+            no_png,
+        } => report(dir, json, png_dir, no_png),
+        Command::Replay {
+            dir,
+            exit_after,
+            screenshot,
+        } => {
+            if screenshot.is_some() && exit_after.is_none() {
+                anyhow::bail!("--screenshot needs --exit-after SECONDS");
+            }
+            recover_session(&dir)?;
+            cliper::app::replay::run_replay(cliper::app::replay::ReplayOptions {
+                dir,
+                exit_after,
+                screenshot,
+            })?;
+            Ok(())
+        }
         Command::Train {
             model,
             data,

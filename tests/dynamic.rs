@@ -225,3 +225,43 @@ fn corrupt_video_and_wrong_temporal_width() {
     assert!(err.contains("temporal"), "{err}");
     let _ = DType::F32;
 }
+
+#[test]
+fn run_dynamic_adds_scores_once_the_window_is_full() {
+    let d = tempfile::tempdir().unwrap();
+    let photo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/astronaut.png");
+    for i in 0..20 {
+        std::fs::copy(&photo, d.path().join(format!("f{i:02}.png"))).unwrap();
+    }
+    let (code, out, err) = cliper(&[
+        "run",
+        "--weights",
+        &path("clip_c_hf16"),
+        "--descriptors",
+        &path("clip_c_hf16/cliper_dynamic.safetensors"),
+        "--source",
+        &d.path().to_string_lossy(),
+        "--json",
+        "--dynamic",
+        "--window",
+        "8",
+        "--stride",
+        "4",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 20);
+    for (i, v) in lines.iter().enumerate() {
+        let face = &v["faces"][0];
+        assert_eq!(face["id"], lines[0]["faces"][0]["id"], "stable id");
+        // Window of 8: no dynamic scores before the 8th frame.
+        assert_eq!(face.get("dynamic").is_some(), i >= 7, "frame {i}: {face}");
+        if i >= 7 {
+            assert_eq!(face["dynamic"]["mode"], "temporal");
+            assert_eq!(face["dynamic"]["classes"].as_array().unwrap().len(), 7);
+        }
+    }
+}

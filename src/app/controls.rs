@@ -212,12 +212,12 @@ fn faces_section(ui: &mut egui::Ui, store: &Store, actions: &mut Vec<Action>) {
     }
     ui.horizontal_wrapped(|ui| {
         for h in faces {
-            let c = h.shown.predicted;
+            let c = store.view(h).predicted;
             let text = RichText::new(format!(
                 "#{} {} {:.0}%",
                 h.id,
                 CLASSES[c],
-                h.shown.probs[c] * 100.0
+                store.view(h).probs[c] * 100.0
             ))
             .color(class_color(c));
             if ui
@@ -332,10 +332,24 @@ fn display_section(ui: &mut egui::Ui, settings: &mut Settings) {
     ui.add(egui::Slider::new(&mut settings.top_descriptors, 1..=12).text("top descriptors"));
     ui.horizontal(|ui| {
         ui.label("mode");
-        let _ = ui.radio(true, "static");
-        ui.add_enabled(false, egui::RadioButton::new(false, "dynamic"))
-            .on_disabled_hover_text("arrives with the dynamic branch");
+        ui.radio_value(&mut settings.dynamic, false, "static")
+            .on_hover_text("Each frame on its own (CLIPER's static branch)");
+        ui.radio_value(&mut settings.dynamic, true, "dynamic")
+            .on_hover_text(
+                "A sliding window of each face's last frame features through the temporal module \
+             (or, without trained temporal weights, the mean of the window's static scores)",
+            );
     });
+    if settings.dynamic {
+        ui.add(
+            egui::Slider::new(
+                &mut settings.dynamic_window,
+                2..=crate::model::temporal::DEFAULT_FRAMES,
+            )
+            .text("window, frames"),
+        );
+        ui.add(egui::Slider::new(&mut settings.dynamic_stride, 1..=16).text("stride, frames"));
+    }
 }
 
 fn bank_section(

@@ -16,10 +16,17 @@ pub fn show(ui: &mut egui::Ui, store: &Store, top: usize) {
     ui.add_space(4.0);
     ui.heading("Descriptors");
     let Some(bank) = &store.bank else {
-        ui.horizontal(|ui| {
-            ui.spinner();
-            ui.label("waiting for the model…");
-        });
+        match &store.model {
+            super::store::ModelState::Failed(_) => {
+                ui.label(RichText::new("No model: see the message over the video.").weak());
+            }
+            _ => {
+                ui.horizontal(|ui| {
+                    ui.spinner();
+                    ui.label("waiting for the model…");
+                });
+            }
+        }
         if let Some(e) = &store.bank_error {
             ui.colored_label(Color32::LIGHT_RED, e);
         }
@@ -43,7 +50,7 @@ pub fn show(ui: &mut egui::Ui, store: &Store, top: usize) {
         ui.label(RichText::new("No face yet: the descriptors light up when one is found.").weak());
         return;
     };
-    let logits = &face.shown.logits;
+    let logits = &store.view(face).logits;
     if logits.len() != bank.descriptors.len() {
         return;
     }
@@ -53,7 +60,7 @@ pub fn show(ui: &mut egui::Ui, store: &Store, top: usize) {
         .id_salt("top-descriptors")
         .max_height((ui.available_height() - 250.0).max(120.0))
         .show(ui, |ui| {
-            for (rank, &i) in face.shown.ranked().iter().take(top).enumerate() {
+            for (rank, &i) in store.view(face).ranked().iter().take(top).enumerate() {
                 descriptor_row(ui, rank, &bank.descriptors[i], logits[i], bank.kind);
             }
         });

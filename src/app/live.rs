@@ -9,6 +9,7 @@ use eframe::egui;
 use super::controls::ControlsState;
 use super::exit::{ExitPlan, Outcome};
 use super::first_run::FirstRun;
+use super::recording::{self, RecordingState};
 use super::settings::{BankChoice, Settings, STORAGE_KEY};
 use super::status::UiStats;
 use super::store::Store;
@@ -17,6 +18,7 @@ use super::{controls, descriptors, first_run, scores, status, video};
 use super::{Action, LiveOptions, SessionReport};
 use crate::model::weights;
 use crate::pipeline::setup::{self, BankSource, ModelSpec};
+use crate::pipeline::worker::DynamicSettings;
 use crate::pipeline::worker::{Pipeline, PipelineCommand, PipelineConfig, RunMode};
 use crate::vision::source::camera::{self, CameraEntry};
 use crate::vision::source::SourceSpec;
@@ -35,14 +37,19 @@ pub struct CliperApp {
     store: Store,
     source: SourceSpec,
     cameras: Vec<CameraEntry>,
+    /// A camera scan running on a thread (asking drivers can take a while).
+    camera_scan: Option<crossbeam_channel::Receiver<Vec<CameraEntry>>>,
     /// A message shown above the video (e.g. no camera found).
     notice: Option<String>,
     video: VideoView,
     controls: ControlsState,
     first_run: FirstRun,
     exit: ExitPlan,
+    recording: RecordingState,
     ui_stats: UiStats,
     outcome: Arc<Mutex<Outcome>>,
+    /// The dynamic window settings last sent to the pipeline.
+    dynamic_sent: Option<DynamicSettings>,
 }
 
 impl CliperApp {
@@ -56,6 +63,9 @@ impl CliperApp {
             .and_then(|s| eframe::get_value(s, STORAGE_KEY))
             .unwrap_or_default();
         let mut settings = settings.sanitized();
+        if opts.dynamic {
+            settings.dynamic = true;
+        }
         configure_style(&cc.egui_ctx);
         let cameras = camera::list_cameras().unwrap_or_default();
         let mut notice = None;
@@ -76,14 +86,17 @@ impl CliperApp {
             pipeline: None,
             source,
             cameras,
+            camera_scan: None,
             notice,
             video: VideoView::default(),
             controls,
             first_run: FirstRun::default(),
             ui_stats: UiStats::default(),
             settings,
+            recording: RecordingState::new(opts.record.clone(), opts.record_raw, &cc.egui_ctx),
             opts,
             outcome,
+            dynamic_sent: None,
         };
         match weights::locate(app.opts.model.weights.as_deref()) {
             Ok(_) => app.start(&cc.egui_ctx),
@@ -112,25 +125,69 @@ impl CliperApp {
         spec
     }
 
+    fn dynamic_settings(&self) -> DynamicSettings {
+        DynamicSettings {
+            window: self.settings.dynamic_window,
+            stride: self.settings.dynamic_stride,
+        }
+    }
+
+    /// Sends changed dynamic window settings to the pipeline.
+    fn sync_dynamic(&mut self) {
+        let want = self.dynamic_settings();
+        if self.dynamic_sent != Some(want) {
+            if let Some(p) = &self.pipeline {
+                p.command(PipelineCommand::SetDynamic(want));
+                self.dynamic_sent = Some(want);
+            }
+        }
+    }
+
     /// Starts the pipeline (model loading happens on its thread).
     fn start(&mut self, ctx: &egui::Context) {
         let mut config = PipelineConfig::new(self.source.clone(), self.model_spec(), RunMode::Live);
         let probe = self.settings.probe.trim();
         config.probe = (!probe.is_empty()).then(|| probe.to_string());
+        config.dynamic = self.dynamic_settings();
+        self.dynamic_sent = Some(config.dynamic);
         let ctx = ctx.clone();
         self.pipeline = Some(Pipeline::start(config, move || ctx.request_repaint()));
         self.screen = Screen::Live;
+        if self.recording.wants_start() {
+            self.toggle_recording();
+        }
+    }
+
+    fn toggle_recording(&mut self) {
+        if self.recording.is_recording() {
+            self.recording.stop();
+        } else {
+            let s = &self.settings;
+            (self.recording).start(&self.store, &self.opts.model, &s.probe, s.smoothing);
+        }
     }
 
     fn drain_events(&mut self) {
+        if let Some(rx) = &self.camera_scan {
+            match rx.try_recv() {
+                Ok(cameras) => {
+                    self.cameras = cameras;
+                    self.camera_scan = None;
+                }
+                Err(crossbeam_channel::TryRecvError::Disconnected) => self.camera_scan = None,
+                Err(crossbeam_channel::TryRecvError::Empty) => {}
+            }
+        }
         let Some(p) = &self.pipeline else {
             return;
         };
         let smoothing = self.settings.smoothing;
         let keep = f64::from(self.settings.timeline_secs) + 1.0;
         while let Ok(ev) = p.events.try_recv() {
+            self.recording.observe(&ev, smoothing);
             self.store.apply(ev, smoothing, keep);
         }
+        self.recording.poll();
         self.store.prune(keep);
     }
 
@@ -177,8 +234,22 @@ impl CliperApp {
                 }
                 Err(e) => self.first_run.missing = Some(e.to_string()),
             },
+            Action::ToggleRecording => self.toggle_recording(),
+            Action::OpenSession(dir) => self.recording.open_session(&dir),
             Action::RefreshCameras => {
-                self.cameras = camera::list_cameras().unwrap_or_default();
+                if self.camera_scan.is_none() {
+                    let (tx, rx) = crossbeam_channel::bounded(1);
+                    let ctx = ctx.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("cliper-cameras".into())
+                        .spawn(move || {
+                            let _ = tx.send(camera::list_cameras().unwrap_or_default());
+                            ctx.request_repaint();
+                        });
+                    if spawned.is_ok() {
+                        self.camera_scan = Some(rx);
+                    }
+                }
             }
         }
     }
@@ -251,7 +322,8 @@ impl CliperApp {
                         &self.source,
                         &self.cameras,
                         actions,
-                    )
+                    );
+                    recording::show(ui, &mut self.recording, actions);
                 });
             });
         egui::Panel::right("descriptors")
@@ -273,7 +345,13 @@ impl CliperApp {
                     actions,
                 );
             });
-            scores::show(ui, &self.store, self.settings.timeline_secs, plots_h);
+            scores::show(
+                ui,
+                &self.store,
+                self.settings.timeline_secs,
+                plots_h,
+                self.settings.dynamic,
+            );
         });
     }
 }
@@ -287,6 +365,7 @@ impl eframe::App for CliperApp {
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
         let ctx = ui.ctx().clone();
         self.ui_stats.begin();
+        self.store.dynamic_view = self.settings.dynamic;
         let mut actions = Vec::new();
         self.handle_dropped_files(&ctx, &mut actions);
         match self.screen {
@@ -301,6 +380,7 @@ impl eframe::App for CliperApp {
         for a in actions {
             self.apply(a, &ctx);
         }
+        self.sync_dynamic();
         if let Some(e) = self.exit.tick(&ctx) {
             if let Ok(mut o) = self.outcome.lock() {
                 o.screenshot_error = Some(e);
@@ -323,6 +403,12 @@ impl eframe::App for CliperApp {
 
     fn save(&mut self, storage: &mut dyn eframe::Storage) {
         eframe::set_value(storage, STORAGE_KEY, &self.settings);
+    }
+
+    fn on_exit(&mut self, _gl: Option<&eframe::glow::Context>) {
+        // Finish the recording's files (last segment, video.mp4) before the
+        // process ends.
+        self.recording.stop_and_wait();
     }
 }
 

@@ -13,6 +13,8 @@ mod exit;
 mod first_run;
 mod live;
 mod palette;
+mod recording;
+pub mod replay;
 mod scores;
 pub mod settings;
 mod status;
@@ -43,6 +45,12 @@ pub struct LiveOptions {
     pub exit_after: Option<f64>,
     /// Save a PNG of the window just before closing (with `exit_after`).
     pub screenshot: Option<PathBuf>,
+    /// `--record DIR`: start recording into this folder at once.
+    pub record: Option<PathBuf>,
+    /// `--record-raw`: recordings also keep the video without annotations.
+    pub record_raw: bool,
+    /// `--dynamic`: start in dynamic mode (otherwise the saved choice).
+    pub dynamic: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +76,10 @@ pub enum Action {
     /// First-run screen: look for weights again and start if found.
     RecheckWeights,
     RefreshCameras,
+    /// Start or stop recording the session.
+    ToggleRecording,
+    /// Open a recorded session in the replay window.
+    OpenSession(PathBuf),
 }
 
 /// Speed figures of a session, printed when it closes.

@@ -2,24 +2,37 @@
 //! a scrolling timeline of the last N seconds of each class.
 
 use eframe::egui::{self, RichText};
-use egui_plot::{Bar, BarChart, Line, Plot, PlotPoint, PlotPoints, Text};
+use egui_plot::{Bar, BarChart, Line, LineStyle, Plot, PlotPoint, PlotPoints, Text};
 
 use super::palette::class_color;
 use super::store::Store;
 use crate::model::cliper::expressions::CLASSES;
+use crate::pipeline::dynamic::DynamicMode;
 
-pub fn show(ui: &mut egui::Ui, store: &Store, timeline_secs: f32, height: f32) {
+pub fn show(ui: &mut egui::Ui, store: &Store, timeline_secs: f32, height: f32, dynamic: bool) {
     let face = store.selected_face();
     ui.horizontal(|ui| {
         match face {
             Some(h) => {
-                let c = h.shown.predicted;
+                let shown = h.displayed(dynamic);
+                let c = shown.predicted;
                 ui.label(RichText::new(format!("Face #{}", h.id)).strong());
                 ui.label(
-                    RichText::new(format!("{} {:.0}%", CLASSES[c], h.shown.probs[c] * 100.0))
+                    RichText::new(format!("{} {:.0}%", CLASSES[c], shown.probs[c] * 100.0))
                         .color(class_color(c))
                         .strong(),
                 );
+                if dynamic {
+                    let what = match &h.dynamic {
+                        Some((_, DynamicMode::Temporal)) => "dynamic: temporal module".to_string(),
+                        Some((_, DynamicMode::MeanOfStatic)) => {
+                            "dynamic: no trained temporal weights, mean of the window's static scores"
+                                .to_string()
+                        }
+                        None => format!("dynamic: filling the window ({} frames), static shown", h.window_fill),
+                    };
+                    ui.label(RichText::new(what).small().weak());
+                }
             }
             None => {
                 ui.label(RichText::new("No face selected").weak());
@@ -36,17 +49,19 @@ pub fn show(ui: &mut egui::Ui, store: &Store, timeline_secs: f32, height: f32) {
     ui.horizontal(|ui| {
         let w = ui.available_width();
         let bar_w = (w * 0.4).max(220.0);
-        ui.allocate_ui(egui::vec2(bar_w, plot_h), |ui| bars(ui, store, plot_h));
+        ui.allocate_ui(egui::vec2(bar_w, plot_h), |ui| {
+            bars(ui, store, plot_h, dynamic)
+        });
         ui.allocate_ui(egui::vec2(ui.available_width(), plot_h), |ui| {
-            timeline(ui, store, timeline_secs, plot_h)
+            timeline(ui, store, timeline_secs, plot_h, dynamic)
         });
     });
 }
 
-fn bars(ui: &mut egui::Ui, store: &Store, h: f32) {
+fn bars(ui: &mut egui::Ui, store: &Store, h: f32, dynamic: bool) {
     let probs = store
         .selected_face()
-        .map(|f| f.shown.probs.clone())
+        .map(|f| f.displayed(dynamic).probs.clone())
         .unwrap_or_else(|| vec![0.0; CLASSES.len()]);
     let bars: Vec<Bar> = probs
         .iter()
@@ -98,7 +113,9 @@ fn bars(ui: &mut egui::Ui, store: &Store, h: f32) {
         });
 }
 
-fn timeline(ui: &mut egui::Ui, store: &Store, secs: f32, h: f32) {
+/// Both curves of each class: static solid, dynamic dashed; the mode on
+/// display is drawn thicker.
+fn timeline(ui: &mut egui::Ui, store: &Store, secs: f32, h: f32, dynamic: bool) {
     let now = store.now();
     let span = f64::from(secs);
     let face = store.selected_face();
@@ -122,18 +139,30 @@ fn timeline(ui: &mut egui::Ui, store: &Store, secs: f32, h: f32) {
             p.set_plot_bounds_x(-span..=0.0);
             p.set_plot_bounds_y(0.0..=1.0);
             if let Some(f) = face {
-                for (c, name) in CLASSES.iter().enumerate() {
-                    let pts: Vec<[f64; 2]> = f
-                        .timeline
-                        .iter()
-                        .filter(|(t, _)| now - t <= span)
-                        .map(|(t, p)| [t - now, f64::from(p[c])])
-                        .collect();
-                    p.line(
-                        Line::new(*name, PlotPoints::new(pts))
+                let predicted = f.displayed(dynamic).predicted;
+                for (series, is_dynamic) in [(&f.timeline, false), (&f.dynamic_timeline, true)] {
+                    if series.is_empty() {
+                        continue;
+                    }
+                    let on_display = is_dynamic == (dynamic && f.dynamic.is_some());
+                    for (c, name) in CLASSES.iter().enumerate() {
+                        let pts: Vec<[f64; 2]> = series
+                            .iter()
+                            .filter(|(t, _)| now - t <= span)
+                            .map(|(t, p)| [t - now, f64::from(p[c])])
+                            .collect();
+                        let mut width = if c == predicted { 2.5 } else { 1.5 };
+                        if !on_display {
+                            width *= 0.6;
+                        }
+                        let mut line = Line::new(*name, PlotPoints::new(pts))
                             .color(class_color(c))
-                            .width(if c == f.shown.predicted { 2.5 } else { 1.5 }),
-                    );
+                            .width(width);
+                        if is_dynamic {
+                            line = line.style(LineStyle::dashed_loose());
+                        }
+                        p.line(line);
+                    }
                 }
             }
         });

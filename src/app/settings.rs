@@ -31,6 +31,12 @@ pub struct Settings {
     pub probe: String,
     /// Descriptors listed in the top list.
     pub top_descriptors: usize,
+    /// Show the dynamic branch (temporal window) instead of the static scores.
+    pub dynamic: bool,
+    /// Frame features per dynamic window.
+    pub dynamic_window: usize,
+    /// A new dynamic score every N frames.
+    pub dynamic_stride: usize,
 }
 
 impl Default for Settings {
@@ -43,6 +49,9 @@ impl Default for Settings {
             bank: BankChoice::ZeroShot,
             probe: String::new(),
             top_descriptors: 6,
+            dynamic: false,
+            dynamic_window: crate::model::temporal::DEFAULT_FRAMES,
+            dynamic_stride: 1,
         }
     }
 }
@@ -61,6 +70,10 @@ impl Settings {
         }
         self.timeline_secs = self.timeline_secs.clamp(5.0, 120.0);
         self.top_descriptors = self.top_descriptors.clamp(1, 35);
+        self.dynamic_window = self
+            .dynamic_window
+            .clamp(2, crate::model::temporal::DEFAULT_FRAMES);
+        self.dynamic_stride = self.dynamic_stride.clamp(1, 16);
         self
     }
 }

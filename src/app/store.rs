@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::model::cliper::{DescriptorBank, ExpressionScores};
+use crate::pipeline::dynamic::DynamicMode;
 use crate::pipeline::smoothing;
 use crate::pipeline::worker::{
     DetectedFrame, FrameScores, ModelInfo, PipelineEvent, SourceInfo, StageTimings,
@@ -32,6 +33,23 @@ pub struct FaceHistory {
     pub updated: f64,
     /// (app time, displayed probabilities), oldest first.
     pub timeline: VecDeque<(f64, [f32; 7])>,
+    /// The dynamic branch's latest scores as displayed (smoothed), once the
+    /// face's window is full, and how they were made.
+    pub dynamic: Option<(ExpressionScores, DynamicMode)>,
+    /// Frame features in the face's dynamic window.
+    pub window_fill: usize,
+    /// (app time, displayed dynamic probabilities), oldest first.
+    pub dynamic_timeline: VecDeque<(f64, [f32; 7])>,
+}
+
+impl FaceHistory {
+    /// The scores to display: dynamic when asked for and available.
+    pub fn displayed(&self, dynamic: bool) -> &ExpressionScores {
+        match (&self.dynamic, dynamic) {
+            (Some((s, _)), true) => s,
+            _ => &self.shown,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -113,6 +131,8 @@ pub struct Store {
     /// Capture to scores arriving in the window.
     pub score_lag: LatencyStat,
     pub frames_seen: u64,
+    /// Show the dynamic branch's scores where a face has them.
+    pub dynamic_view: bool,
     pub scores_seen: u64,
 }
 
@@ -136,6 +156,7 @@ impl Store {
             capture_to_screen: LatencyStat::default(),
             score_lag: LatencyStat::default(),
             frames_seen: 0,
+            dynamic_view: false,
             scores_seen: 0,
         }
     }
@@ -169,6 +190,9 @@ impl Store {
             }
             PipelineEvent::Frame(f) => {
                 self.frames_seen += 1;
+                // Capture and detection figures come with every frame, scored or not.
+                self.timings.capture_fps = f.capture_fps;
+                self.timings.detect_ms = f.detect_ms;
                 let now = self.now();
                 for tf in &f.faces {
                     if let Some(h) = self.faces.get_mut(&tf.id) {
@@ -207,7 +231,9 @@ impl Store {
             return; // a late result from the previous source
         }
         self.scores_seen += 1;
-        self.timings = s.timings;
+        self.timings.encode_ms = s.timings.encode_ms;
+        self.timings.score_ms = s.timings.score_ms;
+        self.timings.inference_fps = s.timings.inference_fps;
         self.score_lag
             .push(s.captured.elapsed().as_secs_f32() * 1000.0);
         let now = self.now();
@@ -221,6 +247,9 @@ impl Store {
                 probe_logit: None,
                 updated: now,
                 timeline: VecDeque::new(),
+                dynamic: None,
+                window_fill: 0,
+                dynamic_timeline: VecDeque::new(),
             });
             h.shown = smoothing::ema(&h.shown, &scores, smoothing);
             h.raw = scores;
@@ -232,8 +261,30 @@ impl Store {
                 *d = *v;
             }
             h.timeline.push_back((now, p));
+            h.window_fill = f.window_fill;
+            match f.dynamic {
+                Some(d) => {
+                    let shown = match &h.dynamic {
+                        Some((prev, _)) => smoothing::ema(prev, &d.scores, smoothing),
+                        None => d.scores.clone(),
+                    };
+                    let mut q = [0f32; 7];
+                    for (dst, v) in q.iter_mut().zip(&shown.probs) {
+                        *dst = *v;
+                    }
+                    h.dynamic_timeline.push_back((now, q));
+                    h.dynamic = Some((shown, d.mode));
+                }
+                // The window restarted (new bank, new settings).
+                None => h.dynamic = None,
+            }
         }
         self.prune(keep_secs);
+    }
+
+    /// The scores on display for a face (dynamic or static).
+    pub fn view<'a>(&self, h: &'a FaceHistory) -> &'a ExpressionScores {
+        h.displayed(self.dynamic_view)
     }
 
     /// Drops timeline points older than `keep_secs` and faces with nothing left.
@@ -242,6 +293,13 @@ impl Store {
         for h in self.faces.values_mut() {
             while h.timeline.front().is_some_and(|(t, _)| now - t > keep_secs) {
                 h.timeline.pop_front();
+            }
+            while h
+                .dynamic_timeline
+                .front()
+                .is_some_and(|(t, _)| now - t > keep_secs)
+            {
+                h.dynamic_timeline.pop_front();
             }
         }
         self.faces
@@ -327,6 +385,8 @@ mod tests {
                         embedding: vec![],
                     },
                     probe_logit: Some(1.5),
+                    dynamic: None,
+                    window_fill: 0,
                 }
             })
             .collect();

@@ -81,14 +81,14 @@ pub fn show(
             let history = store.faces.get(&tf.id);
             let (color, label) = match history {
                 Some(h) => {
-                    let c = h.shown.predicted;
+                    let c = store.view(h).predicted;
                     (
                         class_color(c),
                         format!(
                             "#{}  {} {:.0}%",
                             tf.id,
                             CLASSES[c],
-                            h.shown.probs[c] * 100.0
+                            store.view(h).probs[c] * 100.0
                         ),
                     )
                 }
@@ -149,6 +149,25 @@ pub fn show(
                 "loading the expression model…",
             );
         }
+    }
+
+    if let ModelState::Failed(e) = &store.model {
+        let r = Rect::from_min_size(
+            rect.left_top() + Vec2::new(12.0, 12.0),
+            Vec2::new((rect.width() - 24.0).max(100.0), 64.0),
+        );
+        painter.rect_filled(
+            r,
+            CornerRadius::same(6),
+            Color32::from_rgba_unmultiplied(60, 20, 20, 235),
+        );
+        let mut ui = ui.new_child(egui::UiBuilder::new().max_rect(r.shrink(10.0)));
+        ui.label(
+            RichText::new("The expression model could not be loaded")
+                .strong()
+                .color(Color32::WHITE),
+        );
+        ui.label(RichText::new(e).color(Color32::from_gray(230)));
     }
 
     // Source state over the picture.

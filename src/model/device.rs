@@ -122,3 +122,18 @@ pub fn describe(device: &Device) -> &'static str {
         Device::Metal(_) => "Metal",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_precisions() {
+        let cpu = Device::Cpu;
+        assert_eq!(Precision::Auto.dtype(&cpu).unwrap(), DType::F32);
+        assert_eq!(Precision::Q8.dtype(&cpu).unwrap(), DType::F32);
+        assert!(Precision::Q8.quantized() && !Precision::F32.quantized());
+        let err = Precision::Bf16.dtype(&cpu).unwrap_err().to_string();
+        assert!(err.contains("--precision q8"), "{err}");
+    }
+}

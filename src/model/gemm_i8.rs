@@ -56,7 +56,8 @@ impl PackedWeights {
     /// Quantizes `w` [n, k] (row-major). `None` when the shape does not fit
     /// the panels (n a multiple of 48, k of 256).
     pub fn new(w: &[f32], n: usize, k: usize) -> Option<Self> {
-        if n == 0 || k == 0 || n % NR != 0 || k % GROUP != 0 || w.len() != n * k {
+        if n == 0 || k == 0 || !n.is_multiple_of(NR) || !k.is_multiple_of(GROUP) || w.len() != n * k
+        {
             return None;
         }
         let groups = k / GROUP;
@@ -110,7 +111,7 @@ pub struct QuantizedRows {
 impl QuantizedRows {
     /// Quantizes `x` [m, k]; `k` must be a multiple of `GROUP`.
     pub fn new(x: &[f32], m: usize, k: usize) -> Self {
-        assert!(k % GROUP == 0 && x.len() >= m * k);
+        assert!(k.is_multiple_of(GROUP) && x.len() >= m * k);
         let groups = k / GROUP;
         let mut data = vec![0u8; m * k];
         let mut scales = vec![0f32; m * groups];
@@ -170,7 +171,6 @@ pub fn matmul(
     for m0 in (0..m).step_by(MC) {
         let mc = MC.min(m - m0);
         (0..panels).into_par_iter().for_each(|p| {
-            let dst_ptr = dst_ptr;
             for r0 in (m0..m0 + mc).step_by(MR) {
                 let rows = MR.min(m0 + mc - r0);
                 // SAFETY: the CPU features were checked (`available`), every
@@ -179,10 +179,10 @@ pub fn matmul(
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     match rows {
-                        4 => kernel::<4>(x, w, bias, dst_ptr.0, dst_rs, add, r0, p),
-                        3 => kernel::<3>(x, w, bias, dst_ptr.0, dst_rs, add, r0, p),
-                        2 => kernel::<2>(x, w, bias, dst_ptr.0, dst_rs, add, r0, p),
-                        _ => kernel::<1>(x, w, bias, dst_ptr.0, dst_rs, add, r0, p),
+                        4 => kernel::<4>(x, w, bias, dst_ptr.get(), dst_rs, add, r0, p),
+                        3 => kernel::<3>(x, w, bias, dst_ptr.get(), dst_rs, add, r0, p),
+                        2 => kernel::<2>(x, w, bias, dst_ptr.get(), dst_rs, add, r0, p),
+                        _ => kernel::<1>(x, w, bias, dst_ptr.get(), dst_rs, add, r0, p),
                     }
                 }
             }
@@ -194,6 +194,13 @@ pub fn matmul(
 struct DstPtr(*mut f32);
 unsafe impl Send for DstPtr {}
 unsafe impl Sync for DstPtr {}
+
+impl DstPtr {
+    /// Through a method, so that closures capture the whole (Send) struct.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// One `R` x 48 tile of the output: rows `r0..r0 + R`, panel `p`.
 #[cfg(target_arch = "x86_64")]
@@ -250,9 +257,9 @@ unsafe fn kernel<const R: usize>(
             Some(b) => _mm512_loadu_ps(b.as_ptr().add(p * NR + j * 16)),
             None => _mm512_setzero_ps(),
         };
-        for r in 0..R {
+        for (r, row) in out.iter().enumerate() {
             let d = dst.add((r0 + r) * dst_rs + p * NR + j * 16);
-            let mut v = _mm512_add_ps(out[r][j], b);
+            let mut v = _mm512_add_ps(row[j], b);
             if add {
                 v = _mm512_add_ps(v, _mm512_loadu_ps(d));
             }

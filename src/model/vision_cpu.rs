@@ -67,6 +67,7 @@ struct LinearView<'a> {
 
 impl<'a> LinearView<'a> {
     fn new(l: &'a Linear, quantized: Option<&'a QuantizedLinear>) -> Option<Self> {
+        let quantized = quantized.filter(|q| !matches!(q, QuantizedLinear::Full));
         let (n, k) = l.weight().dims2().ok()?;
         let w = HostF32::new(l.weight())?;
         let b = match l.bias() {
@@ -139,33 +140,62 @@ impl<'a> LinearView<'a> {
                 }
             });
         }
-        // SAFETY: bounds checked above; `w` is [n, k] row-major, read as
-        // the k x n matrix W^T (row stride 1, column stride k).
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.as_mut_ptr(),
-                1,
-                dst_rs as isize,
-                add || bias.is_some(),
-                x.as_ptr(),
-                1,
-                k as isize,
-                self.w.ptr,
-                k as isize,
-                1,
-                1.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                parallelism(m * n * k),
-            )
+        // One single-threaded product per thread, each on its own slice of
+        // output columns: one synchronisation per layer instead of the
+        // several per call of gemm's own threading.
+        let read_dst = add || bias.is_some();
+        let parts = column_split(m, n, k);
+        let dst_ptr = SendPtr(dst.as_mut_ptr());
+        let w_ptr = SendPtr(self.w.ptr as *mut f32);
+        let run = |(c0, c1): (usize, usize)| {
+            // SAFETY: bounds checked above; `w` is [n, k] row-major, read
+            // as the k x n matrix W^T (row stride 1, column stride k); each
+            // part writes only its own columns c0..c1 of `dst`.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    c1 - c0,
+                    k,
+                    dst_ptr.get().add(c0),
+                    1,
+                    dst_rs as isize,
+                    read_dst,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    w_ptr.get().add(c0 * k) as *const f32,
+                    k as isize,
+                    1,
+                    1.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            }
+        };
+        if parts.len() == 1 {
+            run(parts[0]);
+        } else {
+            parts.into_par_iter().for_each(run);
         }
         Ok(())
     }
+}
+
+/// Splits `n` output columns into one range per thread (multiples of 16
+/// columns), or one range when the product is too small to share.
+fn column_split(m: usize, n: usize, k: usize) -> Vec<(usize, usize)> {
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || m * n * k < 64 * 64 * 64 || n < 32 * threads {
+        return vec![(0, n)];
+    }
+    let step = n.div_ceil(threads).div_ceil(16) * 16;
+    (0..n)
+        .step_by(step)
+        .map(|c0| (c0, (c0 + step).min(n)))
+        .collect()
 }
 
 impl LinearView<'_> {
@@ -185,20 +215,13 @@ fn rows_mut(
     dst.par_chunks_mut(rs).take(m).with_min_len(64).enumerate()
 }
 
-fn parallelism(work: usize) -> gemm::Parallelism {
-    let threads = rayon::current_num_threads();
-    if threads > 1 && work > 64 * 64 * 64 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    }
-}
-
 /// One 8-bit linear layer: this crate's VNNI kernel where the CPU and the
 /// shape allow, Candle's Q8_0 matmul otherwise.
 enum QuantizedLinear {
     Vnni(PackedWeights),
     Candle(QMatMul),
+    /// Too narrow for 8-bit blocks (inputs not a multiple of 32): kept f32.
+    Full,
 }
 
 /// 8-bit weights of the transformer's linear layers (q, k, v, out, fc1, fc2
@@ -236,6 +259,9 @@ impl QuantizedLinears {
                 if let Some(p) = PackedWeights::new(&data, n, k) {
                     return Ok(QuantizedLinear::Vnni(p));
                 }
+            }
+            if !k.is_multiple_of(GgmlDType::Q8_0.block_size()) {
+                return Ok(QuantizedLinear::Full);
             }
             Ok(QuantizedLinear::Candle(QMatMul::from_qtensor(
                 QTensor::quantize(&w, GgmlDType::Q8_0)?,
@@ -292,6 +318,52 @@ struct BlockView<'a> {
     heads: usize,
 }
 
+/// Work buffers kept between forwards: fresh multi-megabyte allocations
+/// would be returned to the OS and page-faulted (and zeroed) again on every
+/// frame, which costs several percent of a forward.
+static SCRATCH: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
+
+/// Keeps at most this many idle buffers (a forward uses six).
+const SCRATCH_KEEP: usize = 8;
+
+/// A buffer of `len` floats (not necessarily zero), reused when one is free.
+fn take_buffer(len: usize) -> Vec<f32> {
+    let reused = SCRATCH.lock().ok().and_then(|mut pool| {
+        let best = pool
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.capacity() >= len)
+            .min_by_key(|(_, v)| v.capacity())
+            .map(|(i, _)| i)?;
+        Some(pool.swap_remove(best))
+    });
+    match reused {
+        // Every caller overwrites the whole buffer, so stale values may stay.
+        Some(mut v) => {
+            v.resize(len, 0.0);
+            v
+        }
+        None => vec![0f32; len],
+    }
+}
+
+fn give_back(v: Vec<f32>) {
+    if let Ok(mut pool) = SCRATCH.lock() {
+        pool.push(v);
+        if pool.len() > SCRATCH_KEEP {
+            // Drop the smallest: the large ones are the expensive ones.
+            if let Some(i) = pool
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, v)| v.capacity())
+                .map(|(i, _)| i)
+            {
+                pool.swap_remove(i);
+            }
+        }
+    }
+}
+
 /// Whether the fast path can run `tower` on `pixels`.
 fn eligible(tower: &VisionTower, pixels: &Tensor) -> bool {
     !tower.candle_only
@@ -311,6 +383,18 @@ pub fn forward(
     if !eligible(tower, pixels) {
         return Ok(None);
     }
+    // Run the whole forward on a rayon worker: its many parallel loops then
+    // share work by stealing, instead of each one waking the pool from an
+    // outside thread and sleeping until it is done.
+    rayon::scope(|_| forward_on_worker(tower, pixels, want_layer_cls, want_last_input))
+}
+
+fn forward_on_worker(
+    tower: &VisionTower,
+    pixels: &Tensor,
+    want_layer_cls: bool,
+    want_last_input: bool,
+) -> Result<Option<VisionOutput>> {
     let quantized = tower.quantized.as_deref();
     let cfg = &tower.config;
     let d = cfg.width;
@@ -347,7 +431,7 @@ pub fn forward(
     let m = b * t;
 
     // Patch embedding as a matmul over unfolded patches: [B*g*g, 3*p*p].
-    let mut cols = vec![0f32; b * g * g * kdim];
+    let mut cols = take_buffer(b * g * g * kdim);
     let px = px.slice();
     cols.par_chunks_mut(kdim).enumerate().for_each(|(i, col)| {
         let (bi, cell) = (i / (g * g), i % (g * g));
@@ -360,7 +444,7 @@ pub fn forward(
             }
         }
     });
-    let mut x = vec![0f32; m * d]; // [B*T, D] residual stream
+    let mut x = take_buffer(m * d); // [B*T, D] residual stream
     let pos = pos_emb.slice();
     for bi in 0..b {
         let xb = &mut x[bi * t * d..(bi + 1) * t * d];
@@ -384,15 +468,15 @@ pub fn forward(
             true,
         )?;
     }
-    drop(cols);
-    let mut h = vec![0f32; m * d];
+    give_back(cols);
+    let mut h = take_buffer(m * d);
     pre_ln.apply(&x, &mut h, d);
     std::mem::swap(&mut x, &mut h);
 
     let hidden = cfg.mlp;
-    let mut qkv = vec![0f32; m * 3 * d];
-    let mut att = vec![0f32; m * d];
-    let mut f = vec![0f32; m * hidden];
+    let mut qkv = take_buffer(m * 3 * d);
+    let mut att = take_buffer(m * d);
+    let mut f = take_buffer(m * hidden);
     let mut layer_cls = Vec::new();
     let mut last_block_input = None;
     let n_layers = views.len();
@@ -420,6 +504,9 @@ pub fn forward(
         }
     }
     let cls = cls_rows(&x, b, t, d);
+    for buf in [x, h, qkv, att, f] {
+        give_back(buf);
+    }
     let mut pooled = vec![0f32; b * d];
     post_ln.apply(&cls, &mut pooled, d);
     let e = proj.n;
@@ -450,7 +537,7 @@ fn block_views<'a>(
             let [qp, kp, vp, op] = layer.self_attn.projections();
             let (fc1, fc2, act) = layer.mlp.parts();
             let heads = layer.self_attn.heads();
-            if heads == 0 || d % heads != 0 {
+            if heads == 0 || !d.is_multiple_of(heads) {
                 return None;
             }
             let view = BlockView {
@@ -491,6 +578,13 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// Through a method, so that closures capture the whole (Send) struct.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Softmax attention of every (image, head): `qkv` [B*T, 3D] holds q, k, v
 /// side by side; writes the heads' outputs side by side into `out` [B*T, D].
 fn attention(qkv: &[f32], out: &mut [f32], b: usize, t: usize, d: usize, heads: usize) {
@@ -501,7 +595,6 @@ fn attention(qkv: &[f32], out: &mut [f32], b: usize, t: usize, d: usize, heads: 
     (0..b * heads).into_par_iter().for_each_init(
         || vec![0f32; t * t],
         |scores, task| {
-            let out_ptr = out_ptr;
             let (bi, h) = (task / heads, task % heads);
             let base = bi * t * 3 * d + h * hd;
             let (q, k, v) = (
@@ -543,7 +636,7 @@ fn attention(qkv: &[f32], out: &mut [f32], b: usize, t: usize, d: usize, heads: 
                     t,
                     hd,
                     t,
-                    out_ptr.0.add(bi * t * d + h * hd),
+                    out_ptr.get().add(bi * t * d + h * hd),
                     1,
                     d as isize,
                     false,
@@ -646,7 +739,7 @@ mod simd {
         let p = p * r + 8.333_452e-3;
         let p = p * r + 4.166_579_6e-2;
         let p = p * r + 1.666_666_5e-1;
-        let p = p * r + 5.000_000_1e-1;
+        let p = p * r + 0.5;
         let p = p * r * r + r + 1.0;
         let k = shifted.to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
         p * f32::from_bits((k.wrapping_add(127) as u32) << 23)
@@ -864,6 +957,22 @@ mod tests {
             assert_eq!(a.dims(), b.dims());
             assert!(max_diff(&a, &b) < 1e-4);
         }
+    }
+
+    /// The dtype GPUs run (f16) goes through Candle's ops; the CPU can run
+    /// that path too, which keeps it tested without a GPU.
+    #[test]
+    fn f16_path_stays_close_to_f32() {
+        let cfg = small(Activation::QuickGelu).config;
+        let ckpt = Checkpoint::random(&cfg, 7).unwrap();
+        let full = ClipModel::from_checkpoint(&ckpt, &Device::Cpu, DType::F32).unwrap();
+        let half = ClipModel::from_checkpoint(&ckpt, &Device::Cpu, DType::F16).unwrap();
+        let px = Tensor::randn(0f32, 1.0, (2, 3, 48, 48), &Device::Cpu).unwrap();
+        let a = full.encode_images(&px).unwrap();
+        let b = half.encode_images(&px).unwrap();
+        assert_eq!(b.dtype(), DType::F32);
+        let cos: Vec<f32> = (a * b).unwrap().sum(1).unwrap().to_vec1().unwrap();
+        assert!(cos.iter().all(|&c| c > 0.999), "cosines {cos:?}");
     }
 
     #[test]

@@ -10,8 +10,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::model::cliper::expressions::CLASSES;
 use crate::pipeline::analyzer::AnalyzerConfig;
 use crate::pipeline::output;
+use crate::pipeline::recorder::{RecordOptions, RecordOutcome, Recorder};
 use crate::pipeline::setup::ModelSpec;
-use crate::pipeline::worker::{FrameScores, Pipeline, PipelineConfig, PipelineEvent, RunMode};
+use crate::pipeline::worker::{
+    DynamicSettings, FrameScores, Pipeline, PipelineConfig, PipelineEvent, RunMode,
+};
 use crate::vision::source::SourceSpec;
 
 #[derive(Clone, Debug)]
@@ -28,8 +31,12 @@ pub struct RunOptions {
     pub top: Option<usize>,
     /// A free-text description scored next to the classes.
     pub probe: Option<String>,
+    /// Report the dynamic branch's scores, with these window settings.
+    pub dynamic: Option<DynamicSettings>,
     /// Show a progress bar on stderr (when the length is known).
     pub progress: bool,
+    /// Record the run as a session (`--record DIR`).
+    pub record: Option<RecordOptions>,
 }
 
 /// What a run did.
@@ -45,6 +52,8 @@ pub struct RunSummary {
     pub detect_ms: f64,
     pub encode_ms: f64,
     pub score_ms: f64,
+    /// What the recording left, when one was asked for.
+    pub record: Option<RecordOutcome>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +79,24 @@ pub fn run(opts: &RunOptions, out: &mut dyn Write) -> Result<RunSummary, RunErro
     config.analyzer = opts.analyzer.clone();
     config.max_frames = frames;
     config.probe = opts.probe.clone();
+    if let Some(d) = opts.dynamic {
+        config.dynamic = d;
+    }
+    // A recording that cannot start or stops on an error is reported and
+    // the run goes on: the results still reach `out`.
+    let mut record_outcome = None;
+    let mut recorder = match &opts.record {
+        Some(r) => match Recorder::start(r.clone(), RunMode::Batch) {
+            Ok(rec) => Some(rec),
+            Err(e) => {
+                eprintln!("error: {e}; the run goes on without recording");
+                record_outcome = Some(RecordOutcome::failed(&r.dir, e.to_string()));
+                None
+            }
+        },
+        None => None,
+    };
+    config.emit_frames = recorder.is_some();
     let pipeline = Pipeline::start(config, || {});
     let start = Instant::now();
     let mut summary = RunSummary::default();
@@ -77,6 +104,17 @@ pub fn run(opts: &RunOptions, out: &mut dyn Write) -> Result<RunSummary, RunErro
     let mut result = Ok(());
     let mut scored = 0u64;
     for event in pipeline.events.iter() {
+        if let Some(rec) = recorder.as_mut() {
+            rec.observe(&event);
+            if let Some(e) = rec.error() {
+                let say = || eprintln!("error: recording stopped: {e}; the run goes on");
+                match &bar {
+                    Some(pb) => pb.suspend(say),
+                    None => say(),
+                }
+                record_outcome = recorder.take().map(Recorder::finish_outcome);
+            }
+        }
         match event {
             PipelineEvent::SourceOpened(info) => {
                 let total = match (info.len, frames) {
@@ -125,7 +163,7 @@ pub fn run(opts: &RunOptions, out: &mut dyn Write) -> Result<RunSummary, RunErro
                     summary.score_ms += f64::from(s.timings.score_ms);
                 }
                 let line = if opts.json {
-                    json_line(&s, opts.top)
+                    json_line(&s, opts.top, opts.dynamic.is_some())
                 } else {
                     text_line(&s)
                 };
@@ -152,6 +190,10 @@ pub fn run(opts: &RunOptions, out: &mut dyn Write) -> Result<RunSummary, RunErro
         pb.finish_and_clear();
     }
     drop(pipeline);
+    if let Some(rec) = recorder.take() {
+        record_outcome = Some(rec.finish_outcome());
+    }
+    summary.record = record_outcome;
     summary.secs = start.elapsed().as_secs_f64();
     summary.detect_ms /= summary.frames.max(1) as f64;
     summary.encode_ms /= scored.max(1) as f64;
@@ -159,7 +201,7 @@ pub fn run(opts: &RunOptions, out: &mut dyn Write) -> Result<RunSummary, RunErro
     result.map(|_| summary)
 }
 
-fn json_line(s: &FrameScores, top: Option<usize>) -> String {
+fn json_line(s: &FrameScores, top: Option<usize>, dynamic: bool) -> String {
     let faces = s
         .faces
         .iter()
@@ -168,7 +210,12 @@ fn json_line(s: &FrameScores, top: Option<usize>) -> String {
                 (Some(text), Some(l)) => Some((text.as_str(), l)),
                 _ => None,
             };
-            output::tracked_face_json(f.id, &f.face.bbox, &f.face.scores, &s.bank, top, probe)
+            let mut v =
+                output::tracked_face_json(f.id, &f.face.bbox, &f.face.scores, &s.bank, top, probe);
+            if let (true, Some(d)) = (dynamic, &f.dynamic) {
+                v["dynamic"] = output::dynamic_json(d);
+            }
+            v
         })
         .collect();
     output::frame_json(s.index, s.t, faces).to_string()

@@ -62,8 +62,6 @@ impl Default for BenchOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error("{0}")]
-    Setup(#[from] crate::pipeline::setup::SetupError),
-    #[error("{0}")]
     Device(#[from] crate::model::device::DeviceError),
     #[error("{0}")]
     Weights(#[from] crate::model::weights::WeightsError),

@@ -9,6 +9,7 @@ pub mod clip;
 pub mod dynamic;
 pub mod explain;
 pub mod output;
+pub mod recorder;
 pub mod setup;
 pub mod smoothing;
 pub mod worker;

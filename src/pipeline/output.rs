@@ -90,3 +90,13 @@ pub fn tracked_face_json(
 pub fn frame_json(index: u64, t: f64, faces: Vec<Value>) -> Value {
     json!({"frame": index, "t": (t * 1e6).round() / 1e6, "faces": faces})
 }
+
+/// The dynamic branch's scores of a face: `{"mode", "classes", "predicted"}`
+/// (`mode` is `temporal`, or `mean-of-static` without trained temporal weights).
+pub fn dynamic_json(d: &crate::pipeline::dynamic::DynamicScores) -> Value {
+    json!({
+        "mode": d.mode.as_str(),
+        "classes": classes_json(&d.scores),
+        "predicted": CLASSES[d.scores.predicted],
+    })
+}

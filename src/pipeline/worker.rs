@@ -22,6 +22,7 @@
 //! source; a model that fails to load is reported and frames still flow
 //! (boxes without scores).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,12 +34,14 @@ use image::RgbImage;
 use crate::model::cliper::scoring;
 use crate::model::cliper::{CliperCheckpoint, DescriptorBank};
 use crate::model::device;
+use crate::model::temporal::TemporalModule;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::{Checkpoint, ClipModel};
 use crate::pipeline::analyzer::{self, AnalyzerConfig, FaceAnalyzer, FaceResult};
+use crate::pipeline::dynamic::{DynamicScorer, DynamicScores, FeatureWindows};
 use crate::pipeline::setup::{self, BankSource, Loaded, ModelSpec};
 use crate::vision::faces::crop_face;
-use crate::vision::source::{Frame, FrameSource, SourceSpec};
+use crate::vision::source::{Frame, FrameSource, SourceError, SourceSpec};
 use crate::vision::tracking::{TrackedFace, Tracker, TrackerConfig};
 
 /// How the pipeline treats time and frames.
@@ -64,6 +67,29 @@ pub struct PipelineConfig {
     pub max_frames: Option<u64>,
     /// A free-text description scored next to the classes.
     pub probe: Option<String>,
+    /// The dynamic branch's window of frame features per face.
+    pub dynamic: DynamicSettings,
+    /// Send each frame with its boxes ([`PipelineEvent::Frame`]): on in live
+    /// mode (the window shows them), and in batch runs that record video.
+    pub emit_frames: bool,
+}
+
+/// Window length and stride of the dynamic branch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DynamicSettings {
+    /// Frame features per window (capped at the temporal module's frames).
+    pub window: usize,
+    /// A new dynamic score every `stride` frames once a window is full.
+    pub stride: usize,
+}
+
+impl Default for DynamicSettings {
+    fn default() -> Self {
+        Self {
+            window: crate::model::temporal::DEFAULT_FRAMES,
+            stride: 1,
+        }
+    }
 }
 
 /// Live detection runs on frames shrunk to this longer side: 320x240 for a
@@ -87,6 +113,8 @@ impl PipelineConfig {
             mode,
             max_frames: None,
             probe: None,
+            dynamic: DynamicSettings::default(),
+            emit_frames: mode == RunMode::Live,
         }
     }
 }
@@ -131,6 +159,11 @@ pub struct TrackedResult {
     pub face: FaceResult,
     /// Logit of the probe text, on the descriptor logits' scale.
     pub probe_logit: Option<f32>,
+    /// The dynamic branch's latest scores for this face, once its window of
+    /// frame features is full (`None` before).
+    pub dynamic: Option<DynamicScores>,
+    /// How many frame features the face's window holds.
+    pub window_fill: usize,
 }
 
 /// Time spent in each stage for one frame, in milliseconds, plus rates.
@@ -191,7 +224,7 @@ pub enum PipelineEvent {
         generation: u64,
         frames: u64,
     },
-    /// A frame with its face boxes (live mode only).
+    /// A frame with its face boxes (live mode, or `emit_frames`).
     Frame(Arc<DetectedFrame>),
     ModelLoading,
     ModelReady(ModelInfo),
@@ -216,6 +249,8 @@ pub enum PipelineCommand {
     SetSource(SourceSpec),
     SetBank(BankSource),
     SetProbe(Option<String>),
+    /// Window length and stride of the dynamic branch (windows restart).
+    SetDynamic(DynamicSettings),
 }
 
 type Notify = Arc<Mutex<Box<dyn FnMut() + Send>>>;
@@ -424,7 +459,7 @@ fn capture_stage(
             clock = None;
             frames_this_source = 0;
             current = s.clone();
-            match s.open() {
+            match shielded(|| s.open()) {
                 Ok(src) => {
                     let info = SourceInfo {
                         spec: s.clone(),
@@ -479,7 +514,7 @@ fn capture_stage(
             source = None;
             continue;
         }
-        let frame = match src.next_frame() {
+        let frame = match shielded(|| src.next_frame()) {
             Ok(Some(f)) => f,
             Ok(None) => {
                 source = None;
@@ -552,6 +587,22 @@ fn capture_stage(
     }
 }
 
+/// Runs a source call, turning a panic in a third-party decoder or camera
+/// driver binding into an error: a broken file or device must end the
+/// source, not the capture thread.
+fn shielded<T>(f: impl FnOnce() -> Result<T, SourceError>) -> Result<T, SourceError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown failure".into());
+        Err(SourceError::Invalid(format!(
+            "the source failed inside its decoder or driver: {what}"
+        )))
+    })
+}
+
 fn detect_stage(
     config: PipelineConfig,
     input: Receiver<Captured>,
@@ -611,7 +662,7 @@ fn detect_loop(
             capture_fps: c.capture_fps,
             dropped: c.dropped,
         });
-        if config.mode == RunMode::Live && !events.send(PipelineEvent::Frame(detected.clone())) {
+        if config.emit_frames && !events.send(PipelineEvent::Frame(detected.clone())) {
             return;
         }
         if !out.push(detected).0 {
@@ -630,6 +681,11 @@ struct Scorer {
     bank: Arc<DescriptorBank>,
     /// (text, normalised feature [E]).
     probe: Option<(String, Tensor)>,
+    /// The dynamic branch: per-face windows of frame features and the
+    /// temporal module of the checkpoint in use (or the mean-of-static fallback).
+    windows: FeatureWindows,
+    dynamic: DynamicScorer,
+    last_dynamic: HashMap<u64, DynamicScores>,
 }
 
 impl Scorer {
@@ -640,13 +696,24 @@ impl Scorer {
             tokenizer,
             cliper,
         } = loaded;
+        let dynamic = DynamicScorer::new(temporal_of(cliper.as_ref(), &clip), &clip.device);
+        let settings = DynamicSettings::default();
         Self {
             clip,
             tokenizer,
             cliper,
             bank: Arc::new(bank),
             probe: None,
+            windows: FeatureWindows::new(settings.window.min(dynamic.frames()), settings.stride),
+            dynamic,
+            last_dynamic: HashMap::new(),
         }
+    }
+
+    fn set_dynamic(&mut self, settings: DynamicSettings) {
+        self.windows
+            .configure(settings.window.min(self.dynamic.frames()), settings.stride);
+        self.last_dynamic.clear();
     }
 
     fn set_bank(&mut self, source: &BankSource) -> Result<Arc<DescriptorBank>, String> {
@@ -671,6 +738,15 @@ impl Scorer {
             .map_err(|e| e.to_string())?;
         self.cliper = checkpoint;
         self.bank = Arc::new(bank);
+        // Windows hold features of the old vision tower, and the temporal
+        // module belongs to the checkpoint: start the dynamic branch afresh.
+        self.dynamic = DynamicScorer::new(
+            temporal_of(self.cliper.as_ref(), &self.clip),
+            &self.clip.device,
+        );
+        let (len, stride) = (self.windows.len, self.windows.stride);
+        self.windows = FeatureWindows::new(len.min(self.dynamic.frames()), stride);
+        self.last_dynamic.clear();
         // A probe encoded by another text tower stays valid: the text tower
         // never changes with the bank.
         Ok(self.bank.clone())
@@ -696,7 +772,7 @@ impl Scorer {
     /// the last 16 `embedding`s per track id and scores the temporal module's
     /// output against the same bank; the static results stay as they are.
     fn score(
-        &self,
+        &mut self,
         frame: &DetectedFrame,
         analyzer: &AnalyzerConfig,
         timings: &mut StageTimings,
@@ -723,6 +799,26 @@ impl Scorer {
             None => None,
         };
         let rows = emb.to_vec2::<f32>()?;
+        // Dynamic branch: one push per face, one batched temporal pass for
+        // the faces whose window is due; windows of faces that left go.
+        let ids: Vec<u64> = frame.faces.iter().map(|f| f.id).collect();
+        self.windows.retain(&ids);
+        self.last_dynamic.retain(|id, _| ids.contains(id));
+        let due: Vec<u64> = ids
+            .iter()
+            .zip(&rows)
+            .filter_map(|(&id, e)| self.windows.push(id, e.clone()).then_some(id))
+            .collect();
+        if !due.is_empty() {
+            let windows: Vec<Vec<&[f32]>> = due
+                .iter()
+                .filter_map(|&id| self.windows.window(id))
+                .collect();
+            let scored = self.dynamic.score_many(&windows, &self.bank)?;
+            for (id, d) in due.iter().zip(scored) {
+                self.last_dynamic.insert(*id, d);
+            }
+        }
         timings.score_ms = start.elapsed().as_secs_f32() * 1000.0;
         Ok(frame
             .faces
@@ -738,8 +834,26 @@ impl Scorer {
                     embedding,
                 },
                 probe_logit: probe.as_ref().and_then(|p| p.get(i).copied()),
+                dynamic: self.last_dynamic.get(&f.id).cloned(),
+                window_fill: self.windows.filled(f.id),
             })
             .collect())
+    }
+}
+
+/// The temporal module of a checkpoint, if it has one that fits; a broken
+/// one is reported and the fallback used.
+fn temporal_of(cliper: Option<&CliperCheckpoint>, clip: &ClipModel) -> Option<TemporalModule> {
+    let ck = cliper?;
+    match ck.temporal_module(clip.config.embed_dim, &clip.device) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!(
+                "warning: {}: temporal weights not used ({e}); dynamic scores fall back to the mean of static scores",
+                ck.path.display()
+            );
+            None
+        }
     }
 }
 
@@ -756,7 +870,8 @@ fn infer_stage(
     let start = Instant::now();
     let mut scorer = match setup::load(&config.model) {
         Ok(loaded) => {
-            let scorer = Scorer::new(loaded);
+            let mut scorer = Scorer::new(loaded);
+            scorer.set_dynamic(config.dynamic);
             let info = ModelInfo {
                 device: device::describe(&scorer.clip.device).to_string(),
                 weights: scorer.clip.source.clone(),
@@ -808,7 +923,7 @@ fn infer_stage(
             events.send(PipelineEvent::Finished);
             return;
         };
-        let Some(s) = scorer.as_ref() else {
+        let Some(s) = scorer.as_mut() else {
             continue;
         };
         let mut timings = StageTimings {
@@ -873,6 +988,10 @@ fn handle_command(scorer: &mut Option<Scorer>, cmd: PipelineCommand, events: &Ev
                 error,
             },
         },
+        PipelineCommand::SetDynamic(d) => {
+            s.set_dynamic(d);
+            return;
+        }
         PipelineCommand::SetSource(_) => return,
     };
     events.send(ev);

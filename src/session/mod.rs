@@ -64,11 +64,15 @@ pub enum SessionError {
     NotEmpty(PathBuf),
     #[error("cannot write {path}: {reason}. Recording stopped; what was written so far is kept (free some disk space or pick another folder)")]
     Write { path: PathBuf, reason: String },
-    #[error("{0} is not a cliper session: it has no meta.json (give the folder that `--record` wrote)")]
+    #[error(
+        "{0} is not a cliper session: it has no meta.json (give the folder that `--record` wrote)"
+    )]
     NotASession(PathBuf),
     #[error("cannot read {path}: {reason}")]
     Read { path: PathBuf, reason: String },
-    #[error("session {0} is still being recorded by another cliper process; stop that recording first")]
+    #[error(
+        "session {0} is still being recorded by another cliper process; stop that recording first"
+    )]
     Busy(PathBuf),
     #[error("video {path}: {reason}")]
     Video { path: PathBuf, reason: String },

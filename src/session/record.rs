@@ -341,10 +341,7 @@ mod tests {
         let rows = r.to_csv_rows();
         assert_eq!(rows.lines().count(), 1);
         let row = rows.lines().next().unwrap();
-        assert_eq!(
-            header.trim_end().split(',').count(),
-            row.split(',').count()
-        );
+        assert_eq!(header.trim_end().split(',').count(), row.split(',').count());
         assert!(header.starts_with("t,frame,face_id,x,y,w,h,predicted,surprise,fear,"));
         let parsed = parse_csv_row(row).unwrap();
         assert_eq!(parsed.probs, r.faces[0].probs());

@@ -30,6 +30,48 @@ pub fn stroke_rect(
     fill_rect(img, x + w - thickness, y, thickness, h, color);
 }
 
+/// Draws a straight line `thickness` pixels wide (square pen), clipped to
+/// the image.
+pub fn draw_line(
+    img: &mut RgbImage,
+    (x0, y0): (f32, f32),
+    (x1, y1): (f32, f32),
+    thickness: u32,
+    color: Rgb<u8>,
+) {
+    let t = thickness.max(1) as i64;
+    let steps = (x1 - x0).abs().max((y1 - y0).abs()).ceil().max(1.0) as i64;
+    for i in 0..=steps {
+        let a = i as f32 / steps as f32;
+        let x = (x0 + (x1 - x0) * a).round() as i64;
+        let y = (y0 + (y1 - y0) * a).round() as i64;
+        fill_rect(img, x - t / 2, y - t / 2, t, t, color);
+    }
+}
+
+/// The 7 class colours for images (annotated video, report plots), in
+/// `expressions::CLASSES` order; the same colours as the app's palette.
+pub const CLASS_RGB: [Rgb<u8>; 7] = [
+    Rgb([255, 167, 38]),  // surprise: orange
+    Rgb([171, 71, 188]),  // fear: purple
+    Rgb([102, 187, 106]), // disgust: green
+    Rgb([255, 238, 88]),  // happiness: yellow
+    Rgb([66, 165, 245]),  // sadness: blue
+    Rgb([239, 83, 80]),   // anger: red
+    Rgb([176, 190, 197]), // neutral: grey
+];
+
+/// Black or white, whichever reads on `bg`.
+pub fn text_color_on(bg: Rgb<u8>) -> Rgb<u8> {
+    let [r, g, b] = bg.0;
+    let l = 0.299 * r as f32 + 0.587 * g as f32 + 0.114 * b as f32;
+    if l > 140.0 {
+        Rgb([0, 0, 0])
+    } else {
+        Rgb([255, 255, 255])
+    }
+}
+
 /// Width in pixels of `text` at `scale`.
 pub fn text_width(text: &str, scale: u32) -> u32 {
     text.chars().count() as u32 * 8 * scale
@@ -75,5 +117,16 @@ mod tests {
         // Clipping: drawing off the image does not panic.
         draw_text(&mut img, -5, 15, "xyz", 2, Rgb([1, 2, 3]));
         stroke_rect(&mut img, -3, -3, 100, 100, 2, Rgb([9, 9, 9]));
+        draw_line(&mut img, (-4.0, -4.0), (60.0, 30.0), 3, Rgb([7, 7, 7]));
+    }
+
+    #[test]
+    fn lines_cover_their_ends() {
+        let mut img = RgbImage::new(20, 20);
+        draw_line(&mut img, (2.0, 3.0), (17.0, 12.0), 1, Rgb([255, 0, 0]));
+        assert_eq!(img.get_pixel(2, 3).0, [255, 0, 0]);
+        assert_eq!(img.get_pixel(17, 12).0, [255, 0, 0]);
+        assert_eq!(img.get_pixel(17, 3).0, [0, 0, 0]);
+        assert_eq!(text_color_on(CLASS_RGB[3]), Rgb([0, 0, 0]));
     }
 }

@@ -1,0 +1,142 @@
+//! Loading a recorded session for replay and reports, without any model:
+//! meta.json, the frame records of session.jsonl, and the video.
+
+use std::collections::BTreeSet;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+use super::meta::SessionMeta;
+use super::record::FrameRecord;
+use super::video::{list_segments, VideoReader};
+use super::{SessionError, JSONL_FILE, RAW_SEGMENTS_DIR, RAW_VIDEO_FILE, VIDEO_FILE};
+use super::{META_FILE, VIDEO_SEGMENTS_DIR};
+use crate::model::cliper::expressions::NUM_CLASSES;
+
+/// A session read from its folder.
+#[derive(Clone, Debug)]
+pub struct Session {
+    pub dir: PathBuf,
+    pub meta: SessionMeta,
+    /// Frame records in file order (increasing `t`).
+    pub frames: Vec<FrameRecord>,
+    /// Lines that could not be read (an unfinished last line of a session
+    /// still being recorded, or damage); they are skipped.
+    pub bad_lines: usize,
+}
+
+/// One point of a face's timeline.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TimelinePoint {
+    pub t: f64,
+    /// Static probabilities in class order.
+    pub probs: [f32; NUM_CLASSES],
+    pub predicted: usize,
+}
+
+impl Session {
+    /// Reads a session folder (also one still being recorded: it reads what
+    /// is there).
+    pub fn open(dir: &Path) -> Result<Self, SessionError> {
+        if !dir.join(META_FILE).is_file() && !dir.is_dir() {
+            return Err(SessionError::Read {
+                path: dir.to_path_buf(),
+                reason: "no such folder".into(),
+            });
+        }
+        let meta = SessionMeta::read(dir)?;
+        let path = dir.join(JSONL_FILE);
+        let file = std::fs::File::open(&path).map_err(|e| SessionError::read(&path, e))?;
+        let mut frames = Vec::new();
+        let mut bad_lines = 0;
+        for line in std::io::BufReader::new(file).lines() {
+            let line = line.map_err(|e| SessionError::read(&path, e))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<FrameRecord>(&line) {
+                Ok(r) => frames.push(r),
+                Err(_) => bad_lines += 1,
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            meta,
+            frames,
+            bad_lines,
+        })
+    }
+
+    /// Face ids in the session, ascending.
+    pub fn face_ids(&self) -> Vec<u64> {
+        let ids: BTreeSet<u64> = self
+            .frames
+            .iter()
+            .flat_map(|f| f.faces.iter().map(|x| x.id))
+            .collect();
+        ids.into_iter().collect()
+    }
+
+    /// Time of the last frame (the first is near 0).
+    pub fn duration(&self) -> f64 {
+        self.frames.last().map_or(0.0, |f| f.t)
+    }
+
+    /// The frame on screen at time `t`: the last one at or before it.
+    pub fn index_at(&self, t: f64) -> Option<usize> {
+        if self.frames.is_empty() {
+            return None;
+        }
+        let n = self.frames.partition_point(|f| f.t <= t + 1e-9);
+        Some(n.saturating_sub(1))
+    }
+
+    /// A face's static probabilities over time.
+    pub fn timeline(&self, id: u64) -> Vec<TimelinePoint> {
+        self.frames
+            .iter()
+            .filter_map(|f| {
+                f.faces.iter().find(|x| x.id == id).map(|x| TimelinePoint {
+                    t: f.t,
+                    probs: x.probs(),
+                    predicted: x.predicted_index(),
+                })
+            })
+            .collect()
+    }
+
+    /// The annotated video's files: video.mp4, or the finished segments of a
+    /// session that was not finalised (or whose join failed).
+    pub fn video_files(&self) -> Vec<PathBuf> {
+        video_files(&self.dir, VIDEO_FILE, VIDEO_SEGMENTS_DIR)
+    }
+
+    /// The raw video's files, when it was recorded.
+    pub fn raw_video_files(&self) -> Vec<PathBuf> {
+        video_files(&self.dir, RAW_VIDEO_FILE, RAW_SEGMENTS_DIR)
+    }
+
+    /// Opens the annotated video; `None` when the session has none.
+    pub fn open_video(&self) -> Result<Option<VideoReader>, SessionError> {
+        let files = self.video_files();
+        if files.is_empty() {
+            return Ok(None);
+        }
+        VideoReader::open(&files).map(Some)
+    }
+
+    /// Session time of the video's first frame.
+    pub fn video_start_t(&self) -> f64 {
+        match &self.meta.video {
+            Some(v) if v.width > 0 => v.start_t,
+            _ => self.frames.first().map_or(0.0, |f| f.t),
+        }
+    }
+}
+
+fn video_files(dir: &Path, file: &str, segments: &str) -> Vec<PathBuf> {
+    let joined = dir.join(file);
+    if joined.is_file() {
+        return vec![joined];
+    }
+    list_segments(&dir.join(segments))
+}

@@ -1,0 +1,775 @@
+//! [`SessionWriter`]: records a session on its own threads.
+//!
+//! ```text
+//!  caller ──(unbounded)──> data thread:  session.jsonl, session.csv,
+//!    │                                   meta.json; at the end joins the
+//!    │                                   video and marks the session complete
+//!    └──(bounded, drops)──> video thread: annotate, encode, segment rotation
+//! ```
+//!
+//! The caller (the app's UI thread) never waits: rows are small and always
+//! queued; live video frames are dropped (and counted) when the encoder
+//! falls behind, never the scores. A batch run of a file waits for the
+//! encoder instead, so its video has every frame. The first write error
+//! stops the recording: [`SessionWriter::status`] carries it for the caller
+//! to show, later frames are ignored, and whatever was written stays
+//! readable. The caller's pipeline is unaffected.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender, TrySendError};
+use image::RgbImage;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::meta::{BankMeta, ModelMeta, SessionMeta, SessionStatus, SourceMeta, VideoMeta};
+use super::record::{csv_header, FrameRecord};
+use super::video::{annotate, list_segments, remux, video_size, FaceMark, SegmentWriter};
+use super::{
+    iso8601, SessionError, CSV_FILE, JSONL_FILE, LOCK_FILE, RAW_SEGMENTS_DIR, RAW_VIDEO_FILE,
+    VIDEO_FILE, VIDEO_SEGMENTS_DIR,
+};
+
+/// Default length of a video segment: what a crash can cost of the video.
+pub const DEFAULT_SEGMENT_SECS: f64 = 2.0;
+/// Video frames waiting for the encoder before new ones are dropped.
+pub const DEFAULT_VIDEO_QUEUE: usize = 8;
+/// How long finishing waits for the weights' hash before leaving it out.
+const HASH_WAIT: Duration = Duration::from_secs(60);
+/// Lines are flushed every frame; they are also synced to the disk this often.
+const SYNC_EVERY: Duration = Duration::from_secs(2);
+
+/// What `t` measures in a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Clock {
+    /// Seconds since recording started, when each frame was captured.
+    Capture,
+    /// The frame's time in its source minus the first recorded frame's.
+    Source,
+}
+
+impl Clock {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Clock::Capture => "capture",
+            Clock::Source => "source",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SessionOptions {
+    /// The session folder: new, or empty.
+    pub dir: PathBuf,
+    pub clock: Clock,
+    /// Free-form settings for meta.json.
+    pub settings: Value,
+    /// Record the annotated video.
+    pub video: bool,
+    /// Also record the frames without annotations (`raw.mp4`).
+    pub raw_video: bool,
+    pub segment_secs: f64,
+    pub video_queue: usize,
+    /// Drop video frames when the encoder falls behind (live: the pipeline
+    /// must never wait); otherwise wait for it (batch runs of a file: the
+    /// video is complete and the run goes at the encoder's pace at worst).
+    pub drop_late_video: bool,
+}
+
+impl SessionOptions {
+    pub fn new(dir: impl Into<PathBuf>, clock: Clock) -> Self {
+        Self {
+            dir: dir.into(),
+            clock,
+            settings: Value::Null,
+            video: true,
+            raw_video: false,
+            segment_secs: DEFAULT_SEGMENT_SECS,
+            video_queue: DEFAULT_VIDEO_QUEUE,
+            drop_late_video: clock == Clock::Capture,
+        }
+    }
+}
+
+/// A frame for the video: the picture, its session time, its faces.
+#[derive(Clone, Debug)]
+pub struct VideoFrame {
+    pub image: Arc<RgbImage>,
+    pub t: f64,
+    /// The source's nominal rate (sets the encoder's bit rate).
+    pub fps: f64,
+    pub marks: Vec<FaceMark>,
+}
+
+/// Facts learnt while recording, for meta.json.
+#[derive(Clone, Debug)]
+pub enum MetaUpdate {
+    /// The model is loaded; the weights file is hashed in the background.
+    Model {
+        weights: PathBuf,
+        device: String,
+    },
+    /// A descriptor bank came into use; `file` is hashed when given.
+    Bank {
+        bank: BankMeta,
+        file: Option<PathBuf>,
+    },
+    Source(SourceMeta),
+    /// Replaces meta.json's settings.
+    Settings(Value),
+    Video(VideoMeta),
+}
+
+/// Where a recording stands, for a status line.
+#[derive(Clone, Debug, Default)]
+pub struct WriterStatus {
+    pub dir: PathBuf,
+    pub elapsed: Duration,
+    pub frames: u64,
+    pub face_rows: u64,
+    pub video_frames: u64,
+    pub video_dropped: u64,
+    /// The error that stopped the recording.
+    pub error: Option<String>,
+}
+
+/// What a finished recording left.
+#[derive(Clone, Debug)]
+pub struct FinishReport {
+    pub dir: PathBuf,
+    pub frames: u64,
+    pub face_rows: u64,
+    pub video_frames: u64,
+    pub video_dropped: u64,
+    /// `video.mp4`, when it was written (else the segments are in video/).
+    pub video: Option<PathBuf>,
+    /// Errors met (the first one stopped the recording).
+    pub errors: Vec<String>,
+}
+
+#[derive(Default)]
+struct Shared {
+    frames: AtomicU64,
+    face_rows: AtomicU64,
+    video_frames: AtomicU64,
+    video_dropped: AtomicU64,
+    failed: AtomicBool,
+    error: Mutex<Option<String>>,
+}
+
+impl Shared {
+    /// Records the first error; later ones only go to meta.json.
+    fn fail(&self, e: &SessionError) {
+        self.failed.store(true, Ordering::SeqCst);
+        if let Ok(mut slot) = self.error.lock() {
+            slot.get_or_insert_with(|| e.to_string());
+        }
+    }
+
+    fn error(&self) -> Option<String> {
+        self.error.lock().ok().and_then(|e| e.clone())
+    }
+}
+
+enum DataMsg {
+    Frame(Box<FrameRecord>),
+    Meta(Box<MetaUpdate>),
+    Hashed { path: PathBuf, hex: Option<String> },
+    Finish,
+}
+
+/// A recording in progress. Dropping it finishes the recording (and waits).
+pub struct SessionWriter {
+    dir: PathBuf,
+    started: Instant,
+    data_tx: Sender<DataMsg>,
+    video_tx: Option<Sender<VideoFrame>>,
+    drop_late_video: bool,
+    shared: Arc<Shared>,
+    data_thread: Option<JoinHandle<Result<FinishReport, SessionError>>>,
+}
+
+impl SessionWriter {
+    /// Creates the session folder and its files and starts the threads.
+    /// Fails when the folder exists and is not empty, or cannot be written.
+    pub fn create(opts: SessionOptions) -> Result<Self, SessionError> {
+        let dir = opts.dir.clone();
+        let create_err = |e: &dyn std::fmt::Display| SessionError::Create {
+            path: dir.clone(),
+            reason: e.to_string(),
+        };
+        if dir.exists() {
+            if !dir.is_dir() {
+                return Err(create_err(&"it is a file"));
+            }
+            let mut entries = std::fs::read_dir(&dir).map_err(|e| create_err(&e))?;
+            if entries.next().is_some() {
+                return Err(SessionError::NotEmpty(dir));
+            }
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| create_err(&e))?;
+        // The lock tells `finalize` that this session is alive.
+        let lock = File::create(dir.join(LOCK_FILE)).map_err(|e| create_err(&e))?;
+        match lock.try_lock() {
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(SessionError::Busy(dir.clone()));
+            }
+            // A file system without locks: record anyway (only `finalize`
+            // loses its way to tell a live session from a dead one).
+            Ok(()) | Err(std::fs::TryLockError::Error(_)) => {}
+        }
+        let _ = writeln!(&lock, "{}", std::process::id());
+        let mut meta = SessionMeta::new(
+            iso8601(SystemTime::now()),
+            opts.clock.as_str(),
+            opts.settings.clone(),
+        );
+        if opts.video {
+            meta.video = Some(VideoMeta {
+                codec: "h264".into(),
+                segment_secs: opts.segment_secs,
+                raw: opts.raw_video,
+                ..Default::default()
+            });
+        }
+        meta.write(&dir)?;
+        let open = |name: &str| {
+            let path = dir.join(name);
+            OpenOptions::new()
+                .create_new(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| SessionError::write(&path, e))
+        };
+        let jsonl = open(JSONL_FILE)?;
+        let mut csv = open(CSV_FILE)?;
+        csv.write_all(csv_header().as_bytes())
+            .map_err(|e| SessionError::write(&dir.join(CSV_FILE), e))?;
+
+        let shared = Arc::new(Shared::default());
+        let opts_drop_late_video = opts.drop_late_video;
+        let (data_tx, data_rx) = unbounded();
+        let (video_tx, video_thread) = if opts.video {
+            for sub in [VIDEO_SEGMENTS_DIR, RAW_SEGMENTS_DIR]
+                .iter()
+                .take(if opts.raw_video { 2 } else { 1 })
+            {
+                std::fs::create_dir_all(dir.join(sub)).map_err(|e| create_err(&e))?;
+            }
+            let (tx, rx) = bounded(opts.video_queue.max(1));
+            let (d, o, s, m) = (dir.clone(), opts.clone(), shared.clone(), data_tx.clone());
+            let h = spawn("cliper-rec-video", move || video_loop(rx, d, o, s, m))
+                .map_err(|e| create_err(&e))?;
+            (Some(tx), Some(h))
+        } else {
+            (None, None)
+        };
+        let data = DataThread {
+            dir: dir.clone(),
+            jsonl,
+            csv,
+            lock: Some(lock),
+            meta,
+            shared: shared.clone(),
+            tx: data_tx.clone(),
+            pending_hashes: 0,
+            hashes: HashMap::new(),
+            last_sync: Instant::now(),
+            meta_write_failed: false,
+            video_thread,
+            opts,
+        };
+        let data_thread =
+            spawn("cliper-rec-data", move || data.run(data_rx)).map_err(|e| create_err(&e))?;
+        Ok(Self {
+            dir,
+            started: Instant::now(),
+            data_tx,
+            video_tx,
+            drop_late_video: opts_drop_late_video,
+            shared,
+            data_thread: Some(data_thread),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether an error stopped the recording.
+    pub fn failed(&self) -> bool {
+        self.shared.failed.load(Ordering::SeqCst)
+    }
+
+    /// Queues one frame's line and rows (never blocks).
+    pub fn write_frame(&self, record: FrameRecord) {
+        if !self.failed() {
+            let _ = self.data_tx.send(DataMsg::Frame(Box::new(record)));
+        }
+    }
+
+    /// Queues a video frame; returns false when it was dropped because the
+    /// encoder is behind (or the video is off or failed). Waits for room
+    /// instead of dropping unless `drop_late_video`.
+    pub fn push_video(&self, frame: VideoFrame) -> bool {
+        let Some(tx) = &self.video_tx else {
+            return false;
+        };
+        if self.failed() {
+            return false;
+        }
+        if !self.drop_late_video {
+            return tx.send(frame).is_ok();
+        }
+        match tx.try_send(frame) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                self.shared.video_dropped.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    pub fn update_meta(&self, update: MetaUpdate) {
+        let _ = self.data_tx.send(DataMsg::Meta(Box::new(update)));
+    }
+
+    pub fn status(&self) -> WriterStatus {
+        let s = &self.shared;
+        WriterStatus {
+            dir: self.dir.clone(),
+            elapsed: self.started.elapsed(),
+            frames: s.frames.load(Ordering::Relaxed),
+            face_rows: s.face_rows.load(Ordering::Relaxed),
+            video_frames: s.video_frames.load(Ordering::Relaxed),
+            video_dropped: s.video_dropped.load(Ordering::Relaxed),
+            error: s.error(),
+        }
+    }
+
+    /// Stops recording: waits for the queued rows and frames, joins the
+    /// video segments into video.mp4 and marks the session complete.
+    pub fn finish(mut self) -> Result<FinishReport, SessionError> {
+        self.finish_inner()
+    }
+
+    /// [`finish`](Self::finish) on a background thread (the app's UI thread
+    /// must not wait for the last segment and the join).
+    pub fn finish_in_background(self) -> Receiver<Result<FinishReport, SessionError>> {
+        let (tx, rx) = bounded(1);
+        let _ = spawn("cliper-rec-finish", move || {
+            let _ = tx.send(self.finish());
+        });
+        rx
+    }
+
+    fn finish_inner(&mut self) -> Result<FinishReport, SessionError> {
+        // Closing the video queue ends the video thread once it has drained.
+        self.video_tx = None;
+        let _ = self.data_tx.send(DataMsg::Finish);
+        match self.data_thread.take() {
+            Some(h) => h.join().unwrap_or_else(|_| {
+                Err(SessionError::write(
+                    &self.dir,
+                    "the recording thread panicked",
+                ))
+            }),
+            None => Err(SessionError::write(&self.dir, "already finished")),
+        }
+    }
+}
+
+impl Drop for SessionWriter {
+    fn drop(&mut self) {
+        if self.data_thread.is_some() {
+            let _ = self.finish_inner();
+        }
+    }
+}
+
+fn spawn<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<JoinHandle<T>> {
+    std::thread::Builder::new().name(name.to_string()).spawn(f)
+}
+
+/// What the video thread leaves.
+#[derive(Default)]
+struct VideoSummary {
+    /// Finished segments of the annotated video.
+    segments: usize,
+}
+
+fn video_loop(
+    rx: Receiver<VideoFrame>,
+    dir: PathBuf,
+    opts: SessionOptions,
+    shared: Arc<Shared>,
+    data: Sender<DataMsg>,
+) -> VideoSummary {
+    let mut annotated: Option<SegmentWriter> = None;
+    let mut raw: Option<SegmentWriter> = None;
+    let mut last_t = f64::NEG_INFINITY;
+    for f in rx.iter() {
+        if shared.failed.load(Ordering::SeqCst) {
+            continue; // drain: the caller stops soon
+        }
+        // Frame times must increase; a late frame is dropped.
+        if f.t <= last_t {
+            shared.video_dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        last_t = f.t;
+        let result = (|| -> Result<(), SessionError> {
+            if annotated.is_none() {
+                let size = video_size(f.image.width(), f.image.height());
+                let w = SegmentWriter::new(
+                    &dir.join(VIDEO_SEGMENTS_DIR),
+                    size,
+                    f.fps,
+                    opts.segment_secs,
+                )?;
+                if opts.raw_video {
+                    raw = Some(SegmentWriter::new(
+                        &dir.join(RAW_SEGMENTS_DIR),
+                        size,
+                        f.fps,
+                        opts.segment_secs,
+                    )?);
+                }
+                let _ = data.send(DataMsg::Meta(Box::new(MetaUpdate::Video(VideoMeta {
+                    codec: "h264".into(),
+                    width: size.0,
+                    height: size.1,
+                    fps: f.fps,
+                    start_t: f.t,
+                    segment_secs: opts.segment_secs,
+                    raw: opts.raw_video,
+                }))));
+                annotated = Some(w);
+            }
+            let mut img = (*f.image).clone();
+            annotate(&mut img, &f.marks, f.t);
+            if let Some(w) = annotated.as_mut() {
+                w.push(&img, f.t)?;
+            }
+            if let Some(w) = raw.as_mut() {
+                w.push(&f.image, f.t)?;
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                shared.video_frames.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => shared.fail(&e),
+        }
+    }
+    let mut summary = VideoSummary::default();
+    for (n, w) in [annotated, raw].into_iter().enumerate() {
+        if let Some(mut w) = w {
+            if let Err(e) = w.finish() {
+                shared.fail(&e);
+            }
+            if n == 0 {
+                summary.segments = w.segments.len();
+            }
+        }
+    }
+    summary
+}
+
+/// A file as far as a cached hash is concerned: path, size, modification time.
+type FileKey = (PathBuf, u64, Option<SystemTime>);
+
+/// Hashes of files already computed in this process: the app records many
+/// sessions with the same 600 MB weights.
+fn hash_cache() -> &'static Mutex<HashMap<FileKey, String>> {
+    static CACHE: OnceLock<Mutex<HashMap<FileKey, String>>> = OnceLock::new();
+    CACHE.get_or_init(Mutex::default)
+}
+
+/// Hex SHA-256 of a file.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let md = std::fs::metadata(path)?;
+    let key = (path.to_path_buf(), md.len(), md.modified().ok());
+    if let Some(h) = hash_cache().lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return Ok(h);
+    }
+    let mut f = File::open(path)?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut f, &mut hasher)?;
+    let hex: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    if let Ok(mut c) = hash_cache().lock() {
+        c.insert(key, hex.clone());
+    }
+    Ok(hex)
+}
+
+struct DataThread {
+    dir: PathBuf,
+    jsonl: File,
+    csv: File,
+    lock: Option<File>,
+    meta: SessionMeta,
+    shared: Arc<Shared>,
+    tx: Sender<DataMsg>,
+    pending_hashes: usize,
+    /// Hashes already known, by file.
+    hashes: HashMap<PathBuf, Option<String>>,
+    last_sync: Instant,
+    /// Whether the last write of meta.json failed.
+    meta_write_failed: bool,
+    video_thread: Option<JoinHandle<VideoSummary>>,
+    opts: SessionOptions,
+}
+
+impl DataThread {
+    fn run(mut self, rx: Receiver<DataMsg>) -> Result<FinishReport, SessionError> {
+        for msg in rx.iter() {
+            match msg {
+                DataMsg::Frame(r) => self.write_frame(&r),
+                DataMsg::Meta(u) => self.update(*u),
+                DataMsg::Hashed { path, hex } => self.hashed(path, hex),
+                DataMsg::Finish => break,
+            }
+        }
+        self.finish(&rx)
+    }
+
+    fn fail(&mut self, e: SessionError) {
+        self.note_error(e.to_string());
+        self.shared.fail(&e);
+    }
+
+    /// Keeps an error for meta.json (the first few distinct ones).
+    fn note_error(&mut self, e: String) {
+        if self.meta.errors.len() < 20 && !self.meta.errors.contains(&e) {
+            self.meta.errors.push(e);
+        }
+    }
+
+    fn write_frame(&mut self, r: &FrameRecord) {
+        if self.shared.failed.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut line = r.to_line();
+        line.push('\n');
+        // One write per file and frame: a crash leaves whole lines, or one
+        // cut line that `finalize` removes.
+        if let Err(e) = self.jsonl.write_all(line.as_bytes()) {
+            return self.fail(SessionError::write(&self.dir.join(JSONL_FILE), e));
+        }
+        self.shared.frames.fetch_add(1, Ordering::Relaxed);
+        if !r.faces.is_empty() {
+            if let Err(e) = self.csv.write_all(r.to_csv_rows().as_bytes()) {
+                return self.fail(SessionError::write(&self.dir.join(CSV_FILE), e));
+            }
+            (self.shared.face_rows).fetch_add(r.faces.len() as u64, Ordering::Relaxed);
+        }
+        if self.last_sync.elapsed() >= SYNC_EVERY {
+            self.last_sync = Instant::now();
+            if let Err(e) = self.sync(false) {
+                self.fail(e);
+            }
+        }
+    }
+
+    /// Pushes the lines to the disk (flushing already hands them to the OS,
+    /// which is enough for a crash; this is for a power cut).
+    fn sync(&self, all: bool) -> Result<(), SessionError> {
+        for (f, name) in [(&self.jsonl, JSONL_FILE), (&self.csv, CSV_FILE)] {
+            let r = if all { f.sync_all() } else { f.sync_data() };
+            r.map_err(|e| SessionError::write(&self.dir.join(name), e))?;
+        }
+        Ok(())
+    }
+
+    fn update(&mut self, u: MetaUpdate) {
+        match u {
+            MetaUpdate::Model { weights, device } => {
+                let sha = self.hash(&weights);
+                self.meta.model = Some(ModelMeta {
+                    weights: weights.display().to_string(),
+                    weights_sha256: sha,
+                    device,
+                });
+            }
+            MetaUpdate::Bank { mut bank, file } => {
+                if let Some(f) = file {
+                    bank.sha256 = self.hash(&f);
+                }
+                self.meta.banks.push(bank);
+            }
+            MetaUpdate::Source(s) => self.meta.sources.push(s),
+            MetaUpdate::Settings(v) => self.meta.settings = v,
+            MetaUpdate::Video(v) => self.meta.video = Some(v),
+        }
+        self.write_meta();
+    }
+
+    /// The hash of `path` if known; else starts hashing it in the background.
+    fn hash(&mut self, path: &Path) -> Option<String> {
+        if let Some(h) = self.hashes.get(path) {
+            return h.clone();
+        }
+        if !path.is_file() {
+            return None;
+        }
+        self.hashes.insert(path.to_path_buf(), None);
+        self.pending_hashes += 1;
+        let (tx, p) = (self.tx.clone(), path.to_path_buf());
+        let started = spawn("cliper-rec-hash", move || {
+            let hex = sha256_file(&p).ok();
+            let _ = tx.send(DataMsg::Hashed { path: p, hex });
+        });
+        if started.is_err() {
+            self.pending_hashes -= 1;
+        }
+        None
+    }
+
+    fn hashed(&mut self, path: PathBuf, hex: Option<String>) {
+        self.pending_hashes = self.pending_hashes.saturating_sub(1);
+        let as_text = path.display().to_string();
+        if let Some(m) = self.meta.model.as_mut().filter(|m| m.weights == as_text) {
+            m.weights_sha256 = hex.clone();
+        }
+        for b in self.meta.banks.iter_mut().filter(|b| b.source == as_text) {
+            b.sha256 = hex.clone();
+        }
+        self.hashes.insert(path, hex);
+        self.write_meta();
+    }
+
+    fn write_meta(&mut self) {
+        self.meta.counts.frames = self.shared.frames.load(Ordering::Relaxed);
+        self.meta.counts.face_rows = self.shared.face_rows.load(Ordering::Relaxed);
+        self.meta.counts.video_frames = self.shared.video_frames.load(Ordering::Relaxed);
+        self.meta.counts.video_frames_dropped = self.shared.video_dropped.load(Ordering::Relaxed);
+        match self.meta.write(&self.dir) {
+            Ok(()) => self.meta_write_failed = false,
+            Err(e) => {
+                self.meta_write_failed = true;
+                self.fail(e);
+            }
+        }
+    }
+
+    fn finish(mut self, rx: &Receiver<DataMsg>) -> Result<FinishReport, SessionError> {
+        let video = self
+            .video_thread
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        // The video thread's last messages, and the hashes still running.
+        let deadline = Instant::now() + HASH_WAIT;
+        loop {
+            let msg = if self.pending_hashes > 0 {
+                match rx.recv_deadline(deadline) {
+                    Ok(m) => m,
+                    Err(_) => break,
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(m) => m,
+                    Err(_) => break,
+                }
+            };
+            match msg {
+                DataMsg::Frame(r) => self.write_frame(&r),
+                DataMsg::Meta(u) => self.update(*u),
+                DataMsg::Hashed { path, hex } => self.hashed(path, hex),
+                DataMsg::Finish => {}
+            }
+        }
+        if let Err(e) = self.sync(true) {
+            self.fail(e);
+        }
+        if let Some(e) = self.shared.error() {
+            self.note_error(e);
+        }
+        let mut video_path = None;
+        let mut joined = Vec::new();
+        if self.opts.video {
+            self.meta.counts.video_segments = video.segments as u64;
+            let mut parts = vec![(VIDEO_SEGMENTS_DIR, VIDEO_FILE)];
+            if self.opts.raw_video {
+                parts.push((RAW_SEGMENTS_DIR, RAW_VIDEO_FILE));
+            }
+            for (sub, out) in parts {
+                match join_segments(&self.dir, sub, out) {
+                    Ok(Some((p, _))) => {
+                        if sub == VIDEO_SEGMENTS_DIR {
+                            video_path = Some(p);
+                        }
+                        joined.push(sub);
+                    }
+                    Ok(None) => joined.push(sub),
+                    Err(e) => self.note_error(e.to_string()),
+                }
+            }
+        }
+        self.meta.status = SessionStatus::Complete;
+        self.meta.ended = Some(iso8601(SystemTime::now()));
+        self.write_meta();
+        if !self.meta_write_failed {
+            for sub in joined {
+                remove_segments(&self.dir, sub);
+            }
+        }
+        // The session is finished: drop the lock and its file.
+        drop(self.lock.take());
+        let _ = std::fs::remove_file(self.dir.join(LOCK_FILE));
+        let c = &self.meta.counts;
+        Ok(FinishReport {
+            dir: self.dir.clone(),
+            frames: c.frames,
+            face_rows: c.face_rows,
+            video_frames: c.video_frames,
+            video_dropped: c.video_frames_dropped,
+            video: video_path,
+            errors: self.meta.errors.clone(),
+        })
+    }
+}
+
+/// Joins the finished segments of `dir/sub` into `dir/out`. Returns the file
+/// and its frame count; `None` without segments. The segments stay until
+/// [`remove_segments`] (called once meta.json says the session is done, so a
+/// crash in between only means joining them again).
+pub(crate) fn join_segments(
+    dir: &Path,
+    sub: &str,
+    out: &str,
+) -> Result<Option<(PathBuf, u64)>, SessionError> {
+    let segments = list_segments(&dir.join(sub));
+    if segments.is_empty() {
+        return Ok(None);
+    }
+    let out = dir.join(out);
+    let n = remux(&segments, &out)?;
+    Ok(Some((out, n)))
+}
+
+/// Removes the finished segments of `dir/sub`, and the folder when nothing
+/// else is left in it.
+pub(crate) fn remove_segments(dir: &Path, sub: &str) {
+    for s in list_segments(&dir.join(sub)) {
+        let _ = std::fs::remove_file(s);
+    }
+    let _ = std::fs::remove_dir(dir.join(sub)); // fails, harmlessly, unless empty
+}
