@@ -328,6 +328,9 @@ struct LiveArgs {
     /// Start in dynamic mode (the temporal window) instead of the saved choice.
     #[arg(long)]
     dynamic: bool,
+    /// Start with the map of a class name or descriptor index 0..34 drawn over the faces.
+    #[arg(long, value_name = "TARGET")]
+    explain: Option<String>,
     #[command(flatten)]
     record: RecordArgs,
 }
@@ -464,6 +467,12 @@ fn live(args: LiveArgs) -> Result<()> {
         record: args.record.record.clone(),
         record_raw: args.record.record_raw,
         dynamic: args.dynamic,
+        explain: args
+            .explain
+            .as_deref()
+            .map(cliper::pipeline::explain::parse_target)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
     };
     let timed = opts.exit_after.is_some();
     let report = cliper::app::run_live(opts)?;

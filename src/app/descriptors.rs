@@ -9,10 +9,12 @@ use eframe::egui::{
 
 use super::palette::{class_color, text_on};
 use super::store::Store;
+use super::Action;
 use crate::model::cliper::bank::{BankKind, Descriptor};
 use crate::model::cliper::expressions::{CLASSES, DESCRIPTORS_PER_CLASS};
+use crate::model::explain::{colormap, Target};
 
-pub fn show(ui: &mut egui::Ui, store: &Store, top: usize) {
+pub fn show(ui: &mut egui::Ui, store: &mut Store, top: usize, actions: &mut Vec<Action>) {
     ui.add_space(4.0);
     ui.heading("Descriptors");
     let Some(bank) = &store.bank else {
@@ -66,7 +68,80 @@ pub fn show(ui: &mut egui::Ui, store: &Store, top: usize) {
         });
     ui.add_space(8.0);
     ui.label(RichText::new("All 35 (logit = cosine / 0.01)").strong());
-    grid(ui, &bank.descriptors, logits);
+    let logits = logits.clone();
+    let bank = bank.clone();
+    if let Some(t) = grid(ui, &bank.descriptors, &logits, store.explain) {
+        actions.push(Action::Explain(Some(t)));
+    }
+    explain_controls(ui, store, actions);
+}
+
+/// What the map over the faces shows, its opacity and colour scale.
+fn explain_controls(ui: &mut egui::Ui, store: &mut Store, actions: &mut Vec<Action>) {
+    ui.add_space(6.0);
+    let Some(target) = store.explain else {
+        ui.label(
+            RichText::new(
+                "Click a cell (a descriptor) or a class name to see where on the face it looks.",
+            )
+            .weak()
+            .small(),
+        );
+        return;
+    };
+    let name = match target {
+        Target::Descriptor(i) => format!(
+            "{} #{}",
+            CLASSES[i / DESCRIPTORS_PER_CLASS],
+            i % DESCRIPTORS_PER_CLASS + 1
+        ),
+        Target::Class(c) => format!("class {}", CLASSES[c]),
+    };
+    ui.horizontal(|ui| {
+        ui.label(RichText::new(format!("Map: {name}")).strong());
+        if ui.button("clear").clicked() {
+            actions.push(Action::Explain(None));
+        }
+    });
+    ui.add(egui::Slider::new(&mut store.explain_opacity, 0.0..=1.0).text("opacity"));
+    let range = store
+        .selected_face()
+        .and_then(|f| f.explain.as_ref())
+        .map(|m| {
+            m.values
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                    (a.min(v), b.max(v))
+                })
+        });
+    let (rect, _) = ui.allocate_exact_size(Vec2::new(ui.available_width(), 12.0), Sense::hover());
+    let n = 48;
+    for k in 0..n {
+        let c = colormap(k as f32 / (n - 1) as f32);
+        let w = rect.width() / n as f32;
+        let r = Rect::from_min_size(
+            egui::pos2(rect.left() + k as f32 * w, rect.top()),
+            Vec2::new(w + 0.5, rect.height()),
+        );
+        ui.painter()
+            .rect_filled(r, CornerRadius::ZERO, Color32::from_rgb(c[0], c[1], c[2]));
+    }
+    ui.horizontal(|ui| match range {
+        Some((lo, hi)) if lo.is_finite() => {
+            ui.label(RichText::new(format!("{lo:.2}")).monospace().small());
+            ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+                ui.label(RichText::new(format!("{hi:.2}")).monospace().small());
+                ui.label(
+                    RichText::new("patch logit (cosine / 0.01), value path of the last block")
+                        .weak()
+                        .small(),
+                );
+            });
+        }
+        _ => {
+            ui.label(RichText::new("waiting for the next frame…").weak().small());
+        }
+    });
 }
 
 fn descriptor_row(ui: &mut egui::Ui, rank: usize, d: &Descriptor, logit: f32, kind: BankKind) {
@@ -104,7 +179,13 @@ fn descriptor_row(ui: &mut egui::Ui, rank: usize, d: &Descriptor, logit: f32, ki
 }
 
 /// The 7x5 grid: one row per class, one cell per descriptor, shaded by logit.
-fn grid(ui: &mut egui::Ui, descriptors: &[Descriptor], logits: &[f32]) {
+/// Returns the descriptor (a cell) or class (a row label) clicked.
+fn grid(
+    ui: &mut egui::Ui,
+    descriptors: &[Descriptor],
+    logits: &[f32],
+    current: Option<Target>,
+) -> Option<Target> {
     let (lo, hi) = logits
         .iter()
         .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
@@ -116,11 +197,29 @@ fn grid(ui: &mut egui::Ui, descriptors: &[Descriptor], logits: &[f32]) {
     let w = ui.available_width();
     let cell = Vec2::new(((w - label_w) / cols - 3.0).max(30.0), 24.0);
     let total = Vec2::new(w, (cell.y + 3.0) * CLASSES.len() as f32);
-    let (rect, response) = ui.allocate_exact_size(total, Sense::hover());
+    let (rect, response) = ui.allocate_exact_size(total, Sense::click());
+    let mut clicked = None;
     let painter = ui.painter_at(rect);
     let mut hovered = None;
     for (c, name) in CLASSES.iter().enumerate() {
         let y = rect.top() + c as f32 * (cell.y + 3.0);
+        let label =
+            Rect::from_min_size(egui::pos2(rect.left(), y), Vec2::new(label_w - 4.0, cell.y));
+        if current == Some(Target::Class(c)) {
+            painter.rect_stroke(
+                label,
+                CornerRadius::same(3),
+                Stroke::new(1.5, class_color(c)),
+                StrokeKind::Inside,
+            );
+        }
+        if response.clicked()
+            && response
+                .interact_pointer_pos()
+                .is_some_and(|p| label.contains(p))
+        {
+            clicked = Some(Target::Class(c));
+        }
         painter.text(
             egui::pos2(rect.left(), y + cell.y / 2.0),
             Align2::LEFT_CENTER,
@@ -150,6 +249,21 @@ fn grid(ui: &mut egui::Ui, descriptors: &[Descriptor], logits: &[f32]) {
                 FontId::monospace(12.0),
                 text_color,
             );
+            if current == Some(Target::Descriptor(i)) {
+                painter.rect_stroke(
+                    r,
+                    CornerRadius::same(3),
+                    Stroke::new(2.0, Color32::YELLOW),
+                    StrokeKind::Inside,
+                );
+            }
+            if response.clicked()
+                && response
+                    .interact_pointer_pos()
+                    .is_some_and(|p| r.contains(p))
+            {
+                clicked = Some(Target::Descriptor(i));
+            }
             if response.hover_pos().is_some_and(|p| r.contains(p)) {
                 painter.rect_stroke(
                     r,
@@ -171,9 +285,15 @@ fn grid(ui: &mut egui::Ui, descriptors: &[Descriptor], logits: &[f32]) {
                 );
                 ui.label(format!("logit {:.2}", logits[i]));
                 ui.label(&d.text);
+                ui.label(
+                    RichText::new("click: show where on the face it looks")
+                        .weak()
+                        .small(),
+                );
             });
         }
     }
+    clicked
 }
 
 fn short(name: &str) -> &str {

@@ -149,9 +149,14 @@ impl CliperApp {
         let probe = self.settings.probe.trim();
         config.probe = (!probe.is_empty()).then(|| probe.to_string());
         config.dynamic = self.dynamic_settings();
+        self.store.explain = self.opts.explain;
         self.dynamic_sent = Some(config.dynamic);
         let ctx = ctx.clone();
-        self.pipeline = Some(Pipeline::start(config, move || ctx.request_repaint()));
+        let pipeline = Pipeline::start(config, move || ctx.request_repaint());
+        if let Some(t) = self.opts.explain {
+            pipeline.command(PipelineCommand::SetExplain(Some(t)));
+        }
+        self.pipeline = Some(pipeline);
         self.screen = Screen::Live;
         if self.recording.wants_start() {
             self.toggle_recording();
@@ -226,6 +231,12 @@ impl CliperApp {
                 }
             }
             Action::SelectFace(id) => self.store.selected = Some(id),
+            Action::Explain(t) => {
+                self.store.explain = t;
+                if let Some(p) = &self.pipeline {
+                    p.command(PipelineCommand::SetExplain(t));
+                }
+            }
             Action::Download => self.first_run.download(ctx),
             Action::RecheckWeights => match weights::locate(self.opts.model.weights.as_deref()) {
                 Ok(_) => {
@@ -330,7 +341,7 @@ impl CliperApp {
             .default_size(380.0)
             .size_range(300.0..=560.0)
             .show(ui, |ui| {
-                descriptors::show(ui, &self.store, self.settings.top_descriptors)
+                descriptors::show(ui, &mut self.store, self.settings.top_descriptors, actions)
             });
         egui::CentralPanel::default().show(ui, |ui| {
             let plots_h = (ui.available_height() * 0.36).clamp(190.0, 300.0);

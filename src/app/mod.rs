@@ -51,6 +51,8 @@ pub struct LiveOptions {
     pub record_raw: bool,
     /// `--dynamic`: start in dynamic mode (otherwise the saved choice).
     pub dynamic: bool,
+    /// `--explain TARGET`: start with this descriptor's or class's map drawn.
+    pub explain: Option<crate::model::explain::Target>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +82,8 @@ pub enum Action {
     ToggleRecording,
     /// Open a recorded session in the replay window.
     OpenSession(PathBuf),
+    /// Draw this descriptor's or class's map over the faces (`None`: stop).
+    Explain(Option<crate::model::explain::Target>),
 }
 
 /// Speed figures of a session, printed when it closes.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::model::cliper::{DescriptorBank, ExpressionScores};
+use crate::model::explain::{ExplainMap, Target};
 use crate::pipeline::dynamic::DynamicMode;
 use crate::pipeline::smoothing;
 use crate::pipeline::worker::{
@@ -38,6 +39,8 @@ pub struct FaceHistory {
     pub dynamic: Option<(ExpressionScores, DynamicMode)>,
     /// Frame features in the face's dynamic window.
     pub window_fill: usize,
+    /// The latest fast explanation map of the chosen target.
+    pub explain: Option<ExplainMap>,
     /// (app time, displayed dynamic probabilities), oldest first.
     pub dynamic_timeline: VecDeque<(f64, [f32; 7])>,
 }
@@ -133,6 +136,10 @@ pub struct Store {
     pub frames_seen: u64,
     /// Show the dynamic branch's scores where a face has them.
     pub dynamic_view: bool,
+    /// The descriptor or class whose map is drawn over the faces.
+    pub explain: Option<Target>,
+    /// Opacity of that map.
+    pub explain_opacity: f32,
     pub scores_seen: u64,
 }
 
@@ -157,6 +164,8 @@ impl Store {
             score_lag: LatencyStat::default(),
             frames_seen: 0,
             dynamic_view: false,
+            explain: None,
+            explain_opacity: 0.5,
             scores_seen: 0,
         }
     }
@@ -249,6 +258,7 @@ impl Store {
                 timeline: VecDeque::new(),
                 dynamic: None,
                 window_fill: 0,
+                explain: None,
                 dynamic_timeline: VecDeque::new(),
             });
             h.shown = smoothing::ema(&h.shown, &scores, smoothing);
@@ -262,6 +272,7 @@ impl Store {
             }
             h.timeline.push_back((now, p));
             h.window_fill = f.window_fill;
+            h.explain = f.explain;
             match f.dynamic {
                 Some(d) => {
                     let shown = match &h.dynamic {
@@ -387,6 +398,7 @@ mod tests {
                     probe_logit: Some(1.5),
                     dynamic: None,
                     window_fill: 0,
+                    explain: None,
                 }
             })
             .collect();

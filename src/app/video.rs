@@ -94,6 +94,43 @@ pub fn show(
                 }
                 None => (Color32::WHITE, format!("#{}", tf.id)),
             };
+            // The explanation map over the square the model saw.
+            if let (Some(_), Some(map)) = (store.explain, history.and_then(|h| h.explain.as_ref()))
+            {
+                let (sx, sy, side, _) = crate::vision::faces::square_crop(
+                    f.image.width(),
+                    f.image.height(),
+                    &b,
+                    crate::vision::faces::DEFAULT_FACE_MARGIN,
+                );
+                let (lo, hi) = map
+                    .values
+                    .iter()
+                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, z), &v| {
+                        (a.min(v), z.max(v))
+                    });
+                let span = if hi > lo { hi - lo } else { 1.0 };
+                let cw = side as f32 / map.cols as f32;
+                let ch = side as f32 / map.rows as f32;
+                let alpha = (store.explain_opacity.clamp(0.0, 1.0) * 255.0) as u8;
+                for rr in 0..map.rows {
+                    for cc in 0..map.cols {
+                        let v = map.values[rr * map.cols + cc];
+                        let col = crate::model::explain::colormap((v - lo) / span);
+                        let x0 = sx as f32 + cc as f32 * cw;
+                        let y0 = sy as f32 + rr as f32 * ch;
+                        let cell = Rect::from_min_max(
+                            r.min + Vec2::new(x0, y0) * scale,
+                            r.min + Vec2::new(x0 + cw, y0 + ch) * scale,
+                        );
+                        painter.rect_filled(
+                            cell,
+                            CornerRadius::ZERO,
+                            Color32::from_rgba_unmultiplied(col[0], col[1], col[2], alpha),
+                        );
+                    }
+                }
+            }
             let selected = store.selected == Some(tf.id);
             if selected {
                 painter.rect_stroke(

@@ -60,6 +60,19 @@ impl ClipModel {
         l2_normalize(&self.vision.forward(&pixels)?.to_dtype(DType::F32)?)
     }
 
+    /// Preprocessed pixels [N, 3, S, S] of RGB images (resize + center crop + normalise).
+    pub fn pixels(&self, images: &[image::RgbImage]) -> candle_core::Result<Tensor> {
+        let size = self.config.vision.image_size as u32;
+        let s = size as usize;
+        let mut data = Vec::with_capacity(images.len() * 3 * s * s);
+        for img in images {
+            data.extend(super::preprocess::to_normalized_chw(
+                &super::preprocess::resize_shorter_center_crop(img, size),
+            ));
+        }
+        Tensor::from_vec(data, (images.len(), 3, s, s), &self.device)
+    }
+
     /// L2-normalised embeddings [N, E] of RGB images (any size: each is
     /// resized and center-cropped like CLIP's preprocessing), in one batch.
     pub fn encode_rgb(&self, images: &[image::RgbImage]) -> candle_core::Result<Tensor> {

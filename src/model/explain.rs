@@ -117,6 +117,36 @@ pub fn fast_maps(
     maps.to_vec2::<f32>()
 }
 
+/// The fast map of `target` for image `i` of a batch, from the batch's
+/// last-block input [B, T, D] (as `VisionTower::forward_with` returns it):
+/// what the live view draws every frame without another forward pass.
+/// `logit` is left for the caller (it has the scores).
+pub fn fast_target_map(
+    vision: &VisionTower,
+    last_block_input: &Tensor,
+    i: usize,
+    text: &Tensor,
+    target: Target,
+) -> candle_core::Result<ExplainMap> {
+    let x = last_block_input.narrow(0, i, 1)?;
+    let n = text.dim(0)?;
+    let w = Tensor::from_vec(target.weights(n), (1, n), text.device())?.to_dtype(text.dtype())?;
+    // The weighted sum of descriptor maps is the map of the weighted text feature.
+    let combined = w.matmul(text)?; // [1, E]
+    let patches = vision.patch_value_embeddings(&x)?; // [1, P, E]
+    let p = l2_normalize(&patches.squeeze(0)?)?;
+    let values = (combined.to_dtype(p.dtype())?.matmul(&p.t()?)? / TEMPERATURE as f64)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let g = vision.config.grid();
+    Ok(ExplainMap {
+        rows: g,
+        cols: g,
+        values,
+        logit: f32::NAN,
+    })
+}
+
 /// The fast map of one target.
 pub fn fast_map(
     vision: &VisionTower,

@@ -34,6 +34,7 @@ use image::RgbImage;
 use crate::model::cliper::scoring;
 use crate::model::cliper::{CliperCheckpoint, DescriptorBank};
 use crate::model::device;
+use crate::model::explain::{self, ExplainMap, Target};
 use crate::model::temporal::TemporalModule;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::{Checkpoint, ClipModel};
@@ -164,6 +165,9 @@ pub struct TrackedResult {
     pub dynamic: Option<DynamicScores>,
     /// How many frame features the face's window holds.
     pub window_fill: usize,
+    /// The fast explanation map of the requested target, when one is asked
+    /// for ([`PipelineCommand::SetExplain`]).
+    pub explain: Option<ExplainMap>,
 }
 
 /// Time spent in each stage for one frame, in milliseconds, plus rates.
@@ -251,6 +255,9 @@ pub enum PipelineCommand {
     SetProbe(Option<String>),
     /// Window length and stride of the dynamic branch (windows restart).
     SetDynamic(DynamicSettings),
+    /// Compute the fast explanation map of this descriptor or class for
+    /// every face (or stop: `None`).
+    SetExplain(Option<Target>),
 }
 
 type Notify = Arc<Mutex<Box<dyn FnMut() + Send>>>;
@@ -686,6 +693,8 @@ struct Scorer {
     windows: FeatureWindows,
     dynamic: DynamicScorer,
     last_dynamic: HashMap<u64, DynamicScores>,
+    /// The target of the live explanation map, if any.
+    explain: Option<Target>,
 }
 
 impl Scorer {
@@ -707,6 +716,7 @@ impl Scorer {
             windows: FeatureWindows::new(settings.window.min(dynamic.frames()), settings.stride),
             dynamic,
             last_dynamic: HashMap::new(),
+            explain: None,
         }
     }
 
@@ -790,7 +800,20 @@ impl Scorer {
         } else {
             vec![(*frame.image).clone()]
         };
-        let emb = analyzer::encode_crops(&self.clip, &crops)?; // [N, E]
+        // With an explanation asked for, the same forward pass also yields
+        // the last block's input, from which the fast maps cost a fraction
+        // of an encode.
+        let (emb, last_input) = match self.explain {
+            None => (analyzer::encode_crops(&self.clip, &crops)?, None),
+            Some(_) => {
+                let px = self.clip.pixels(&crops)?.to_dtype(self.clip.dtype)?;
+                let out = self.clip.vision.forward_with(&px, false, true)?;
+                let emb = crate::model::layers::l2_normalize(
+                    &out.embedding.to_dtype(candle_core::DType::F32)?,
+                )?;
+                (emb, out.last_block_input)
+            }
+        };
         timings.encode_ms = start.elapsed().as_secs_f32() * 1000.0;
         let start = Instant::now();
         let scores = scoring::score(&emb, &self.bank)?;
@@ -819,7 +842,21 @@ impl Scorer {
                 self.last_dynamic.insert(*id, d);
             }
         }
+        let mut maps: Vec<Option<ExplainMap>> = vec![None; frame.faces.len()];
+        if let (Some(target), Some(last)) = (self.explain, &last_input) {
+            let text = self.bank.text_features.to_dtype(last.dtype())?;
+            for (i, m) in maps.iter_mut().enumerate() {
+                *m = Some(explain::fast_target_map(
+                    &self.clip.vision,
+                    last,
+                    i,
+                    &text,
+                    target,
+                )?);
+            }
+        }
         timings.score_ms = start.elapsed().as_secs_f32() * 1000.0;
+        let mut maps = maps.into_iter();
         Ok(frame
             .faces
             .iter()
@@ -836,6 +873,7 @@ impl Scorer {
                 probe_logit: probe.as_ref().and_then(|p| p.get(i).copied()),
                 dynamic: self.last_dynamic.get(&f.id).cloned(),
                 window_fill: self.windows.filled(f.id),
+                explain: maps.next().flatten(),
             })
             .collect())
     }
@@ -990,6 +1028,10 @@ fn handle_command(scorer: &mut Option<Scorer>, cmd: PipelineCommand, events: &Ev
         },
         PipelineCommand::SetDynamic(d) => {
             s.set_dynamic(d);
+            return;
+        }
+        PipelineCommand::SetExplain(t) => {
+            s.explain = t;
             return;
         }
         PipelineCommand::SetSource(_) => return,

@@ -58,7 +58,7 @@ pub const LOCK_FILE: &str = "recording.lock";
 /// names the folder or file and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error("cannot record to {path}: {reason}; choose another folder (an empty or new one) with --record")]
+    #[error("cannot record to {path}: {reason}; choose another folder (a new or empty one)")]
     Create { path: PathBuf, reason: String },
     #[error("cannot record to {0}: the folder is not empty; give a new folder (cliper never overwrites a recording)")]
     NotEmpty(PathBuf),

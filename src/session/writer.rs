@@ -221,8 +221,8 @@ impl SessionWriter {
             Err(std::fs::TryLockError::WouldBlock) => {
                 return Err(SessionError::Busy(dir.clone()));
             }
-            // A file system without locks: record anyway (only `finalize`
-            // loses its way to tell a live session from a dead one).
+            // A file system without locks: record anyway (`finalize` then
+            // cannot tell this live session from a dead one).
             Ok(()) | Err(std::fs::TryLockError::Error(_)) => {}
         }
         let _ = writeln!(&lock, "{}", std::process::id());
