@@ -222,3 +222,74 @@ fn explain_bad_input() {
         "magic",
     );
 }
+
+#[test]
+fn live_pipeline_draws_the_fast_map_of_the_chosen_target() {
+    use cliper::pipeline::setup::ModelSpec;
+    use cliper::pipeline::worker::{Pipeline, PipelineConfig, PipelineEvent, RunMode};
+    use cliper::vision::source::SourceSpec;
+    let photo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/astronaut.png");
+    let model = ModelSpec {
+        weights: Some(fixtures().join("clip_c_hf16")),
+        bank: cliper::pipeline::setup::BankSource::Learned(
+            fixtures().join("clip_c_hf16/descriptors.safetensors"),
+        ),
+        device: "cpu".into(),
+    };
+    let mut config = PipelineConfig::new(
+        SourceSpec::from_path(&photo, 10.0).unwrap(),
+        model,
+        RunMode::Batch,
+    );
+    config.max_frames = Some(3);
+    config.explain = Some(Target::Class(3));
+    let pipeline = Pipeline::start(config, || {});
+    let mut scored = Vec::new();
+    for ev in pipeline.events.iter() {
+        match ev {
+            PipelineEvent::Scores(s) => scored.push(s),
+            PipelineEvent::ModelFailed(e) => panic!("{e}"),
+            PipelineEvent::Finished => break,
+            _ => {}
+        }
+    }
+    pipeline.join();
+    assert_eq!(scored.len(), 3);
+    // The map equals the one computed directly on the face crop.
+    let ckpt = Checkpoint::load(
+        &fixtures().join("clip_c_hf16/model.safetensors"),
+        DType::F32,
+    )
+    .unwrap();
+    let clip = ClipModel::from_checkpoint(&ckpt, &Device::Cpu, DType::F32).unwrap();
+    let ck =
+        CliperCheckpoint::load(&fixtures().join("clip_c_hf16/descriptors.safetensors")).unwrap();
+    let bank = DescriptorBank::learned(
+        &clip,
+        &ClipTokenizer::new(),
+        ck.require_descriptor().unwrap(),
+        "d",
+    )
+    .unwrap();
+    let img = image::open(&photo).unwrap().to_rgb8();
+    for s in &scored {
+        let f = &s.faces[0];
+        let map = f.explain.as_ref().expect("a map for the face");
+        assert_eq!((map.rows, map.cols), (4, 4));
+        let crop = cliper::vision::faces::crop_face(
+            &img,
+            &f.face.bbox,
+            cliper::vision::faces::DEFAULT_FACE_MARGIN,
+        );
+        let px = clip.pixels(&[crop]).unwrap();
+        let want = cliper::model::explain::fast_map(
+            &clip.vision,
+            &px,
+            &bank.text_features,
+            Target::Class(3),
+        )
+        .unwrap();
+        let d = max_abs_diff(&map.values, &want.values);
+        assert!(d < 1e-3, "live map differs from the direct one by {d}");
+    }
+}

@@ -152,11 +152,8 @@ impl CliperApp {
         self.store.explain = self.opts.explain;
         self.dynamic_sent = Some(config.dynamic);
         let ctx = ctx.clone();
-        let pipeline = Pipeline::start(config, move || ctx.request_repaint());
-        if let Some(t) = self.opts.explain {
-            pipeline.command(PipelineCommand::SetExplain(Some(t)));
-        }
-        self.pipeline = Some(pipeline);
+        config.explain = self.store.explain;
+        self.pipeline = Some(Pipeline::start(config, move || ctx.request_repaint()));
         self.screen = Screen::Live;
         if self.recording.wants_start() {
             self.toggle_recording();

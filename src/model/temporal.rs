@@ -13,6 +13,7 @@
 //! - `temporal.layers.N.attn.to_out.{weight [D, I], bias [D]}`
 //! - `temporal.layers.N.norm2.{weight,bias}` [D]
 //! - `temporal.layers.N.mlp.fc1.{weight [M, D], bias [M]}`, `temporal.layers.N.mlp.fc2.{weight [D, M], bias [D]}`
+//!
 //! Checkpoints in DFER-CLIP's own naming (`temporal_net.temporal_transformer.layers.N.0.fn.to_qkv.weight`, ...)
 //! are renamed on load. The number of heads is the checkpoint metadata
 //! `temporal_heads` when present, otherwise I / 64 (DFER-CLIP's head width).

@@ -134,9 +134,8 @@ pub fn render(img: &RgbImage, faces: &[FaceExplanation], opacity: f32, title: &s
                 }
                 let c = colormap((up[(yy * side + xx) as usize] - lo) / span);
                 let p = out.get_pixel_mut(x, y);
-                for k in 0..3 {
-                    p.0[k] =
-                        (p.0[k] as f32 * (1.0 - opacity) + c[k] as f32 * opacity).round() as u8;
+                for (dst, src) in p.0.iter_mut().zip(c) {
+                    *dst = (*dst as f32 * (1.0 - opacity) + src as f32 * opacity).round() as u8;
                 }
             }
         }

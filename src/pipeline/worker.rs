@@ -70,6 +70,8 @@ pub struct PipelineConfig {
     pub probe: Option<String>,
     /// The dynamic branch's window of frame features per face.
     pub dynamic: DynamicSettings,
+    /// Draw this descriptor's or class's fast map for every face from the start.
+    pub explain: Option<Target>,
     /// Send each frame with its boxes ([`PipelineEvent::Frame`]): on in live
     /// mode (the window shows them), and in batch runs that record video.
     pub emit_frames: bool,
@@ -115,6 +117,7 @@ impl PipelineConfig {
             max_frames: None,
             probe: None,
             dynamic: DynamicSettings::default(),
+            explain: None,
             emit_frames: mode == RunMode::Live,
         }
     }
@@ -910,6 +913,7 @@ fn infer_stage(
         Ok(loaded) => {
             let mut scorer = Scorer::new(loaded);
             scorer.set_dynamic(config.dynamic);
+            scorer.explain = config.explain;
             let info = ModelInfo {
                 device: device::describe(&scorer.clip.device).to_string(),
                 weights: scorer.clip.source.clone(),

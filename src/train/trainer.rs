@@ -136,7 +136,7 @@ fn temporal_heads(s: &State) -> usize {
 /// The temporal module trained for clips: CLIPER/DFER-CLIP's shape (1 layer,
 /// 8 heads, MLP 2x width = 1024 for ViT-B/16) scaled to the embedding width.
 pub fn temporal_config(width: usize) -> crate::model::temporal::TemporalConfig {
-    let heads = if width % 8 == 0 { 8 } else { 1 };
+    let heads = if width.is_multiple_of(8) { 8 } else { 1 };
     crate::model::temporal::TemporalConfig {
         width,
         frames: crate::model::temporal::DEFAULT_FRAMES,
