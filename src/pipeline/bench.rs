@@ -150,6 +150,9 @@ pub struct BenchReport {
     pub faces_found: Vec<((u32, u32), usize)>,
     /// One temporal pass over a 16-frame window (random weights).
     pub temporal_ms: Stat,
+    /// The live fast explanation map of one face (value path of the last
+    /// block, from the forward pass's last-block input).
+    pub explain_fast_map_ms: Stat,
     /// Batch size -> faces per second of a 640x480 frame holding that many
     /// faces: detection + preprocessing + encoding + scoring, from the medians.
     pub faces_per_second: Vec<(usize, f64)>,
@@ -396,6 +399,28 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         time(w, r, || Ok(module.forward(&window)?.to_vec2::<f32>()?))?
     };
 
+    progress("fast explanation map");
+    let explain_fast_map_ms = {
+        let one = px.narrow(0, 0, 1)?;
+        let out = clip
+            .vision
+            .forward_with(&one.to_dtype(clip.dtype)?, false, true)?;
+        let last = out
+            .last_block_input
+            .ok_or_else(|| BenchError::Settings("no last-block input".into()))?;
+        let text = bank.text_features.to_dtype(last.dtype())?;
+        time(w, r, || {
+            Ok(crate::model::explain::fast_target_map(
+                &clip.vision,
+                &last,
+                0,
+                &text,
+                crate::model::explain::Target::Class(3),
+            )?
+            .values)
+        })?
+    };
+
     let detect_640 = detection[0].1.median;
     let faces_per_second = encode
         .iter()
@@ -444,6 +469,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         face_detection_ms: detection,
         faces_found,
         temporal_ms,
+        explain_fast_map_ms,
         faces_per_second,
         peak_memory_mb: peak_memory_mb(),
         agreement,
@@ -486,6 +512,7 @@ impl BenchReport {
                     .collect(),
             ),
             "temporal_ms": self.temporal_ms.to_json(),
+            "explain_fast_map_ms": self.explain_fast_map_ms.to_json(),
             "faces_per_second": Value::Object(
                 self.faces_per_second
                     .iter()
@@ -536,6 +563,14 @@ impl BenchReport {
             s += &row(&format!("face detection {w}x{h} ({n} found)"), st);
         }
         s += &row("temporal pass (16 frames)", &self.temporal_ms);
+        s += &row("fast explanation map (1 face)", &self.explain_fast_map_ms);
+        if let Some((_, enc)) = self.image_encode_ms_per_image.first() {
+            s += &format!(
+                "  temporal pass = {:.1}% and fast map = {:.1}% of one image encode\n",
+                100.0 * self.temporal_ms.median / enc.median,
+                100.0 * self.explain_fast_map_ms.median / enc.median
+            );
+        }
         for (b, f) in &self.faces_per_second {
             s += &format!("  faces per second, {b} face(s) per 640x480 frame: {f:.1}\n");
         }
