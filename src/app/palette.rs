@@ -3,16 +3,19 @@
 
 use eframe::egui::Color32;
 
-/// surprise, fear, disgust, happiness, sadness, anger, neutral.
-pub const CLASS_COLORS: [Color32; 7] = [
-    Color32::from_rgb(255, 167, 38),  // surprise: orange
-    Color32::from_rgb(171, 71, 188),  // fear: purple
-    Color32::from_rgb(102, 187, 106), // disgust: green
-    Color32::from_rgb(255, 238, 88),  // happiness: yellow
-    Color32::from_rgb(66, 165, 245),  // sadness: blue
-    Color32::from_rgb(239, 83, 80),   // anger: red
-    Color32::from_rgb(176, 190, 197), // neutral: grey
-];
+/// surprise, fear, disgust, happiness, sadness, anger, neutral: the same
+/// colours as the recorded video's (`vision::draw::CLASS_RGB`, the one source).
+pub const CLASS_COLORS: [Color32; 7] = {
+    let rgb = crate::vision::draw::CLASS_RGB;
+    let mut out = [Color32::GRAY; 7];
+    let mut i = 0;
+    while i < 7 {
+        let [r, g, b] = rgb[i].0;
+        out[i] = Color32::from_rgb(r, g, b);
+        i += 1;
+    }
+    out
+};
 
 /// The probe's colour (not a class colour).
 pub const PROBE_COLOR: Color32 = Color32::from_rgb(38, 198, 218);
