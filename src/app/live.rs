@@ -121,6 +121,14 @@ impl CliperApp {
                     BankSource::BuiltinZeroShot
                 }
             };
+        } else {
+            // Show (and remember) the bank given on the command line.
+            self.settings.bank = match &spec.bank {
+                BankSource::BuiltinZeroShot => BankChoice::ZeroShot,
+                BankSource::Prompts(p) | BankSource::Learned(p) => {
+                    BankChoice::File(p.display().to_string())
+                }
+            };
         }
         spec
     }
