@@ -97,6 +97,27 @@ struct State {
     best_epoch: usize,
 }
 
+impl State {
+    /// Ends an epoch: keeps the optimiser's state, counts the epoch, and
+    /// records the test metrics if they are the best so far (returned).
+    fn end_epoch(&mut self, opt: &AdamW, m: &Metrics) -> candle_core::Result<bool> {
+        self.moments = opt
+            .moments
+            .iter()
+            .map(|(a, b)| Ok((a.to_device(&Device::Cpu)?, b.to_device(&Device::Cpu)?)))
+            .collect::<candle_core::Result<_>>()?;
+        self.opt_step = opt.step;
+        self.epoch += 1;
+        let best = m.war() > self.best_war;
+        if best {
+            self.best_war = m.war();
+            self.best_uar = m.uar();
+            self.best_epoch = self.epoch;
+        }
+        Ok(best)
+    }
+}
+
 fn save_state(path: &Path, s: &State, stage: u8) -> Result<(), TrainError> {
     let mut ck = CliperCheckpoint {
         descriptor: Some(s.descriptor.clone()),
@@ -522,19 +543,9 @@ pub fn train(opts: &TrainOptions, log: &mut dyn FnMut(&str)) -> Result<TrainSumm
                 .iter()
                 .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
                 .collect::<candle_core::Result<_>>()?;
-            state.moments = opt
-                .moments
-                .iter()
-                .map(|(a, b)| Ok((a.to_device(&Device::Cpu)?, b.to_device(&Device::Cpu)?)))
-                .collect::<candle_core::Result<_>>()?;
-            state.opt_step = opt.step;
-            state.epoch += 1;
             epochs_run += 1;
-            let best = m.war() > state.best_war;
+            let best = state.end_epoch(&opt, &m)?;
             if best {
-                state.best_war = m.war();
-                state.best_uar = m.uar();
-                state.best_epoch = state.epoch;
                 save_checkpoint(opts, &state.descriptor, &state.vision, &m, state.epoch)?;
             }
             log(&format!(
@@ -620,19 +631,9 @@ fn descriptor_stage(
         )?)?;
         let m = evaluate_features(test_x, test_labels, &t)?;
         state.descriptor = desc.as_tensor().detach().to_device(&Device::Cpu)?;
-        state.moments = opt
-            .moments
-            .iter()
-            .map(|(a, b)| Ok((a.to_device(&Device::Cpu)?, b.to_device(&Device::Cpu)?)))
-            .collect::<candle_core::Result<_>>()?;
-        state.opt_step = opt.step;
-        state.epoch += 1;
         epochs_run += 1;
-        let best = m.war() > state.best_war;
+        let best = state.end_epoch(&opt, &m)?;
         if best {
-            state.best_war = m.war();
-            state.best_uar = m.uar();
-            state.best_epoch = state.epoch;
             save_checkpoint(opts, &state.descriptor, &HashMap::new(), &m, state.epoch)?;
         }
         log(&format!(
@@ -844,19 +845,9 @@ fn train_clips(
                 &text,
             )?;
             state.temporal = tensors;
-            state.moments = opt
-                .moments
-                .iter()
-                .map(|(a, b)| Ok((a.to_device(&Device::Cpu)?, b.to_device(&Device::Cpu)?)))
-                .collect::<candle_core::Result<_>>()?;
-            state.opt_step = opt.step;
-            state.epoch += 1;
             epochs_run += 1;
-            let best = m.war() > state.best_war;
+            let best = state.end_epoch(&opt, &m)?;
             if best {
-                state.best_war = m.war();
-                state.best_uar = m.uar();
-                state.best_epoch = state.epoch;
                 save_checkpoint_with(
                     opts,
                     &state.descriptor,
