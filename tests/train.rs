@@ -498,3 +498,68 @@ fn clips_train_descriptors_then_the_temporal_module() {
 fn out_path(s: &str) -> std::path::PathBuf {
     std::path::PathBuf::from(s)
 }
+
+#[test]
+fn stage2_fine_tunes_the_vision_tower_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 3, 1);
+    let out = tmp.path().join("ck.safetensors");
+    let w = fixtures()
+        .join("clip_c_hf16")
+        .to_string_lossy()
+        .into_owned();
+    let (d, o) = (
+        data.to_string_lossy().into_owned(),
+        out.to_string_lossy().into_owned(),
+    );
+    let base = [
+        "train",
+        "--weights",
+        &w,
+        "--data",
+        &d,
+        "--layout",
+        "folder",
+        "--stage1-epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--out",
+        &o,
+    ];
+    let mut args: Vec<&str> = base.to_vec();
+    args.extend(["--epochs", "3"]);
+    let (code, _, err) = cliper(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("epoch   2/3 stage 2") && err.contains("epoch   3/3 stage 2"),
+        "{err}"
+    );
+    // The state holds the tuned tower; resuming continues in stage 2.
+    let state = CliperCheckpoint::load(&tmp.path().join("ck.state.safetensors")).unwrap();
+    assert!(state
+        .vision
+        .contains_key("vision_model.post_layernorm.weight"));
+    let mut args: Vec<&str> = base.to_vec();
+    args.extend(["--epochs", "4", "--resume"]);
+    let (code, _, err) = cliper(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("resuming after epoch 3 (stage 2)") && err.contains("epoch   4/4 stage 2"),
+        "{err}"
+    );
+    // Whatever epoch was best, the checkpoint loads in classify.
+    let img = data.join("test/anger/000.png");
+    let (code, _, err) = cliper(&[
+        "classify",
+        "--weights",
+        &w,
+        "--descriptors",
+        &o,
+        "--no-detect",
+        "--json",
+        &img.to_string_lossy(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+}
