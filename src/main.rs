@@ -66,6 +66,43 @@ impl BankArgs {
     }
 }
 
+/// How faces are found in stills, clips and frames.
+#[derive(clap::Args, Clone)]
+struct FaceArgs {
+    /// Treat the whole image or frame as one face (no face detection).
+    #[arg(long)]
+    no_detect: bool,
+    /// Margin around each detected face, as a fraction of the box side.
+    #[arg(long, default_value_t = cliper::vision::faces::DEFAULT_FACE_MARGIN)]
+    margin: f32,
+}
+
+impl FaceArgs {
+    fn analyzer_config(&self) -> Result<AnalyzerConfig> {
+        if !(0.0..=2.0).contains(&self.margin) {
+            anyhow::bail!(
+                "--margin {} is out of range: use a fraction between 0 and 2",
+                self.margin
+            );
+        }
+        Ok(AnalyzerConfig {
+            detect: !self.no_detect,
+            margin: self.margin,
+            ..Default::default()
+        })
+    }
+
+    /// The analyzer for photos and clips: unlike a webcam stream they may
+    /// hold small faces, and speed matters less, so the frame is searched at
+    /// full resolution down to 20 px faces.
+    fn still_analyzer(&self) -> Result<FaceAnalyzer> {
+        let mut cfg = self.analyzer_config()?;
+        cfg.detector.min_face_size = 20;
+        cfg.detector.max_side = 4096;
+        Ok(FaceAnalyzer::new(cfg)?)
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Print the L2-normalised CLIP embedding of an image or a text as JSON.
@@ -85,18 +122,14 @@ enum Command {
         model: ModelArgs,
         #[command(flatten)]
         bank: BankArgs,
-        /// Treat the whole image as one face (no face detection).
-        #[arg(long)]
-        no_detect: bool,
+        #[command(flatten)]
+        faces: FaceArgs,
         /// Show only the K highest-scoring descriptors per face.
         #[arg(long)]
         top: Option<usize>,
         /// One JSON object per image on stdout.
         #[arg(long)]
         json: bool,
-        /// Margin around each detected face, as a fraction of the box side.
-        #[arg(long, default_value_t = cliper::vision::faces::DEFAULT_FACE_MARGIN)]
-        margin: f32,
         /// Image-encoder precision: auto (f32 on CPU, f16 on GPUs), f32,
         /// f16, bf16 (GPUs) or q8 (8-bit, CPU; see `cliper bench`).
         #[arg(long, value_enum, default_value_t = Precision::Auto)]
@@ -144,18 +177,14 @@ enum Command {
         model: ModelArgs,
         #[command(flatten)]
         bank: BankArgs,
-        /// Treat the whole frame as the face (no face detection).
-        #[arg(long)]
-        no_detect: bool,
+        #[command(flatten)]
+        faces: FaceArgs,
         /// Show only the K highest-scoring descriptors.
         #[arg(long)]
         top: Option<usize>,
         /// One JSON object per clip on stdout.
         #[arg(long)]
         json: bool,
-        /// Margin around the detected face, as a fraction of the box side.
-        #[arg(long, default_value_t = cliper::vision::faces::DEFAULT_FACE_MARGIN)]
-        margin: f32,
         /// Videos (.mp4, .avi) or folders of frames.
         #[arg(required = true)]
         clips: Vec<PathBuf>,
@@ -179,9 +208,8 @@ enum Command {
         /// Overlay opacity, 0..1.
         #[arg(long, default_value_t = 0.55)]
         opacity: f32,
-        /// Treat the whole image as one face.
-        #[arg(long)]
-        no_detect: bool,
+        #[command(flatten)]
+        faces: FaceArgs,
         /// The overlay PNG to write.
         #[arg(long)]
         out: PathBuf,
@@ -356,12 +384,8 @@ struct RunArgs {
     /// Also score this free-text description against each face.
     #[arg(long, value_name = "TEXT")]
     probe: Option<String>,
-    /// Treat the whole frame as one face (no face detection).
-    #[arg(long)]
-    no_detect: bool,
-    /// Margin around each detected face, as a fraction of the box side.
-    #[arg(long, default_value_t = cliper::vision::faces::DEFAULT_FACE_MARGIN)]
-    margin: f32,
+    #[command(flatten)]
+    faces: FaceArgs,
     /// Add each face's dynamic-branch scores ("dynamic") once its window of
     /// frame features is full.
     #[arg(long)]
@@ -483,12 +507,7 @@ fn live(args: LiveArgs) -> Result<()> {
 }
 
 fn run_headless(args: RunArgs) -> Result<()> {
-    if !(0.0..=2.0).contains(&args.margin) {
-        anyhow::bail!(
-            "--margin {} is out of range: use a fraction between 0 and 2",
-            args.margin
-        );
-    }
+    let analyzer = args.faces.analyzer_config()?;
     let Some(source) = args.source.spec()? else {
         anyhow::bail!("give --source VIDEO|IMAGE|FOLDER|demo or --camera N");
     };
@@ -499,11 +518,7 @@ fn run_headless(args: RunArgs) -> Result<()> {
             bank: args.bank.source(),
             device: args.model.device.clone(),
         },
-        analyzer: AnalyzerConfig {
-            detect: !args.no_detect,
-            margin: args.margin,
-            ..Default::default()
-        },
+        analyzer,
         frames: args.frames,
         json: args.json,
         top: args.top,
@@ -626,16 +641,13 @@ fn embed(args: &ModelArgs, image: Option<PathBuf>, text: Option<String>) -> Resu
 fn classify(
     model: ModelArgs,
     bank: BankArgs,
-    no_detect: bool,
+    faces: FaceArgs,
     top: Option<usize>,
     json: bool,
-    margin: f32,
     precision: Precision,
     images: Vec<PathBuf>,
 ) -> Result<()> {
-    if !(0.0..=2.0).contains(&margin) {
-        anyhow::bail!("--margin {margin} is out of range: use a fraction between 0 and 2");
-    }
+    let mut analyzer = faces.still_analyzer()?;
     let loaded = setup::load_with(
         &ModelSpec {
             weights: model.weights.clone(),
@@ -644,15 +656,6 @@ fn classify(
         },
         precision,
     )?;
-    let mut cfg = AnalyzerConfig {
-        detect: !no_detect,
-        margin,
-        ..Default::default()
-    };
-    // Stills: look for smaller faces than the live default.
-    cfg.detector.min_face_size = 20;
-    cfg.detector.max_side = 4096;
-    let mut analyzer = FaceAnalyzer::new(cfg)?;
     let mut failed = 0;
     for path in &images {
         let rgb = match cliper::vision::images::load_rgb(path) {
@@ -686,17 +689,14 @@ fn classify(
 fn classify_clip(
     model: ModelArgs,
     bank: BankArgs,
-    no_detect: bool,
+    faces: FaceArgs,
     top: Option<usize>,
     json: bool,
-    margin: f32,
     clips: Vec<PathBuf>,
 ) -> Result<()> {
     use cliper::pipeline::clip::{classify_clip, clip_json, sample_clip};
     use cliper::pipeline::dynamic::DynamicScorer;
-    if !(0.0..=2.0).contains(&margin) {
-        anyhow::bail!("--margin {margin} is out of range: use a fraction between 0 and 2");
-    }
+    let mut analyzer = faces.still_analyzer()?;
     let loaded = setup::load(&ModelSpec {
         weights: model.weights.clone(),
         bank: bank.source(),
@@ -712,14 +712,6 @@ fn classify_clip(
     if scorer.temporal.is_none() {
         eprintln!("note: no trained temporal weights; dynamic scores are the mean of the 16 frames' static scores");
     }
-    let mut cfg = AnalyzerConfig {
-        detect: !no_detect,
-        margin,
-        ..Default::default()
-    };
-    cfg.detector.min_face_size = 20;
-    cfg.detector.max_side = 4096;
-    let mut analyzer = FaceAnalyzer::new(cfg)?;
     let mut failed = 0;
     for path in &clips {
         let sampled = match sample_clip(path, scorer.frames()) {
@@ -903,12 +895,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::ClassifyClip {
             model,
             bank,
-            no_detect,
+            faces,
             top,
             json,
-            margin,
             clips,
-        } => classify_clip(model, bank, no_detect, top, json, margin, clips),
+        } => classify_clip(model, bank, faces, top, json, clips),
         Command::Explain {
             model,
             bank,
@@ -916,7 +907,7 @@ fn run(cli: Cli) -> Result<()> {
             target,
             grid,
             opacity,
-            no_detect,
+            faces,
             out,
             json,
             image,
@@ -943,13 +934,7 @@ fn run(cli: Cli) -> Result<()> {
                 bank: bank.source(),
                 device: model.device,
             })?;
-            let mut cfg = AnalyzerConfig {
-                detect: !no_detect,
-                ..Default::default()
-            };
-            cfg.detector.min_face_size = 20;
-            cfg.detector.max_side = 4096;
-            let mut analyzer = FaceAnalyzer::new(cfg)?;
+            let mut analyzer = faces.still_analyzer()?;
             let faces = ex::explain_image(
                 &loaded.clip,
                 &loaded.bank,
@@ -992,13 +977,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Classify {
             model,
             bank,
-            no_detect,
+            faces,
             top,
             json,
-            margin,
             precision,
             images,
-        } => classify(model, bank, no_detect, top, json, margin, precision, images),
+        } => classify(model, bank, faces, top, json, precision, images),
         Command::Bench {
             weights,
             random,
