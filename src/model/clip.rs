@@ -76,16 +76,7 @@ impl ClipModel {
     /// L2-normalised embeddings [N, E] of RGB images (any size: each is
     /// resized and center-cropped like CLIP's preprocessing), in one batch.
     pub fn encode_rgb(&self, images: &[image::RgbImage]) -> candle_core::Result<Tensor> {
-        let size = self.config.vision.image_size as u32;
-        let s = size as usize;
-        let mut data = Vec::with_capacity(images.len() * 3 * s * s);
-        for img in images {
-            data.extend(super::preprocess::to_normalized_chw(
-                &super::preprocess::resize_shorter_center_crop(img, size),
-            ));
-        }
-        let px = Tensor::from_vec(data, (images.len(), 3, s, s), &self.device)?;
-        self.encode_images(&px)
+        self.encode_images(&self.pixels(images)?)
     }
 
     /// L2-normalised text embeddings of token ids [B, T]: [B, E].

@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use image::RgbImage;
 use serde_json::{json, Map, Value};
 
@@ -240,19 +240,7 @@ fn demo_crops(n: usize) -> Vec<RgbImage> {
 }
 
 fn pixels(clip: &ClipModel, crops: &[RgbImage]) -> Result<Tensor, BenchError> {
-    let size = clip.config.vision.image_size as u32;
-    let s = size as usize;
-    let mut data = Vec::with_capacity(crops.len() * 3 * s * s);
-    for c in crops {
-        data.extend(preprocess::to_normalized_chw(
-            &preprocess::resize_shorter_center_crop(c, size),
-        ));
-    }
-    Ok(Tensor::from_vec(
-        data,
-        (crops.len(), 3, s, s),
-        &Device::Cpu,
-    )?)
+    Ok(clip.pixels(crops)?)
 }
 
 /// Scores of `px` [N, 3, S, S] in batches of `batch`, plus the embeddings.
