@@ -359,6 +359,17 @@ struct LiveArgs {
     /// Start with the map of a class name or descriptor index 0..34 drawn over the faces.
     #[arg(long, value_name = "TARGET")]
     explain: Option<String>,
+    /// Which map to draw: fast (every frame), gradcam or occlusion (computed
+    /// in the background for the paused frame).
+    #[arg(long, value_name = "METHOD", default_value = "fast")]
+    map: String,
+    /// Occlusion grid cells per side for --map occlusion.
+    #[arg(long, default_value_t = 7)]
+    grid: usize,
+    /// Pause on the newest scored frame after SECONDS (demos and tests of
+    /// the exact maps; Space pauses and resumes by hand).
+    #[arg(long, value_name = "SECONDS")]
+    pause_after: Option<f64>,
     #[command(flatten)]
     record: RecordArgs,
 }
@@ -478,6 +489,23 @@ fn live(args: LiveArgs) -> Result<()> {
             "--screenshot needs --exit-after SECONDS: the picture is taken just before the window closes"
         );
     }
+    let map = cliper::model::explain::Method::parse(&args.map).ok_or_else(|| {
+        anyhow::anyhow!(
+            "unknown --map `{}`: use fast, gradcam or occlusion",
+            args.map
+        )
+    })?;
+    if !(1..=32).contains(&args.grid) {
+        anyhow::bail!(
+            "--grid {} is out of range: give 1 to 32 cells per side",
+            args.grid
+        );
+    }
+    if let Some(t) = args.pause_after {
+        if !(t.is_finite() && t >= 0.0) {
+            anyhow::bail!("--pause-after {t} is out of range: give seconds, 0 or more");
+        }
+    }
     let opts = cliper::app::LiveOptions {
         source: args.source.spec()?,
         model: ModelSpec {
@@ -497,6 +525,9 @@ fn live(args: LiveArgs) -> Result<()> {
             .map(cliper::pipeline::explain::parse_target)
             .transpose()
             .map_err(anyhow::Error::msg)?,
+        map,
+        grid: args.grid,
+        pause_after: args.pause_after,
     };
     let timed = opts.exit_after.is_some();
     let report = cliper::app::run_live(opts)?;

@@ -293,3 +293,184 @@ fn live_pipeline_draws_the_fast_map_of_the_chosen_target() {
         assert!(d < 1e-3, "live map differs from the direct one by {d}");
     }
 }
+
+/// The app's paused frame: Grad-CAM and occlusion maps computed on a
+/// background thread from the pipeline's own model, equal to the direct
+/// ones; every request ends with one `ExactDone`, and a newer request
+/// supersedes a running one.
+#[test]
+fn live_pipeline_computes_exact_maps_of_a_paused_frame() {
+    use cliper::model::explain::Method;
+    use cliper::pipeline::setup::ModelSpec;
+    use cliper::pipeline::worker::{
+        ExactRequest, Pipeline, PipelineCommand, PipelineConfig, PipelineEvent, RunMode,
+    };
+    use cliper::vision::source::SourceSpec;
+    use std::time::{Duration, Instant};
+    let photo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/astronaut.png");
+    let model = ModelSpec {
+        weights: Some(fixtures().join("clip_c_hf16")),
+        bank: cliper::pipeline::setup::BankSource::Learned(
+            fixtures().join("clip_c_hf16/descriptors.safetensors"),
+        ),
+        device: "cpu".into(),
+    };
+    let config = PipelineConfig::new(
+        SourceSpec::from_path(&photo, 10.0).unwrap(),
+        model,
+        RunMode::Live,
+    );
+    let pipeline = Pipeline::start(config, || {});
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let next = || {
+        pipeline
+            .events
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("pipeline event in time")
+    };
+    // A frame with its face, once the model is ready.
+    let (mut frame, mut ready) = (None, false);
+    while frame.is_none() || !ready {
+        match next() {
+            PipelineEvent::Frame(f) if !f.faces.is_empty() => frame = Some(f),
+            PipelineEvent::BankReady(_) => ready = true,
+            PipelineEvent::ModelFailed(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    let frame = frame.unwrap();
+    let face = frame.faces[0].clone();
+    let request = |id, method, grid| {
+        PipelineCommand::Exact(Some(ExactRequest {
+            id,
+            frame: frame.clone(),
+            target: Target::Descriptor(7),
+            method,
+            grid,
+        }))
+    };
+    // Runs requests to their `ExactDone`s; returns maps and progress by request.
+    type Outcome = (
+        Vec<(u64, u64, cliper::model::explain::ExplainMap)>,
+        Vec<(u64, usize, usize)>,
+        Vec<(u64, Option<String>, bool)>,
+    );
+    let collect = |ids: &[u64]| -> Outcome {
+        let (mut maps, mut progress, mut done) = (Vec::new(), Vec::new(), Vec::new());
+        while done.len() < ids.len() {
+            match next() {
+                PipelineEvent::ExactMap { request, face, map } => maps.push((request, face, map)),
+                PipelineEvent::ExactProgress {
+                    request,
+                    done: d,
+                    total,
+                } => progress.push((request, d, total)),
+                PipelineEvent::ExactDone {
+                    request,
+                    error,
+                    cancelled,
+                } => done.push((request, error, cancelled)),
+                _ => {}
+            }
+        }
+        (maps, progress, done)
+    };
+
+    // The direct maps on the same crop.
+    let ckpt = Checkpoint::load(
+        &fixtures().join("clip_c_hf16/model.safetensors"),
+        DType::F32,
+    )
+    .unwrap();
+    let clip = ClipModel::from_checkpoint(&ckpt, &Device::Cpu, DType::F32).unwrap();
+    let ck =
+        CliperCheckpoint::load(&fixtures().join("clip_c_hf16/descriptors.safetensors")).unwrap();
+    let bank = DescriptorBank::learned(
+        &clip,
+        &ClipTokenizer::new(),
+        ck.require_descriptor().unwrap(),
+        "d",
+    )
+    .unwrap();
+    let crop = cliper::vision::faces::crop_face(
+        &frame.image,
+        &face.bbox,
+        cliper::vision::faces::DEFAULT_FACE_MARGIN,
+    );
+    let px = clip.pixels(&[crop]).unwrap();
+    let text = &bank.text_features;
+
+    pipeline.command(request(1, Method::GradCam, 0));
+    let (maps, _, done) = collect(&[1]);
+    assert_eq!(done, vec![(1, None, false)]);
+    assert_eq!(maps.len(), frame.faces.len());
+    assert_eq!(maps[0].1, face.id);
+    let want = gradcam_map(&clip.vision, &px, text, Target::Descriptor(7)).unwrap();
+    let d = max_abs_diff(&maps[0].2.values, &want.values);
+    assert!(d < 1e-5, "background Grad-CAM differs by {d}");
+    assert!((maps[0].2.logit - want.logit).abs() < 1e-4);
+
+    pipeline.command(request(2, Method::Occlusion, 3));
+    let (maps, progress, done) = collect(&[2]);
+    assert_eq!(done, vec![(2, None, false)]);
+    let want = occlusion_map(&clip.vision, &px, text, Target::Descriptor(7), 3).unwrap();
+    assert_eq!((maps[0].2.rows, maps[0].2.cols), (3, 3));
+    let d = max_abs_diff(&maps[0].2.values, &want.values);
+    assert!(d < 1e-4, "background occlusion differs by {d}");
+    // Progress counts forward passes up to the total (9 cells + the original).
+    assert!(
+        progress.windows(2).all(|w| w[0].1 <= w[1].1),
+        "{progress:?}"
+    );
+    assert_eq!(progress.last().map(|p| (p.1, p.2)), Some((10, 10)));
+
+    // A newer request supersedes a running one; both end, the newer one whole.
+    pipeline.command(request(3, Method::Occlusion, 16));
+    pipeline.command(request(4, Method::Fast, 0));
+    let (maps, _, done) = collect(&[3, 4]);
+    let last = done.iter().find(|d| d.0 == 4).unwrap();
+    assert_eq!((last.1.as_deref(), last.2), (None, false));
+    assert!(maps.iter().any(|m| m.0 == 4));
+    // Cancelling with nothing running is harmless.
+    pipeline.command(PipelineCommand::Exact(None));
+    drop(pipeline);
+}
+
+#[test]
+fn occlusion_reports_progress_and_can_be_cancelled() {
+    use cliper::model::explain::occlusion_map_with;
+    let ckpt = Checkpoint::load(
+        &fixtures().join("clip_c_hf16/model.safetensors"),
+        DType::F32,
+    )
+    .unwrap();
+    let clip = ClipModel::from_checkpoint(&ckpt, &Device::Cpu, DType::F32).unwrap();
+    let text = clip
+        .encode_texts(&ClipTokenizer::new(), &["a smiling face"; 35])
+        .unwrap();
+    let img = image::open(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/astronaut.png"),
+    )
+    .unwrap()
+    .to_rgb8();
+    let px = clip.pixels(&[img]).unwrap();
+    let mut calls = Vec::new();
+    let full = occlusion_map_with(&clip.vision, &px, &text, Target::Class(0), 5, |d, t| {
+        calls.push((d, t));
+        true
+    })
+    .unwrap()
+    .expect("not cancelled");
+    let plain = occlusion_map(&clip.vision, &px, &text, Target::Class(0), 5).unwrap();
+    assert_eq!(full.values, plain.values);
+    assert_eq!(calls.first(), Some(&(1, 26)));
+    assert_eq!(calls.last(), Some(&(26, 26)));
+    let mut n = 0;
+    let cancelled = occlusion_map_with(&clip.vision, &px, &text, Target::Class(0), 5, |_, _| {
+        n += 1;
+        n < 2
+    })
+    .unwrap();
+    assert!(cancelled.is_none());
+    assert_eq!(n, 2, "stops at the first progress report that says no");
+}

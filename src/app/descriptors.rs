@@ -12,7 +12,7 @@ use super::store::Store;
 use super::Action;
 use crate::model::cliper::bank::{BankKind, Descriptor};
 use crate::model::cliper::expressions::{CLASSES, DESCRIPTORS_PER_CLASS};
-use crate::model::explain::{colormap, Target};
+use crate::model::explain::{colormap, Method, Target};
 
 pub fn show(ui: &mut egui::Ui, store: &mut Store, top: usize, actions: &mut Vec<Action>) {
     ui.add_space(4.0);
@@ -103,17 +103,50 @@ fn explain_controls(ui: &mut egui::Ui, store: &mut Store, actions: &mut Vec<Acti
             actions.push(Action::Explain(None));
         }
     });
-    ui.add(egui::Slider::new(&mut store.explain_opacity, 0.0..=1.0).text("opacity"));
-    let range = store
-        .selected_face()
-        .and_then(|f| f.explain.as_ref())
-        .map(|m| {
-            m.values
-                .iter()
-                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
-                    (a.min(v), b.max(v))
-                })
+    ui.horizontal(|ui| {
+        ui.label("method");
+        for m in [Method::Fast, Method::GradCam, Method::Occlusion] {
+            ui.selectable_value(&mut store.map_method, m, m.label())
+                .on_hover_text(match m {
+                    Method::Fast => "Every frame, from the same forward pass: the patch tokens through the last block's value path (MaskCLIP)",
+                    Method::GradCam => "Exact, for a paused frame: gradient-weighted attention of the last block",
+                    Method::Occlusion => "Exact, for a paused frame: grey out each cell of a grid and measure the logit drop (one forward pass per cell)",
+                });
+        }
+    });
+    if store.map_method == Method::Occlusion {
+        let mut grid = store.occlusion_grid;
+        ui.add(egui::Slider::new(&mut grid, 2..=14).text("occlusion grid"));
+        store.occlusion_grid = grid;
+    }
+    let paused = store.paused.is_some();
+    if store.map_method != Method::Fast && !paused {
+        ui.horizontal_wrapped(|ui| {
+            ui.label(
+                RichText::new(
+                    "Exact maps are computed for a paused frame; the fast map is shown meanwhile.",
+                )
+                .weak()
+                .small(),
+            );
+            if ui.small_button("Pause here").clicked() {
+                actions.push(Action::SetPaused(true));
+            }
         });
+    }
+    ui.add(egui::Slider::new(&mut store.explain_opacity, 0.0..=1.0).text("opacity"));
+    let shown = store
+        .selected
+        .and_then(|id| store.map_for(id))
+        .map(|(m, method)| (m.clone(), method));
+    let caption = shown.as_ref().map(|(_, m)| *m).unwrap_or(Method::Fast);
+    let range = shown.as_ref().map(|(m, _)| {
+        m.values
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                (a.min(v), b.max(v))
+            })
+    });
     let (rect, _) = ui.allocate_exact_size(Vec2::new(ui.available_width(), 12.0), Sense::hover());
     let n = 48;
     for k in 0..n {
@@ -131,12 +164,18 @@ fn explain_controls(ui: &mut egui::Ui, store: &mut Store, actions: &mut Vec<Acti
             ui.label(RichText::new(format!("{lo:.2}")).monospace().small());
             ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
                 ui.label(RichText::new(format!("{hi:.2}")).monospace().small());
-                ui.label(
-                    RichText::new("patch logit (cosine / 0.01), value path of the last block")
-                        .weak()
-                        .small(),
-                );
+                ui.label(RichText::new(caption.meaning()).weak().small());
             });
+        }
+        _ if paused => {
+            let text = match store.current_exact() {
+                Some(e) if e.error.is_some() => {
+                    "the map could not be computed (see over the video)"
+                }
+                Some(_) => "computing the map of the paused frame…",
+                None => "waiting…",
+            };
+            ui.label(RichText::new(text).weak().small());
         }
         _ => {
             ui.label(RichText::new("waiting for the next frame…").weak().small());

@@ -12,14 +12,14 @@ use super::first_run::FirstRun;
 use super::recording::{self, RecordingState};
 use super::settings::{BankChoice, Settings, STORAGE_KEY};
 use super::status::UiStats;
-use super::store::Store;
+use super::store::{ExactMaps, Store};
 use super::video::VideoView;
 use super::{controls, descriptors, first_run, scores, status, video};
 use super::{Action, LiveOptions, SessionReport};
 use crate::model::weights;
 use crate::pipeline::setup::{self, BankSource, ModelSpec};
 use crate::pipeline::worker::DynamicSettings;
-use crate::pipeline::worker::{Pipeline, PipelineCommand, PipelineConfig, RunMode};
+use crate::pipeline::worker::{ExactRequest, Pipeline, PipelineCommand, PipelineConfig, RunMode};
 use crate::vision::source::camera::{self, CameraEntry};
 use crate::vision::source::SourceSpec;
 
@@ -50,6 +50,10 @@ pub struct CliperApp {
     outcome: Arc<Mutex<Outcome>>,
     /// The dynamic window settings last sent to the pipeline.
     dynamic_sent: Option<DynamicSettings>,
+    /// The id of the last exact-map request.
+    exact_requests: u64,
+    /// `--pause-after` has paused the window once.
+    auto_paused: bool,
 }
 
 impl CliperApp {
@@ -97,7 +101,13 @@ impl CliperApp {
             opts,
             outcome,
             dynamic_sent: None,
+            exact_requests: 0,
+            auto_paused: false,
         };
+        app.store.map_method = app.opts.map;
+        if app.opts.grid > 0 {
+            app.store.occlusion_grid = app.opts.grid;
+        }
         match weights::locate(app.opts.model.weights.as_deref()) {
             Ok(_) => app.start(&cc.egui_ctx),
             Err(e) => app.first_run.missing = Some(e.to_string()),
@@ -147,6 +157,69 @@ impl CliperApp {
             if let Some(p) = &self.pipeline {
                 p.command(PipelineCommand::SetDynamic(want));
                 self.dynamic_sent = Some(want);
+            }
+        }
+    }
+
+    /// Asks the pipeline for the exact maps the window wants (the paused
+    /// frame, the chosen target and method) unless they were asked for
+    /// already; stops a job nobody wants any more.
+    fn sync_exact(&mut self) {
+        let Some(p) = &self.pipeline else {
+            return;
+        };
+        let Some(key) = self.store.wanted_exact() else {
+            if self.store.exact.iter().any(|e| !e.finished) {
+                p.command(PipelineCommand::Exact(None));
+                self.store.exact.retain(|e| e.finished);
+            }
+            return;
+        };
+        if self.store.exact.iter().any(|e| e.key() == key) {
+            return;
+        }
+        let Some(frame) = self.store.paused.as_ref().map(|p| p.frame.clone()) else {
+            return;
+        };
+        // The job running now (if any) is superseded: the worker stops it.
+        self.store.exact.retain(|e| e.finished);
+        self.exact_requests += 1;
+        let (frame_key, target, method, grid) = key;
+        p.command(PipelineCommand::Exact(Some(ExactRequest {
+            id: self.exact_requests,
+            frame,
+            target,
+            method,
+            grid: grid.max(1),
+        })));
+        self.store.exact.push(ExactMaps {
+            request: self.exact_requests,
+            frame: frame_key,
+            target,
+            method,
+            grid,
+            maps: Default::default(),
+            progress: (0, 0),
+            finished: false,
+            cancelled: false,
+            error: None,
+            started: std::time::Instant::now(),
+            secs: None,
+        });
+    }
+
+    fn set_paused(&mut self, paused: bool) {
+        if paused {
+            if self.store.pause() {
+                if let Some(p) = &self.pipeline {
+                    p.command(PipelineCommand::SetPaused(true));
+                }
+            }
+        } else if self.store.paused.is_some() {
+            self.store.resume();
+            if let Some(p) = &self.pipeline {
+                p.command(PipelineCommand::Exact(None));
+                p.command(PipelineCommand::SetPaused(false));
             }
         }
     }
@@ -208,6 +281,7 @@ impl CliperApp {
                     self.settings.camera_resolution = *resolution;
                 }
                 self.notice = None;
+                self.set_paused(false);
                 self.settings.source = Some(spec.to_arg());
                 self.source = spec.clone();
                 self.store.source_state = super::store::SourceState::Opening(spec.clone());
@@ -242,6 +316,7 @@ impl CliperApp {
                     p.command(PipelineCommand::SetExplain(t));
                 }
             }
+            Action::SetPaused(p) => self.set_paused(p),
             Action::Download => self.first_run.download(ctx),
             Action::RecheckWeights => match weights::locate(self.opts.model.weights.as_deref()) {
                 Ok(_) => {
@@ -384,6 +459,18 @@ impl eframe::App for CliperApp {
         self.store.dynamic_view = self.settings.dynamic;
         let mut actions = Vec::new();
         self.handle_dropped_files(&ctx, &mut actions);
+        if matches!(self.screen, Screen::Live)
+            && !ctx.egui_wants_keyboard_input()
+            && ctx.input(|i| i.key_pressed(egui::Key::Space))
+        {
+            actions.push(Action::SetPaused(self.store.paused.is_none()));
+        }
+        if let Some(t) = self.opts.pause_after {
+            if !self.auto_paused && self.store.now() >= t && self.store.scores_seen > 0 {
+                self.auto_paused = true;
+                actions.push(Action::SetPaused(true));
+            }
+        }
         match self.screen {
             Screen::FirstRun => first_run::show(ui, &mut self.first_run, &mut actions),
             Screen::Live => self.live_ui(ui, &mut actions),
@@ -397,6 +484,7 @@ impl eframe::App for CliperApp {
             self.apply(a, &ctx);
         }
         self.sync_dynamic();
+        self.sync_exact();
         if let Some(e) = self.exit.tick(&ctx) {
             if let Ok(mut o) = self.outcome.lock() {
                 o.screenshot_error = Some(e);

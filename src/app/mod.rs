@@ -53,6 +53,12 @@ pub struct LiveOptions {
     pub dynamic: bool,
     /// `--explain TARGET`: start with this descriptor's or class's map drawn.
     pub explain: Option<crate::model::explain::Target>,
+    /// `--map`: which map is drawn (exact ones need a paused frame).
+    pub map: crate::model::explain::Method,
+    /// `--grid`: occlusion cells per side.
+    pub grid: usize,
+    /// `--pause-after SECONDS`: pause on the newest scored frame then.
+    pub pause_after: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +90,8 @@ pub enum Action {
     OpenSession(PathBuf),
     /// Draw this descriptor's or class's map over the faces (`None`: stop).
     Explain(Option<crate::model::explain::Target>),
+    /// Freeze the window on the current frame (`true`) or go back to live.
+    SetPaused(bool),
 }
 
 /// Speed figures of a session, printed when it closes.

@@ -2,12 +2,12 @@
 //! its boxes, per-face score histories, the state of the source and the
 //! model, and the latency figures. Plain data; the panels read it.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::model::cliper::{DescriptorBank, ExpressionScores};
-use crate::model::explain::{ExplainMap, Target};
+use crate::model::explain::{ExplainMap, Method, Target};
 use crate::pipeline::dynamic::DynamicMode;
 use crate::pipeline::smoothing;
 use crate::pipeline::worker::{
@@ -110,8 +110,49 @@ impl LatencyStat {
     }
 }
 
+/// The window frozen on one frame ("Pause"): the pipeline goes on (a camera
+/// keeps streaming and recording, a file holds still), the window shows
+/// this frame, its faces and their scores as they were.
+#[derive(Clone, Debug)]
+pub struct Paused {
+    pub frame: Arc<DetectedFrame>,
+    /// App time at the pause (the store's clock stands still meanwhile).
+    pub at: f64,
+    pub since: Instant,
+}
+
+/// The maps of one (paused frame, target, method), filled by the
+/// background job as each face is done.
+#[derive(Clone, Debug)]
+pub struct ExactMaps {
+    pub request: u64,
+    /// (generation, seq) of the frame.
+    pub frame: (u64, u64),
+    pub target: Target,
+    pub method: Method,
+    pub grid: usize,
+    /// Face track id -> map.
+    pub maps: HashMap<u64, ExplainMap>,
+    /// Forward passes done and due.
+    pub progress: (usize, usize),
+    pub finished: bool,
+    pub cancelled: bool,
+    pub error: Option<String>,
+    pub started: Instant,
+    /// Seconds the job took, once finished.
+    pub secs: Option<f32>,
+}
+
+impl ExactMaps {
+    pub fn key(&self) -> ((u64, u64), Target, Method, usize) {
+        (self.frame, self.target, self.method, self.grid)
+    }
+}
+
 pub struct Store {
     start: Instant,
+    /// Time the clock stood still (pauses), taken off `now()`.
+    paused_total: Duration,
     /// The newest frame with its boxes.
     pub frame: Option<Arc<DetectedFrame>>,
     /// Whether `frame` has been put on screen yet (for the latency figure).
@@ -140,13 +181,24 @@ pub struct Store {
     pub explain: Option<Target>,
     /// Opacity of that map.
     pub explain_opacity: f32,
+    /// Which map is drawn: the fast one every frame, or an exact one
+    /// (Grad-CAM, occlusion) computed for the paused frame.
+    pub map_method: Method,
+    /// Occlusion grid cells per side.
+    pub occlusion_grid: usize,
     pub scores_seen: u64,
+    /// The frozen frame, while paused.
+    pub paused: Option<Paused>,
+    /// Exact maps computed for the paused frame (one entry per target and
+    /// method asked for; cleared on resume).
+    pub exact: Vec<ExactMaps>,
 }
 
 impl Store {
     pub fn new(initial: SourceSpec) -> Self {
         Self {
             start: Instant::now(),
+            paused_total: Duration::ZERO,
             frame: None,
             frame_shown: false,
             faces: BTreeMap::new(),
@@ -166,13 +218,97 @@ impl Store {
             dynamic_view: false,
             explain: None,
             explain_opacity: 0.5,
+            map_method: Method::Fast,
+            occlusion_grid: 7,
             scores_seen: 0,
+            paused: None,
+            exact: Vec::new(),
         }
     }
 
-    /// Seconds since the window opened (the timeline's clock).
+    /// Seconds since the window opened, less the time spent paused (the
+    /// timeline's clock: it stands still while paused).
     pub fn now(&self) -> f64 {
-        self.start.elapsed().as_secs_f64()
+        match &self.paused {
+            Some(p) => p.at,
+            None => (self.start.elapsed() - self.paused_total).as_secs_f64(),
+        }
+    }
+
+    /// Freezes the window on the newest frame (false when there is none).
+    pub fn pause(&mut self) -> bool {
+        if self.paused.is_some() {
+            return true;
+        }
+        let Some(frame) = self.frame.clone() else {
+            return false;
+        };
+        self.paused = Some(Paused {
+            frame,
+            at: self.now(),
+            since: Instant::now(),
+        });
+        true
+    }
+
+    /// Back to live; the exact maps of the paused frame are dropped.
+    pub fn resume(&mut self) {
+        if let Some(p) = self.paused.take() {
+            self.paused_total += p.since.elapsed();
+        }
+        self.exact.clear();
+    }
+
+    /// The frame on screen: the paused one, else the newest.
+    pub fn shown_frame(&self) -> Option<&Arc<DetectedFrame>> {
+        self.paused
+            .as_ref()
+            .map(|p| &p.frame)
+            .or(self.frame.as_ref())
+    }
+
+    /// What the exact-map job should compute now, if anything: the paused
+    /// frame, the chosen target and method. `None` when live, with no
+    /// target, or when the fast map of a live frame is what is drawn.
+    pub fn wanted_exact(&self) -> Option<((u64, u64), Target, Method, usize)> {
+        let p = self.paused.as_ref()?;
+        let target = self.explain?;
+        let grid = match self.map_method {
+            Method::Occlusion => self.occlusion_grid,
+            _ => 0,
+        };
+        Some((
+            (p.frame.generation, p.frame.seq),
+            target,
+            self.map_method,
+            grid,
+        ))
+    }
+
+    /// The exact maps for the current pause, target and method, if asked for.
+    pub fn current_exact(&self) -> Option<&ExactMaps> {
+        let key = self.wanted_exact()?;
+        self.exact.iter().find(|e| e.key() == key)
+    }
+
+    /// The map to draw over face `id`, with what it is: the exact map of the
+    /// paused frame when one is chosen and done, else the face's fast map.
+    pub fn map_for(&self, id: u64) -> Option<(&ExplainMap, Method)> {
+        self.explain?;
+        if self.paused.is_some() {
+            // Paused: every method is computed for the frozen frame itself.
+            return self
+                .current_exact()
+                .and_then(|e| e.maps.get(&id).map(|m| (m, e.method)));
+        }
+        self.faces
+            .get(&id)
+            .and_then(|h| h.explain.as_ref())
+            .map(|m| (m, Method::Fast))
+    }
+
+    fn exact_mut(&mut self, request: u64) -> Option<&mut ExactMaps> {
+        self.exact.iter_mut().find(|e| e.request == request)
     }
 
     /// Folds one event in. `smoothing` is the EMA factor (0 = off);
@@ -197,6 +333,9 @@ impl Store {
                     self.source_state = SourceState::Ended { frames };
                 }
             }
+            // Paused: the window keeps its frame and scores (a recording
+            // still gets every event: it observes them before the store).
+            PipelineEvent::Frame(_) | PipelineEvent::Scores(_) if self.paused.is_some() => {}
             PipelineEvent::Frame(f) => {
                 self.frames_seen += 1;
                 // Capture and detection figures come with every frame, scored or not.
@@ -231,6 +370,34 @@ impl Store {
             }
             PipelineEvent::ProbeFailed { error, .. } => self.probe_error = Some(error),
             PipelineEvent::Scores(s) => self.apply_scores(s, smoothing, keep_secs),
+            PipelineEvent::ExactMap { request, face, map } => {
+                if let Some(e) = self.exact_mut(request) {
+                    e.maps.insert(face, map);
+                }
+            }
+            PipelineEvent::ExactProgress {
+                request,
+                done,
+                total,
+            } => {
+                if let Some(e) = self.exact_mut(request) {
+                    e.progress = (done, total);
+                }
+            }
+            PipelineEvent::ExactDone {
+                request,
+                error,
+                cancelled,
+            } => {
+                if let Some(e) = self.exact_mut(request) {
+                    e.finished = true;
+                    e.cancelled = cancelled;
+                    e.error = error;
+                    e.secs = Some(e.started.elapsed().as_secs_f32());
+                }
+                // A cancelled job is asked for again if it is wanted again.
+                self.exact.retain(|e| !e.cancelled);
+            }
             PipelineEvent::Finished => {}
         }
     }
@@ -445,6 +612,100 @@ mod tests {
         s.apply(scores_event(7, &[(9, 1)]), 0.0, 30.0);
         assert!(!s.faces.contains_key(&9));
         assert_eq!(s.score_lag.len(), 2);
+    }
+
+    fn frame_event(seq: u64) -> PipelineEvent {
+        PipelineEvent::Frame(Arc::new(DetectedFrame {
+            seq,
+            generation: 1,
+            index: seq,
+            t: seq as f64 / 25.0,
+            image: Arc::new(image::RgbImage::new(8, 8)),
+            faces: Vec::new(),
+            captured: Instant::now(),
+            detect_ms: 0.0,
+            capture_fps: 25.0,
+            dropped: 0,
+        }))
+    }
+
+    #[test]
+    fn pause_freezes_the_window_and_collects_exact_maps() {
+        let mut s = Store::new(SourceSpec::Demo);
+        assert!(!s.pause(), "nothing to pause on before a frame");
+        s.apply(opened(1), 0.0, 30.0);
+        s.apply(frame_event(5), 0.0, 30.0);
+        s.apply(scores_event(1, &[(2, 3)]), 0.0, 30.0);
+        assert!(s.pause());
+        let t = s.now();
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(s.now(), t, "the clock stands still while paused");
+        // New frames and scores do not reach the window.
+        s.apply(frame_event(6), 0.0, 30.0);
+        s.apply(scores_event(1, &[(2, 0)]), 0.0, 30.0);
+        assert_eq!(s.shown_frame().unwrap().seq, 5);
+        assert_eq!(s.faces[&2].raw.predicted, 3);
+        assert_eq!(s.faces[&2].timeline.len(), 1);
+        // No target: nothing to compute. With one, the paused frame's key.
+        assert!(s.wanted_exact().is_none());
+        s.explain = Some(Target::Class(3));
+        s.map_method = Method::GradCam;
+        let key = s.wanted_exact().unwrap();
+        assert_eq!(key, ((1, 5), Target::Class(3), Method::GradCam, 0));
+        assert!(s.map_for(2).is_none(), "nothing drawn until the map comes");
+        s.exact.push(ExactMaps {
+            request: 9,
+            frame: key.0,
+            target: key.1,
+            method: key.2,
+            grid: key.3,
+            maps: HashMap::new(),
+            progress: (0, 0),
+            finished: false,
+            cancelled: false,
+            error: None,
+            started: Instant::now(),
+            secs: None,
+        });
+        let map = ExplainMap {
+            rows: 1,
+            cols: 2,
+            values: vec![0.5, 1.0],
+            logit: 2.0,
+        };
+        s.apply(
+            PipelineEvent::ExactMap {
+                request: 9,
+                face: 2,
+                map,
+            },
+            0.0,
+            30.0,
+        );
+        s.apply(
+            PipelineEvent::ExactDone {
+                request: 9,
+                error: None,
+                cancelled: false,
+            },
+            0.0,
+            30.0,
+        );
+        let (m, method) = s.map_for(2).unwrap();
+        assert_eq!(
+            (m.values.clone(), method),
+            (vec![0.5, 1.0], Method::GradCam)
+        );
+        assert!(s.current_exact().unwrap().finished);
+        // Another method is another request; a cancelled one is forgotten.
+        s.map_method = Method::Occlusion;
+        assert!(s.current_exact().is_none());
+        // Resuming: live again, the clock runs on from where it stood.
+        s.resume();
+        assert!(s.exact.is_empty() && s.paused.is_none());
+        assert!(s.now() - t < 0.02, "paused time is not counted");
+        s.apply(frame_event(7), 0.0, 30.0);
+        assert_eq!(s.shown_frame().unwrap().seq, 7);
     }
 
     #[test]

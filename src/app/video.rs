@@ -42,7 +42,7 @@ pub fn show(
     let painter = ui.painter_at(rect);
     painter.rect_filled(rect, CornerRadius::same(4), Color32::from_gray(14));
 
-    let frame = store.frame.clone();
+    let frame = store.shown_frame().cloned();
     let mut image_rect = None;
     if let Some(f) = &frame {
         let key = (f.generation, f.seq);
@@ -95,8 +95,7 @@ pub fn show(
                 None => (Color32::WHITE, format!("#{}", tf.id)),
             };
             // The explanation map over the square the model saw.
-            if let (Some(_), Some(map)) = (store.explain, history.and_then(|h| h.explain.as_ref()))
-            {
+            if let Some((map, _)) = store.map_for(tf.id) {
                 let (sx, sy, side, _) = crate::vision::faces::square_crop(
                     f.image.width(),
                     f.image.height(),
@@ -170,6 +169,40 @@ pub fn show(
         if let Some(id) = clicked_face {
             actions.push(Action::SelectFace(id));
         }
+        if let Some(p) = &store.paused {
+            let mut text = format!(
+                "Paused at frame {} ({:.2} s){}",
+                p.frame.index,
+                p.frame.t,
+                if store.source.as_ref().is_some_and(|s| s.live) {
+                    ": the camera keeps running (and recording) behind"
+                } else {
+                    ""
+                }
+            );
+            if let Some(e) = store.current_exact() {
+                let (done, total) = e.progress;
+                text.push_str(&match (&e.error, e.finished) {
+                    (Some(err), _) => format!("\n{} map failed: {err}", e.method.label()),
+                    (None, true) => format!(
+                        "\n{} map of the paused frame ({:.1} s)",
+                        e.method.label(),
+                        e.secs.unwrap_or(0.0)
+                    ),
+                    (None, false) if total > 0 => format!(
+                        "\ncomputing the {} map… {done}/{total} forward passes",
+                        e.method.label()
+                    ),
+                    (None, false) => format!("\ncomputing the {} map…", e.method.label()),
+                });
+            }
+            overlay_label(
+                &painter,
+                r.left_top() + Vec2::new(10.0, 10.0),
+                Align2::LEFT_TOP,
+                &text,
+            );
+        }
         if f.faces.is_empty() && matches!(store.source_state, SourceState::Playing) {
             overlay_label(
                 &painter,
@@ -205,6 +238,24 @@ pub fn show(
                 .color(Color32::WHITE),
         );
         ui.label(RichText::new(e).color(Color32::from_gray(230)));
+    }
+
+    // Pause / resume, top right over the picture.
+    if frame.is_some() {
+        let paused = store.paused.is_some();
+        let label = if paused { "Resume" } else { "Pause" };
+        let size = Vec2::new(96.0, 26.0);
+        let at = Rect::from_min_size(rect.right_top() + Vec2::new(-size.x - 10.0, 10.0), size);
+        let button = ui
+            .put(at, egui::Button::new(RichText::new(label).strong()))
+            .on_hover_text(if paused {
+                "Back to live (Space)"
+            } else {
+                "Freeze this frame (Space): the exact maps (Grad-CAM, occlusion) are computed for it"
+            });
+        if button.clicked() {
+            actions.push(Action::SetPaused(!paused));
+        }
     }
 
     // Source state over the picture.

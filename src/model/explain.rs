@@ -51,8 +51,9 @@ impl Target {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Method {
+    #[default]
     Fast,
     GradCam,
     Occlusion,
@@ -72,6 +73,22 @@ impl Method {
             Self::Fast => "fast",
             Self::GradCam => "gradcam",
             Self::Occlusion => "occlusion",
+        }
+    }
+    /// For people: "fast", "Grad-CAM", "occlusion".
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Fast => "fast",
+            Self::GradCam => "Grad-CAM",
+            Self::Occlusion => "occlusion",
+        }
+    }
+    /// What a map's values are, for its colour scale.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            Self::Fast => "patch logit (cosine / 0.01) through the last block's value path",
+            Self::GradCam => "gradient x attention of the last block, class token's row",
+            Self::Occlusion => "logit drop when the cell is greyed out",
         }
     }
 }
@@ -114,13 +131,44 @@ pub fn fast_maps(
     let patches = vision.patch_value_embeddings(last_block_input)?; // [1, P, E]
     let p = l2_normalize(&patches.squeeze(0)?)?; // [P, E]
     let maps = (text.to_dtype(p.dtype())?.matmul(&p.t()?)? / TEMPERATURE as f64)?; // [35, P]
-    maps.to_vec2::<f32>()
+    maps.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()
 }
 
-/// The fast map of `target` for image `i` of a batch, from the batch's
+/// The fast maps of `target` for every image of a batch, from the batch's
 /// last-block input [B, T, D] (as `VisionTower::forward_with` returns it):
-/// what the live view draws every frame without another forward pass.
+/// what the live view draws every frame without another forward pass. The
+/// weighted sum of descriptor maps is the map of the weighted text feature,
+/// so one product per image covers a class as cheaply as a descriptor.
 /// `logit` is left for the caller (it has the scores).
+pub fn fast_target_maps(
+    vision: &VisionTower,
+    last_block_input: &Tensor,
+    text: &Tensor,
+    target: Target,
+) -> candle_core::Result<Vec<ExplainMap>> {
+    let n = text.dim(0)?;
+    let w = Tensor::from_vec(target.weights(n), (1, n), text.device())?.to_dtype(text.dtype())?;
+    let combined = w.matmul(text)?; // [1, E]
+    let patches = vision.patch_value_embeddings(last_block_input)?; // [B, P, E]
+    let (b, p, e) = patches.dims3()?;
+    let unit = l2_normalize(&patches.reshape((b * p, e))?)?;
+    let values = (combined.to_dtype(unit.dtype())?.matmul(&unit.t()?)? / TEMPERATURE as f64)?
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let g = vision.config.grid();
+    Ok(values
+        .chunks(p)
+        .map(|v| ExplainMap {
+            rows: g,
+            cols: g,
+            values: v.to_vec(),
+            logit: f32::NAN,
+        })
+        .collect())
+}
+
+/// The fast map of `target` for image `i` of a batch (see `fast_target_maps`).
 pub fn fast_target_map(
     vision: &VisionTower,
     last_block_input: &Tensor,
@@ -129,22 +177,9 @@ pub fn fast_target_map(
     target: Target,
 ) -> candle_core::Result<ExplainMap> {
     let x = last_block_input.narrow(0, i, 1)?;
-    let n = text.dim(0)?;
-    let w = Tensor::from_vec(target.weights(n), (1, n), text.device())?.to_dtype(text.dtype())?;
-    // The weighted sum of descriptor maps is the map of the weighted text feature.
-    let combined = w.matmul(text)?; // [1, E]
-    let patches = vision.patch_value_embeddings(&x)?; // [1, P, E]
-    let p = l2_normalize(&patches.squeeze(0)?)?;
-    let values = (combined.to_dtype(p.dtype())?.matmul(&p.t()?)? / TEMPERATURE as f64)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let g = vision.config.grid();
-    Ok(ExplainMap {
-        rows: g,
-        cols: g,
-        values,
-        logit: f32::NAN,
-    })
+    fast_target_maps(vision, &x, text, target)?
+        .pop()
+        .ok_or_else(|| candle_core::Error::Msg("no map".into()))
 }
 
 /// The fast map of one target.
@@ -160,6 +195,7 @@ pub fn fast_map(
         .ok_or_else(|| candle_core::Error::Msg("no last block input".into()))?;
     let f = l2_normalize(&out.embedding)?;
     let logit = target_logit(&f, text, target)?
+        .to_dtype(candle_core::DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?[0];
     let maps = fast_maps(vision, &last, text)?;
@@ -218,7 +254,9 @@ pub fn gradcam_map(
         .forward(&vision.post_layernorm.forward(&cls)?)?;
     let f = l2_normalize(&emb)?;
     let logit_t = target_logit(&f, text, target)?.sum_all()?;
-    let logit = logit_t.to_scalar::<f32>()?;
+    let logit = logit_t
+        .to_dtype(candle_core::DType::F32)?
+        .to_scalar::<f32>()?;
     let grads = logit_t.backward()?;
     let g = grads
         .get(a.as_tensor())
@@ -228,7 +266,10 @@ pub fn gradcam_map(
         .squeeze(0)?
         .narrow(0, 0, 1)?
         .narrow(D::Minus1, 1, t - 1)?; // CLS -> patches
-    let values = row.flatten_all()?.to_vec1::<f32>()?;
+    let values = row
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     let gsz = vision.config.grid();
     Ok(ExplainMap {
         rows: gsz,
@@ -239,7 +280,7 @@ pub fn gradcam_map(
 }
 
 /// Occlusion sensitivity on a `grid x grid` partition of the input:
-/// logit(original) - logit(cell greyed). All occluded copies run as one batch.
+/// logit(original) - logit(cell greyed). The occluded copies run in batches.
 pub fn occlusion_map(
     vision: &VisionTower,
     pixels: &Tensor,
@@ -247,28 +288,51 @@ pub fn occlusion_map(
     target: Target,
     grid: usize,
 ) -> candle_core::Result<ExplainMap> {
+    occlusion_map_with(vision, pixels, text, target, grid, |_, _| true)?
+        .ok_or_else(|| candle_core::Error::Msg("occlusion map cancelled".into()))
+}
+
+/// Cells occluded per forward batch: small enough that progress shows and a
+/// cancellation lands within a second or two on a CPU.
+const OCCLUSION_BATCH: usize = 8;
+
+/// `occlusion_map` reporting its forward passes done (of `grid^2 + 1`) to
+/// `progress` after each batch; returning false from it cancels (`None`).
+pub fn occlusion_map_with(
+    vision: &VisionTower,
+    pixels: &Tensor,
+    text: &Tensor,
+    target: Target,
+    grid: usize,
+    mut progress: impl FnMut(usize, usize) -> bool,
+) -> candle_core::Result<Option<ExplainMap>> {
     let (_, c, s, _) = pixels.dims4()?;
     let grid = grid.clamp(1, s);
+    let total = grid * grid + 1;
     let base = l2_normalize(&vision.forward(pixels)?)?;
     let logit = target_logit(&base, text, target)?
+        .to_dtype(candle_core::DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?[0];
-    let data = pixels.flatten_all()?.to_vec1::<f32>()?;
+    if !progress(1, total) {
+        return Ok(None);
+    }
+    let data = pixels
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     let edges: Vec<usize> = (0..=grid).map(|i| i * s / grid).collect();
     let mut values = Vec::with_capacity(grid * grid);
-    // Batches of cells keep memory bounded for big grids.
     let cells: Vec<(usize, usize)> = (0..grid)
         .flat_map(|r| (0..grid).map(move |cc| (r, cc)))
         .collect();
-    for chunk in cells.chunks(16) {
+    for chunk in cells.chunks(OCCLUSION_BATCH) {
         let mut batch = Vec::with_capacity(chunk.len() * data.len());
         for &(r, cc) in chunk {
             let mut img = data.clone();
             for ch in 0..c {
                 for y in edges[r]..edges[r + 1] {
-                    for x in edges[cc]..edges[cc + 1] {
-                        img[ch * s * s + y * s + x] = 0.0;
-                    }
+                    img[(ch * s + y) * s + edges[cc]..(ch * s + y) * s + edges[cc + 1]].fill(0.0);
                 }
             }
             batch.extend(img);
@@ -277,16 +341,20 @@ pub fn occlusion_map(
             .to_dtype(pixels.dtype())?;
         let f = l2_normalize(&vision.forward(&px)?)?;
         let l = target_logit(&f, text, target)?
+            .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
         values.extend(l.into_iter().map(|v| logit - v));
+        if !progress(values.len() + 1, total) {
+            return Ok(None);
+        }
     }
-    Ok(ExplainMap {
+    Ok(Some(ExplainMap {
         rows: grid,
         cols: grid,
         values,
         logit,
-    })
+    }))
 }
 
 /// Bilinear upsampling of a map to `w x h` (cell centres at cell centres).

@@ -188,6 +188,9 @@ impl VisionTower {
     /// query-key mixing, as in MaskCLIP), `ln_post` and the projection:
     /// [B, g*g, E], from the last block's input.
     pub fn patch_value_embeddings(&self, last_block_input: &Tensor) -> Result<Tensor> {
+        if let Some(p) = super::vision_cpu::patch_value_embeddings(self, last_block_input)? {
+            return Ok(p);
+        }
         let Some(last) = self.layers.last() else {
             candle_core::bail!("vision tower has no layers")
         };

@@ -519,6 +519,69 @@ fn forward_on_worker(
     }))
 }
 
+/// The patch tokens of the last block's input `x` [B, T, D] taken through
+/// that block's value path only (no query-key mixing, as MaskCLIP does),
+/// its MLP, `ln_post` and the projection: [B, T-1, E]. The class token is
+/// skipped: without attention no token reads another. `None` when the fused
+/// path does not apply (the caller runs Candle's ops).
+pub fn patch_value_embeddings(tower: &VisionTower, x: &Tensor) -> Result<Option<Tensor>> {
+    if tower.candle_only || !x.device().is_cpu() || x.dtype() != DType::F32 || x.track_op() {
+        return Ok(None);
+    }
+    rayon::scope(|_| patch_values_on_worker(tower, x))
+}
+
+fn patch_values_on_worker(tower: &VisionTower, x: &Tensor) -> Result<Option<Tensor>> {
+    let d = tower.config.width;
+    let (b, t, dx) = x.dims3()?;
+    if dx != d || t < 2 {
+        return Ok(None);
+    }
+    let Some(views) = block_views(tower, tower.quantized.as_deref()) else {
+        return Ok(None);
+    };
+    let Some(blk) = views.last() else {
+        return Ok(None);
+    };
+    let (Some(post_ln), Some(proj)) = (
+        NormView::new(&tower.post_layernorm, d),
+        LinearView::new(&tower.projection, None),
+    ) else {
+        return Ok(None);
+    };
+    let x = x.contiguous()?;
+    let Some(xin) = HostF32::new(&x) else {
+        return Ok(None);
+    };
+    let p = t - 1;
+    let m = b * p;
+    // The residual stream of the patch tokens only: [B*(T-1), D].
+    let mut r = take_buffer(m * d);
+    let src = xin.slice();
+    for bi in 0..b {
+        r[bi * p * d..(bi + 1) * p * d].copy_from_slice(&src[(bi * t + 1) * d..(bi + 1) * t * d]);
+    }
+    let mut h = take_buffer(m * d);
+    let mut v = take_buffer(m * d);
+    blk.ln1.apply(&r, &mut h, d);
+    blk.qkv[2].apply(&h, None, m, &mut v, d, false)?;
+    blk.out.apply(&v, None, m, &mut r, d, true)?;
+    blk.ln2.apply(&r, &mut h, d);
+    let hidden = blk.fc1.n;
+    let mut f = take_buffer(m * hidden);
+    blk.fc1.apply(&h, None, m, &mut f, hidden, false)?;
+    activate(&mut f, blk.act);
+    blk.fc2.apply(&f, None, m, &mut r, d, true)?;
+    post_ln.apply(&r, &mut h, d);
+    let e = proj.n;
+    let mut out = vec![0f32; m * e];
+    proj.apply(&h, None, m, &mut out, e, false)?;
+    for buf in [r, h, v, f] {
+        give_back(buf);
+    }
+    Ok(Some(Tensor::from_vec(out, (b, p, e), &Device::Cpu)?))
+}
+
 fn block_views<'a>(
     tower: &'a VisionTower,
     quantized: Option<&'a QuantizedLinears>,
@@ -956,6 +1019,27 @@ mod tests {
             );
             assert_eq!(a.dims(), b.dims());
             assert!(max_diff(&a, &b) < 1e-4);
+        }
+    }
+
+    #[test]
+    fn fused_patch_values_match_candle_ops() {
+        for act in [Activation::QuickGelu, Activation::Gelu] {
+            let mut clip = small(act);
+            let px = Tensor::randn(0f32, 1.0, (2, 3, 48, 48), &Device::Cpu).unwrap();
+            let x = clip
+                .vision
+                .forward_with(&px, false, true)
+                .unwrap()
+                .last_block_input
+                .unwrap();
+            let fast = clip.vision.patch_value_embeddings(&x).unwrap();
+            clip.vision.candle_only = true;
+            let slow = clip.vision.patch_value_embeddings(&x).unwrap();
+            assert_eq!(fast.dims(), &[2, 9, 32]);
+            assert_eq!(fast.dims(), slow.dims());
+            let d = max_diff(&fast, &slow);
+            assert!(d < 1e-4, "{act:?}: patch values differ by {d}");
         }
     }
 

@@ -23,6 +23,7 @@
 //! (boxes without scores).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -34,7 +35,7 @@ use image::RgbImage;
 use crate::model::cliper::scoring;
 use crate::model::cliper::{CliperCheckpoint, DescriptorBank};
 use crate::model::device;
-use crate::model::explain::{self, ExplainMap, Target};
+use crate::model::explain::{self, ExplainMap, Method, Target};
 use crate::model::temporal::TemporalModule;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::{Checkpoint, ClipModel};
@@ -93,6 +94,20 @@ impl Default for DynamicSettings {
             stride: 1,
         }
     }
+}
+
+/// A request for the maps of one still frame (the app's paused frame),
+/// computed on a background thread: Grad-CAM and occlusion cost one to
+/// dozens of forward passes per face, far too slow for every frame.
+#[derive(Clone, Debug)]
+pub struct ExactRequest {
+    /// Chosen by the caller; the events about this request carry it.
+    pub id: u64,
+    pub frame: Arc<DetectedFrame>,
+    pub target: Target,
+    pub method: Method,
+    /// Occlusion grid cells per side.
+    pub grid: usize,
 }
 
 /// Live detection runs on frames shrunk to this longer side: 320x240 for a
@@ -245,6 +260,25 @@ pub enum PipelineEvent {
         error: String,
     },
     Scores(FrameScores),
+    /// One face's map for an [`ExactRequest`].
+    ExactMap {
+        request: u64,
+        face: u64,
+        map: ExplainMap,
+    },
+    /// Work done on an [`ExactRequest`], in forward passes.
+    ExactProgress {
+        request: u64,
+        done: usize,
+        total: usize,
+    },
+    /// An [`ExactRequest`] finished (`error`: it failed), or was cancelled
+    /// (`cancelled`: a newer request or [`PipelineCommand::Exact`]`(None)`).
+    ExactDone {
+        request: u64,
+        error: Option<String>,
+        cancelled: bool,
+    },
     /// Batch mode: every frame was processed, or the pipeline stopped.
     Finished,
 }
@@ -261,6 +295,12 @@ pub enum PipelineCommand {
     /// Compute the fast explanation map of this descriptor or class for
     /// every face (or stop: `None`).
     SetExplain(Option<Target>),
+    /// Compute the maps of a still frame in the background (a newer request
+    /// cancels the one running), or stop: `None`.
+    Exact(Option<ExactRequest>),
+    /// Hold a file source at its current frame (`true`) or play on. Live
+    /// cameras keep streaming (and recording): the window freezes instead.
+    SetPaused(bool),
 }
 
 type Notify = Arc<Mutex<Box<dyn FnMut() + Send>>>;
@@ -385,7 +425,9 @@ impl Pipeline {
     /// Sends a command to the stage that owns it.
     pub fn command(&self, cmd: PipelineCommand) {
         let _ = match cmd {
-            PipelineCommand::SetSource(_) => self.capture_cmd.send(cmd),
+            PipelineCommand::SetSource(_) | PipelineCommand::SetPaused(_) => {
+                self.capture_cmd.send(cmd)
+            }
             _ => self.infer_cmd.send(cmd),
         };
     }
@@ -462,8 +504,10 @@ fn capture_stage(
     // Real-time pacing of file sources: wall time of the first frame and its `t`.
     let mut clock: Option<(Instant, f64)> = None;
     let mut frames_this_source = 0u64;
+    let mut paused = false;
     loop {
         if let Some(s) = spec.take() {
+            paused = false;
             source = None;
             generation += 1;
             clock = None;
@@ -499,6 +543,7 @@ fn capture_stage(
             // Nothing to read: wait for a new source, or the end.
             match commands.recv() {
                 Ok(PipelineCommand::SetSource(s)) => spec = Some(s),
+                Ok(PipelineCommand::SetPaused(p)) => paused = p,
                 Ok(_) => {}
                 Err(_) => return,
             }
@@ -508,12 +553,24 @@ fn capture_stage(
         loop {
             match commands.try_recv() {
                 Ok(PipelineCommand::SetSource(s)) => spec = Some(s),
+                Ok(PipelineCommand::SetPaused(p)) => paused = p,
                 Ok(_) => {}
                 Err(crossbeam_channel::TryRecvError::Empty) => break,
                 Err(crossbeam_channel::TryRecvError::Disconnected) => return,
             }
         }
         if spec.is_some() {
+            continue;
+        }
+        if paused && !src.is_live() && config.mode == RunMode::Live {
+            // A file holds its frame until resumed; its clock restarts then.
+            match commands.recv() {
+                Ok(PipelineCommand::SetSource(s)) => spec = Some(s),
+                Ok(PipelineCommand::SetPaused(p)) => paused = p,
+                Ok(_) => {}
+                Err(_) => return,
+            }
+            clock = None;
             continue;
         }
         if config.max_frames.is_some_and(|m| seq >= m) {
@@ -567,6 +624,20 @@ fn capture_stage(
                     Ok(PipelineCommand::SetSource(s)) => {
                         spec = Some(s);
                         continue;
+                    }
+                    // Paused while waiting: this frame is shown on resume.
+                    Ok(PipelineCommand::SetPaused(true)) => {
+                        paused = true;
+                        match commands.recv() {
+                            Ok(PipelineCommand::SetSource(s)) => {
+                                spec = Some(s);
+                                continue;
+                            }
+                            Ok(PipelineCommand::SetPaused(p)) => paused = p,
+                            Ok(_) => {}
+                            Err(_) => return,
+                        }
+                        clock = Some((Instant::now(), frame.t));
                     }
                     Ok(_) => {}
                     Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
@@ -683,7 +754,8 @@ fn detect_loop(
 
 /// The model side of the pipeline, owned by the inference thread.
 struct Scorer {
-    clip: ClipModel,
+    /// Shared with the background thread of exact maps.
+    clip: Arc<ClipModel>,
     tokenizer: ClipTokenizer,
     /// The CLIPER checkpoint of the learned bank in use (its vision tower,
     /// if any, is applied; its temporal weights await the dynamic branch).
@@ -698,6 +770,9 @@ struct Scorer {
     last_dynamic: HashMap<u64, DynamicScores>,
     /// The target of the live explanation map, if any.
     explain: Option<Target>,
+    /// The id of the exact-map request that may run (0: none); a running
+    /// job stops at its next step once this changes.
+    exact_current: Arc<AtomicU64>,
 }
 
 impl Scorer {
@@ -711,7 +786,7 @@ impl Scorer {
         let dynamic = DynamicScorer::new(temporal_of(cliper.as_ref(), &clip), &clip.device);
         let settings = DynamicSettings::default();
         Self {
-            clip,
+            clip: Arc::new(clip),
             tokenizer,
             cliper,
             bank: Arc::new(bank),
@@ -720,6 +795,7 @@ impl Scorer {
             dynamic,
             last_dynamic: HashMap::new(),
             explain: None,
+            exact_current: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -744,8 +820,10 @@ impl Scorer {
             if let Some(c) = checkpoint.as_ref().filter(|c| !c.vision.is_empty()) {
                 c.apply_vision(&mut base).map_err(|e| e.to_string())?;
             }
-            self.clip = ClipModel::from_checkpoint(&base, &self.clip.device, self.clip.dtype)
-                .map_err(|e| e.to_string())?;
+            self.clip = Arc::new(
+                ClipModel::from_checkpoint(&base, &self.clip.device, self.clip.dtype)
+                    .map_err(|e| e.to_string())?,
+            );
         }
         let bank = setup::load_bank(&self.clip, &self.tokenizer, source, checkpoint.as_ref())
             .map_err(|e| e.to_string())?;
@@ -777,6 +855,35 @@ impl Scorer {
             .map_err(|e| format!("cannot encode the text: {e}"))?;
         self.probe = Some((text.clone(), feat));
         Ok(Some(text))
+    }
+
+    /// Starts (or, with `None`, stops) the background job of exact maps.
+    /// The job gets its own handles on the model and the bank's text
+    /// features, so scoring goes on while it runs.
+    fn exact(&mut self, request: Option<ExactRequest>, analyzer: &AnalyzerConfig, events: &Events) {
+        let Some(request) = request else {
+            self.exact_current.store(0, Ordering::SeqCst);
+            return;
+        };
+        self.exact_current.store(request.id, Ordering::SeqCst);
+        let job = ExactJob {
+            clip: self.clip.clone(),
+            text: self.bank.text_features.clone(),
+            analyzer: analyzer.clone(),
+            current: self.exact_current.clone(),
+            events: events.clone(),
+        };
+        let id = request.id;
+        let spawned = std::thread::Builder::new()
+            .name("cliper-explain".into())
+            .spawn(move || job.run(request));
+        if let Err(e) = spawned {
+            events.send(PipelineEvent::ExactDone {
+                request: id,
+                error: Some(format!("cannot start the explanation thread: {e}")),
+                cancelled: false,
+            });
+        }
     }
 
     /// Scores all faces of a frame in one batch.
@@ -848,14 +955,9 @@ impl Scorer {
         let mut maps: Vec<Option<ExplainMap>> = vec![None; frame.faces.len()];
         if let (Some(target), Some(last)) = (self.explain, &last_input) {
             let text = self.bank.text_features.to_dtype(last.dtype())?;
-            for (i, m) in maps.iter_mut().enumerate() {
-                *m = Some(explain::fast_target_map(
-                    &self.clip.vision,
-                    last,
-                    i,
-                    &text,
-                    target,
-                )?);
+            let fast = explain::fast_target_maps(&self.clip.vision, last, &text, target)?;
+            for (m, f) in maps.iter_mut().zip(fast) {
+                *m = Some(f);
             }
         }
         timings.score_ms = start.elapsed().as_secs_f32() * 1000.0;
@@ -895,6 +997,90 @@ fn temporal_of(cliper: Option<&CliperCheckpoint>, clip: &ClipModel) -> Option<Te
             );
             None
         }
+    }
+}
+
+/// The maps of one still frame, computed off the inference thread.
+struct ExactJob {
+    clip: Arc<ClipModel>,
+    text: Tensor,
+    analyzer: AnalyzerConfig,
+    current: Arc<AtomicU64>,
+    events: Events,
+}
+
+impl ExactJob {
+    fn run(self, request: ExactRequest) {
+        let id = request.id;
+        let (error, cancelled) = match self.maps(&request) {
+            Ok(done) => (None, !done),
+            Err(e) => (Some(e.to_string()), false),
+        };
+        self.events.send(PipelineEvent::ExactDone {
+            request: id,
+            error,
+            cancelled,
+        });
+    }
+
+    fn live(&self, id: u64) -> bool {
+        self.current.load(Ordering::SeqCst) == id
+    }
+
+    /// Sends each face's map as it is done; `Ok(false)`: cancelled.
+    fn maps(&self, r: &ExactRequest) -> candle_core::Result<bool> {
+        let clip = &self.clip;
+        let text = self.text.to_dtype(clip.dtype)?;
+        let faces = &r.frame.faces;
+        let grid = r.grid.clamp(1, clip.config.vision.image_size);
+        // Forward passes per face, for the progress figure.
+        let per_face = match r.method {
+            Method::Occlusion => grid * grid + 1,
+            _ => 1,
+        };
+        let total = per_face * faces.len();
+        for (i, face) in faces.iter().enumerate() {
+            if !self.live(r.id) {
+                return Ok(false);
+            }
+            let crop = if self.analyzer.detect {
+                crop_face(&r.frame.image, &face.bbox, self.analyzer.margin)
+            } else {
+                (*r.frame.image).clone()
+            };
+            let px = clip.pixels(&[crop])?.to_dtype(clip.dtype)?;
+            let vision = &clip.vision;
+            let map = match r.method {
+                Method::Fast => explain::fast_map(vision, &px, &text, r.target)?,
+                Method::GradCam => explain::gradcam_map(vision, &px, &text, r.target)?,
+                Method::Occlusion => {
+                    let progress = |done: usize, _: usize| {
+                        self.events.send(PipelineEvent::ExactProgress {
+                            request: r.id,
+                            done: i * per_face + done,
+                            total,
+                        });
+                        self.live(r.id)
+                    };
+                    match explain::occlusion_map_with(vision, &px, &text, r.target, grid, progress)?
+                    {
+                        Some(m) => m,
+                        None => return Ok(false),
+                    }
+                }
+            };
+            self.events.send(PipelineEvent::ExactMap {
+                request: r.id,
+                face: face.id,
+                map,
+            });
+            self.events.send(PipelineEvent::ExactProgress {
+                request: r.id,
+                done: (i + 1) * per_face,
+                total,
+            });
+        }
+        Ok(true)
     }
 }
 
@@ -947,7 +1133,7 @@ fn infer_stage(
             select! {
                 recv(commands) -> cmd => {
                     match cmd {
-                        Ok(cmd) => handle_command(&mut scorer, cmd, &events),
+                        Ok(cmd) => handle_command(&mut scorer, cmd, &config.analyzer, &events),
                         // The owner is gone: finish the frames in flight
                         // (batch) or stop (live).
                         Err(_) if batch => commands_open = false,
@@ -1007,11 +1193,25 @@ fn infer_stage(
     }
 }
 
-fn handle_command(scorer: &mut Option<Scorer>, cmd: PipelineCommand, events: &Events) {
+fn handle_command(
+    scorer: &mut Option<Scorer>,
+    cmd: PipelineCommand,
+    analyzer: &AnalyzerConfig,
+    events: &Events,
+) {
     let Some(s) = scorer.as_mut() else {
         let what = match cmd {
             PipelineCommand::SetBank(_) => "descriptors",
-            _ => "probe text",
+            PipelineCommand::Exact(Some(r)) => {
+                events.send(PipelineEvent::ExactDone {
+                    request: r.id,
+                    error: Some("no model is loaded".into()),
+                    cancelled: false,
+                });
+                return;
+            }
+            PipelineCommand::SetProbe(_) => "probe text",
+            _ => return,
         };
         events.send(PipelineEvent::ModelFailed(format!(
             "cannot change the {what}: no model is loaded"
@@ -1038,7 +1238,11 @@ fn handle_command(scorer: &mut Option<Scorer>, cmd: PipelineCommand, events: &Ev
             s.explain = t;
             return;
         }
-        PipelineCommand::SetSource(_) => return,
+        PipelineCommand::Exact(r) => {
+            s.exact(r, analyzer, events);
+            return;
+        }
+        PipelineCommand::SetSource(_) | PipelineCommand::SetPaused(_) => return,
     };
     events.send(ev);
 }
