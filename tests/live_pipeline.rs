@@ -540,6 +540,41 @@ fn live_window_runs_the_demo_and_saves_a_screenshot() {
     assert!(scored > 5, "{report}");
 }
 
+/// Pausing computes the exact map of the frozen frame in the background:
+/// the window keeps drawing (the report counts UI frames after the pause)
+/// and ends with the occlusion map of the face on screen.
+#[test]
+fn live_window_pauses_and_draws_the_exact_map() {
+    let Some((img, err)) = live_screenshot(
+        &[
+            "--source",
+            "demo",
+            "--weights",
+            &weights(),
+            "--explain",
+            "happiness",
+            "--map",
+            "occlusion",
+            "--grid",
+            "4",
+            "--pause-after",
+            "2",
+        ],
+        "7",
+    ) else {
+        return;
+    };
+    assert!(luma_std(&img) > 25.0, "screenshot looks blank");
+    let report = err
+        .lines()
+        .find(|l| l.starts_with("live session:"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        report.contains("paused with the occlusion map of 1 face(s)"),
+        "{report}"
+    );
+}
+
 #[test]
 fn live_window_without_weights_shows_the_first_run_screen() {
     let dir = tempfile::tempdir().unwrap();

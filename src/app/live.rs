@@ -390,6 +390,11 @@ impl CliperApp {
             score_ms: t.score_ms,
             frames_shown: self.store.frames_seen,
             scores: self.store.scores_seen,
+            exact_map: self
+                .store
+                .current_exact()
+                .filter(|e| e.finished && e.error.is_none())
+                .map(|e| (e.method.as_str(), e.maps.len(), e.secs.unwrap_or(0.0))),
         }
     }
 

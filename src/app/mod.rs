@@ -108,6 +108,9 @@ pub struct SessionReport {
     pub score_ms: f32,
     pub frames_shown: u64,
     pub scores: u64,
+    /// The exact map on screen at the end, if paused with one:
+    /// (method, faces mapped, seconds it took).
+    pub exact_map: Option<(&'static str, usize, f32)>,
 }
 
 impl std::fmt::Display for SessionReport {
@@ -127,7 +130,14 @@ impl std::fmt::Display for SessionReport {
             self.score_ms,
             self.frames_shown,
             self.scores
-        )
+        )?;
+        if let Some((method, faces, secs)) = self.exact_map {
+            write!(
+                f,
+                ", paused with the {method} map of {faces} face(s) ({secs:.1} s)"
+            )?;
+        }
+        Ok(())
     }
 }
 
