@@ -339,7 +339,7 @@ fn live_pipeline_computes_exact_maps_of_a_paused_frame() {
         }
     }
     let frame = frame.unwrap();
-    let face = frame.faces[0].clone();
+    let face = frame.faces[0];
     let request = |id, method, grid| {
         PipelineCommand::Exact(Some(ExactRequest {
             id,

@@ -362,6 +362,9 @@ impl Store {
                 for h in self.faces.values_mut() {
                     h.timeline.clear();
                 }
+                // Maps of the paused frame were made with the old text
+                // features: they are asked for again.
+                self.exact.clear();
             }
             PipelineEvent::BankFailed(e) => self.bank_error = Some(e),
             PipelineEvent::ProbeReady(t) => {
