@@ -14,12 +14,7 @@ use cliper::model::{Checkpoint, ClipModel};
 use common::*;
 
 fn model_c() -> ClipModel {
-    let ckpt = Checkpoint::load(
-        &fixtures().join("clip_c_hf16/model.safetensors"),
-        DType::F32,
-    )
-    .unwrap();
-    ClipModel::from_checkpoint(&ckpt, &Device::Cpu, DType::F32).unwrap()
+    tiny_clip()
 }
 
 fn path(rel: &str) -> String {

@@ -3,30 +3,15 @@
 
 mod common;
 
-use candle_core::{DType, Device};
-use cliper::model::cliper::{CliperCheckpoint, DescriptorBank};
+use candle_core::Device;
 use cliper::model::explain::{fast_maps, gradcam_map, occlusion_map, Target};
+use cliper::model::preprocess;
 use cliper::model::tokenizer::ClipTokenizer;
-use cliper::model::{preprocess, Checkpoint, ClipModel};
 use common::*;
 
 #[test]
 fn maps_match_pytorch() {
-    let ckpt = Checkpoint::load(
-        &fixtures().join("clip_c_hf16/model.safetensors"),
-        DType::F32,
-    )
-    .unwrap();
-    let clip = ClipModel::from_checkpoint(&ckpt, &Device::Cpu, DType::F32).unwrap();
-    let ck =
-        CliperCheckpoint::load(&fixtures().join("clip_c_hf16/descriptors.safetensors")).unwrap();
-    let bank = DescriptorBank::learned(
-        &clip,
-        &ClipTokenizer::new(),
-        ck.require_descriptor().unwrap(),
-        "d",
-    )
-    .unwrap();
+    let (clip, bank) = tiny_cliper();
     let r = read_json(&fixtures().join("clip_c_hf16/explain_reference.json"));
     let img = image::open(fixtures().join("clip_c_hf16/face.png")).unwrap();
     let px = preprocess::preprocess_tensor(&img, 24, &Device::Cpu)
@@ -256,21 +241,7 @@ fn live_pipeline_draws_the_fast_map_of_the_chosen_target() {
     pipeline.join();
     assert_eq!(scored.len(), 3);
     // The map equals the one computed directly on the face crop.
-    let ckpt = Checkpoint::load(
-        &fixtures().join("clip_c_hf16/model.safetensors"),
-        DType::F32,
-    )
-    .unwrap();
-    let clip = ClipModel::from_checkpoint(&ckpt, &Device::Cpu, DType::F32).unwrap();
-    let ck =
-        CliperCheckpoint::load(&fixtures().join("clip_c_hf16/descriptors.safetensors")).unwrap();
-    let bank = DescriptorBank::learned(
-        &clip,
-        &ClipTokenizer::new(),
-        ck.require_descriptor().unwrap(),
-        "d",
-    )
-    .unwrap();
+    let (clip, bank) = tiny_cliper();
     let img = image::open(&photo).unwrap().to_rgb8();
     for s in &scored {
         let f = &s.faces[0];
@@ -377,21 +348,7 @@ fn live_pipeline_computes_exact_maps_of_a_paused_frame() {
     };
 
     // The direct maps on the same crop.
-    let ckpt = Checkpoint::load(
-        &fixtures().join("clip_c_hf16/model.safetensors"),
-        DType::F32,
-    )
-    .unwrap();
-    let clip = ClipModel::from_checkpoint(&ckpt, &Device::Cpu, DType::F32).unwrap();
-    let ck =
-        CliperCheckpoint::load(&fixtures().join("clip_c_hf16/descriptors.safetensors")).unwrap();
-    let bank = DescriptorBank::learned(
-        &clip,
-        &ClipTokenizer::new(),
-        ck.require_descriptor().unwrap(),
-        "d",
-    )
-    .unwrap();
+    let (clip, bank) = tiny_cliper();
     let crop = cliper::vision::faces::crop_face(
         &frame.image,
         &face.bbox,
@@ -439,12 +396,7 @@ fn live_pipeline_computes_exact_maps_of_a_paused_frame() {
 #[test]
 fn occlusion_reports_progress_and_can_be_cancelled() {
     use cliper::model::explain::occlusion_map_with;
-    let ckpt = Checkpoint::load(
-        &fixtures().join("clip_c_hf16/model.safetensors"),
-        DType::F32,
-    )
-    .unwrap();
-    let clip = ClipModel::from_checkpoint(&ckpt, &Device::Cpu, DType::F32).unwrap();
+    let clip = tiny_clip();
     let text = clip
         .encode_texts(&ClipTokenizer::new(), &["a smiling face"; 35])
         .unwrap();

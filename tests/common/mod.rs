@@ -7,6 +7,37 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// The tiny full-vocabulary CLIP fixture (`clip_c_hf16`), f32 on the CPU.
+pub fn tiny_clip() -> cliper::model::ClipModel {
+    use candle_core::{DType, Device};
+    let ckpt = cliper::model::Checkpoint::load(
+        &fixtures().join("clip_c_hf16/model.safetensors"),
+        DType::F32,
+    )
+    .unwrap();
+    cliper::model::ClipModel::from_checkpoint(&ckpt, &Device::Cpu, DType::F32).unwrap()
+}
+
+/// `tiny_clip()` with the learned descriptor bank of its fixture checkpoint.
+pub fn tiny_cliper() -> (
+    cliper::model::ClipModel,
+    cliper::model::cliper::DescriptorBank,
+) {
+    let clip = tiny_clip();
+    let ck = cliper::model::cliper::CliperCheckpoint::load(
+        &fixtures().join("clip_c_hf16/descriptors.safetensors"),
+    )
+    .unwrap();
+    let bank = cliper::model::cliper::DescriptorBank::learned(
+        &clip,
+        &cliper::model::tokenizer::ClipTokenizer::new(),
+        ck.require_descriptor().unwrap(),
+        "d",
+    )
+    .unwrap();
+    (clip, bank)
+}
+
 pub fn read_json(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
