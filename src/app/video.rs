@@ -180,7 +180,9 @@ pub fn show(
                     ""
                 }
             );
-            if let Some(e) = store.current_exact() {
+            if p.frame.faces.is_empty() {
+                text.push_str("\nno face in this frame to explain");
+            } else if let Some(e) = store.current_exact() {
                 let (done, total) = e.progress;
                 text.push_str(&match (&e.error, e.finished) {
                     (Some(err), _) => format!("\n{} map failed: {err}", e.method.label()),
