@@ -16,6 +16,8 @@ use crate::vision::source::SourceSpec;
 #[derive(Default)]
 pub struct VideoView {
     texture: Option<TextureHandle>,
+    /// One texture per face for its explanation map.
+    maps: std::collections::HashMap<u64, TextureHandle>,
     /// (generation, seq) of the frame in the texture.
     shown: Option<(u64, u64)>,
 }
@@ -102,33 +104,17 @@ pub fn show(
                     &b,
                     crate::vision::faces::DEFAULT_FACE_MARGIN,
                 );
-                let (lo, hi) = map
-                    .values
-                    .iter()
-                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, z), &v| {
-                        (a.min(v), z.max(v))
-                    });
-                let span = if hi > lo { hi - lo } else { 1.0 };
-                let cw = side as f32 / map.cols as f32;
-                let ch = side as f32 / map.rows as f32;
-                let alpha = (store.explain_opacity.clamp(0.0, 1.0) * 255.0) as u8;
-                for rr in 0..map.rows {
-                    for cc in 0..map.cols {
-                        let v = map.values[rr * map.cols + cc];
-                        let col = crate::model::explain::colormap((v - lo) / span);
-                        let x0 = sx as f32 + cc as f32 * cw;
-                        let y0 = sy as f32 + rr as f32 * ch;
-                        let cell = Rect::from_min_max(
-                            r.min + Vec2::new(x0, y0) * scale,
-                            r.min + Vec2::new(x0 + cw, y0 + ch) * scale,
-                        );
-                        painter.rect_filled(
-                            cell,
-                            CornerRadius::ZERO,
-                            Color32::from_rgba_unmultiplied(col[0], col[1], col[2], alpha),
-                        );
-                    }
-                }
+                let region = Rect::from_min_max(
+                    r.min + Vec2::new(sx as f32, sy as f32) * scale,
+                    r.min + Vec2::new((sx + side) as f32, (sy + side) as f32) * scale,
+                );
+                let tex = map_texture(ui.ctx(), view, tf.id, map, store.explain_opacity);
+                painter.image(
+                    tex.id(),
+                    region,
+                    Rect::from_min_max(Pos2::ZERO, Pos2::new(1.0, 1.0)),
+                    Color32::WHITE,
+                );
             }
             let selected = store.selected == Some(tf.id);
             if selected {
@@ -332,4 +318,46 @@ fn overlay_label(painter: &egui::Painter, pos: Pos2, align: Align2, text: &str) 
     let r = align.anchor_size(pos, galley.size() + Vec2::new(12.0, 6.0));
     painter.rect_filled(r, CornerRadius::same(4), Color32::from_black_alpha(170));
     painter.galley(r.min + Vec2::new(6.0, 3.0), galley, Color32::WHITE);
+}
+
+/// Texels per grid cell side of an explanation map's texture.
+const MAP_TEXELS: usize = 112;
+
+/// The map upsampled bilinearly (cell centres on cell centres, as
+/// `cliper explain` draws it), coloured on its own range, with the opacity
+/// as alpha, in face `id`'s texture.
+fn map_texture(
+    ctx: &egui::Context,
+    view: &mut VideoView,
+    id: u64,
+    map: &crate::model::explain::ExplainMap,
+    opacity: f32,
+) -> TextureHandle {
+    let (lo, hi) = map
+        .values
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, z), &v| {
+            (a.min(v), z.max(v))
+        });
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    let n = MAP_TEXELS.div_ceil(map.rows.max(map.cols)).max(1) * map.rows.max(map.cols);
+    let up = crate::model::explain::upsample(map, n as u32, n as u32);
+    let alpha = (opacity.clamp(0.0, 1.0) * 255.0).round() as u8;
+    let rgba: Vec<u8> = up
+        .iter()
+        .flat_map(|&v| {
+            let [r, g, b] = crate::model::explain::colormap((v - lo) / span);
+            [r, g, b, alpha]
+        })
+        .collect();
+    let img = egui::ColorImage::from_rgba_unmultiplied([n, n], &rgba);
+    // Faces that left keep no texture.
+    if view.maps.len() > 32 {
+        view.maps.clear();
+    }
+    view.maps
+        .entry(id)
+        .and_modify(|t| t.set(img.clone(), TextureOptions::LINEAR))
+        .or_insert_with(|| ctx.load_texture(format!("map-{id}"), img, TextureOptions::LINEAR))
+        .clone()
 }
