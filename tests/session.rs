@@ -447,9 +447,19 @@ fn sigkill_mid_recording_leaves_a_readable_session_that_report_recovers() {
     // The finished segments were joined into a playable video.
     let mut v = session.open_video().unwrap().unwrap();
     assert_eq!(session.video_files(), [dir.join("video.mp4")]);
+    // The segment in progress was rebuilt from its index: the video lacks
+    // at most the frame being encoded, the one held for its duration and
+    // one in the encoder's queue.
+    assert!(rec.unfinished_segments.is_empty(), "{rec:?}");
+    println!(
+        "{} JSONL frames, {} video frames ({} rebuilt)",
+        whole,
+        v.len(),
+        rec.salvaged_frames
+    );
     assert!(
-        v.len() >= 40 && v.len() <= whole,
-        "{} video frames",
+        v.len() + 3 >= whole && v.len() <= whole,
+        "{} video frames for {whole} JSONL frames",
         v.len()
     );
     assert_eq!(meta.counts.video_frames, v.len() as u64);

@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 use super::meta::{RecoveryMeta, SessionMeta, SessionStatus};
 use super::record::{csv_header, FrameRecord};
-use super::video::list_unfinished_segments;
+use super::video::{list_unfinished_segments, salvage_segment};
 use super::writer::{join_segments, remove_segments};
 use super::{
     iso8601, write_atomic, SessionError, CSV_FILE, JSONL_FILE, LOCK_FILE, RAW_SEGMENTS_DIR,
@@ -39,6 +39,9 @@ pub struct RecoveryReport {
     /// video.mp4, when finished segments were joined.
     pub video: Option<PathBuf>,
     pub video_frames: u64,
+    /// Frames rebuilt from segments the crash left unfinished.
+    pub salvaged_frames: u64,
+    /// Unfinished segments that could not be rebuilt (kept as they are).
     pub unfinished_segments: Vec<PathBuf>,
     pub errors: Vec<String>,
 }
@@ -55,6 +58,13 @@ impl std::fmt::Display for RecoveryReport {
         match &self.video {
             Some(_) => write!(f, ", {} video frames", self.video_frames)?,
             None => write!(f, ", no finished video segment")?,
+        }
+        if self.salvaged_frames > 0 {
+            write!(
+                f,
+                " ({} rebuilt from the unfinished segment)",
+                self.salvaged_frames
+            )?;
         }
         if self.jsonl_bytes_cut + self.csv_bytes_cut > 0 {
             write!(f, " (cut an unfinished last line)")?;
@@ -103,11 +113,26 @@ pub fn finalize(dir: &Path) -> Result<Finalized, SessionError> {
     let mut video_frames = 0;
     let mut joined = Vec::new();
     let mut unfinished = Vec::new();
+    let mut salvaged_frames = 0;
     for (sub, out) in [
         (VIDEO_SEGMENTS_DIR, VIDEO_FILE),
         (RAW_SEGMENTS_DIR, RAW_VIDEO_FILE),
     ] {
-        unfinished.extend(list_unfinished_segments(&dir.join(sub)));
+        // The segment in progress when the writer died, rebuilt from its index.
+        for part in list_unfinished_segments(&dir.join(sub)) {
+            match salvage_segment(&part) {
+                Ok(n) if n > 0 => {
+                    if sub == VIDEO_SEGMENTS_DIR {
+                        salvaged_frames += n;
+                    }
+                }
+                Ok(_) => unfinished.push(part),
+                Err(e) => {
+                    errors.push(format!("unfinished segment not rebuilt: {e}"));
+                    unfinished.push(part);
+                }
+            }
+        }
         // A join cut short by the crash.
         let _ = std::fs::remove_file(dir.join(out).with_extension("mp4.tmp"));
         match join_segments(dir, sub, out) {
@@ -144,6 +169,7 @@ pub fn finalize(dir: &Path) -> Result<Finalized, SessionError> {
         jsonl_bytes_cut,
         csv_bytes_cut,
         csv_rebuilt,
+        salvaged_frames,
         unfinished_segments: unfinished.iter().map(|p| p.display().to_string()).collect(),
     });
     meta.write(dir)?;
@@ -159,6 +185,7 @@ pub fn finalize(dir: &Path) -> Result<Finalized, SessionError> {
         csv_bytes_cut,
         video,
         video_frames,
+        salvaged_frames,
         unfinished_segments: unfinished,
         errors,
     }))

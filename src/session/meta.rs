@@ -171,8 +171,12 @@ pub struct RecoveryMeta {
     /// between the two writes of a frame).
     #[serde(default)]
     pub csv_rebuilt: bool,
-    /// Video segments that were being written when the writer died (kept
-    /// as `.part`, not playable).
+    /// Video frames rebuilt from the segment being written when the writer
+    /// died (from its sample index).
+    #[serde(default)]
+    pub salvaged_frames: u64,
+    /// Video segments that were being written when the writer died and could
+    /// not be rebuilt (kept as `.part`, not playable).
     pub unfinished_segments: Vec<String>,
 }
 

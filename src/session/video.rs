@@ -5,9 +5,13 @@
 //! An MP4 is only playable once its index (`moov`) is written at the end, so
 //! a single growing file would be lost entirely to a crash. Instead each
 //! segment (about 2 s) starts with a key frame, is written as
-//! `seg_NNNNN.mp4.part`, and is renamed to `seg_NNNNN.mp4` once finished: a
-//! crash loses at most the segment in progress. [`remux`] joins the finished
-//! segments into one file without re-encoding.
+//! `seg_NNNNN.mp4.part`, and is renamed to `seg_NNNNN.mp4` once finished.
+//! The muxer holds samples in memory until a chunk is full, so next to the
+//! segment in progress a journal, `seg_NNNNN.mp4.journal`, gets each encoded
+//! sample (size, duration, key flag, bytes) as one unbuffered write: after a
+//! crash [`salvage_segment`] rebuilds the unfinished segment from it, so a
+//! crash loses at most the frame being written.
+//! [`remux`] joins the finished segments into one file without re-encoding.
 //!
 //! Frames carry their own times: a sample lasts until the next frame, so the
 //! video keeps real time even when frames were skipped, and frame times equal
@@ -15,7 +19,7 @@
 
 use std::borrow::Cow;
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use image::{imageops, Rgb, RgbImage};
@@ -248,10 +252,22 @@ fn video_track(w: u32, h: u32, sps: Vec<u8>, pps: Vec<u8>) -> mp4::TrackConfig {
     }
 }
 
+/// First bytes of a segment journal (`seg_NNNNN.mp4.journal`), then width
+/// and height (u16 LE each), SPS and PPS (u16 LE length, bytes), then per
+/// sample: size u32, duration u32 (LE), key flag u8, the sample's bytes.
+const JOURNAL_MAGIC: &[u8; 8] = b"CLPRJRN1";
+
+/// The journal of segment `part` (`seg_N.mp4.part` -> `seg_N.mp4.journal`).
+pub fn journal_path(part: &Path) -> PathBuf {
+    part.with_extension("journal")
+}
+
 struct OpenSegment {
     part: PathBuf,
     done: PathBuf,
     mux: mp4::Mp4Writer<BufWriter<File>>,
+    /// Every sample of the segment, appended unbuffered (crash recovery).
+    journal: File,
     /// Time of its first frame.
     t0: f64,
 }
@@ -366,12 +382,26 @@ impl SegmentWriter {
         let mux_err = |e: mp4::Error| SessionError::write(&part, e);
         let mut mux =
             mp4::Mp4Writer::write_start(BufWriter::new(file), &mp4_config()).map_err(mux_err)?;
+        let journal_path = journal_path(&part);
+        let mut header = JOURNAL_MAGIC.to_vec();
+        header.extend((self.size.0 as u16).to_le_bytes());
+        header.extend((self.size.1 as u16).to_le_bytes());
+        for ps in [&sps, &pps] {
+            header.extend((ps.len() as u16).to_le_bytes());
+            header.extend(ps.iter());
+        }
+        let mut journal =
+            File::create(&journal_path).map_err(|e| SessionError::write(&journal_path, e))?;
+        journal
+            .write_all(&header)
+            .map_err(|e| SessionError::write(&journal_path, e))?;
         mux.add_track(&video_track(self.size.0, self.size.1, sps, pps))
             .map_err(mux_err)?;
         self.open = Some(OpenSegment {
             part,
             done,
             mux,
+            journal,
             t0: t,
         });
         Ok(())
@@ -389,6 +419,16 @@ impl SegmentWriter {
         let Some(seg) = self.open.as_mut() else {
             return Ok(());
         };
+        // The journal first, in one write: the muxer keeps the sample in
+        // memory until its chunk is full.
+        let mut record = Vec::with_capacity(9 + h.sample.len());
+        record.extend((h.sample.len() as u32).to_le_bytes());
+        record.extend(duration.to_le_bytes());
+        record.push(u8::from(h.is_sync));
+        record.extend(&h.sample);
+        seg.journal
+            .write_all(&record)
+            .map_err(|e| SessionError::write(&journal_path(&seg.part), e))?;
         let sample = mp4::Mp4Sample {
             start_time: 0, // the writer times samples by their durations
             duration,
@@ -415,6 +455,8 @@ impl SegmentWriter {
         file.sync_all().map_err(|e| err(&e))?;
         drop(file);
         std::fs::rename(&seg.part, &seg.done).map_err(|e| err(&e))?;
+        drop(seg.journal);
+        let _ = std::fs::remove_file(journal_path(&seg.part));
         self.segments.push(seg.done);
         Ok(())
     }
@@ -451,6 +493,80 @@ pub fn list_unfinished_segments(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default();
     v.sort();
     v
+}
+
+/// Rebuilds an unfinished segment (`seg_N.mp4.part`, left by a crash) as
+/// `seg_N.mp4` from its journal: every sample written whole, up to the first
+/// one cut short. Returns the frames kept (0: nothing playable; the files
+/// are left as they are).
+pub fn salvage_segment(part: &Path) -> Result<u64, SessionError> {
+    let journal = journal_path(part);
+    let data = std::fs::read(&journal).map_err(|e| SessionError::read(&journal, e))?;
+    let mut at = 0usize;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let s = data.get(at..at.checked_add(n)?)?;
+        at += n;
+        Some(s)
+    };
+    let u16_of = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
+    let u32_of = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let header = (|| {
+        if take(8)? != JOURNAL_MAGIC {
+            return None;
+        }
+        let w = u16_of(take(2)?);
+        let h = u16_of(take(2)?);
+        let n = u16_of(take(2)?) as usize;
+        let sps = take(n)?.to_vec();
+        let n = u16_of(take(2)?) as usize;
+        let pps = take(n)?.to_vec();
+        Some((w, h, sps, pps))
+    })();
+    let Some((w, h, sps, pps)) = header else {
+        return Err(SessionError::Video {
+            path: journal,
+            reason: "not a cliper segment journal".into(),
+        });
+    };
+    let mut samples = Vec::new();
+    while let Some(head) = take(9) {
+        let (size, duration, is_sync) = (u32_of(&head[0..4]), u32_of(&head[4..8]), head[8] != 0);
+        let Some(bytes) = take(size as usize) else {
+            break; // the sample being written when the writer died
+        };
+        samples.push(mp4::Mp4Sample {
+            start_time: 0,
+            duration,
+            rendering_offset: 0,
+            is_sync,
+            bytes: bytes.to_vec().into(),
+        });
+    }
+    if !samples.first().is_some_and(|s| s.is_sync) {
+        return Ok(0); // no key frame to start from
+    }
+    let done = part.with_extension(""); // seg_N.mp4
+    let tmp = part.with_extension("salvage");
+    let out = File::create(&tmp).map_err(|e| SessionError::write(&tmp, e))?;
+    let mux_err = |e: mp4::Error| SessionError::write(&tmp, e);
+    let mut mux =
+        mp4::Mp4Writer::write_start(BufWriter::new(out), &mp4_config()).map_err(mux_err)?;
+    mux.add_track(&video_track(u32::from(w), u32::from(h), sps, pps))
+        .map_err(mux_err)?;
+    for sample in &samples {
+        mux.write_sample(1, sample).map_err(mux_err)?;
+    }
+    mux.write_end().map_err(mux_err)?;
+    let file = mux
+        .into_writer()
+        .into_inner()
+        .map_err(|e| SessionError::write(&tmp, e.error().to_string()))?;
+    file.sync_all().map_err(|e| SessionError::write(&tmp, e))?;
+    drop(file);
+    std::fs::rename(&tmp, &done).map_err(|e| SessionError::write(&done, e))?;
+    let _ = std::fs::remove_file(part);
+    let _ = std::fs::remove_file(&journal);
+    Ok(samples.len() as u64)
 }
 
 /// Runs a step of the third-party demuxer, turning a panic on a damaged file
@@ -855,6 +971,54 @@ mod tests {
         let r2 = VideoReader::open(&w.segments).unwrap();
         assert_eq!(r2.len(), 12);
         assert!((r2.time(11).unwrap() - times[11]).abs() < 1e-4);
+    }
+
+    /// A writer that dies mid-segment (no `finish`): the journal rebuilds
+    /// the segment up to the last whole sample, with its times and pictures.
+    #[test]
+    fn an_unfinished_segment_is_rebuilt_from_its_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let segs = dir.path().join("video");
+        let size = video_size(160, 120);
+        let mut w = SegmentWriter::new(&segs, size, 10.0, 60.0).unwrap();
+        for i in 0..10u32 {
+            w.push(&frame(i, 160, 120), f64::from(i) * 0.1).unwrap();
+        }
+        // Frame 9 is held for its duration: 9 samples reached the journal.
+        std::mem::forget(w); // the process died: nothing is finished
+        let parts = list_unfinished_segments(&segs);
+        assert_eq!(parts.len(), 1);
+        let journal = journal_path(&parts[0]);
+        // Cut into the last sample, as a kill mid-write would.
+        let len = std::fs::metadata(&journal).unwrap().len();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&journal)
+            .unwrap();
+        f.set_len(len - 5).unwrap();
+        drop(f);
+        assert_eq!(salvage_segment(&parts[0]).unwrap(), 8);
+        assert!(list_unfinished_segments(&segs).is_empty());
+        assert!(!journal.exists());
+        let segments = list_segments(&segs);
+        assert_eq!(segments.len(), 1);
+        let mut r = VideoReader::open(&segments).unwrap();
+        assert_eq!(r.len(), 8);
+        for k in [7usize, 0, 4] {
+            assert!((r.time(k).unwrap() - k as f64 * 0.1).abs() < 1e-4);
+            let want = (k as u32 * 20 % 256) as f32;
+            let got = r.frame(k).unwrap().get_pixel(20, 60).0[0] as f32;
+            assert!(
+                (got - want).abs() < 12.0,
+                "frame {k}: red {got}, want {want}"
+            );
+        }
+        // A journal with no whole sample leaves the files as they are.
+        let seg = segs.join("seg_00009.mp4.part");
+        std::fs::write(&seg, b"").unwrap();
+        std::fs::write(journal_path(&seg), b"CLPRJRN1\x00").unwrap();
+        assert!(salvage_segment(&seg).is_err(), "a cut header is an error");
+        assert!(seg.exists());
     }
 
     #[test]
