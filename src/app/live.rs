@@ -12,7 +12,7 @@ use super::first_run::FirstRun;
 use super::recording::{self, RecordingState};
 use super::settings::{BankChoice, Settings, STORAGE_KEY};
 use super::status::UiStats;
-use super::store::{ExactMaps, Store};
+use super::store::{ExactKey, ExactMaps, Store};
 use super::video::VideoView;
 use super::{controls, descriptors, first_run, scores, status, video};
 use super::{Action, LiveOptions, SessionReport};
@@ -22,6 +22,9 @@ use crate::pipeline::worker::DynamicSettings;
 use crate::pipeline::worker::{ExactRequest, Pipeline, PipelineCommand, PipelineConfig, RunMode};
 use crate::vision::source::camera::{self, CameraEntry};
 use crate::vision::source::SourceSpec;
+
+/// How long the wanted exact map must stay the same before it is computed.
+const EXACT_SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
 
 enum Screen {
     /// No weights yet: the download screen.
@@ -52,6 +55,10 @@ pub struct CliperApp {
     dynamic_sent: Option<DynamicSettings>,
     /// The id of the last exact-map request.
     exact_requests: u64,
+    /// The exact maps wanted and since when: a request goes out once the
+    /// wish has held still for [`EXACT_SETTLE`] (dragging the grid slider
+    /// or clicking through descriptors starts no job per frame).
+    exact_wish: Option<(ExactKey, std::time::Instant)>,
     /// `--pause-after` has paused the window once.
     auto_paused: bool,
 }
@@ -102,6 +109,7 @@ impl CliperApp {
             outcome,
             dynamic_sent: None,
             exact_requests: 0,
+            exact_wish: None,
             auto_paused: false,
         };
         app.store.map_method = app.opts.map;
@@ -178,13 +186,24 @@ impl CliperApp {
         if self.store.exact.iter().any(|e| e.key() == key) {
             return;
         }
+        match self.exact_wish {
+            Some((k, since)) if k == key => {
+                if since.elapsed() < EXACT_SETTLE {
+                    return;
+                }
+            }
+            _ => {
+                self.exact_wish = Some((key, std::time::Instant::now()));
+                return;
+            }
+        }
         let Some(frame) = self.store.paused.as_ref().map(|p| p.frame.clone()) else {
             return;
         };
         // The job running now (if any) is superseded: the worker stops it.
         self.store.exact.retain(|e| e.finished);
         self.exact_requests += 1;
-        let (frame_key, target, method, grid) = key;
+        let (_, target, method, grid) = key;
         p.command(PipelineCommand::Exact(Some(ExactRequest {
             id: self.exact_requests,
             frame,
@@ -192,20 +211,9 @@ impl CliperApp {
             method,
             grid: grid.max(1),
         })));
-        self.store.exact.push(ExactMaps {
-            request: self.exact_requests,
-            frame: frame_key,
-            target,
-            method,
-            grid,
-            maps: Default::default(),
-            progress: (0, 0),
-            finished: false,
-            cancelled: false,
-            error: None,
-            started: std::time::Instant::now(),
-            secs: None,
-        });
+        self.store
+            .exact
+            .push(ExactMaps::pending(self.exact_requests, key));
     }
 
     fn set_paused(&mut self, paused: bool) {

@@ -143,8 +143,31 @@ pub struct ExactMaps {
     pub secs: Option<f32>,
 }
 
+/// What identifies a set of exact maps: (frame (generation, seq), target,
+/// method, occlusion grid (0 for other methods)).
+pub type ExactKey = ((u64, u64), Target, Method, usize);
+
 impl ExactMaps {
-    pub fn key(&self) -> ((u64, u64), Target, Method, usize) {
+    /// Asked for, nothing back yet.
+    pub fn pending(request: u64, key: ExactKey) -> Self {
+        let (frame, target, method, grid) = key;
+        Self {
+            request,
+            frame,
+            target,
+            method,
+            grid,
+            maps: HashMap::new(),
+            progress: (0, 0),
+            finished: false,
+            cancelled: false,
+            error: None,
+            started: Instant::now(),
+            secs: None,
+        }
+    }
+
+    pub fn key(&self) -> ExactKey {
         (self.frame, self.target, self.method, self.grid)
     }
 }
@@ -270,7 +293,7 @@ impl Store {
     /// What the exact-map job should compute now, if anything: the paused
     /// frame, the chosen target and method. `None` when live, with no
     /// target, or when the fast map of a live frame is what is drawn.
-    pub fn wanted_exact(&self) -> Option<((u64, u64), Target, Method, usize)> {
+    pub fn wanted_exact(&self) -> Option<ExactKey> {
         let p = self.paused.as_ref()?;
         let target = self.explain?;
         let grid = match self.map_method {
@@ -656,20 +679,7 @@ mod tests {
         let key = s.wanted_exact().unwrap();
         assert_eq!(key, ((1, 5), Target::Class(3), Method::GradCam, 0));
         assert!(s.map_for(2).is_none(), "nothing drawn until the map comes");
-        s.exact.push(ExactMaps {
-            request: 9,
-            frame: key.0,
-            target: key.1,
-            method: key.2,
-            grid: key.3,
-            maps: HashMap::new(),
-            progress: (0, 0),
-            finished: false,
-            cancelled: false,
-            error: None,
-            started: Instant::now(),
-            secs: None,
-        });
+        s.exact.push(ExactMaps::pending(9, key));
         let map = ExplainMap {
             rows: 1,
             cols: 2,
