@@ -966,6 +966,19 @@ fn run(cli: Cli) -> Result<()> {
                 device: model.device,
             })?;
             let mut analyzer = faces.still_analyzer()?;
+            // Occlusion runs grid^2 + 1 forward passes per face: seconds each
+            // with a full-size model on a CPU.
+            let bar = (method == Method::Occlusion).then(|| {
+                let pb = indicatif::ProgressBar::new(0);
+                pb.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "occlusion [{bar:30}] {pos}/{len} forward passes, eta {eta}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                );
+                pb
+            });
             let faces = ex::explain_image(
                 &loaded.clip,
                 &loaded.bank,
@@ -974,8 +987,17 @@ fn run(cli: Cli) -> Result<()> {
                 method,
                 target,
                 grid,
+                &mut |done, total| {
+                    if let Some(b) = &bar {
+                        b.set_length(total as u64);
+                        b.set_position(done as u64);
+                    }
+                },
             )
             .with_context(|| format!("cannot explain {}", image.display()))?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
             let title = match faces.first().map(|f| f.target) {
                 Some(cliper::model::explain::Target::Class(c)) => {
                     format!("{} map: class {}", method.as_str(), CLASSES[c])

@@ -49,6 +49,9 @@ pub fn target_json(t: Target) -> Value {
 }
 
 /// Computes a map for every face; with no target, each face's predicted class.
+/// `progress(done, total)` hears of the occlusion map's forward passes, over
+/// all faces.
+#[allow(clippy::too_many_arguments)]
 pub fn explain_image(
     clip: &ClipModel,
     bank: &DescriptorBank,
@@ -57,12 +60,14 @@ pub fn explain_image(
     method: Method,
     target: Option<Target>,
     grid: usize,
+    progress: &mut dyn FnMut(usize, usize),
 ) -> candle_core::Result<Vec<FaceExplanation>> {
     let faces = analyzer.find_faces(img);
+    let per_face = grid * grid + 1;
     let crops = analyzer.crops(img, &faces);
     let size = clip.config.vision.image_size as u32;
     let mut out = Vec::new();
-    for (face, crop) in faces.iter().zip(&crops) {
+    for (fi, (face, crop)) in faces.iter().zip(&crops).enumerate() {
         let region = if analyzer.config.detect {
             square_crop(img.width(), img.height(), face, analyzer.config.margin)
         } else {
@@ -93,7 +98,13 @@ pub fn explain_image(
         let map = match method {
             Method::Fast => explain::fast_map(&clip.vision, &px, &text, target)?,
             Method::GradCam => explain::gradcam_map(&clip.vision, &px, &text, target)?,
-            Method::Occlusion => explain::occlusion_map(&clip.vision, &px, &text, target, grid)?,
+            Method::Occlusion => {
+                explain::occlusion_map_with(&clip.vision, &px, &text, target, grid, |done, _| {
+                    progress(fi * per_face + done, faces.len() * per_face);
+                    true
+                })?
+                .ok_or_else(|| candle_core::Error::Msg("occlusion map cancelled".into()))?
+            }
         };
         out.push(FaceExplanation {
             bbox: *face,
