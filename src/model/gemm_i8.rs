@@ -3,9 +3,11 @@
 //!
 //! `y = x W^T (+ b)` with the weights `W` [n, k] quantized once, symmetric,
 //! one scale per output channel and per group of `GROUP` inputs, and the
-//! activations `x` [m, k] quantized at each call with one scale per row and
-//! group, stored offset by +128 (vpdpbusd wants them unsigned); the offset is
-//! taken back out with the weights' per-group column sums. Products are
+//! activations `x` [m, k] quantized at each call, asymmetric (vpdpbusd wants
+//! them unsigned): one scale and zero point per row and group, so the 256
+//! codes span the group's own range (after GELU, mostly positive values get
+//! twice the resolution of a symmetric code). The zero point is taken back
+//! out with the weights' per-group column sums. Products are
 //! exact in i32 within a group and rescaled to f32 between groups, so the
 //! only error is the rounding of each operand to 8 bits.
 //!
@@ -48,8 +50,8 @@ pub struct PackedWeights {
     data: Vec<i8>,
     /// `[n / NR][groups][NR]`: dequantization scale.
     scales: Vec<f32>,
-    /// `[n / NR][groups][NR]`: 128 x the sum of the group's quantized weights.
-    offsets: Vec<i32>,
+    /// `[n / NR][groups][NR]`: the sum of the group's quantized weights.
+    col_sums: Vec<i32>,
 }
 
 impl PackedWeights {
@@ -63,7 +65,7 @@ impl PackedWeights {
         let groups = k / GROUP;
         let mut data = vec![0i8; n * k];
         let mut scales = vec![0f32; n * groups];
-        let mut offsets = vec![0i32; n * groups];
+        let mut col_sums = vec![0i32; n * groups];
         for col in 0..n {
             let (p, lane) = (col / NR, col % NR);
             for g in 0..groups {
@@ -78,7 +80,7 @@ impl PackedWeights {
                     data[((p * (k / 4) + kk / 4) * NR + lane) * 4 + kk % 4] = q;
                 }
                 scales[(p * groups + g) * NR + lane] = scale;
-                offsets[(p * groups + g) * NR + lane] = 128 * sum;
+                col_sums[(p * groups + g) * NR + lane] = sum;
             }
         }
         Some(Self {
@@ -86,7 +88,7 @@ impl PackedWeights {
             k,
             data,
             scales,
-            offsets,
+            col_sums,
         })
     }
 
@@ -99,13 +101,14 @@ impl PackedWeights {
     }
 }
 
-/// Activations quantized per row and group: `data` [m, k] as u8 (value +
-/// 128), `scales` [m, groups].
+/// Activations quantized per row and group: `data` [m, k] as u8 codes,
+/// `value = scale * (code - zero)`, `scales` and `zeros` [m, groups].
 pub struct QuantizedRows {
     m: usize,
     k: usize,
     data: Vec<u8>,
     scales: Vec<f32>,
+    zeros: Vec<i32>,
 }
 
 impl QuantizedRows {
@@ -115,38 +118,53 @@ impl QuantizedRows {
         let groups = k / GROUP;
         let mut data = vec![0u8; m * k];
         let mut scales = vec![0f32; m * groups];
+        let mut zeros = vec![0i32; m * groups];
         data.par_chunks_mut(k)
             .zip(scales.par_chunks_mut(groups))
+            .zip(zeros.par_chunks_mut(groups))
             .zip(x.par_chunks(k))
             .with_min_len(16)
-            .for_each(|((q, s), x)| {
+            .for_each(|(((q, s), z), x)| {
                 for g in 0..groups {
                     let src = &x[g * GROUP..(g + 1) * GROUP];
-                    s[g] = quantize_group(src, &mut q[g * GROUP..(g + 1) * GROUP]);
+                    (s[g], z[g]) = quantize_group(src, &mut q[g * GROUP..(g + 1) * GROUP]);
                 }
             });
-        Self { m, k, data, scales }
+        Self {
+            m,
+            k,
+            data,
+            scales,
+            zeros,
+        }
     }
 }
 
-/// Rounds `x` to u8 codes (value / scale + 128) and returns the scale.
-fn quantize_group(x: &[f32], q: &mut [u8]) -> f32 {
-    let mut acc = [0f32; 16];
+/// Rounds `x` to u8 codes over its own range, `value / scale + zero`, with
+/// 0 exactly representable; returns (scale, zero).
+fn quantize_group(x: &[f32], q: &mut [u8]) -> (f32, i32) {
+    let (mut lo, mut hi) = ([0f32; 16], [0f32; 16]);
     let chunks = x.chunks_exact(16);
-    let tail = chunks.remainder().iter().fold(0f32, |m, v| m.max(v.abs()));
+    let (tlo, thi) = chunks
+        .remainder()
+        .iter()
+        .fold((0f32, 0f32), |(a, b), &v| (a.min(v), b.max(v)));
     for c in chunks {
         for i in 0..16 {
-            acc[i] = acc[i].max(c[i].abs());
+            lo[i] = lo[i].min(c[i]);
+            hi[i] = hi[i].max(c[i]);
         }
     }
-    let amax = acc.iter().copied().fold(tail, f32::max);
-    let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+    let min = lo.iter().copied().fold(tlo, f32::min);
+    let max = hi.iter().copied().fold(thi, f32::max);
+    let scale = if max > min { (max - min) / 255.0 } else { 1.0 };
     let inv = 1.0 / scale;
+    // min <= 0 <= max, so the zero point is a code.
+    let zero = (-min * inv).round().clamp(0.0, 255.0);
     for (q, v) in q.iter_mut().zip(x) {
-        // |v * inv| <= 127 (up to rounding), so the sum stays in 1..=255.
-        *q = ((v * inv).round() + 128.0).clamp(0.0, 255.0) as u8;
+        *q = (v * inv + zero).round().clamp(0.0, 255.0) as u8;
     }
-    scale
+    (scale, zero as i32)
 }
 
 /// `dst[r, ..n] (+)= x[r] W^T + b` for every row of `x`; rows of `dst` are
@@ -243,10 +261,13 @@ unsafe fn kernel<const R: usize>(
         }
         let meta = (p * groups + g) * NR;
         for j in 0..3 {
-            let off = _mm512_loadu_si512(w.offsets.as_ptr().add(meta + j * 16) as *const __m512i);
+            let sums = _mm512_loadu_si512(w.col_sums.as_ptr().add(meta + j * 16) as *const __m512i);
             let ws = _mm512_loadu_ps(w.scales.as_ptr().add(meta + j * 16));
             for r in 0..R {
-                let xs = _mm512_set1_ps(*x.scales.get_unchecked((r0 + r) * groups + g));
+                let xg = (r0 + r) * groups + g;
+                let xs = _mm512_set1_ps(*x.scales.get_unchecked(xg));
+                let zero = _mm512_set1_epi32(*x.zeros.get_unchecked(xg));
+                let off = _mm512_mullo_epi32(sums, zero);
                 let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][j], off));
                 out[r][j] = _mm512_fmadd_ps(v, _mm512_mul_ps(ws, xs), out[r][j]);
             }
@@ -302,5 +323,40 @@ mod tests {
         // both operands leaves an error of about 1%.
         assert!(worst < 0.05, "max error {worst}");
         assert!(PackedWeights::new(&w, n - 1, k).is_none());
+    }
+
+    /// After GELU the activations are mostly positive: the asymmetric codes
+    /// span [min, max] only, and a constant row is exact.
+    #[test]
+    fn skewed_and_constant_rows_keep_their_precision() {
+        if !available() {
+            eprintln!("no AVX-512 VNNI on this CPU: skipped");
+            return;
+        }
+        let (m, n, k) = (4, 48, 256);
+        let mut rng = crate::model::rng::SplitMix64::new(5);
+        let gelu = |v: f32| 0.5 * v * (1.0 + (0.797_884_6 * (v + 0.044715 * v * v * v)).tanh());
+        let mut x: Vec<f32> = (0..m * k).map(|_| gelu(1.5 * rng.normal())).collect();
+        x[3 * k..].fill(0.75); // a constant row
+        let w: Vec<f32> = (0..n * k).map(|_| 0.05 * rng.normal()).collect();
+        let packed = PackedWeights::new(&w, n, k).unwrap();
+        let q = QuantizedRows::new(&x, m, k);
+        let mut y = vec![0f32; m * n];
+        matmul(&q, &packed, None, &mut y, n, false);
+        let (mut worst, mut worst_const) = (0f32, 0f32);
+        for r in 0..m {
+            for c in 0..n {
+                let exact: f32 = (0..k).map(|i| x[r * k + i] * w[c * k + i]).sum();
+                let e = (y[r * n + c] - exact).abs();
+                if r == 3 {
+                    worst_const = worst_const.max(e);
+                } else {
+                    worst = worst.max(e);
+                }
+            }
+        }
+        // Only the weights' rounding is left on the constant row.
+        assert!(worst_const < 0.01, "constant row error {worst_const}");
+        assert!(worst < 0.03, "max error {worst}");
     }
 }
