@@ -165,7 +165,7 @@ pub struct BenchReport {
 }
 
 /// Times `f` after `warmup` untimed calls; milliseconds.
-fn time<T>(
+pub fn time<T>(
     warmup: usize,
     runs: usize,
     mut f: impl FnMut() -> Result<T, BenchError>,
