@@ -189,28 +189,32 @@ pub fn fast_map(
     text: &Tensor,
     target: Target,
 ) -> candle_core::Result<ExplainMap> {
+    let (embedding, last) = forward_to_last_block(vision, pixels)?;
+    let logit = first_f32(&target_logit(&l2_normalize(&embedding)?, text, target)?)?;
+    let mut map = fast_target_map(vision, &last, 0, text, target)?;
+    map.logit = logit;
+    Ok(map)
+}
+
+/// The image embedding [B, E] and the last block's input [B, T, D].
+fn forward_to_last_block(
+    vision: &VisionTower,
+    pixels: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let out = vision.forward_with(pixels, false, true)?;
     let last = out
         .last_block_input
         .ok_or_else(|| candle_core::Error::Msg("no last block input".into()))?;
-    let f = l2_normalize(&out.embedding)?;
-    let logit = target_logit(&f, text, target)?
+    Ok((out.embedding, last))
+}
+
+/// The first element of `t` as f32, whatever its dtype.
+fn first_f32(t: &Tensor) -> candle_core::Result<f32> {
+    t.flatten_all()?
+        .narrow(0, 0, 1)?
         .to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?[0];
-    let maps = fast_maps(vision, &last, text)?;
-    let w = target.weights(maps.len());
-    let p = maps[0].len();
-    let values: Vec<f32> = (0..p)
-        .map(|j| maps.iter().zip(&w).map(|(m, w)| m[j] * w).sum())
-        .collect();
-    let g = vision.config.grid();
-    Ok(ExplainMap {
-        rows: g,
-        cols: g,
-        values,
-        logit,
-    })
+        .to_vec1::<f32>()
+        .map(|v| v[0])
 }
 
 /// Grad-CAM on the last block's attention. `pixels`: [1, 3, S, S].
@@ -220,10 +224,7 @@ pub fn gradcam_map(
     text: &Tensor,
     target: Target,
 ) -> candle_core::Result<ExplainMap> {
-    let out = vision.forward_with(pixels, false, true)?;
-    let x = out
-        .last_block_input
-        .ok_or_else(|| candle_core::Error::Msg("no last block input".into()))?;
+    let (_, x) = forward_to_last_block(vision, pixels)?;
     let Some(last) = vision.layers.last() else {
         candle_core::bail!("vision tower has no layers")
     };
@@ -254,9 +255,7 @@ pub fn gradcam_map(
         .forward(&vision.post_layernorm.forward(&cls)?)?;
     let f = l2_normalize(&emb)?;
     let logit_t = target_logit(&f, text, target)?.sum_all()?;
-    let logit = logit_t
-        .to_dtype(candle_core::DType::F32)?
-        .to_scalar::<f32>()?;
+    let logit = first_f32(&logit_t)?;
     let grads = logit_t.backward()?;
     let g = grads
         .get(a.as_tensor())
@@ -310,10 +309,7 @@ pub fn occlusion_map_with(
     let grid = grid.clamp(1, s);
     let total = grid * grid + 1;
     let base = l2_normalize(&vision.forward(pixels)?)?;
-    let logit = target_logit(&base, text, target)?
-        .to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?[0];
+    let logit = first_f32(&target_logit(&base, text, target)?)?;
     if !progress(1, total) {
         return Ok(None);
     }
