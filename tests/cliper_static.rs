@@ -136,7 +136,7 @@ fn top_k_limits_descriptors() {
 
 #[test]
 fn finds_the_astronaut_face() {
-    let photo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/astronaut.png");
+    let photo = astronaut_path();
     let (code, out, err) = cliper(&[
         "classify",
         "--weights",

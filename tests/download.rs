@@ -152,7 +152,7 @@ fn weights_fetch_downloads_into_the_hub_cache_and_the_commands_find_them() {
         out.contains("models--openai--clip-vit-base-patch16"),
         "{out}"
     );
-    let photo = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/astronaut.png");
+    let photo = astronaut_path();
     let (code, out, err) = cliper_with_hub(
         &["classify", "--json", photo.to_str().unwrap()],
         &cwd,

@@ -229,7 +229,7 @@ fn corrupt_video_and_wrong_temporal_width() {
 #[test]
 fn run_dynamic_adds_scores_once_the_window_is_full() {
     let d = tempfile::tempdir().unwrap();
-    let photo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/astronaut.png");
+    let photo = astronaut_path();
     for i in 0..20 {
         std::fs::copy(&photo, d.path().join(format!("f{i:02}.png"))).unwrap();
     }

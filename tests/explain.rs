@@ -213,7 +213,7 @@ fn live_pipeline_draws_the_fast_map_of_the_chosen_target() {
     use cliper::pipeline::setup::ModelSpec;
     use cliper::pipeline::worker::{Pipeline, PipelineConfig, PipelineEvent, RunMode};
     use cliper::vision::source::SourceSpec;
-    let photo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/astronaut.png");
+    let photo = astronaut_path();
     let model = ModelSpec {
         weights: Some(fixtures().join("clip_c_hf16")),
         bank: cliper::pipeline::setup::BankSource::Learned(
@@ -278,7 +278,7 @@ fn live_pipeline_computes_exact_maps_of_a_paused_frame() {
     };
     use cliper::vision::source::SourceSpec;
     use std::time::{Duration, Instant};
-    let photo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/astronaut.png");
+    let photo = astronaut_path();
     let model = ModelSpec {
         weights: Some(fixtures().join("clip_c_hf16")),
         bank: cliper::pipeline::setup::BankSource::Learned(
@@ -400,11 +400,7 @@ fn occlusion_reports_progress_and_can_be_cancelled() {
     let text = clip
         .encode_texts(&ClipTokenizer::new(), &["a smiling face"; 35])
         .unwrap();
-    let img = image::open(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/astronaut.png"),
-    )
-    .unwrap()
-    .to_rgb8();
+    let img = image::open(astronaut_path()).unwrap().to_rgb8();
     let px = clip.pixels(&[img]).unwrap();
     let mut calls = Vec::new();
     let full = occlusion_map_with(&clip.vision, &px, &text, Target::Class(0), 5, |d, t| {

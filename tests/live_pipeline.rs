@@ -11,29 +11,7 @@ use cliper::pipeline::setup::ModelSpec;
 use cliper::pipeline::worker::{FrameScores, Pipeline, PipelineConfig, PipelineEvent, RunMode};
 use cliper::vision::source::{SourceSpec, DEFAULT_IMAGE_FPS};
 use common::*;
-use image::{imageops, RgbImage};
-
-fn weights() -> String {
-    fixtures()
-        .join("clip_c_hf16")
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn astronaut() -> RgbImage {
-    image::open(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/astronaut.png"))
-        .unwrap()
-        .to_rgb8()
-}
-
-/// Frame `i` of a two-person scene: two copies of the portrait side by side,
-/// drifting a few pixels per frame in opposite directions.
-fn two_faces(portrait: &RgbImage, i: u32) -> RgbImage {
-    let mut canvas = RgbImage::from_pixel(1120, 560, image::Rgb([30, 30, 40]));
-    imageops::overlay(&mut canvas, portrait, 10 + 4 * i as i64, 20);
-    imageops::overlay(&mut canvas, portrait, 590 - 3 * i as i64, 30 + 2 * i as i64);
-    canvas
-}
+use image::RgbImage;
 
 fn write_frames(dir: &Path, n: u32) -> Vec<RgbImage> {
     let portrait = astronaut();
@@ -341,7 +319,7 @@ fn avi_bytes(w: u32, h: u32, fps: u32, frames: &[Vec<u8>]) -> Vec<u8> {
 
 #[test]
 fn cliper_run_prints_one_json_line_per_frame() {
-    let img = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/astronaut.png");
+    let img = astronaut_path();
     let (code, out, err) = cliper(&[
         "run",
         "--source",

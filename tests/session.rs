@@ -17,28 +17,7 @@ use cliper::session::record::{parse_csv_row, FrameRecord};
 use cliper::session::Session;
 use cliper::vision::draw::CLASS_RGB;
 use common::*;
-use image::{imageops, Rgb, RgbImage};
-
-fn weights() -> String {
-    fixtures()
-        .join("clip_c_hf16")
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn astronaut() -> RgbImage {
-    image::open(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/astronaut.png"))
-        .unwrap()
-        .to_rgb8()
-}
-
-/// Frame `i` of a two-person scene drifting a few pixels per frame.
-fn two_faces(portrait: &RgbImage, i: u32) -> RgbImage {
-    let mut canvas = RgbImage::from_pixel(1120, 560, Rgb([30, 30, 40]));
-    imageops::overlay(&mut canvas, portrait, 10 + 4 * i as i64, 20);
-    imageops::overlay(&mut canvas, portrait, 590 - 3 * i as i64, 30 + 2 * i as i64);
-    canvas
-}
+use image::RgbImage;
 
 /// Writes `n` frames; frames past `distinct` repeat earlier pictures as hard
 /// links (a long source, cheaply).

@@ -11,9 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
-use eframe::egui::{
-    self, Color32, CornerRadius, Pos2, Rect, RichText, TextureHandle, TextureOptions,
-};
+use eframe::egui::{self, Color32, CornerRadius, RichText, TextureHandle, TextureOptions};
 use egui_plot::{Bar, BarChart, Line, Plot, PlotPoints, VLine};
 use image::RgbImage;
 
@@ -423,15 +421,7 @@ impl ReplayApp {
         let painter = ui.painter_at(rect);
         painter.rect_filled(rect, CornerRadius::same(4), Color32::from_gray(14));
         if let Some(tex) = &self.texture {
-            let size = tex.size_vec2();
-            let scale = (rect.width() / size.x).min(rect.height() / size.y);
-            let r = Rect::from_center_size(rect.center(), size * scale);
-            painter.image(
-                tex.id(),
-                r,
-                Rect::from_min_max(Pos2::ZERO, Pos2::new(1.0, 1.0)),
-                Color32::WHITE,
-            );
+            super::video::paint_fitted(&painter, tex, rect);
         }
         if let Some(e) = &self.video_error {
             painter.text(

@@ -60,16 +60,7 @@ pub fn show(
             view.shown = Some(key);
         }
         if let Some(tex) = &view.texture {
-            let size = tex.size_vec2();
-            let scale = (rect.width() / size.x).min(rect.height() / size.y);
-            let r = Rect::from_center_size(rect.center(), size * scale);
-            painter.image(
-                tex.id(),
-                r,
-                Rect::from_min_max(Pos2::ZERO, Pos2::new(1.0, 1.0)),
-                Color32::WHITE,
-            );
-            image_rect = Some((r, scale));
+            image_rect = Some(paint_fitted(&painter, tex, rect));
         }
         store.mark_frame_shown();
     }
@@ -109,12 +100,7 @@ pub fn show(
                     r.min + Vec2::new((sx + side) as f32, (sy + side) as f32) * scale,
                 );
                 let tex = map_texture(ui.ctx(), view, tf.id, map, store.explain_opacity);
-                painter.image(
-                    tex.id(),
-                    region,
-                    Rect::from_min_max(Pos2::ZERO, Pos2::new(1.0, 1.0)),
-                    Color32::WHITE,
-                );
+                painter.image(tex.id(), region, FULL_UV, Color32::WHITE);
             }
             let selected = store.selected == Some(tf.id);
             if selected {
@@ -360,4 +346,21 @@ fn map_texture(
         .and_modify(|t| t.set(img.clone(), TextureOptions::LINEAR))
         .or_insert_with(|| ctx.load_texture(format!("map-{id}"), img, TextureOptions::LINEAR))
         .clone()
+}
+
+/// Texture coordinates of a whole texture.
+const FULL_UV: Rect = Rect::from_min_max(Pos2::ZERO, Pos2::new(1.0, 1.0));
+
+/// Paints `tex` as large as fits in `rect`, centred, keeping its aspect;
+/// returns where it went and its scale (screen points per texel).
+pub(super) fn paint_fitted(
+    painter: &egui::Painter,
+    tex: &TextureHandle,
+    rect: Rect,
+) -> (Rect, f32) {
+    let size = tex.size_vec2();
+    let scale = (rect.width() / size.x).min(rect.height() / size.y);
+    let r = Rect::from_center_size(rect.center(), size * scale);
+    painter.image(tex.id(), r, FULL_UV, Color32::WHITE);
+    (r, scale)
 }

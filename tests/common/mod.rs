@@ -38,6 +38,32 @@ pub fn tiny_cliper() -> (
     (clip, bank)
 }
 
+/// The test photo (one face).
+pub fn astronaut_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/astronaut.png")
+}
+
+pub fn astronaut() -> image::RgbImage {
+    image::open(astronaut_path()).unwrap().to_rgb8()
+}
+
+/// The tiny full-vocabulary CLIP fixture folder, as a `--weights` argument.
+pub fn weights() -> String {
+    fixtures()
+        .join("clip_c_hf16")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Frame `i` of a two-person scene: two copies of the portrait side by side,
+/// drifting a few pixels per frame in opposite directions.
+pub fn two_faces(portrait: &image::RgbImage, i: u32) -> image::RgbImage {
+    let mut canvas = image::RgbImage::from_pixel(1120, 560, image::Rgb([30, 30, 40]));
+    image::imageops::overlay(&mut canvas, portrait, 10 + 4 * i as i64, 20);
+    image::imageops::overlay(&mut canvas, portrait, 590 - 3 * i as i64, 30 + 2 * i as i64);
+    canvas
+}
+
 pub fn read_json(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
