@@ -582,15 +582,19 @@ fn run_headless(args: RunArgs) -> Result<()> {
     let stdout = std::io::stdout();
     let summary = cliper::pipeline::batch::run(&opts, &mut stdout.lock())?;
     eprintln!(
-        "processed {} frames, {} faces in {:.1} s (per frame: detect {:.0} ms, encode {:.0} ms, score {:.1} ms){}",
+        "processed {} frames, {} faces in {:.1} s (per frame: decode {:.1} ms, detect {:.0} ms, encode {:.0} ms, score {:.1} ms){}",
         summary.frames,
         summary.faces,
         summary.secs,
+        summary.decode_ms,
         summary.detect_ms,
         summary.encode_ms,
         summary.score_ms,
-        if summary.skipped > 0 {
-            format!(" ({} unreadable frames skipped)", summary.skipped)
+        if summary.warnings > 0 {
+            format!(
+                "; the source was not read whole: {} warning(s) above",
+                summary.warnings
+            )
         } else {
             String::new()
         }
@@ -744,6 +748,7 @@ fn classify_clip(
         eprintln!("note: no trained temporal weights; dynamic scores are the mean of the 16 frames' static scores");
     }
     let mut failed = 0;
+    let mut incomplete = 0;
     for path in &clips {
         let sampled = match sample_clip(path, scorer.frames()) {
             Ok(s) => s,
@@ -755,6 +760,9 @@ fn classify_clip(
         };
         for n in &sampled.notes {
             eprintln!("{}: {n}", path.display());
+        }
+        if !sampled.complete {
+            incomplete += 1;
         }
         let r = classify_clip(&loaded.clip, &loaded.bank, &mut analyzer, &scorer, &sampled)
             .with_context(|| format!("cannot classify {}", path.display()))?;
@@ -770,18 +778,32 @@ fn classify_clip(
                 _ => Vec::new(),
             };
             println!(
-                "[dynamic: {}, {} frames]",
+                "[dynamic: {}, {} frames{}]",
                 r.scores
                     .as_ref()
                     .map(|s| s.mode.as_str())
                     .unwrap_or("no face"),
-                sampled.frames.len()
+                sampled.frames.len(),
+                if sampled.complete {
+                    String::new()
+                } else {
+                    format!(
+                        ", INCOMPLETE: sampled from the {} readable frames",
+                        sampled.source_frames
+                    )
+                }
             );
             print_table(path, &faces, &loaded.bank, top.unwrap_or(5));
         }
     }
     if failed > 0 {
         anyhow::bail!("{failed} of {} clips could not be read", clips.len());
+    }
+    if incomplete > 0 {
+        anyhow::bail!(
+            "{incomplete} of {} clips could not be read whole (\"complete\": false; see the notes above): their scores cover only the frames read",
+            clips.len()
+        );
     }
     Ok(())
 }

@@ -30,8 +30,7 @@ pub struct ControlsState {
 impl ControlsState {
     pub fn new(settings: &Settings, source: &SourceSpec) -> Self {
         let path = match source {
-            SourceSpec::Mp4(_)
-            | SourceSpec::Avi(_)
+            SourceSpec::Video(_)
             | SourceSpec::Still { .. }
             | SourceSpec::Folder { .. } => source.label(),
             _ => String::new(),

@@ -19,7 +19,7 @@ use super::exit::{check_writable, ExitPlan, Outcome};
 use super::palette::class_color;
 use crate::model::cliper::expressions::CLASSES;
 use crate::session::report::{summarize, Report, MAX_FRAME_SECS};
-use crate::session::video::VideoReader;
+use crate::vision::video::IndexedVideo;
 use crate::session::{Session, SessionError};
 
 #[derive(Clone, Debug, Default)]
@@ -95,7 +95,7 @@ struct Decoder {
     frames: Receiver<(usize, Result<RgbImage, String>)>,
 }
 
-fn spawn_decoder(mut reader: VideoReader, ctx: egui::Context) -> Option<Decoder> {
+fn spawn_decoder(mut reader: IndexedVideo, ctx: egui::Context) -> Option<Decoder> {
     let (req_tx, req_rx) = unbounded::<usize>();
     let (out_tx, out_rx) = unbounded();
     std::thread::Builder::new()
@@ -144,7 +144,7 @@ impl ReplayApp {
     fn new(
         ctx: &egui::Context,
         session: Session,
-        video: Option<VideoReader>,
+        video: Option<IndexedVideo>,
         opts: ReplayOptions,
         outcome: Arc<Mutex<Outcome>>,
     ) -> Self {

@@ -84,13 +84,18 @@ pub fn show(ui: &mut egui::Ui, store: &Store, stats: &UiStats) {
         ui.label(format!("inference {:.1} fps", t.inference_fps))
             .on_hover_text("Frames scored per second (all faces of a frame in one batch)");
         sep(ui);
+        let decode = if t.decode_ms > 0.0 {
+            format!("decode {:.1} ms · ", t.decode_ms)
+        } else {
+            String::new()
+        };
         ui.label(format!(
-            "detect {:.0} ms · encode {:.0} ms · score {:.1} ms",
+            "{decode}detect {:.0} ms · encode {:.0} ms · score {:.1} ms",
             t.detect_ms, t.encode_ms, t.score_ms
         ))
         .on_hover_text(
-            "Per-stage time for the latest frame: face detection (downscaled frame), \
-             CLIP vision tower on all face crops, logits against the descriptors",
+            "Per-stage time for the latest frame: video decoding (FFmpeg), face detection \
+             (downscaled frame), CLIP vision tower on all face crops, logits against the descriptors",
         );
         sep(ui);
         let lag = |v: Option<f32>| v.map_or("–".to_string(), |v| format!("{v:.0} ms"));

@@ -364,6 +364,7 @@ impl Store {
                 // Capture and detection figures come with every frame, scored or not.
                 self.timings.capture_fps = f.capture_fps;
                 self.timings.detect_ms = f.detect_ms;
+                self.timings.decode_ms = f.decode_ms;
                 let now = self.now();
                 for tf in &f.faces {
                     if let Some(h) = self.faces.get_mut(&tf.id) {
@@ -649,6 +650,7 @@ mod tests {
             image: Arc::new(image::RgbImage::new(8, 8)),
             faces: Vec::new(),
             captured: Instant::now(),
+            decode_ms: 0.0,
             detect_ms: 0.0,
             capture_fps: 25.0,
             dropped: 0,

@@ -44,11 +44,13 @@ pub struct RunOptions {
 pub struct RunSummary {
     pub frames: u64,
     pub faces: u64,
-    /// Frames skipped because they could not be read.
-    pub skipped: u64,
+    /// Warnings of the source (an unreadable image skipped, a damaged
+    /// packet, a video that ends early), printed as they came.
+    pub warnings: u64,
     pub secs: f64,
-    /// Mean time per frame in face detection, and in encoding and scoring
-    /// the frames that had faces, milliseconds.
+    /// Mean time per frame in decoding (videos) and face detection, and in
+    /// encoding and scoring the frames that had faces, milliseconds.
+    pub decode_ms: f64,
     pub detect_ms: f64,
     pub encode_ms: f64,
     pub score_ms: f64,
@@ -139,7 +141,7 @@ pub fn run(opts: &RunOptions, out: &mut dyn Write) -> Result<RunSummary, RunErro
                 break;
             }
             PipelineEvent::SourceWarning(w) => {
-                summary.skipped += 1;
+                summary.warnings += 1;
                 match &bar {
                     Some(pb) => pb.suspend(|| eprintln!("warning: {w}")),
                     None => eprintln!("warning: {w}"),
@@ -157,6 +159,7 @@ pub fn run(opts: &RunOptions, out: &mut dyn Write) -> Result<RunSummary, RunErro
                 summary.frames += 1;
                 summary.faces += s.faces.len() as u64;
                 summary.detect_ms += f64::from(s.timings.detect_ms);
+                summary.decode_ms += f64::from(s.timings.decode_ms);
                 if !s.faces.is_empty() {
                     scored += 1;
                     summary.encode_ms += f64::from(s.timings.encode_ms);
@@ -196,6 +199,7 @@ pub fn run(opts: &RunOptions, out: &mut dyn Write) -> Result<RunSummary, RunErro
     summary.record = record_outcome;
     summary.secs = start.elapsed().as_secs_f64();
     summary.detect_ms /= summary.frames.max(1) as f64;
+    summary.decode_ms /= summary.frames.max(1) as f64;
     summary.encode_ms /= scored.max(1) as f64;
     summary.score_ms /= scored.max(1) as f64;
     result.map(|_| summary)

@@ -71,6 +71,8 @@ pub enum BenchError {
     Candle(#[from] candle_core::Error),
     #[error("{0}")]
     Faces(#[from] crate::vision::faces::FaceError),
+    #[error("{0}")]
+    Video(#[from] crate::vision::video::VideoError),
     #[error("cannot read agreement image {path}: {reason}")]
     Image { path: PathBuf, reason: String },
     #[error("invalid benchmark settings: {0}")]
@@ -157,6 +159,10 @@ pub struct BenchReport {
     /// block again with a backward pass), as the app computes it for a
     /// paused frame. An occlusion map costs `grid^2 + 1` image encodes.
     pub explain_gradcam_ms: Stat,
+    /// Frame size -> FFmpeg decode (H.264 to RGB) and record-encode
+    /// (RGB to H.264, libx264) time per frame.
+    pub video_decode_ms: Vec<((u32, u32), Stat)>,
+    pub video_encode_ms: Vec<((u32, u32), Stat)>,
     /// Batch size -> faces per second of a 640x480 frame holding that many
     /// faces: detection + preprocessing + encoding + scoring, from the medians.
     pub faces_per_second: Vec<(usize, f64)>,
@@ -180,6 +186,72 @@ pub fn time<T>(
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     Ok(Stat::from_ms(ms))
+}
+
+/// `{"640x480": {"median", "min", "max"}, ...}`.
+fn sized(v: &[((u32, u32), Stat)]) -> Value {
+    Value::Object(
+        v.iter()
+            .map(|((w, h), s)| (format!("{w}x{h}"), s.to_json()))
+            .collect(),
+    )
+}
+
+/// Frames per run of the video stages.
+const VIDEO_FRAMES: usize = 24;
+
+type SizedStats = Vec<((u32, u32), Stat)>;
+
+/// Time per frame of recording (RGB to H.264 in fragmented MP4) and of
+/// decoding it back (FFmpeg to RGB), at 640x480 and 1280x720, on the demo
+/// frame moving a little from frame to frame (so that inter frames are not empty).
+fn video_stages(
+    frame: &image::RgbImage,
+    w: usize,
+    r: usize,
+) -> Result<(SizedStats, SizedStats), BenchError> {
+    use crate::vision::video::{VideoReader, VideoWriter};
+    let dir = tempfile_dir()?;
+    let mut decode = Vec::new();
+    let mut encode = Vec::new();
+    for (fw, fh) in [(640u32, 480u32), (1280, 720)] {
+        let base = image::imageops::resize(frame, fw + 32, fh, image::imageops::FilterType::Triangle);
+        let frames: Vec<image::RgbImage> = (0..VIDEO_FRAMES as u32)
+            .map(|i| image::imageops::crop_imm(&base, i, 0, fw, fh).to_image())
+            .collect();
+        let path = dir.join(format!("bench_{fw}x{fh}.mp4"));
+        let write = || -> Result<(), BenchError> {
+            let _ = std::fs::remove_file(&path);
+            let mut wr = VideoWriter::create(&path, (fw, fh), 25.0)?;
+            for (i, f) in frames.iter().enumerate() {
+                wr.push(f, i as f64 / 25.0)?;
+            }
+            wr.finish()?;
+            Ok(())
+        };
+        let st = time(w, r, write)?;
+        encode.push(((fw, fh), st.scaled(1.0 / VIDEO_FRAMES as f64)));
+        let st = time(w, r, || {
+            let mut rd = VideoReader::open(&path)?;
+            let mut n = 0;
+            while rd.next_frame()?.is_some() {
+                n += 1;
+            }
+            Ok(n)
+        })?;
+        decode.push(((fw, fh), st.scaled(1.0 / VIDEO_FRAMES as f64)));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((decode, encode))
+}
+
+/// A fresh folder for the bench's scratch files.
+fn tempfile_dir() -> Result<PathBuf, BenchError> {
+    let dir = std::env::temp_dir().join(format!("cliper-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        BenchError::Video(crate::vision::video::VideoError::write(&dir, e))
+    })?;
+    Ok(dir)
 }
 
 /// Peak resident memory of this process (`VmHWM`), in MB.
@@ -381,6 +453,9 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         detection.push(((fw, fh), time(w, r, || Ok(detector.detect(&img)))?));
     }
 
+    progress("video decode and encode");
+    let (video_decode_ms, video_encode_ms) = video_stages(&frame, w, r)?;
+
     progress("temporal module");
     let temporal_ms = {
         let cfg = TemporalConfig::cliper(clip.config.embed_dim);
@@ -479,6 +554,8 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         temporal_ms,
         explain_fast_map_ms,
         explain_gradcam_ms,
+        video_decode_ms,
+        video_encode_ms,
         faces_per_second,
         peak_memory_mb: peak_memory_mb(),
         agreement,
@@ -508,12 +585,7 @@ impl BenchReport {
                 "min": round3(self.scoring_ms.1.min),
                 "max": round3(self.scoring_ms.1.max),
             },
-            "face_detection_ms": Value::Object(
-                self.face_detection_ms
-                    .iter()
-                    .map(|((w, h), s)| (format!("{w}x{h}"), s.to_json()))
-                    .collect(),
-            ),
+            "face_detection_ms": sized(&self.face_detection_ms),
             "faces_found": Value::Object(
                 self.faces_found
                     .iter()
@@ -523,6 +595,8 @@ impl BenchReport {
             "temporal_ms": self.temporal_ms.to_json(),
             "explain_fast_map_ms": self.explain_fast_map_ms.to_json(),
             "explain_gradcam_ms": self.explain_gradcam_ms.to_json(),
+            "video_decode_ms_per_frame": sized(&self.video_decode_ms),
+            "video_encode_ms_per_frame": sized(&self.video_encode_ms),
             "faces_per_second": Value::Object(
                 self.faces_per_second
                     .iter()
@@ -575,6 +649,12 @@ impl BenchReport {
         s += &row("temporal pass (16 frames)", &self.temporal_ms);
         s += &row("fast explanation map (1 face)", &self.explain_fast_map_ms);
         s += &row("Grad-CAM map (1 face)", &self.explain_gradcam_ms);
+        for ((w, h), st) in &self.video_decode_ms {
+            s += &row(&format!("video decode {w}x{h} (per frame)"), st);
+        }
+        for ((w, h), st) in &self.video_encode_ms {
+            s += &row(&format!("video record-encode {w}x{h} (per frame)"), st);
+        }
         if let Some((_, enc)) = self.image_encode_ms_per_image.first() {
             s += &format!(
                 "  temporal pass = {:.1}% and fast map = {:.1}% of one image encode; Grad-CAM = {:.1} encodes, occlusion 7x7 = 50 encodes\n",

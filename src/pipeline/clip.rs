@@ -4,7 +4,6 @@
 
 use std::path::Path;
 
-use image::RgbImage;
 use serde_json::{json, Value};
 
 use super::analyzer::FaceAnalyzer;
@@ -12,81 +11,8 @@ use super::dynamic::{DynamicScorer, DynamicScores};
 use super::output;
 use crate::model::cliper::DescriptorBank;
 use crate::model::ClipModel;
-use crate::vision::clips::{clip_frames, segment_indices};
+pub use crate::vision::clips::{sample_clip, SampledClip};
 use crate::vision::faces::FaceBox;
-use crate::vision::images::load_rgb;
-use crate::vision::source::SourceSpec;
-
-/// The sampled frames of a clip and what was noticed while sampling.
-pub struct SampledClip {
-    pub frames: Vec<RgbImage>,
-    /// Frames in the source.
-    pub source_frames: usize,
-    pub notes: Vec<String>,
-}
-
-/// Samples `n` frames (the middle of each of `n` equal segments). Clips
-/// shorter than `n` repeat frames, as the reference sampling does.
-pub fn sample_clip(path: &Path, n: usize) -> Result<SampledClip, String> {
-    let mut notes = Vec::new();
-    let frames: Vec<RgbImage>;
-    let total;
-    if path.is_dir() {
-        let files = clip_frames(path)
-            .map_err(|e| format!("cannot read clip folder {}: {e}", path.display()))?;
-        if files.is_empty() {
-            return Err(format!("clip folder {} holds no images", path.display()));
-        }
-        total = files.len();
-        frames = segment_indices(total, n, None)
-            .into_iter()
-            .map(|i| load_rgb(&files[i]).map_err(|e| e.to_string()))
-            .collect::<Result<_, _>>()?;
-    } else {
-        let spec = SourceSpec::from_path(path, 25.0).map_err(|e| e.to_string())?;
-        let mut src = spec.open().map_err(|e| e.to_string())?;
-        // Read through once, keeping every frame (clips are short); the
-        // length of a stream is only known at its end.
-        let mut all = Vec::new();
-        loop {
-            match src.next_frame() {
-                Ok(Some(f)) => all.push(f.image),
-                Ok(None) => break,
-                Err(e) if all.is_empty() => {
-                    return Err(format!("cannot read {}: {e}", path.display()))
-                }
-                Err(e) => {
-                    notes.push(format!("stopped reading after {} frames: {e}", all.len()));
-                    break;
-                }
-            }
-            if all.len() > 100_000 {
-                return Err(format!(
-                    "{} has more than 100000 frames: cut the clip first",
-                    path.display()
-                ));
-            }
-        }
-        if all.is_empty() {
-            return Err(format!("{} holds no frames", path.display()));
-        }
-        total = all.len();
-        frames = segment_indices(total, n, None)
-            .into_iter()
-            .map(|i| (*all[i]).clone())
-            .collect();
-    }
-    if total < n {
-        notes.push(format!(
-            "clip has {total} frames, fewer than {n}: frames repeated to fill the window"
-        ));
-    }
-    Ok(SampledClip {
-        frames,
-        source_frames: total,
-        notes,
-    })
-}
 
 /// The result for one clip.
 pub struct ClipResult {
@@ -167,6 +93,7 @@ pub fn clip_json(
         "mode": "dynamic",
         "frames": sampled.frames.len(),
         "source_frames": sampled.source_frames,
+        "complete": sampled.complete,
         "frames_with_face": r.frames_with_face,
         "notes": sampled.notes,
         "faces": faces,

@@ -51,8 +51,6 @@ pub struct RecordOptions {
     pub raw_video: bool,
     /// Descriptors kept per face in the JSONL.
     pub top: usize,
-    /// Length of a video segment (what a crash can cost of the video).
-    pub segment_secs: f64,
     /// The run's settings, for meta.json.
     pub settings: Value,
 }
@@ -64,7 +62,6 @@ impl RecordOptions {
             video: true,
             raw_video: false,
             top: 5,
-            segment_secs: crate::session::writer::DEFAULT_SEGMENT_SECS,
             settings: Value::Null,
         }
     }
@@ -138,7 +135,6 @@ impl Recorder {
         so.settings = opts.settings.clone();
         so.video = opts.video;
         so.raw_video = opts.raw_video;
-        so.segment_secs = opts.segment_secs;
         let writer = SessionWriter::create(so)?;
         Ok(Self {
             writer,

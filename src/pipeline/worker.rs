@@ -163,6 +163,8 @@ pub struct DetectedFrame {
     pub faces: Vec<TrackedFace>,
     /// When the capture stage got the frame.
     pub captured: Instant,
+    /// Decoding the frame (video files; 0 for other sources).
+    pub decode_ms: f32,
     pub detect_ms: f32,
     /// Capture rate of the source, frames per second.
     pub capture_fps: f32,
@@ -191,6 +193,8 @@ pub struct TrackedResult {
 /// Time spent in each stage for one frame, in milliseconds, plus rates.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StageTimings {
+    /// Decoding the frame (video files).
+    pub decode_ms: f32,
     pub detect_ms: f32,
     /// Crop, preprocess and vision-tower forward of all faces (one batch).
     pub encode_ms: f32,
@@ -372,6 +376,7 @@ struct Captured {
     generation: u64,
     captured: Instant,
     capture_fps: f32,
+    decode_ms: f32,
     dropped: u64,
 }
 
@@ -581,7 +586,13 @@ fn capture_stage(
             source = None;
             continue;
         }
-        let frame = match shielded(|| src.next_frame()) {
+        let next = shielded(|| src.next_frame());
+        for w in src.take_warnings() {
+            if !events.send(PipelineEvent::SourceWarning(w)) {
+                return;
+            }
+        }
+        let frame = match next {
             Ok(Some(f)) => f,
             Ok(None) => {
                 source = None;
@@ -657,6 +668,7 @@ fn capture_stage(
             generation,
             captured: Instant::now(),
             capture_fps,
+            decode_ms: src.decode_ms(),
             dropped,
         };
         seq += 1;
@@ -739,6 +751,7 @@ fn detect_loop(
             image: c.frame.image,
             faces,
             captured: c.captured,
+            decode_ms: c.decode_ms,
             detect_ms: start.elapsed().as_secs_f32() * 1000.0,
             capture_fps: c.capture_fps,
             dropped: c.dropped,
@@ -1155,6 +1168,7 @@ fn infer_stage(
             continue;
         };
         let mut timings = StageTimings {
+            decode_ms: frame.decode_ms,
             detect_ms: frame.detect_ms,
             capture_fps: frame.capture_fps,
             inference_fps,

@@ -1,6 +1,7 @@
 //! Finishing a session whose writer died (a crash, a kill, a power cut):
-//! cut a partial last line from session.jsonl and session.csv, join the
-//! finished video segments into video.mp4, and mark meta.json "recovered".
+//! cut a partial last line from session.jsonl and session.csv, count the
+//! frames of video.mp4 (a fragment per frame: it needs no repair), and mark
+//! meta.json "recovered".
 //!
 //! A session is unfinished when meta.json says "recording" and nobody holds
 //! its lock file: the writer holds it for as long as it records, and the OS
@@ -14,12 +15,8 @@ use std::time::SystemTime;
 
 use super::meta::{RecoveryMeta, SessionMeta, SessionStatus};
 use super::record::{csv_header, FrameRecord};
-use super::video::{list_unfinished_segments, salvage_segment};
-use super::writer::{join_segments, remove_segments};
-use super::{
-    iso8601, write_atomic, SessionError, CSV_FILE, JSONL_FILE, LOCK_FILE, RAW_SEGMENTS_DIR,
-    RAW_VIDEO_FILE, VIDEO_FILE, VIDEO_SEGMENTS_DIR,
-};
+use super::{iso8601, write_atomic, SessionError, CSV_FILE, JSONL_FILE, LOCK_FILE, VIDEO_FILE};
+use crate::vision::video::IndexedVideo;
 
 /// What finalising did.
 #[derive(Clone, Debug, PartialEq)]
@@ -36,13 +33,9 @@ pub struct RecoveryReport {
     pub face_rows: u64,
     pub jsonl_bytes_cut: u64,
     pub csv_bytes_cut: u64,
-    /// video.mp4, when finished segments were joined.
+    /// video.mp4, when it holds frames.
     pub video: Option<PathBuf>,
     pub video_frames: u64,
-    /// Frames rebuilt from segments the crash left unfinished.
-    pub salvaged_frames: u64,
-    /// Unfinished segments that could not be rebuilt (kept as they are).
-    pub unfinished_segments: Vec<PathBuf>,
     pub errors: Vec<String>,
 }
 
@@ -57,14 +50,7 @@ impl std::fmt::Display for RecoveryReport {
         )?;
         match &self.video {
             Some(_) => write!(f, ", {} video frames", self.video_frames)?,
-            None => write!(f, ", no finished video segment")?,
-        }
-        if self.salvaged_frames > 0 {
-            write!(
-                f,
-                " ({} rebuilt from the unfinished segment)",
-                self.salvaged_frames
-            )?;
+            None => write!(f, ", no video")?,
         }
         if self.jsonl_bytes_cut + self.csv_bytes_cut > 0 {
             write!(f, " (cut an unfinished last line)")?;
@@ -111,44 +97,15 @@ pub fn finalize(dir: &Path) -> Result<Finalized, SessionError> {
     let mut errors = Vec::new();
     let mut video = None;
     let mut video_frames = 0;
-    let mut joined = Vec::new();
-    let mut unfinished = Vec::new();
-    let mut salvaged_frames = 0;
-    for (sub, out) in [
-        (VIDEO_SEGMENTS_DIR, VIDEO_FILE),
-        (RAW_SEGMENTS_DIR, RAW_VIDEO_FILE),
-    ] {
-        // The segment in progress when the writer died, rebuilt from its index.
-        for part in list_unfinished_segments(&dir.join(sub)) {
-            match salvage_segment(&part) {
-                Ok(n) if n > 0 => {
-                    if sub == VIDEO_SEGMENTS_DIR {
-                        salvaged_frames += n;
-                    }
-                }
-                Ok(_) => unfinished.push(part),
-                Err(e) => {
-                    errors.push(format!("unfinished segment not rebuilt: {e}"));
-                    unfinished.push(part);
-                }
+    let path = dir.join(VIDEO_FILE);
+    if path.is_file() {
+        match IndexedVideo::open(&path) {
+            Ok(v) if !v.is_empty() => {
+                video_frames = v.len() as u64;
+                video = Some(path);
             }
-        }
-        // A join cut short by the crash.
-        let _ = std::fs::remove_file(dir.join(out).with_extension("mp4.tmp"));
-        match join_segments(dir, sub, out) {
-            Ok(Some((p, n))) => {
-                if sub == VIDEO_SEGMENTS_DIR {
-                    video = Some(p);
-                    video_frames = n;
-                }
-                joined.push(sub);
-            }
-            Ok(None) => {
-                if sub == VIDEO_SEGMENTS_DIR && dir.join(out).is_file() {
-                    video = Some(dir.join(out)); // joined before the crash
-                }
-            }
-            Err(e) => errors.push(e.to_string()),
+            Ok(_) => {}
+            Err(e) => errors.push(format!("the video is not readable: {e}")),
         }
     }
 
@@ -156,9 +113,7 @@ pub fn finalize(dir: &Path) -> Result<Finalized, SessionError> {
     meta.ended = last_wall.or(meta.ended);
     meta.counts.frames = frames;
     meta.counts.face_rows = face_rows;
-    if video_frames > 0 {
-        meta.counts.video_frames = video_frames;
-    }
+    meta.counts.video_frames = video_frames;
     for e in &errors {
         if !meta.errors.contains(e) {
             meta.errors.push(e.clone());
@@ -169,13 +124,9 @@ pub fn finalize(dir: &Path) -> Result<Finalized, SessionError> {
         jsonl_bytes_cut,
         csv_bytes_cut,
         csv_rebuilt,
-        salvaged_frames,
-        unfinished_segments: unfinished.iter().map(|p| p.display().to_string()).collect(),
+        video_frames: Some(video_frames),
     });
     meta.write(dir)?;
-    for sub in joined {
-        remove_segments(dir, sub);
-    }
     let _ = std::fs::remove_file(dir.join(LOCK_FILE));
     Ok(Finalized::Recovered(RecoveryReport {
         dir: dir.to_path_buf(),
@@ -185,8 +136,6 @@ pub fn finalize(dir: &Path) -> Result<Finalized, SessionError> {
         csv_bytes_cut,
         video,
         video_frames,
-        salvaged_frames,
-        unfinished_segments: unfinished,
         errors,
     }))
 }

@@ -142,7 +142,11 @@ pub struct VideoMeta {
     pub fps: f64,
     /// Session time of the first video frame.
     pub start_t: f64,
-    pub segment_secs: f64,
+    /// The FFmpeg encoder that wrote it (`libx264`, ...).
+    #[serde(default)]
+    pub encoder: String,
+    #[serde(default)]
+    pub container: String,
     /// Whether `raw.mp4` (no annotations) was recorded too.
     pub raw: bool,
 }
@@ -157,7 +161,6 @@ pub struct Counts {
     /// Video frames not recorded because the encoder fell behind (their
     /// scores are still in the JSONL and CSV).
     pub video_frames_dropped: u64,
-    pub video_segments: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -171,13 +174,10 @@ pub struct RecoveryMeta {
     /// between the two writes of a frame).
     #[serde(default)]
     pub csv_rebuilt: bool,
-    /// Video frames rebuilt from the segment being written when the writer
-    /// died (from its sample index).
+    /// Frames of video.mp4 readable after the crash (it needs no repair:
+    /// it is written a fragment per frame).
     #[serde(default)]
-    pub salvaged_frames: u64,
-    /// Video segments that were being written when the writer died and could
-    /// not be rebuilt (kept as `.part`, not playable).
-    pub unfinished_segments: Vec<String>,
+    pub video_frames: Option<u64>,
 }
 
 impl SessionMeta {

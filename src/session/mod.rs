@@ -9,17 +9,17 @@
 //!                 recovered)
 //! session.jsonl   one line per processed frame (see [`record::FrameRecord`])
 //! session.csv     one row per face per frame (see [`record::CSV_COLUMNS`])
-//! video.mp4       the annotated video (H.264); while recording it is a list of
-//!                 ~2 s segments in video/, each a complete MP4
+//! video.mp4       the annotated video (H.264, fragmented MP4: playable while
+//!                 it is written and after a crash)
 //! raw.mp4         optionally, the same frames without annotations
 //! ```
 //!
 //! Crash safety comes from how the files are written, not from a clean exit:
-//! every line is appended and flushed frame by frame, every video segment is
-//! finished (and renamed from `.part`) before the next begins, and
-//! `meta.json` is replaced atomically. A session whose `meta.json` still says
-//! "recording" after its writer is gone is finalised by [`finalize`]: partial
-//! last lines are cut, the segments are joined, and it is marked "recovered".
+//! every line is appended and flushed frame by frame, the video gets a
+//! fragment per frame, and `meta.json` is replaced atomically. A session
+//! whose `meta.json` still says "recording" after its writer is gone is
+//! finalised by [`finalize`]: partial last lines are cut, the video's frames
+//! are counted, and it is marked "recovered".
 //!
 //! [`writer`] records (on its own threads, never blocking the caller),
 //! [`replay`] loads a session without any model, [`report`] summarises one.
@@ -47,9 +47,6 @@ pub const JSONL_FILE: &str = "session.jsonl";
 pub const CSV_FILE: &str = "session.csv";
 pub const VIDEO_FILE: &str = "video.mp4";
 pub const RAW_VIDEO_FILE: &str = "raw.mp4";
-/// Folders of the video segments while recording.
-pub const VIDEO_SEGMENTS_DIR: &str = "video";
-pub const RAW_SEGMENTS_DIR: &str = "raw";
 /// Held (locked) by the writing process for as long as it records; the OS
 /// releases the lock when the process dies, however it dies.
 pub const LOCK_FILE: &str = "recording.lock";
@@ -74,8 +71,8 @@ pub enum SessionError {
         "session {0} is still being recorded by another cliper process; stop that recording first"
     )]
     Busy(PathBuf),
-    #[error("video {path}: {reason}")]
-    Video { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Video(#[from] crate::vision::video::VideoError),
 }
 
 impl SessionError {

@@ -7,9 +7,8 @@ use std::path::{Path, PathBuf};
 
 use super::meta::SessionMeta;
 use super::record::FrameRecord;
-use super::video::{list_segments, VideoReader};
-use super::{SessionError, JSONL_FILE, RAW_SEGMENTS_DIR, RAW_VIDEO_FILE, VIDEO_FILE};
-use super::{META_FILE, VIDEO_SEGMENTS_DIR};
+use crate::vision::video::IndexedVideo;
+use super::{SessionError, JSONL_FILE, META_FILE, RAW_VIDEO_FILE, VIDEO_FILE};
 use crate::model::cliper::expressions::NUM_CLASSES;
 
 /// A session read from its folder.
@@ -106,22 +105,21 @@ impl Session {
 
     /// The annotated video's files: video.mp4, or the finished segments of a
     /// session that was not finalised (or whose join failed).
-    pub fn video_files(&self) -> Vec<PathBuf> {
-        video_files(&self.dir, VIDEO_FILE, VIDEO_SEGMENTS_DIR)
+    pub fn video_file(&self) -> Option<PathBuf> {
+        Some(self.dir.join(VIDEO_FILE)).filter(|p| p.is_file())
     }
 
-    /// The raw video's files, when it was recorded.
-    pub fn raw_video_files(&self) -> Vec<PathBuf> {
-        video_files(&self.dir, RAW_VIDEO_FILE, RAW_SEGMENTS_DIR)
+    /// The raw video, when it was recorded.
+    pub fn raw_video_file(&self) -> Option<PathBuf> {
+        Some(self.dir.join(RAW_VIDEO_FILE)).filter(|p| p.is_file())
     }
 
     /// Opens the annotated video; `None` when the session has none.
-    pub fn open_video(&self) -> Result<Option<VideoReader>, SessionError> {
-        let files = self.video_files();
-        if files.is_empty() {
-            return Ok(None);
+    pub fn open_video(&self) -> Result<Option<IndexedVideo>, SessionError> {
+        match self.video_file() {
+            Some(p) => Ok(Some(IndexedVideo::open(&p)?)),
+            None => Ok(None),
         }
-        VideoReader::open(&files).map(Some)
     }
 
     /// Session time of the video's first frame.
@@ -131,12 +129,4 @@ impl Session {
             _ => self.frames.first().map_or(0.0, |f| f.t),
         }
     }
-}
-
-fn video_files(dir: &Path, file: &str, segments: &str) -> Vec<PathBuf> {
-    let joined = dir.join(file);
-    if joined.is_file() {
-        return vec![joined];
-    }
-    list_segments(&dir.join(segments))
 }

@@ -31,14 +31,10 @@ use sha2::{Digest, Sha256};
 
 use super::meta::{BankMeta, ModelMeta, SessionMeta, SessionStatus, SourceMeta, VideoMeta};
 use super::record::{csv_header, FrameRecord};
-use super::video::{annotate, list_segments, remux, video_size, FaceMark, SegmentWriter};
-use super::{
-    iso8601, SessionError, CSV_FILE, JSONL_FILE, LOCK_FILE, RAW_SEGMENTS_DIR, RAW_VIDEO_FILE,
-    VIDEO_FILE, VIDEO_SEGMENTS_DIR,
-};
+use super::video::{annotate, fit, video_size, FaceMark};
+use super::{iso8601, SessionError, CSV_FILE, JSONL_FILE, LOCK_FILE, RAW_VIDEO_FILE, VIDEO_FILE};
+use crate::vision::video::VideoWriter;
 
-/// Default length of a video segment: what a crash can cost of the video.
-pub const DEFAULT_SEGMENT_SECS: f64 = 2.0;
 /// Video frames waiting for the encoder before new ones are dropped.
 pub const DEFAULT_VIDEO_QUEUE: usize = 8;
 /// How long finishing waits for the weights' hash before leaving it out.
@@ -75,7 +71,6 @@ pub struct SessionOptions {
     pub video: bool,
     /// Also record the frames without annotations (`raw.mp4`).
     pub raw_video: bool,
-    pub segment_secs: f64,
     pub video_queue: usize,
     /// Drop video frames when the encoder falls behind (live: the pipeline
     /// must never wait); otherwise wait for it (batch runs of a file: the
@@ -91,7 +86,6 @@ impl SessionOptions {
             settings: Value::Null,
             video: true,
             raw_video: false,
-            segment_secs: DEFAULT_SEGMENT_SECS,
             video_queue: DEFAULT_VIDEO_QUEUE,
             drop_late_video: clock == Clock::Capture,
         }
@@ -148,7 +142,7 @@ pub struct FinishReport {
     pub face_rows: u64,
     pub video_frames: u64,
     pub video_dropped: u64,
-    /// `video.mp4`, when it was written (else the segments are in video/).
+    /// `video.mp4`, when it was written.
     pub video: Option<PathBuf>,
     /// Errors met (the first one stopped the recording).
     pub errors: Vec<String>,
@@ -234,7 +228,6 @@ impl SessionWriter {
         if opts.video {
             meta.video = Some(VideoMeta {
                 codec: "h264".into(),
-                segment_secs: opts.segment_secs,
                 raw: opts.raw_video,
                 ..Default::default()
             });
@@ -257,12 +250,6 @@ impl SessionWriter {
         let opts_drop_late_video = opts.drop_late_video;
         let (data_tx, data_rx) = unbounded();
         let (video_tx, video_thread) = if opts.video {
-            for sub in [VIDEO_SEGMENTS_DIR, RAW_SEGMENTS_DIR]
-                .iter()
-                .take(if opts.raw_video { 2 } else { 1 })
-            {
-                std::fs::create_dir_all(dir.join(sub)).map_err(|e| create_err(&e))?;
-            }
             let (tx, rx) = bounded(opts.video_queue.max(1));
             let (d, o, s, m) = (dir.clone(), opts.clone(), shared.clone(), data_tx.clone());
             let h = spawn("cliper-rec-video", move || video_loop(rx, d, o, s, m))
@@ -402,22 +389,16 @@ fn spawn<T: Send + 'static>(
     std::thread::Builder::new().name(name.to_string()).spawn(f)
 }
 
-/// What the video thread leaves.
-#[derive(Default)]
-struct VideoSummary {
-    /// Finished segments of the annotated video.
-    segments: usize,
-}
-
 fn video_loop(
     rx: Receiver<VideoFrame>,
     dir: PathBuf,
     opts: SessionOptions,
     shared: Arc<Shared>,
     data: Sender<DataMsg>,
-) -> VideoSummary {
-    let mut annotated: Option<SegmentWriter> = None;
-    let mut raw: Option<SegmentWriter> = None;
+) {
+    let mut annotated: Option<VideoWriter> = None;
+    let mut raw: Option<VideoWriter> = None;
+    let mut start_t = 0.0;
     let mut last_t = f64::NEG_INFINITY;
     for f in rx.iter() {
         if shared.failed.load(Ordering::SeqCst) {
@@ -432,27 +413,19 @@ fn video_loop(
         let result = (|| -> Result<(), SessionError> {
             if annotated.is_none() {
                 let size = video_size(f.image.width(), f.image.height());
-                let w = SegmentWriter::new(
-                    &dir.join(VIDEO_SEGMENTS_DIR),
-                    size,
-                    f.fps,
-                    opts.segment_secs,
-                )?;
+                let w = VideoWriter::create(&dir.join(VIDEO_FILE), size, f.fps)?;
                 if opts.raw_video {
-                    raw = Some(SegmentWriter::new(
-                        &dir.join(RAW_SEGMENTS_DIR),
-                        size,
-                        f.fps,
-                        opts.segment_secs,
-                    )?);
+                    raw = Some(VideoWriter::create(&dir.join(RAW_VIDEO_FILE), size, f.fps)?);
                 }
+                start_t = f.t;
                 let _ = data.send(DataMsg::Meta(Box::new(MetaUpdate::Video(VideoMeta {
                     codec: "h264".into(),
+                    encoder: w.encoder_name().to_string(),
+                    container: "mp4, fragmented (a fragment per frame)".into(),
                     width: size.0,
                     height: size.1,
                     fps: f.fps,
                     start_t: f.t,
-                    segment_secs: opts.segment_secs,
                     raw: opts.raw_video,
                 }))));
                 annotated = Some(w);
@@ -460,10 +433,12 @@ fn video_loop(
             let mut img = (*f.image).clone();
             annotate(&mut img, &f.marks, f.t);
             if let Some(w) = annotated.as_mut() {
-                w.push(&img, f.t)?;
+                let size = w.size();
+                w.push(&fit(&img, size), f.t - start_t)?;
             }
             if let Some(w) = raw.as_mut() {
-                w.push(&f.image, f.t)?;
+                let size = w.size();
+                w.push(&fit(&f.image, size), f.t - start_t)?;
             }
             Ok(())
         })();
@@ -474,18 +449,11 @@ fn video_loop(
             Err(e) => shared.fail(&e),
         }
     }
-    let mut summary = VideoSummary::default();
-    for (n, w) in [annotated, raw].into_iter().enumerate() {
-        if let Some(mut w) = w {
-            if let Err(e) = w.finish() {
-                shared.fail(&e);
-            }
-            if n == 0 {
-                summary.segments = w.segments.len();
-            }
+    for w in [annotated, raw].into_iter().flatten() {
+        if let Err(e) = w.finish() {
+            shared.fail(&e.into());
         }
     }
-    summary
 }
 
 /// A file as far as a cached hash is concerned: path, size, modification time.
@@ -533,7 +501,7 @@ struct DataThread {
     last_sync: Instant,
     /// Whether the last write of meta.json failed.
     meta_write_failed: bool,
-    video_thread: Option<JoinHandle<VideoSummary>>,
+    video_thread: Option<JoinHandle<()>>,
     opts: SessionOptions,
 }
 
@@ -670,11 +638,9 @@ impl DataThread {
     }
 
     fn finish(mut self, rx: &Receiver<DataMsg>) -> Result<FinishReport, SessionError> {
-        let video = self
-            .video_thread
-            .take()
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default();
+        if let Some(h) = self.video_thread.take() {
+            let _ = h.join();
+        }
         // The video thread's last messages, and the hashes still running.
         let deadline = Instant::now() + HASH_WAIT;
         loop {
@@ -702,35 +668,10 @@ impl DataThread {
         if let Some(e) = self.shared.error() {
             self.note_error(e);
         }
-        let mut video_path = None;
-        let mut joined = Vec::new();
-        if self.opts.video {
-            self.meta.counts.video_segments = video.segments as u64;
-            let mut parts = vec![(VIDEO_SEGMENTS_DIR, VIDEO_FILE)];
-            if self.opts.raw_video {
-                parts.push((RAW_SEGMENTS_DIR, RAW_VIDEO_FILE));
-            }
-            for (sub, out) in parts {
-                match join_segments(&self.dir, sub, out) {
-                    Ok(Some((p, _))) => {
-                        if sub == VIDEO_SEGMENTS_DIR {
-                            video_path = Some(p);
-                        }
-                        joined.push(sub);
-                    }
-                    Ok(None) => joined.push(sub),
-                    Err(e) => self.note_error(e.to_string()),
-                }
-            }
-        }
+        let video_path = Some(self.dir.join(VIDEO_FILE)).filter(|p| self.opts.video && p.is_file());
         self.meta.status = SessionStatus::Complete;
         self.meta.ended = Some(iso8601(SystemTime::now()));
         self.write_meta();
-        if !self.meta_write_failed {
-            for sub in joined {
-                remove_segments(&self.dir, sub);
-            }
-        }
         // The session is finished: drop the lock and its file.
         drop(self.lock.take());
         let _ = std::fs::remove_file(self.dir.join(LOCK_FILE));
@@ -747,29 +688,3 @@ impl DataThread {
     }
 }
 
-/// Joins the finished segments of `dir/sub` into `dir/out`. Returns the file
-/// and its frame count; `None` without segments. The segments stay until
-/// [`remove_segments`] (called once meta.json says the session is done, so a
-/// crash in between only means joining them again).
-pub(crate) fn join_segments(
-    dir: &Path,
-    sub: &str,
-    out: &str,
-) -> Result<Option<(PathBuf, u64)>, SessionError> {
-    let segments = list_segments(&dir.join(sub));
-    if segments.is_empty() {
-        return Ok(None);
-    }
-    let out = dir.join(out);
-    let n = remux(&segments, &out)?;
-    Ok(Some((out, n)))
-}
-
-/// Removes the finished segments of `dir/sub`, and the folder when nothing
-/// else is left in it.
-pub(crate) fn remove_segments(dir: &Path, sub: &str) {
-    for s in list_segments(&dir.join(sub)) {
-        let _ = std::fs::remove_file(s);
-    }
-    let _ = std::fs::remove_dir(dir.join(sub)); // fails, harmlessly, unless empty
-}

@@ -4,7 +4,8 @@
 //! - `rafdb`: RAF-DB's `list_patition_label.txt` (`train_00001.jpg 5`, labels
 //!   1-7 in CLIPER's class order) with aligned images `NAME_aligned.jpg`;
 //! - `folder`: `root/{train,test}/<class name>/*.jpg`;
-//! - `clips`: `root/{train,test}/<class name>/<clip>/*.jpg` (video frames);
+//! - `clips`: `root/{train,test}/<class name>/<clip>/*.jpg` (video frames),
+//!   or `<class name>/<clip>.mp4` (any video FFmpeg reads);
 //! - `csv`: a manifest `path,label,split` (paths relative to the manifest;
 //!   label a class name or 1-7; split `train` or `test`); a path may be an
 //!   image or a folder of frames.
@@ -143,7 +144,9 @@ fn load_folder(root: &Path, split: &str, clips: bool) -> Result<Vec<Sample>, Dat
         let before = out.len();
         for p in sorted_entries(&cdir)? {
             if clips {
-                if p.is_dir()
+                if p.is_file() && crate::vision::video::has_video_extension(&p) {
+                    out.push(Sample { path: p, label: c });
+                } else if p.is_dir()
                     && !clip_frames(&p)
                         .map_err(|e| DatasetError::Io {
                             path: p.clone(),

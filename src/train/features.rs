@@ -77,7 +77,19 @@ fn progress(len: usize, what: &str) -> ProgressBar {
 }
 
 fn load_sample_images(s: &Sample, clips: bool) -> Result<Vec<image::RgbImage>, String> {
-    if clips {
+    if clips && s.path.is_file() {
+        // A video file: the same sampling through FFmpeg as classify-clip.
+        let sampled = crate::vision::clips::sample_clip(&s.path, CLIP_FRAMES)?;
+        if !sampled.complete {
+            return Err(format!(
+                "{}: only {} frames could be read ({})",
+                s.path.display(),
+                sampled.source_frames,
+                sampled.notes.join("; ")
+            ));
+        }
+        Ok(sampled.frames)
+    } else if clips {
         let frames = clip_frames(&s.path).map_err(|e| e.to_string())?;
         if frames.is_empty() {
             return Err(format!("{}: clip folder holds no frames", s.path.display()));

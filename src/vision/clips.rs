@@ -1,8 +1,13 @@
 //! Video clips as frame lists: reading a folder of frames, and sampling a
 //! fixed number of frames, one per equal segment (as CLIPER / DFER-CLIP
-//! sample clips for training and testing).
+//! sample clips for training and testing), from a folder or a video file.
 
 use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+
+use crate::vision::images::load_rgb;
+use crate::vision::video::{VideoError, VideoReader};
 
 pub const IMAGE_EXTENSIONS: [&str; 7] = ["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff"];
 
@@ -46,6 +51,152 @@ pub fn segment_indices(
             pos.min(len - 1)
         })
         .collect()
+}
+
+/// The sampled frames of a clip and what was noticed while sampling.
+pub struct SampledClip {
+    pub frames: Vec<RgbImage>,
+    /// Frames in the source (as far as it could be read).
+    pub source_frames: usize,
+    /// Whether every frame of the source could be read and there were at
+    /// least as many as the window asks for. A clip that is not complete is
+    /// scored on what was read, and says so.
+    pub complete: bool,
+    pub notes: Vec<String>,
+}
+
+/// Videos up to this many frames are decoded from start to end, keeping only
+/// the sampled frames; longer ones are sampled by seeking.
+const SEQUENTIAL_MAX_FRAMES: u64 = 1500;
+
+/// Samples `n` frames (the middle of each of `n` equal segments). Clips
+/// shorter than `n` repeat frames, as the reference sampling does. Memory
+/// holds the `n` frames, whatever the clip's length.
+pub fn sample_clip(path: &Path, n: usize) -> Result<SampledClip, String> {
+    let mut notes = Vec::new();
+    let (frames, total, mut complete) = if path.is_dir() {
+        let files = clip_frames(path)
+            .map_err(|e| format!("cannot read clip folder {}: {e}", path.display()))?;
+        if files.is_empty() {
+            return Err(format!("clip folder {} holds no images", path.display()));
+        }
+        let frames = segment_indices(files.len(), n, None)
+            .into_iter()
+            .map(|i| load_rgb(&files[i]).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        (frames, files.len(), true)
+    } else {
+        sample_video(path, n, &mut notes).map_err(|e| e.to_string())?
+    };
+    if total < n {
+        complete = false;
+        notes.push(format!(
+            "clip has {total} readable frames, fewer than the {n} the window needs: frames repeated to fill it"
+        ));
+    }
+    Ok(SampledClip {
+        frames,
+        source_frames: total,
+        complete,
+        notes,
+    })
+}
+
+/// `n` frames of a video file: (frames, frames in the file, complete).
+fn sample_video(
+    path: &Path,
+    n: usize,
+    notes: &mut Vec<String>,
+) -> Result<(Vec<RgbImage>, usize, bool), VideoError> {
+    let mut reader = VideoReader::open(path)?;
+    let info = reader.info().clone();
+    let mut times = None;
+    let total = match info.frame_count {
+        Some(c) if info.frame_count_exact => c,
+        // No count in the container (Matroska, WebM): count the packets.
+        _ => {
+            let t = reader.scan_times()?;
+            let c = t.len() as u64;
+            times = Some(t);
+            c
+        }
+    };
+    if total == 0 {
+        return Err(VideoError::read(path, "the video stream holds no frames"));
+    }
+    if total > SEQUENTIAL_MAX_FRAMES {
+        // Seek to each sampled frame: its time from the packets when known,
+        // else from its index at the average rate.
+        let mut frames = Vec::with_capacity(n);
+        for i in segment_indices(total as usize, n, None) {
+            let t = match &times {
+                Some(t) => t.get(i).copied().unwrap_or(0.0),
+                None => i as f64 / info.fps,
+            };
+            reader.seek(t)?;
+            match reader.next_frame()? {
+                Some(f) => frames.push(f.image),
+                None => break,
+            }
+        }
+        for w in reader.take_warnings() {
+            notes.push(w);
+        }
+        if frames.len() == n {
+            return Ok((frames, total as usize, reader.damaged_packets() == 0));
+        }
+        notes.push(format!(
+            "seeking failed after {} of {n} sampled frames: reading the whole file instead",
+            frames.len()
+        ));
+        reader = VideoReader::open(path)?;
+    }
+    // Decode from the start, keeping the sampled frames.
+    let (frames, read) = keep_frames(&mut reader, &segment_indices(total as usize, n, None))?;
+    notes.extend(reader.take_warnings());
+    if read >= total || frames.len() == n {
+        let complete = read >= total && reader.damaged_packets() == 0;
+        return Ok((frames, total as usize, complete));
+    }
+    // Fewer frames than the file claims: sample what is there.
+    if read == 0 {
+        return Err(VideoError::read(path, "no frame could be decoded"));
+    }
+    notes.push(format!(
+        "the file holds {total} frames but only {read} could be read: sampled from those"
+    ));
+    let mut reader = VideoReader::open(path)?;
+    let (frames, _) = keep_frames(&mut reader, &segment_indices(read as usize, n, None))?;
+    Ok((frames, read as usize, false))
+}
+
+/// Decodes `reader` from its position, keeping the frames at `wanted`
+/// (sorted, may repeat) and stopping after the last; returns them and the
+/// number of frames read.
+fn keep_frames(
+    reader: &mut VideoReader,
+    wanted: &[usize],
+) -> Result<(Vec<RgbImage>, u64), VideoError> {
+    let mut out = Vec::with_capacity(wanted.len());
+    let mut k = 0usize;
+    let mut read = 0u64;
+    while out.len() < wanted.len() {
+        let Some(f) = reader.next_frame()? else {
+            break;
+        };
+        read += 1;
+        while out.len() < wanted.len() && wanted[out.len()] == k {
+            out.push(f.image.clone());
+        }
+        k += 1;
+    }
+    if out.len() == wanted.len() {
+        // Count the rest without converting it: whether the file is whole.
+        while reader.next_frame()?.is_some() {
+            read += 1;
+        }
+    }
+    Ok((out, read))
 }
 
 #[cfg(test)]

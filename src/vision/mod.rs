@@ -7,3 +7,4 @@ pub mod faces;
 pub mod images;
 pub mod source;
 pub mod tracking;
+pub mod video;

@@ -1,8 +1,8 @@
 //! Frame sources: where the live app and `cliper run` get their frames.
 //!
 //! One interface, [`FrameSource`], over a camera ([`camera`]), a video file
-//! ([`mp4`] for MP4/H.264, [`avi`] for MJPEG or uncompressed AVI), a still
-//! image or a folder of images ([`stills`]) and a built-in demo ([`demo`]).
+//! of any format the system FFmpeg reads ([`video`]), a still image or a
+//! folder of images ([`stills`]) and a built-in demo ([`demo`]).
 //!
 //! A source is described by a [`SourceSpec`] (plain data, `Send`) and opened
 //! with [`SourceSpec::open`] on the thread that reads it: camera handles are not
@@ -14,11 +14,10 @@
 //! real time is the consumer's job (see `pipeline::worker`), so the same source
 //! also serves batch processing at full speed.
 
-pub mod avi;
 pub mod camera;
 pub mod demo;
-pub mod mp4;
 pub mod stills;
+pub mod video;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,6 +25,7 @@ use std::sync::Arc;
 use image::RgbImage;
 
 use crate::vision::images::ImageError;
+use crate::vision::video::{has_video_extension, VideoError};
 
 /// One frame of a source.
 #[derive(Clone, Debug)]
@@ -42,10 +42,10 @@ pub struct Frame {
 /// Errors of frame sources; each names the file or device and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("source {0} not found: give a video (.mp4, .avi), an image, a folder of images, `demo`, or a camera with --camera N")]
+    #[error("source {0} not found: give a video (.mp4, .mov, .mkv, .webm, .avi, ...), an image, a folder of images, `demo`, or a camera with --camera N")]
     NotFound(PathBuf),
-    #[error("cannot read video {path}: {reason}. cliper plays MP4 (H.264) and AVI (MJPEG or uncompressed) files; convert others, e.g. `ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4`")]
-    Video { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Video(#[from] VideoError),
     #[error("folder {0} holds no images (.png, .jpg, .jpeg, .bmp, .gif, .webp, .tif, .tiff)")]
     EmptyFolder(PathBuf),
     #[error("cannot list folder {path}: {reason}")]
@@ -95,6 +95,15 @@ pub trait FrameSource {
     fn is_live(&self) -> bool {
         false
     }
+    /// Warnings noticed since the last call that did not stop the source
+    /// (a damaged packet skipped, a file that ended early).
+    fn take_warnings(&mut self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Milliseconds the last `next_frame` spent decoding (videos; 0 otherwise).
+    fn decode_ms(&self) -> f32 {
+        0.0
+    }
 }
 
 /// Image file extensions read as stills or folder frames.
@@ -108,10 +117,8 @@ pub enum SourceSpec {
         index: u32,
         resolution: Option<(u32, u32)>,
     },
-    /// An MP4 (H.264) file.
-    Mp4(PathBuf),
-    /// An AVI file (MJPEG or uncompressed).
-    Avi(PathBuf),
+    /// A video file, read through FFmpeg.
+    Video(PathBuf),
     /// One image, repeated (`fps` frames per second).
     Still { path: PathBuf, fps: f64 },
     /// The images of a folder in name order, played as frames.
@@ -174,32 +181,29 @@ impl SourceSpec {
             .and_then(|e| e.to_str())
             .map(str::to_ascii_lowercase)
             .unwrap_or_default();
-        match ext.as_str() {
-            "mp4" | "m4v" | "mov" => return Ok(SourceSpec::Mp4(path.to_path_buf())),
-            "avi" => return Ok(SourceSpec::Avi(path.to_path_buf())),
-            e if IMAGE_EXTENSIONS.contains(&e) => {
-                return Ok(SourceSpec::Still {
-                    path: path.to_path_buf(),
-                    fps,
-                })
-            }
-            _ => {}
+        if IMAGE_EXTENSIONS.contains(&ext.as_str()) {
+            return Ok(SourceSpec::Still {
+                path: path.to_path_buf(),
+                fps,
+            });
         }
-        let mut head = [0u8; 12];
+        if has_video_extension(path) {
+            return Ok(SourceSpec::Video(path.to_path_buf()));
+        }
+        // No telling extension: an image if the image decoder knows its
+        // first bytes, otherwise FFmpeg has a go (and names the file if it
+        // fails).
+        let mut head = [0u8; 32];
         let n = std::fs::File::open(path)
             .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
             .unwrap_or(0);
-        let head = &head[..n];
-        if head.len() >= 12 && &head[..4] == b"RIFF" && &head[8..12] == b"AVI " {
-            Ok(SourceSpec::Avi(path.to_path_buf()))
-        } else if head.len() >= 8 && &head[4..8] == b"ftyp" {
-            Ok(SourceSpec::Mp4(path.to_path_buf()))
-        } else {
-            // Let the image decoder have a go; it names the file if it fails.
+        if image::guess_format(&head[..n]).is_ok() {
             Ok(SourceSpec::Still {
                 path: path.to_path_buf(),
                 fps,
             })
+        } else {
+            Ok(SourceSpec::Video(path.to_path_buf()))
         }
     }
 
@@ -209,8 +213,7 @@ impl SourceSpec {
             SourceSpec::Camera { index, resolution } => {
                 Box::new(camera::CameraSource::open(*index, *resolution)?)
             }
-            SourceSpec::Mp4(p) => Box::new(mp4::Mp4Source::open(p)?),
-            SourceSpec::Avi(p) => Box::new(avi::AviSource::open(p)?),
+            SourceSpec::Video(p) => Box::new(video::VideoSource::open(p)?),
             SourceSpec::Still { path, fps } => Box::new(stills::StillSource::open(path, *fps)?),
             SourceSpec::Folder { path, fps } => Box::new(stills::FolderSource::open(path, *fps)?),
             SourceSpec::Demo => Box::new(demo::DemoSource::new()),
@@ -224,7 +227,7 @@ impl SourceSpec {
                 Some((w, h)) => format!("camera {index} at {w}x{h}"),
                 None => format!("camera {index}"),
             },
-            SourceSpec::Mp4(p) | SourceSpec::Avi(p) => p.display().to_string(),
+            SourceSpec::Video(p) => p.display().to_string(),
             SourceSpec::Still { path, .. } | SourceSpec::Folder { path, .. } => {
                 path.display().to_string()
             }
@@ -274,14 +277,22 @@ mod tests {
         std::fs::write(&avi, b"RIFF\0\0\0\0AVI LIST").unwrap();
         assert!(matches!(
             SourceSpec::parse(avi.to_str().unwrap(), None).unwrap(),
-            SourceSpec::Avi(_)
+            SourceSpec::Video(_)
         ));
-        let mp4 = dir.path().join("clip2");
-        std::fs::write(&mp4, b"\0\0\0\x20ftypisom").unwrap();
+        let png = dir.path().join("still");
+        std::fs::write(&png, b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR").unwrap();
         assert!(matches!(
-            SourceSpec::parse(mp4.to_str().unwrap(), None).unwrap(),
-            SourceSpec::Mp4(_)
+            SourceSpec::parse(png.to_str().unwrap(), None).unwrap(),
+            SourceSpec::Still { .. }
         ));
+        for name in ["a.webm", "b.MKV", "c.mov"] {
+            let p = dir.path().join(name);
+            std::fs::write(&p, b"x").unwrap();
+            assert!(matches!(
+                SourceSpec::parse(p.to_str().unwrap(), None).unwrap(),
+                SourceSpec::Video(_)
+            ), "{name}");
+        }
         assert!(matches!(
             SourceSpec::parse(dir.path().to_str().unwrap(), Some(10.0)).unwrap(),
             SourceSpec::Folder { fps, .. } if fps == 10.0

@@ -1,0 +1,652 @@
+//! Decoding: [`VideoReader`] (sequential, with accurate seeking) and
+//! [`IndexedVideo`] (random access by frame number).
+
+use std::path::{Path, PathBuf};
+
+use ffmpeg_next as ffmpeg;
+use ffmpeg::format::Pixel;
+use ffmpeg::media::Type as Media;
+use ffmpeg::software::scaling;
+use image::RgbImage;
+
+use super::{init, VideoError};
+
+/// What is known of a video before decoding it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VideoInfo {
+    /// Frame size as shown: after the display matrix's rotation.
+    pub width: u32,
+    pub height: u32,
+    /// Clockwise rotation applied to the stored pictures: 0, 90, 180 or 270.
+    pub rotation: u32,
+    /// FFmpeg's codec name (`h264`, `hevc`, `vp9`, `av1`, `mjpeg`, ...).
+    pub codec: String,
+    /// FFmpeg's container name (`mov,mp4,m4a,3gp,3g2,mj2`, `matroska,webm`, ...).
+    pub container: String,
+    /// Frames in the stream: the container's count when it has one
+    /// (`frame_count_exact`), otherwise duration x frame rate.
+    pub frame_count: Option<u64>,
+    pub frame_count_exact: bool,
+    /// Seconds, when the container knows.
+    pub duration: Option<f64>,
+    /// The average frame rate (nominal; frame times are the timestamps).
+    pub fps: f64,
+    pub has_audio: bool,
+}
+
+/// One decoded picture.
+#[derive(Clone, Debug)]
+pub struct DecodedFrame {
+    /// RGB, upright.
+    pub image: RgbImage,
+    /// Seconds from the stream's start (its first timestamp).
+    pub t: f64,
+}
+
+/// Frames of a seek target closer than this count as the target (the
+/// rounding of a timestamp to the stream's time base).
+const SEEK_TOLERANCE_S: f64 = 1e-3;
+
+/// A video file, decoded frame by frame. Memory does not grow with the
+/// file's length: nothing is kept but FFmpeg's decoder state and one picture.
+pub struct VideoReader {
+    path: PathBuf,
+    input: ffmpeg::format::context::Input,
+    stream: usize,
+    decoder: ffmpeg::decoder::Video,
+    time_base: f64,
+    /// The stream's first timestamp, in its time base: frame times count from it.
+    start_pts: Option<i64>,
+    info: VideoInfo,
+    scaler: Option<(Scaler, (Pixel, u32, u32))>,
+    decoded: ffmpeg::frame::Video,
+    rgb: ffmpeg::frame::Video,
+    eof_sent: bool,
+    done: bool,
+    /// Only frames at or after this time are returned (after a seek).
+    seek_target: Option<f64>,
+    last_t: Option<f64>,
+    frames_out: u64,
+    damaged_packets: u64,
+    read_error: Option<String>,
+    warnings: Vec<String>,
+    damage_warned: bool,
+    /// Read from the start without seeking: an early end can be told.
+    sequential: bool,
+}
+
+fn ff_err(e: ffmpeg::Error) -> String {
+    e.to_string()
+}
+
+impl VideoReader {
+    /// Opens the best video stream of `path` (audio and cover art are ignored).
+    pub fn open(path: &Path) -> Result<Self, VideoError> {
+        init();
+        if !path.exists() {
+            return Err(VideoError::NotFound(path.to_path_buf()));
+        }
+        let open_err = |reason: String| VideoError::Open {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) == 0 {
+            return Err(open_err("the file is empty".into()));
+        }
+        let input = ffmpeg::format::input(&path).map_err(|e| open_err(ff_err(e)))?;
+        let container = input.format().name().to_string();
+        let mut found = Vec::new();
+        let mut has_audio = false;
+        let mut candidates = Vec::new();
+        for s in input.streams() {
+            let params = s.parameters();
+            let kind = params.medium();
+            if kind == Media::Audio {
+                has_audio = true;
+            }
+            if kind == Media::Video
+                && !s
+                    .disposition()
+                    .contains(ffmpeg::format::stream::Disposition::ATTACHED_PIC)
+            {
+                candidates.push(s.index());
+            } else {
+                found.push(format!("{:?} {}", kind, params.id().name()).to_lowercase());
+            }
+        }
+        let best = input.streams().best(Media::Video).map(|s| s.index());
+        let stream_index = match best.filter(|b| candidates.contains(b)) {
+            Some(b) => b,
+            None => *candidates.first().ok_or_else(|| VideoError::NoVideoStream {
+                path: path.to_path_buf(),
+                found: if found.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (it holds: {})", found.join(", "))
+                },
+            })?,
+        };
+        let stream = input
+            .stream(stream_index)
+            .ok_or_else(|| open_err("the video stream vanished".into()))?;
+        let params = stream.parameters();
+        let codec_id = params.id();
+        let codec = codec_id.name().to_string();
+        if ffmpeg::decoder::find(codec_id).is_none() {
+            return Err(VideoError::NoDecoder {
+                path: path.to_path_buf(),
+                codec,
+                version: super::ffmpeg_version(),
+            });
+        }
+        let tb = stream.time_base();
+        let time_base = if tb.denominator() != 0 && tb.numerator() != 0 {
+            f64::from(tb.numerator()) / f64::from(tb.denominator())
+        } else {
+            1.0 / 90_000.0
+        };
+        let mut ctx = ffmpeg::codec::context::Context::from_parameters(params)
+            .map_err(|e| open_err(format!("the {codec} stream's parameters: {}", ff_err(e))))?;
+        // FFmpeg's frame and slice threads; a few are plenty for one video
+        // beside the model.
+        let threads = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(1, 4);
+        // SAFETY: `ctx` owns a valid AVCodecContext that is not opened yet;
+        // thread_count may be set before avcodec_open2.
+        unsafe {
+            (*ctx.as_mut_ptr()).thread_count = threads as i32;
+        }
+        let mut decoder = ctx.decoder();
+        decoder.set_packet_time_base(tb);
+        let decoder = decoder.video().map_err(|e| {
+            open_err(format!("cannot start the {codec} decoder: {}", ff_err(e)))
+        })?;
+        let rotation = display_rotation(&stream);
+        let (sw, sh) = (decoder.width(), decoder.height());
+        let (width, height) = if rotation % 180 == 90 {
+            (sh, sw)
+        } else {
+            (sw, sh)
+        };
+        let rate = |r: ffmpeg::Rational| {
+            (r.numerator() > 0 && r.denominator() > 0)
+                .then(|| f64::from(r.numerator()) / f64::from(r.denominator()))
+                .filter(|f| f.is_finite() && *f > 0.0 && *f <= 1000.0)
+        };
+        let fps = rate(stream.avg_frame_rate())
+            .or_else(|| rate(stream.rate()))
+            .unwrap_or(25.0);
+        let duration = if stream.duration() > 0 {
+            Some(stream.duration() as f64 * time_base)
+        } else if input.duration() > 0 {
+            Some(input.duration() as f64 / f64::from(ffmpeg::ffi::AV_TIME_BASE))
+        } else {
+            None
+        };
+        let (frame_count, frame_count_exact) = if stream.frames() > 0 {
+            (Some(stream.frames() as u64), true)
+        } else {
+            (duration.map(|d| (d * fps).round().max(1.0) as u64), false)
+        };
+        let start = stream.start_time();
+        let start_pts = (start != ffmpeg::ffi::AV_NOPTS_VALUE).then_some(start);
+        let info = VideoInfo {
+            width,
+            height,
+            rotation,
+            codec,
+            container,
+            frame_count,
+            frame_count_exact,
+            duration,
+            fps,
+            has_audio,
+        };
+        if width == 0 || height == 0 {
+            return Err(open_err("the video stream has no frame size".into()));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            input,
+            stream: stream_index,
+            decoder,
+            time_base,
+            start_pts,
+            info,
+            scaler: None,
+            decoded: ffmpeg::frame::Video::empty(),
+            rgb: ffmpeg::frame::Video::empty(),
+            eof_sent: false,
+            done: false,
+            seek_target: None,
+            last_t: None,
+            frames_out: 0,
+            damaged_packets: 0,
+            read_error: None,
+            warnings: Vec::new(),
+            damage_warned: false,
+            sequential: true,
+        })
+    }
+
+    pub fn info(&self) -> &VideoInfo {
+        &self.info
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Packets the decoder rejected so far (skipped).
+    pub fn damaged_packets(&self) -> u64 {
+        self.damaged_packets
+    }
+
+    /// Frames returned since opening (or since the last seek).
+    pub fn frames_read(&self) -> u64 {
+        self.frames_out
+    }
+
+    /// Warnings noticed since the last call: damaged packets (once), an
+    /// early end.
+    pub fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
+    }
+
+    fn name(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    /// The next frame in presentation order; `Ok(None)` at the end.
+    pub fn next_frame(&mut self) -> Result<Option<DecodedFrame>, VideoError> {
+        loop {
+            if self.done {
+                return Ok(None);
+            }
+            match self.decoder.receive_frame(&mut self.decoded) {
+                Ok(()) => {
+                    let t = self.frame_time();
+                    if let Some(target) = self.seek_target {
+                        if t < target - SEEK_TOLERANCE_S {
+                            continue;
+                        }
+                        self.seek_target = None;
+                    }
+                    self.last_t = Some(t);
+                    let image = self.to_rgb()?;
+                    self.frames_out += 1;
+                    return Ok(Some(DecodedFrame { image, t }));
+                }
+                Err(ffmpeg::Error::Other { errno }) if errno == ffmpeg::error::EAGAIN => {
+                    self.feed()?;
+                }
+                Err(ffmpeg::Error::Eof) => {
+                    self.done = true;
+                    self.note_end();
+                    return Ok(None);
+                }
+                Err(e) => self.damaged(&e),
+            }
+        }
+    }
+
+    /// Sends the next packet of the video stream to the decoder (or the end).
+    fn feed(&mut self) -> Result<(), VideoError> {
+        if self.eof_sent {
+            // Draining: receive_frame answers EAGAIN only with frame
+            // threads mid-flush; the next call gets the frame or EOF.
+            return Ok(());
+        }
+        let mut packet = ffmpeg::Packet::empty();
+        loop {
+            match packet.read(&mut self.input) {
+                Ok(()) => {
+                    if packet.stream() != self.stream {
+                        continue;
+                    }
+                    if let Err(e) = self.decoder.send_packet(&packet) {
+                        self.damaged(&e);
+                        continue;
+                    }
+                    return Ok(());
+                }
+                Err(ffmpeg::Error::Eof) => break,
+                Err(e) => {
+                    // A read error mid-file (cut short, an I/O error): what
+                    // was read so far stands.
+                    self.read_error = Some(ff_err(e));
+                    break;
+                }
+            }
+        }
+        self.eof_sent = true;
+        self.decoder
+            .send_eof()
+            .map_err(|e| VideoError::read(&self.path, ff_err(e)))
+    }
+
+    fn damaged(&mut self, e: &ffmpeg::Error) {
+        self.damaged_packets += 1;
+        if !self.damage_warned {
+            self.damage_warned = true;
+            self.warnings.push(format!(
+                "{}: a damaged packet was skipped ({e}); further damage is counted, not repeated",
+                self.name()
+            ));
+        }
+    }
+
+    fn note_end(&mut self) {
+        let read = self.frames_out;
+        let expected = self
+            .info
+            .frame_count
+            .filter(|_| self.info.frame_count_exact && self.sequential);
+        if let Some(reason) = self.read_error.take() {
+            self.warnings.push(format!(
+                "{}: the file ends early ({reason}): read {read} frames{}",
+                self.name(),
+                expected.map_or(String::new(), |n| format!(" of {n}"))
+            ));
+        } else if let Some(n) = expected.filter(|&n| read + self.damaged_packets < n) {
+            self.warnings.push(format!(
+                "{}: the file ends early (truncated or damaged): read {read} of {n} frames",
+                self.name()
+            ));
+        }
+        if self.damaged_packets > 1 {
+            self.warnings.push(format!(
+                "{}: {} damaged packets were skipped in all",
+                self.name(),
+                self.damaged_packets
+            ));
+        }
+    }
+
+    /// The decoded frame's time in seconds from the stream's start.
+    fn frame_time(&mut self) -> f64 {
+        let ts = self.decoded.timestamp().or_else(|| self.decoded.pts());
+        match ts {
+            Some(ts) => {
+                let start = *self.start_pts.get_or_insert(ts);
+                (ts - start) as f64 * self.time_base
+            }
+            None => self.last_t.map_or(0.0, |t| t + 1.0 / self.info.fps),
+        }
+    }
+
+    /// The decoded frame as upright RGB.
+    fn to_rgb(&mut self) -> Result<RgbImage, VideoError> {
+        let (fmt, w, h) = (
+            self.decoded.format(),
+            self.decoded.width(),
+            self.decoded.height(),
+        );
+        if w == 0 || h == 0 {
+            return Err(VideoError::read(&self.path, "a frame without a size"));
+        }
+        if self.scaler.as_ref().map(|s| s.1) != Some((fmt, w, h)) {
+            let mut ctx = scaling::Context::get(
+                fmt,
+                w,
+                h,
+                Pixel::RGB24,
+                w,
+                h,
+                scaling::Flags::BILINEAR | scaling::Flags::ACCURATE_RND | scaling::Flags::FULL_CHR_H_INT,
+            )
+            .map_err(|e| {
+                VideoError::read(
+                    &self.path,
+                    format!("cannot convert {fmt:?} pictures to RGB: {}", ff_err(e)),
+                )
+            })?;
+            set_colorspace(&mut ctx, &self.decoded);
+            self.scaler = Some((Scaler(ctx), (fmt, w, h)));
+        }
+        let Some((scaler, _)) = self.scaler.as_mut() else {
+            return Err(VideoError::read(&self.path, "no converter"));
+        };
+        scaler
+            .0
+            .run(&self.decoded, &mut self.rgb)
+            .map_err(|e| VideoError::read(&self.path, ff_err(e)))?;
+        let stride = self.rgb.stride(0);
+        let data = self.rgb.data(0);
+        let row = w as usize * 3;
+        let mut buf = Vec::with_capacity(row * h as usize);
+        for y in 0..h as usize {
+            buf.extend_from_slice(&data[y * stride..y * stride + row]);
+        }
+        let img = RgbImage::from_raw(w, h, buf)
+            .ok_or_else(|| VideoError::read(&self.path, "a picture of the wrong size"))?;
+        Ok(match self.info.rotation {
+            90 => image::imageops::rotate90(&img),
+            180 => image::imageops::rotate180(&img),
+            270 => image::imageops::rotate270(&img),
+            _ => img,
+        })
+    }
+
+    /// Positions the reader so that the next frame is the first one at or
+    /// after `t` seconds (from the stream's start): a seek to the key frame
+    /// before it, then decoding forward. Falls back to reading from the
+    /// start where the file cannot seek.
+    pub fn seek(&mut self, t: f64) -> Result<(), VideoError> {
+        let t = t.max(0.0);
+        let ts = self.start_pts.unwrap_or(0) + (t / self.time_base).floor() as i64;
+        // SAFETY: `input` owns a valid, opened AVFormatContext, and
+        // `self.stream` is one of its streams' indices.
+        let r = unsafe {
+            ffmpeg::ffi::avformat_seek_file(
+                self.input.as_mut_ptr(),
+                self.stream as i32,
+                i64::MIN,
+                ts,
+                ts,
+                0,
+            )
+        };
+        if r < 0 {
+            let start_pts = self.start_pts;
+            *self = Self::open(&self.path)?;
+            self.start_pts = start_pts.or(self.start_pts);
+        } else {
+            self.decoder.flush();
+        }
+        self.eof_sent = false;
+        self.done = false;
+        self.read_error = None;
+        self.frames_out = 0;
+        self.sequential = false;
+        self.seek_target = Some(t);
+        Ok(())
+    }
+
+    /// Times of every frame, read from the packets without decoding (fast),
+    /// in presentation order; the reader is back at the start afterwards.
+    pub fn scan_times(&mut self) -> Result<Vec<f64>, VideoError> {
+        let mut pts = Vec::new();
+        let mut packet = ffmpeg::Packet::empty();
+        loop {
+            match packet.read(&mut self.input) {
+                Ok(()) => {
+                    if packet.stream() != self.stream
+                        || packet.flags().bits() & ffmpeg::ffi::AV_PKT_FLAG_DISCARD != 0
+                    {
+                        continue;
+                    }
+                    if let Some(p) = packet.pts().or_else(|| packet.dts()) {
+                        pts.push(p);
+                    }
+                }
+                Err(ffmpeg::Error::Eof) => break,
+                Err(_) => break, // a cut file: what was read stands
+            }
+        }
+        pts.sort_unstable();
+        pts.dedup();
+        let start = self
+            .start_pts
+            .or_else(|| pts.first().copied())
+            .unwrap_or(0);
+        self.start_pts = Some(start);
+        let times = pts
+            .into_iter()
+            .map(|p| (p - start) as f64 * self.time_base)
+            .collect();
+        self.seek(0.0)?;
+        self.seek_target = None;
+        self.sequential = true;
+        Ok(times)
+    }
+}
+
+/// A pixel-format converter that may move between threads with its reader.
+struct Scaler(scaling::Context);
+
+// SAFETY: an SwsContext has no thread affinity; it is only ever used by the
+// one thread that owns the reader (`&mut self`), never shared.
+unsafe impl Send for Scaler {}
+
+/// The clockwise rotation a player applies, from the stream's display
+/// matrix (as the ffmpeg program's autorotation reads it), rounded to a
+/// quarter turn.
+fn display_rotation(stream: &ffmpeg::format::stream::Stream) -> u32 {
+    for sd in stream.side_data() {
+        if sd.kind() != ffmpeg::codec::packet::side_data::Type::DisplayMatrix {
+            continue;
+        }
+        let d = sd.data();
+        if d.len() < 36 {
+            continue;
+        }
+        let m = |i: usize| {
+            let b = [d[4 * i], d[4 * i + 1], d[4 * i + 2], d[4 * i + 3]];
+            f64::from(i32::from_ne_bytes(b)) / 65536.0
+        };
+        // libavutil's av_display_rotation_get, negated: the matrix's
+        // rotation is counter-clockwise, players turn clockwise.
+        let (s0, s1) = (m(0).hypot(m(3)), m(1).hypot(m(4)));
+        if s0 == 0.0 || s1 == 0.0 {
+            return 0;
+        }
+        let cw = (m(1) / s1).atan2(m(0) / s0).to_degrees();
+        let q = (cw / 90.0).round() as i64;
+        return (q.rem_euclid(4) * 90) as u32;
+    }
+    0
+}
+
+/// Tells the converter the frame's YUV matrix and range (BT.709 for HD
+/// video, full range for JPEG), which swscale would otherwise take for
+/// BT.601 limited range.
+fn set_colorspace(ctx: &mut scaling::Context, frame: &ffmpeg::frame::Video) {
+    use ffmpeg::ffi;
+    use ffmpeg::util::color::{Range, Space};
+    let space = match frame.color_space() {
+        Space::BT709 => ffi::SWS_CS_ITU709,
+        Space::FCC => ffi::SWS_CS_FCC,
+        Space::SMPTE240M => ffi::SWS_CS_SMPTE240M,
+        Space::BT2020NCL | Space::BT2020CL => ffi::SWS_CS_BT2020,
+        Space::BT470BG | Space::SMPTE170M => ffi::SWS_CS_ITU601,
+        // Unspecified: what players assume, by size.
+        _ if frame.height() >= 720 => ffi::SWS_CS_ITU709,
+        _ => ffi::SWS_CS_ITU601,
+    } as i32;
+    let full = i32::from(
+        frame.color_range() == Range::JPEG
+            || matches!(
+                frame.format(),
+                Pixel::YUVJ420P | Pixel::YUVJ422P | Pixel::YUVJ444P | Pixel::YUVJ440P
+            ),
+    );
+    // SAFETY: `ctx` holds a valid SwsContext; the coefficient tables are
+    // static arrays inside libswscale.
+    unsafe {
+        let coeffs = ffi::sws_getCoefficients(space);
+        let rgb = ffi::sws_getCoefficients(ffi::SWS_CS_DEFAULT as i32);
+        ffi::sws_setColorspaceDetails(ctx.as_mut_ptr(), coeffs, full, rgb, 1, 0, 1 << 16, 1 << 16);
+    }
+}
+
+/// A video with random access by frame number: the frames' times are read
+/// up front from the packets (no decoding), then a frame is decoded on
+/// demand, from the key frame before it unless it follows the last one.
+pub struct IndexedVideo {
+    reader: VideoReader,
+    times: Vec<f64>,
+    /// The frame `next_frame` would return.
+    next: Option<usize>,
+}
+
+impl IndexedVideo {
+    pub fn open(path: &Path) -> Result<Self, VideoError> {
+        let mut reader = VideoReader::open(path)?;
+        let times = reader.scan_times()?;
+        Ok(Self {
+            reader,
+            times,
+            next: Some(0),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.times.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.times.is_empty()
+    }
+
+    pub fn info(&self) -> &VideoInfo {
+        self.reader.info()
+    }
+
+    /// Frame size as shown.
+    pub fn size(&self) -> (u32, u32) {
+        (self.reader.info.width, self.reader.info.height)
+    }
+
+    /// The time of frame `k`, seconds from the video's start.
+    pub fn time(&self, k: usize) -> Option<f64> {
+        self.times.get(k).copied()
+    }
+
+    pub fn times(&self) -> &[f64] {
+        &self.times
+    }
+
+    /// The frame on screen at video time `t`: the last one starting at or
+    /// before it.
+    pub fn index_at(&self, t: f64) -> Option<usize> {
+        if self.times.is_empty() {
+            return None;
+        }
+        let n = self.times.partition_point(|&x| x <= t + 1e-6);
+        Some(n.saturating_sub(1))
+    }
+
+    /// Decodes frame `k`.
+    pub fn frame(&mut self, k: usize) -> Result<RgbImage, VideoError> {
+        let Some(&t) = self.times.get(k) else {
+            return Err(VideoError::read(
+                &self.reader.path,
+                format!("no frame {k} (the video has {})", self.times.len()),
+            ));
+        };
+        if self.next != Some(k) {
+            self.reader.seek(t)?;
+        }
+        self.next = None;
+        let f = self.reader.next_frame()?.ok_or_else(|| {
+            VideoError::read(&self.reader.path, format!("frame {k} could not be decoded"))
+        })?;
+        // A damaged frame before it may shift the pictures: place the
+        // decoder by what it returned.
+        let got = self.index_at(f.t).unwrap_or(k);
+        self.next = Some(got + 1);
+        Ok(f.image)
+    }
+}
