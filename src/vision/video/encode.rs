@@ -240,9 +240,22 @@ impl VideoWriter {
                         packet.set_duration(self.nominal);
                     }
                     packet.rescale_ts(TIME_BASE, self.stream_time_base);
+                    self.mark_discontinuous()?;
                     packet
-                        .write_interleaved(&mut self.output)
+                        .write(&mut self.output)
                         .map_err(|e| VideoError::write(&self.path, format!("muxing: {e}")))?;
+                    // SAFETY: `output` owns a valid AVFormatContext whose
+                    // header was written; a null packet asks the muxer to
+                    // write out what it holds (here: the fragment of this frame).
+                    let r = unsafe {
+                        ffmpeg::ffi::av_write_frame(self.output.as_mut_ptr(), std::ptr::null_mut())
+                    };
+                    if r < 0 {
+                        return Err(VideoError::write(
+                            &self.path,
+                            format!("writing a fragment: {}", ffmpeg::Error::from(r)),
+                        ));
+                    }
                 }
                 Err(ffmpeg::Error::Other { errno }) if errno == ffmpeg::error::EAGAIN => {
                     return Ok(())
@@ -256,6 +269,35 @@ impl VideoWriter {
                 }
             }
         }
+    }
+
+    /// Each frame is written out as its own fragment at once, before the
+    /// next frame's time (its duration) is known; `frag_discont` makes the
+    /// muxer take the next fragment's start from that frame's own
+    /// timestamp (`tfdt`) instead of the guessed duration, so variable
+    /// rates keep their times. The muxer clears the flag after each use.
+    fn mark_discontinuous(&mut self) -> Result<(), VideoError> {
+        if self.frames <= 1 {
+            return Ok(());
+        }
+        // SAFETY: `output` owns a valid AVFormatContext; its priv_data is
+        // the MP4 muxer's context, whose `movflags` option this sets.
+        let r = unsafe {
+            let ctx = self.output.as_mut_ptr();
+            ffmpeg::ffi::av_opt_set(
+                (*ctx).priv_data,
+                c"movflags".as_ptr(),
+                c"+frag_discont".as_ptr(),
+                0,
+            )
+        };
+        if r < 0 {
+            return Err(VideoError::write(
+                &self.path,
+                format!("setting frag_discont: {}", ffmpeg::Error::from(r)),
+            ));
+        }
+        Ok(())
     }
 
     /// Flushes the encoder, writes the last fragment and the trailer, and
