@@ -454,7 +454,11 @@ fn sigkill_mid_recording_leaves_a_readable_session_that_report_recovers() {
     let start_t = session.video_start_t();
     for (k, f) in session.frames.iter().take(v.len()).enumerate() {
         let vt = v.time(k).unwrap();
-        assert!((vt - (f.t - start_t)).abs() < 2e-3, "frame {k}: {vt} vs {}", f.t);
+        assert!(
+            (vt - (f.t - start_t)).abs() < 2e-3,
+            "frame {k}: {vt} vs {}",
+            f.t
+        );
     }
     v.frame(v.len() - 1).unwrap();
     assert!(!dir.join("recording.lock").exists());
@@ -535,7 +539,11 @@ fn a_write_error_mid_recording_stops_the_recording_not_the_pipeline() {
     let err = String::from_utf8_lossy(&out.stderr);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(stdout.lines().count(), n as usize, "the run went on to the end: {err}");
+    assert_eq!(
+        stdout.lines().count(),
+        n as usize,
+        "the run went on to the end: {err}"
+    );
     assert!(err.contains("recording stopped"), "{err}");
     assert!(err.contains("video.mp4"), "{err}");
     assert_ne!(out.status.code(), Some(0), "the exit status tells: {err}");

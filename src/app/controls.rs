@@ -30,9 +30,9 @@ pub struct ControlsState {
 impl ControlsState {
     pub fn new(settings: &Settings, source: &SourceSpec) -> Self {
         let path = match source {
-            SourceSpec::Video(_)
-            | SourceSpec::Still { .. }
-            | SourceSpec::Folder { .. } => source.label(),
+            SourceSpec::Video(_) | SourceSpec::Still { .. } | SourceSpec::Folder { .. } => {
+                source.label()
+            }
             _ => String::new(),
         };
         let bank_path = match &settings.bank {

@@ -19,8 +19,8 @@ use super::exit::{check_writable, ExitPlan, Outcome};
 use super::palette::class_color;
 use crate::model::cliper::expressions::CLASSES;
 use crate::session::report::{summarize, Report, MAX_FRAME_SECS};
-use crate::vision::video::IndexedVideo;
 use crate::session::{Session, SessionError};
+use crate::vision::video::IndexedVideo;
 
 #[derive(Clone, Debug, Default)]
 pub struct ReplayOptions {

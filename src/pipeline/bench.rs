@@ -215,7 +215,8 @@ fn video_stages(
     let mut decode = Vec::new();
     let mut encode = Vec::new();
     for (fw, fh) in [(640u32, 480u32), (1280, 720)] {
-        let base = image::imageops::resize(frame, fw + 32, fh, image::imageops::FilterType::Triangle);
+        let base =
+            image::imageops::resize(frame, fw + 32, fh, image::imageops::FilterType::Triangle);
         let frames: Vec<image::RgbImage> = (0..VIDEO_FRAMES as u32)
             .map(|i| image::imageops::crop_imm(&base, i, 0, fw, fh).to_image())
             .collect();
@@ -248,9 +249,8 @@ fn video_stages(
 /// A fresh folder for the bench's scratch files.
 fn tempfile_dir() -> Result<PathBuf, BenchError> {
     let dir = std::env::temp_dir().join(format!("cliper-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| {
-        BenchError::Video(crate::vision::video::VideoError::write(&dir, e))
-    })?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| BenchError::Video(crate::vision::video::VideoError::write(&dir, e)))?;
     Ok(dir)
 }
 

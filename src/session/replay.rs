@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 
 use super::meta::SessionMeta;
 use super::record::FrameRecord;
-use crate::vision::video::IndexedVideo;
 use super::{SessionError, JSONL_FILE, META_FILE, RAW_VIDEO_FILE, VIDEO_FILE};
 use crate::model::cliper::expressions::NUM_CLASSES;
+use crate::vision::video::IndexedVideo;
 
 /// A session read from its folder.
 #[derive(Clone, Debug)]

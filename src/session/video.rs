@@ -147,7 +147,12 @@ mod tests {
         let mut r = VideoReader::open(&out).unwrap();
         let mut k = 0;
         while let Some(f) = r.next_frame().unwrap() {
-            assert!((f.t - times[k]).abs() < 1.5e-3, "frame {k}: {} vs {}", f.t, times[k]);
+            assert!(
+                (f.t - times[k]).abs() < 1.5e-3,
+                "frame {k}: {} vs {}",
+                f.t,
+                times[k]
+            );
             assert_eq!(f.image.dimensions(), (160, 120));
             k += 1;
         }
@@ -161,7 +166,10 @@ mod tests {
             let img = v.frame(k).unwrap();
             let want = (k as u32 * 20 % 256) as f32;
             let got = img.get_pixel(20, 60).0[0] as f32;
-            assert!((got - want).abs() < 12.0, "frame {k}: red {got}, want {want}");
+            assert!(
+                (got - want).abs() < 12.0,
+                "frame {k}: red {got}, want {want}"
+            );
         }
     }
 

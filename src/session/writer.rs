@@ -687,4 +687,3 @@ impl DataThread {
         })
     }
 }
-

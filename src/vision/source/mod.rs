@@ -288,10 +288,13 @@ mod tests {
         for name in ["a.webm", "b.MKV", "c.mov"] {
             let p = dir.path().join(name);
             std::fs::write(&p, b"x").unwrap();
-            assert!(matches!(
-                SourceSpec::parse(p.to_str().unwrap(), None).unwrap(),
-                SourceSpec::Video(_)
-            ), "{name}");
+            assert!(
+                matches!(
+                    SourceSpec::parse(p.to_str().unwrap(), None).unwrap(),
+                    SourceSpec::Video(_)
+                ),
+                "{name}"
+            );
         }
         assert!(matches!(
             SourceSpec::parse(dir.path().to_str().unwrap(), Some(10.0)).unwrap(),

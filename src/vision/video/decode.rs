@@ -3,10 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use ffmpeg_next as ffmpeg;
 use ffmpeg::format::Pixel;
 use ffmpeg::media::Type as Media;
 use ffmpeg::software::scaling;
+use ffmpeg_next as ffmpeg;
 use image::RgbImage;
 
 use super::{init, VideoError};
@@ -117,14 +117,16 @@ impl VideoReader {
         let best = input.streams().best(Media::Video).map(|s| s.index());
         let stream_index = match best.filter(|b| candidates.contains(b)) {
             Some(b) => b,
-            None => *candidates.first().ok_or_else(|| VideoError::NoVideoStream {
-                path: path.to_path_buf(),
-                found: if found.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (it holds: {})", found.join(", "))
-                },
-            })?,
+            None => *candidates
+                .first()
+                .ok_or_else(|| VideoError::NoVideoStream {
+                    path: path.to_path_buf(),
+                    found: if found.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (it holds: {})", found.join(", "))
+                    },
+                })?,
         };
         let stream = input
             .stream(stream_index)
@@ -159,9 +161,9 @@ impl VideoReader {
         }
         let mut decoder = ctx.decoder();
         decoder.set_packet_time_base(tb);
-        let decoder = decoder.video().map_err(|e| {
-            open_err(format!("cannot start the {codec} decoder: {}", ff_err(e)))
-        })?;
+        let decoder = decoder
+            .video()
+            .map_err(|e| open_err(format!("cannot start the {codec} decoder: {}", ff_err(e))))?;
         let rotation = display_rotation(&stream);
         let (sw, sh) = (decoder.width(), decoder.height());
         let (width, height) = if rotation % 180 == 90 {
@@ -321,9 +323,14 @@ impl VideoReader {
             }
         }
         self.eof_sent = true;
-        self.decoder
-            .send_eof()
-            .map_err(|e| VideoError::read(&self.path, ff_err(e)))
+        if let Err(e) = self.decoder.send_eof() {
+            // A decoder left in error by the last (cut) packet: what it
+            // gave so far stands.
+            self.damaged(&e);
+            self.done = true;
+            self.note_end();
+        }
+        Ok(())
     }
 
     fn damaged(&mut self, e: &ffmpeg::Error) {
@@ -339,21 +346,32 @@ impl VideoReader {
 
     fn note_end(&mut self) {
         let read = self.frames_out;
-        let expected = self
+        if !self.sequential {
+            return;
+        }
+        let count = self
             .info
             .frame_count
-            .filter(|_| self.info.frame_count_exact && self.sequential);
+            .filter(|_| self.info.frame_count_exact);
+        let of = count.map_or(String::new(), |n| format!(" of {n}"));
         if let Some(reason) = self.read_error.take() {
             self.warnings.push(format!(
-                "{}: the file ends early ({reason}): read {read} frames{}",
-                self.name(),
-                expected.map_or(String::new(), |n| format!(" of {n}"))
-            ));
-        } else if let Some(n) = expected.filter(|&n| read + self.damaged_packets < n) {
-            self.warnings.push(format!(
-                "{}: the file ends early (truncated or damaged): read {read} of {n} frames",
+                "{}: the file ends early ({reason}): read {read} frames{of}",
                 self.name()
             ));
+        } else if count.is_some_and(|n| read + self.damaged_packets < n) {
+            self.warnings.push(format!(
+                "{}: the file ends early (truncated or damaged): read {read}{of} frames",
+                self.name()
+            ));
+        } else if let (None, Some(d), Some(last)) = (count, self.info.duration, self.last_t) {
+            // No frame count in the container: its duration tells.
+            if d - last > (0.1 * d).max(0.5) + 2.0 / self.info.fps {
+                self.warnings.push(format!(
+                    "{}: the file ends early (truncated or damaged): read {read} frames, up to {last:.2} s of {d:.2} s",
+                    self.name()
+                ));
+            }
         }
         if self.damaged_packets > 1 {
             self.warnings.push(format!(
@@ -394,7 +412,9 @@ impl VideoReader {
                 Pixel::RGB24,
                 w,
                 h,
-                scaling::Flags::BILINEAR | scaling::Flags::ACCURATE_RND | scaling::Flags::FULL_CHR_H_INT,
+                scaling::Flags::BILINEAR
+                    | scaling::Flags::ACCURATE_RND
+                    | scaling::Flags::FULL_CHR_H_INT,
             )
             .map_err(|e| {
                 VideoError::read(
@@ -487,10 +507,7 @@ impl VideoReader {
         }
         pts.sort_unstable();
         pts.dedup();
-        let start = self
-            .start_pts
-            .or_else(|| pts.first().copied())
-            .unwrap_or(0);
+        let start = self.start_pts.or_else(|| pts.first().copied()).unwrap_or(0);
         self.start_pts = Some(start);
         let times = pts
             .into_iter()

@@ -3,17 +3,20 @@
 //! The MP4 muxer writes an empty `moov` up front and then one fragment
 //! (`moof` + `mdat`) per frame (`frag_every_frame`), flushed to the file as
 //! it is written (`flush_packets`): the file is playable at every moment,
-//! with no index to write at the end. A fragment is written when the next
-//! frame arrives, which gives every frame its real duration (the gap to the
-//! next one, so times stay exact at variable rates); a kill therefore loses
-//! at most the newest frame. The encoder runs without look-ahead or
-//! B-frames (libx264's `zerolatency`), so no frame waits inside it.
+//! with no index to write at the end. Each frame's fragment is written as
+//! soon as the frame is encoded, and the encoder runs without look-ahead or
+//! B-frames (libx264's `zerolatency`), so nothing waits in memory: a kill
+//! loses at most the frame being encoded. Since a frame's duration is not
+//! known when it is written, each fragment carries its frame's own start
+//! (`tfdt`, with `frag_discont`) and the sample a duration of one tick: the
+//! frame shows until the next one starts, and variable rates keep their
+//! exact times.
 
 use std::path::{Path, PathBuf};
 
-use ffmpeg_next as ffmpeg;
 use ffmpeg::format::Pixel;
 use ffmpeg::software::scaling;
+use ffmpeg_next as ffmpeg;
 use image::RgbImage;
 
 use super::{init, VideoError};
@@ -45,8 +48,6 @@ pub struct VideoWriter {
     yuv: ffmpeg::frame::Video,
     stream_time_base: ffmpeg::Rational,
     size: (u32, u32),
-    /// Nominal frame duration in TIME_BASE units (the last frame's).
-    nominal: i64,
     last_pts: Option<i64>,
     frames: u64,
     finished: bool,
@@ -63,9 +64,16 @@ impl VideoWriter {
                 format!("frame size {w}x{h}: H.264 4:2:0 needs even sides"),
             ));
         }
-        let fps = if fps.is_finite() && fps > 0.0 { fps.min(240.0) } else { 25.0 };
-        let step = |what: &'static str| move |e: ffmpeg::Error| VideoError::write(path, format!("{what}: {e}"));
-        let mut output = ffmpeg::format::output_as(&path, "mp4").map_err(step("creating the file"))?;
+        let fps = if fps.is_finite() && fps > 0.0 {
+            fps.min(240.0)
+        } else {
+            25.0
+        };
+        let step = |what: &'static str| {
+            move |e: ffmpeg::Error| VideoError::write(path, format!("{what}: {e}"))
+        };
+        let mut output =
+            ffmpeg::format::output_as(&path, "mp4").map_err(step("creating the file"))?;
         let global_header = output
             .format()
             .flags()
@@ -98,7 +106,10 @@ impl VideoWriter {
             enc.set_height(h);
             enc.set_format(pixel);
             enc.set_time_base(TIME_BASE);
-            enc.set_frame_rate(Some(ffmpeg::Rational::new((fps * 1000.0).round() as i32, 1000)));
+            enc.set_frame_rate(Some(ffmpeg::Rational::new(
+                (fps * 1000.0).round() as i32,
+                1000,
+            )));
             // A key frame every 2 s: replay seeks to them.
             enc.set_gop(((fps * 2.0).round() as u32).clamp(1, 600));
             enc.set_max_b_frames(0);
@@ -133,7 +144,9 @@ impl VideoWriter {
             });
         };
         {
-            let mut stream = output.add_stream(codec).map_err(step("adding the video stream"))?;
+            let mut stream = output
+                .add_stream(codec)
+                .map_err(step("adding the video stream"))?;
             stream.set_parameters(&encoder);
             stream.set_time_base(TIME_BASE);
         }
@@ -167,7 +180,6 @@ impl VideoWriter {
             encoder,
             stream_time_base,
             size,
-            nominal: (1000.0 / fps).round().max(1.0) as i64,
             last_pts: None,
             frames: 0,
             finished: false,
@@ -236,9 +248,10 @@ impl VideoWriter {
             match self.encoder.receive_packet(&mut packet) {
                 Ok(()) => {
                     packet.set_stream(0);
-                    if packet.duration() <= 0 {
-                        packet.set_duration(self.nominal);
-                    }
+                    // The frame is written before the next one's time is
+                    // known: a duration of one tick never overlaps the next
+                    // frame, whose fragment then starts at its own time.
+                    packet.set_duration(1);
                     packet.rescale_ts(TIME_BASE, self.stream_time_base);
                     self.mark_discontinuous()?;
                     packet
