@@ -174,6 +174,8 @@ fn short_clip_repeats_frames_and_says_so() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["frames"], 16);
     assert_eq!(v["source_frames"], 5);
+    assert_eq!(v["complete"], true, "a short clip is whole");
+    assert_eq!(v["repeated_frames"], true);
 }
 
 #[test]
@@ -264,4 +266,45 @@ fn run_dynamic_adds_scores_once_the_window_is_full() {
             assert_eq!(face["dynamic"]["classes"].as_array().unwrap().len(), 7);
         }
     }
+}
+
+/// A video clip through FFmpeg: a whole one is scored as the clip; one cut
+/// short is scored on the frames read, flagged, and fails the command.
+#[test]
+fn video_clips_whole_and_truncated() {
+    let video = |name: &str| {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/video")
+            .join(name)
+            .to_string_lossy()
+            .into_owned()
+    };
+    let run = |file: &str| {
+        cliper(&[
+            "classify-clip",
+            "--weights",
+            &path("clip_c_hf16"),
+            "--no-detect",
+            "--json",
+            file,
+        ])
+    };
+    let (code, out, err) = run(&video("h264_high_bframes_audio.mp4"));
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["complete"], true);
+    assert_eq!(v["source_frames"], 30);
+    assert_eq!(v["frames"], 16);
+    assert_eq!(v["faces"].as_array().unwrap().len(), 1);
+
+    let (code, out, err) = run(&video("truncated.mp4"));
+    assert_eq!(code, 1, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["complete"], false);
+    assert_eq!(v["source_frames"], 8);
+    assert!(
+        err.contains("truncated.mp4") && err.contains("ends early"),
+        "{err}"
+    );
+    assert!(err.contains("could not be read whole"), "{err}");
 }

@@ -94,6 +94,7 @@ pub fn clip_json(
         "frames": sampled.frames.len(),
         "source_frames": sampled.source_frames,
         "complete": sampled.complete,
+        "repeated_frames": sampled.source_frames < sampled.frames.len(),
         "frames_with_face": r.frames_with_face,
         "notes": sampled.notes,
         "faces": faces,

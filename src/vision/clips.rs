@@ -58,9 +58,10 @@ pub struct SampledClip {
     pub frames: Vec<RgbImage>,
     /// Frames in the source (as far as it could be read).
     pub source_frames: usize,
-    /// Whether every frame of the source could be read and there were at
-    /// least as many as the window asks for. A clip that is not complete is
-    /// scored on what was read, and says so.
+    /// Whether every frame of the source could be read. A clip that is not
+    /// complete (truncated, damaged) is scored on what was read, and says so.
+    /// A whole clip shorter than the window repeats frames (`source_frames`
+    /// < `frames.len()`), as the reference sampling does.
     pub complete: bool,
     pub notes: Vec<String>,
 }
@@ -74,7 +75,7 @@ const SEQUENTIAL_MAX_FRAMES: u64 = 1500;
 /// holds the `n` frames, whatever the clip's length.
 pub fn sample_clip(path: &Path, n: usize) -> Result<SampledClip, String> {
     let mut notes = Vec::new();
-    let (frames, total, mut complete) = if path.is_dir() {
+    let (frames, total, complete) = if path.is_dir() {
         let files = clip_frames(path)
             .map_err(|e| format!("cannot read clip folder {}: {e}", path.display()))?;
         if files.is_empty() {
@@ -89,9 +90,8 @@ pub fn sample_clip(path: &Path, n: usize) -> Result<SampledClip, String> {
         sample_video(path, n, &mut notes).map_err(|e| e.to_string())?
     };
     if total < n {
-        complete = false;
         notes.push(format!(
-            "clip has {total} readable frames, fewer than the {n} the window needs: frames repeated to fill it"
+            "clip has {total} frames, fewer than {n} (the window): frames repeated to fill it"
         ));
     }
     Ok(SampledClip {

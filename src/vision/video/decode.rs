@@ -264,7 +264,7 @@ impl VideoReader {
     pub fn next_frame(&mut self) -> Result<Option<DecodedFrame>, VideoError> {
         loop {
             if self.done {
-                return Ok(None);
+                return self.end();
             }
             match self.decoder.receive_frame(&mut self.decoded) {
                 Ok(()) => {
@@ -286,7 +286,7 @@ impl VideoReader {
                 Err(ffmpeg::Error::Eof) => {
                     self.done = true;
                     self.note_end();
-                    return Ok(None);
+                    return self.end();
                 }
                 Err(e) => self.damaged(&e),
             }
@@ -331,6 +331,22 @@ impl VideoReader {
             self.note_end();
         }
         Ok(())
+    }
+
+    /// The end of the stream: an error when not a single frame came out.
+    fn end(&mut self) -> Result<Option<DecodedFrame>, VideoError> {
+        if self.sequential && self.frames_out == 0 {
+            let why = self.take_warnings().join("; ");
+            return Err(VideoError::read(
+                &self.path,
+                if why.is_empty() {
+                    "no frame could be decoded".to_string()
+                } else {
+                    format!("no frame could be decoded ({why})")
+                },
+            ));
+        }
+        Ok(None)
     }
 
     fn damaged(&mut self, e: &ffmpeg::Error) {
