@@ -26,11 +26,16 @@ fn files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// (frame times from the stream's first, displayed width, height) by ffprobe.
-fn ffprobe(path: &Path) -> Option<(Vec<f64>, u32, u32)> {
+/// (frame times from the stream's first, `None` where ffprobe has none;
+/// displayed width, height) by ffprobe.
+fn ffprobe(path: &Path) -> Option<(Vec<Option<f64>>, u32, u32)> {
     let out = Command::new("ffprobe")
         .args(["-v", "error", "-select_streams", "v:0", "-show_entries"])
-        .args(["frame=best_effort_timestamp_time,width,height", "-of", "csv=p=0"])
+        .args([
+            "frame=best_effort_timestamp_time,width,height",
+            "-of",
+            "csv=p=0",
+        ])
         .arg(path)
         .output()
         .ok()?;
@@ -42,10 +47,9 @@ fn ffprobe(path: &Path) -> Option<(Vec<f64>, u32, u32)> {
         if f.len() < 3 {
             continue;
         }
-        size = (f[0].parse().ok()?, f[1].parse().ok()?);
-        if let Ok(t) = f[2].parse::<f64>() {
-            times.push(t);
-        }
+        // ffprobe prints the fields in its own order: time, width, height.
+        size = (f[1].parse().ok()?, f[2].parse().ok()?);
+        times.push(f[0].parse::<f64>().ok());
     }
     if times.is_empty() {
         return None;
@@ -66,8 +70,8 @@ fn ffprobe(path: &Path) -> Option<(Vec<f64>, u32, u32)> {
     } else {
         size
     };
-    let t0 = times[0];
-    Some((times.iter().map(|t| t - t0).collect(), w, h))
+    let t0 = times[0]?;
+    Some((times.iter().map(|t| t.map(|t| t - t0)).collect(), w, h))
 }
 
 /// Frame `k` as the ffmpeg program decodes it (autorotated), RGB.
@@ -138,7 +142,7 @@ fn external_videos_decode_like_the_ffmpeg_program() {
         let worst_t = ours
             .iter()
             .zip(&times)
-            .map(|(a, b)| ((a - t0) - b).abs())
+            .filter_map(|(a, b)| b.map(|b| ((a - t0) - b).abs()))
             .fold(0.0, f64::max);
         let mut worst_px = 0.0f64;
         for (k, img) in &kept {
@@ -172,13 +176,18 @@ fn external_videos_decode_like_the_ffmpeg_program() {
             failures.push(format!("{name}: {} frames, ffprobe {n}", ours.len()));
         }
         if (info.width, info.height) != (w, h) {
-            failures.push(format!("{name}: {}x{}, ffprobe shows {w}x{h}", info.width, info.height));
+            failures.push(format!(
+                "{name}: {}x{}, ffprobe shows {w}x{h}",
+                info.width, info.height
+            ));
         }
         if worst_t > 2e-3 {
             failures.push(format!("{name}: times off by {:.1} ms", worst_t * 1000.0));
         }
         if worst_px > 6.0 {
-            failures.push(format!("{name}: pixels differ from ffmpeg's by {worst_px:.2}"));
+            failures.push(format!(
+                "{name}: pixels differ from ffmpeg's by {worst_px:.2}"
+            ));
         }
     }
     println!("{} files, {} failures", all.len(), failures.len());
