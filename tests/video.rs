@@ -5,6 +5,8 @@
 //! index drawn as blocks), damaged and truncated files, seeking, and what
 //! the recorder writes read back by ffprobe.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use cliper::vision::video::{IndexedVideo, VideoError, VideoReader, VideoWriter};
@@ -369,5 +371,33 @@ fn recordings_play_in_ffprobe_with_their_times_even_when_killed() {
             times.len(),
             "ffprobe reads the unfinished file: {ff:?}"
         );
+    }
+}
+
+/// A portrait phone clip stored sideways: upright, the frontal detector
+/// finds the face in every frame, and the boxes lie in the portrait frame.
+#[test]
+fn a_sideways_phone_clip_is_analysed_upright() {
+    let r = VideoReader::open(&fixture("rotated_face.mp4")).unwrap();
+    assert_eq!((r.info().width, r.info().height), (240, 320));
+    assert_eq!(r.info().rotation, 90);
+    let clip = fixture("rotated_face.mp4");
+    let (code, out, err) = common::cliper(&[
+        "run",
+        "--source",
+        clip.to_str().unwrap(),
+        "--weights",
+        &common::weights(),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 10);
+    for (k, l) in lines.iter().enumerate() {
+        let faces = l["faces"].as_array().unwrap();
+        assert_eq!(faces.len(), 1, "frame {k}: {l}");
+        let b: Vec<u64> = faces[0]["box"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        assert!(b[0] + b[2] <= 240 && b[1] + b[3] <= 320, "frame {k}: box {b:?}");
+        assert!((l["t"].as_f64().unwrap() - k as f64 * 0.04).abs() < 1e-3);
     }
 }

@@ -537,6 +537,26 @@ PATTERN_DOC = dict(
 )
 
 
+def make_rotated_face(out_dir, tmp):
+    """A portrait phone clip of a face, stored sideways (as phones store
+    portrait video) with the display matrix of an iPhone (rotation -90: turn
+    90 deg clockwise to show). Made from tests/data/astronaut.png; the
+    frontal face detector only finds the face when the rotation is applied."""
+    src = Path(__file__).resolve().parent.parent / "tests" / "data" / "astronaut.png"
+    stored = tmp / "rotated_face_stored.mp4"
+    out = out_dir / "rotated_face.mp4"
+    run(FFMPEG + ["-loop", "1", "-framerate", "25", "-i", str(src), "-frames:v", "10",
+                  "-vf", "scale=320:320,crop=240:320,transpose=cclock"] + X264
+        + ["-profile:v", "high", "-crf", "28", "-g", "10"] + BITEXACT + [str(stored)])
+    run(FFMPEG + ["-i", str(stored), "-map", "0", "-c", "copy", "-metadata:s:v:0", "rotate=270"]
+        + BITEXACT + [str(out)])
+    s = video_stream(probe(out))
+    check((s["width"], s["height"]) == (320, 240), f"stored size {s['width']}x{s['height']}")
+    rot, _ = rotation_of(s)
+    check(rot == -90, f"ffprobe rotation {rot}, want -90")
+    print(f"{out.name:30s} {out.stat().st_size:7d} B  h264  10 frames  240x320 shown, rotation -90")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path,
@@ -576,6 +596,10 @@ def main():
                   f"{entry['frames']:3d} frames  {entry['width'] or '-'}x{entry['height'] or '-'} "
                   f"rot {entry['rotation']:3d}  audio {'y' if entry['has_audio'] else 'n'}  sha {sha}")
 
+        try:
+            make_rotated_face(out_dir, tmp)
+        except CheckFailed as e:
+            failures.append(f"rotated_face.mp4: {e}")
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     total = sum(e["bytes"] for k, e in manifest.items() if not k.startswith("_"))
     print(f"total {total} bytes in {len(manifest) - 2} files; manifest: {out_dir / 'manifest.json'}")

@@ -650,10 +650,10 @@ impl BenchReport {
         s += &row("fast explanation map (1 face)", &self.explain_fast_map_ms);
         s += &row("Grad-CAM map (1 face)", &self.explain_gradcam_ms);
         for ((w, h), st) in &self.video_decode_ms {
-            s += &row(&format!("video decode {w}x{h} (per frame)"), st);
+            s += &row(&format!("video decode {w}x{h} /frame"), st);
         }
         for ((w, h), st) in &self.video_encode_ms {
-            s += &row(&format!("video record-encode {w}x{h} (per frame)"), st);
+            s += &row(&format!("video record {w}x{h} /frame"), st);
         }
         if let Some((_, enc)) = self.image_encode_ms_per_image.first() {
             s += &format!(
