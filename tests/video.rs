@@ -198,8 +198,11 @@ fn a_damaged_packet_is_skipped_counted_and_reported_once() {
     );
 }
 
+/// (time, frame index drawn, or `None` for a picture spoilt by a lost reference).
+type LenientFrame = (f64, Option<u32>);
+
 /// Like `decode_all`, but a picture damaged by a lost reference gives `None`.
-fn decode_all_lenient(path: &Path) -> (Vec<(f64, Option<u32>)>, Vec<String>, VideoReader) {
+fn decode_all_lenient(path: &Path) -> (Vec<LenientFrame>, Vec<String>, VideoReader) {
     let mut r = VideoReader::open(path).unwrap();
     let mut out = Vec::new();
     while let Some(f) = r.next_frame().unwrap() {
@@ -391,13 +394,24 @@ fn a_sideways_phone_clip_is_analysed_upright() {
         "--json",
     ]);
     assert_eq!(code, 0, "{err}");
-    let lines: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 10);
     for (k, l) in lines.iter().enumerate() {
         let faces = l["faces"].as_array().unwrap();
         assert_eq!(faces.len(), 1, "frame {k}: {l}");
-        let b: Vec<u64> = faces[0]["box"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
-        assert!(b[0] + b[2] <= 240 && b[1] + b[3] <= 320, "frame {k}: box {b:?}");
+        let b: Vec<u64> = faces[0]["box"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert!(
+            b[0] + b[2] <= 240 && b[1] + b[3] <= 320,
+            "frame {k}: box {b:?}"
+        );
         assert!((l["t"].as_f64().unwrap() - k as f64 * 0.04).abs() < 1e-3);
     }
 }

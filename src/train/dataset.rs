@@ -144,16 +144,14 @@ fn load_folder(root: &Path, split: &str, clips: bool) -> Result<Vec<Sample>, Dat
         let before = out.len();
         for p in sorted_entries(&cdir)? {
             if clips {
-                if p.is_file() && crate::vision::video::has_video_extension(&p) {
-                    out.push(Sample { path: p, label: c });
-                } else if p.is_dir()
-                    && !clip_frames(&p)
-                        .map_err(|e| DatasetError::Io {
-                            path: p.clone(),
-                            reason: e.to_string(),
-                        })?
-                        .is_empty()
-                {
+                let video = p.is_file() && crate::vision::video::has_video_extension(&p);
+                let frames = || {
+                    clip_frames(&p).map_err(|e| DatasetError::Io {
+                        path: p.clone(),
+                        reason: e.to_string(),
+                    })
+                };
+                if video || (p.is_dir() && !frames()?.is_empty()) {
                     out.push(Sample { path: p, label: c });
                 }
             } else if p.is_file() && is_image(&p) {

@@ -276,7 +276,7 @@ impl VideoReader {
                         self.seek_target = None;
                     }
                     self.last_t = Some(t);
-                    let image = self.to_rgb()?;
+                    let image = self.convert_frame()?;
                     self.frames_out += 1;
                     return Ok(Some(DecodedFrame { image, t }));
                 }
@@ -411,7 +411,7 @@ impl VideoReader {
     }
 
     /// The decoded frame as upright RGB.
-    fn to_rgb(&mut self) -> Result<RgbImage, VideoError> {
+    fn convert_frame(&mut self) -> Result<RgbImage, VideoError> {
         let (fmt, w, h) = (
             self.decoded.format(),
             self.decoded.width(),
@@ -587,7 +587,7 @@ fn set_colorspace(ctx: &mut scaling::Context, frame: &ffmpeg::frame::Video) {
         // Unspecified: what players assume, by size.
         _ if frame.height() >= 720 => ffi::SWS_CS_ITU709,
         _ => ffi::SWS_CS_ITU601,
-    } as i32;
+    };
     let full = i32::from(
         frame.color_range() == Range::JPEG
             || matches!(
@@ -599,7 +599,7 @@ fn set_colorspace(ctx: &mut scaling::Context, frame: &ffmpeg::frame::Video) {
     // static arrays inside libswscale.
     unsafe {
         let coeffs = ffi::sws_getCoefficients(space);
-        let rgb = ffi::sws_getCoefficients(ffi::SWS_CS_DEFAULT as i32);
+        let rgb = ffi::sws_getCoefficients(ffi::SWS_CS_DEFAULT);
         ffi::sws_setColorspaceDetails(ctx.as_mut_ptr(), coeffs, full, rgb, 1, 0, 1 << 16, 1 << 16);
     }
 }
