@@ -185,7 +185,7 @@ enum Command {
         /// One JSON object per clip on stdout.
         #[arg(long)]
         json: bool,
-        /// Videos (.mp4, .avi) or folders of frames.
+        /// Videos (any format FFmpeg reads: .mp4, .mov, .mkv, .webm, .avi, ...) or folders of frames.
         #[arg(required = true)]
         clips: Vec<PathBuf>,
     },
@@ -313,7 +313,7 @@ enum Command {
 
 #[derive(clap::Args, Clone)]
 struct SourceArgs {
-    /// Where frames come from: a video (.mp4 H.264, .avi MJPEG), an image, a
+    /// Where frames come from: a video (any format FFmpeg reads), an image, a
     /// folder of images, or `demo`.
     #[arg(long, conflicts_with = "camera")]
     source: Option<String>,

@@ -153,7 +153,7 @@ fn source_section(
         }
     });
     ui.label(
-        RichText::new("MP4 (H.264), AVI (MJPEG), images, folders; or drop a file here")
+        RichText::new("any video FFmpeg reads (MP4, MOV, MKV, WebM, AVI, ...), images, folders; or drop a file here")
             .small()
             .weak(),
     );

@@ -393,6 +393,7 @@ impl CliperApp {
             inference_fps: t.inference_fps,
             capture_to_screen_ms: self.store.capture_to_screen.median(),
             score_lag_ms: self.store.score_lag.median(),
+            decode_ms: t.decode_ms,
             detect_ms: t.detect_ms,
             encode_ms: t.encode_ms,
             score_ms: t.score_ms,
@@ -523,7 +524,7 @@ impl eframe::App for CliperApp {
     }
 
     fn on_exit(&mut self, _gl: Option<&eframe::glow::Context>) {
-        // Finish the recording's files (last segment, video.mp4) before the
+        // Finish the recording's files (the last frames of video.mp4) before the
         // process ends.
         self.recording.stop_and_wait();
     }

@@ -103,6 +103,7 @@ pub struct SessionReport {
     pub inference_fps: f32,
     pub capture_to_screen_ms: Option<f32>,
     pub score_lag_ms: Option<f32>,
+    pub decode_ms: f32,
     pub detect_ms: f32,
     pub encode_ms: f32,
     pub score_ms: f32,
@@ -118,13 +119,14 @@ impl std::fmt::Display for SessionReport {
         let ms = |v: Option<f32>| v.map_or("n/a".to_string(), |v| format!("{v:.0} ms"));
         write!(
             f,
-            "UI {:.0} fps (ui() {:.1} ms), capture {:.1} fps, inference {:.1} fps, capture-to-screen median {}, score lag median {} (detect {:.0} ms, encode {:.0} ms, score {:.1} ms), {} frames shown, {} scored",
+            "UI {:.0} fps (ui() {:.1} ms), capture {:.1} fps, inference {:.1} fps, capture-to-screen median {}, score lag median {} (decode {:.1} ms, detect {:.0} ms, encode {:.0} ms, score {:.1} ms), {} frames shown, {} scored",
             self.ui_fps,
             self.ui_ms,
             self.capture_fps,
             self.inference_fps,
             ms(self.capture_to_screen_ms),
             ms(self.score_lag_ms),
+            self.decode_ms,
             self.detect_ms,
             self.encode_ms,
             self.score_ms,

@@ -21,7 +21,7 @@ use crate::session::{default_recordings_dir, new_session_dir, SessionError, Sess
 
 const REC_RED: Color32 = Color32::from_rgb(235, 64, 52);
 
-/// A recording being finished on its thread (last segment, join).
+/// A recording being finished on its thread (the encoder's last frames, meta.json).
 struct Finishing {
     dir: PathBuf,
     rx: Receiver<Result<FinishReport, SessionError>>,

@@ -3,7 +3,7 @@
 //! timelines. Reads the session folder only; no model is loaded.
 //!
 //! The video is decoded on a background thread (a seek decodes from the key
-//! frame before it, at most a segment's length); the UI only asks for the
+//! frame before it, at most 2 s of video); the UI only asks for the
 //! frame at the scrubber's time and shows the newest one that came back.
 
 use std::path::PathBuf;

@@ -79,8 +79,7 @@ pub struct RecordOutcome {
     pub video: Option<PathBuf>,
     /// The error that stopped the recording (or kept it from starting).
     pub error: Option<String>,
-    /// Other problems (e.g. the video segments could not be joined; they
-    /// are kept in video/).
+    /// Other problems met while recording (kept in meta.json's errors).
     pub notes: Vec<String>,
 }
 
@@ -211,8 +210,8 @@ impl Recorder {
         }
     }
 
-    /// Finishes the recording (waits for the writer: the last segment and
-    /// the join into video.mp4).
+    /// Finishes the recording (waits for the writer: the encoder's last
+    /// frames and meta.json).
     pub fn finish(mut self) -> Result<FinishReport, SessionError> {
         self.flush_pending(u64::MAX);
         self.writer.finish()

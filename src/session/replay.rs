@@ -103,8 +103,7 @@ impl Session {
             .collect()
     }
 
-    /// The annotated video's files: video.mp4, or the finished segments of a
-    /// session that was not finalised (or whose join failed).
+    /// The annotated video, video.mp4, when there is one.
     pub fn video_file(&self) -> Option<PathBuf> {
         Some(self.dir.join(VIDEO_FILE)).filter(|p| p.is_file())
     }

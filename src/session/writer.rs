@@ -4,7 +4,7 @@
 //!  caller ──(unbounded)──> data thread:  session.jsonl, session.csv,
 //!    │                                   meta.json; at the end joins the
 //!    │                                   video and marks the session complete
-//!    └──(bounded, drops)──> video thread: annotate, encode, segment rotation
+//!    └──(bounded, drops)──> video thread: annotate, encode (FFmpeg)
 //! ```
 //!
 //! The caller (the app's UI thread) never waits: rows are small and always
@@ -342,14 +342,14 @@ impl SessionWriter {
         }
     }
 
-    /// Stops recording: waits for the queued rows and frames, joins the
-    /// video segments into video.mp4 and marks the session complete.
+    /// Stops recording: waits for the queued rows and frames, finishes
+    /// video.mp4 and marks the session complete.
     pub fn finish(mut self) -> Result<FinishReport, SessionError> {
         self.finish_inner()
     }
 
     /// [`finish`](Self::finish) on a background thread (the app's UI thread
-    /// must not wait for the last segment and the join).
+    /// must not wait for the encoder's last frames).
     pub fn finish_in_background(self) -> Receiver<Result<FinishReport, SessionError>> {
         let (tx, rx) = bounded(1);
         let _ = spawn("cliper-rec-finish", move || {
