@@ -415,3 +415,32 @@ fn a_sideways_phone_clip_is_analysed_upright() {
         assert!((l["t"].as_f64().unwrap() - k as f64 * 0.04).abs() < 1e-3);
     }
 }
+
+/// A clip too long to decode whole is sampled by seeking, frame-exact.
+#[test]
+fn long_clips_are_sampled_by_seeking() {
+    use cliper::vision::clips::{sample_clip, segment_indices};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("long.mp4");
+    let n = 1700u32;
+    let mut w = VideoWriter::create(&path, (160, 96), 25.0).unwrap();
+    for k in 0..n {
+        // The index modulo 256 is what the blocks can show.
+        w.push(&pattern_frame(k % 256), f64::from(k) / 25.0)
+            .unwrap();
+    }
+    w.finish().unwrap();
+    let s = sample_clip(&path, 16).unwrap();
+    assert!(s.complete, "{:?}", s.notes);
+    assert_eq!(s.source_frames, n as usize);
+    let got: Vec<u32> = s
+        .frames
+        .iter()
+        .map(|f| read_pattern(f, "long clip"))
+        .collect();
+    let want: Vec<u32> = segment_indices(n as usize, 16, None)
+        .into_iter()
+        .map(|i| i as u32 % 256)
+        .collect();
+    assert_eq!(got, want);
+}

@@ -300,8 +300,10 @@ impl VideoReader {
             // threads mid-flush; the next call gets the frame or EOF.
             return Ok(());
         }
-        let mut packet = ffmpeg::Packet::empty();
         loop {
+            // A fresh packet per read: av_read_frame does not release what a
+            // packet held, so reusing one would leak every packet skipped.
+            let mut packet = ffmpeg::Packet::empty();
             match packet.read(&mut self.input) {
                 Ok(()) => {
                     if packet.stream() != self.stream {
@@ -504,8 +506,10 @@ impl VideoReader {
     /// in presentation order; the reader is back at the start afterwards.
     pub fn scan_times(&mut self) -> Result<Vec<f64>, VideoError> {
         let mut pts = Vec::new();
-        let mut packet = ffmpeg::Packet::empty();
         loop {
+            // A fresh packet per read: av_read_frame does not release what a
+            // packet held, so reusing one would leak every packet skipped.
+            let mut packet = ffmpeg::Packet::empty();
             match packet.read(&mut self.input) {
                 Ok(()) => {
                     if packet.stream() != self.stream
