@@ -444,3 +444,54 @@ fn long_clips_are_sampled_by_seeking() {
         .collect();
     assert_eq!(got, want);
 }
+
+/// Damaged bytes anywhere in a file (headers included) give frames,
+/// warnings or an error naming the file: never a panic or a hang.
+#[test]
+fn mangled_files_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for name in [
+        "h264_high_bframes_audio.mp4",
+        "vp9.webm",
+        "mjpeg.avi",
+        "hevc.mov",
+    ] {
+        let bytes = std::fs::read(fixture(name)).unwrap();
+        for trial in 0..25 {
+            let mut b = bytes.clone();
+            for _ in 0..1 + trial % 8 {
+                let i = (next() % b.len() as u64) as usize;
+                b[i] = (next() & 0xff) as u8;
+            }
+            if trial % 5 == 4 {
+                b.truncate((next() % b.len() as u64) as usize);
+            }
+            let p = dir.path().join(format!("{trial}_{name}"));
+            std::fs::write(&p, &b).unwrap();
+            match VideoReader::open(&p) {
+                Ok(mut r) => {
+                    let mut n = 0;
+                    loop {
+                        match r.next_frame() {
+                            Ok(Some(_)) => n += 1,
+                            Ok(None) => break,
+                            Err(e) => {
+                                assert!(e.to_string().contains(&p.display().to_string()), "{e}");
+                                break;
+                            }
+                        }
+                        assert!(n < 10_000, "{}: endless frames", p.display());
+                    }
+                }
+                Err(e) => assert!(e.to_string().contains(&format!("{trial}_{name}")), "{e}"),
+            }
+        }
+    }
+}
