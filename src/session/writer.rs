@@ -2,8 +2,8 @@
 //!
 //! ```text
 //!  caller ──(unbounded)──> data thread:  session.jsonl, session.csv,
-//!    │                                   meta.json; at the end joins the
-//!    │                                   video and marks the session complete
+//!    │                                   meta.json; at the end marks the
+//!    │                                   session complete
 //!    └──(bounded, drops)──> video thread: annotate, encode (FFmpeg)
 //! ```
 //!
