@@ -73,6 +73,11 @@ log "binary: $BIN ($(stat -c %s "$BIN") bytes)"
 log "=== ldd"
 ldd "$BIN" 2>&1 | tee -a "$LOG"
 if ldd "$BIN" 2>&1 | grep -q 'not found'; then log "WARNING: unresolved shared libraries (see above)"; fi
+if ldd "$BIN" 2>&1 | grep -E '^\s*lib(av|sw)[a-z]*\.so' | grep -q 'not found'; then
+    log "WARNING: FFmpeg's libraries are missing: cliper decodes and records video through the system FFmpeg."
+    log "  Install them (Debian 12: libavformat59 libavcodec59 libavutil57 libswscale6), or copy the .so files"
+    log "  that 'ldd' lists from the build machine and point LD_LIBRARY_PATH at them."
+fi
 if ldd "$BIN" 2>&1 | grep 'libcuda\.so' | grep -qi stub; then
     log "WARNING: libcuda.so.1 resolves to a stub, not to the driver"
 fi
