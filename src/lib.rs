@@ -5,6 +5,7 @@
 //! command-line edge over it.
 
 pub mod app;
+pub mod batch;
 pub mod model;
 pub mod pipeline;
 pub mod session;

@@ -282,6 +282,9 @@ enum Command {
     Live(LiveArgs),
     /// Run the live pipeline without a window: one line per processed frame.
     Run(RunArgs),
+    /// Annotate a folder or list of videos and images as one task of an
+    /// array job (Slurm, Kubernetes), resumable; `batch merge` makes Parquet tables.
+    Batch(BatchArgs),
     /// Replay a recorded session: its annotated video, the timelines and a
     /// scrubber (no model needed).
     Replay {
@@ -409,6 +412,74 @@ struct RunArgs {
     stride: usize,
     #[command(flatten)]
     record: RecordArgs,
+}
+
+#[derive(clap::Args, Clone)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct BatchArgs {
+    #[command(subcommand)]
+    action: Option<BatchAction>,
+    /// A folder searched recursively for videos and images (hidden entries skipped).
+    #[arg(
+        long,
+        conflicts_with = "manifest",
+        required_unless_present = "manifest"
+    )]
+    input: Option<PathBuf>,
+    /// A file listing one video or image per line (relative paths from its folder).
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+    /// The output folder, shared by all tasks of the array.
+    #[arg(long, required = true)]
+    out: Option<PathBuf>,
+    /// This task's share: TASK/TASKS, e.g. 3/8. Default: from
+    /// SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, or JOB_COMPLETION_INDEX
+    /// with --shards, or the whole list.
+    #[arg(long, value_name = "I/N")]
+    shard: Option<String>,
+    /// The number of tasks, with Kubernetes' JOB_COMPLETION_INDEX.
+    #[arg(long, value_name = "N")]
+    shards: Option<usize>,
+    /// Redo inputs that are already finished.
+    #[arg(long)]
+    force: bool,
+    /// Also write each input's annotated video (video.mp4).
+    #[arg(long)]
+    record_video: bool,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    bank: BankArgs,
+    #[command(flatten)]
+    faces: FaceArgs,
+    /// Descriptors kept per face in session.jsonl.
+    #[arg(long, value_name = "K", default_value_t = 5)]
+    top: usize,
+    /// Also score this free-text description against each face.
+    #[arg(long, value_name = "TEXT")]
+    probe: Option<String>,
+    /// Also record each face's dynamic-branch scores.
+    #[arg(long)]
+    dynamic: bool,
+    /// Frames per dynamic window (at most the temporal module's 16).
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    window: usize,
+    /// A new dynamic score every N frames once a window is full.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    stride: usize,
+}
+
+#[derive(Subcommand, Clone)]
+enum BatchAction {
+    /// Merge a batch's results into OUT/faces.parquet (one row per frame x
+    /// face) and OUT/inputs.parquet (one row per input).
+    Merge {
+        /// The --out folder of the batch.
+        dir: PathBuf,
+        /// Write the tables here instead of into DIR.
+        #[arg(long, value_name = "DIR")]
+        to: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -542,7 +613,7 @@ fn run_headless(args: RunArgs) -> Result<()> {
     let Some(source) = args.source.spec()? else {
         anyhow::bail!("give --source VIDEO|IMAGE|FOLDER|demo or --camera N");
     };
-    let opts = cliper::pipeline::batch::RunOptions {
+    let opts = cliper::pipeline::run::RunOptions {
         source,
         model: ModelSpec {
             weights: args.model.weights.clone(),
@@ -580,7 +651,7 @@ fn run_headless(args: RunArgs) -> Result<()> {
         opts.record = Some(r);
     }
     let stdout = std::io::stdout();
-    let summary = cliper::pipeline::batch::run(&opts, &mut stdout.lock())?;
+    let summary = cliper::pipeline::run::run(&opts, &mut stdout.lock())?;
     eprintln!(
         "processed {} frames, {} faces in {:.1} s (per frame: decode {:.1} ms, detect {:.0} ms, encode {:.0} ms, score {:.1} ms){}",
         summary.frames,
@@ -622,6 +693,144 @@ fn run_headless(args: RunArgs) -> Result<()> {
                 String::new()
             },
             rec.dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn batch(args: BatchArgs) -> Result<()> {
+    use cliper::batch::{self, Outcome, Shard};
+    if let Some(BatchAction::Merge { dir, to }) = args.action {
+        let m = batch::merge::merge(&dir, to.as_deref())?;
+        eprintln!(
+            "merged {} inputs: {} complete, {} partial, {} failed, {} pending; {} face rows in {}, inputs in {}",
+            m.inputs,
+            m.complete,
+            m.partial,
+            m.failed,
+            m.pending,
+            m.rows,
+            m.faces_table.display(),
+            m.inputs_table.display()
+        );
+        if !m.whole() {
+            anyhow::bail!(
+                "{} of {} inputs have no result yet (not processed, or a task is still running): the tables hold only the finished ones",
+                m.pending,
+                m.inputs
+            );
+        }
+        return Ok(());
+    }
+    let Some(out) = args.out.clone() else {
+        anyhow::bail!("give --out DIR");
+    };
+    let items = match (&args.input, &args.manifest) {
+        (Some(dir), _) => batch::folder_work_list(dir, Some(&out))?,
+        (None, Some(m)) => batch::manifest_work_list(m)?,
+        (None, None) => anyhow::bail!("give --input DIR or --manifest FILE"),
+    };
+    let explicit = args.shard.as_deref().map(Shard::parse).transpose()?;
+    let shard = Shard::resolve(explicit, args.shards, |k| std::env::var(k).ok())?;
+    let analyzer = args.faces.analyzer_config()?;
+    if args.dynamic && !(1..=16).contains(&args.window) {
+        anyhow::bail!(
+            "--window {} is out of range: give 1 to 16 frames",
+            args.window
+        );
+    }
+    if args.stride == 0 {
+        anyhow::bail!("--stride 0 is out of range: give 1 or more frames");
+    }
+    let model = ModelSpec {
+        weights: args.model.weights.clone(),
+        bank: args.bank.source(),
+        device: args.model.device.clone(),
+    };
+    let settings = cliper::pipeline::recorder::run_settings(
+        "batch",
+        &model,
+        &analyzer,
+        None,
+        args.probe.as_deref(),
+        0.0,
+    );
+    let opts = batch::task::TaskOptions {
+        out: out.clone(),
+        items,
+        shard,
+        force: args.force,
+        record_video: args.record_video,
+        model,
+        analyzer,
+        dynamic: args
+            .dynamic
+            .then_some(cliper::pipeline::worker::DynamicSettings {
+                window: args.window,
+                stride: args.stride,
+            }),
+        probe: args.probe.clone(),
+        top: args.top,
+        settings,
+    };
+    let mine = opts
+        .items
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| shard.owns(*i))
+        .count();
+    eprintln!(
+        "task {shard}: {mine} of {} inputs, into {}",
+        opts.items.len(),
+        out.display()
+    );
+    let summary = batch::task::run_task(&opts, &mut |r| {
+        let s = &r.status;
+        let what = match s.outcome {
+            Outcome::Skipped => "skipped (finished by an earlier run)".to_string(),
+            Outcome::Failed | Outcome::Busy => format!(
+                "{}: {}",
+                s.outcome.as_str(),
+                s.error.as_deref().unwrap_or("unknown error")
+            ),
+            Outcome::Complete | Outcome::Partial => {
+                let mut t = format!(
+                    "{}, {} frames, {} faces in {:.1} s ({:.1} frames/s)",
+                    s.outcome.as_str(),
+                    s.frames,
+                    s.faces,
+                    s.seconds,
+                    s.frames as f64 / s.seconds.max(1e-9)
+                );
+                if let Some(w) = s.warnings.first() {
+                    t.push_str(&format!(
+                        "; not read whole ({} warning(s)): {w}",
+                        s.warnings.len()
+                    ));
+                }
+                t
+            }
+        };
+        eprintln!("[{}/{}] {}: {what}", r.position, r.of, s.input);
+    })?;
+    eprintln!(
+        "task {shard} done in {:.1} s: {} inputs, {} complete, {} partial, {} failed, {} skipped, {} busy; {} frames, {} faces",
+        summary.secs,
+        summary.inputs,
+        summary.complete,
+        summary.partial,
+        summary.failed,
+        summary.skipped,
+        summary.busy,
+        summary.frames,
+        summary.faces
+    );
+    if !summary.all_whole() {
+        anyhow::bail!(
+            "{} of this task's {} inputs failed or were not read whole (see {}); rerun the task to retry the failed ones",
+            summary.failed + summary.partial + summary.busy,
+            summary.inputs,
+            out.join(batch::STATUS_DIR).join(shard.status_file()).display()
         );
     }
     Ok(())
@@ -858,6 +1067,7 @@ fn run(cli: Cli) -> Result<()> {
     match command {
         Command::Live(args) => live(args),
         Command::Run(args) => run_headless(args),
+        Command::Batch(args) => batch(args),
         Command::Report {
             dir,
             json,

@@ -347,7 +347,7 @@ impl Store {
                 self.source = Some(info);
                 self.source_state = SourceState::Playing;
             }
-            PipelineEvent::SourceFailed { spec, error } => {
+            PipelineEvent::SourceFailed { spec, error, .. } => {
                 self.source_state = SourceState::Failed { spec, error };
             }
             PipelineEvent::SourceWarning(w) => self.warning = Some((w, self.now())),

@@ -3,13 +3,13 @@
 //! types here.
 
 pub mod analyzer;
-pub mod batch;
 pub mod bench;
 pub mod clip;
 pub mod dynamic;
 pub mod explain;
 pub mod output;
 pub mod recorder;
+pub mod run;
 pub mod setup;
 pub mod smoothing;
 pub mod worker;

@@ -76,6 +76,10 @@ pub struct PipelineConfig {
     /// Send each frame with its boxes ([`PipelineEvent::Frame`]): on in live
     /// mode (the window shows them), and in batch runs that record video.
     pub emit_frames: bool,
+    /// Batch mode: after a source ends or fails, wait for the next
+    /// [`PipelineCommand::SetSource`] instead of finishing, so that one
+    /// loaded model serves a whole list of files (`cliper batch`).
+    pub keep_open: bool,
 }
 
 /// Window length and stride of the dynamic branch.
@@ -134,6 +138,7 @@ impl PipelineConfig {
             dynamic: DynamicSettings::default(),
             explain: None,
             emit_frames: mode == RunMode::Live,
+            keep_open: false,
         }
     }
 }
@@ -242,6 +247,8 @@ pub enum PipelineEvent {
     SourceFailed {
         spec: SourceSpec,
         error: String,
+        /// Frames of this source sent on before it failed (0: it never opened).
+        frames: u64,
     },
     /// A frame was skipped (an unreadable image in a folder).
     SourceWarning(String),
@@ -510,6 +517,8 @@ fn capture_stage(
     let mut clock: Option<(Instant, f64)> = None;
     let mut frames_this_source = 0u64;
     let mut paused = false;
+    // Batch runs end with their source, unless told to wait for the next.
+    let finish_at_end = config.mode == RunMode::Batch && !config.keep_open;
     loop {
         if let Some(s) = spec.take() {
             paused = false;
@@ -537,8 +546,9 @@ fn capture_stage(
                     let failed = PipelineEvent::SourceFailed {
                         spec: s,
                         error: e.to_string(),
+                        frames: 0,
                     };
-                    if !events.send(failed) || config.mode == RunMode::Batch {
+                    if !events.send(failed) || finish_at_end {
                         return;
                     }
                 }
@@ -578,12 +588,26 @@ fn capture_stage(
             clock = None;
             continue;
         }
-        if config.max_frames.is_some_and(|m| seq >= m) {
+        // In batch runs a still image is one frame unless told otherwise.
+        let limit = config.max_frames.or_else(|| {
+            (config.mode == RunMode::Batch && matches!(current, SourceSpec::Still { .. }))
+                .then_some(1)
+        });
+        if limit.is_some_and(|m| frames_this_source >= m) {
             // Batch: done. Live: hold the last picture until told otherwise.
-            if config.mode == RunMode::Batch {
+            if finish_at_end {
                 return;
             }
             source = None;
+            if config.mode == RunMode::Batch {
+                let ended = PipelineEvent::SourceEnded {
+                    generation,
+                    frames: frames_this_source,
+                };
+                if !events.send(ended) {
+                    return;
+                }
+            }
             continue;
         }
         let next = shielded(|| src.next_frame());
@@ -600,7 +624,7 @@ fn capture_stage(
                     generation,
                     frames: frames_this_source,
                 };
-                if !events.send(ended) || config.mode == RunMode::Batch {
+                if !events.send(ended) || finish_at_end {
                     return;
                 }
                 continue;
@@ -618,8 +642,9 @@ fn capture_stage(
                 let failed = PipelineEvent::SourceFailed {
                     spec: current.clone(),
                     error: e.to_string(),
+                    frames: frames_this_source,
                 };
-                if !events.send(failed) || config.mode == RunMode::Batch {
+                if !events.send(failed) || finish_at_end {
                     return;
                 }
                 continue;
@@ -729,6 +754,7 @@ fn detect_loop(
             events.send(PipelineEvent::SourceFailed {
                 spec: config.source.clone(),
                 error: e.to_string(),
+                frames: 0,
             });
             return;
         }
@@ -815,6 +841,14 @@ impl Scorer {
     fn set_dynamic(&mut self, settings: DynamicSettings) {
         self.windows
             .configure(settings.window.min(self.dynamic.frames()), settings.stride);
+        self.last_dynamic.clear();
+    }
+
+    /// Empties the dynamic windows: a new source's track ids start again
+    /// at 1 and must not continue the old source's faces.
+    fn restart_windows(&mut self) {
+        let (len, stride) = (self.windows.len, self.windows.stride);
+        self.windows = FeatureWindows::new(len, stride);
         self.last_dynamic.clear();
     }
 
@@ -1141,6 +1175,7 @@ fn infer_stage(
     let mut meter = RateMeter::default();
     let mut inference_fps = 0.0;
     let mut commands_open = true;
+    let mut generation = 0;
     loop {
         let frame = if commands_open {
             select! {
@@ -1167,6 +1202,10 @@ fn infer_stage(
         let Some(s) = scorer.as_mut() else {
             continue;
         };
+        if frame.generation != generation {
+            s.restart_windows();
+            generation = frame.generation;
+        }
         let mut timings = StageTimings {
             decode_ms: frame.decode_ms,
             detect_ms: frame.detect_ms,
