@@ -725,13 +725,13 @@ fn batch(args: BatchArgs) -> Result<()> {
     let Some(out) = args.out.clone() else {
         anyhow::bail!("give --out DIR");
     };
+    let explicit = args.shard.as_deref().map(Shard::parse).transpose()?;
+    let shard = Shard::resolve(explicit, args.shards, |k| std::env::var(k).ok())?;
     let items = match (&args.input, &args.manifest) {
         (Some(dir), _) => batch::folder_work_list(dir, Some(&out))?,
         (None, Some(m)) => batch::manifest_work_list(m)?,
         (None, None) => anyhow::bail!("give --input DIR or --manifest FILE"),
     };
-    let explicit = args.shard.as_deref().map(Shard::parse).transpose()?;
-    let shard = Shard::resolve(explicit, args.shards, |k| std::env::var(k).ok())?;
     let analyzer = args.faces.analyzer_config()?;
     if args.dynamic && !(1..=16).contains(&args.window) {
         anyhow::bail!(

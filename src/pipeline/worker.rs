@@ -763,7 +763,12 @@ fn detect_loop(
     let mut generation = 0;
     for c in input.iter() {
         if c.generation != generation {
-            tracker.reset();
+            if config.keep_open {
+                // Each file of a batch is its own session: ids from 1.
+                tracker = Tracker::new(config.tracker);
+            } else {
+                tracker.reset();
+            }
             generation = c.generation;
         }
         let start = Instant::now();
