@@ -405,6 +405,24 @@ fn shards_together_equal_one_task_and_killed_work_is_redone() {
         "{err}"
     );
 
+    // --record-video adds the annotated video, a frame per JSONL line.
+    let one_video = tmp.path().join("one-video.txt");
+    std::fs::write(&one_video, "archive/a.mp4\n").unwrap();
+    let with_video = tmp.path().join("with-video");
+    let (code, err) = batch(&[
+        "--manifest",
+        one_video.to_str().unwrap(),
+        "--out",
+        with_video.to_str().unwrap(),
+        "--record-video",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let session = with_video.join(id_of(&with_video, "archive/a.mp4"));
+    let meta = common::read_json(&session.join("meta.json"));
+    assert_eq!(meta["counts"]["frames"], 4);
+    assert_eq!(meta["counts"]["video_frames"], 4);
+    assert!(session.join("video.mp4").is_file());
+
     // A cut video is kept, marked partial, and the task says so.
     let cut = tmp.path().join("cut.txt");
     let truncated = common::fixtures().join("video/truncated.mp4");

@@ -371,3 +371,97 @@ fn lock_held(dir: &Path) -> bool {
     };
     matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::setup::BankSource;
+
+    fn options(out: &Path, items: Vec<WorkItem>, shard: Shard) -> TaskOptions {
+        TaskOptions {
+            out: out.to_path_buf(),
+            items,
+            shard,
+            force: false,
+            record_video: false,
+            // Never loaded: a task with nothing to do starts no pipeline.
+            model: ModelSpec {
+                weights: Some(out.join("no-such-weights.safetensors")),
+                bank: BankSource::BuiltinZeroShot,
+                device: "cpu".into(),
+            },
+            analyzer: AnalyzerConfig::default(),
+            dynamic: None,
+            probe: None,
+            top: 5,
+            settings: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn finished_inputs_are_skipped_without_loading_the_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let items: Vec<WorkItem> = (0..5)
+            .map(|i| WorkItem::new(format!("v{i}.mp4"), dir.path().join(format!("v{i}.mp4"))))
+            .collect();
+        std::fs::create_dir_all(&out).unwrap();
+        // Task 1 of 2 owns inputs 1 and 3; both are finished.
+        for i in [1, 3] {
+            let d = out.join(&items[i].id);
+            std::fs::create_dir_all(&d).unwrap();
+            let r = InputResult {
+                input: items[i].key.clone(),
+                path: items[i].path.display().to_string(),
+                id: items[i].id.clone(),
+                outcome: Outcome::Complete,
+                frames: 10 + i as u64,
+                faces: 20,
+                tracks: 2,
+                duration_s: 1.0,
+                seconds: 0.5,
+                warnings: vec![],
+                task: "1/2".into(),
+                host: "h".into(),
+                finished: "2026-01-01T00:00:00.000Z".into(),
+            };
+            std::fs::write(d.join(RESULT_FILE), serde_json::to_string(&r).unwrap()).unwrap();
+        }
+        // A stale temporary folder of an owned input is not a result.
+        std::fs::create_dir_all(out.join(format!("{}.tmp", items[3].id))).unwrap();
+        let shard = Shard { index: 1, count: 2 };
+        let mut seen = Vec::new();
+        let s = run_task(&options(&out, items.clone(), shard), &mut |r| {
+            seen.push((
+                r.position,
+                r.of,
+                r.status.input.clone(),
+                r.status.outcome,
+                r.status.frames,
+            ))
+        })
+        .unwrap();
+        assert_eq!((s.inputs, s.skipped, s.complete, s.failed), (2, 2, 0, 0));
+        assert!(s.all_whole());
+        assert_eq!(
+            seen,
+            [
+                (1, 2, "v1.mp4".to_string(), Outcome::Skipped, 11),
+                (2, 2, "v3.mp4".to_string(), Outcome::Skipped, 13)
+            ]
+        );
+        let lines = crate::batch::read_status(&out).unwrap();
+        assert_eq!(lines.len(), 2);
+        assert!(lines
+            .iter()
+            .all(|l| l.task == "1/2" && l.outcome == Outcome::Skipped));
+        // Task 0 owns missing files: each is a failure, and the task goes on.
+        let s = run_task(
+            &options(&out, items, Shard { index: 0, count: 2 }),
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!((s.inputs, s.failed), (3, 3));
+        assert!(!s.all_whole());
+    }
+}
