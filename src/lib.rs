@@ -9,5 +9,6 @@ pub mod batch;
 pub mod model;
 pub mod pipeline;
 pub mod session;
+pub mod stop;
 pub mod train;
 pub mod vision;

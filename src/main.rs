@@ -633,6 +633,7 @@ fn run_headless(args: RunArgs) -> Result<()> {
             }),
         progress: true,
         record: None,
+        stop: None,
     };
     let mut opts = opts;
     if let Some(dir) = &args.record.record {
@@ -650,8 +651,23 @@ fn run_headless(args: RunArgs) -> Result<()> {
         );
         opts.record = Some(r);
     }
+    // Ctrl-C, SIGTERM and SIGHUP end the run as the end of the source
+    // would, so that a recording is finalised; a second one quits at once.
+    opts.stop = Some(cliper::stop::listen(|sig| {
+        eprintln!(
+            "\n{}: finishing (press Ctrl-C again to quit at once)",
+            cliper::stop::name(sig)
+        )
+    })?);
     let stdout = std::io::stdout();
     let summary = cliper::pipeline::run::run(&opts, &mut stdout.lock())?;
+    if let Some(sig) = summary.stopped_by {
+        eprintln!(
+            "stopped by {} after {} frames",
+            cliper::stop::name(sig),
+            summary.frames
+        );
+    }
     eprintln!(
         "processed {} frames, {} faces in {:.1} s (per frame: decode {:.1} ms, detect {:.0} ms, encode {:.0} ms, score {:.1} ms){}",
         summary.frames,
@@ -694,6 +710,10 @@ fn run_headless(args: RunArgs) -> Result<()> {
             },
             rec.dir.display()
         );
+    }
+    if let Some(sig) = summary.stopped_by {
+        // Everything is written and closed: exit as the signal asked.
+        std::process::exit(128 + sig);
     }
     Ok(())
 }

@@ -18,7 +18,7 @@ use super::{controls, descriptors, first_run, scores, status, video};
 use super::{Action, LiveOptions, SessionReport};
 use crate::model::weights;
 use crate::pipeline::setup::{self, BankSource, ModelSpec};
-use crate::pipeline::worker::DynamicSettings;
+use crate::pipeline::worker::{DynamicSettings, PipelineEvent};
 use crate::pipeline::worker::{ExactRequest, Pipeline, PipelineCommand, PipelineConfig, RunMode};
 use crate::vision::source::camera::{self, CameraEntry};
 use crate::vision::source::SourceSpec;
@@ -61,6 +61,9 @@ pub struct CliperApp {
     exact_wish: Option<(ExactKey, std::time::Instant)>,
     /// `--pause-after` has paused the window once.
     auto_paused: bool,
+    /// A bank asked for and still loading: saved as the choice only once
+    /// it has loaded, so a file that fails is never the next start's default.
+    pending_bank: Option<BankChoice>,
 }
 
 impl CliperApp {
@@ -111,6 +114,7 @@ impl CliperApp {
             exact_requests: 0,
             exact_wish: None,
             auto_paused: false,
+            pending_bank: None,
         };
         app.store.map_method = app.opts.map;
         if app.opts.grid > 0 {
@@ -275,6 +279,22 @@ impl CliperApp {
         let smoothing = self.settings.smoothing;
         let keep = f64::from(self.settings.timeline_secs) + 1.0;
         while let Ok(ev) = p.events.try_recv() {
+            match &ev {
+                PipelineEvent::BankReady(_) => {
+                    if let Some(choice) = self.pending_bank.take() {
+                        self.settings.bank = choice;
+                    }
+                }
+                // The bank asked for failed: the one before stays the choice.
+                // At start-up the pipeline fell back to the zero-shot bank,
+                // and so does the saved choice.
+                PipelineEvent::BankFailed(_) => {
+                    if self.pending_bank.take().is_none() {
+                        self.settings.bank = BankChoice::ZeroShot;
+                    }
+                }
+                _ => {}
+            }
             self.recording.observe(&ev, smoothing);
             self.store.apply(ev, smoothing, keep);
         }
@@ -302,7 +322,7 @@ impl CliperApp {
                     BankChoice::ZeroShot => BankSource::BuiltinZeroShot,
                     BankChoice::File(p) => bank_source(Path::new(p)),
                 };
-                self.settings.bank = choice;
+                self.pending_bank = Some(choice);
                 self.opts.bank_given = false;
                 if let Some(p) = &self.pipeline {
                     p.command(PipelineCommand::SetBank(source));
@@ -462,9 +482,13 @@ impl CliperApp {
 }
 
 impl eframe::App for CliperApp {
-    fn logic(&mut self, _ctx: &egui::Context, _frame: &mut eframe::Frame) {
+    fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
         // Also runs while the window is hidden, so events never pile up.
         self.drain_events();
+        let _ = super::APP_CONTEXT.set(ctx.clone());
+        if super::STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst) {
+            ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+        }
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {

@@ -144,6 +144,13 @@ impl std::fmt::Display for SessionReport {
 }
 
 /// Opens the window and runs until it is closed.
+/// Set when a stop signal arrived; the app then closes its window.
+pub(crate) static STOP_REQUESTED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+/// The running app's context, for the signal thread to wake it.
+pub(crate) static APP_CONTEXT: std::sync::OnceLock<eframe::egui::Context> =
+    std::sync::OnceLock::new();
+
 pub fn run_live(opts: LiveOptions) -> Result<SessionReport, AppError> {
     if let Some(s) = opts.exit_after {
         if !(s.is_finite() && s > 0.0) {
@@ -163,6 +170,14 @@ pub fn run_live(opts: LiveOptions) -> Result<SessionReport, AppError> {
             .with_min_inner_size([960.0, 620.0]),
         ..Default::default()
     };
+    // SIGTERM, SIGINT and SIGHUP close the window the way its close button
+    // does, so that a recording is finalised; a second one quits at once.
+    let _ = crate::stop::listen(|_| {
+        STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(ctx) = APP_CONTEXT.get() {
+            ctx.request_repaint();
+        }
+    });
     let shared = outcome.clone();
     eframe::run_native(
         "cliper",

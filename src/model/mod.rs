@@ -8,6 +8,7 @@ pub mod device;
 pub mod explain;
 pub mod gemm_i8;
 pub mod layers;
+pub mod pickle_guard;
 pub mod preprocess;
 pub mod rng;
 pub mod temporal;

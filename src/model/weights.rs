@@ -57,6 +57,22 @@ pub enum WeightsError {
     },
     #[error("{path}: {reason}")]
     Config { path: PathBuf, reason: String },
+    #[error("cannot read weights file {path}: {reason}")]
+    Unreadable { path: PathBuf, reason: String },
+    #[error("{path} was not loaded: {reason}")]
+    Refused { path: PathBuf, reason: String },
+    #[error("{path}: tensor `{name}` holds {what}; the file is damaged or was saved from a diverged run")]
+    NonFinite {
+        path: PathBuf,
+        name: String,
+        what: String,
+    },
+    #[error("{path}: tensor `{name}` is {dtype:?}, not floating point: these are not weights of this model")]
+    NotFloat {
+        path: PathBuf,
+        name: String,
+        dtype: DType,
+    },
     #[error("{path}: {source}")]
     Candle {
         path: PathBuf,
@@ -156,7 +172,9 @@ fn format_of(p: &Path) -> Option<Format> {
 /// Reads every tensor of a `.safetensors` or PyTorch pickle file, strips a
 /// `module.` prefix and converts floating tensors to `dtype`.
 pub fn read_tensors(path: &Path, dtype: DType) -> Result<HashMap<String, Tensor>> {
-    let meta = std::fs::metadata(path).map_err(|_| WeightsError::NotFound(path.to_path_buf()))?;
+    let meta = std::fs::metadata(path).map_err(|e| io_error(path, &e))?;
+    // Opening tells a permission problem from a damaged file.
+    std::fs::File::open(path).map_err(|e| io_error(path, &e))?;
     if meta.len() == 0 {
         return Err(WeightsError::Corrupt {
             path: path.to_path_buf(),
@@ -185,7 +203,13 @@ pub fn read_tensors(path: &Path, dtype: DType) -> Result<HashMap<String, Tensor>
             .map_err(corrupt)?
             .into_iter()
             .collect(),
-        Format::Pickle => read_pickle(path).map_err(corrupt)?,
+        Format::Pickle => {
+            crate::model::pickle_guard::check_file(path).map_err(|e| WeightsError::Refused {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+            read_pickle(path).map_err(corrupt)?
+        }
     };
     let mut out = HashMap::with_capacity(raw.len());
     for (name, t) in raw {
@@ -201,6 +225,95 @@ pub fn read_tensors(path: &Path, dtype: DType) -> Result<HashMap<String, Tensor>
         out.insert(name, t);
     }
     Ok(out)
+}
+
+/// The error for a file that cannot be opened, by its cause.
+pub(crate) fn io_error(path: &Path, e: &std::io::Error) -> WeightsError {
+    let reason = match (e.kind(), e.raw_os_error()) {
+        (std::io::ErrorKind::NotFound, _) => return WeightsError::NotFound(path.to_path_buf()),
+        (std::io::ErrorKind::PermissionDenied, _) => {
+            "permission denied; check who may read it (`ls -l`)".to_string()
+        }
+        // ELOOP
+        (_, Some(40)) => "symbolic links point in a loop; give the real file".to_string(),
+        _ => e.to_string(),
+    };
+    WeightsError::Unreadable {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+/// Checks that a weight tensor is floating point and finite (NaN or Inf in
+/// weights would give NaN scores that look like results).
+pub fn check_weight(path: &Path, name: &str, t: &Tensor) -> Result<()> {
+    if !t.dtype().is_float() {
+        return Err(WeightsError::NotFloat {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            dtype: t.dtype(),
+        });
+    }
+    let bad = |what: &str| WeightsError::NonFinite {
+        path: path.to_path_buf(),
+        name: name.to_string(),
+        what: what.to_string(),
+    };
+    let (storage, layout) = t.storage_and_layout();
+    let counts = match &*storage {
+        candle_core::Storage::Cpu(cpu) => {
+            let range = layout.start_offset()..layout.start_offset() + layout.shape().elem_count();
+            let contiguous = layout.is_contiguous();
+            match cpu {
+                candle_core::CpuStorage::F32(v) if contiguous => {
+                    Some(non_finite(v[range].iter().copied()))
+                }
+                candle_core::CpuStorage::F16(v) if contiguous => {
+                    Some(non_finite(v[range].iter().map(|x| x.to_f32())))
+                }
+                candle_core::CpuStorage::BF16(v) if contiguous => {
+                    Some(non_finite(v[range].iter().map(|x| x.to_f32())))
+                }
+                candle_core::CpuStorage::F64(v) if contiguous => {
+                    Some(non_finite(v[range].iter().map(|&x| x as f32)))
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+    drop(storage);
+    let (nan, inf) = match counts {
+        Some(c) => c,
+        None => {
+            // Elsewhere (a GPU, a strided view): reduce on the device.
+            let s = t
+                .to_dtype(DType::F32)
+                .and_then(|x| x.sub(&x))
+                .and_then(|x| x.sum_all())
+                .and_then(|x| x.to_scalar::<f32>())
+                .map_err(|source| WeightsError::Candle {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            (usize::from(!s.is_finite()), 0)
+        }
+    };
+    match (nan, inf) {
+        (0, 0) => Ok(()),
+        (n, 0) => Err(bad(&format!("{n} NaN value(s)"))),
+        (0, i) => Err(bad(&format!("{i} infinite value(s)"))),
+        (n, i) => Err(bad(&format!("{n} NaN and {i} infinite value(s)"))),
+    }
+}
+
+fn non_finite(v: impl Iterator<Item = f32>) -> (usize, usize) {
+    v.fold((0, 0), |(n, i), x| {
+        (
+            n + usize::from(x.is_nan()),
+            i + usize::from(x.is_infinite()),
+        )
+    })
 }
 
 fn read_pickle(path: &Path) -> candle_core::Result<Vec<(String, Tensor)>> {
@@ -604,6 +717,9 @@ pub fn expected_tensors(cfg: &ClipConfig) -> Vec<(String, Vec<usize>)> {
 /// first one that is not.
 pub fn validate(path: &Path, cfg: &ClipConfig, tensors: &HashMap<String, Tensor>) -> Result<()> {
     for (name, shape) in expected_tensors(cfg) {
+        if let Some(t) = tensors.get(&name) {
+            check_weight(path, &name, t)?;
+        }
         dims(path, tensors, &name, shape.len()).or_else(|e| match e {
             // Rank mismatches are reported as shape errors below.
             WeightsError::Config { .. } => Ok(vec![]),

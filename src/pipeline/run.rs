@@ -37,6 +37,9 @@ pub struct RunOptions {
     pub progress: bool,
     /// Record the run as a session (`--record DIR`).
     pub record: Option<RecordOptions>,
+    /// A stop request (a signal number, see [`crate::stop`]): the run ends
+    /// as if the source had ended, and a recording is finalised.
+    pub stop: Option<crossbeam_channel::Receiver<i32>>,
 }
 
 /// What a run did.
@@ -48,6 +51,8 @@ pub struct RunSummary {
     /// packet, a video that ends early), printed as they came.
     pub warnings: u64,
     pub secs: f64,
+    /// The signal that stopped the run before its source ended.
+    pub stopped_by: Option<i32>,
     /// Mean time per frame in decoding (videos) and face detection, and in
     /// encoding and scoring the frames that had faces, milliseconds.
     pub decode_ms: f64,
@@ -105,7 +110,19 @@ pub fn run(opts: &RunOptions, out: &mut dyn Write) -> Result<RunSummary, RunErro
     let mut bar: Option<ProgressBar> = None;
     let mut result = Ok(());
     let mut scored = 0u64;
-    for event in pipeline.events.iter() {
+    let never = crossbeam_channel::never();
+    let stop = opts.stop.as_ref().unwrap_or(&never);
+    loop {
+        let event = crossbeam_channel::select! {
+            recv(pipeline.events) -> e => match e {
+                Ok(e) => e,
+                Err(_) => break,
+            },
+            recv(stop) -> sig => {
+                summary.stopped_by = Some(sig.unwrap_or(0));
+                break;
+            }
+        };
         if let Some(rec) = recorder.as_mut() {
             rec.observe(&event);
             if let Some(e) = rec.error() {

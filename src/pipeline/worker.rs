@@ -1147,7 +1147,23 @@ fn infer_stage(
         return;
     }
     let start = Instant::now();
-    let mut scorer = match setup::load(&config.model) {
+    let loaded = match setup::load(&config.model) {
+        // Live, a bank that cannot be read (a saved choice whose file went
+        // bad) must not leave the window without a model: say so and fall
+        // back to the built-in descriptions. Batch runs stop instead.
+        Err(e @ (setup::SetupError::Cliper(_) | setup::SetupError::Bank(_)))
+            if !batch && !matches!(config.model.bank, BankSource::BuiltinZeroShot) =>
+        {
+            events.send(PipelineEvent::BankFailed(format!(
+                "{e}; using the built-in zero-shot descriptions instead"
+            )));
+            let mut spec = config.model.clone();
+            spec.bank = BankSource::BuiltinZeroShot;
+            setup::load(&spec)
+        }
+        other => other,
+    };
+    let mut scorer = match loaded {
         Ok(loaded) => {
             let mut scorer = Scorer::new(loaded);
             scorer.set_dynamic(config.dynamic);
