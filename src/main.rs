@@ -22,7 +22,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     version,
     about = "Live, interpretable facial-expression recognition with CLIPER"
 )]
-#[command(args_conflicts_with_subcommands = true)]
+#[command(args_conflicts_with_subcommands = true, allow_negative_numbers = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -103,9 +103,20 @@ impl FaceArgs {
     }
 }
 
+/// A whole number from MIN to MAX, with the range in the message (so that
+/// `--top -1` says what to give, not "invalid digit").
+fn ranged<const MIN: usize, const MAX: usize>(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<i128>() {
+        Ok(n) if (MIN as i128..=MAX as i128).contains(&n) => Ok(n as usize),
+        Ok(n) => Err(format!("{n} is out of range: give {MIN} to {MAX}")),
+        Err(_) => Err(format!("give a whole number from {MIN} to {MAX}")),
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Print the L2-normalised CLIP embedding of an image or a text as JSON.
+    #[command(allow_negative_numbers = true)]
     Embed {
         #[command(flatten)]
         model: ModelArgs,
@@ -117,6 +128,7 @@ enum Command {
         text: Option<String>,
     },
     /// Classify the facial expressions of every face in images.
+    #[command(allow_negative_numbers = true)]
     Classify {
         #[command(flatten)]
         model: ModelArgs,
@@ -125,7 +137,7 @@ enum Command {
         #[command(flatten)]
         faces: FaceArgs,
         /// Show only the K highest-scoring descriptors per face.
-        #[arg(long)]
+        #[arg(value_parser = ranged::<1, 1000>, long)]
         top: Option<usize>,
         /// One JSON object per image on stdout.
         #[arg(long)]
@@ -140,6 +152,7 @@ enum Command {
     },
     /// Time each stage (preprocessing, image encoder, scoring, face
     /// detection, temporal pass) and report peak memory and faces per second.
+    #[command(allow_negative_numbers = true)]
     Bench {
         /// CLIP weights (file or folder); default: the usual search.
         #[arg(long, conflicts_with = "random")]
@@ -148,16 +161,16 @@ enum Command {
         #[arg(long)]
         random: bool,
         /// Batch sizes of the image encoder, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        #[arg(value_parser = ranged::<1, 256>, long, value_delimiter = ',', default_value = "1,8")]
         batch: Vec<usize>,
         /// Image-encoder precision (q8: 8-bit, CPU; bf16/f16: GPUs).
         #[arg(long, value_enum, default_value_t = Precision::Auto)]
         precision: Precision,
         /// Timed runs per stage, after 2 warm-up runs.
-        #[arg(long, default_value_t = 10)]
+        #[arg(value_parser = ranged::<1, 100000>, long, default_value_t = 10)]
         runs: usize,
         /// Worker threads (default: one per core, or $RAYON_NUM_THREADS).
-        #[arg(long)]
+        #[arg(value_parser = ranged::<1, 1024>, long)]
         threads: Option<usize>,
         /// Compute device: auto, cpu, cuda or metal.
         #[arg(long, default_value = "auto")]
@@ -172,6 +185,7 @@ enum Command {
     },
     /// Classify the expression of the main face of a video clip (or a folder
     /// of frames) with the dynamic branch: 16 frames, one per equal segment.
+    #[command(allow_negative_numbers = true)]
     ClassifyClip {
         #[command(flatten)]
         model: ModelArgs,
@@ -180,7 +194,7 @@ enum Command {
         #[command(flatten)]
         faces: FaceArgs,
         /// Show only the K highest-scoring descriptors.
-        #[arg(long)]
+        #[arg(value_parser = ranged::<1, 1000>, long)]
         top: Option<usize>,
         /// One JSON object per clip on stdout.
         #[arg(long)]
@@ -190,6 +204,7 @@ enum Command {
         clips: Vec<PathBuf>,
     },
     /// Map where on each face a descriptor or class looks, drawn over the image.
+    #[command(allow_negative_numbers = true)]
     Explain {
         #[command(flatten)]
         model: ModelArgs,
@@ -203,7 +218,7 @@ enum Command {
         #[arg(long)]
         target: Option<String>,
         /// Occlusion grid cells per side.
-        #[arg(long, default_value_t = 7)]
+        #[arg(value_parser = ranged::<1, 32>, long, default_value_t = 7)]
         grid: usize,
         /// Overlay opacity, 0..1.
         #[arg(long, default_value_t = 0.55)]
@@ -219,6 +234,7 @@ enum Command {
         image: PathBuf,
     },
     /// Train CLIPER descriptors (stage 1) and fine-tune the vision tower (stage 2).
+    #[command(allow_negative_numbers = true)]
     Train {
         #[command(flatten)]
         model: ModelArgs,
@@ -229,15 +245,15 @@ enum Command {
         #[arg(long, value_enum)]
         layout: cliper::train::dataset::Layout,
         /// Epochs of stage 1 (descriptors only, on cached image features).
-        #[arg(long, default_value_t = 2)]
+        #[arg(value_parser = ranged::<0, 100000>, long, default_value_t = 2)]
         stage1_epochs: usize,
         /// Total epochs (stage 2 = the rest).
-        #[arg(long, default_value_t = 59)]
+        #[arg(value_parser = ranged::<1, 100000>, long, default_value_t = 59)]
         epochs: usize,
         /// Stop after stage 1.
         #[arg(long)]
         stage1_only: bool,
-        #[arg(long, default_value_t = 128)]
+        #[arg(value_parser = ranged::<1, 65536>, long, default_value_t = 128)]
         batch_size: usize,
         /// Where to write the best CLIPER checkpoint (.safetensors).
         #[arg(long)]
@@ -253,8 +269,12 @@ enum Command {
         /// Skip unreadable images (counted) instead of failing.
         #[arg(long)]
         skip_unreadable: bool,
+        /// Replace an existing --out file that is not this run's checkpoint.
+        #[arg(long)]
+        force: bool,
     },
     /// Evaluate on a data set's test split: WAR, UAR, per-class recall, confusion matrix.
+    #[command(allow_negative_numbers = true)]
     Eval {
         #[command(flatten)]
         model: ModelArgs,
@@ -274,19 +294,24 @@ enum Command {
         skip_unreadable: bool,
     },
     /// Manage CLIP weights.
+    #[command(allow_negative_numbers = true)]
     Weights {
         #[command(subcommand)]
         action: WeightsAction,
     },
     /// Open the live window (the default when no command is given).
+    #[command(allow_negative_numbers = true)]
     Live(LiveArgs),
     /// Run the live pipeline without a window: one line per processed frame.
+    #[command(allow_negative_numbers = true)]
     Run(RunArgs),
     /// Annotate a folder or list of videos and images as one task of an
     /// array job (Slurm, Kubernetes), resumable; `batch merge` makes Parquet tables.
+    #[command(allow_negative_numbers = true)]
     Batch(BatchArgs),
     /// Replay a recorded session: its annotated video, the timelines and a
     /// scrubber (no model needed).
+    #[command(allow_negative_numbers = true)]
     Replay {
         /// The session folder (what --record wrote).
         dir: PathBuf,
@@ -299,6 +324,7 @@ enum Command {
     },
     /// Summarise a recorded session per face (frames, share of time per
     /// dominant expression, mean probabilities) and draw a timeline PNG per face.
+    #[command(allow_negative_numbers = true)]
     Report {
         /// The session folder (what --record wrote).
         dir: PathBuf,
@@ -367,7 +393,7 @@ struct LiveArgs {
     #[arg(long, value_name = "METHOD", default_value = "fast")]
     map: String,
     /// Occlusion grid cells per side for --map occlusion.
-    #[arg(long, default_value_t = 7)]
+    #[arg(value_parser = ranged::<1, 32>, long, default_value_t = 7)]
     grid: usize,
     /// Pause on the newest scored frame after SECONDS (demos and tests of
     /// the exact maps; Space pauses and resumes by hand).
@@ -393,7 +419,7 @@ struct RunArgs {
     #[arg(long)]
     json: bool,
     /// Include the K highest-scoring descriptors of each face.
-    #[arg(long, value_name = "K")]
+    #[arg(value_parser = ranged::<1, 1000>, long, value_name = "K")]
     top: Option<usize>,
     /// Also score this free-text description against each face.
     #[arg(long, value_name = "TEXT")]
@@ -405,10 +431,10 @@ struct RunArgs {
     #[arg(long)]
     dynamic: bool,
     /// Frames per dynamic window (at most the temporal module's 16).
-    #[arg(long, default_value_t = 16, value_name = "N")]
+    #[arg(value_parser = ranged::<1, 16>, long, default_value_t = 16, value_name = "N")]
     window: usize,
     /// A new dynamic score every N frames once a window is full.
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    #[arg(value_parser = ranged::<1, 100000>, long, default_value_t = 1, value_name = "N")]
     stride: usize,
     #[command(flatten)]
     record: RecordArgs,
@@ -438,7 +464,7 @@ struct BatchArgs {
     #[arg(long, value_name = "I/N")]
     shard: Option<String>,
     /// The number of tasks, with Kubernetes' JOB_COMPLETION_INDEX.
-    #[arg(long, value_name = "N")]
+    #[arg(value_parser = ranged::<1, 1000000>, long, value_name = "N")]
     shards: Option<usize>,
     /// Redo inputs that are already finished.
     #[arg(long)]
@@ -453,7 +479,7 @@ struct BatchArgs {
     #[command(flatten)]
     faces: FaceArgs,
     /// Descriptors kept per face in session.jsonl.
-    #[arg(long, value_name = "K", default_value_t = 5)]
+    #[arg(value_parser = ranged::<1, 1000>, long, value_name = "K", default_value_t = 5)]
     top: usize,
     /// Also score this free-text description against each face.
     #[arg(long, value_name = "TEXT")]
@@ -462,10 +488,10 @@ struct BatchArgs {
     #[arg(long)]
     dynamic: bool,
     /// Frames per dynamic window (at most the temporal module's 16).
-    #[arg(long, default_value_t = 16, value_name = "N")]
+    #[arg(value_parser = ranged::<1, 16>, long, default_value_t = 16, value_name = "N")]
     window: usize,
     /// A new dynamic score every N frames once a window is full.
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    #[arg(value_parser = ranged::<1, 100000>, long, default_value_t = 1, value_name = "N")]
     stride: usize,
 }
 
@@ -1123,6 +1149,7 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             cache,
             skip_unreadable,
+            force,
         } => {
             let opts = cliper::train::trainer::TrainOptions {
                 weights: model.weights,
@@ -1138,6 +1165,7 @@ fn run(cli: Cli) -> Result<()> {
                 cache_dir: cache,
                 skip_unreadable,
                 device: model.device,
+                force,
             };
             let summary = cliper::train::trainer::train(&opts, &mut |line| eprintln!("{line}"))?;
             eprintln!(
@@ -1354,9 +1382,18 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
-            // One line, not clap's multi-line usage block.
+            // One line, not clap's multi-line usage block; but keep what
+            // the first paragraph lists (the missing arguments' names).
             let msg = e.render().to_string();
-            let first = msg.lines().next().unwrap_or("invalid arguments");
+            let first: Vec<&str> = msg
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let first = match first.join(" ") {
+                s if s.is_empty() => "invalid arguments".to_string(),
+                s => s,
+            };
             eprintln!("{first} (see `cliper --help`)");
             return ExitCode::from(2);
         }

@@ -36,6 +36,34 @@ pub fn clean_text(text: &str) -> String {
     uncurled.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// Characters of cleaned text kept for BPE. CLIP keeps 77 tokens, and no
+/// vocabulary entry is longer than 32 characters, so the first 77 tokens
+/// always lie in the first 77 x 32 < 4096 characters.
+const MAX_TEXT_CHARS: usize = 4096;
+/// Characters kept of one word. BPE costs the square of a word's length
+/// (a 10⁶-character word took 16 s, 2·10⁷ hours); no real word is this long.
+const MAX_WORD_CHARS: usize = 256;
+
+/// `text` cut to what can reach the 77 tokens: at most [`MAX_TEXT_CHARS`],
+/// each word at most [`MAX_WORD_CHARS`].
+fn bounded(text: &str) -> std::borrow::Cow<'_, str> {
+    let long_word = text.split(' ').any(|w| w.len() > MAX_WORD_CHARS);
+    if text.len() <= MAX_TEXT_CHARS && !long_word {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::new();
+    for word in text.split(' ') {
+        if out.len() >= MAX_TEXT_CHARS {
+            break;
+        }
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.extend(word.chars().take(MAX_WORD_CHARS));
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 impl ClipTokenizer {
     pub fn new() -> Self {
         Self {
@@ -46,7 +74,7 @@ impl ClipTokenizer {
     /// BPE ids of `text` without SOT/EOT.
     pub fn encode_words(&self, text: &str) -> Vec<u32> {
         let mut out = Vec::new();
-        self.inner.encode(&clean_text(text), &mut out);
+        self.inner.encode(&bounded(&clean_text(text)), &mut out);
         out.into_iter().map(|t| u32::from(t.to_u16())).collect()
     }
 
@@ -76,6 +104,22 @@ impl ClipTokenizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_words_and_texts_are_cut_before_bpe() {
+        let tok = ClipTokenizer::new();
+        // Without the bound this took hours; now it is linear.
+        let word = "a".repeat(20_000_000);
+        let ids = tok.encode(&word, 77);
+        assert_eq!(ids.len(), 77);
+        assert_eq!(ids[0], SOT);
+        assert!(ids.contains(&EOT));
+        // Long but ordinary texts keep their first 77 tokens exactly.
+        let text = "a photo of a happy face ".repeat(2000);
+        let cut = tok.encode(&text, 77);
+        let head = tok.encode(&"a photo of a happy face ".repeat(40), 77);
+        assert_eq!(cut, head);
+    }
 
     #[test]
     fn hi_there() {

@@ -227,6 +227,28 @@ pub fn read_tensors(path: &Path, dtype: DType) -> Result<HashMap<String, Tensor>
     Ok(out)
 }
 
+/// The `__metadata__` of a safetensors file's header (`None`: it has none).
+pub fn safetensors_metadata(path: &Path) -> std::io::Result<Option<HashMap<String, String>>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(std::io::Error::other("not a safetensors header"));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header)?;
+    let v: serde_json::Value = serde_json::from_slice(&header).map_err(std::io::Error::other)?;
+    Ok(v.get("__metadata__").and_then(|m| {
+        m.as_object().map(|o| {
+            o.iter()
+                .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
+                .collect()
+        })
+    }))
+}
+
 /// The error for a file that cannot be opened, by its cause.
 pub(crate) fn io_error(path: &Path, e: &std::io::Error) -> WeightsError {
     let reason = match (e.kind(), e.raw_os_error()) {

@@ -653,7 +653,11 @@ fn capture_stage(
         if config.mode == RunMode::Live && !src.is_live() {
             // Play files at their own pace; a command cuts the wait short.
             let (start, t0) = *clock.get_or_insert((Instant::now(), frame.t));
-            let due = start + Duration::from_secs_f64((frame.t - t0).max(0.0));
+            // Capped: a frame time of 1e30 s (a still at --fps 1e-30) must
+            // not overflow the clock.
+            let wait = Duration::try_from_secs_f64((frame.t - t0).clamp(0.0, 86_400.0))
+                .unwrap_or_default();
+            let due = start.checked_add(wait).unwrap_or(start);
             let now = Instant::now();
             if due > now {
                 match commands.recv_timeout(due - now) {

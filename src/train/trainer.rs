@@ -47,6 +47,8 @@ pub struct TrainOptions {
     pub cache_dir: Option<PathBuf>,
     pub skip_unreadable: bool,
     pub device: String,
+    /// Replace an existing `out` file that is not this run's checkpoint.
+    pub force: bool,
 }
 
 impl TrainOptions {
@@ -64,6 +66,7 @@ impl TrainOptions {
             seed: 0,
             cache_dir: None,
             skip_unreadable: false,
+            force: false,
             device: "auto".into(),
         }
     }
@@ -275,6 +278,61 @@ pub fn readings(clip: &ClipModel, descriptor: &Tensor) -> Result<String, TrainEr
 }
 
 /// Runs the recipe; `log` receives one line per epoch and notices.
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// `--out` must not be a file the run reads (anything under the data set),
+/// and an existing file there must be this run's checkpoint (`--resume`) or
+/// be replaced on purpose (`--force`).
+fn check_out(opts: &TrainOptions, data_root: &Path) -> Result<(), TrainError> {
+    let out = &opts.out;
+    if out.is_dir() {
+        return Err(TrainError::Invalid(format!(
+            "--out {} is a folder: give the checkpoint file to write (.safetensors)",
+            out.display()
+        )));
+    }
+    if !out.exists() {
+        return Ok(());
+    }
+    if let (Ok(o), Ok(root)) = (out.canonicalize(), data_root.canonicalize()) {
+        if o.starts_with(&root) || o == root {
+            return Err(TrainError::Invalid(format!(
+                "--out {} is inside the data set {} that this run reads: give a file elsewhere",
+                out.display(),
+                data_root.display()
+            )));
+        }
+    }
+    let ours = crate::model::weights::safetensors_metadata(out)
+        .ok()
+        .flatten()
+        .is_some_and(|m| {
+            m.get("format").map(String::as_str) == Some(crate::model::cliper::checkpoint::FORMAT)
+        });
+    if opts.force {
+        return Ok(());
+    }
+    if opts.resume && ours {
+        return Ok(());
+    }
+    Err(TrainError::Invalid(if ours {
+        format!(
+            "--out {} already holds a CLIPER checkpoint: continue that run with --resume, or replace it with --force",
+            out.display()
+        )
+    } else {
+        format!(
+            "--out {} exists and is not a CLIPER checkpoint; cliper does not overwrite it (give a new file, or --force)",
+            out.display()
+        )
+    }))
+}
+
 pub fn train(opts: &TrainOptions, log: &mut dyn FnMut(&str)) -> Result<TrainSummary, TrainError> {
     if opts.batch_size == 0 {
         return Err(TrainError::Invalid(
@@ -292,7 +350,14 @@ pub fn train(opts: &TrainOptions, log: &mut dyn FnMut(&str)) -> Result<TrainSumm
             state_path(&opts.out).display()
         )));
     }
+    if !opts.stage1_only && opts.stage1_epochs > opts.epochs {
+        return Err(TrainError::Invalid(format!(
+            "--stage1-epochs {} is more than --epochs {} (the total): give --epochs {} or more, or --stage1-only",
+            opts.stage1_epochs, opts.epochs, opts.stage1_epochs
+        )));
+    }
     let data = dataset::load(&opts.data, opts.layout)?;
+    check_out(opts, &data.root)?;
     let c_train = Dataset::counts(&data.train);
     log(&format!(
         "data: {} train / {} test samples ({}) from {}",
@@ -308,6 +373,12 @@ pub fn train(opts: &TrainOptions, log: &mut dyn FnMut(&str)) -> Result<TrainSumm
     ));
     let dev = device::select(&opts.device)?;
     let wpath = weights::locate(opts.weights.as_deref())?;
+    if same_file(&wpath, &opts.out) {
+        return Err(TrainError::Invalid(format!(
+            "--out {} is the CLIP weights file this run reads: give another file",
+            opts.out.display()
+        )));
+    }
     let base = Checkpoint::load(&wpath, DType::F32)?;
     // Training runs in f32 everywhere.
     let mut clip = ClipModel::from_checkpoint(&base, &dev, DType::F32)?;

@@ -127,6 +127,9 @@ pub enum SourceSpec {
     Demo,
 }
 
+/// The slowest `--fps` accepted: one frame every 100 s.
+pub const MIN_FPS: f64 = 0.01;
+
 /// Frame rate of still images and folders unless told otherwise.
 pub const DEFAULT_IMAGE_FPS: f64 = 25.0;
 
@@ -154,9 +157,9 @@ impl SourceSpec {
             }
         }
         let fps = match fps {
-            Some(f) if !(f.is_finite() && f > 0.0 && f <= 1000.0) => {
+            Some(f) if !(f.is_finite() && (MIN_FPS..=1000.0).contains(&f)) => {
                 return Err(SourceError::Invalid(format!(
-                    "--fps {f} is out of range: give frames per second between 0 and 1000"
+                    "--fps {f} is out of range: give frames per second from {MIN_FPS} to 1000"
                 )))
             }
             Some(f) => f,
