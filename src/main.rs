@@ -75,6 +75,14 @@ struct FaceArgs {
     /// Margin around each detected face, as a fraction of the box side.
     #[arg(long, default_value_t = cliper::vision::faces::DEFAULT_FACE_MARGIN)]
     margin: f32,
+    /// The smallest face looked for, in pixels (default: 20 in images and
+    /// videos, 64 for cameras and the demo).
+    #[arg(long, value_name = "PX", value_parser = ranged::<20, 4096>)]
+    min_face: Option<usize>,
+    /// Detect on frames shrunk to at most PX on the longer side (default:
+    /// 4096, i.e. full size, in images and videos; 480 for cameras and the demo).
+    #[arg(long, value_name = "PX", value_parser = ranged::<40, 16384>)]
+    detect_size: Option<usize>,
 }
 
 impl FaceArgs {
@@ -85,21 +93,33 @@ impl FaceArgs {
                 self.margin
             );
         }
-        Ok(AnalyzerConfig {
+        let mut cfg = AnalyzerConfig {
             detect: !self.no_detect,
             margin: self.margin,
             ..Default::default()
-        })
+        };
+        if let Some(m) = self.min_face {
+            cfg.detector.min_face_size = m as u32;
+        }
+        if let Some(d) = self.detect_size {
+            cfg.detector.max_side = d as u32;
+        }
+        Ok(cfg)
     }
 
-    /// The analyzer for photos and clips: unlike a webcam stream they may
-    /// hold small faces, and speed matters less, so the frame is searched at
-    /// full resolution down to 20 px faces.
-    fn still_analyzer(&self) -> Result<FaceAnalyzer> {
+    /// The settings for photos and video files: unlike a webcam stream they
+    /// may hold small faces (a group photo, a wide shot), and speed matters
+    /// less, so frames are searched at full resolution down to 20 px faces
+    /// unless `--min-face` / `--detect-size` say otherwise.
+    fn file_analyzer_config(&self) -> Result<AnalyzerConfig> {
         let mut cfg = self.analyzer_config()?;
-        cfg.detector.min_face_size = 20;
-        cfg.detector.max_side = 4096;
-        Ok(FaceAnalyzer::new(cfg)?)
+        cfg.detector.min_face_size = self.min_face.unwrap_or(20) as u32;
+        cfg.detector.max_side = self.detect_size.unwrap_or(4096) as u32;
+        Ok(cfg)
+    }
+
+    fn still_analyzer(&self) -> Result<FaceAnalyzer> {
+        Ok(FaceAnalyzer::new(self.file_analyzer_config()?)?)
     }
 }
 
@@ -635,9 +655,15 @@ fn live(args: LiveArgs) -> Result<()> {
 }
 
 fn run_headless(args: RunArgs) -> Result<()> {
-    let analyzer = args.faces.analyzer_config()?;
     let Some(source) = args.source.spec()? else {
         anyhow::bail!("give --source VIDEO|IMAGE|FOLDER|demo or --camera N");
+    };
+    use cliper::vision::source::SourceSpec;
+    let analyzer = match source {
+        SourceSpec::Video(_) | SourceSpec::Still { .. } | SourceSpec::Folder { .. } => {
+            args.faces.file_analyzer_config()?
+        }
+        SourceSpec::Camera { .. } | SourceSpec::Demo => args.faces.analyzer_config()?,
     };
     let opts = cliper::pipeline::run::RunOptions {
         source,
@@ -778,7 +804,7 @@ fn batch(args: BatchArgs) -> Result<()> {
         (None, Some(m)) => batch::manifest_work_list(m)?,
         (None, None) => anyhow::bail!("give --input DIR or --manifest FILE"),
     };
-    let analyzer = args.faces.analyzer_config()?;
+    let analyzer = args.faces.file_analyzer_config()?;
     if args.dynamic && !(1..=16).contains(&args.window) {
         anyhow::bail!(
             "--window {} is out of range: give 1 to 16 frames",

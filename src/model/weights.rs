@@ -632,14 +632,17 @@ pub fn infer_config(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<Cl
         2,
     )?;
     let tproj = dims(path, tensors, "text_projection.weight", 2)?;
-    let twidth = tok[1];
     let tlayers = count_layers(tensors, "text_model.encoder.layers.");
-    let tmlp = dims(
+    let fc1 = dims(
         path,
         tensors,
         "text_model.encoder.layers.0.mlp.fc1.weight",
         2,
-    )?[0];
+    )?;
+    let tmlp = fc1[0];
+    // The width from inside the tower, so that a token or position
+    // embedding of another width is the one named as wrong.
+    let twidth = fc1[1];
     let (theads, tact, teps) = tower_extras(path, json.text_config.as_ref(), twidth, "text")?;
 
     if vproj[0] != tproj[0] {

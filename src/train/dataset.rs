@@ -213,6 +213,7 @@ fn load_rafdb(root: &Path) -> Result<(Vec<Sample>, Vec<Sample>), DatasetError> {
         path: file.clone(),
         reason: e.to_string(),
     })?;
+    let text = text.trim_start_matches('\u{feff}');
     let (mut train, mut test) = (Vec::new(), Vec::new());
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -226,7 +227,7 @@ fn load_rafdb(root: &Path) -> Result<(Vec<Sample>, Vec<Sample>), DatasetError> {
         };
         let mut parts = line.split_whitespace();
         let (Some(name), Some(label)) = (parts.next(), parts.next()) else {
-            return Err(bad(format!("expected `NAME LABEL`, found `{line}`")));
+            return Err(bad(format!("expected `NAME LABEL`, found `{}`", shorten(line))));
         };
         let label: usize = label
             .parse()
@@ -257,6 +258,16 @@ fn load_rafdb(root: &Path) -> Result<(Vec<Sample>, Vec<Sample>), DatasetError> {
     Ok((train, test))
 }
 
+/// A line for an error message: at most 120 characters (a 50 MB line must
+/// not become 50 MB of stderr).
+pub(crate) fn shorten(line: &str) -> String {
+    const MAX: usize = 120;
+    match line.char_indices().nth(MAX) {
+        None => line.to_string(),
+        Some((cut, _)) => format!("{}... ({} bytes in all)", &line[..cut], line.len()),
+    }
+}
+
 fn parse_label(s: &str) -> Option<usize> {
     if let Ok(n) = s.trim().parse::<usize>() {
         return (1..=NUM_CLASSES).contains(&n).then(|| n - 1);
@@ -269,6 +280,7 @@ fn load_csv(manifest: &Path) -> Result<(Vec<Sample>, Vec<Sample>), DatasetError>
         path: manifest.to_path_buf(),
         reason: e.to_string(),
     })?;
+    let text = text.trim_start_matches('\u{feff}');
     let base = manifest.parent().unwrap_or(Path::new("."));
     let (mut train, mut test) = (Vec::new(), Vec::new());
     for (i, line) in text.lines().enumerate() {
@@ -286,7 +298,10 @@ fn load_csv(manifest: &Path) -> Result<(Vec<Sample>, Vec<Sample>), DatasetError>
             reason,
         };
         if cols.len() != 3 {
-            return Err(bad(format!("expected `path,label,split`, found `{line}`")));
+            return Err(bad(format!(
+                "expected `path,label,split`, found `{}`",
+                shorten(line)
+            )));
         }
         let label = parse_label(cols[1]).ok_or_else(|| {
             bad(format!(
@@ -309,8 +324,17 @@ fn load_csv(manifest: &Path) -> Result<(Vec<Sample>, Vec<Sample>), DatasetError>
     Ok((train, test))
 }
 
-/// Loads a data set; both splits must be non-empty.
+/// Loads a data set for training; both splits must be non-empty.
 pub fn load(root: &Path, layout: Layout) -> Result<Dataset, DatasetError> {
+    load_splits(root, layout, &["train", "test"])
+}
+
+/// Loads a data set for evaluation: only the test split must be non-empty.
+pub fn load_test(root: &Path, layout: Layout) -> Result<Dataset, DatasetError> {
+    load_splits(root, layout, &["test"])
+}
+
+fn load_splits(root: &Path, layout: Layout, needed: &[&str]) -> Result<Dataset, DatasetError> {
     if !root.exists() {
         return Err(DatasetError::NotFound(root.to_path_buf()));
     }
@@ -334,7 +358,7 @@ pub fn load(root: &Path, layout: Layout) -> Result<Dataset, DatasetError> {
         }
     };
     for (split, v) in [("train", &train), ("test", &test)] {
-        if v.is_empty() {
+        if v.is_empty() && needed.contains(&split) {
             return Err(DatasetError::Empty {
                 root: root.to_path_buf(),
                 split,

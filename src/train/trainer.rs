@@ -951,7 +951,7 @@ pub fn evaluate(
     layout: Layout,
     skip_unreadable: bool,
 ) -> Result<Metrics, TrainError> {
-    let data = dataset::load(data_dir, layout)?;
+    let data = dataset::load_test(data_dir, layout)?;
     let loaded = crate::pipeline::setup::load(spec)?;
     if data.clips {
         let f = encode_split(

@@ -84,6 +84,8 @@ pub fn parse_prompts(text: &str, source_name: &str) -> Result<Vec<String>, BankE
     };
     let mut per_class: Vec<Option<Vec<String>>> = vec![None; CLASSES.len()];
     let mut current: Option<usize> = None;
+    // A UTF-8 byte-order mark (Windows editors) is not part of the text.
+    let text = text.trim_start_matches('\u{feff}');
     for (lineno, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
