@@ -230,3 +230,32 @@ fn the_first_run_download_reports_its_progress() {
     );
     assert!(seen.iter().all(|(_, d, t)| d <= t));
 }
+
+#[test]
+fn a_server_that_never_answers_fails_within_the_stall_limit() {
+    // Accepts connections and holds them without a byte of answer.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cliper"))
+        .args(["weights", "fetch"])
+        .current_dir(tmp.path())
+        .env("HF_ENDPOINT", &endpoint)
+        .env("HF_HOME", tmp.path().join("hf"))
+        .env("CLIPER_DOWNLOAD_STALL_SECS", "2")
+        .env_remove("CLIPER_WEIGHTS")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("no data from {endpoint} for 2 s")) && err.contains("resumes"),
+        "{err}"
+    );
+}

@@ -22,6 +22,8 @@ pub struct FirstRun {
     rx: Option<Receiver<Progress>>,
     status: Option<(String, u64, u64)>,
     error: Option<String>,
+    /// When the last bytes arrived (a stall is shown after a few seconds).
+    last_progress: Option<std::time::Instant>,
 }
 
 impl FirstRun {
@@ -37,7 +39,9 @@ impl FirstRun {
         let spawned = std::thread::Builder::new()
             .name("cliper-download".into())
             .spawn(move || {
-                let result = weights::fetch_with_progress(move |file, done, total| {
+                // Watched: a stalled connection ends with a message naming
+                // the host instead of a bar that never moves.
+                let result = weights::fetch_watched(move |file, done, total| {
                     let _ = progress_tx.send(Progress::Bytes {
                         file: file.to_string(),
                         done,
@@ -53,6 +57,7 @@ impl FirstRun {
                 self.rx = Some(rx);
                 self.error = None;
                 self.status = Some(("starting".into(), 0, 0));
+                self.last_progress = Some(std::time::Instant::now());
             }
             Err(e) => self.error = Some(format!("cannot start the download: {e}")),
         }
@@ -64,7 +69,10 @@ impl FirstRun {
         let mut finished = None;
         while let Ok(p) = rx.try_recv() {
             match p {
-                Progress::Bytes { file, done, total } => self.status = Some((file, done, total)),
+                Progress::Bytes { file, done, total } => {
+                    self.status = Some((file, done, total));
+                    self.last_progress = Some(std::time::Instant::now());
+                }
                 Progress::Done(Ok(path)) => finished = Some(path),
                 Progress::Done(Err(e)) => {
                     self.error = Some(e);
@@ -121,6 +129,19 @@ pub fn show(ui: &mut egui::Ui, state: &mut FirstRun, actions: &mut Vec<Action>) 
                     *done as f64 / 1e6,
                     *total as f64 / 1e6
                 ));
+                let quiet = state.last_progress.map_or(0, |t| t.elapsed().as_secs());
+                if quiet >= 5 {
+                    ui.colored_label(
+                        Color32::YELLOW,
+                        format!(
+                            "no data from {} for {quiet} s (it gives up after {} s)",
+                            weights::hub_endpoint(),
+                            weights::DOWNLOAD_STALL_SECS
+                        ),
+                    );
+                    ui.ctx()
+                        .request_repaint_after(std::time::Duration::from_secs(1));
+                }
             }
             if let Some(e) = &state.error {
                 ui.add_space(8.0);

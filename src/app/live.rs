@@ -288,10 +288,8 @@ impl CliperApp {
                 // The bank asked for failed: the one before stays the choice.
                 // At start-up the pipeline fell back to the zero-shot bank,
                 // and so does the saved choice.
-                PipelineEvent::BankFailed(_) => {
-                    if self.pending_bank.take().is_none() {
-                        self.settings.bank = BankChoice::ZeroShot;
-                    }
+                PipelineEvent::BankFailed(_) if self.pending_bank.take().is_none() => {
+                    self.settings.bank = BankChoice::ZeroShot;
                 }
                 _ => {}
             }

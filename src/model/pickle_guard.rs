@@ -417,12 +417,8 @@ mod tests {
         // 10^6 nested lists: `]` then `]a` repeated would nest one per
         // level; here each level is an empty list appended to the last.
         let mut p = vec![0x80, 2];
-        for _ in 0..1_000_000 {
-            p.push(b']');
-        }
-        for _ in 0..999_999 {
-            p.push(b'a');
-        }
+        p.extend(std::iter::repeat_n(b']', 1_000_000));
+        p.extend(std::iter::repeat_n(b'a', 999_999));
         p.push(b'.');
         assert_eq!(check(&p), Err(PickleError::TooDeep));
         // Nested marks and tuples.

@@ -830,26 +830,91 @@ impl Checkpoint {
     }
 }
 
+/// Seconds without a byte from the hub before a download gives up
+/// (`$CLIPER_DOWNLOAD_STALL_SECS` overrides it).
+pub const DOWNLOAD_STALL_SECS: u64 = 60;
+
+/// The hub's address (`$HF_ENDPOINT`, as `hf-hub` reads it).
+pub fn hub_endpoint() -> String {
+    std::env::var("HF_ENDPOINT")
+        .ok()
+        .filter(|e| !e.is_empty())
+        .unwrap_or_else(|| "https://huggingface.co".to_string())
+}
+
+fn stall_limit() -> std::time::Duration {
+    let secs = std::env::var("CLIPER_DOWNLOAD_STALL_SECS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|&s| s > 0)
+        .unwrap_or(DOWNLOAD_STALL_SECS);
+    std::time::Duration::from_secs(secs)
+}
+
 /// Downloads the official weights (safetensors + config) into the hub cache
 /// with a progress bar, returning the weights file.
+///
+/// `hf-hub` has no timeouts of its own, so the download runs on a thread
+/// watched from here: if no byte arrives for [`DOWNLOAD_STALL_SECS`]
+/// (a server that accepts and never answers, a dead link), it fails with a
+/// message naming the host. `hf-hub` retries 3 times and resumes a partial
+/// file from where it stopped, so running the command again goes on.
 pub fn fetch() -> std::result::Result<PathBuf, String> {
-    let api = hf_hub::api::sync::ApiBuilder::from_env()
-        .with_progress(true)
-        .build()
-        .map_err(|e| format!("cannot set up the Hugging Face client: {e}"))?;
-    let repo = api.model(HUB_REPO.to_string());
-    let explain = |file: &str, e: hf_hub::api::sync::ApiError| {
-        format!(
-            "could not download {file} from {HUB_REPO} ({e}). Without network access, download \
-             model.safetensors and config.json from https://huggingface.co/{HUB_REPO} by hand \
-             and put them in {LOCAL_WEIGHTS_DIR}/ (or anywhere, and pass --weights DIR or set \
-             ${WEIGHTS_ENV})"
+    use indicatif::{ProgressBar, ProgressStyle};
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}, eta {eta}",
         )
-    };
-    repo.get("config.json")
-        .map_err(|e| explain("config.json", e))?;
-    repo.get("model.safetensors")
-        .map_err(|e| explain("model.safetensors", e))
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let b = bar.clone();
+    let result = fetch_watched(move |file, done, total| {
+        b.set_message(file.to_string());
+        b.set_length(total);
+        b.set_position(done);
+    });
+    bar.finish_and_clear();
+    result
+}
+
+/// [`fetch_with_progress`] under the stall watchdog of [`fetch`].
+pub fn fetch_watched(
+    mut report: impl FnMut(&str, u64, u64),
+) -> std::result::Result<PathBuf, String> {
+    enum Msg {
+        Progress(String, u64, u64),
+        Done(std::result::Result<PathBuf, String>),
+    }
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let progress = tx.clone();
+    std::thread::Builder::new()
+        .name("cliper-download".into())
+        .spawn(move || {
+            let r = fetch_with_progress(move |f, d, t| {
+                let _ = progress.send(Msg::Progress(f.to_string(), d, t));
+            });
+            let _ = tx.send(Msg::Done(r));
+        })
+        .map_err(|e| format!("cannot start the download: {e}"))?;
+    let limit = stall_limit();
+    loop {
+        match rx.recv_timeout(limit) {
+            Ok(Msg::Progress(f, d, t)) => report(&f, d, t),
+            Ok(Msg::Done(r)) => return r,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                return Err(format!(
+                    "no data from {} for {} s: check the network connection (and HTTPS_PROXY if you use a proxy), then run `cliper weights fetch` again, which resumes the download. Without network access, download model.safetensors and config.json from https://huggingface.co/{HUB_REPO} by hand and put them in {LOCAL_WEIGHTS_DIR}/",
+                    hub_endpoint(),
+                    limit.as_secs()
+                ))
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                return Err("the download stopped without a result".into())
+            }
+        }
+    }
 }
 
 /// Like [`fetch`], for a GUI: `report(file, bytes_done, bytes_total)` is
@@ -886,6 +951,7 @@ pub fn fetch_with_progress(
     }
     let api = hf_hub::api::sync::ApiBuilder::from_env()
         .with_progress(false)
+        .with_retries(3)
         .build()
         .map_err(|e| format!("cannot set up the Hugging Face client: {e}"))?;
     let repo = api.model(HUB_REPO.to_string());

@@ -227,7 +227,10 @@ fn load_rafdb(root: &Path) -> Result<(Vec<Sample>, Vec<Sample>), DatasetError> {
         };
         let mut parts = line.split_whitespace();
         let (Some(name), Some(label)) = (parts.next(), parts.next()) else {
-            return Err(bad(format!("expected `NAME LABEL`, found `{}`", shorten(line))));
+            return Err(bad(format!(
+                "expected `NAME LABEL`, found `{}`",
+                shorten(line)
+            )));
         };
         let label: usize = label
             .parse()

@@ -357,6 +357,13 @@ pub fn train(opts: &TrainOptions, log: &mut dyn FnMut(&str)) -> Result<TrainSumm
         )));
     }
     let data = dataset::load(&opts.data, opts.layout)?;
+    let wpath = weights::locate(opts.weights.as_deref())?;
+    if same_file(&wpath, &opts.out) {
+        return Err(TrainError::Invalid(format!(
+            "--out {} is the CLIP weights file this run reads: give another file",
+            opts.out.display()
+        )));
+    }
     check_out(opts, &data.root)?;
     let c_train = Dataset::counts(&data.train);
     log(&format!(
@@ -372,13 +379,6 @@ pub fn train(opts: &TrainOptions, log: &mut dyn FnMut(&str)) -> Result<TrainSumm
         data.root.display()
     ));
     let dev = device::select(&opts.device)?;
-    let wpath = weights::locate(opts.weights.as_deref())?;
-    if same_file(&wpath, &opts.out) {
-        return Err(TrainError::Invalid(format!(
-            "--out {} is the CLIP weights file this run reads: give another file",
-            opts.out.display()
-        )));
-    }
     let base = Checkpoint::load(&wpath, DType::F32)?;
     // Training runs in f32 everywhere.
     let mut clip = ClipModel::from_checkpoint(&base, &dev, DType::F32)?;

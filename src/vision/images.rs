@@ -178,7 +178,11 @@ mod tests {
         for &b in &png[12..29] {
             crc ^= u32::from(b);
             for _ in 0..8 {
-                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         png[29..33].copy_from_slice(&(!crc).to_be_bytes());

@@ -111,6 +111,20 @@ impl CliperCheckpoint {
         let mut vision = HashMap::new();
         let mut temporal = HashMap::new();
         for (name, t) in tensors {
+            let used = name == "descriptor"
+                || name.ends_with(".descriptor")
+                || [
+                    "temporal.",
+                    "temporal_net.",
+                    "vision_model.",
+                    "visual_projection.",
+                    "visual.",
+                ]
+                .iter()
+                .any(|m| from_marker(&name, m).is_some());
+            if used {
+                weights::check_weight(path, &name, &t)?;
+            }
             if name == "descriptor" || name.ends_with(".descriptor") {
                 descriptor = Some(t);
             } else if let Some(n) = from_marker(&name, "temporal.") {

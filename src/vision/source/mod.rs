@@ -158,9 +158,14 @@ impl SourceSpec {
         }
         let fps = match fps {
             Some(f) if !(f.is_finite() && (MIN_FPS..=1000.0).contains(&f)) => {
+                let shown = if f != 0.0 && !(1e-3..1e6).contains(&f.abs()) {
+                    format!("{f:e}")
+                } else {
+                    f.to_string()
+                };
                 return Err(SourceError::Invalid(format!(
-                    "--fps {f} is out of range: give frames per second from {MIN_FPS} to 1000"
-                )))
+                    "--fps {shown} is out of range: give frames per second from {MIN_FPS} to 1000"
+                )));
             }
             Some(f) => f,
             None => DEFAULT_IMAGE_FPS,
