@@ -75,12 +75,14 @@ struct FaceArgs {
     /// Margin around each detected face, as a fraction of the box side.
     #[arg(long, default_value_t = cliper::vision::faces::DEFAULT_FACE_MARGIN)]
     margin: f32,
-    /// The smallest face looked for, in pixels (default: 20 in images and
-    /// videos, 64 for cameras and the demo).
+    /// The smallest face looked for, in pixels (default: 20 for `classify`
+    /// and `explain`, 40 for `run` and `batch` on files, 64 for cameras and
+    /// the demo). Below 40 the frame is enlarged, which costs time.
     #[arg(long, value_name = "PX", value_parser = ranged::<20, 4096>)]
     min_face: Option<usize>,
     /// Detect on frames shrunk to at most PX on the longer side (default:
-    /// 4096, i.e. full size, in images and videos; 480 for cameras and the demo).
+    /// 4096, i.e. full size, for `classify` and `explain`; 1280 for `run` and
+    /// `batch` on files; 480 for cameras and the demo).
     #[arg(long, value_name = "PX", value_parser = ranged::<40, 16384>)]
     detect_size: Option<usize>,
 }
@@ -107,19 +109,25 @@ impl FaceArgs {
         Ok(cfg)
     }
 
-    /// The settings for photos and video files: unlike a webcam stream they
-    /// may hold small faces (a group photo, a wide shot), and speed matters
-    /// less, so frames are searched at full resolution down to 20 px faces
-    /// unless `--min-face` / `--detect-size` say otherwise.
+    /// The settings for files in `run` and `batch`: unlike a webcam stream
+    /// they may hold small faces (a group photo, a wide shot), so frames are
+    /// searched at their own size (HD shrunk to 1280 px) down to 40 px
+    /// faces, the detector's window, with no enlarging: every frame of a
+    /// video pays for detection.
     fn file_analyzer_config(&self) -> Result<AnalyzerConfig> {
         let mut cfg = self.analyzer_config()?;
-        cfg.detector.min_face_size = self.min_face.unwrap_or(20) as u32;
-        cfg.detector.max_side = self.detect_size.unwrap_or(4096) as u32;
+        cfg.detector.min_face_size = self.min_face.unwrap_or(40) as u32;
+        cfg.detector.max_side = self.detect_size.unwrap_or(1280) as u32;
         Ok(cfg)
     }
 
+    /// The analyzer for photos and clips in `classify` and `explain`: the
+    /// frame is searched at full resolution down to 20 px faces.
     fn still_analyzer(&self) -> Result<FaceAnalyzer> {
-        Ok(FaceAnalyzer::new(self.file_analyzer_config()?)?)
+        let mut cfg = self.analyzer_config()?;
+        cfg.detector.min_face_size = self.min_face.unwrap_or(20) as u32;
+        cfg.detector.max_side = self.detect_size.unwrap_or(4096) as u32;
+        Ok(FaceAnalyzer::new(cfg)?)
     }
 }
 

@@ -55,7 +55,11 @@ pub fn run_replay(opts: ReplayOptions) -> Result<(), ReplayError> {
         check_writable(p).map_err(ReplayError::Screenshot)?;
     }
     let session = Session::open(&opts.dir)?;
-    let video = session.open_video()?;
+    // A damaged video must not hide the timelines: replay what is there.
+    let video = session.open_video().map_err(|e| {
+        eprintln!("warning: {e}; replaying the timelines without the video");
+        e.to_string()
+    });
     let outcome: Arc<Mutex<Outcome>> = Arc::default();
     let native = eframe::NativeOptions {
         renderer: eframe::Renderer::Glow,
@@ -144,18 +148,28 @@ impl ReplayApp {
     fn new(
         ctx: &egui::Context,
         session: Session,
-        video: Option<IndexedVideo>,
+        video: Result<Option<IndexedVideo>, String>,
         opts: ReplayOptions,
         outcome: Arc<Mutex<Outcome>>,
     ) -> Self {
         let report = summarize(&session);
+        let (video, unreadable) = match video {
+            Ok(v) => (v, None),
+            Err(e) => (None, Some(e)),
+        };
         let video_times = video
             .as_ref()
             .map(|v| (0..v.len()).filter_map(|k| v.time(k)).collect())
             .unwrap_or_default();
-        let video_error = video
-            .is_none()
-            .then(|| "This session has no video (recorded without it, or it was lost).".into());
+        let video_error = match (&video, unreadable) {
+            (_, Some(e)) => Some(format!(
+                "The video cannot be read ({e}); the timelines below are complete."
+            )),
+            (None, None) => {
+                Some("This session has no video (recorded without it, or it was lost).".into())
+            }
+            (Some(_), None) => None,
+        };
         let decoder = video.and_then(|v| spawn_decoder(v, ctx.clone()));
         let selected = report.faces.first().map(|f| f.id);
         Self {
