@@ -152,18 +152,15 @@ fn pytorch_pickles() {
         let mut tensors = Vec::new();
         for i in 0..z.len() {
             let mut e = z.by_index(i).unwrap();
+            let name = e.name().unwrap().into_owned();
             let mut data = Vec::new();
             e.read_to_end(&mut data).unwrap();
-            if e.name().ends_with("data.pkl") {
+            // Entries are `<archive name>/...`: rename the folder to `archive/`.
+            let rest = name.split_once('/').map_or(name.as_str(), |(_, r)| r);
+            if rest == "data.pkl" {
                 pickle = data;
             } else {
-                tensors.push((
-                    e.name().replace(
-                        &format!("{}/", e.name().split('/').next().unwrap()),
-                        "archive/",
-                    ),
-                    data,
-                ));
+                tensors.push((format!("archive/{rest}"), data));
             }
         }
         assert!(!pickle.is_empty(), "{file}");

@@ -624,6 +624,47 @@ fn replay_window_shows_the_video_and_timeline() {
     }
 }
 
+/// A session whose video was damaged replays its timelines anyway.
+#[test]
+fn replay_without_a_readable_video_shows_the_timelines() {
+    let Some(xvfb) = xvfb_run() else {
+        println!("NOTICE: xvfb-run not found; skipping the replay window test");
+        return;
+    };
+    let (dir, _, _, _) = recorded();
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("session");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in ["meta.json", "session.jsonl", "session.csv"] {
+        std::fs::copy(dir.join(f), copy.join(f)).unwrap();
+    }
+    std::fs::write(copy.join("video.mp4"), b"\0\0\0\x18ftypisom but no more").unwrap();
+    let shot = tmp.path().join("replay.png");
+    let out = std::process::Command::new(xvfb)
+        .args(["-a", "-s", "-screen 0 1600x1000x24"])
+        .arg(env!("CARGO_BIN_EXE_cliper"))
+        .args([
+            "replay",
+            copy.to_str().unwrap(),
+            "--exit-after",
+            "2",
+            "--screenshot",
+        ])
+        .arg(&shot)
+        .env("CLIPER_WEIGHTS", "/nonexistent")
+        .env("HOME", tmp.path())
+        .env("XDG_DATA_HOME", tmp.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("replaying the timelines without the video"),
+        "{err}"
+    );
+    assert!(image::open(&shot).unwrap().width() >= 900);
+}
+
 /// The app's path: a recording started while a live pipeline already runs
 /// (primed with the source, model and bank it announced before), timed by
 /// capture, smoothed values recorded, and finished in the background.

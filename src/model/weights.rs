@@ -338,7 +338,41 @@ fn non_finite(v: impl Iterator<Item = f32>) -> (usize, usize) {
     })
 }
 
+thread_local! {
+    static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic into `None` without the panic message: the
+/// caller reports the failure as an error about the file. Panics elsewhere
+/// print as before.
+fn catch_quietly<T>(f: impl FnOnce() -> T) -> Option<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET_PANICS.with(|q| q.get()) {
+                previous(info);
+            }
+        }));
+    });
+    QUIET_PANICS.with(|q| q.set(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok();
+    QUIET_PANICS.with(|q| q.set(false));
+    r
+}
+
+/// Candle's pickle reader indexes into the tuples it reads without checking
+/// their length (fuzzing found `Vec::remove` out of range in
+/// `rebuild_args`): a panic there is a malformed file, not a crash.
 fn read_pickle(path: &Path) -> candle_core::Result<Vec<(String, Tensor)>> {
+    catch_quietly(|| read_pickle_unchecked(path)).unwrap_or_else(|| {
+        Err(candle_core::Error::Msg(
+            "its pickle is malformed (a tensor record of the wrong shape)".into(),
+        ))
+    })
+}
+
+fn read_pickle_unchecked(path: &Path) -> candle_core::Result<Vec<(String, Tensor)>> {
     let all = candle_core::pickle::read_all(path)?;
     if !all.is_empty() {
         return Ok(all);
