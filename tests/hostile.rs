@@ -384,3 +384,59 @@ fn huge_and_bom_prompt_files_load() {
     let (code, err) = wait_or_kill(child, Duration::from_secs(120), "huge prompt");
     assert_eq!(code, 0, "{err}");
 }
+
+#[test]
+fn messages_name_the_real_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = weights();
+    // eval needs only a test split (a BOM in front of the header, too).
+    std::fs::copy(astronaut_path(), dir.path().join("a.png")).unwrap();
+    let m = dir.path().join("manifest.csv");
+    std::fs::write(&m, "\u{feff}path,label,split\na.png,happiness,test\n").unwrap();
+    let (code, _o, err) = cliper(&[
+        "eval",
+        "--weights",
+        &w,
+        "--data",
+        m.to_str().unwrap(),
+        "--layout",
+        "csv",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    // A 1 MB bad line is quoted short.
+    let long = format!("path,label,split\n{}\n", "x".repeat(1 << 20));
+    std::fs::write(&m, long).unwrap();
+    let (code, _o, err) = cliper(&[
+        "eval",
+        "--weights",
+        &w,
+        "--data",
+        m.to_str().unwrap(),
+        "--layout",
+        "csv",
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.len() < 1000 && err.contains("bytes in all"),
+        "{} bytes: {}",
+        err.len(),
+        &err[..err.len().min(300)]
+    );
+    // A token embedding of the wrong width is the tensor named.
+    let (path, mut t) = fixture_copy(dir.path());
+    let name = "text_model.embeddings.token_embedding.weight";
+    let dims = t[name].dims().to_vec();
+    t.insert(
+        name.into(),
+        candle_core::Tensor::zeros(
+            (dims[0], dims[1] + 8),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap(),
+    );
+    candle_core::safetensors::save(&t, &path).unwrap();
+    let (code, _o, err) = cliper(&["weights", "info", "--weights", path.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains(name), "{err}");
+}

@@ -798,3 +798,71 @@ fn live_window_records_with_the_record_flag() {
     let session = Session::open(&dir).unwrap();
     assert_eq!(session.frames.len() as u64, meta.counts.frames);
 }
+
+/// SIGTERM to the live window finishes its recording as closing it does.
+#[test]
+fn sigterm_closes_the_live_window_and_finishes_the_recording() {
+    let Some(xvfb) = xvfb_run() else {
+        println!("NOTICE: xvfb-run not found; skipping the live SIGTERM test");
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("session");
+    let pidfile = root.path().join("pid");
+    // The shell writes its pid and becomes cliper (exec): that pid gets the signal.
+    let script = format!(
+        "echo $$ > '{}'; exec '{}' live --source demo --weights '{}' --record '{}'",
+        pidfile.display(),
+        env!("CARGO_BIN_EXE_cliper"),
+        weights(),
+        dir.display()
+    );
+    let mut child = std::process::Command::new(xvfb)
+        .args(["-a", "-s", "-screen 0 1600x1000x24", "sh", "-c", &script])
+        .env("HOME", root.path())
+        .env("XDG_DATA_HOME", root.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let lines = || {
+        std::fs::read_to_string(dir.join("session.jsonl"))
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    while lines() < 10 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(90),
+            "the window recorded nothing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let pid = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the window did not close"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let meta = SessionMeta::read(&dir).unwrap();
+    assert_eq!(meta.status, SessionStatus::Complete);
+    let session = Session::open(&dir).unwrap();
+    assert_eq!(session.frames.len() as u64, meta.counts.frames);
+    if let Some(n) = ffprobe_frames(&dir.join("video.mp4")) {
+        // Live, the video has every captured frame (scores only the scored
+        // ones): the file holds what meta.json counts.
+        assert_eq!(n as u64, meta.counts.video_frames);
+        assert!(n > 0);
+    }
+}
