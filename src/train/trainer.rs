@@ -179,8 +179,23 @@ fn load_state(path: &Path) -> Result<(State, u8), TrainError> {
         )));
     }
     // The state file stores optimiser moments as extra tensors; read raw.
-    let raw = weights::read_tensors(path, DType::F32)?;
-    let ck = CliperCheckpoint::load(path)?;
+    // It is ours, not a download: a damaged one says how to go on.
+    let damaged = |reason: String| {
+        TrainError::Invalid(format!(
+            "the training state {} is damaged ({reason}); start again without --resume",
+            path.display()
+        ))
+    };
+    let raw = match weights::read_tensors(path, DType::F32) {
+        Err(weights::WeightsError::Corrupt { reason, .. }) => return Err(damaged(reason)),
+        other => other?,
+    };
+    let ck = match CliperCheckpoint::load(path) {
+        Err(crate::model::cliper::checkpoint::CliperFileError::Weights(
+            weights::WeightsError::Corrupt { reason, .. },
+        )) => return Err(damaged(reason)),
+        other => other?,
+    };
     let meta = &ck.metadata;
     let num = |k: &str| -> Result<f64, TrainError> {
         meta.get(k)

@@ -87,9 +87,23 @@ pub fn logits(image_features: &Tensor, text_features: &Tensor) -> Result<Tensor>
 }
 
 /// Scores of normalised image features [N, E] under a bank.
+///
+/// Non-finite logits (an f16 overflow on a GPU, a damaged bank) are an
+/// error, never scores: NaN probabilities would otherwise read as a
+/// prediction.
 pub fn score(image_features: &Tensor, bank: &DescriptorBank) -> Result<Vec<ExpressionScores>> {
     let l = logits(&image_features.to_dtype(DType::F32)?, &bank.text_features)?;
-    Ok(l.to_vec2::<f32>()?
+    let rows = l.to_vec2::<f32>()?;
+    if let Some((face, _)) = rows
+        .iter()
+        .enumerate()
+        .find(|(_, r)| r.iter().any(|x| !x.is_finite()))
+    {
+        candle_core::bail!(
+            "the model's scores for face {face} are not finite (NaN or infinite): the weights or the descriptors are damaged, or the precision overflowed (try --precision f32)"
+        );
+    }
+    Ok(rows
         .into_iter()
         .map(ExpressionScores::from_logits)
         .collect())
