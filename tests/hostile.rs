@@ -440,3 +440,91 @@ fn messages_name_the_real_cause() {
     assert_ne!(code, 0);
     assert!(err.contains(name), "{err}");
 }
+
+#[test]
+fn run_on_a_file_finds_small_faces_that_live_settings_miss() {
+    // A group photo: 8 portraits of 300 px (faces of about 57 px) in a
+    // 1280x720 frame.
+    let face = image::imageops::resize(
+        &common::astronaut(),
+        300,
+        300,
+        image::imageops::FilterType::Triangle,
+    );
+    let mut group = image::RgbImage::from_pixel(1280, 720, image::Rgb([40, 40, 50]));
+    for k in 0..8 {
+        let (x, y) = (20 + (k % 4) * 315, 40 + (k / 4) * 330);
+        image::imageops::overlay(&mut group, &face, x as i64, y as i64);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("group.png");
+    group.save(&p).unwrap();
+    let w = weights();
+    let faces = |extra: &[&str]| -> usize {
+        let mut a = vec![
+            "run",
+            "--weights",
+            &w,
+            "--source",
+            p.to_str().unwrap(),
+            "--json",
+        ];
+        a.extend_from_slice(extra);
+        let (code, out, err) = cliper(&a);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+        v["faces"].as_array().unwrap().len()
+    };
+    let file = faces(&[]);
+    let live = faces(&["--min-face", "64", "--detect-size", "480"]);
+    assert!(file >= 7, "{file} of 8 faces found");
+    assert!(live < file, "live settings {live}, file settings {file}");
+}
+
+#[test]
+fn a_damaged_training_state_says_to_start_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for (split, class) in [("train", "happiness"), ("test", "sadness")] {
+        let d = data.join(split).join(class);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(astronaut_path(), d.join("a.png")).unwrap();
+    }
+    let out = dir.path().join("model.safetensors");
+    let w = weights();
+    let args = [
+        "train",
+        "--weights",
+        &w,
+        "--data",
+        data.to_str().unwrap(),
+        "--layout",
+        "folder",
+        "--stage1-only",
+        "--stage1-epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let (code, _o, err) = cliper(&args);
+    assert_eq!(code, 0, "{err}");
+    // The state file sits next to the checkpoint; cut it in half.
+    let state = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains("state"))
+        .expect("a training state file");
+    let bytes = std::fs::read(&state).unwrap();
+    std::fs::write(&state, &bytes[..bytes.len() / 2]).unwrap();
+    let mut resume = args.to_vec();
+    resume.push("--resume");
+    let (code, _o, err) = cliper(&resume);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("training state") && err.contains("start again without --resume"),
+        "{err}"
+    );
+    assert!(!err.contains("download it again"), "{err}");
+}
