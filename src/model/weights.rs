@@ -199,10 +199,7 @@ pub fn read_tensors(path: &Path, dtype: DType) -> Result<HashMap<String, Tensor>
         }
     });
     let raw: Vec<(String, Tensor)> = match format {
-        Format::Safetensors => candle_core::safetensors::load(path, &Device::Cpu)
-            .map_err(corrupt)?
-            .into_iter()
-            .collect(),
+        Format::Safetensors => read_safetensors(path).map_err(corrupt)?,
         Format::Pickle => {
             crate::model::pickle_guard::check_file(path).map_err(|e| WeightsError::Refused {
                 path: path.to_path_buf(),
@@ -223,6 +220,93 @@ pub fn read_tensors(path: &Path, dtype: DType) -> Result<HashMap<String, Tensor>
             t
         };
         out.insert(name, t);
+    }
+    Ok(out)
+}
+
+/// Reads a safetensors file one tensor at a time.
+///
+/// Candle's `safetensors::load` reads the whole file into memory and then
+/// copies every tensor out of it, so loading ViT-B/16 (600 MB) peaked at
+/// 1.2 GB (`cliper bench`'s VmHWM). Here the header is parsed, each tensor's
+/// bytes are read into a buffer of their own and turned into a tensor, and
+/// the buffer goes: the peak is the tensors plus the largest one.
+fn read_safetensors(path: &Path) -> candle_core::Result<Vec<(String, Tensor)>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let bad = |m: String| candle_core::Error::Msg(m);
+    let mut f = std::fs::File::open(path)?;
+    let file_len = f.metadata()?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| bad("the file is shorter than a safetensors header".into()))?;
+    let header_len = u64::from_le_bytes(len);
+    if header_len > 100 << 20 || header_len + 8 > file_len {
+        return Err(bad(format!(
+            "the header length {header_len} does not fit the file ({file_len} bytes)"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    f.read_exact(&mut header)?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("the header is not valid JSON: {e}")))?;
+    let data_start = 8 + header_len;
+    let data_len = file_len - data_start;
+    let mut entries = Vec::new();
+    for (name, info) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = match info.get("dtype").and_then(|d| d.as_str()) {
+            Some("F32") => DType::F32,
+            Some("F16") => DType::F16,
+            Some("BF16") => DType::BF16,
+            Some("F64") => DType::F64,
+            Some("I64") => DType::I64,
+            Some("I32") => DType::I32,
+            Some("I16") => DType::I16,
+            Some("U32") => DType::U32,
+            Some("U8") => DType::U8,
+            other => {
+                return Err(bad(format!(
+                    "tensor `{name}` has dtype {other:?}, which cliper does not read"
+                )))
+            }
+        };
+        let nums = |key: &str| -> Option<Vec<u64>> {
+            info.get(key)?
+                .as_array()?
+                .iter()
+                .map(|x| x.as_u64())
+                .collect()
+        };
+        let (Some(shape), Some(offsets)) = (nums("shape"), nums("data_offsets")) else {
+            return Err(bad(format!("tensor `{name}` lacks its shape or offsets")));
+        };
+        let [begin, end] = offsets[..] else {
+            return Err(bad(format!("tensor `{name}` has {} offsets, not 2", offsets.len())));
+        };
+        let elems = shape
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| bad(format!("tensor `{name}` has an impossible shape {shape:?}")))?;
+        let bytes = elems.checked_mul(dtype.size_in_bytes() as u64);
+        if begin > end || end > data_len || bytes != Some(end - begin) {
+            return Err(bad(format!(
+                "tensor `{name}`: shape {shape:?} of {dtype:?} does not match bytes {begin}..{end} of {data_len}"
+            )));
+        }
+        let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        entries.push((begin, end, name, dtype, shape));
+    }
+    // In file order: one forward pass over the file.
+    entries.sort_by_key(|e| e.0);
+    let mut out = Vec::with_capacity(entries.len());
+    for (begin, end, name, dtype, shape) in entries {
+        f.seek(SeekFrom::Start(data_start + begin))?;
+        let mut buf = vec![0u8; (end - begin) as usize];
+        f.read_exact(&mut buf)?;
+        let t = Tensor::from_raw_buffer(&buf, dtype, &shape, &Device::Cpu)?;
+        out.push((name, t));
     }
     Ok(out)
 }
