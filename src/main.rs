@@ -53,6 +53,17 @@ struct BankArgs {
     prompts: Option<PathBuf>,
 }
 
+impl ModelArgs {
+    /// What the pipeline loads: these weights and device, with `bank`.
+    fn spec(&self, bank: &BankArgs) -> ModelSpec {
+        ModelSpec {
+            weights: self.weights.clone(),
+            bank: bank.source(),
+            device: self.device.clone(),
+        }
+    }
+}
+
 impl BankArgs {
     fn source(&self) -> BankSource {
         match (&self.descriptors, &self.prompts) {
@@ -633,11 +644,7 @@ fn live(args: LiveArgs) -> Result<()> {
     }
     let opts = cliper::app::LiveOptions {
         source: args.source.spec()?,
-        model: ModelSpec {
-            weights: args.model.weights.clone(),
-            bank: args.bank.source(),
-            device: args.model.device.clone(),
-        },
+        model: args.model.spec(&args.bank),
         bank_given: args.bank.descriptors.is_some() || args.bank.prompts.is_some(),
         exit_after: args.exit_after,
         screenshot: args.screenshot,
@@ -675,11 +682,7 @@ fn run_headless(args: RunArgs) -> Result<()> {
     };
     let opts = cliper::pipeline::run::RunOptions {
         source,
-        model: ModelSpec {
-            weights: args.model.weights.clone(),
-            bank: args.bank.source(),
-            device: args.model.device.clone(),
-        },
+        model: args.model.spec(&args.bank),
         analyzer,
         frames: args.frames,
         json: args.json,
@@ -822,11 +825,7 @@ fn batch(args: BatchArgs) -> Result<()> {
     if args.stride == 0 {
         anyhow::bail!("--stride 0 is out of range: give 1 or more frames");
     }
-    let model = ModelSpec {
-        weights: args.model.weights.clone(),
-        bank: args.bank.source(),
-        device: args.model.device.clone(),
-    };
+    let model = args.model.spec(&args.bank);
     let settings = cliper::pipeline::recorder::run_settings(
         "batch",
         &model,
@@ -972,14 +971,7 @@ fn classify(
     images: Vec<PathBuf>,
 ) -> Result<()> {
     let mut analyzer = faces.still_analyzer()?;
-    let loaded = setup::load_with(
-        &ModelSpec {
-            weights: model.weights.clone(),
-            bank: bank.source(),
-            device: model.device.clone(),
-        },
-        precision,
-    )?;
+    let loaded = setup::load_with(&model.spec(&bank), precision)?;
     let mut failed = 0;
     for path in &images {
         let rgb = match cliper::vision::images::load_rgb(path) {
@@ -1021,11 +1013,7 @@ fn classify_clip(
     use cliper::pipeline::clip::{classify_clip, clip_json, sample_clip};
     use cliper::pipeline::dynamic::DynamicScorer;
     let mut analyzer = faces.still_analyzer()?;
-    let loaded = setup::load(&ModelSpec {
-        weights: model.weights.clone(),
-        bank: bank.source(),
-        device: model.device.clone(),
-    })?;
+    let loaded = setup::load(&model.spec(&bank))?;
     let temporal = match &loaded.cliper {
         Some(ck) => ck
             .temporal_module(loaded.clip.config.embed_dim, &loaded.clip.device)
@@ -1220,11 +1208,7 @@ fn run(cli: Cli) -> Result<()> {
             png,
             skip_unreadable,
         } => {
-            let spec = ModelSpec {
-                weights: model.weights,
-                bank: bank.source(),
-                device: model.device,
-            };
+            let spec = model.spec(&bank);
             let m = cliper::train::trainer::evaluate(&spec, &data, layout, skip_unreadable)?;
             if let Some(p) = &png {
                 m.save_png(p, &format!("confusion: {}", data.display()))
@@ -1274,11 +1258,7 @@ fn run(cli: Cli) -> Result<()> {
                 anyhow::bail!("--grid must be at least 1");
             }
             let rgb = cliper::vision::images::load_rgb(&image)?;
-            let loaded = setup::load(&ModelSpec {
-                weights: model.weights,
-                bank: bank.source(),
-                device: model.device,
-            })?;
+            let loaded = setup::load(&model.spec(&bank))?;
             let mut analyzer = faces.still_analyzer()?;
             // Occlusion runs grid^2 + 1 forward passes per face: seconds each
             // with a full-size model on a CPU.

@@ -283,7 +283,10 @@ fn read_safetensors(path: &Path) -> candle_core::Result<Vec<(String, Tensor)>> {
             return Err(bad(format!("tensor `{name}` lacks its shape or offsets")));
         };
         let [begin, end] = offsets[..] else {
-            return Err(bad(format!("tensor `{name}` has {} offsets, not 2", offsets.len())));
+            return Err(bad(format!(
+                "tensor `{name}` has {} offsets, not 2",
+                offsets.len()
+            )));
         };
         let elems = shape
             .iter()

@@ -9,12 +9,10 @@ use image::RgbImage;
 use crate::vision::images::load_rgb;
 use crate::vision::video::{VideoError, VideoReader};
 
-pub const IMAGE_EXTENSIONS: [&str; 7] = ["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff"];
+pub use crate::vision::images::IMAGE_EXTENSIONS;
 
 pub fn is_image(p: &Path) -> bool {
-    p.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+    crate::vision::images::has_image_extension(p)
 }
 
 /// The frames of a clip folder, sorted by name.

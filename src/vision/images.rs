@@ -25,6 +25,17 @@ pub enum ImageError {
     ZeroSize(PathBuf),
 }
 
+/// Image file extensions read as stills, folder frames, clip frames and
+/// batch inputs (the one list).
+pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff"];
+
+/// Whether `p` has one of [`IMAGE_EXTENSIONS`] (any case).
+pub fn has_image_extension(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
 /// The most memory one decoded image may take (the image crate's default).
 pub const MAX_DECODED_BYTES: u64 = 512 << 20;
 

@@ -106,8 +106,7 @@ pub trait FrameSource {
     }
 }
 
-/// Image file extensions read as stills or folder frames.
-pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff"];
+pub use crate::vision::images::IMAGE_EXTENSIONS;
 
 /// What to open: plain data that can cross threads and be persisted.
 #[derive(Clone, Debug, PartialEq)]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use image::RgbImage;
 
-use super::{Frame, FrameSource, SourceError, IMAGE_EXTENSIONS};
+use super::{Frame, FrameSource, SourceError};
 use crate::vision::images::load_rgb;
 
 /// One image, delivered again and again (endless).
@@ -108,10 +108,7 @@ impl FrameSource for FolderSource {
 }
 
 fn is_image_file(p: &Path) -> bool {
-    p.extension()
-        .and_then(|e| e.to_str())
-        .map(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-        .unwrap_or(false)
+    crate::vision::images::has_image_extension(p)
 }
 
 fn display_name(p: &Path) -> String {
