@@ -387,6 +387,9 @@ struct Captured {
     dropped: u64,
 }
 
+/// Events a batch pipeline may queue ahead of its consumer.
+const BATCH_EVENTS: usize = 64;
+
 /// A running pipeline. Dropping it stops the threads (without waiting).
 pub struct Pipeline {
     pub events: Receiver<PipelineEvent>,
@@ -400,7 +403,14 @@ impl Pipeline {
     /// worker threads): pass `move || ctx.request_repaint()` from an app, or
     /// `|| {}`.
     pub fn start(config: PipelineConfig, notify: impl FnMut() + Send + 'static) -> Self {
-        let (ev_tx, events) = unbounded();
+        // Batch runs wait for their consumer: a slow disk under a recording
+        // or a slow reader of `cliper run`'s output then slows the pipeline
+        // instead of piling up frames (each one an image) in memory. Live,
+        // the window drains the queue every frame and stale frames go.
+        let (ev_tx, events) = match config.mode {
+            RunMode::Batch => bounded(BATCH_EVENTS),
+            RunMode::Live => unbounded(),
+        };
         let events_out = Events {
             tx: ev_tx,
             notify: Arc::new(Mutex::new(Box::new(notify))),
@@ -448,6 +458,9 @@ impl Pipeline {
     /// the pipeline, since a camera read may block for a frame time).
     pub fn join(mut self) {
         self.shut();
+        // Nobody reads the events any more: a stage blocked on a full
+        // queue must see the channel closed, not wait for ever.
+        self.events = crossbeam_channel::never();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
