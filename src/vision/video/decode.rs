@@ -68,6 +68,9 @@ pub struct VideoReader {
     last_t: Option<f64>,
     frames_out: u64,
     damaged_packets: u64,
+    /// Packets an edit list marks to decode but not show (a file cut
+    /// without re-encoding keeps the frames before its first shown one).
+    discarded_packets: u64,
     read_error: Option<String>,
     warnings: Vec<String>,
     damage_warned: bool,
@@ -225,6 +228,7 @@ impl VideoReader {
             last_t: None,
             frames_out: 0,
             damaged_packets: 0,
+            discarded_packets: 0,
             read_error: None,
             warnings: Vec::new(),
             damage_warned: false,
@@ -309,6 +313,9 @@ impl VideoReader {
                     if packet.stream() != self.stream {
                         continue;
                     }
+                    if discarded(&packet) {
+                        self.discarded_packets += 1;
+                    }
                     if let Err(e) = self.decoder.send_packet(&packet) {
                         self.damaged(&e);
                         continue;
@@ -377,7 +384,7 @@ impl VideoReader {
                 "{}: the file ends early ({reason}): read {read} frames{of}",
                 self.name()
             ));
-        } else if count.is_some_and(|n| read + self.damaged_packets < n) {
+        } else if count.is_some_and(|n| read + self.damaged_packets + self.discarded_packets < n) {
             self.warnings.push(format!(
                 "{}: the file ends early (truncated or damaged): read {read}{of} frames",
                 self.name()
@@ -512,9 +519,7 @@ impl VideoReader {
             let mut packet = ffmpeg::Packet::empty();
             match packet.read(&mut self.input) {
                 Ok(()) => {
-                    if packet.stream() != self.stream
-                        || packet.flags().bits() & ffmpeg::ffi::AV_PKT_FLAG_DISCARD != 0
-                    {
+                    if packet.stream() != self.stream || discarded(&packet) {
                         continue;
                     }
                     if let Some(p) = packet.pts().or_else(|| packet.dts()) {
@@ -686,4 +691,14 @@ impl IndexedVideo {
         self.next = Some(got + 1);
         Ok(f.image)
     }
+}
+
+/// Whether an edit list marks `packet` to be decoded but not shown.
+/// `ffmpeg-next`'s packet flags know only KEY and CORRUPT and drop the other
+/// bits, so the raw field is read.
+fn discarded(packet: &ffmpeg::Packet) -> bool {
+    // SAFETY: `as_ptr` points at the packet's own AVPacket, alive and not
+    // written to for the duration of this read.
+    let flags = unsafe { (*ffmpeg::packet::Ref::as_ptr(packet)).flags };
+    flags & ffmpeg::ffi::AV_PKT_FLAG_DISCARD != 0
 }
