@@ -578,6 +578,29 @@ fn xvfb_run() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// `cliper replay DIR --exit-after SECS --screenshot SHOT` under Xvfb, with
+/// no weights and a home of its own.
+fn replay_under_xvfb(
+    xvfb: &Path,
+    dir: &Path,
+    secs: &str,
+    shot: &Path,
+    home: &Path,
+) -> std::process::Output {
+    std::process::Command::new(xvfb)
+        .args(["-a", "-s", "-screen 0 1600x1000x24"])
+        .arg(env!("CARGO_BIN_EXE_cliper"))
+        .arg("replay")
+        .arg(dir)
+        .args(["--exit-after", secs, "--screenshot"])
+        .arg(shot)
+        .env("CLIPER_WEIGHTS", "/nonexistent")
+        .env("HOME", home)
+        .env("XDG_DATA_HOME", home)
+        .output()
+        .unwrap()
+}
+
 /// File-size limit of the write-error test.
 const VIDEO_LIMIT_KB: u64 = 150;
 
@@ -590,22 +613,7 @@ fn replay_window_shows_the_video_and_timeline() {
     let (dir, _, _, _) = recorded();
     let tmp = tempfile::tempdir().unwrap();
     let shot = tmp.path().join("replay.png");
-    let out = std::process::Command::new(xvfb)
-        .args(["-a", "-s", "-screen 0 1600x1000x24"])
-        .arg(env!("CARGO_BIN_EXE_cliper"))
-        .args([
-            "replay",
-            dir.to_str().unwrap(),
-            "--exit-after",
-            "3",
-            "--screenshot",
-        ])
-        .arg(&shot)
-        .env("CLIPER_WEIGHTS", "/nonexistent")
-        .env("HOME", tmp.path())
-        .env("XDG_DATA_HOME", tmp.path())
-        .output()
-        .unwrap();
+    let out = replay_under_xvfb(&xvfb, dir, "3", &shot, tmp.path());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     let img = image::open(&shot).unwrap().to_rgb8();
@@ -640,22 +648,7 @@ fn replay_without_a_readable_video_shows_the_timelines() {
     }
     std::fs::write(copy.join("video.mp4"), b"\0\0\0\x18ftypisom but no more").unwrap();
     let shot = tmp.path().join("replay.png");
-    let out = std::process::Command::new(xvfb)
-        .args(["-a", "-s", "-screen 0 1600x1000x24"])
-        .arg(env!("CARGO_BIN_EXE_cliper"))
-        .args([
-            "replay",
-            copy.to_str().unwrap(),
-            "--exit-after",
-            "2",
-            "--screenshot",
-        ])
-        .arg(&shot)
-        .env("CLIPER_WEIGHTS", "/nonexistent")
-        .env("HOME", tmp.path())
-        .env("XDG_DATA_HOME", tmp.path())
-        .output()
-        .unwrap();
+    let out = replay_under_xvfb(&xvfb, &copy, "2", &shot, tmp.path());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
