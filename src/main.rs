@@ -465,6 +465,15 @@ struct RunArgs {
     probe: Option<String>,
     #[command(flatten)]
     faces: FaceArgs,
+    #[command(flatten)]
+    dynamic: DynamicArgs,
+    #[command(flatten)]
+    record: RecordArgs,
+}
+
+/// The dynamic branch's scores in `run` and `batch`.
+#[derive(clap::Args, Clone)]
+struct DynamicArgs {
     /// Add each face's dynamic-branch scores ("dynamic") once its window of
     /// frame features is full.
     #[arg(long)]
@@ -475,8 +484,16 @@ struct RunArgs {
     /// A new dynamic score every N frames once a window is full.
     #[arg(value_parser = ranged::<1, 100000>, long, default_value_t = 1, value_name = "N")]
     stride: usize,
-    #[command(flatten)]
-    record: RecordArgs,
+}
+
+impl DynamicArgs {
+    fn settings(&self) -> Option<cliper::pipeline::worker::DynamicSettings> {
+        self.dynamic
+            .then_some(cliper::pipeline::worker::DynamicSettings {
+                window: self.window,
+                stride: self.stride,
+            })
+    }
 }
 
 #[derive(clap::Args, Clone)]
@@ -523,15 +540,8 @@ struct BatchArgs {
     /// Also score this free-text description against each face.
     #[arg(long, value_name = "TEXT")]
     probe: Option<String>,
-    /// Also record each face's dynamic-branch scores.
-    #[arg(long)]
-    dynamic: bool,
-    /// Frames per dynamic window (at most the temporal module's 16).
-    #[arg(value_parser = ranged::<1, 16>, long, default_value_t = 16, value_name = "N")]
-    window: usize,
-    /// A new dynamic score every N frames once a window is full.
-    #[arg(value_parser = ranged::<1, 100000>, long, default_value_t = 1, value_name = "N")]
-    stride: usize,
+    #[command(flatten)]
+    dynamic: DynamicArgs,
 }
 
 #[derive(Subcommand, Clone)]
@@ -688,12 +698,7 @@ fn run_headless(args: RunArgs) -> Result<()> {
         json: args.json,
         top: args.top,
         probe: args.probe.clone(),
-        dynamic: args
-            .dynamic
-            .then_some(cliper::pipeline::worker::DynamicSettings {
-                window: args.window.max(1),
-                stride: args.stride.max(1),
-            }),
+        dynamic: args.dynamic.settings(),
         progress: true,
         record: None,
         stop: None,
@@ -816,15 +821,6 @@ fn batch(args: BatchArgs) -> Result<()> {
         (None, None) => anyhow::bail!("give --input DIR or --manifest FILE"),
     };
     let analyzer = args.faces.file_analyzer_config()?;
-    if args.dynamic && !(1..=16).contains(&args.window) {
-        anyhow::bail!(
-            "--window {} is out of range: give 1 to 16 frames",
-            args.window
-        );
-    }
-    if args.stride == 0 {
-        anyhow::bail!("--stride 0 is out of range: give 1 or more frames");
-    }
     let model = args.model.spec(&args.bank);
     let settings = cliper::pipeline::recorder::run_settings(
         "batch",
@@ -842,12 +838,7 @@ fn batch(args: BatchArgs) -> Result<()> {
         record_video: args.record_video,
         model,
         analyzer,
-        dynamic: args
-            .dynamic
-            .then_some(cliper::pipeline::worker::DynamicSettings {
-                window: args.window,
-                stride: args.stride,
-            }),
+        dynamic: args.dynamic.settings(),
         probe: args.probe.clone(),
         top: args.top,
         settings,
