@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use cliper::model::cliper::expressions::CLASSES;
 use cliper::model::device::Precision;
 use cliper::model::{self, ClipModel};
 use cliper::pipeline::analyzer::{AnalyzerConfig, FaceAnalyzer};
@@ -44,13 +43,27 @@ struct ModelArgs {
 
 #[derive(clap::Args, Clone)]
 struct BankArgs {
-    /// CLIPER checkpoint with learned descriptors (and optionally a
-    /// fine-tuned vision tower). Default: zero-shot descriptions.
-    #[arg(long, conflicts_with = "prompts")]
+    /// A trained model: a CLIPER checkpoint (learned descriptors, optionally
+    /// a fine-tuned vision tower and temporal module) or a DFER-CLIP `.pth`
+    /// as published (it holds its own CLIP: no --weights needed), by path
+    /// or by the name `cliper weights list` shows. Default: zero-shot
+    /// descriptions.
+    #[arg(
+        long,
+        visible_alias = "model",
+        conflicts_with = "prompts",
+        value_name = "FILE|NAME"
+    )]
     descriptors: Option<PathBuf>,
-    /// Zero-shot descriptions file (format: assets/zero_shot_descriptors.txt).
+    /// Zero-shot descriptions file: `[class]` sections, any classes, any
+    /// number of descriptions each (format: assets/zero_shot_descriptors.txt).
     #[arg(long)]
     prompts: Option<PathBuf>,
+    /// An Exp-CLIP projection head (`ExpCLIP_B16_model.pth`, ...) applied to
+    /// the zero-shot descriptions (built-in or --prompts) and the probe, by
+    /// path or by name (`cliper weights fetch expclip-b16`).
+    #[arg(long, conflicts_with = "descriptors", value_name = "FILE|NAME")]
+    head: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -60,6 +73,7 @@ impl ModelArgs {
             weights: self.weights.clone(),
             bank: bank.source(),
             device: self.device.clone(),
+            head: bank.head.as_deref().map(cliper::model::zoo::resolve),
         }
     }
 }
@@ -70,7 +84,7 @@ impl BankArgs {
             (Some(d), _) if cliper::pipeline::setup::is_prompts_file(d) => {
                 BankSource::Prompts(d.clone())
             }
-            (Some(d), _) => BankSource::Learned(d.clone()),
+            (Some(d), _) => BankSource::Learned(cliper::model::zoo::resolve(d)),
             (None, Some(p)) => BankSource::Prompts(p.clone()),
             (None, None) => BankSource::BuiltinZeroShot,
         }
@@ -664,7 +678,14 @@ fn live(args: LiveArgs) -> Result<()> {
         explain: args
             .explain
             .as_deref()
-            .map(cliper::pipeline::explain::parse_target)
+            .map(|t| {
+                // The live app's bank is not loaded yet: targets are read
+                // under CLIPER's classes.
+                cliper::pipeline::explain::parse_target(
+                    t,
+                    &cliper::model::cliper::expressions::BankLayout::cliper(),
+                )
+            })
             .transpose()
             .map_err(anyhow::Error::msg)?,
         map,
@@ -908,13 +929,122 @@ fn batch(args: BatchArgs) -> Result<()> {
 
 #[derive(Subcommand)]
 enum WeightsAction {
-    /// Download openai/clip-vit-base-patch16 into the Hugging Face cache.
-    Fetch,
+    /// Without NAME: download openai/clip-vit-base-patch16 into the Hugging
+    /// Face cache. With NAME: download a named model (`cliper weights list`):
+    /// an Exp-CLIP head or a DFER-CLIP checkpoint.
+    Fetch {
+        /// A model name from `cliper weights list`.
+        name: Option<String>,
+    },
+    /// The models that can be fetched by name, which are installed, and
+    /// what each is: backbone, classes, source, licence, published accuracy.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
     /// Show which weights would be used and their architecture.
     Info {
         #[arg(long)]
         weights: Option<PathBuf>,
     },
+}
+
+fn fetch_named(name: &str) -> Result<()> {
+    use indicatif::{ProgressBar, ProgressStyle};
+    let entry = model::zoo::find(name).ok_or_else(|| model::zoo::ZooError::Unknown(name.into()))?;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}, eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(entry.name.to_string());
+    let path = model::zoo::fetch(entry.name, &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    let path = path?;
+    let how = match entry.kind {
+        model::zoo::ZooKind::ExpClipHead => format!("--head {}", entry.name),
+        model::zoo::ZooKind::DferClip => format!("--model {}", entry.name),
+    };
+    eprintln!(
+        "{} ready: {} (use it with {how})",
+        entry.name,
+        path.display()
+    );
+    if let Some(clip) = entry.needs_clip {
+        eprintln!("it runs on the CLIP weights {clip}");
+    }
+    Ok(())
+}
+
+fn list_models(json: bool) -> Result<()> {
+    let clip = model::weights::locate(None).ok();
+    if json {
+        let models: Vec<serde_json::Value> = model::zoo::CATALOGUE
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "name": e.name,
+                    "kind": e.kind.as_str(),
+                    "installed": e.installed(),
+                    "path": e.path(),
+                    "backbone": e.backbone,
+                    "needs_clip": e.needs_clip,
+                    "classes": e.classes,
+                    "descriptors_per_class": e.descriptors_per_class,
+                    "source": e.page(),
+                    "project": e.project,
+                    "licence": e.licence,
+                    "accuracy": e.accuracy,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "clip_weights": clip,
+                "models_dir": model::zoo::models_dir(),
+                "models": models,
+            }))?
+        );
+        return Ok(());
+    }
+    match &clip {
+        Some(p) => println!("CLIP weights: {} (installed)", p.display()),
+        None => println!("CLIP weights: not installed (`cliper weights fetch`)"),
+    }
+    println!("models folder: {}\n", model::zoo::models_dir().display());
+    for e in model::zoo::CATALOGUE {
+        println!(
+            "{:<22} {:<13} {}",
+            e.name,
+            e.kind.as_str(),
+            if e.installed() {
+                "installed"
+            } else {
+                "not installed"
+            }
+        );
+        println!("    backbone:    {}", e.backbone);
+        if let Some(c) = e.needs_clip {
+            println!("    needs CLIP:  {c}");
+        }
+        println!("    classes:     {}", e.classes);
+        println!("    per class:   {}", e.descriptors_per_class);
+        println!(
+            "    from:        {} ({}), licence {}",
+            e.project,
+            e.page(),
+            e.licence
+        );
+        println!("    accuracy:    {}", e.accuracy);
+    }
+    Ok(())
 }
 
 fn load_model(args: &ModelArgs) -> Result<ClipModel> {
@@ -1098,9 +1228,9 @@ fn print_table(
             b.y,
             b.w,
             b.h,
-            CLASSES[f.scores.predicted]
+            f.scores.predicted_name()
         );
-        for (c, name) in CLASSES.iter().enumerate() {
+        for (c, name) in f.scores.layout.classes().iter().enumerate() {
             let p = f.scores.probs[c];
             let bar = "#".repeat((p * 30.0).round() as usize);
             println!(
@@ -1113,7 +1243,10 @@ fn print_table(
             let d = &bank.descriptors[i];
             println!(
                 "      {:>8.3}  {:<10} #{}  {}",
-                f.scores.logits[i], CLASSES[d.class], d.index, d.text
+                f.scores.logits[i],
+                bank.layout.name(d.class),
+                d.index,
+                d.text
             );
         }
     }
@@ -1237,11 +1370,6 @@ fn run(cli: Cli) -> Result<()> {
             let method = Method::parse(&method).ok_or_else(|| {
                 anyhow::anyhow!("unknown --method `{method}`: use fast, gradcam or occlusion")
             })?;
-            let target = target
-                .as_deref()
-                .map(ex::parse_target)
-                .transpose()
-                .map_err(anyhow::Error::msg)?;
             if !(0.0..=1.0).contains(&opacity) {
                 anyhow::bail!("--opacity {opacity} is out of range 0..1");
             }
@@ -1250,6 +1378,12 @@ fn run(cli: Cli) -> Result<()> {
             }
             let rgb = cliper::vision::images::load_rgb(&image)?;
             let loaded = setup::load(&model.spec(&bank))?;
+            let layout = loaded.bank.layout.clone();
+            let target = target
+                .as_deref()
+                .map(|t| ex::parse_target(t, &layout))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
             let mut analyzer = faces.still_analyzer()?;
             // Occlusion runs grid^2 + 1 forward passes per face: seconds each
             // with a full-size model on a CPU.
@@ -1285,15 +1419,15 @@ fn run(cli: Cli) -> Result<()> {
             }
             let title = match faces.first().map(|f| f.target) {
                 Some(cliper::model::explain::Target::Class(c)) => {
-                    format!("{} map: class {}", method.as_str(), CLASSES[c])
+                    format!("{} map: class {}", method.as_str(), layout.name(c))
                 }
                 Some(cliper::model::explain::Target::Descriptor(i)) => {
                     format!(
                         "{} map: descriptor {} ({} #{})",
                         method.as_str(),
                         i,
-                        CLASSES[i / 5],
-                        i % 5
+                        layout.name(layout.locate(i).0),
+                        layout.locate(i).1
                     )
                 }
                 None => String::new(),
@@ -1302,7 +1436,10 @@ fn run(cli: Cli) -> Result<()> {
                 .save(&out)
                 .with_context(|| format!("cannot write {}", out.display()))?;
             if json {
-                let faces: Vec<_> = faces.iter().map(ex::explanation_json).collect();
+                let faces: Vec<_> = faces
+                    .iter()
+                    .map(|f| ex::explanation_json(f, &layout))
+                    .collect();
                 println!(
                     "{}",
                     serde_json::json!({"image": image, "method": method.as_str(), "faces": faces})
@@ -1353,11 +1490,13 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Embed { model, image, text } => embed(&model, image, text),
         Command::Weights { action } => match action {
-            WeightsAction::Fetch => {
+            WeightsAction::Fetch { name: None } => {
                 let path = model::weights::fetch().map_err(anyhow::Error::msg)?;
                 eprintln!("weights ready: {}", path.display());
                 Ok(())
             }
+            WeightsAction::Fetch { name: Some(name) } => fetch_named(&name),
+            WeightsAction::List { json } => list_models(json),
             WeightsAction::Info { weights } => {
                 let path = model::weights::locate(weights.as_deref())?;
                 let ckpt = model::Checkpoint::load(&path, candle_core::DType::F32)?;

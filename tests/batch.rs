@@ -267,14 +267,16 @@ fn a_folder_becomes_sessions_a_rerun_skips_them_and_merge_writes_parquet() {
     );
     let (names, rows) = read_table(&out.join("faces.parquet"));
     let mut want = vec!["input".to_string(), "input_id".to_string()];
-    want.extend(cliper::session::record::csv_columns());
+    want.extend(cliper::session::record::csv_columns(
+        &cliper::model::cliper::expressions::CLASSES,
+    ));
     assert_eq!(names, want);
     assert_eq!(rows.len(), 12 + 16 + 1);
     let csv = std::fs::read_to_string(a.join("session.csv")).unwrap();
     let csv_rows: Vec<_> = csv
         .lines()
         .skip(1)
-        .map(|l| cliper::session::record::parse_csv_row(l).unwrap())
+        .map(|l| cliper::session::record::parse_csv_row(l, 7).unwrap())
         .collect();
     let a_rows: Vec<&Vec<Field>> = rows.iter().filter(|r| text(&r[0]) == "a.mp4").collect();
     assert_eq!(a_rows.len(), csv_rows.len());

@@ -14,7 +14,7 @@ fn path(rel: &str) -> String {
 }
 
 #[test]
-fn temporal_module_matches_pytorch_in_both_namings() {
+fn temporal_module_matches_pytorch() {
     let r = read_json(&fixtures().join("clip_c_hf16/temporal_reference.json"));
     let inputs: Vec<f32> = r["inputs"]
         .as_array()
@@ -23,7 +23,10 @@ fn temporal_module_matches_pytorch_in_both_namings() {
         .flat_map(|c| c.as_array().unwrap().iter().flat_map(floats))
         .collect();
     let x = Tensor::from_vec(inputs, (3, 16, 24), &Device::Cpu).unwrap();
-    for file in ["cliper_dynamic.safetensors", "dfer_clip_temporal.pth"] {
+    // (`dfer_clip_temporal.pth`, the same weights in DFER-CLIP's naming,
+    // now loads as DFER-CLIP's flavour, tanh GELU on raw features: its
+    // parity is tests/zoo.rs's, on a whole DFER-CLIP checkpoint.)
+    for file in ["cliper_dynamic.safetensors"] {
         let ck = CliperCheckpoint::load(&fixtures().join("clip_c_hf16").join(file)).unwrap();
         // The .pth has no metadata: give the heads as a user would.
         let heads = if file.ends_with(".pth") {
@@ -199,6 +202,7 @@ fn corrupt_video_and_wrong_temporal_width() {
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     tensors.insert("descriptor".into(), ck.descriptor.clone().unwrap());
     let cfg = cliper::model::temporal::TemporalConfig {
+        flavour: cliper::model::temporal::TemporalFlavour::Cliper,
         width: 30,
         frames: 16,
         layers: 1,

@@ -220,6 +220,7 @@ fn live_pipeline_draws_the_fast_map_of_the_chosen_target() {
             fixtures().join("clip_c_hf16/descriptors.safetensors"),
         ),
         device: "cpu".into(),
+        head: None,
     };
     let mut config = PipelineConfig::new(
         SourceSpec::from_path(&photo, 10.0).unwrap(),
@@ -285,6 +286,7 @@ fn live_pipeline_computes_exact_maps_of_a_paused_frame() {
             fixtures().join("clip_c_hf16/descriptors.safetensors"),
         ),
         device: "cpu".into(),
+        head: None,
     };
     let config = PipelineConfig::new(
         SourceSpec::from_path(&photo, 10.0).unwrap(),

@@ -265,7 +265,7 @@ fn session_files_prompts_and_manifests() {
     }
     fuzz("session.csv", 13, 3000, &csv, |b| {
         for line in String::from_utf8_lossy(b).lines() {
-            let _ = parse_csv_row(line);
+            let _ = parse_csv_row(line, 7);
         }
     });
     let prompts = std::fs::read(

@@ -15,7 +15,6 @@ use cliper::model::cliper::expressions::CLASSES;
 use cliper::session::meta::{SessionMeta, SessionStatus};
 use cliper::session::record::{parse_csv_row, FrameRecord};
 use cliper::session::Session;
-use cliper::vision::draw::CLASS_RGB;
 use common::*;
 use image::RgbImage;
 
@@ -189,7 +188,7 @@ fn a_recorded_run_round_trips() {
         assert_eq!(r.faces.len(), 2);
         for f in &r.faces {
             ids.insert(f.id);
-            let p = f.probs();
+            let p = f.probs(&CLASSES);
             assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-4);
             assert_eq!(f.descriptors.len(), 3, "--top 3");
             assert!(f.dynamic.is_none() && f.smoothed.is_none());
@@ -221,7 +220,10 @@ fn a_recorded_run_round_trips() {
     assert!(csv[0].starts_with(
         "t,frame,face_id,x,y,w,h,predicted,surprise,fear,disgust,happiness,sadness,anger,neutral,"
     ));
-    let rows: Vec<_> = csv[1..].iter().map(|l| parse_csv_row(l).unwrap()).collect();
+    let rows: Vec<_> = csv[1..]
+        .iter()
+        .map(|l| parse_csv_row(l, CLASSES.len()).unwrap())
+        .collect();
     assert_eq!(
         rows.len(),
         records.iter().map(|r| r.faces.len()).sum::<usize>()
@@ -233,11 +235,11 @@ fn a_recorded_run_round_trips() {
             k += 1;
             assert_eq!((row.frame, row.face_id, row.bbox), (r.frame, f.id, f.bbox));
             assert!((row.t - r.t).abs() < 1e-6);
-            assert_eq!(row.probs, f.probs());
-            assert_eq!(row.scores, f.scores());
+            assert_eq!(row.probs, f.probs(&CLASSES));
+            assert_eq!(row.scores, f.scores(&CLASSES));
             assert_eq!(row.predicted, f.predicted);
             assert_eq!(row.wall, r.wall);
-            assert_eq!((row.dynamic, row.smoothed), (None, None));
+            assert_eq!((&row.dynamic, &row.smoothed), (&None, &None));
         }
     }
 
@@ -254,7 +256,8 @@ fn a_recorded_run_round_trips() {
     let annotated = v.frame(k).unwrap();
     let face = &records[k].faces[0];
     let [x, y, _, h] = face.bbox;
-    let want = CLASS_RGB[face.predicted_index()].0;
+    let want =
+        cliper::model::cliper::expressions::class_rgb(CLASSES[face.predicted_index(&CLASSES)]);
     let dist = |a: [u8; 3], b: [u8; 3]| -> i32 {
         a.iter()
             .zip(b)
@@ -338,7 +341,7 @@ fn replay_and_report_need_no_weights() {
         let img = image::open(&png).unwrap().to_rgb8();
         assert_eq!(img.dimensions(), (1100, 460));
         // The dominant class's curve is in the picture.
-        let want = CLASS_RGB[most].0;
+        let want = cliper::model::cliper::expressions::class_rgb(CLASSES[most]);
         assert!(img.pixels().filter(|p| p.0 == want).count() > 200);
     }
     assert_eq!(j["timelines"].as_array().unwrap().len(), 2);
@@ -413,7 +416,7 @@ fn sigkill_mid_recording_leaves_a_readable_session_that_report_recovers() {
         .filter(|l| l.ends_with('\n'))
         .collect();
     for row in &csv_rows {
-        assert!(parse_csv_row(row).is_some(), "{row}");
+        assert!(parse_csv_row(row, CLASSES.len()).is_some(), "{row}");
     }
     // The video plays as the kill left it, without any repair: through
     // cliper's decoder and through ffprobe. It lacks at most the frame
@@ -449,7 +452,9 @@ fn sigkill_mid_recording_leaves_a_readable_session_that_report_recovers() {
     let csv_after = read_lines(&dir.join("session.csv"));
     assert_eq!(csv_after.len() - 1, faces);
     assert_eq!(meta.counts.face_rows, faces as u64);
-    assert!(csv_after[1..].iter().all(|r| parse_csv_row(r).is_some()));
+    assert!(csv_after[1..]
+        .iter()
+        .all(|r| parse_csv_row(r, CLASSES.len()).is_some()));
     // The video is the one the kill left, unchanged and counted.
     let mut v = session.open_video().unwrap().unwrap();
     assert_eq!(session.video_file(), Some(dir.join("video.mp4")));

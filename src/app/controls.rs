@@ -10,7 +10,6 @@ use super::palette::{class_color, PROBE_COLOR};
 use super::settings::{BankChoice, Settings};
 use super::store::{SourceState, Store};
 use super::Action;
-use crate::model::cliper::expressions::CLASSES;
 use crate::pipeline::smoothing::MAX_SMOOTHING;
 use crate::vision::source::camera::{CameraEntry, COMMON_RESOLUTIONS, DEFAULT_RESOLUTION};
 use crate::vision::source::SourceSpec;
@@ -211,14 +210,15 @@ fn faces_section(ui: &mut egui::Ui, store: &Store, actions: &mut Vec<Action>) {
     }
     ui.horizontal_wrapped(|ui| {
         for h in faces {
-            let c = store.view(h).predicted;
+            let v = store.view(h);
+            let c = v.predicted;
             let text = RichText::new(format!(
                 "#{} {} {:.0}%",
                 h.id,
-                CLASSES[c],
-                store.view(h).probs[c] * 100.0
+                v.predicted_name(),
+                v.probs[c] * 100.0
             ))
-            .color(class_color(c));
+            .color(class_color(v.predicted_name()));
             if ui
                 .selectable_label(store.selected == Some(h.id), text)
                 .clicked()
@@ -271,19 +271,16 @@ fn probe_section(
         ui.label(RichText::new("waiting for the next result…").weak());
         return;
     };
-    // The probe against the 7 class scores (mean descriptor logits), highest first.
-    let mut rows: Vec<(String, f32, Color32, bool)> = CLASSES
+    // The probe against the class scores (mean descriptor logits), highest first.
+    let mut rows: Vec<(String, f32, Color32, bool)> = face
+        .shown
+        .layout
+        .classes()
         .iter()
         .enumerate()
-        .map(|(c, n)| {
-            (
-                n.to_string(),
-                face.shown.class_scores[c],
-                class_color(c),
-                false,
-            )
-        })
+        .map(|(c, n)| (n.clone(), face.shown.class_scores[c], class_color(n), false))
         .collect();
+    let n_rows = rows.len() + 1;
     rows.push((format!("“{}”", truncate(probe, 28)), p, PROBE_COLOR, true));
     rows.sort_by(|a, b| b.1.total_cmp(&a.1));
     let lo = rows.iter().map(|r| r.1).fold(f32::INFINITY, f32::min);
@@ -291,7 +288,7 @@ fn probe_section(
     let rank = rows.iter().position(|r| r.3).unwrap_or(0) + 1;
     ui.label(
         RichText::new(format!(
-            "similarity {p:.2}: ranks {rank} of 8 against the classes"
+            "similarity {p:.2}: ranks {rank} of {n_rows} against the classes"
         ))
         .color(PROBE_COLOR),
     );

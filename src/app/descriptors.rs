@@ -1,7 +1,8 @@
-//! The descriptor panel: which of the 35 expression descriptors fire for the
-//! selected face. The top ones are listed with their logits and what they
-//! say (the sentence of a zero-shot descriptor, the nearest vocabulary words
-//! of a learned one); all 35 are shown as a 7x5 grid.
+//! The descriptor panel: which of the bank's expression descriptors fire
+//! for the selected face. The top ones are listed with their logits and
+//! what they say (the sentence of a zero-shot descriptor, the nearest
+//! vocabulary words of a learned one, a DFER-CLIP class description); all
+//! are shown as a grid, one row per class (CLIPER: 7 x 5).
 
 use eframe::egui::{
     self, Align2, Color32, CornerRadius, FontId, Rect, RichText, Sense, Stroke, StrokeKind, Vec2,
@@ -11,7 +12,7 @@ use super::palette::{class_color, text_on};
 use super::store::Store;
 use super::Action;
 use crate::model::cliper::bank::{BankKind, Descriptor};
-use crate::model::cliper::expressions::{CLASSES, DESCRIPTORS_PER_CLASS};
+use crate::model::cliper::expressions::BankLayout;
 use crate::model::explain::{colormap, Method, Target};
 
 pub fn show(ui: &mut egui::Ui, store: &mut Store, top: usize, actions: &mut Vec<Action>) {
@@ -63,14 +64,21 @@ pub fn show(ui: &mut egui::Ui, store: &mut Store, top: usize, actions: &mut Vec<
         .max_height((ui.available_height() - 250.0).max(120.0))
         .show(ui, |ui| {
             for (rank, &i) in store.view(face).ranked().iter().take(top).enumerate() {
-                descriptor_row(ui, rank, &bank.descriptors[i], logits[i], bank.kind);
+                let name = bank.layout.name(bank.descriptors[i].class);
+                descriptor_row(ui, rank, &bank.descriptors[i], name, logits[i], bank.kind);
             }
         });
     ui.add_space(8.0);
-    ui.label(RichText::new("All 35 (logit = cosine / 0.01)").strong());
+    ui.label(
+        RichText::new(format!(
+            "All {} (logit = cosine / 0.01)",
+            bank.descriptors.len()
+        ))
+        .strong(),
+    );
     let logits = logits.clone();
     let bank = bank.clone();
-    if let Some(t) = grid(ui, &bank.descriptors, &logits, store.explain) {
+    if let Some(t) = grid(ui, &bank.layout, &bank.descriptors, &logits, store.explain) {
         actions.push(Action::Explain(Some(t)));
     }
     explain_controls(ui, store, actions);
@@ -89,13 +97,15 @@ fn explain_controls(ui: &mut egui::Ui, store: &mut Store, actions: &mut Vec<Acti
         );
         return;
     };
-    let name = match target {
-        Target::Descriptor(i) => format!(
-            "{} #{}",
-            CLASSES[i / DESCRIPTORS_PER_CLASS],
-            i % DESCRIPTORS_PER_CLASS + 1
-        ),
-        Target::Class(c) => format!("class {}", CLASSES[c]),
+    let layout = store.bank.as_ref().map(|b| b.layout.clone());
+    let name = match (target, layout) {
+        (Target::Descriptor(i), Some(l)) => {
+            let (c, k) = l.locate(i);
+            format!("{} #{}", l.name(c), k + 1)
+        }
+        (Target::Class(c), Some(l)) => format!("class {}", l.name(c)),
+        (Target::Descriptor(i), None) => format!("descriptor {}", i + 1),
+        (Target::Class(c), None) => format!("class {}", c + 1),
     };
     ui.horizontal(|ui| {
         ui.label(RichText::new(format!("Map: {name}")).strong());
@@ -183,8 +193,15 @@ fn explain_controls(ui: &mut egui::Ui, store: &mut Store, actions: &mut Vec<Acti
     });
 }
 
-fn descriptor_row(ui: &mut egui::Ui, rank: usize, d: &Descriptor, logit: f32, kind: BankKind) {
-    let color = class_color(d.class);
+fn descriptor_row(
+    ui: &mut egui::Ui,
+    rank: usize,
+    d: &Descriptor,
+    class: &str,
+    logit: f32,
+    kind: BankKind,
+) {
+    let color = class_color(class);
     ui.horizontal_top(|ui| {
         ui.label(RichText::new(format!("{}.", rank + 1)).monospace().weak());
         let (chip, _) = ui.allocate_exact_size(Vec2::new(64.0, 18.0), Sense::hover());
@@ -192,19 +209,22 @@ fn descriptor_row(ui: &mut egui::Ui, rank: usize, d: &Descriptor, logit: f32, ki
         ui.painter().text(
             chip.center(),
             Align2::CENTER_CENTER,
-            format!("{} {}", short(CLASSES[d.class]), d.index + 1),
+            format!("{} {}", short(class), d.index + 1),
             FontId::proportional(12.0),
             text_on(color),
         );
         ui.label(RichText::new(format!("{logit:6.2}")).monospace());
         let text = match kind {
-            BankKind::ZeroShot => RichText::new(&d.text),
+            BankKind::ZeroShot | BankKind::DferClip => RichText::new(&d.text),
             BankKind::Learned => RichText::new(format!("“{}”", d.text)).italics(),
         };
         let r = ui.add(egui::Label::new(text).wrap());
         if let Some(words) = &d.words {
             r.on_hover_ui(|ui| {
-                ui.label("Nearest vocabulary words of each learned token:");
+                ui.label(match kind {
+                    BankKind::DferClip => "Nearest vocabulary words of each learned context token before the description:",
+                    _ => "Nearest vocabulary words of each learned token:",
+                });
                 egui::Grid::new("words").striped(true).show(ui, |ui| {
                     for (slot, ws) in words.iter().enumerate() {
                         ui.label(format!("token {}", slot + 1));
@@ -217,10 +237,11 @@ fn descriptor_row(ui: &mut egui::Ui, rank: usize, d: &Descriptor, logit: f32, ki
     });
 }
 
-/// The 7x5 grid: one row per class, one cell per descriptor, shaded by logit.
+/// The grid: one row per class, one cell per descriptor, shaded by logit.
 /// Returns the descriptor (a cell) or class (a row label) clicked.
 fn grid(
     ui: &mut egui::Ui,
+    layout: &BankLayout,
     descriptors: &[Descriptor],
     logits: &[f32],
     current: Option<Target>,
@@ -232,23 +253,29 @@ fn grid(
         });
     let range = (hi - lo).max(1e-6);
     let label_w = 72.0;
-    let cols = DESCRIPTORS_PER_CLASS as f32;
+    // A large ensemble wraps onto several lines per class.
+    let cols = layout.max_count().clamp(1, 8);
+    let lines = |c: usize| layout.count(c).div_ceil(cols).max(1);
     let w = ui.available_width();
-    let cell = Vec2::new(((w - label_w) / cols - 3.0).max(30.0), 24.0);
-    let total = Vec2::new(w, (cell.y + 3.0) * CLASSES.len() as f32);
+    let cell = Vec2::new(((w - label_w) / cols as f32 - 3.0).max(30.0), 24.0);
+    let total_lines: usize = (0..layout.num_classes()).map(lines).sum();
+    let total = Vec2::new(w, (cell.y + 3.0) * total_lines as f32);
     let (rect, response) = ui.allocate_exact_size(total, Sense::click());
     let mut clicked = None;
     let painter = ui.painter_at(rect);
     let mut hovered = None;
-    for (c, name) in CLASSES.iter().enumerate() {
-        let y = rect.top() + c as f32 * (cell.y + 3.0);
+    let mut line = 0;
+    for (c, name) in layout.classes().iter().enumerate() {
+        let name = name.as_str();
+        let y = rect.top() + line as f32 * (cell.y + 3.0);
+        line += lines(c);
         let label =
             Rect::from_min_size(egui::pos2(rect.left(), y), Vec2::new(label_w - 4.0, cell.y));
         if current == Some(Target::Class(c)) {
             painter.rect_stroke(
                 label,
                 CornerRadius::same(3),
-                Stroke::new(1.5, class_color(c)),
+                Stroke::new(1.5, class_color(name)),
                 StrokeKind::Inside,
             );
         }
@@ -262,22 +289,25 @@ fn grid(
         painter.text(
             egui::pos2(rect.left(), y + cell.y / 2.0),
             Align2::LEFT_CENTER,
-            *name,
+            name,
             FontId::proportional(13.0),
-            class_color(c),
+            class_color(name),
         );
-        for k in 0..DESCRIPTORS_PER_CLASS {
-            let i = c * DESCRIPTORS_PER_CLASS + k;
+        for (k, i) in layout.range(c).enumerate() {
             let Some(&l) = logits.get(i) else { continue };
+            let (row, col) = (k / cols, k % cols);
             let r = Rect::from_min_size(
-                egui::pos2(rect.left() + label_w + k as f32 * (cell.x + 3.0), y),
+                egui::pos2(
+                    rect.left() + label_w + col as f32 * (cell.x + 3.0),
+                    y + row as f32 * (cell.y + 3.0),
+                ),
                 cell,
             );
             let strength = ((l - lo) / range).clamp(0.0, 1.0);
-            let fill = class_color(c).gamma_multiply(0.12 + 0.88 * strength * strength);
+            let fill = class_color(name).gamma_multiply(0.12 + 0.88 * strength * strength);
             painter.rect_filled(r, CornerRadius::same(3), fill);
             let text_color = if strength > 0.55 {
-                text_on(class_color(c))
+                text_on(class_color(name))
             } else {
                 Color32::from_gray(220)
             };
@@ -318,8 +348,8 @@ fn grid(
         if let Some(d) = descriptors.get(i) {
             response.on_hover_ui_at_pointer(|ui| {
                 ui.label(
-                    RichText::new(format!("{} #{}", CLASSES[d.class], d.index + 1))
-                        .color(class_color(d.class))
+                    RichText::new(format!("{} #{}", layout.name(d.class), d.index + 1))
+                        .color(class_color(layout.name(d.class)))
                         .strong(),
                 );
                 ui.label(format!("logit {:.2}", logits[i]));
@@ -342,6 +372,10 @@ fn short(name: &str) -> &str {
         "sadness" => "sad",
         "disgust" => "disg.",
         "neutral" => "neutr.",
+        "contempt" => "cont.",
+        "anxiety" => "anx.",
+        "helplessness" => "helpl.",
+        "disappointment" => "disap.",
         other => other,
     }
 }

@@ -1,27 +1,16 @@
-//! Colours of the 7 classes (in `expressions::CLASSES` order) and a few
-//! shared styles, so every panel draws a class the same way.
+//! Colours of the classes (by name, from `expressions::class_rgb`, the one
+//! source, which the recorded video also uses) and a few shared styles, so
+//! every panel draws a class the same way.
 
 use eframe::egui::Color32;
-
-/// surprise, fear, disgust, happiness, sadness, anger, neutral: the same
-/// colours as the recorded video's (`vision::draw::CLASS_RGB`, the one source).
-pub const CLASS_COLORS: [Color32; 7] = {
-    let rgb = crate::vision::draw::CLASS_RGB;
-    let mut out = [Color32::GRAY; 7];
-    let mut i = 0;
-    while i < 7 {
-        let [r, g, b] = rgb[i].0;
-        out[i] = Color32::from_rgb(r, g, b);
-        i += 1;
-    }
-    out
-};
 
 /// The probe's colour (not a class colour).
 pub const PROBE_COLOR: Color32 = Color32::from_rgb(38, 198, 218);
 
-pub fn class_color(c: usize) -> Color32 {
-    CLASS_COLORS.get(c).copied().unwrap_or(Color32::GRAY)
+/// The colour of a class, by any of its names.
+pub fn class_color(name: &str) -> Color32 {
+    let [r, g, b] = crate::model::cliper::expressions::class_rgb(name);
+    Color32::from_rgb(r, g, b)
 }
 
 /// Text colour that reads on top of `bg`.

@@ -17,7 +17,6 @@ use image::RgbImage;
 
 use super::exit::{check_writable, ExitPlan, Outcome};
 use super::palette::class_color;
-use crate::model::cliper::expressions::CLASSES;
 use crate::session::report::{summarize, Report, MAX_FRAME_SECS};
 use crate::session::{Session, SessionError};
 use crate::vision::video::IndexedVideo;
@@ -329,12 +328,12 @@ impl ReplayApp {
             let text = RichText::new(format!(
                 "#{}  {} {:.0}%  ·  {} frames, {:.1} s",
                 f.id,
-                CLASSES[d],
+                self.report.class(d),
                 f.dominant_share[d] * 100.0,
                 f.frames,
                 f.seconds
             ))
-            .color(class_color(d));
+            .color(class_color(self.report.class(d)));
             if ui
                 .selectable_label(self.selected == Some(f.id), text)
                 .clicked()
@@ -354,15 +353,17 @@ impl ReplayApp {
             ui.label(RichText::new(format!("Face #{id} is not in this frame.")).weak());
             return;
         };
-        let probs = face.probs();
-        let c = face.predicted_index();
+        let classes = self.report.classes.clone();
+        let name = |c: usize| classes.get(c).map(String::as_str).unwrap_or("?");
+        let probs = face.probs(&classes);
+        let c = face.predicted_index(&classes);
         ui.label(
             RichText::new(format!(
                 "Face #{id} at {:.2} s (frame {}): {} {:.0}%",
                 frame.t,
                 frame.frame,
-                CLASSES[c],
-                probs[c] * 100.0
+                name(c),
+                probs.get(c).copied().unwrap_or(f32::NAN) * 100.0
             ))
             .strong(),
         );
@@ -372,8 +373,8 @@ impl ReplayApp {
             .map(|(c, &p)| {
                 Bar::new(c as f64, f64::from(p))
                     .width(0.72)
-                    .fill(class_color(c))
-                    .name(CLASSES[c])
+                    .fill(class_color(name(c)))
+                    .name(name(c))
             })
             .collect();
         Plot::new("replay-bars")
@@ -387,15 +388,15 @@ impl ReplayApp {
             .show_axes([false, true])
             .y_axis_formatter(|m, _| format!("{:.0}%", m.value * 100.0))
             .show(ui, |p| {
-                p.set_plot_bounds_x(-0.6..=6.6);
+                p.set_plot_bounds_x(-0.6..=(classes.len() as f64 - 0.4));
                 p.set_plot_bounds_y(0.0..=1.02);
                 p.bar_chart(BarChart::new("probability", bars));
             });
         ui.horizontal_wrapped(|ui| {
-            for (c, name) in CLASSES.iter().enumerate() {
+            for (c, n) in classes.iter().enumerate() {
                 ui.label(
-                    RichText::new(format!("{name} {:.0}%", probs[c] * 100.0))
-                        .color(class_color(c))
+                    RichText::new(format!("{n} {:.0}%", probs[c] * 100.0))
+                        .color(class_color(n))
                         .small(),
                 );
             }
@@ -414,10 +415,9 @@ impl ReplayApp {
             ui.add_space(4.0);
             ui.label(RichText::new("Top descriptors").strong());
             for d in &face.descriptors {
-                let c = CLASSES.iter().position(|n| *n == d.class).unwrap_or(6);
                 ui.label(
                     RichText::new(format!("{:>6.2}  {}", d.logit, d.text))
-                        .color(class_color(c))
+                        .color(class_color(&d.class))
                         .small(),
                 );
             }
@@ -474,20 +474,24 @@ impl ReplayApp {
             .show(ui, |p| {
                 p.set_plot_bounds_x(0.0..=dur);
                 p.set_plot_bounds_y(0.0..=1.0);
-                for (c, name) in CLASSES.iter().enumerate() {
+                for (c, name) in self.report.classes.iter().enumerate() {
+                    let name = name.as_str();
                     // A face that left the picture breaks its lines.
                     let mut run: Vec<[f64; 2]> = Vec::new();
                     let mut prev_t = f64::NEG_INFINITY;
                     for pt in &points {
                         if pt.t - prev_t > MAX_FRAME_SECS && !run.is_empty() {
                             let done = std::mem::take(&mut run);
-                            p.line(Line::new(*name, PlotPoints::new(done)).color(class_color(c)));
+                            p.line(Line::new(name, PlotPoints::new(done)).color(class_color(name)));
                         }
-                        run.push([pt.t, f64::from(pt.probs[c])]);
+                        run.push([
+                            pt.t,
+                            f64::from(pt.probs.get(c).copied().unwrap_or(f32::NAN)),
+                        ]);
                         prev_t = pt.t;
                     }
                     if !run.is_empty() {
-                        p.line(Line::new(*name, PlotPoints::new(run)).color(class_color(c)));
+                        p.line(Line::new(name, PlotPoints::new(run)).color(class_color(name)));
                     }
                 }
                 p.vline(VLine::new("now", t).color(Color32::WHITE).width(1.5));

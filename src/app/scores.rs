@@ -1,16 +1,31 @@
-//! The selected face's scores: a bar chart of the 7 class probabilities and
-//! a scrolling timeline of the last N seconds of each class.
+//! The selected face's scores: a bar chart of the class probabilities and
+//! a scrolling timeline of the last N seconds of each class (the classes of
+//! the bank in use).
 
 use eframe::egui::{self, RichText};
 use egui_plot::{Bar, BarChart, Line, LineStyle, Plot, PlotPoint, PlotPoints, Text};
 
 use super::palette::class_color;
 use super::store::Store;
-use crate::model::cliper::expressions::CLASSES;
 use crate::pipeline::dynamic::DynamicMode;
+
+/// The classes on display: the selected face's (its scores carry the bank
+/// they were made with), else the bank's, else CLIPER's.
+fn classes(store: &Store) -> Vec<String> {
+    if let Some(f) = store.selected_face() {
+        return f.shown.layout.classes().to_vec();
+    }
+    match &store.bank {
+        Some(b) => b.layout.classes().to_vec(),
+        None => crate::model::cliper::expressions::BankLayout::cliper()
+            .classes()
+            .to_vec(),
+    }
+}
 
 pub fn show(ui: &mut egui::Ui, store: &Store, timeline_secs: f32, height: f32, dynamic: bool) {
     let face = store.selected_face();
+    let names = classes(store);
     ui.horizontal(|ui| {
         match face {
             Some(h) => {
@@ -18,8 +33,8 @@ pub fn show(ui: &mut egui::Ui, store: &Store, timeline_secs: f32, height: f32, d
                 let c = shown.predicted;
                 ui.label(RichText::new(format!("Face #{}", h.id)).strong());
                 ui.label(
-                    RichText::new(format!("{} {:.0}%", CLASSES[c], shown.probs[c] * 100.0))
-                        .color(class_color(c))
+                    RichText::new(format!("{} {:.0}%", shown.predicted_name(), shown.probs[c] * 100.0))
+                        .color(class_color(shown.predicted_name()))
                         .strong(),
                 );
                 if dynamic {
@@ -40,8 +55,8 @@ pub fn show(ui: &mut egui::Ui, store: &Store, timeline_secs: f32, height: f32, d
         }
         // One legend for both plots, in class order.
         ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
-            for (c, name) in CLASSES.iter().enumerate().rev() {
-                ui.label(RichText::new(*name).color(class_color(c)).small());
+            for name in names.iter().rev() {
+                ui.label(RichText::new(name.as_str()).color(class_color(name)).small());
             }
         });
     });
@@ -50,27 +65,28 @@ pub fn show(ui: &mut egui::Ui, store: &Store, timeline_secs: f32, height: f32, d
         let w = ui.available_width();
         let bar_w = (w * 0.4).max(220.0);
         ui.allocate_ui(egui::vec2(bar_w, plot_h), |ui| {
-            bars(ui, store, plot_h, dynamic)
+            bars(ui, store, &names, plot_h, dynamic)
         });
         ui.allocate_ui(egui::vec2(ui.available_width(), plot_h), |ui| {
-            timeline(ui, store, timeline_secs, plot_h, dynamic)
+            timeline(ui, store, &names, timeline_secs, plot_h, dynamic)
         });
     });
 }
 
-fn bars(ui: &mut egui::Ui, store: &Store, h: f32, dynamic: bool) {
+fn bars(ui: &mut egui::Ui, store: &Store, names: &[String], h: f32, dynamic: bool) {
     let probs = store
         .selected_face()
         .map(|f| f.displayed(dynamic).probs.clone())
-        .unwrap_or_else(|| vec![0.0; CLASSES.len()]);
+        .unwrap_or_else(|| vec![0.0; names.len()]);
     let bars: Vec<Bar> = probs
         .iter()
         .enumerate()
         .map(|(c, &p)| {
+            let name = names.get(c).map(String::as_str).unwrap_or("?");
             Bar::new(c as f64, f64::from(p))
                 .width(0.72)
-                .fill(class_color(c))
-                .name(CLASSES[c])
+                .fill(class_color(name))
+                .name(name)
         })
         .collect();
     Plot::new("class-probabilities")
@@ -92,17 +108,17 @@ fn bars(ui: &mut egui::Ui, store: &Store, h: f32, dynamic: bool) {
             }
         })
         .show(ui, |p| {
-            p.set_plot_bounds_x(-0.6..=6.6);
+            p.set_plot_bounds_x(-0.6..=(names.len() as f64 - 0.4));
             // Room under the bars for the class names.
             p.set_plot_bounds_y(-0.1..=1.04);
-            for (c, name) in CLASSES.iter().enumerate() {
+            for (c, name) in names.iter().enumerate() {
                 p.text(
                     Text::new(
-                        *name,
+                        name.as_str(),
                         PlotPoint::new(c as f64, -0.05),
                         RichText::new(short(name)).size(11.0),
                     )
-                    .color(class_color(c)),
+                    .color(class_color(name)),
                 );
             }
             p.bar_chart(
@@ -115,7 +131,7 @@ fn bars(ui: &mut egui::Ui, store: &Store, h: f32, dynamic: bool) {
 
 /// Both curves of each class: static solid, dynamic dashed; the mode on
 /// display is drawn thicker.
-fn timeline(ui: &mut egui::Ui, store: &Store, secs: f32, h: f32, dynamic: bool) {
+fn timeline(ui: &mut egui::Ui, store: &Store, names: &[String], secs: f32, h: f32, dynamic: bool) {
     let now = store.now();
     let span = f64::from(secs);
     let face = store.selected_face();
@@ -145,18 +161,18 @@ fn timeline(ui: &mut egui::Ui, store: &Store, secs: f32, h: f32, dynamic: bool) 
                         continue;
                     }
                     let on_display = is_dynamic == (dynamic && f.dynamic.is_some());
-                    for (c, name) in CLASSES.iter().enumerate() {
+                    for (c, name) in names.iter().enumerate() {
                         let pts: Vec<[f64; 2]> = series
                             .iter()
-                            .filter(|(t, _)| now - t <= span)
+                            .filter(|(t, p)| now - t <= span && p.len() == names.len())
                             .map(|(t, p)| [t - now, f64::from(p[c])])
                             .collect();
                         let mut width = if c == predicted { 2.5 } else { 1.5 };
                         if !on_display {
                             width *= 0.6;
                         }
-                        let mut line = Line::new(*name, PlotPoints::new(pts))
-                            .color(class_color(c))
+                        let mut line = Line::new(name.as_str(), PlotPoints::new(pts))
+                            .color(class_color(name))
                             .width(width);
                         if is_dynamic {
                             line = line.style(LineStyle::dashed_loose());
@@ -174,6 +190,8 @@ fn short(name: &str) -> &str {
         "happiness" => "happy",
         "surprise" => "surprise",
         "sadness" => "sad",
+        "helplessness" => "helpless",
+        "disappointment" => "disapp.",
         other => other,
     }
 }

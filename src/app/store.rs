@@ -33,7 +33,7 @@ pub struct FaceHistory {
     /// App time (seconds) of the latest scores.
     pub updated: f64,
     /// (app time, displayed probabilities), oldest first.
-    pub timeline: VecDeque<(f64, [f32; 7])>,
+    pub timeline: VecDeque<(f64, Vec<f32>)>,
     /// The dynamic branch's latest scores as displayed (smoothed), once the
     /// face's window is full, and how they were made.
     pub dynamic: Option<(ExpressionScores, DynamicMode)>,
@@ -42,7 +42,7 @@ pub struct FaceHistory {
     /// The latest fast explanation map of the chosen target.
     pub explain: Option<ExplainMap>,
     /// (app time, displayed dynamic probabilities), oldest first.
-    pub dynamic_timeline: VecDeque<(f64, [f32; 7])>,
+    pub dynamic_timeline: VecDeque<(f64, Vec<f32>)>,
 }
 
 impl FaceHistory {
@@ -460,11 +460,7 @@ impl Store {
             h.bbox = f.face.bbox;
             h.probe_logit = f.probe_logit;
             h.updated = now;
-            let mut p = [0f32; 7];
-            for (d, v) in p.iter_mut().zip(&h.shown.probs) {
-                *d = *v;
-            }
-            h.timeline.push_back((now, p));
+            h.timeline.push_back((now, h.shown.probs.clone()));
             h.window_fill = f.window_fill;
             h.explain = f.explain;
             match f.dynamic {
@@ -473,11 +469,7 @@ impl Store {
                         Some((prev, _)) => smoothing::ema(prev, &d.scores, smoothing),
                         None => d.scores.clone(),
                     };
-                    let mut q = [0f32; 7];
-                    for (dst, v) in q.iter_mut().zip(&shown.probs) {
-                        *dst = *v;
-                    }
-                    h.dynamic_timeline.push_back((now, q));
+                    h.dynamic_timeline.push_back((now, shown.probs.clone()));
                     h.dynamic = Some((shown, d.mode));
                 }
                 // The window restarted (new bank, new settings).
@@ -558,6 +550,8 @@ mod tests {
         Arc::new(DescriptorBank {
             kind: crate::model::cliper::BankKind::ZeroShot,
             source: "test".into(),
+            layout: Arc::new(crate::model::cliper::expressions::BankLayout::cliper()),
+            head: None,
             descriptors: Vec::new(),
             text_features: candle_core::Tensor::zeros(
                 (35, 4),
@@ -586,7 +580,12 @@ mod tests {
                             h: 50,
                             score: 3.0,
                         },
-                        scores: ExpressionScores::from_logits(l),
+                        scores: ExpressionScores::from_logits(
+                            l,
+                            &std::sync::Arc::new(
+                                crate::model::cliper::expressions::BankLayout::cliper(),
+                            ),
+                        ),
                         embedding: vec![],
                     },
                     probe_logit: Some(1.5),

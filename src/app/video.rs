@@ -10,7 +10,6 @@ use eframe::egui::{
 use super::palette::{class_color, text_on};
 use super::store::{ModelState, SourceState, Store};
 use super::Action;
-use crate::model::cliper::expressions::CLASSES;
 use crate::vision::source::SourceSpec;
 
 #[derive(Default)]
@@ -74,14 +73,15 @@ pub fn show(
             let history = store.faces.get(&tf.id);
             let (color, label) = match history {
                 Some(h) => {
-                    let c = store.view(h).predicted;
+                    let v = store.view(h);
+                    let c = v.predicted;
                     (
-                        class_color(c),
+                        class_color(v.predicted_name()),
                         format!(
                             "#{}  {} {:.0}%",
                             tf.id,
-                            CLASSES[c],
-                            store.view(h).probs[c] * 100.0
+                            v.predicted_name(),
+                            v.probs[c] * 100.0
                         ),
                     )
                 }

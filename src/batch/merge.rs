@@ -23,7 +23,8 @@ use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::parser::parse_message_type;
 
-use crate::model::cliper::expressions::{CLASSES, NUM_CLASSES};
+use crate::model::cliper::expressions::BankLayout;
+use crate::session::meta::SessionMeta;
 use crate::session::record::FrameRecord;
 use crate::session::JSONL_FILE;
 
@@ -63,8 +64,25 @@ pub fn merge(out: &Path, to: Option<&Path>) -> Result<MergeSummary, BatchError> 
     let status = read_status(out)?;
     let faces_path = to.join(FACES_TABLE);
     let inputs_path = to.join(INPUTS_TABLE);
-    let mut faces = Table::create(&faces_path, "faces", faces_columns())?;
-    let mut inputs = Table::create(&inputs_path, "inputs", inputs_columns())?;
+    // The columns are the classes of the model the inputs were scored
+    // with (all of them, first seen first, should reruns have used models
+    // of other classes: a class an input's model lacks reads NaN there).
+    let mut classes: Vec<String> = Vec::new();
+    for item in &items {
+        if let Ok(meta) = SessionMeta::read(&out.join(&item.id)) {
+            for c in meta.classes {
+                if !classes.contains(&c) {
+                    classes.push(c);
+                }
+            }
+        }
+    }
+    if classes.is_empty() {
+        classes = BankLayout::cliper().classes().to_vec();
+    }
+    let n = classes.len();
+    let mut faces = Table::create(&faces_path, "faces", faces_columns(&classes))?;
+    let mut inputs = Table::create(&inputs_path, "inputs", inputs_columns(&classes))?;
     let mut summary = MergeSummary {
         inputs: items.len(),
         faces_table: faces_path.clone(),
@@ -77,11 +95,11 @@ pub fn merge(out: &Path, to: Option<&Path>) -> Result<MergeSummary, BatchError> 
         let id = Cell::Str(item.id.clone());
         if dir.is_dir() {
             let result = read_result(&dir)?;
-            let mut predicted = [0u64; NUM_CLASSES];
+            let mut predicted = vec![0u64; n];
             let mut rows = 0u64;
             for record in read_records(&dir)? {
                 for f in &record.faces {
-                    predicted[f.predicted_index().min(NUM_CLASSES - 1)] += 1;
+                    predicted[f.predicted_index(&classes).min(n - 1)] += 1;
                     rows += 1;
                     let [x, y, w, h] = f.bbox;
                     let mut row = vec![
@@ -96,12 +114,12 @@ pub fn merge(out: &Path, to: Option<&Path>) -> Result<MergeSummary, BatchError> 
                         Cell::I32(h as i32),
                         Cell::Str(f.predicted.clone()),
                     ];
-                    row.extend(f.probs().map(Cell::F32));
-                    row.extend(f.scores().map(Cell::F32));
+                    row.extend(f.probs(&classes).into_iter().map(Cell::F32));
+                    row.extend(f.scores(&classes).into_iter().map(Cell::F32));
                     for extra in [&f.dynamic, &f.smoothed] {
                         match extra {
-                            Some(s) => row.extend(s.probs().map(Cell::F32)),
-                            None => row.extend((0..NUM_CLASSES).map(|_| Cell::Null)),
+                            Some(s) => row.extend(s.probs(&classes).into_iter().map(Cell::F32)),
+                            None => row.extend((0..n).map(|_| Cell::Null)),
                         }
                     }
                     row.push(Cell::Str(record.wall.clone()));
@@ -162,7 +180,7 @@ pub fn merge(out: &Path, to: Option<&Path>) -> Result<MergeSummary, BatchError> 
             Cell::Null,
             Cell::Null,
         ];
-        row.extend((0..NUM_CLASSES).map(|_| Cell::Null));
+        row.extend((0..n).map(|_| Cell::Null));
         row.push(Cell::I64(0));
         row.push(error.map_or(Cell::Null, Cell::Str));
         row.push(Cell::Null);
@@ -201,7 +219,7 @@ fn read_records(dir: &Path) -> Result<impl Iterator<Item = FrameRecord>, BatchEr
 }
 
 /// The columns of faces.parquet: `input`, `input_id`, then session.csv's.
-pub fn faces_columns() -> Vec<ColumnDef> {
+pub fn faces_columns(classes: &[String]) -> Vec<ColumnDef> {
     let mut cols = vec![
         ColumnDef::new("input", Kind::Utf8),
         ColumnDef::new("input_id", Kind::Utf8),
@@ -213,15 +231,15 @@ pub fn faces_columns() -> Vec<ColumnDef> {
         cols.push(ColumnDef::new(c, Kind::I32));
     }
     cols.push(ColumnDef::new("predicted", Kind::Utf8));
-    cols.extend(CLASSES.iter().map(|c| ColumnDef::new(c, Kind::F32)));
+    cols.extend(classes.iter().map(|c| ColumnDef::new(c, Kind::F32)));
     cols.extend(
-        CLASSES
+        classes
             .iter()
             .map(|c| ColumnDef::new(&format!("score_{c}"), Kind::F32)),
     );
     for prefix in ["dynamic", "smoothed"] {
         cols.extend(
-            CLASSES
+            classes
                 .iter()
                 .map(|c| ColumnDef::optional(&format!("{prefix}_{c}"), Kind::F32)),
         );
@@ -231,7 +249,7 @@ pub fn faces_columns() -> Vec<ColumnDef> {
 }
 
 /// The columns of inputs.parquet.
-pub fn inputs_columns() -> Vec<ColumnDef> {
+pub fn inputs_columns(classes: &[String]) -> Vec<ColumnDef> {
     let mut cols = vec![
         ColumnDef::new("input", Kind::Utf8),
         ColumnDef::new("input_id", Kind::Utf8),
@@ -244,7 +262,7 @@ pub fn inputs_columns() -> Vec<ColumnDef> {
         ColumnDef::optional("processing_s", Kind::F64),
     ];
     cols.extend(
-        CLASSES
+        classes
             .iter()
             .map(|c| ColumnDef::optional(&format!("share_{c}"), Kind::F32)),
     );

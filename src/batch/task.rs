@@ -389,6 +389,7 @@ mod tests {
                 weights: Some(out.join("no-such-weights.safetensors")),
                 bank: BankSource::BuiltinZeroShot,
                 device: "cpu".into(),
+                head: None,
             },
             analyzer: AnalyzerConfig::default(),
             dynamic: None,

@@ -21,6 +21,8 @@ pub struct ClipModel {
     pub dtype: DType,
     /// Where the weights came from (for display and session metadata).
     pub source: PathBuf,
+    /// How images are prepared for this model (its checkpoint's choice).
+    pub preprocessing: super::preprocess::Preprocessing,
 }
 
 impl ClipModel {
@@ -51,6 +53,7 @@ impl ClipModel {
             device: device.clone(),
             dtype,
             source: ckpt.path.clone(),
+            preprocessing: Default::default(),
         })
     }
 
@@ -60,17 +63,28 @@ impl ClipModel {
         l2_normalize(&self.vision.forward(&pixels)?.to_dtype(DType::F32)?)
     }
 
-    /// Preprocessed pixels [N, 3, S, S] of RGB images (resize + center crop + normalise).
+    /// Preprocessed pixels [N, 3, S, S] of RGB images, prepared as the
+    /// model's [`Preprocessing`](super::preprocess::Preprocessing) says
+    /// (CLIP's: resize + center crop + normalise).
     pub fn pixels(&self, images: &[image::RgbImage]) -> candle_core::Result<Tensor> {
         let size = self.config.vision.image_size as u32;
         let s = size as usize;
         let mut data = Vec::with_capacity(images.len() * 3 * s * s);
         for img in images {
-            data.extend(super::preprocess::to_normalized_chw(
-                &super::preprocess::resize_shorter_center_crop(img, size),
-            ));
+            data.extend(self.preprocessing.apply(img, size));
         }
         Tensor::from_vec(data, (images.len(), 3, s, s), &self.device)
+    }
+
+    /// Image features [B, E] before normalisation, f32.
+    pub fn encode_images_raw(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        let pixels = pixels.to_device(&self.device)?.to_dtype(self.dtype)?;
+        self.vision.forward(&pixels)?.to_dtype(DType::F32)
+    }
+
+    /// Image features [N, E] of RGB images before normalisation.
+    pub fn encode_rgb_raw(&self, images: &[image::RgbImage]) -> candle_core::Result<Tensor> {
+        self.encode_images_raw(&self.pixels(images)?)
     }
 
     /// L2-normalised embeddings [N, E] of RGB images (any size: each is

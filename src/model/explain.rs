@@ -51,6 +51,40 @@ impl Target {
     }
 }
 
+/// The text feature [1, E] whose map is `target`'s under a bank of any
+/// layout (a class: the mean of its descriptors' features; maps and logits
+/// are linear in it), with the target that picks it: every map function
+/// then gives the target's map. `text` is the bank's [D, E].
+pub fn resolve(
+    text: &Tensor,
+    target: Target,
+    layout: &crate::model::cliper::expressions::BankLayout,
+) -> candle_core::Result<(Tensor, Target)> {
+    let n = text.dim(0)?;
+    let mut w = vec![0f32; n];
+    match target {
+        Target::Descriptor(i) if i < n => w[i] = 1.0,
+        Target::Descriptor(i) => {
+            candle_core::bail!("descriptor {i} is out of range: this bank has {n} descriptors")
+        }
+        Target::Class(c) => {
+            let r = layout.range(c);
+            if r.is_empty() || r.end > n {
+                candle_core::bail!(
+                    "class {c} is out of range: this bank has {} classes",
+                    layout.num_classes()
+                )
+            }
+            let k = r.len() as f32;
+            for i in r {
+                w[i] = 1.0 / k;
+            }
+        }
+    }
+    let w = Tensor::from_vec(w, (1, n), text.device())?.to_dtype(text.dtype())?;
+    Ok((w.matmul(text)?, Target::Descriptor(0)))
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Method {
     #[default]
@@ -417,6 +451,21 @@ mod tests {
         assert!(upsample(&c, 7, 5).iter().all(|v| (*v - 5.0).abs() < 1e-6));
         assert_eq!(colormap(0.0), [68, 1, 84]);
         assert_eq!(colormap(1.0), [253, 231, 37]);
+    }
+
+    #[test]
+    fn resolved_class_targets_follow_the_layout() {
+        use crate::model::cliper::expressions::BankLayout;
+        let text =
+            Tensor::new(&[[1f32, 0.], [0., 1.], [3., 3.]], &candle_core::Device::Cpu).unwrap();
+        let layout = BankLayout::new(&[("happy", 2), ("sad", 1)]).unwrap();
+        let (t, target) = resolve(&text, Target::Class(0), &layout).unwrap();
+        assert_eq!(target, Target::Descriptor(0));
+        assert_eq!(t.to_vec2::<f32>().unwrap(), vec![vec![0.5, 0.5]]);
+        let (t, _) = resolve(&text, Target::Class(1), &layout).unwrap();
+        assert_eq!(t.to_vec2::<f32>().unwrap(), vec![vec![3.0, 3.0]]);
+        assert!(resolve(&text, Target::Class(2), &layout).is_err());
+        assert!(resolve(&text, Target::Descriptor(3), &layout).is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod clip;
 pub mod cliper;
 pub mod config;
 pub mod device;
+pub mod dfer_clip;
 pub mod explain;
 pub mod gemm_i8;
 pub mod layers;
@@ -17,6 +18,7 @@ pub mod tokenizer;
 pub mod vision;
 pub mod vision_cpu;
 pub mod weights;
+pub mod zoo;
 
 pub use clip::ClipModel;
 pub use config::ClipConfig;

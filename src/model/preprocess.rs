@@ -33,8 +33,39 @@ pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 /// kernel's negative lobes, leaving 22 fractional bits in an `int`.
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
-/// Bicubic support radius in output pixels before scaling (Pillow's `BICUBIC`).
-const BICUBIC_SUPPORT: f64 = 2.0;
+/// A Pillow resampling filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Filter {
+    /// `BICUBIC` (support 2).
+    Bicubic,
+    /// `BILINEAR` (support 1): torchvision's default `Resize` on PIL images,
+    /// which DFER-CLIP's and Exp-CLIP's pipelines use.
+    Bilinear,
+}
+
+impl Filter {
+    /// Support radius in output pixels before scaling.
+    fn support(self) -> f64 {
+        match self {
+            Filter::Bicubic => 2.0,
+            Filter::Bilinear => 1.0,
+        }
+    }
+    fn eval(self, x: f64) -> f64 {
+        match self {
+            Filter::Bicubic => bicubic_filter(x),
+            // Pillow's `bilinear_filter`.
+            Filter::Bilinear => {
+                let x = x.abs();
+                if x < 1.0 {
+                    1.0 - x
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
 
 /// Keys' cubic convolution kernel with `a = -0.5`, written with the same
 /// operation order as Pillow's `bicubic_filter` so that every double rounds
@@ -64,12 +95,12 @@ struct AxisCoefficients {
 impl AxisCoefficients {
     /// Pillow's `precompute_coeffs` followed by `normalize_coeffs_8bpc`, for the
     /// full-image box `(0, in_size)`.
-    fn bicubic(in_size: u32, out_size: u32) -> Self {
+    fn new(in_size: u32, out_size: u32, filter: Filter) -> Self {
         // Pillow receives the box as C floats and divides in double.
         let scale = f64::from(in_size as f32) / f64::from(out_size);
         // Downscaling widens the kernel so every source pixel contributes.
         let filterscale = scale.max(1.0);
-        let support = BICUBIC_SUPPORT * filterscale;
+        let support = filter.support() * filterscale;
         let window = support.ceil() as usize * 2 + 1;
         let inv_filterscale = 1.0 / filterscale;
 
@@ -88,7 +119,7 @@ impl AxisCoefficients {
 
             let mut sum = 0.0;
             for (x, w) in k.iter_mut().enumerate().take(len) {
-                *w = bicubic_filter((x as f64 + f64::from(xmin) - center + 0.5) * inv_filterscale);
+                *w = filter.eval((x as f64 + f64::from(xmin) - center + 0.5) * inv_filterscale);
                 sum += *w;
             }
             for (w, fixed) in k.iter().zip(row.iter_mut()).take(len) {
@@ -139,6 +170,15 @@ const ROUNDING_BIAS: i32 = 1 << (PRECISION_BITS - 1);
 /// An empty source gives a black image of the requested size (Pillow refuses
 /// to resize it).
 pub fn resize_bicubic(img: &RgbImage, new_w: u32, new_h: u32) -> RgbImage {
+    resize_with(img, new_w, new_h, Filter::Bicubic)
+}
+
+/// Pillow's `Image.resize((new_w, new_h), Image.BILINEAR)`, the same way.
+pub fn resize_bilinear(img: &RgbImage, new_w: u32, new_h: u32) -> RgbImage {
+    resize_with(img, new_w, new_h, Filter::Bilinear)
+}
+
+fn resize_with(img: &RgbImage, new_w: u32, new_h: u32, filter: Filter) -> RgbImage {
     let (src_w, src_h) = img.dimensions();
     if (src_w, src_h) == (new_w, new_h) {
         return img.clone();
@@ -152,16 +192,16 @@ pub fn resize_bicubic(img: &RgbImage, new_w: u32, new_h: u32) -> RgbImage {
     let width = src_w as usize;
     match (src_w != new_w, src_h != new_h) {
         (true, false) => {
-            let horizontal = AxisCoefficients::bicubic(src_w, new_w);
+            let horizontal = AxisCoefficients::new(src_w, new_w, filter);
             resample_rows(src, width, 0, &horizontal, &mut out);
         }
         (false, true) => {
-            let vertical = AxisCoefficients::bicubic(src_h, new_h);
+            let vertical = AxisCoefficients::new(src_h, new_h, filter);
             resample_columns(src, width, 0, &vertical, &mut out);
         }
         _ => {
-            let horizontal = AxisCoefficients::bicubic(src_w, new_w);
-            let vertical = AxisCoefficients::bicubic(src_h, new_h);
+            let horizontal = AxisCoefficients::new(src_w, new_w, filter);
+            let vertical = AxisCoefficients::new(src_h, new_h, filter);
             let height_shrink = i64::from(src_h) - i64::from(new_h);
             let width_shrink = i64::from(src_w) - i64::from(new_w);
             if height_shrink > 0 && height_shrink > 2 * width_shrink {
@@ -319,6 +359,48 @@ pub fn to_normalized_chw(img: &RgbImage) -> Vec<f32> {
         }
     }
     out
+}
+
+/// torchvision's `ToTensor()` alone: `[3, h, w]` CHW on the 0..1 scale.
+pub fn to_unit_chw(img: &RgbImage) -> Vec<f32> {
+    let plane = img.width() as usize * img.height() as usize;
+    let mut out = vec![0f32; 3 * plane];
+    for (i, px) in img.pixels().enumerate() {
+        for c in 0..3 {
+            out[c * plane + i] = f32::from(px[c]) / 255.0;
+        }
+    }
+    out
+}
+
+/// How a model's images are prepared.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Preprocessing {
+    /// OpenAI CLIP's (and CLIPER's): shorter side to the input size
+    /// (bicubic), centre crop, normalise with [`CLIP_MEAN`]/[`CLIP_STD`].
+    #[default]
+    Clip,
+    /// DFER-CLIP's and Exp-CLIP's test transform, `Resize((S, S))` (bilinear,
+    /// the aspect ratio is not kept) then `ToTensor()`: pixels on the 0..1
+    /// scale, not normalised. Their published accuracies were measured so.
+    Squash,
+}
+
+impl Preprocessing {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Preprocessing::Clip => "clip",
+            Preprocessing::Squash => "squash",
+        }
+    }
+
+    /// `3 * size * size` floats, `[3, size, size]` CHW.
+    pub fn apply(self, img: &RgbImage, size: u32) -> Vec<f32> {
+        match self {
+            Preprocessing::Clip => to_normalized_chw(&resize_shorter_center_crop(img, size)),
+            Preprocessing::Squash => to_unit_chw(&resize_bilinear(img, size, size)),
+        }
+    }
 }
 
 /// The whole CLIP image transform: to RGB, shorter side to `size`, centre

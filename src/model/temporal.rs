@@ -2,9 +2,15 @@
 //! section 6), after DFER-CLIP's `Temporal_Transformer_Cls`: a learnable CLS
 //! token and positional embeddings (frames + 1 positions) over per-frame CLIP
 //! image embeddings, pre-LayerNorm transformer blocks (multi-head attention
-//! with a bias-free fused qkv projection; MLP with exact GELU), and the CLS
+//! with a bias-free fused qkv projection; MLP with GELU), and the CLS
 //! output. No final LayerNorm: the output is normalised and scored against
 //! the descriptor features like a static image feature.
+//!
+//! Two flavours share the structure ([`TemporalFlavour`]): modules trained
+//! here (CLIPER's dynamic branch) take normalised frame embeddings and use
+//! exact GELU; DFER-CLIP's own (`models/Temporal_Model.py`) take the image
+//! encoder's raw, unnormalised output and define GELU as the tanh
+//! approximation. A checkpoint in DFER-CLIP's naming is DFER-CLIP's flavour.
 //!
 //! Tensor names (in a CLIPER checkpoint, all under `temporal.`):
 //! - `temporal.cls_token` [1, 1, D], `temporal.pos_embedding` [1, F + 1, D]
@@ -29,8 +35,25 @@ use super::rng::SplitMix64;
 /// Frames per window / clip.
 pub const DEFAULT_FRAMES: usize = 16;
 
+/// What a temporal module was trained on (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TemporalFlavour {
+    /// Trained here: normalised frame embeddings in, exact GELU.
+    Cliper,
+    /// DFER-CLIP's: raw image-encoder features in, tanh GELU.
+    DferClip,
+}
+
+impl TemporalFlavour {
+    /// Whether the frame features it takes are L2-normalised.
+    pub fn normalised_input(self) -> bool {
+        self == TemporalFlavour::Cliper
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct TemporalConfig {
+    pub flavour: TemporalFlavour,
     pub width: usize,
     pub frames: usize,
     pub layers: usize,
@@ -44,6 +67,7 @@ impl TemporalConfig {
     /// CLIPER / DFER-CLIP: 16 frames, 1 layer, 8 heads of 64, MLP 1024.
     pub fn cliper(width: usize) -> Self {
         Self {
+            flavour: TemporalFlavour::Cliper,
             width,
             frames: DEFAULT_FRAMES,
             layers: 1,
@@ -77,6 +101,7 @@ struct Block {
     fc2: Linear,
     heads: usize,
     head_dim: usize,
+    flavour: TemporalFlavour,
 }
 
 impl Block {
@@ -96,7 +121,12 @@ impl Block {
         let attn = softmax_last_dim(&attn)?;
         let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, inner))?;
         let x = (x + self.to_out.forward(&out)?)?;
-        let h = self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?;
+        let h = self.fc1.forward(&self.norm2.forward(&x)?)?;
+        let h = match self.flavour {
+            TemporalFlavour::Cliper => h.gelu_erf()?,
+            // candle's `gelu` is the tanh approximation, DFER-CLIP's formula.
+            TemporalFlavour::DferClip => h.gelu()?,
+        };
         x + self.fc2.forward(&h)?
     }
 }
@@ -129,6 +159,13 @@ pub fn rename_dfer_clip(name: &str) -> String {
         let (Some(n), Some(which), Some(tail)) = (parts.next(), parts.next(), parts.next()) else {
             return name.to_string();
         };
+        // DFER-CLIP's blocks are `Residual(PreNorm(dim, module))`: the
+        // norm is `fn.norm`, the module `fn.fn` (an early fixture of ours
+        // wrote them one `fn.` short; both read).
+        let tail = tail
+            .strip_prefix("fn.")
+            .filter(|t| t.starts_with("norm.") || t.starts_with("fn."))
+            .unwrap_or(tail);
         let mapped = match (which, tail) {
             ("0", t) if t.starts_with("norm.") => t.replacen("norm.", "norm1.", 1),
             ("0", "fn.to_qkv.weight") => "attn.to_qkv.weight".into(),
@@ -202,6 +239,7 @@ impl TemporalModule {
             });
         }
         Ok(TemporalConfig {
+            flavour: TemporalFlavour::Cliper,
             width,
             frames: pos[1] - 1,
             layers,
@@ -228,6 +266,7 @@ impl TemporalModule {
                     fc2: candle_nn::linear(cfg.mlp, d, l.pp("mlp.fc2"))?,
                     heads: cfg.heads,
                     head_dim: cfg.inner / cfg.heads,
+                    flavour: cfg.flavour,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -256,7 +295,13 @@ impl TemporalModule {
                 ))
             })
             .collect::<Result<_>>()?;
-        let cfg = Self::infer_config(&renamed, heads)?;
+        let mut cfg = Self::infer_config(&renamed, heads)?;
+        if tensors
+            .keys()
+            .any(|k| k.starts_with("temporal_net.") || k.starts_with("module.temporal_net."))
+        {
+            cfg.flavour = TemporalFlavour::DferClip;
+        }
         if cfg.width != embed_dim {
             return Err(TemporalError::Shape {
                 name: "temporal.pos_embedding".into(),
@@ -372,6 +417,35 @@ mod tests {
 
     #[test]
     fn dfer_clip_names() {
+        // As DFER-CLIP's `Residual(PreNorm(...))` names them.
+        for (theirs, ours) in [
+            (
+                "temporal_net.temporal_transformer.layers.0.0.fn.norm.weight",
+                "temporal.layers.0.norm1.weight",
+            ),
+            (
+                "temporal_net.temporal_transformer.layers.1.0.fn.fn.to_qkv.weight",
+                "temporal.layers.1.attn.to_qkv.weight",
+            ),
+            (
+                "temporal_net.temporal_transformer.layers.0.0.fn.fn.to_out.0.bias",
+                "temporal.layers.0.attn.to_out.bias",
+            ),
+            (
+                "temporal_net.temporal_transformer.layers.0.1.fn.norm.bias",
+                "temporal.layers.0.norm2.bias",
+            ),
+            (
+                "temporal_net.temporal_transformer.layers.0.1.fn.fn.net.0.weight",
+                "temporal.layers.0.mlp.fc1.weight",
+            ),
+            (
+                "temporal_net.temporal_transformer.layers.0.1.fn.fn.net.3.bias",
+                "temporal.layers.0.mlp.fc2.bias",
+            ),
+        ] {
+            assert_eq!(rename_dfer_clip(theirs), ours);
+        }
         assert_eq!(
             rename_dfer_clip("temporal_net.temporal_transformer.layers.0.0.fn.to_qkv.weight"),
             "temporal.layers.0.attn.to_qkv.weight"
@@ -390,6 +464,7 @@ mod tests {
     #[test]
     fn init_builds_and_runs() {
         let cfg = TemporalConfig {
+            flavour: TemporalFlavour::Cliper,
             width: 24,
             frames: 16,
             layers: 1,

@@ -89,6 +89,19 @@ impl ClipTokenizer {
         ids
     }
 
+    /// The text of a sequence of ids (without SOT/EOT), words rejoined.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let tokens: Vec<Token> = ids
+            .iter()
+            .filter_map(|&id| {
+                u16::try_from(id)
+                    .ok()
+                    .and_then(|i| Token::from_u16(i, &self.inner))
+            })
+            .collect();
+        self.inner.decode(tokens).trim().to_string()
+    }
+
     /// The text of one vocabulary entry, with the end-of-word marker removed.
     pub fn decode_token(&self, id: u32) -> String {
         let Some(token) = u16::try_from(id)

@@ -461,13 +461,12 @@ fn read_pickle(path: &Path) -> candle_core::Result<Vec<(String, Tensor)>> {
 
 fn read_pickle_unchecked(path: &Path) -> candle_core::Result<Vec<(String, Tensor)>> {
     let all = candle_core::pickle::read_all(path)?;
-    if !all.is_empty() {
-        return Ok(all);
-    }
-    // Training scripts often save `{"state_dict": ..., "epoch": ...}`.
+    // Training scripts often save `{"state_dict": ..., "epoch": ...}`, and
+    // may keep a tensor or two beside it (DFER-CLIP's `best_acc`): the
+    // nested state dict is the model when it holds more.
     for key in ["state_dict", "model", "model_state_dict"] {
         if let Ok(v) = candle_core::pickle::read_all_with_key(path, Some(key)) {
-            if !v.is_empty() {
+            if v.len() > all.len() {
                 return Ok(v);
             }
         }

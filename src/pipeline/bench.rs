@@ -385,6 +385,7 @@ fn f32_reference(clip: &ClipModel, opts: &BenchOptions) -> Result<ClipModel, Ben
             device: clip.device.clone(),
             dtype: clip.dtype,
             source: clip.source.clone(),
+            preprocessing: clip.preprocessing,
         });
     }
     let opts = BenchOptions {

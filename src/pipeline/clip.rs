@@ -63,7 +63,7 @@ pub fn classify_clip(
         crops.extend(analyzer.crops(img, &[last]));
         used.push(last);
     }
-    let emb = clip.encode_rgb(&crops)?.to_vec2::<f32>()?;
+    let emb = clip.encode_rgb_raw(&crops)?.to_vec2::<f32>()?;
     let scores = scorer.score(&emb, bank)?;
     Ok(ClipResult {
         bbox: used.get(used.len() / 2).copied(),

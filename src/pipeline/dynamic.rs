@@ -66,7 +66,9 @@ impl DynamicScorer {
             .unwrap_or(DEFAULT_FRAMES)
     }
 
-    /// Scores one window of `F` embeddings, each [E], normalised.
+    /// Scores one window of `F` image features, each [E], before
+    /// normalisation (DFER-CLIP's temporal module takes them raw; the others
+    /// normalise them here).
     pub fn score(
         &self,
         window: &[Vec<f32>],
@@ -97,10 +99,16 @@ impl DynamicScorer {
             .iter()
             .flat_map(|w| w.iter().flat_map(|r| r.iter().copied()))
             .collect();
-        let x = Tensor::from_vec(flat, (windows.len(), f, e), &self.device)?;
+        let raw = Tensor::from_vec(flat, (windows.len(), f, e), &self.device)?;
+        let x = crate::model::layers::l2_normalize(&raw)?;
         match &self.temporal {
             Some(t) => {
-                let clip = crate::model::layers::l2_normalize(&t.forward(&x)?)?;
+                let input = if t.config.flavour.normalised_input() {
+                    &x
+                } else {
+                    &raw
+                };
+                let clip = crate::model::layers::l2_normalize(&t.forward(input)?)?;
                 Ok(scoring::score(&clip, bank)?
                     .into_iter()
                     .map(|scores| DynamicScores {

@@ -5,10 +5,9 @@ use image::{Rgb, RgbImage};
 use serde_json::{json, Value};
 
 use super::analyzer::FaceAnalyzer;
-use crate::model::cliper::expressions::{CLASSES, DESCRIPTORS_PER_CLASS};
+use crate::model::cliper::expressions::BankLayout;
 use crate::model::cliper::{scoring, DescriptorBank};
 use crate::model::explain::{self, colormap, ExplainMap, Method, Target};
-use crate::model::preprocess;
 use crate::model::ClipModel;
 use crate::vision::draw::{draw_text, fill_rect, stroke_rect};
 use crate::vision::faces::{square_crop, FaceBox};
@@ -21,29 +20,31 @@ pub struct FaceExplanation {
     pub map: ExplainMap,
 }
 
-/// Parses `--target`: a class name, or a descriptor index 0..35.
-pub fn parse_target(s: &str) -> Result<Target, String> {
+/// Parses `--target` under a bank's layout: a class name, or a
+/// descriptor index 0..D-1.
+pub fn parse_target(s: &str, layout: &BankLayout) -> Result<Target, String> {
+    let n = layout.num_descriptors();
     if let Ok(i) = s.trim().parse::<usize>() {
-        if i < CLASSES.len() * DESCRIPTORS_PER_CLASS {
+        if i < n {
             return Ok(Target::Descriptor(i));
         }
-        return Err(format!("descriptor index {i} is out of range 0..34"));
+        return Err(format!("descriptor index {i} is out of range 0..{}", n - 1));
     }
-    crate::model::cliper::expressions::class_index(s)
-        .map(Target::Class)
-        .ok_or_else(|| {
-            format!(
-                "unknown target `{s}`: give a class ({}) or a descriptor index 0..34",
-                CLASSES.join(", ")
-            )
-        })
+    layout.index(s).map(Target::Class).ok_or_else(|| {
+        format!(
+            "unknown target `{s}`: give a class of this model ({}) or a descriptor index 0..{}",
+            layout.classes().join(", "),
+            n - 1
+        )
+    })
 }
 
-pub fn target_json(t: Target) -> Value {
+pub fn target_json(t: Target, layout: &BankLayout) -> Value {
     match t {
-        Target::Class(c) => json!({"kind": "class", "name": CLASSES[c]}),
+        Target::Class(c) => json!({"kind": "class", "name": layout.name(c)}),
         Target::Descriptor(i) => {
-            json!({"kind": "descriptor", "index": i, "class": CLASSES[i / DESCRIPTORS_PER_CLASS], "class_index": i % DESCRIPTORS_PER_CLASS})
+            let (c, k) = layout.locate(i);
+            json!({"kind": "descriptor", "index": i, "class": layout.name(c), "class_index": k})
         }
     }
 }
@@ -65,11 +66,13 @@ pub fn explain_image(
     let faces = analyzer.find_faces(img);
     let per_face = grid * grid + 1;
     let crops = analyzer.crops(img, &faces);
-    let size = clip.config.vision.image_size as u32;
     let mut out = Vec::new();
     for (fi, (face, crop)) in faces.iter().zip(&crops).enumerate() {
         let region = if analyzer.config.detect {
             square_crop(img.width(), img.height(), face, analyzer.config.margin)
+        } else if clip.preprocessing == crate::model::preprocess::Preprocessing::Squash {
+            // Squashed whole: the model sees all of the frame.
+            (0, 0, img.width(), img.height())
         } else {
             // The model sees the center crop of the whole frame.
             let side = img.width().min(img.height());
@@ -80,13 +83,9 @@ pub fn explain_image(
                 side,
             )
         };
-        let px = preprocess::preprocess_tensor(
-            &image::DynamicImage::ImageRgb8(crop.clone()),
-            size,
-            &clip.device,
-        )?
-        .unsqueeze(0)?
-        .to_dtype(clip.dtype)?;
+        let px = clip
+            .pixels(std::slice::from_ref(crop))?
+            .to_dtype(clip.dtype)?;
         let target = match target {
             Some(t) => t,
             None => {
@@ -94,12 +93,16 @@ pub fn explain_image(
                 Target::Class(scoring::score(&f, bank)?[0].predicted)
             }
         };
+        if bank.head.is_some() {
+            candle_core::bail!("explanation maps are not available for a bank scored through an Exp-CLIP head (the head maps whole-image features, not patches): drop --head")
+        }
         let text = bank.text_features.to_dtype(clip.dtype)?;
+        let (text, picked) = explain::resolve(&text, target, &bank.layout)?;
         let map = match method {
-            Method::Fast => explain::fast_map(&clip.vision, &px, &text, target)?,
-            Method::GradCam => explain::gradcam_map(&clip.vision, &px, &text, target)?,
+            Method::Fast => explain::fast_map(&clip.vision, &px, &text, picked)?,
+            Method::GradCam => explain::gradcam_map(&clip.vision, &px, &text, picked)?,
             Method::Occlusion => {
-                explain::occlusion_map_with(&clip.vision, &px, &text, target, grid, |done, _| {
+                explain::occlusion_map_with(&clip.vision, &px, &text, picked, grid, |done, _| {
                     progress(fi * per_face + done, faces.len() * per_face);
                     true
                 })?
@@ -186,11 +189,11 @@ pub fn render(img: &RgbImage, faces: &[FaceExplanation], opacity: f32, title: &s
     out
 }
 
-pub fn explanation_json(f: &FaceExplanation) -> Value {
+pub fn explanation_json(f: &FaceExplanation, layout: &BankLayout) -> Value {
     json!({
         "box": [f.bbox.x, f.bbox.y, f.bbox.w, f.bbox.h],
         "region": [f.region.0, f.region.1, f.region.2, f.region.3],
-        "target": target_json(f.target),
+        "target": target_json(f.target, layout),
         "logit": f.map.logit,
         "grid": [f.map.rows, f.map.cols],
         "map": f.map.grid(),

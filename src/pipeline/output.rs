@@ -3,7 +3,6 @@
 
 use serde_json::{json, Value};
 
-use crate::model::cliper::expressions::CLASSES;
 use crate::model::cliper::{DescriptorBank, ExpressionScores};
 use crate::vision::faces::FaceBox;
 
@@ -14,7 +13,8 @@ pub fn box_json(b: &FaceBox) -> Value {
 /// `[{"name", "score", "prob"}, ...]` in class order.
 pub fn classes_json(s: &ExpressionScores) -> Value {
     Value::Array(
-        CLASSES
+        s.layout
+            .classes()
             .iter()
             .enumerate()
             .map(|(c, name)| json!({"name": name, "score": s.class_scores[c], "prob": s.probs[c]}))
@@ -32,7 +32,7 @@ pub fn descriptors_json(s: &ExpressionScores, bank: &DescriptorBank, top: Option
             .map(|&i| {
                 let d = &bank.descriptors[i];
                 let mut v = json!({
-                    "class": CLASSES[d.class],
+                    "class": bank.layout.name(d.class),
                     "index": d.index,
                     "logit": s.logits[i],
                     "text": d.text,
@@ -56,7 +56,7 @@ pub fn face_json(
     json!({
         "box": box_json(b),
         "classes": classes_json(s),
-        "predicted": CLASSES[s.predicted],
+        "predicted": s.predicted_name(),
         "descriptors": descriptors_json(s, bank, top),
     })
 }
@@ -75,7 +75,7 @@ pub fn tracked_face_json(
         "id": id,
         "box": box_json(b),
         "classes": classes_json(s),
-        "predicted": CLASSES[s.predicted],
+        "predicted": s.predicted_name(),
     });
     if let Some(k) = top {
         v["descriptors"] = descriptors_json(s, bank, Some(k));
@@ -97,6 +97,6 @@ pub fn dynamic_json(d: &crate::pipeline::dynamic::DynamicScores) -> Value {
     json!({
         "mode": d.mode.as_str(),
         "classes": classes_json(&d.scores),
-        "predicted": CLASSES[d.scores.predicted],
+        "predicted": d.scores.predicted_name(),
     })
 }

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::Receiver;
 use serde_json::{json, Value};
 
-use crate::model::cliper::expressions::CLASSES;
 use crate::model::cliper::{DescriptorBank, ExpressionScores};
 use crate::pipeline::analyzer::AnalyzerConfig;
 use crate::pipeline::setup::{BankSource, ModelSpec};
@@ -28,7 +27,8 @@ use crate::pipeline::worker::{
 };
 use crate::session::meta::{BankMeta, SourceMeta};
 use crate::session::record::{
-    class_scores, round_secs, DescriptorRecord, FaceRecord, FrameRecord, ProbeRecord, ScoresRecord,
+    class_scores_of, round_secs, DescriptorRecord, FaceRecord, FrameRecord, ProbeRecord,
+    ScoresRecord,
 };
 use crate::session::video::FaceMark;
 use crate::session::writer::{
@@ -110,7 +110,7 @@ pub struct Recorder {
     smoothing: f32,
     smoothed: HashMap<u64, ExpressionScores>,
     /// The label each face shows now (class, probability), by session id.
-    labels: HashMap<u64, (usize, f32)>,
+    labels: HashMap<u64, (String, f32)>,
     pending: VecDeque<Arc<DetectedFrame>>,
     fps: f64,
     /// Source generation being recorded; results of others are ignored.
@@ -287,6 +287,11 @@ impl Recorder {
             bank: BankMeta {
                 kind: bank.kind.as_str().to_string(),
                 source: bank.source.clone(),
+                classes: bank.layout.classes().to_vec(),
+                descriptors_per_class: (0..bank.layout.num_classes())
+                    .map(|c| bank.layout.count(c))
+                    .collect(),
+                head: bank.head.as_ref().map(|h| h.source.clone()),
                 sha256: None,
                 texts: bank.descriptors.iter().map(|d| d.text.clone()).collect(),
                 from_t: self.last_t,
@@ -364,7 +369,7 @@ impl Recorder {
                 FaceMark {
                     id,
                     bbox: [tf.bbox.x, tf.bbox.y, tf.bbox.w, tf.bbox.h],
-                    label: self.labels.get(&id).copied(),
+                    label: self.labels.get(&id).cloned(),
                 }
             })
             .collect();
@@ -418,26 +423,24 @@ impl Recorder {
         };
         let shown = smoothed.as_ref().unwrap_or(sc);
         let p = shown.predicted;
-        self.labels
-            .insert(id, (p, shown.probs.get(p).copied().unwrap_or(0.0)));
+        self.labels.insert(
+            id,
+            (
+                shown.predicted_name().to_string(),
+                shown.probs.get(p).copied().unwrap_or(0.0),
+            ),
+        );
         let b = &f.face.bbox;
         FaceRecord {
             id,
             bbox: [b.x, b.y, b.w, b.h],
-            predicted: CLASSES.get(sc.predicted).unwrap_or(&"?").to_string(),
-            classes: class_scores(&sc.class_scores, &sc.probs),
-            dynamic: f.dynamic.as_ref().map(|d| {
-                let x = &d.scores;
-                ScoresRecord::new(
-                    Some(d.mode.as_str()),
-                    x.predicted,
-                    &x.class_scores,
-                    &x.probs,
-                )
-            }),
-            smoothed: smoothed
+            predicted: sc.predicted_name().to_string(),
+            classes: class_scores_of(sc),
+            dynamic: f
+                .dynamic
                 .as_ref()
-                .map(|x| ScoresRecord::new(None, x.predicted, &x.class_scores, &x.probs)),
+                .map(|d| ScoresRecord::of(Some(d.mode.as_str()), &d.scores)),
+            smoothed: smoothed.as_ref().map(|x| ScoresRecord::of(None, x)),
             descriptors: top_descriptors(sc, &s.bank, self.top),
             probe: match (&s.probe, f.probe_logit) {
                 (Some(text), Some(logit)) => Some(ProbeRecord {
@@ -457,7 +460,7 @@ fn top_descriptors(s: &ExpressionScores, bank: &DescriptorBank, k: usize) -> Vec
         .filter_map(|i| {
             let d = bank.descriptors.get(i)?;
             Some(DescriptorRecord {
-                class: CLASSES.get(d.class).unwrap_or(&"?").to_string(),
+                class: bank.layout.name(d.class).to_string(),
                 index: d.index,
                 logit: s.logits.get(i).copied()?,
                 text: d.text.clone(),

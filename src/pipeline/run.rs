@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::model::cliper::expressions::CLASSES;
 use crate::pipeline::analyzer::AnalyzerConfig;
 use crate::pipeline::output;
 use crate::pipeline::recorder::{RecordOptions, RecordOutcome, Recorder};
@@ -253,7 +252,7 @@ fn text_line(s: &FrameScores) -> String {
         line.push_str(&format!(
             "  face {} {} {:.0}% at {},{} {}x{}",
             f.id,
-            CLASSES[sc.predicted],
+            sc.predicted_name(),
             sc.probs[sc.predicted] * 100.0,
             b.x,
             b.y,

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 
-use crate::model::cliper::bank::{self, BankError, DescriptorBank};
+use crate::model::cliper::bank::{self, BankError, DescriptorBank, ProjectionHead};
 use crate::model::cliper::checkpoint::{CliperCheckpoint, CliperFileError};
 use crate::model::device::{self, DeviceError, Precision};
 use crate::model::tokenizer::ClipTokenizer;
@@ -22,6 +22,10 @@ pub enum SetupError {
     Cliper(#[from] CliperFileError),
     #[error(transparent)]
     Bank(#[from] BankError),
+    #[error("{name} is not installed (no {path}): run `cliper weights fetch {name}` (`cliper weights list` shows what it is)")]
+    NotInstalled { name: String, path: PathBuf },
+    #[error("{head}: an Exp-CLIP head applies to zero-shot banks (the built-in descriptions or --prompts FILE), not to the trained model {bank}: drop --head, or the trained model")]
+    HeadOnLearned { head: String, bank: String },
 }
 
 /// Which descriptors to score against.
@@ -43,6 +47,8 @@ pub struct ModelSpec {
     pub bank: BankSource,
     /// `auto`, `cpu`, `cuda`, `metal`.
     pub device: String,
+    /// `--head`: an Exp-CLIP projection head for zero-shot banks.
+    pub head: Option<PathBuf>,
 }
 
 /// A loaded model with its bank.
@@ -65,20 +71,48 @@ pub fn load_with(spec: &ModelSpec, precision: Precision) -> Result<Loaded, Setup
     } else {
         &spec.device
     };
+    for p in [
+        match &spec.bank {
+            BankSource::Learned(p) => Some(p),
+            _ => None,
+        },
+        spec.head.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if let Some(e) = crate::model::zoo::not_installed(p) {
+            return Err(SetupError::NotInstalled {
+                name: e.name.to_string(),
+                path: p.clone(),
+            });
+        }
+    }
     let device = device::select(dev_name)?;
     let dtype = precision.dtype(&device)?;
-    let path = weights::locate(spec.weights.as_deref())?;
-    let mut ckpt = Checkpoint::load(&path, DType::F32)?;
-    let cliper = match &spec.bank {
-        BankSource::Learned(p) => {
-            let c = CliperCheckpoint::load(p)?;
-            c.apply_vision(&mut ckpt)?;
-            Some(c)
-        }
+    let mut cliper = match &spec.bank {
+        BankSource::Learned(p) => Some(CliperCheckpoint::load(p)?),
         _ => None,
     };
+    // A DFER-CLIP file holds its whole CLIP: no separate weights needed.
+    let own_clip = cliper
+        .as_mut()
+        .filter(|c| !c.clip.is_empty())
+        .map(|c| (c.path.clone(), std::mem::take(&mut c.clip)));
+    let mut ckpt = match own_clip {
+        Some((path, tensors)) => Checkpoint::from_tensors(&path, tensors)?,
+        None => Checkpoint::load(&weights::locate(spec.weights.as_deref())?, DType::F32)?,
+    };
+    if let Some(c) = &cliper {
+        c.apply_vision(&mut ckpt)?;
+    }
     let mut clip = ClipModel::from_checkpoint(&ckpt, &device, dtype)?;
     drop(ckpt);
+    // DFER-CLIP and Exp-CLIP were trained and measured on squashed,
+    // unnormalised pixels: give their models the pixels they know.
+    if cliper.as_ref().is_some_and(|c| c.is_dfer_clip()) || spec.head.is_some() {
+        clip.preprocessing = crate::model::preprocess::Preprocessing::Squash;
+    }
     if precision.quantized() {
         clip.vision
             .set_quantized(true)
@@ -88,7 +122,13 @@ pub fn load_with(spec: &ModelSpec, precision: Precision) -> Result<Loaded, Setup
             })?;
     }
     let tokenizer = ClipTokenizer::new();
-    let bank = load_bank(&clip, &tokenizer, &spec.bank, cliper.as_ref())?;
+    let bank = load_bank_with(
+        &clip,
+        &tokenizer,
+        &spec.bank,
+        cliper.as_ref(),
+        spec.head.as_deref(),
+    )?;
     Ok(Loaded {
         clip,
         bank,
@@ -105,13 +145,38 @@ pub fn load_bank(
     source: &BankSource,
     loaded: Option<&CliperCheckpoint>,
 ) -> Result<DescriptorBank, SetupError> {
+    load_bank_with(clip, tok, source, loaded, None)
+}
+
+/// [`load_bank`] with an optional Exp-CLIP head for zero-shot banks.
+pub fn load_bank_with(
+    clip: &ClipModel,
+    tok: &ClipTokenizer,
+    source: &BankSource,
+    loaded: Option<&CliperCheckpoint>,
+    head: Option<&Path>,
+) -> Result<DescriptorBank, SetupError> {
+    let head = match head {
+        Some(h) => Some(ProjectionHead::load(
+            h,
+            clip.config.embed_dim,
+            &clip.device,
+        )?),
+        None => None,
+    };
     Ok(match source {
-        BankSource::BuiltinZeroShot => DescriptorBank::default_zero_shot(clip, tok)?,
+        BankSource::BuiltinZeroShot => DescriptorBank::default_zero_shot_with(clip, tok, head)?,
         BankSource::Prompts(p) => {
-            let texts = bank::read_prompts(p)?;
-            DescriptorBank::zero_shot(clip, tok, texts, &p.display().to_string())?
+            let (layout, texts) = bank::read_prompts(p)?;
+            DescriptorBank::zero_shot(clip, tok, layout, texts, &p.display().to_string(), head)?
         }
         BankSource::Learned(p) => {
+            if let Some(h) = &head {
+                return Err(SetupError::HeadOnLearned {
+                    head: h.source.clone(),
+                    bank: p.display().to_string(),
+                });
+            }
             let owned;
             let c = match loaded {
                 Some(c) => c,
@@ -120,7 +185,11 @@ pub fn load_bank(
                     &owned
                 }
             };
-            DescriptorBank::learned(clip, tok, c.require_descriptor()?, &p.display().to_string())?
+            let name = p.display().to_string();
+            match &c.prompt_learner {
+                Some(pl) => crate::model::dfer_clip::bank(clip, tok, pl, &name)?,
+                None => DescriptorBank::learned(clip, tok, c.require_descriptor()?, &name)?,
+            }
         }
     })
 }

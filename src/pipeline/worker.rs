@@ -39,7 +39,7 @@ use crate::model::explain::{self, ExplainMap, Method, Target};
 use crate::model::temporal::TemporalModule;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::{Checkpoint, ClipModel};
-use crate::pipeline::analyzer::{self, AnalyzerConfig, FaceAnalyzer, FaceResult};
+use crate::pipeline::analyzer::{AnalyzerConfig, FaceAnalyzer, FaceResult};
 use crate::pipeline::dynamic::{DynamicScorer, DynamicScores, FeatureWindows};
 use crate::pipeline::setup::{self, BankSource, Loaded, ModelSpec};
 use crate::vision::faces::crop_face;
@@ -834,10 +834,15 @@ struct Scorer {
     /// The id of the exact-map request that may run (0: none); a running
     /// job stops at its next step once this changes.
     exact_current: Arc<AtomicU64>,
+    /// The Exp-CLIP head given at start, for the zero-shot banks.
+    head: Option<std::path::PathBuf>,
+    /// The plain CLIP weights file, when known (a DFER-CLIP model brings
+    /// its own CLIP; leaving it goes back to these).
+    plain_weights: Option<std::path::PathBuf>,
 }
 
 impl Scorer {
-    fn new(loaded: Loaded) -> Self {
+    fn new(loaded: Loaded, head: Option<std::path::PathBuf>) -> Self {
         let Loaded {
             clip,
             bank,
@@ -846,7 +851,11 @@ impl Scorer {
         } = loaded;
         let dynamic = DynamicScorer::new(temporal_of(cliper.as_ref(), &clip), &clip.device);
         let settings = DynamicSettings::default();
+        let own_clip = cliper.as_ref().is_some_and(|c| c.is_dfer_clip());
+        let plain_weights = (!own_clip).then(|| clip.source.clone());
         Self {
+            head,
+            plain_weights,
             clip: Arc::new(clip),
             tokenizer,
             cliper,
@@ -875,27 +884,76 @@ impl Scorer {
     }
 
     fn set_bank(&mut self, source: &BankSource) -> Result<Arc<DescriptorBank>, String> {
-        let checkpoint = match source {
+        let mut checkpoint = match source {
             BankSource::Learned(p) => Some(CliperCheckpoint::load(p).map_err(|e| e.to_string())?),
             _ => None,
         };
-        // The vision tower must match the bank: a checkpoint may carry a
-        // fine-tuned one, and leaving such a bank restores the original.
-        let tuned_now = self.cliper.as_ref().is_some_and(|c| !c.vision.is_empty());
-        let tuned_next = checkpoint.as_ref().is_some_and(|c| !c.vision.is_empty());
+        // The model must match the bank: a checkpoint may carry a fine-tuned
+        // vision tower or (DFER-CLIP) a whole CLIP of its own, and leaving
+        // such a bank restores the plain CLIP.
+        let own_next = checkpoint
+            .as_mut()
+            .filter(|c| !c.clip.is_empty())
+            .map(|c| (c.path.clone(), std::mem::take(&mut c.clip)));
+        let own_now = self.cliper.as_ref().is_some_and(|c| c.is_dfer_clip());
+        let tuned_now = own_now || self.cliper.as_ref().is_some_and(|c| !c.vision.is_empty());
+        let tuned_next =
+            own_next.is_some() || checkpoint.as_ref().is_some_and(|c| !c.vision.is_empty());
         if tuned_now || tuned_next {
-            let mut base = Checkpoint::load(&self.clip.source, candle_core::DType::F32)
-                .map_err(|e| e.to_string())?;
+            let mut base = match own_next {
+                Some((path, tensors)) => {
+                    Checkpoint::from_tensors(&path, tensors).map_err(|e| e.to_string())?
+                }
+                None => {
+                    let plain = match &self.plain_weights {
+                        Some(p) => p.clone(),
+                        None => crate::model::weights::locate(None).map_err(|e| e.to_string())?,
+                    };
+                    Checkpoint::load(&plain, candle_core::DType::F32).map_err(|e| e.to_string())?
+                }
+            };
             if let Some(c) = checkpoint.as_ref().filter(|c| !c.vision.is_empty()) {
                 c.apply_vision(&mut base).map_err(|e| e.to_string())?;
             }
+            let own = checkpoint.as_ref().is_some_and(|c| c.is_dfer_clip());
             self.clip = Arc::new(
                 ClipModel::from_checkpoint(&base, &self.clip.device, self.clip.dtype)
                     .map_err(|e| e.to_string())?,
             );
+            if !own {
+                self.plain_weights = Some(self.clip.source.clone());
+            }
         }
-        let bank = setup::load_bank(&self.clip, &self.tokenizer, source, checkpoint.as_ref())
-            .map_err(|e| e.to_string())?;
+        let head = match source {
+            BankSource::Learned(_) => None,
+            _ => self.head.as_deref(),
+        };
+        // DFER-CLIP and Exp-CLIP models take squashed, unnormalised pixels.
+        let want = if head.is_some() || checkpoint.as_ref().is_some_and(|c| c.is_dfer_clip()) {
+            crate::model::preprocess::Preprocessing::Squash
+        } else {
+            crate::model::preprocess::Preprocessing::Clip
+        };
+        if self.clip.preprocessing != want {
+            let c = &self.clip;
+            self.clip = Arc::new(ClipModel {
+                vision: c.vision.clone(),
+                text: c.text.clone(),
+                config: c.config.clone(),
+                device: c.device.clone(),
+                dtype: c.dtype,
+                source: c.source.clone(),
+                preprocessing: want,
+            });
+        }
+        let bank = setup::load_bank_with(
+            &self.clip,
+            &self.tokenizer,
+            source,
+            checkpoint.as_ref(),
+            head,
+        )
+        .map_err(|e| e.to_string())?;
         self.cliper = checkpoint;
         self.bank = Arc::new(bank);
         // Windows hold features of the old vision tower, and the temporal
@@ -907,8 +965,11 @@ impl Scorer {
         let (len, stride) = (self.windows.len, self.windows.stride);
         self.windows = FeatureWindows::new(len.min(self.dynamic.frames()), stride);
         self.last_dynamic.clear();
-        // A probe encoded by another text tower stays valid: the text tower
-        // never changes with the bank.
+        // The probe lives in the bank's space (another text tower, a head):
+        // encode it again.
+        if let Some((text, _)) = self.probe.take() {
+            self.set_probe(Some(text))?;
+        }
         Ok(self.bank.clone())
     }
 
@@ -918,9 +979,8 @@ impl Scorer {
             return Ok(None);
         };
         let feat = self
-            .clip
-            .encode_texts(&self.tokenizer, &[text.as_str()])
-            .and_then(|f| f.squeeze(0))
+            .bank
+            .encode_probe(&self.clip, &self.tokenizer, &text)
             .map_err(|e| format!("cannot encode the text: {e}"))?;
         self.probe = Some((text.clone(), feat));
         Ok(Some(text))
@@ -938,6 +998,8 @@ impl Scorer {
         let job = ExactJob {
             clip: self.clip.clone(),
             text: self.bank.text_features.clone(),
+            layout: self.bank.layout.clone(),
+            head: self.bank.head.is_some(),
             analyzer: analyzer.clone(),
             current: self.exact_current.clone(),
             events: events.clone(),
@@ -982,25 +1044,27 @@ impl Scorer {
         // With an explanation asked for, the same forward pass also yields
         // the last block's input, from which the fast maps cost a fraction
         // of an encode.
-        let (emb, last_input) = match self.explain {
-            None => (analyzer::encode_crops(&self.clip, &crops)?, None),
+        let (raw, last_input) = match self.explain {
+            None => (self.clip.encode_rgb_raw(&crops)?, None),
             Some(_) => {
                 let px = self.clip.pixels(&crops)?.to_dtype(self.clip.dtype)?;
                 let out = self.clip.vision.forward_with(&px, false, true)?;
-                let emb = crate::model::layers::l2_normalize(
-                    &out.embedding.to_dtype(candle_core::DType::F32)?,
-                )?;
-                (emb, out.last_block_input)
+                (
+                    out.embedding.to_dtype(candle_core::DType::F32)?,
+                    out.last_block_input,
+                )
             }
         };
+        let emb = crate::model::layers::l2_normalize(&raw)?;
         timings.encode_ms = start.elapsed().as_secs_f32() * 1000.0;
         let start = Instant::now();
         let scores = scoring::score(&emb, &self.bank)?;
         let probe = match &self.probe {
-            Some((_, feat)) => Some(scoring::probe_logits(&emb, feat)?),
+            Some((_, feat)) => Some(scoring::probe_logits(&emb, feat, &self.bank)?),
             None => None,
         };
         let rows = emb.to_vec2::<f32>()?;
+        let raw_rows = raw.to_vec2::<f32>()?;
         // Dynamic branch: one push per face, one batched temporal pass for
         // the faces whose window is due; windows of faces that left go.
         let ids: Vec<u64> = frame.faces.iter().map(|f| f.id).collect();
@@ -1008,7 +1072,7 @@ impl Scorer {
         self.last_dynamic.retain(|id, _| ids.contains(id));
         let due: Vec<u64> = ids
             .iter()
-            .zip(&rows)
+            .zip(&raw_rows)
             .filter_map(|(&id, e)| self.windows.push(id, e.clone()).then_some(id))
             .collect();
         if !due.is_empty() {
@@ -1022,8 +1086,9 @@ impl Scorer {
             }
         }
         let mut maps: Vec<Option<ExplainMap>> = vec![None; frame.faces.len()];
-        if let (Some(target), Some(last)) = (self.explain, &last_input) {
+        if let (Some(target), Some(last), None) = (self.explain, &last_input, &self.bank.head) {
             let text = self.bank.text_features.to_dtype(last.dtype())?;
+            let (text, target) = explain::resolve(&text, target, &self.bank.layout)?;
             let fast = explain::fast_target_maps(&self.clip.vision, last, &text, target)?;
             for (m, f) in maps.iter_mut().zip(fast) {
                 *m = Some(f);
@@ -1073,6 +1138,9 @@ fn temporal_of(cliper: Option<&CliperCheckpoint>, clip: &ClipModel) -> Option<Te
 struct ExactJob {
     clip: Arc<ClipModel>,
     text: Tensor,
+    layout: Arc<crate::model::cliper::expressions::BankLayout>,
+    /// Whether the bank scores through an Exp-CLIP head (no maps then).
+    head: bool,
     analyzer: AnalyzerConfig,
     current: Arc<AtomicU64>,
     events: Events,
@@ -1099,7 +1167,13 @@ impl ExactJob {
     /// Sends each face's map as it is done; `Ok(false)`: cancelled.
     fn maps(&self, r: &ExactRequest) -> candle_core::Result<bool> {
         let clip = &self.clip;
+        if self.head {
+            candle_core::bail!(
+                "explanation maps are not available for a bank scored through an Exp-CLIP head"
+            )
+        }
         let text = self.text.to_dtype(clip.dtype)?;
+        let (text, target) = explain::resolve(&text, r.target, &self.layout)?;
         let faces = &r.frame.faces;
         let grid = r.grid.clamp(1, clip.config.vision.image_size);
         // Forward passes per face, for the progress figure.
@@ -1120,8 +1194,8 @@ impl ExactJob {
             let px = clip.pixels(&[crop])?.to_dtype(clip.dtype)?;
             let vision = &clip.vision;
             let map = match r.method {
-                Method::Fast => explain::fast_map(vision, &px, &text, r.target)?,
-                Method::GradCam => explain::gradcam_map(vision, &px, &text, r.target)?,
+                Method::Fast => explain::fast_map(vision, &px, &text, target)?,
+                Method::GradCam => explain::gradcam_map(vision, &px, &text, target)?,
                 Method::Occlusion => {
                     let progress = |done: usize, _: usize| {
                         self.events.send(PipelineEvent::ExactProgress {
@@ -1131,8 +1205,7 @@ impl ExactJob {
                         });
                         self.live(r.id)
                     };
-                    match explain::occlusion_map_with(vision, &px, &text, r.target, grid, progress)?
-                    {
+                    match explain::occlusion_map_with(vision, &px, &text, target, grid, progress)? {
                         Some(m) => m,
                         None => return Ok(false),
                     }
@@ -1182,7 +1255,7 @@ fn infer_stage(
     };
     let mut scorer = match loaded {
         Ok(loaded) => {
-            let mut scorer = Scorer::new(loaded);
+            let mut scorer = Scorer::new(loaded, config.model.head.clone());
             scorer.set_dynamic(config.dynamic);
             scorer.explain = config.explain;
             let info = ModelInfo {

@@ -84,11 +84,14 @@ pub fn finalize(dir: &Path) -> Result<Finalized, SessionError> {
     let face_rows: u64 = records.iter().map(|r| r.faces.len() as u64).sum();
     // The CSV is the JSONL flattened, written just after it: a crash between
     // the two writes of a frame leaves it a frame short. Rebuild it then.
-    let csv_rebuilt = count_lines(&csv)?.saturating_sub(1) != face_rows;
+    // (A crash before the first frame leaves it without even its header.)
+    let csv_lines = count_lines(&csv)?;
+    let csv_rebuilt = csv_lines == 0 || csv_lines - 1 != face_rows;
     if csv_rebuilt {
-        let mut text = csv_header();
+        let classes = &meta.classes;
+        let mut text = csv_header(classes);
         for r in &records {
-            text.push_str(&r.to_csv_rows());
+            text.push_str(&r.to_csv_rows(classes));
         }
         write_atomic(&csv, text.as_bytes()).map_err(|e| SessionError::write(&csv, e))?;
     }

@@ -101,14 +101,22 @@ pub struct ModelMeta {
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct BankMeta {
-    /// "learned" or "zero-shot".
+    /// "learned", "zero-shot" or "dfer-clip".
     pub kind: String,
     /// The checkpoint or prompts file, or "built-in".
     pub source: String,
+    /// The bank's classes, in its order, and descriptors per class.
+    #[serde(default)]
+    pub classes: Vec<String>,
+    #[serde(default)]
+    pub descriptors_per_class: Vec<usize>,
+    /// The Exp-CLIP head the bank was scored through, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<String>,
     /// SHA-256 of the checkpoint or prompts file, when it is one.
     #[serde(default)]
     pub sha256: Option<String>,
-    /// The 35 descriptor texts, class-major (nearest-word readings for
+    /// The descriptor texts, class-major (nearest-word readings for
     /// learned descriptors).
     pub texts: Vec<String>,
     /// Session time from which this bank was used.

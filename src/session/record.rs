@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::cliper::expressions::{CLASSES, NUM_CLASSES};
+use crate::model::cliper::ExpressionScores;
 
 /// One line of `session.jsonl`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -83,69 +83,101 @@ pub struct ProbeRecord {
     pub logit: f32,
 }
 
-/// `[{"name", "score", "prob"}, ...]` in class order.
-pub fn class_scores(scores: &[f32], probs: &[f32]) -> Vec<ClassScore> {
-    CLASSES
+/// `[{"name", "score", "prob"}, ...]` in the order of `classes` (the
+/// model's classes, as `meta.json` lists them).
+pub fn class_scores<S: AsRef<str>>(
+    classes: &[S],
+    scores: &[f32],
+    probs: &[f32],
+) -> Vec<ClassScore> {
+    classes
         .iter()
         .enumerate()
         .map(|(c, name)| ClassScore {
-            name: name.to_string(),
+            name: name.as_ref().to_string(),
             score: scores.get(c).copied().unwrap_or(f32::NAN),
             prob: probs.get(c).copied().unwrap_or(f32::NAN),
         })
         .collect()
 }
 
+/// The class records of scores, in their bank's class order.
+pub fn class_scores_of(s: &ExpressionScores) -> Vec<ClassScore> {
+    class_scores(s.layout.classes(), &s.class_scores, &s.probs)
+}
+
 impl ScoresRecord {
-    pub fn new(mode: Option<&str>, predicted: usize, scores: &[f32], probs: &[f32]) -> Self {
+    pub fn new<S: AsRef<str>>(
+        mode: Option<&str>,
+        classes: &[S],
+        predicted: usize,
+        scores: &[f32],
+        probs: &[f32],
+    ) -> Self {
         Self {
             mode: mode.map(str::to_string),
-            predicted: CLASSES.get(predicted).unwrap_or(&"?").to_string(),
-            classes: class_scores(scores, probs),
+            predicted: classes
+                .get(predicted)
+                .map(|c| c.as_ref().to_string())
+                .unwrap_or_else(|| "?".into()),
+            classes: class_scores(classes, scores, probs),
         }
     }
 
-    /// Probabilities in class order (by name, so a reordered file still reads).
-    pub fn probs(&self) -> [f32; NUM_CLASSES] {
-        probs_by_name(&self.classes)
+    /// The record of scores.
+    pub fn of(mode: Option<&str>, s: &ExpressionScores) -> Self {
+        Self::new(
+            mode,
+            s.layout.classes(),
+            s.predicted,
+            &s.class_scores,
+            &s.probs,
+        )
+    }
+
+    /// Probabilities in the order of `classes` (by name, so a reordered
+    /// file still reads; NaN for a class the record lacks).
+    pub fn probs<S: AsRef<str>>(&self, classes: &[S]) -> Vec<f32> {
+        by_name(&self.classes, classes, |c| c.prob)
     }
 }
 
 impl FaceRecord {
-    /// Static probabilities in class order.
-    pub fn probs(&self) -> [f32; NUM_CLASSES] {
-        probs_by_name(&self.classes)
+    /// Static probabilities in the order of `classes`.
+    pub fn probs<S: AsRef<str>>(&self, classes: &[S]) -> Vec<f32> {
+        by_name(&self.classes, classes, |c| c.prob)
     }
 
-    /// Static class scores in class order.
-    pub fn scores(&self) -> [f32; NUM_CLASSES] {
-        let mut out = [f32::NAN; NUM_CLASSES];
-        for c in &self.classes {
-            if let Some(i) = CLASSES.iter().position(|n| *n == c.name) {
-                out[i] = c.score;
-            }
-        }
-        out
+    /// Static class scores in the order of `classes`.
+    pub fn scores<S: AsRef<str>>(&self, classes: &[S]) -> Vec<f32> {
+        by_name(&self.classes, classes, |c| c.score)
     }
 
-    /// Index of the static prediction (the most probable class when the
-    /// name is unknown).
-    pub fn predicted_index(&self) -> usize {
-        CLASSES
+    /// Index in `classes` of the static prediction (the most probable
+    /// class when the name is unknown).
+    pub fn predicted_index<S: AsRef<str>>(&self, classes: &[S]) -> usize {
+        classes
             .iter()
-            .position(|n| *n == self.predicted)
-            .unwrap_or_else(|| argmax(&self.probs()))
+            .position(|n| n.as_ref() == self.predicted)
+            .unwrap_or_else(|| argmax(&self.probs(classes)))
     }
 }
 
-fn probs_by_name(classes: &[ClassScore]) -> [f32; NUM_CLASSES] {
-    let mut out = [f32::NAN; NUM_CLASSES];
-    for c in classes {
-        if let Some(i) = CLASSES.iter().position(|n| *n == c.name) {
-            out[i] = c.prob;
-        }
-    }
-    out
+fn by_name<S: AsRef<str>>(
+    record: &[ClassScore],
+    classes: &[S],
+    value: impl Fn(&ClassScore) -> f32,
+) -> Vec<f32> {
+    classes
+        .iter()
+        .map(|name| {
+            record
+                .iter()
+                .find(|c| c.name == name.as_ref())
+                .map(&value)
+                .unwrap_or(f32::NAN)
+        })
+        .collect()
 }
 
 fn argmax(v: &[f32]) -> usize {
@@ -170,11 +202,12 @@ impl FrameRecord {
         serde_json::to_string(self).unwrap_or_default()
     }
 
-    /// The CSV rows of this frame (one per face), each ending in a newline.
-    pub fn to_csv_rows(&self) -> String {
+    /// The CSV rows of this frame (one per face), each ending in a newline,
+    /// with a column per class of `classes`.
+    pub fn to_csv_rows<S: AsRef<str>>(&self, classes: &[S]) -> String {
         let mut out = String::new();
         for f in &self.faces {
-            csv_row(self, f, &mut out);
+            csv_row(self, f, classes, &mut out);
         }
         out
     }
@@ -184,25 +217,26 @@ impl FrameRecord {
 /// class names; `score_*` are the class scores (mean descriptor logits);
 /// `dynamic_*` and `smoothed_*` are probabilities and stay empty when the
 /// dynamic branch or smoothing was off.
-pub fn csv_columns() -> Vec<String> {
+pub fn csv_columns<S: AsRef<str>>(classes: &[S]) -> Vec<String> {
     let mut cols: Vec<String> = ["t", "frame", "face_id", "x", "y", "w", "h", "predicted"]
         .iter()
         .map(|s| s.to_string())
         .collect();
-    cols.extend(CLASSES.iter().map(|c| c.to_string()));
-    cols.extend(CLASSES.iter().map(|c| format!("score_{c}")));
-    cols.extend(CLASSES.iter().map(|c| format!("dynamic_{c}")));
-    cols.extend(CLASSES.iter().map(|c| format!("smoothed_{c}")));
+    let names = || classes.iter().map(|c| c.as_ref());
+    cols.extend(names().map(|c| c.to_string()));
+    cols.extend(names().map(|c| format!("score_{c}")));
+    cols.extend(names().map(|c| format!("dynamic_{c}")));
+    cols.extend(names().map(|c| format!("smoothed_{c}")));
     cols.push("wall".to_string());
     cols
 }
 
 /// The header line of `session.csv`, with its newline.
-pub fn csv_header() -> String {
-    format!("{}\n", csv_columns().join(","))
+pub fn csv_header<S: AsRef<str>>(classes: &[S]) -> String {
+    format!("{}\n", csv_columns(classes).join(","))
 }
 
-fn csv_row(frame: &FrameRecord, f: &FaceRecord, out: &mut String) {
+fn csv_row<S: AsRef<str>>(frame: &FrameRecord, f: &FaceRecord, classes: &[S], out: &mut String) {
     use std::fmt::Write;
     let [x, y, w, h] = f.bbox;
     let _ = write!(
@@ -210,20 +244,20 @@ fn csv_row(frame: &FrameRecord, f: &FaceRecord, out: &mut String) {
         "{:.6},{},{},{x},{y},{w},{h},{}",
         frame.t, frame.frame, f.id, f.predicted
     );
-    for p in f.probs() {
+    for p in f.probs(classes) {
         let _ = write!(out, ",{p}");
     }
-    for s in f.scores() {
+    for s in f.scores(classes) {
         let _ = write!(out, ",{s}");
     }
     for extra in [&f.dynamic, &f.smoothed] {
         match extra {
             Some(s) => {
-                for p in s.probs() {
+                for p in s.probs(classes) {
                     let _ = write!(out, ",{p}");
                 }
             }
-            None => out.push_str(&",".repeat(NUM_CLASSES)),
+            None => out.push_str(&",".repeat(classes.len())),
         }
     }
     let _ = writeln!(out, ",{}", frame.wall);
@@ -237,28 +271,24 @@ pub struct CsvRow {
     pub face_id: u64,
     pub bbox: [u32; 4],
     pub predicted: String,
-    pub probs: [f32; NUM_CLASSES],
-    pub scores: [f32; NUM_CLASSES],
-    pub dynamic: Option<[f32; NUM_CLASSES]>,
-    pub smoothed: Option<[f32; NUM_CLASSES]>,
+    pub probs: Vec<f32>,
+    pub scores: Vec<f32>,
+    pub dynamic: Option<Vec<f32>>,
+    pub smoothed: Option<Vec<f32>>,
     pub wall: String,
 }
 
-/// Parses a data row of `session.csv`; `None` when it is not a complete row.
-pub fn parse_csv_row(line: &str) -> Option<CsvRow> {
+/// Parses a data row of a `session.csv` of `n` classes; `None` when it is
+/// not a complete row.
+pub fn parse_csv_row(line: &str, n: usize) -> Option<CsvRow> {
     let cells: Vec<&str> = line.trim_end_matches(['\r', '\n']).split(',').collect();
-    let n = NUM_CLASSES;
     if cells.len() != 8 + 4 * n + 1 {
         return None;
     }
-    let f32s = |from: usize| -> Option<[f32; NUM_CLASSES]> {
-        let mut out = [0f32; NUM_CLASSES];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = cells[from + i].parse().ok()?;
-        }
-        Some(out)
+    let f32s = |from: usize| -> Option<Vec<f32>> {
+        (0..n).map(|i| cells[from + i].parse().ok()).collect()
     };
-    let optional = |from: usize| -> Option<Option<[f32; NUM_CLASSES]>> {
+    let optional = |from: usize| -> Option<Option<Vec<f32>>> {
         if cells[from..from + n].iter().all(|c| c.is_empty()) {
             Some(None)
         } else {
@@ -292,10 +322,12 @@ pub fn parse_csv_row(line: &str) -> Option<CsvRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::cliper::expressions::CLASSES;
 
     pub(crate) fn sample() -> FrameRecord {
         let probs = [0.1, 0.05, 0.05, 0.5, 0.1, 0.1, 0.1];
         let scores = [20.0, 19.3, 19.3, 21.6, 20.0, 20.0, 20.0];
+        let classes = crate::model::cliper::expressions::CLASSES;
         FrameRecord {
             frame: 7,
             seq: 9,
@@ -306,9 +338,9 @@ mod tests {
                 id: 3,
                 bbox: [10, 20, 30, 40],
                 predicted: "happiness".into(),
-                classes: class_scores(&scores, &probs),
+                classes: class_scores(&classes, &scores, &probs),
                 dynamic: None,
-                smoothed: Some(ScoresRecord::new(None, 3, &scores, &probs)),
+                smoothed: Some(ScoresRecord::new(None, &classes, 3, &scores, &probs)),
                 descriptors: vec![DescriptorRecord {
                     class: "happiness".into(),
                     index: 2,
@@ -331,25 +363,44 @@ mod tests {
         assert!(v["faces"][0].get("dynamic").is_none());
         let back: FrameRecord = serde_json::from_str(&line).unwrap();
         assert_eq!(back, r);
-        assert_eq!(back.faces[0].predicted_index(), 3);
+        assert_eq!(back.faces[0].predicted_index(&CLASSES), 3);
     }
 
     #[test]
     fn csv_row_matches_header_and_parses_back() {
         let r = sample();
-        let header = csv_header();
-        let rows = r.to_csv_rows();
+        let header = csv_header(&CLASSES);
+        let rows = r.to_csv_rows(&CLASSES);
         assert_eq!(rows.lines().count(), 1);
         let row = rows.lines().next().unwrap();
         assert_eq!(header.trim_end().split(',').count(), row.split(',').count());
         assert!(header.starts_with("t,frame,face_id,x,y,w,h,predicted,surprise,fear,"));
-        let parsed = parse_csv_row(row).unwrap();
-        assert_eq!(parsed.probs, r.faces[0].probs());
-        assert_eq!(parsed.scores, r.faces[0].scores());
+        let parsed = parse_csv_row(row, 7).unwrap();
+        assert_eq!(parsed.probs, r.faces[0].probs(&CLASSES));
+        assert_eq!(parsed.scores, r.faces[0].scores(&CLASSES));
         assert_eq!(parsed.dynamic, None);
-        assert_eq!(parsed.smoothed, Some(r.faces[0].probs()));
+        assert_eq!(parsed.smoothed, Some(r.faces[0].probs(&CLASSES)));
         assert_eq!((parsed.frame, parsed.face_id), (7, 3));
         // A cut row is not a row.
-        assert!(parse_csv_row(&row[..row.len() - 5]).is_none());
+        assert!(parse_csv_row(&row[..row.len() - 5], 7).is_none());
+    }
+
+    #[test]
+    fn eleven_classes_get_their_own_columns() {
+        let classes = crate::model::dfer_clip::MAFW_CLASSES;
+        let probs: Vec<f32> = (0..11).map(|i| i as f32 / 55.0).collect();
+        let scores: Vec<f32> = (0..11).map(|i| i as f32).collect();
+        let mut r = sample();
+        r.faces[0].classes = class_scores(&classes, &scores, &probs);
+        r.faces[0].predicted = "disappointment".into();
+        r.faces[0].smoothed = None;
+        let header = csv_header(&classes);
+        assert!(header.contains(",disappointment,") && header.contains("smoothed_contempt"));
+        let row = r.to_csv_rows(&classes);
+        let parsed = parse_csv_row(row.trim_end(), 11).unwrap();
+        assert_eq!(parsed.probs, probs);
+        assert_eq!(r.faces[0].predicted_index(&classes), 10);
+        // CLIPER's columns read the classes they share by name.
+        assert_eq!(r.faces[0].probs(&CLASSES)[3], probs[0]);
     }
 }

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use super::meta::SessionMeta;
 use super::record::FrameRecord;
 use super::{SessionError, JSONL_FILE, META_FILE, RAW_VIDEO_FILE, VIDEO_FILE};
-use crate::model::cliper::expressions::NUM_CLASSES;
 use crate::vision::video::IndexedVideo;
 
 /// A session read from its folder.
@@ -24,11 +23,11 @@ pub struct Session {
 }
 
 /// One point of a face's timeline.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct TimelinePoint {
     pub t: f64,
-    /// Static probabilities in class order.
-    pub probs: [f32; NUM_CLASSES],
+    /// Static probabilities in the session's class order.
+    pub probs: Vec<f32>,
     pub predicted: usize,
 }
 
@@ -65,6 +64,18 @@ impl Session {
         })
     }
 
+    /// The session's classes (`meta.json`), in the model's order; CLIPER's
+    /// for a session that names none.
+    pub fn classes(&self) -> Vec<String> {
+        if self.meta.classes.is_empty() {
+            crate::model::cliper::expressions::BankLayout::cliper()
+                .classes()
+                .to_vec()
+        } else {
+            self.meta.classes.clone()
+        }
+    }
+
     /// Face ids in the session, ascending.
     pub fn face_ids(&self) -> Vec<u64> {
         let ids: BTreeSet<u64> = self
@@ -91,13 +102,14 @@ impl Session {
 
     /// A face's static probabilities over time.
     pub fn timeline(&self, id: u64) -> Vec<TimelinePoint> {
+        let classes = self.classes();
         self.frames
             .iter()
             .filter_map(|f| {
                 f.faces.iter().find(|x| x.id == id).map(|x| TimelinePoint {
                     t: f.t,
-                    probs: x.probs(),
-                    predicted: x.predicted_index(),
+                    probs: x.probs(&classes),
+                    predicted: x.predicted_index(&classes),
                 })
             })
             .collect()

@@ -16,8 +16,7 @@ use serde_json::{json, Value};
 
 use super::replay::Session;
 use super::SessionError;
-use crate::model::cliper::expressions::{CLASSES, NUM_CLASSES};
-use crate::vision::draw::{draw_line, draw_text, fill_rect, text_width, CLASS_RGB};
+use crate::vision::draw::{draw_line, draw_text, fill_rect, text_width};
 
 /// The most one frame counts for, seconds.
 pub const MAX_FRAME_SECS: f64 = 1.0;
@@ -32,9 +31,9 @@ pub struct FaceSummary {
     /// Time the face was seen (sum of its frames' weights), seconds.
     pub seconds: f64,
     /// Share of that time per dominant (predicted) class, summing to 1.
-    pub dominant_share: [f64; NUM_CLASSES],
+    pub dominant_share: Vec<f64>,
     /// Time-weighted mean probability per class.
-    pub mean_probs: [f64; NUM_CLASSES],
+    pub mean_probs: Vec<f64>,
 }
 
 impl FaceSummary {
@@ -53,6 +52,8 @@ pub struct Report {
     pub sources: Vec<String>,
     pub frames: u64,
     pub duration: f64,
+    /// The session's classes, the order of every per-class vector.
+    pub classes: Vec<String>,
     pub faces: Vec<FaceSummary>,
 }
 
@@ -88,6 +89,8 @@ fn frame_weights(s: &Session) -> Vec<f64> {
 
 pub fn summarize(s: &Session) -> Report {
     let weights = frame_weights(s);
+    let classes = s.classes();
+    let n = classes.len();
     let faces = s
         .face_ids()
         .into_iter()
@@ -98,8 +101,8 @@ pub fn summarize(s: &Session) -> Report {
                 first_t: f64::INFINITY,
                 last_t: f64::NEG_INFINITY,
                 seconds: 0.0,
-                dominant_share: [0.0; NUM_CLASSES],
-                mean_probs: [0.0; NUM_CLASSES],
+                dominant_share: vec![0.0; n],
+                mean_probs: vec![0.0; n],
             };
             for (frame, &w) in s.frames.iter().zip(&weights) {
                 let Some(face) = frame.faces.iter().find(|x| x.id == id) else {
@@ -109,9 +112,14 @@ pub fn summarize(s: &Session) -> Report {
                 f.first_t = f.first_t.min(frame.t);
                 f.last_t = f.last_t.max(frame.t);
                 f.seconds += w;
-                f.dominant_share[face.predicted_index()] += w;
-                for (m, p) in f.mean_probs.iter_mut().zip(face.probs()) {
-                    *m += w * f64::from(p);
+                if let Some(d) = f.dominant_share.get_mut(face.predicted_index(&classes)) {
+                    *d += w;
+                }
+                for (m, p) in f.mean_probs.iter_mut().zip(face.probs(&classes)) {
+                    // A class a later bank lacked counts as 0 there.
+                    if p.is_finite() {
+                        *m += w * f64::from(p);
+                    }
                 }
             }
             if f.seconds > 0.0 {
@@ -128,6 +136,7 @@ pub fn summarize(s: &Session) -> Report {
         sources: s.meta.sources.iter().map(|x| x.source.clone()).collect(),
         frames: s.frames.len() as u64,
         duration: s.duration(),
+        classes,
         faces,
     }
 }
@@ -167,7 +176,7 @@ impl Report {
                 f.seconds,
                 f.first_t,
                 f.last_t,
-                CLASSES[d],
+                self.class(d),
                 f.dominant_share[d] * 100.0
             );
             let _ = writeln!(
@@ -175,7 +184,7 @@ impl Report {
                 "  {:<10} {:>9} {:>10}",
                 "class", "dominant", "mean prob"
             );
-            for (c, name) in CLASSES.iter().enumerate() {
+            for (c, name) in self.classes.iter().enumerate() {
                 let bar = "#".repeat((f.dominant_share[c] * 30.0).round() as usize);
                 let _ = writeln!(
                     out,
@@ -188,9 +197,14 @@ impl Report {
         out
     }
 
+    /// Name of class `c`.
+    pub fn class(&self, c: usize) -> &str {
+        self.classes.get(c).map(String::as_str).unwrap_or("?")
+    }
+
     pub fn to_json(&self) -> Value {
-        let per_class = |v: &[f64; NUM_CLASSES]| -> Value {
-            CLASSES
+        let per_class = |v: &[f64]| -> Value {
+            self.classes
                 .iter()
                 .zip(v)
                 .map(|(c, x)| (c.to_string(), json!((x * 1e6).round() / 1e6)))
@@ -204,13 +218,14 @@ impl Report {
             "sources": self.sources,
             "frames": self.frames,
             "duration": self.duration,
+            "classes": self.classes,
             "faces": self.faces.iter().map(|f| json!({
                 "id": f.id,
                 "frames": f.frames,
                 "seconds": (f.seconds * 1e6).round() / 1e6,
                 "first_t": f.first_t,
                 "last_t": f.last_t,
-                "dominant": CLASSES[f.dominant()],
+                "dominant": self.class(f.dominant()),
                 "dominant_share": per_class(&f.dominant_share),
                 "mean_probs": per_class(&f.mean_probs),
             })).collect::<Vec<_>>(),
@@ -250,7 +265,7 @@ fn format_secs(t: f64, step: f64) -> String {
     }
 }
 
-/// The timeline of face `id`: its 7 class probabilities over the session,
+/// The timeline of face `id`: its class probabilities over the session,
 /// with axes, a legend (class names and mean probabilities) and, under the
 /// plot, a strip coloured by the dominant class.
 pub fn timeline_png(s: &Session, id: u64) -> RgbImage {
@@ -259,6 +274,11 @@ pub fn timeline_png(s: &Session, id: u64) -> RgbImage {
     let (pw, ph) = (w as i64 - left - right, h as i64 - top - bottom);
     let mut img = RgbImage::from_pixel(w, h, BG);
     let points = s.timeline(id);
+    let classes = s.classes();
+    let rgb: Vec<Rgb<u8>> = classes
+        .iter()
+        .map(|c| Rgb(crate::model::cliper::expressions::class_rgb(c)))
+        .collect();
     let summary = summarize(s).faces.into_iter().find(|f| f.id == id);
     let t_end = s
         .duration()
@@ -312,20 +332,23 @@ pub fn timeline_png(s: &Session, id: u64) -> RgbImage {
     let order: Vec<usize> = {
         // The dominant class last, so it is drawn on top.
         let d = summary.as_ref().map_or(0, |f| f.dominant());
-        (0..NUM_CLASSES).filter(|&c| c != d).chain([d]).collect()
+        (0..classes.len()).filter(|&c| c != d).chain([d]).collect()
     };
     for c in order {
         for pair in points.windows(2) {
             let (a, b) = (&pair[0], &pair[1]);
-            if b.t - a.t > gap || !(a.probs[c].is_finite() && b.probs[c].is_finite()) {
+            let (Some(&pa), Some(&pb)) = (a.probs.get(c), b.probs.get(c)) else {
+                continue;
+            };
+            if b.t - a.t > gap || !(pa.is_finite() && pb.is_finite()) {
                 continue;
             }
             draw_line(
                 &mut img,
-                (x_of(a.t), y_of(a.probs[c])),
-                (x_of(b.t), y_of(b.probs[c])),
+                (x_of(a.t), y_of(pa)),
+                (x_of(b.t), y_of(pb)),
                 2,
-                CLASS_RGB[c],
+                rgb[c],
             );
         }
         if points.len() == 1 {
@@ -333,10 +356,10 @@ pub fn timeline_png(s: &Session, id: u64) -> RgbImage {
             fill_rect(
                 &mut img,
                 x_of(p.t) as i64 - 2,
-                y_of(p.probs[c]) as i64 - 2,
+                y_of(p.probs.get(c).copied().unwrap_or(0.0)) as i64 - 2,
                 5,
                 5,
-                CLASS_RGB[c],
+                rgb[c],
             );
         }
     }
@@ -355,17 +378,20 @@ pub fn timeline_png(s: &Session, id: u64) -> RgbImage {
             strip_y,
             (x1 - x0).max(1),
             12,
-            CLASS_RGB[p.predicted],
+            rgb.get(p.predicted).copied().unwrap_or(AXIS),
         );
     }
 
     // Legend.
     let lx = left + pw + 24;
     draw_text(&mut img, lx, top, "class  mean", 1, AXIS);
-    for (c, name) in CLASSES.iter().enumerate() {
-        let y = top + 20 + c as i64 * 22;
-        fill_rect(&mut img, lx, y, 14, 10, CLASS_RGB[c]);
+    // Rows shrink to fit 11 classes in the plot's height.
+    let row = ((ph - 20) / classes.len().max(1) as i64).min(22);
+    for (c, name) in classes.iter().enumerate() {
+        let y = top + 20 + c as i64 * row;
+        fill_rect(&mut img, lx, y, 14, 10, rgb[c]);
         let mean = summary.as_ref().map_or(0.0, |f| f.mean_probs[c]);
+        let name = &name[..name.len().min(10)];
         let label = format!("{name:<10}{:>4.0}%", mean * 100.0);
         draw_text(&mut img, lx + 22, y + 1, &label, 1, TEXT);
     }
@@ -399,6 +425,7 @@ pub fn write_timelines(s: &Session, out: &Path) -> Result<Vec<PathBuf>, SessionE
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::cliper::expressions::CLASSES;
     use crate::session::meta::SessionMeta;
     use crate::session::record::{class_scores, FaceRecord, FrameRecord};
 
@@ -409,7 +436,7 @@ mod tests {
             id,
             bbox: [0, 0, 10, 10],
             predicted: CLASSES[class].into(),
-            classes: class_scores(&[0.0; 7], &probs),
+            classes: class_scores(&CLASSES, &[0.0; 7], &probs),
             dynamic: None,
             smoothed: None,
             descriptors: Vec::new(),
@@ -472,8 +499,10 @@ mod tests {
         let (left, top, ph, pw) = (64.0f32, 44.0f32, 460.0 - 44.0 - 78.0, 1100.0 - 64.0 - 200.0);
         let x = left + 0.25 / 0.9 * pw;
         let y = top + 0.3 * ph;
-        let near =
-            (-3..=3).any(|d| img.get_pixel(x as u32, (y as i32 + d) as u32).0 == CLASS_RGB[3].0);
+        let near = (-3..=3).any(|d| {
+            img.get_pixel(x as u32, (y as i32 + d) as u32).0
+                == crate::model::cliper::expressions::class_rgb("happiness")
+        });
         assert!(near, "no happiness curve at ({x}, {y})");
     }
 }

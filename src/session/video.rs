@@ -11,10 +11,8 @@ use std::borrow::Cow;
 
 use image::{imageops, Rgb, RgbImage};
 
-use crate::model::cliper::expressions::CLASSES;
-use crate::vision::draw::{
-    draw_text, fill_rect, stroke_rect, text_color_on, text_width, CLASS_RGB,
-};
+use crate::model::cliper::expressions::class_rgb;
+use crate::vision::draw::{draw_text, fill_rect, stroke_rect, text_color_on, text_width};
 
 /// Recorded frames are scaled down to this longer side (H.264 level and
 /// encoding time); annotations stay legible.
@@ -28,7 +26,7 @@ pub struct FaceMark {
     pub bbox: [u32; 4],
     /// The class shown and its probability; `None` before the face's first
     /// scores (a white box with its id).
-    pub label: Option<(usize, f32)>,
+    pub label: Option<(String, f32)>,
 }
 
 /// Draws boxes, ids, labels and the session time on a frame.
@@ -38,15 +36,10 @@ pub fn annotate(img: &mut RgbImage, marks: &[FaceMark], t: f64) {
     let thick = 2 * i64::from(scale) + 1;
     for m in marks {
         let [x, y, w, h] = m.bbox.map(i64::from);
-        let (color, text) = match m.label {
+        let (color, text) = match m.label.clone() {
             Some((c, p)) => (
-                CLASS_RGB.get(c).copied().unwrap_or(Rgb([255, 255, 255])),
-                format!(
-                    "#{} {} {:.0}%",
-                    m.id,
-                    CLASSES.get(c).unwrap_or(&"?"),
-                    p * 100.0
-                ),
+                Rgb(class_rgb(&c)),
+                format!("#{} {} {:.0}%", m.id, c, p * 100.0),
             ),
             None => (Rgb([255, 255, 255]), format!("#{}", m.id)),
         };
@@ -180,7 +173,7 @@ mod tests {
             FaceMark {
                 id: 1,
                 bbox: [10, 2, 60, 60],
-                label: Some((3, 0.8)),
+                label: Some(("happiness".into(), 0.8)),
             },
             FaceMark {
                 id: 2,
@@ -189,7 +182,7 @@ mod tests {
             },
         ];
         annotate(&mut img, &marks, 1.5);
-        assert_eq!(img.get_pixel(10, 30).0, CLASS_RGB[3].0, "box edge");
+        assert_eq!(img.get_pixel(10, 30).0, class_rgb("happiness"), "box edge");
         assert_eq!(img.get_pixel(150, 100).0, [255, 255, 255]);
         assert!(img.get_pixel(0, 119).0 == [0, 0, 0] || img.get_pixel(3, 117).0[0] > 0);
     }

@@ -242,9 +242,9 @@ impl SessionWriter {
                 .map_err(|e| SessionError::write(&path, e))
         };
         let jsonl = open(JSONL_FILE)?;
-        let mut csv = open(CSV_FILE)?;
-        csv.write_all(csv_header().as_bytes())
-            .map_err(|e| SessionError::write(&dir.join(CSV_FILE), e))?;
+        // The header names the model's classes: it is written with the
+        // first frame (or at the end), once the bank is known.
+        let csv = open(CSV_FILE)?;
 
         let shared = Arc::new(Shared::default());
         let opts_drop_late_video = opts.drop_late_video;
@@ -262,6 +262,7 @@ impl SessionWriter {
             dir: dir.clone(),
             jsonl,
             csv,
+            csv_header: false,
             lock: Some(lock),
             meta,
             shared: shared.clone(),
@@ -491,6 +492,8 @@ struct DataThread {
     dir: PathBuf,
     jsonl: File,
     csv: File,
+    /// Whether session.csv has its header yet.
+    csv_header: bool,
     lock: Option<File>,
     meta: SessionMeta,
     shared: Arc<Shared>,
@@ -513,6 +516,11 @@ impl DataThread {
                 DataMsg::Meta(u) => self.update(*u),
                 DataMsg::Hashed { path, hex } => self.hashed(path, hex),
                 DataMsg::Finish => break,
+            }
+        }
+        if !self.shared.failed.load(Ordering::SeqCst) {
+            if let Err(e) = self.write_csv_header() {
+                self.fail(e);
             }
         }
         self.finish(&rx)
@@ -542,8 +550,14 @@ impl DataThread {
             return self.fail(SessionError::write(&self.dir.join(JSONL_FILE), e));
         }
         self.shared.frames.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.write_csv_header() {
+            return self.fail(e);
+        }
         if !r.faces.is_empty() {
-            if let Err(e) = self.csv.write_all(r.to_csv_rows().as_bytes()) {
+            if let Err(e) = self
+                .csv
+                .write_all(r.to_csv_rows(&self.meta.classes).as_bytes())
+            {
                 return self.fail(SessionError::write(&self.dir.join(CSV_FILE), e));
             }
             (self.shared.face_rows).fetch_add(r.faces.len() as u64, Ordering::Relaxed);
@@ -554,6 +568,17 @@ impl DataThread {
                 self.fail(e);
             }
         }
+    }
+
+    /// Writes the CSV header (the session's classes) unless it is there.
+    fn write_csv_header(&mut self) -> Result<(), SessionError> {
+        if self.csv_header {
+            return Ok(());
+        }
+        self.csv_header = true;
+        self.csv
+            .write_all(csv_header(&self.meta.classes).as_bytes())
+            .map_err(|e| SessionError::write(&self.dir.join(CSV_FILE), e))
     }
 
     /// Pushes the lines to the disk (flushing already hands them to the OS,
@@ -579,6 +604,12 @@ impl DataThread {
             MetaUpdate::Bank { mut bank, file } => {
                 if let Some(f) = file {
                     bank.sha256 = self.hash(&f);
+                }
+                // The session's classes (the CSV's columns) are the first
+                // bank's; a later bank's are in its own entry, and its
+                // scores fill the columns of the classes it shares.
+                if !self.csv_header && !bank.classes.is_empty() {
+                    self.meta.classes = bank.classes.clone();
                 }
                 self.meta.banks.push(bank);
             }

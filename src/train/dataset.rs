@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::model::cliper::expressions::{class_index, CLASSES, NUM_CLASSES};
+use crate::model::cliper::expressions::{known_classes, known_index, known_name, NUM_CLASSES};
 
 pub use crate::vision::clips::{clip_frames, is_image, segment_indices, IMAGE_EXTENSIONS};
 
@@ -92,13 +92,25 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    /// Samples per class of a split.
-    pub fn counts(samples: &[Sample]) -> [usize; NUM_CLASSES] {
-        let mut c = [0; NUM_CLASSES];
+    /// Samples per known class of a split (`expressions::known_name`).
+    pub fn counts(samples: &[Sample]) -> Vec<usize> {
+        let mut c = vec![0; known_classes().len()];
         for s in samples {
-            c[s.label] += 1;
+            if let Some(n) = c.get_mut(s.label) {
+                *n += 1;
+            }
         }
         c
+    }
+
+    /// The class names present in a split, in known-class order.
+    pub fn class_names(samples: &[Sample]) -> Vec<&'static str> {
+        Self::counts(samples)
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n > 0)
+            .map(|(i, _)| known_name(i))
+            .collect()
     }
 }
 
@@ -124,10 +136,10 @@ fn class_dirs(split_dir: &Path) -> Result<Vec<(usize, PathBuf)>, DatasetError> {
         if name.starts_with('.') {
             continue;
         }
-        let c = class_index(name).ok_or_else(|| DatasetError::UnknownClass {
+        let c = known_index(name).ok_or_else(|| DatasetError::UnknownClass {
             path: p.clone(),
             name: name.to_string(),
-            classes: CLASSES.join(", "),
+            classes: known_classes().join(", "),
         })?;
         out.push((c, p));
     }
@@ -275,7 +287,7 @@ fn parse_label(s: &str) -> Option<usize> {
     if let Ok(n) = s.trim().parse::<usize>() {
         return (1..=NUM_CLASSES).contains(&n).then(|| n - 1);
     }
-    class_index(s)
+    known_index(s)
 }
 
 fn load_csv(manifest: &Path) -> Result<(Vec<Sample>, Vec<Sample>), DatasetError> {
@@ -310,7 +322,7 @@ fn load_csv(manifest: &Path) -> Result<(Vec<Sample>, Vec<Sample>), DatasetError>
             bad(format!(
                 "label `{}` is neither 1-7 nor a class name ({})",
                 cols[1],
-                CLASSES.join(", ")
+                known_classes().join(", ")
             ))
         })?;
         let path = base.join(cols[0]);

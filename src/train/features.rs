@@ -20,6 +20,8 @@ pub const CLIP_FRAMES: usize = 16;
 pub struct EncodedSplit {
     /// [N, E] for images, [N, 16, E] for clips; normalised, f32, CPU.
     pub features: Tensor,
+    /// The same before normalisation (DFER-CLIP's temporal module takes these).
+    pub raw_features: Tensor,
     pub labels: Vec<usize>,
     /// Samples that could not be read and were skipped.
     pub skipped: usize,
@@ -119,7 +121,7 @@ pub fn encode_split(
         cache_dir.map(|d| d.join(format!("features-{what}-{key}.safetensors")));
     if let Some(f) = &cache_file {
         if let Ok(t) = candle_core::safetensors::load(f, &Device::Cpu) {
-            if let (Some(feat), Some(lab)) = (t.get("features"), t.get("labels")) {
+            if let (Some(raw), Some(lab)) = (t.get("raw_features"), t.get("labels")) {
                 let labels: Vec<usize> = lab
                     .to_vec1::<u32>()?
                     .into_iter()
@@ -136,7 +138,8 @@ pub fn encode_split(
                     f.display()
                 );
                 return Ok(EncodedSplit {
-                    features: feat.clone(),
+                    features: normalise_last(raw)?,
+                    raw_features: raw.clone(),
                     labels,
                     skipped,
                 });
@@ -170,7 +173,7 @@ pub fn encode_split(
         }
         if !imgs.is_empty() {
             feats.push(
-                clip.encode_rgb(&imgs)?
+                clip.encode_rgb_raw(&imgs)?
                     .to_device(&Device::Cpu)?
                     .to_dtype(DType::F32)?,
             );
@@ -182,13 +185,14 @@ pub fn encode_split(
             "no readable samples in the {what} split"
         )));
     }
-    let features = Tensor::cat(&feats, 0)?;
-    let features = if clips {
-        let e = features.dim(1)?;
-        features.reshape((labels.len(), CLIP_FRAMES, e))?
+    let raw_features = Tensor::cat(&feats, 0)?;
+    let raw_features = if clips {
+        let e = raw_features.dim(1)?;
+        raw_features.reshape((labels.len(), CLIP_FRAMES, e))?
     } else {
-        features
+        raw_features
     };
+    let features = normalise_last(&raw_features)?;
     if skipped > 0 {
         eprintln!("{what}: skipped {skipped} unreadable sample(s)");
     }
@@ -200,7 +204,7 @@ pub fn encode_split(
         )?;
         let sk = Tensor::from_vec(vec![skipped as u32], 1, &Device::Cpu)?;
         let map: HashMap<String, Tensor> = HashMap::from([
-            ("features".to_string(), features.clone()),
+            ("raw_features".to_string(), raw_features.clone()),
             ("labels".to_string(), lab),
             ("skipped".to_string(), sk),
         ]);
@@ -218,7 +222,13 @@ pub fn encode_split(
     }
     Ok(EncodedSplit {
         features,
+        raw_features,
         labels,
         skipped,
     })
+}
+
+/// L2-normalised along the last dimension.
+fn normalise_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    crate::model::layers::l2_normalize(x)
 }

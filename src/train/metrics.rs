@@ -6,22 +6,55 @@ use std::path::Path;
 use image::{Rgb, RgbImage};
 use serde_json::{json, Value};
 
-use crate::model::cliper::expressions::{CLASSES, NUM_CLASSES};
+use crate::model::cliper::expressions::CLASSES;
 use crate::vision::draw::{draw_text, fill_rect, stroke_rect, text_width};
 
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Metrics {
+    /// The model's classes, in its order.
+    pub classes: Vec<String>,
     /// `confusion[true][predicted]`.
-    pub confusion: [[usize; NUM_CLASSES]; NUM_CLASSES],
+    pub confusion: Vec<Vec<usize>>,
+}
+
+impl Default for Metrics {
+    /// CLIPER's 7 classes.
+    fn default() -> Self {
+        Self::new(CLASSES.iter().map(|c| c.to_string()).collect())
+    }
 }
 
 impl Metrics {
-    pub fn add(&mut self, truth: usize, predicted: usize) {
-        self.confusion[truth][predicted] += 1;
+    /// Empty metrics over `classes`.
+    pub fn new(classes: Vec<String>) -> Self {
+        let n = classes.len();
+        Self {
+            classes,
+            confusion: vec![vec![0; n]; n],
+        }
     }
 
+    pub fn add(&mut self, truth: usize, predicted: usize) {
+        if let Some(cell) = self
+            .confusion
+            .get_mut(truth)
+            .and_then(|r| r.get_mut(predicted))
+        {
+            *cell += 1;
+        }
+    }
+
+    /// Metrics of (truth, predicted) pairs over CLIPER's 7 classes.
     pub fn from_pairs(pairs: impl IntoIterator<Item = (usize, usize)>) -> Self {
-        let mut m = Self::default();
+        Self::from_pairs_over(Self::default().classes, pairs)
+    }
+
+    /// Metrics of (truth, predicted) pairs over `classes`.
+    pub fn from_pairs_over(
+        classes: Vec<String>,
+        pairs: impl IntoIterator<Item = (usize, usize)>,
+    ) -> Self {
+        let mut m = Self::new(classes);
         for (t, p) in pairs {
             m.add(t, p);
         }
@@ -34,13 +67,13 @@ impl Metrics {
 
     /// Overall accuracy (weighted average recall).
     pub fn war(&self) -> f64 {
-        let correct: usize = (0..NUM_CLASSES).map(|c| self.confusion[c][c]).sum();
+        let correct: usize = (0..self.classes.len()).map(|c| self.confusion[c][c]).sum();
         correct as f64 / self.n().max(1) as f64
     }
 
     /// Recall of each class; `None` for classes absent from the set.
-    pub fn per_class_recall(&self) -> [Option<f64>; NUM_CLASSES] {
-        let mut out = [None; NUM_CLASSES];
+    pub fn per_class_recall(&self) -> Vec<Option<f64>> {
+        let mut out = vec![None; self.classes.len()];
         for (c, row) in self.confusion.iter().enumerate() {
             let support: usize = row.iter().sum();
             if support > 0 {
@@ -61,7 +94,8 @@ impl Metrics {
     }
 
     pub fn to_json(&self) -> Value {
-        let recall: serde_json::Map<String, Value> = CLASSES
+        let recall: serde_json::Map<String, Value> = self
+            .classes
             .iter()
             .zip(self.per_class_recall())
             .map(|(name, r)| (name.to_string(), json!(r)))
@@ -69,6 +103,7 @@ impl Metrics {
         json!({
             "war": self.war(),
             "uar": self.uar(),
+            "classes": self.classes,
             "per_class_recall": recall,
             "confusion": self.confusion,
             "n": self.n(),
@@ -83,19 +118,19 @@ impl Metrics {
             100.0 * self.war(),
             100.0 * self.uar()
         );
-        for (name, r) in CLASSES.iter().zip(self.per_class_recall()) {
+        for (name, r) in self.classes.iter().zip(self.per_class_recall()) {
             match r {
                 Some(r) => s.push_str(&format!("  {name:<10} {:>6.2}%\n", 100.0 * r)),
                 None => s.push_str(&format!("  {name:<10}      - (no samples)\n")),
             }
         }
         s.push_str("\nconfusion (rows: true, columns: predicted):\n           ");
-        for name in CLASSES {
+        for name in &self.classes {
             s.push_str(&format!("{:>6}", &name[..name.len().min(5)]));
         }
         s.push('\n');
         for (c, row) in self.confusion.iter().enumerate() {
-            s.push_str(&format!("  {:<9}", CLASSES[c]));
+            s.push_str(&format!("  {:<9}", self.classes[c]));
             for v in row {
                 s.push_str(&format!("{v:>6}"));
             }
@@ -106,11 +141,12 @@ impl Metrics {
 
     /// Draws the confusion matrix (row-normalised colours, counts in cells).
     pub fn render_png(&self, title: &str) -> RgbImage {
+        let n = self.classes.len() as i64;
         let cell = 72i64;
         let left = 120i64;
         let top = 70i64;
-        let w = left + cell * NUM_CLASSES as i64 + 20;
-        let h = top + cell * NUM_CLASSES as i64 + 110;
+        let w = left + cell * n + 20;
+        let h = top + cell * n + 110;
         let mut img = RgbImage::from_pixel(w as u32, h as u32, Rgb([255, 255, 255]));
         let ink = Rgb([20, 20, 30]);
         draw_text(&mut img, 10, 10, title, 2, ink);
@@ -160,31 +196,24 @@ impl Metrics {
                 &mut img,
                 8,
                 top + r as i64 * cell + cell / 2 - 4,
-                CLASSES[r],
+                &self.classes[r],
                 1,
                 ink,
             );
         }
-        for (c, name) in CLASSES.iter().enumerate() {
+        for (c, name) in self.classes.iter().enumerate() {
             let short = &name[..name.len().min(8)];
             let tw = text_width(short, 1) as i64;
             draw_text(
                 &mut img,
                 left + c as i64 * cell + (cell - tw) / 2,
-                top + cell * NUM_CLASSES as i64 + 8,
+                top + cell * n + 8,
                 short,
                 1,
                 ink,
             );
         }
-        draw_text(
-            &mut img,
-            left,
-            top + cell * NUM_CLASSES as i64 + 30,
-            "predicted ->",
-            1,
-            ink,
-        );
+        draw_text(&mut img, left, top + cell * n + 30, "predicted ->", 1, ink);
         draw_text(&mut img, 8, top - 16, "true", 1, ink);
         img
     }
@@ -216,5 +245,19 @@ mod tests {
         assert_eq!(j["confusion"][0][6], 1);
         let img = m.render_png("test");
         assert!(img.width() > 500);
+    }
+
+    #[test]
+    fn eleven_classes() {
+        let names: Vec<String> = crate::model::dfer_clip::MAFW_CLASSES
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        let m = Metrics::from_pairs_over(names, [(10, 10), (10, 7), (7, 7)]);
+        assert_eq!(m.per_class_recall()[10], Some(0.5));
+        assert!((m.uar() - 0.75).abs() < 1e-12);
+        assert!(m.to_text().contains("disappointment"));
+        assert_eq!(m.to_json()["per_class_recall"]["contempt"], 1.0);
+        assert!(m.render_png("mafw").width() > 11 * 72);
     }
 }

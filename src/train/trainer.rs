@@ -162,6 +162,7 @@ fn temporal_heads(s: &State) -> usize {
 pub fn temporal_config(width: usize) -> crate::model::temporal::TemporalConfig {
     let heads = if width.is_multiple_of(8) { 8 } else { 1 };
     crate::model::temporal::TemporalConfig {
+        flavour: crate::model::temporal::TemporalFlavour::Cliper,
         width,
         frames: crate::model::temporal::DEFAULT_FRAMES,
         layers: 1,
@@ -243,16 +244,50 @@ fn epoch_bar(len: usize, label: String) -> ProgressBar {
     pb
 }
 
-/// Predictions and metrics of normalised features [N, E] under text features [35, E].
+/// Predictions and metrics of normalised features [N, E] under CLIPER's
+/// text features [35, E] (labels: CLIPER's class indices).
 pub fn evaluate_features(
     features: &Tensor,
     labels: &[usize],
     text_features: &Tensor,
 ) -> Result<Metrics, TrainError> {
+    let layout = cliper_layout();
     let l = score_logits(features, text_features)?.to_vec2::<f32>()?;
     Ok(Metrics::from_pairs(l.into_iter().zip(labels).map(
-        |(row, &y)| (y, ExpressionScores::from_logits(row).predicted),
+        |(row, &y)| (y, ExpressionScores::from_logits(row, &layout).predicted),
     )))
+}
+
+fn cliper_layout() -> std::sync::Arc<crate::model::cliper::expressions::BankLayout> {
+    std::sync::Arc::new(crate::model::cliper::expressions::BankLayout::cliper())
+}
+
+/// Metrics of normalised image (or clip) features [N, E] under a bank of
+/// any shape. `labels` are known-class indices (`expressions::known_name`),
+/// matched to the bank's classes by name: a class the model lacks is an
+/// error naming it.
+pub fn evaluate_bank(
+    features: &Tensor,
+    labels: &[usize],
+    bank: &crate::model::cliper::DescriptorBank,
+) -> Result<Metrics, TrainError> {
+    let truth: Vec<usize> = labels
+        .iter()
+        .map(|&y| {
+            let name = crate::model::cliper::expressions::known_name(y);
+            bank.layout.index(name).ok_or_else(|| {
+                TrainError::Invalid(format!(
+                    "the test set has class `{name}`, which this model does not score (its classes: {}): use a model with that class, or leave the class out",
+                    bank.layout.classes().join(", ")
+                ))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let scores = crate::model::cliper::scoring::score(features, bank)?;
+    Ok(Metrics::from_pairs_over(
+        bank.layout.classes().to_vec(),
+        truth.into_iter().zip(scores.iter().map(|s| s.predicted)),
+    ))
 }
 
 fn weights_stamp(path: &Path) -> String {
@@ -380,6 +415,19 @@ pub fn train(opts: &TrainOptions, log: &mut dyn FnMut(&str)) -> Result<TrainSumm
         )));
     }
     check_out(opts, &data.root)?;
+    if let Some(s) = data
+        .train
+        .iter()
+        .chain(&data.test)
+        .find(|s| s.label >= crate::model::cliper::expressions::NUM_CLASSES)
+    {
+        return Err(TrainError::Invalid(format!(
+            "{}: class `{}` is not one of CLIPER's 7 ({}); `cliper train` learns CLIPER's 7 x 5 descriptors. Leave that class out of the training set (`cliper eval` scores any model's classes)",
+            s.path.display(),
+            crate::model::cliper::expressions::known_name(s.label),
+            CLASSES.join(", ")
+        )));
+    }
     let c_train = Dataset::counts(&data.train);
     log(&format!(
         "data: {} train / {} test samples ({}) from {}",
@@ -597,7 +645,8 @@ pub fn train(opts: &TrainOptions, log: &mut dyn FnMut(&str)) -> Result<TrainSumm
                 loss_sum += out.loss.to_scalar::<f32>()? as f64 * labels.len() as f64;
                 seen += labels.len();
                 for (row, &y) in logits.detach().to_vec2::<f32>()?.into_iter().zip(&labels) {
-                    correct += (ExpressionScores::from_logits(row).predicted == y) as usize;
+                    correct += (ExpressionScores::from_logits(row, &cliper_layout()).predicted == y)
+                        as usize;
                 }
                 pb.inc(1);
             }
@@ -706,7 +755,8 @@ fn descriptor_stage(
             opt.step(&out.loss.backward()?)?;
             loss_sum += out.loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
             for (row, &y) in logits.detach().to_vec2::<f32>()?.into_iter().zip(&labels) {
-                correct += (ExpressionScores::from_logits(row).predicted == y) as usize;
+                correct +=
+                    (ExpressionScores::from_logits(row, &cliper_layout()).predicted == y) as usize;
             }
             pb.inc(1);
         }
@@ -910,7 +960,8 @@ fn train_clips(
                 opt.step(&out.loss.backward()?)?;
                 loss_sum += out.loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
                 for (row, &y) in logits.detach().to_vec2::<f32>()?.into_iter().zip(&labels) {
-                    correct += (ExpressionScores::from_logits(row).predicted == y) as usize;
+                    correct += (ExpressionScores::from_logits(row, &cliper_layout()).predicted == y)
+                        as usize;
                 }
             }
             let tensors: HashMap<String, Tensor> = names
@@ -986,13 +1037,14 @@ pub fn evaluate(
             None => None,
         };
         let feats = match &temporal {
-            Some(t) => l2_normalize(&t.forward(&x)?)?,
+            Some(t) if t.config.flavour.normalised_input() => l2_normalize(&t.forward(&x)?)?,
+            Some(t) => l2_normalize(&t.forward(&f.raw_features.to_device(&loaded.clip.device)?)?)?,
             None => {
                 eprintln!("note: no trained temporal weights; scoring each clip by the mean of its frames' static scores");
                 mean_of_frames(&x)?
             }
         };
-        return evaluate_features(&feats, &f.labels, &loaded.bank.text_features);
+        return evaluate_bank(&feats, &f.labels, &loaded.bank);
     }
     let f = encode_split(
         &loaded.clip,
@@ -1003,9 +1055,9 @@ pub fn evaluate(
         "",
         "test",
     )?;
-    evaluate_features(
+    evaluate_bank(
         &f.features.to_device(&loaded.clip.device)?,
         &f.labels,
-        &loaded.bank.text_features,
+        &loaded.bank,
     )
 }

@@ -49,18 +49,6 @@ pub fn draw_line(
     }
 }
 
-/// The 7 class colours for images (annotated video, report plots), in
-/// `expressions::CLASSES` order; the same colours as the app's palette.
-pub const CLASS_RGB: [Rgb<u8>; 7] = [
-    Rgb([255, 167, 38]),  // surprise: orange
-    Rgb([171, 71, 188]),  // fear: purple
-    Rgb([102, 187, 106]), // disgust: green
-    Rgb([255, 238, 88]),  // happiness: yellow
-    Rgb([66, 165, 245]),  // sadness: blue
-    Rgb([239, 83, 80]),   // anger: red
-    Rgb([176, 190, 197]), // neutral: grey
-];
-
 /// Black or white, whichever reads on `bg`.
 pub fn text_color_on(bg: Rgb<u8>) -> Rgb<u8> {
     let [r, g, b] = bg.0;
@@ -127,6 +115,6 @@ mod tests {
         assert_eq!(img.get_pixel(2, 3).0, [255, 0, 0]);
         assert_eq!(img.get_pixel(17, 12).0, [255, 0, 0]);
         assert_eq!(img.get_pixel(17, 3).0, [0, 0, 0]);
-        assert_eq!(text_color_on(CLASS_RGB[3]), Rgb([0, 0, 0]));
+        assert_eq!(text_color_on(Rgb([255, 238, 88])), Rgb([0, 0, 0]));
     }
 }

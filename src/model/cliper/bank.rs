@@ -1,13 +1,17 @@
-//! The descriptor bank: 35 expression descriptors (learned token embeddings
-//! or zero-shot sentences), their text features (computed once per bank and
-//! cached here), and what a person reads for each one.
+//! The descriptor bank: the expression descriptors a model scores against
+//! (CLIPER's 35 learned token embeddings, zero-shot sentences, DFER-CLIP's
+//! learned contexts with their class descriptions), the classes they belong
+//! to ([`BankLayout`]), their text features (computed once per bank and
+//! cached here), an optional Exp-CLIP projection head, and what a person
+//! reads for each descriptor.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 
 use super::expressions::{
-    class_index, CLASSES, DESCRIPTORS_PER_CLASS, NUM_DESCRIPTORS, SLOTS, SLOT_START, TEMPLATE_EOT,
+    canonical_class, known_classes, BankLayout, NUM_DESCRIPTORS, SLOTS, SLOT_START, TEMPLATE_EOT,
     TEMPLATE_IDS,
 };
 use crate::model::layers::l2_normalize;
@@ -31,6 +35,10 @@ pub enum BankError {
         found: Vec<usize>,
         width: usize,
     },
+    #[error("{source_name}: {reason}")]
+    Head { source_name: String, reason: String },
+    #[error("{source_name}: {reason}")]
+    PromptLearner { source_name: String, reason: String },
     #[error("cannot compute descriptor features: {0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -41,6 +49,9 @@ pub enum BankKind {
     Learned,
     /// Plain-English descriptions.
     ZeroShot,
+    /// DFER-CLIP's prompt learner: learned context vectors before each
+    /// class's description.
+    DferClip,
 }
 
 impl BankKind {
@@ -48,7 +59,64 @@ impl BankKind {
         match self {
             BankKind::Learned => "learned",
             BankKind::ZeroShot => "zero-shot",
+            BankKind::DferClip => "dfer-clip",
         }
+    }
+}
+
+/// Exp-CLIP's projection head (zengqunzhao/Exp-CLIP, `Linear_Matrix`): a
+/// bias-free linear map `mlp.weight` [P, E] (P = 4096) applied to both the
+/// image and the text features of CLIP, which are then normalised and
+/// compared by cosine. Being linear, it gives the same direction whether
+/// the CLIP feature was normalised before or not.
+#[derive(Clone, Debug)]
+pub struct ProjectionHead {
+    /// [P, E] f32 on the model's device.
+    pub weight: Tensor,
+    pub source: String,
+}
+
+impl ProjectionHead {
+    /// Reads a head file (`.pth` as Exp-CLIP saves it, or safetensors) for a
+    /// CLIP of embedding width `embed_dim`.
+    pub fn load(path: &Path, embed_dim: usize, device: &Device) -> Result<Self, BankError> {
+        let source_name = path.display().to_string();
+        let err = |reason: String| BankError::Head {
+            source_name: source_name.clone(),
+            reason,
+        };
+        let tensors = crate::model::weights::read_tensors(path, DType::F32)
+            .map_err(|e| err(e.to_string()))?;
+        let mut found: Vec<(&String, &Tensor)> = tensors
+            .iter()
+            .filter(|(k, _)| *k == "mlp.weight" || k.ends_with(".mlp.weight"))
+            .collect();
+        found.sort_by_key(|(k, _)| k.len());
+        let Some((name, w)) = found.first() else {
+            let mut names: Vec<&String> = tensors.keys().collect();
+            names.sort();
+            return Err(err(format!(
+                "no `mlp.weight` tensor (an Exp-CLIP head holds one, [4096, {embed_dim}]); this file holds {}",
+                names.iter().take(4).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+            )));
+        };
+        crate::model::weights::check_weight(path, name, w).map_err(|e| err(e.to_string()))?;
+        let dims = w.dims().to_vec();
+        if dims.len() != 2 || dims[1] != embed_dim {
+            return Err(err(format!(
+                "the head `{name}` has shape {dims:?}, but these CLIP weights have embedding width {embed_dim}: use the head made for this backbone (Exp-CLIP's B16 and B32 heads are [4096, 512], L14's is [4096, 768])"
+            )));
+        }
+        Ok(Self {
+            weight: w.to_device(device)?,
+            source: source_name,
+        })
+    }
+
+    /// Projected and normalised features [N, P] of features [N, E].
+    pub fn project(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self.weight.to_dtype(x.dtype())?.to_device(x.device())?;
+        l2_normalize(&x.matmul(&w.t()?)?)
     }
 }
 
@@ -70,19 +138,30 @@ pub struct DescriptorBank {
     pub kind: BankKind,
     /// Where it came from: a file path or "built-in".
     pub source: String,
+    /// Classes and descriptors per class.
+    pub layout: Arc<BankLayout>,
     pub descriptors: Vec<Descriptor>,
-    /// Normalised text features, [35, E] f32 on the model's device.
+    /// Normalised text features, [D, E] f32 on the model's device (in the
+    /// head's space [D, P] when there is a head).
     pub text_features: Tensor,
+    /// Exp-CLIP's projection head, applied to image features before scoring.
+    pub head: Option<ProjectionHead>,
 }
 
-/// Parses a zero-shot prompts file: `[class]` sections with exactly 5
-/// descriptions each, all 7 classes.
-pub fn parse_prompts(text: &str, source_name: &str) -> Result<Vec<String>, BankError> {
+/// Parses a zero-shot prompts file: `[class]` sections, each followed by
+/// its descriptions, one per line (any number per class; at least two
+/// classes, named as any model or data set names them: see
+/// `expressions::canonical_class`). Returns the layout (classes in file
+/// order) and the descriptions, class-major.
+pub fn parse_prompts(
+    text: &str,
+    source_name: &str,
+) -> Result<(BankLayout, Vec<String>), BankError> {
     let err = |reason: String| BankError::Prompts {
         source_name: source_name.to_string(),
         reason,
     };
-    let mut per_class: Vec<Option<Vec<String>>> = vec![None; CLASSES.len()];
+    let mut per_class: Vec<(&'static str, Vec<String>)> = Vec::new();
     let mut current: Option<usize> = None;
     // A UTF-8 byte-order mark (Windows editors) is not part of the text.
     let text = text.trim_start_matches('\u{feff}');
@@ -92,22 +171,21 @@ pub fn parse_prompts(text: &str, source_name: &str) -> Result<Vec<String>, BankE
             continue;
         }
         if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            let c = class_index(name).ok_or_else(|| {
+            let c = canonical_class(name).ok_or_else(|| {
                 err(format!(
-                    "line {}: unknown class `{name}` (classes: {})",
+                    "line {}: unknown class `{name}` (known classes: {})",
                     lineno + 1,
-                    CLASSES.join(", ")
+                    known_classes().join(", ")
                 ))
             })?;
-            if per_class[c].is_some() {
+            if per_class.iter().any(|(k, _)| *k == c) {
                 return Err(err(format!(
-                    "line {}: class `{}` appears twice",
-                    lineno + 1,
-                    CLASSES[c]
+                    "line {}: class `{c}` appears twice",
+                    lineno + 1
                 )));
             }
-            per_class[c] = Some(Vec::new());
-            current = Some(c);
+            per_class.push((c, Vec::new()));
+            current = Some(per_class.len() - 1);
             continue;
         }
         let Some(c) = current else {
@@ -116,27 +194,25 @@ pub fn parse_prompts(text: &str, source_name: &str) -> Result<Vec<String>, BankE
                 lineno + 1
             )));
         };
-        if let Some(list) = per_class[c].as_mut() {
-            list.push(line.to_string());
-        }
+        per_class[c].1.push(line.to_string());
     }
-    let mut out = Vec::with_capacity(NUM_DESCRIPTORS);
-    for (c, list) in per_class.into_iter().enumerate() {
-        let list = list.ok_or_else(|| err(format!("class `{}` is missing", CLASSES[c])))?;
-        if list.len() != DESCRIPTORS_PER_CLASS {
-            return Err(err(format!(
-                "class `{}` has {} descriptions, expected {DESCRIPTORS_PER_CLASS}",
-                CLASSES[c],
-                list.len()
-            )));
-        }
-        out.extend(list);
-    }
-    Ok(out)
+    let counts: Vec<(&str, usize)> = per_class.iter().map(|(c, l)| (*c, l.len())).collect();
+    let layout = BankLayout::new(&counts).map_err(|e| {
+        err(match e {
+            super::expressions::LayoutError::Empty(c) => {
+                format!("class `{c}` has no descriptions (give at least one line under [{c}])")
+            }
+            super::expressions::LayoutError::TooFew(n) => format!(
+                "{n} class section(s): give at least two `[class]` sections, each followed by its descriptions"
+            ),
+            other => other.to_string(),
+        })
+    })?;
+    Ok((layout, per_class.into_iter().flat_map(|(_, l)| l).collect()))
 }
 
 /// Reads and parses a prompts file.
-pub fn read_prompts(path: &Path) -> Result<Vec<String>, BankError> {
+pub fn read_prompts(path: &Path) -> Result<(BankLayout, Vec<String>), BankError> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| BankError::Prompts {
         source_name: name.clone(),
@@ -209,43 +285,92 @@ pub fn nearest_token_ids(
 }
 
 impl DescriptorBank {
-    /// Zero-shot bank from 35 descriptions (class-major).
+    /// Zero-shot bank from descriptions laid out by `layout` (class-major),
+    /// optionally in an Exp-CLIP head's space.
     pub fn zero_shot(
         clip: &ClipModel,
         tok: &ClipTokenizer,
+        layout: BankLayout,
         texts: Vec<String>,
         source: &str,
+        head: Option<ProjectionHead>,
     ) -> Result<Self, BankError> {
-        if texts.len() != NUM_DESCRIPTORS {
+        if texts.len() != layout.num_descriptors() {
             return Err(BankError::Prompts {
                 source_name: source.to_string(),
-                reason: format!("{} descriptions, expected {NUM_DESCRIPTORS}", texts.len()),
+                reason: format!(
+                    "{} descriptions, expected {}",
+                    texts.len(),
+                    layout.num_descriptors()
+                ),
             });
         }
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let text_features = clip.encode_texts(tok, &refs)?;
+        // Encoded in batches: a large ensemble stays within memory.
+        let mut parts = Vec::new();
+        for chunk in refs.chunks(64) {
+            parts.push(clip.encode_texts(tok, chunk)?);
+        }
+        let mut text_features = Tensor::cat(&parts, 0)?;
+        if let Some(h) = &head {
+            text_features = h.project(&text_features)?;
+        }
         let descriptors = texts
             .into_iter()
             .enumerate()
-            .map(|(i, text)| Descriptor {
-                class: i / DESCRIPTORS_PER_CLASS,
-                index: i % DESCRIPTORS_PER_CLASS,
-                text,
-                words: None,
+            .map(|(i, text)| {
+                let (class, index) = layout.locate(i);
+                Descriptor {
+                    class,
+                    index,
+                    text,
+                    words: None,
+                }
             })
             .collect();
         Ok(Self {
             kind: BankKind::ZeroShot,
             source: source.to_string(),
+            layout: Arc::new(layout),
             descriptors,
             text_features,
+            head,
         })
     }
 
     /// The built-in zero-shot descriptions.
     pub fn default_zero_shot(clip: &ClipModel, tok: &ClipTokenizer) -> Result<Self, BankError> {
-        let texts = parse_prompts(DEFAULT_PROMPTS, "built-in zero-shot descriptors")?;
-        Self::zero_shot(clip, tok, texts, "built-in")
+        Self::default_zero_shot_with(clip, tok, None)
+    }
+
+    /// The built-in zero-shot descriptions, optionally through a head.
+    pub fn default_zero_shot_with(
+        clip: &ClipModel,
+        tok: &ClipTokenizer,
+        head: Option<ProjectionHead>,
+    ) -> Result<Self, BankError> {
+        let (layout, texts) = parse_prompts(DEFAULT_PROMPTS, "built-in zero-shot descriptors")?;
+        Self::zero_shot(clip, tok, layout, texts, "built-in", head)
+    }
+
+    /// Image features [N, E] (normalised, CLIP's space) in the space the
+    /// text features live in: through the head when there is one.
+    pub fn project_images(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.head {
+            Some(h) => h.project(x),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// The normalised feature [E] of a free-text probe, in this bank's space.
+    pub fn encode_probe(
+        &self,
+        clip: &ClipModel,
+        tok: &ClipTokenizer,
+        text: &str,
+    ) -> candle_core::Result<Tensor> {
+        let f = clip.encode_texts(tok, &[text])?;
+        self.project_images(&f)?.squeeze(0)
     }
 
     /// Learned bank from a `descriptor` tensor [35, 4, W].
@@ -264,6 +389,7 @@ impl DescriptorBank {
                 width,
             });
         }
+        let layout = BankLayout::cliper();
         let desc = descriptor.to_device(&clip.device)?.to_dtype(clip.dtype)?;
         let feats = learned_text_features(&clip.text, &desc)?.to_dtype(DType::F32)?;
         let text_features = l2_normalize(&feats)?;
@@ -285,9 +411,10 @@ impl DescriptorBank {
                     .map(|w| w.first().cloned().unwrap_or_default())
                     .collect::<Vec<_>>()
                     .join(" ");
+                let (class, index) = layout.locate(i);
                 Descriptor {
-                    class: i / DESCRIPTORS_PER_CLASS,
-                    index: i % DESCRIPTORS_PER_CLASS,
+                    class,
+                    index,
                     text,
                     words: Some(words),
                 }
@@ -296,8 +423,10 @@ impl DescriptorBank {
         Ok(Self {
             kind: BankKind::Learned,
             source: source.to_string(),
+            layout: Arc::new(layout),
             descriptors,
             text_features,
+            head: None,
         })
     }
 
@@ -313,33 +442,57 @@ mod tests {
 
     #[test]
     fn builtin_prompts_parse() {
-        let p = parse_prompts(DEFAULT_PROMPTS, "builtin").unwrap();
+        let (layout, p) = parse_prompts(DEFAULT_PROMPTS, "builtin").unwrap();
         assert_eq!(p.len(), 35);
+        assert_eq!(layout, BankLayout::cliper());
         assert!(p[0].contains("raised eyebrows"));
     }
 
     #[test]
+    fn prompts_of_any_shape() {
+        // Exp-CLIP's class names, MAFW's 11 classes, uneven counts.
+        let text =
+            "[happiness.]\na\nb\n[Contempt]\nc\n[an expression of disappointment.]\nd\ne\nf\n";
+        let (layout, p) = parse_prompts(text, "f.txt").unwrap();
+        assert_eq!(
+            layout.classes(),
+            ["happiness", "contempt", "disappointment"]
+        );
+        assert_eq!(p, ["a", "b", "c", "d", "e", "f"]);
+        assert_eq!(layout.locate(3), (2, 0));
+    }
+
+    #[test]
     fn prompts_errors_name_the_problem() {
-        let missing = DEFAULT_PROMPTS.replace("[neutral]", "# gone");
-        let e = parse_prompts(&missing, "f.txt").unwrap_err().to_string();
-        assert!(
-            e.contains("f.txt") && e.contains("anger") && e.contains("10"),
-            "{e}"
-        );
-        let short: String = DEFAULT_PROMPTS
-            .lines()
-            .filter(|l| !l.starts_with("a cheerful"))
-            .collect::<Vec<_>>()
-            .join("\n");
-        let e = parse_prompts(&short, "f.txt").unwrap_err().to_string();
-        assert!(
-            e.contains("happiness") && e.contains("4 descriptions"),
-            "{e}"
-        );
-        let e = parse_prompts("[contempt]\na", "f.txt")
+        let e = parse_prompts("[happy]\na\n[boredom]\nb", "f.txt")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("contempt"), "{e}");
+        assert!(
+            e.contains("f.txt")
+                && e.contains("line 3")
+                && e.contains("boredom")
+                && e.contains("contempt"),
+            "{e}"
+        );
+        let e = parse_prompts("[happy]\na\n[sad]\n", "f.txt")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sadness") && e.contains("no descriptions"),
+            "{e}"
+        );
+        let e = parse_prompts("[happy]\na\n", "f.txt")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at least two"), "{e}");
+        let e = parse_prompts("[happy]\na\n[happiness]\nb", "f.txt")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("twice"), "{e}");
+        let e = parse_prompts("a\n[happy]\nb", "f.txt")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("before any [class]"), "{e}");
     }
 
     #[test]

@@ -53,6 +53,11 @@ pub struct CliperCheckpoint {
     /// Temporal module tensors, names starting with `temporal.`.
     pub temporal: HashMap<String, Tensor>,
     pub metadata: HashMap<String, String>,
+    /// A whole CLIP saved in the file (DFER-CLIP's `clip_model_.*`, OpenAI
+    /// naming): the model needs no separate CLIP weights.
+    pub clip: HashMap<String, Tensor>,
+    /// DFER-CLIP's prompt learner (instead of `descriptor`).
+    pub prompt_learner: Option<crate::model::dfer_clip::PromptLearner>,
 }
 
 /// Reads the `__metadata__` of a safetensors file header.
@@ -105,6 +110,9 @@ impl CliperCheckpoint {
                     expected,
                 });
             }
+        }
+        if crate::model::dfer_clip::is_dfer_clip(tensors.keys()) {
+            return Self::from_dfer_clip(path, tensors, metadata);
         }
         let mut descriptor = None;
         let mut openai_vision = HashMap::new();
@@ -165,7 +173,61 @@ impl CliperCheckpoint {
             vision,
             temporal,
             metadata,
+            ..Default::default()
         })
+    }
+
+    /// A DFER-CLIP checkpoint (`model::dfer_clip`): the CLIP under
+    /// `clip_model_.`, the prompt learner and `temporal_net.*`. A file
+    /// saved without `clip_model_.*` still gives its fine-tuned
+    /// `image_encoder.*`, laid over the CLIP weights given with `--weights`.
+    fn from_dfer_clip(
+        path: &Path,
+        tensors: HashMap<String, Tensor>,
+        metadata: HashMap<String, String>,
+    ) -> Result<Self, CliperFileError> {
+        let mut out = Self {
+            path: path.to_path_buf(),
+            metadata,
+            ..Default::default()
+        };
+        out.prompt_learner = crate::model::dfer_clip::prompt_learner(&tensors);
+        let mut image_encoder = HashMap::new();
+        for (name, t) in tensors {
+            if let Some(n) = from_marker(&name, "clip_model_.") {
+                let n = n["clip_model_.".len()..].to_string();
+                weights::check_weight(path, &n, &t)?;
+                out.clip.insert(n, t);
+            } else if let Some(n) = from_marker(&name, "temporal_net.") {
+                weights::check_weight(path, &n, &t)?;
+                out.temporal.insert(n, t);
+            } else if let Some(n) = from_marker(&name, "image_encoder.") {
+                image_encoder.insert(format!("visual.{}", &n["image_encoder.".len()..]), t);
+            } else if name.contains("prompt_learner.") {
+                weights::check_weight(path, &name, &t)?;
+            }
+        }
+        if out.prompt_learner.is_none() {
+            return Err(CliperFileError::Shape {
+                path: path.to_path_buf(),
+                name: "prompt_learner.token_prefix / token_suffix".into(),
+                found: vec![],
+                expected:
+                    "the prompt learner's saved token embeddings, next to `prompt_learner.ctx`"
+                        .into(),
+            });
+        }
+        if out.clip.is_empty() && !image_encoder.is_empty() {
+            for (n, t) in &image_encoder {
+                weights::check_weight(path, n, t)?;
+            }
+            out.vision =
+                weights::openai_to_hf(image_encoder).map_err(|source| WeightsError::Candle {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+        }
+        Ok(out)
     }
 
     /// The descriptor, or an error naming the file.
@@ -173,6 +235,11 @@ impl CliperCheckpoint {
         self.descriptor
             .as_ref()
             .ok_or_else(|| CliperFileError::NoDescriptor(self.path.clone()))
+    }
+
+    /// Whether this is a DFER-CLIP model.
+    pub fn is_dfer_clip(&self) -> bool {
+        self.prompt_learner.is_some()
     }
 
     /// The trained temporal module, when the checkpoint has one.
