@@ -1072,4 +1072,56 @@ mod tests {
         clip.vision.candle_only = true;
         assert!(clip.encode_images(&px).is_err());
     }
+
+    /// The backbones other models bring (DFER-CLIP's ViT-B/32, Exp-CLIP's
+    /// ViT-L/14 and L/14@336), scaled down with their geometry kept: patch
+    /// 32 on a 2x2 grid, patch 14 on 3x3 and 6x6 grids (an input size that
+    /// is no multiple of 16), head widths of 16 and 24. The fused f32 path
+    /// must equal Candle's ops, and the 8-bit path stay close, on each.
+    #[test]
+    fn fused_paths_take_any_backbone_geometry() {
+        for (image, patch, width, heads, layers) in
+            [(64, 32, 48, 2, 2), (42, 14, 48, 3, 3), (84, 14, 64, 4, 2)]
+        {
+            let mut cfg = ClipConfig::vit_b16();
+            cfg.vision.image_size = image;
+            cfg.vision.patch_size = patch;
+            cfg.vision.width = width;
+            cfg.vision.layers = layers;
+            cfg.vision.heads = heads;
+            cfg.vision.mlp = 4 * width;
+            cfg.text.layers = 1;
+            cfg.text.vocab_size = 300;
+            cfg.text.width = 32;
+            cfg.text.heads = 2;
+            cfg.text.mlp = 64;
+            cfg.embed_dim = 24;
+            let ckpt = Checkpoint::random(&cfg, 11).unwrap();
+            let mut clip = ClipModel::from_checkpoint(&ckpt, &Device::Cpu, DType::F32).unwrap();
+            let px = Tensor::randn(0f32, 1.0, (2, 3, image, image), &Device::Cpu).unwrap();
+            let fast = clip.vision.forward_with(&px, true, true).unwrap();
+            assert_eq!(fast.embedding.dims(), &[2, 24]);
+            let tokens = (image / patch) * (image / patch) + 1;
+            assert_eq!(
+                fast.last_block_input.as_ref().unwrap().dims(),
+                &[2, tokens, width]
+            );
+            clip.vision.candle_only = true;
+            let slow = clip.vision.forward_with(&px, true, true).unwrap();
+            let d = max_diff(&fast.embedding, &slow.embedding);
+            assert!(
+                d < 1e-4,
+                "patch {patch} on {image} px: embedding differs by {d}"
+            );
+            clip.vision.candle_only = false;
+            let full = clip.encode_images(&px).unwrap();
+            clip.vision.set_quantized(true).unwrap();
+            let low = clip.encode_images(&px).unwrap();
+            let cos: Vec<f32> = (full * low).unwrap().sum(1).unwrap().to_vec1().unwrap();
+            assert!(
+                cos.iter().all(|&c| c > 0.99),
+                "patch {patch}: q8 cosines {cos:?}"
+            );
+        }
+    }
 }

@@ -401,7 +401,7 @@ fn is_html(resp: &ureq::Response) -> bool {
 fn check_dfer_clip(path: &Path) -> Result<(), String> {
     super::pickle_guard::check_file(path).map_err(|e| e.to_string())?;
     let infos = candle_core::pickle::read_pth_tensor_info(path, false, Some("state_dict"))
-        .map_err(|e| format!("not a PyTorch checkpoint with a `state_dict`: {e}"))?;
+        .map_err(|e| format!("not a DFER-CLIP checkpoint, which holds a `state_dict`: {e}"))?;
     if super::dfer_clip::is_dfer_clip(infos.iter().map(|i| &i.name)) {
         Ok(())
     } else {
@@ -413,6 +413,14 @@ fn check_dfer_clip(path: &Path) -> Result<(), String> {
 /// appears only once whole and checked.
 pub fn fetch(name: &str, report: &mut dyn FnMut(u64, u64)) -> Result<PathBuf, ZooError> {
     let entry = find(name).ok_or_else(|| ZooError::Unknown(name.to_string()))?;
+    fetch_entry(entry, report)
+}
+
+/// [`fetch`] of any entry (tests serve their own).
+pub fn fetch_entry(
+    entry: &ZooEntry,
+    report: &mut dyn FnMut(u64, u64),
+) -> Result<PathBuf, ZooError> {
     let dest = entry.path();
     let dir = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| ZooError::Write {
