@@ -24,6 +24,23 @@ pub struct ControlsState {
     bank_path: String,
     probe: String,
     probe_edited: Option<Instant>,
+    /// Installed named models (`cliper weights fetch NAME`) that work as a
+    /// bank: (name, path, what it is). Read once, not every frame.
+    installed: Vec<(String, String, String)>,
+}
+
+fn installed_models() -> Vec<(String, String, String)> {
+    crate::model::zoo::CATALOGUE
+        .iter()
+        .filter(|e| e.kind == crate::model::zoo::ZooKind::DferClip && e.installed())
+        .map(|e| {
+            (
+                e.name.to_string(),
+                e.path().display().to_string(),
+                format!("{}, classes {}, {}", e.project, e.classes, e.accuracy),
+            )
+        })
+        .collect()
 }
 
 impl ControlsState {
@@ -43,6 +60,7 @@ impl ControlsState {
             path_error: None,
             bank_path,
             probe: settings.probe.clone(),
+            installed: installed_models(),
             probe_edited: None,
         }
     }
@@ -365,9 +383,17 @@ fn bank_section(
     {
         actions.push(Action::SetBank(BankChoice::ZeroShot));
     }
-    let from_file = matches!(settings.bank, BankChoice::File(_));
+    // Installed trained models: one click each.
+    for (name, path, about) in &state.installed {
+        let on = matches!(&settings.bank, BankChoice::File(p) if p == path);
+        if ui.radio(on, name.as_str()).on_hover_text(about).clicked() && !on {
+            state.bank_path = path.clone();
+            actions.push(Action::SetBank(BankChoice::File(path.clone())));
+        }
+    }
+    let from_file = matches!(&settings.bank, BankChoice::File(p) if !state.installed.iter().any(|(_, q, _)| q == p));
     ui.radio(from_file, "from a file:").on_hover_text(
-        "A CLIPER checkpoint (.safetensors, .pth) with learned descriptors, or a prompts file (.txt) of zero-shot descriptions",
+        "A CLIPER checkpoint (.safetensors, .pth) with learned descriptors, a DFER-CLIP checkpoint (.pth, as published), or a prompts file (.txt) of zero-shot descriptions (any classes, any number each)",
     );
     ui.horizontal(|ui| {
         let edit = ui.add(

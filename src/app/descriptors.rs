@@ -43,8 +43,25 @@ pub fn show(ui: &mut egui::Ui, store: &mut Store, top: usize, actions: &mut Vec<
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| bank.source.clone())
     };
-    ui.label(RichText::new(format!("{} · {}", bank.kind.as_str(), source)).weak())
-        .on_hover_text(&bank.source);
+    let head = match &bank.head {
+        Some(h) => format!(
+            " · Exp-CLIP head {}",
+            std::path::Path::new(&h.source)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ),
+        None => String::new(),
+    };
+    ui.label(
+        RichText::new(format!(
+            "{} · {source}{head} · {} classes",
+            bank.kind.as_str(),
+            bank.layout.num_classes()
+        ))
+        .weak(),
+    )
+    .on_hover_text(&bank.source);
     if let Some(e) = &store.bank_error {
         ui.colored_label(Color32::LIGHT_RED, e);
     }

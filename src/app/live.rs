@@ -120,7 +120,11 @@ impl CliperApp {
         if app.opts.grid > 0 {
             app.store.occlusion_grid = app.opts.grid;
         }
+        // A DFER-CLIP model brings its own CLIP: nothing to download.
+        let own_clip = matches!(&app.model_spec().bank,
+            BankSource::Learned(p) if crate::model::dfer_clip::has_own_clip(p));
         match weights::locate(app.opts.model.weights.as_deref()) {
+            _ if own_clip => app.start(&cc.egui_ctx),
             Ok(_) => app.start(&cc.egui_ctx),
             Err(e) => app.first_run.missing = Some(e.to_string()),
         }

@@ -116,7 +116,13 @@ fn bars(ui: &mut egui::Ui, store: &Store, names: &[String], h: f32, dynamic: boo
                     Text::new(
                         name.as_str(),
                         PlotPoint::new(c as f64, -0.05),
-                        RichText::new(short(name)).size(11.0),
+                        RichText::new(if names.len() > 7 {
+                            // 8 or 11 bars: names that fit under each.
+                            name.chars().take(4).collect::<String>()
+                        } else {
+                            short(name).to_string()
+                        })
+                        .size(11.0),
                     )
                     .color(class_color(name)),
                 );

@@ -72,6 +72,27 @@ pub fn is_dfer_clip<'a>(mut names: impl Iterator<Item = &'a String>) -> bool {
     names.any(|n| n == "prompt_learner.ctx" || n.ends_with(".prompt_learner.ctx"))
 }
 
+/// Whether `path` is a DFER-CLIP checkpoint holding its own CLIP (so no
+/// separate CLIP weights are needed), read from the file's tensor index
+/// alone, after the pickle guard.
+pub fn has_own_clip(path: &std::path::Path) -> bool {
+    let is_pickle = path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+        matches!(
+            e.to_ascii_lowercase().as_str(),
+            "pth" | "pt" | "ckpt" | "bin"
+        )
+    });
+    if !is_pickle || crate::model::pickle_guard::check_file(path).is_err() {
+        return false;
+    }
+    let Ok(infos) = candle_core::pickle::read_pth_tensor_info(path, false, Some("state_dict"))
+    else {
+        return false;
+    };
+    is_dfer_clip(infos.iter().map(|i| &i.name))
+        && infos.iter().any(|i| i.name.contains("clip_model_."))
+}
+
 /// For each row of `rows` [N, W], the id of the nearest row of `table`
 /// [V, W] and the largest absolute difference to it.
 fn match_rows(table: &Tensor, rows: &Tensor) -> candle_core::Result<Vec<(u32, f32)>> {
