@@ -1082,6 +1082,12 @@ fn embed(args: &ModelArgs, image: Option<PathBuf>, text: Option<String>) -> Resu
 }
 
 #[allow(clippy::too_many_arguments)]
+fn classify_note(bank: &cliper::model::cliper::DescriptorBank) {
+    if bank.kind == cliper::model::cliper::BankKind::DferClip {
+        eprintln!("note: DFER-CLIP is a video model; still images are scored by its image branch (each frame's feature against the class features). `cliper classify-clip` and the dynamic mode use its temporal module.");
+    }
+}
+
 fn classify(
     model: ModelArgs,
     bank: BankArgs,
@@ -1093,6 +1099,7 @@ fn classify(
 ) -> Result<()> {
     let mut analyzer = faces.still_analyzer()?;
     let loaded = setup::load_with(&model.spec(&bank), precision)?;
+    classify_note(&loaded.bank);
     let mut failed = 0;
     for path in &images {
         let rgb = match cliper::vision::images::load_rgb(path) {
@@ -1111,7 +1118,12 @@ fn classify(
                 .iter()
                 .map(|f| output::face_json(&f.bbox, &f.scores, &loaded.bank, top))
                 .collect();
-            println!("{}", serde_json::json!({"image": path, "faces": faces}));
+            let mut v = serde_json::json!({"image": path, "faces": faces});
+            if loaded.bank.kind == cliper::model::cliper::BankKind::DferClip {
+                // DFER-CLIP is a video model: a still gets its image branch.
+                v["branch"] = serde_json::json!("image");
+            }
+            println!("{v}");
         } else {
             print_table(path, &faces, &loaded.bank, top.unwrap_or(5));
         }

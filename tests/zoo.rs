@@ -154,6 +154,8 @@ fn classify_and_classify_clip_take_a_dfer_clip_file_as_published() {
     ]);
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(v["branch"], "image", "a still says which branch scored it");
+    assert!(err.contains("image branch"), "{err}");
     let classes = v["faces"][0]["classes"].as_array().unwrap();
     assert_eq!(classes.len(), 11);
     assert_eq!(classes[10]["name"], "disappointment");

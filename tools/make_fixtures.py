@@ -27,7 +27,7 @@ OUT = os.path.join(ROOT, "tests", "fixtures")
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
-# CLIPER (../shared/CLIPER.md section 2)
+# CLIPER (docs/model.md section 2)
 TEMPLATE_IDS = [49406, 550, 1014, 1125, 539, 343, 343, 343, 343, 269, 49407]
 SLOTS = [5, 6, 7, 8]
 CLASSES = ["surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral"]

@@ -226,7 +226,7 @@ fn descriptor_row(
         ui.painter().text(
             chip.center(),
             Align2::CENTER_CENTER,
-            format!("{} {}", short(class), d.index + 1),
+            format!("{} {}", crate::model::cliper::expressions::short_class_name(class), d.index + 1),
             FontId::proportional(12.0),
             text_on(color),
         );
@@ -380,19 +380,4 @@ fn grid(
         }
     }
     clicked
-}
-
-fn short(name: &str) -> &str {
-    match name {
-        "happiness" => "happy",
-        "surprise" => "surpr.",
-        "sadness" => "sad",
-        "disgust" => "disg.",
-        "neutral" => "neutr.",
-        "contempt" => "cont.",
-        "anxiety" => "anx.",
-        "helplessness" => "helpl.",
-        "disappointment" => "disap.",
-        other => other,
-    }
 }

@@ -116,13 +116,8 @@ fn bars(ui: &mut egui::Ui, store: &Store, names: &[String], h: f32, dynamic: boo
                     Text::new(
                         name.as_str(),
                         PlotPoint::new(c as f64, -0.05),
-                        RichText::new(if names.len() > 7 {
-                            // 8 or 11 bars: names that fit under each.
-                            name.chars().take(4).collect::<String>()
-                        } else {
-                            short(name).to_string()
-                        })
-                        .size(11.0),
+                        RichText::new(crate::model::cliper::expressions::short_class_name(name))
+                            .size(11.0),
                     )
                     .color(class_color(name)),
                 );
@@ -188,16 +183,4 @@ fn timeline(ui: &mut egui::Ui, store: &Store, names: &[String], secs: f32, h: f3
                 }
             }
         });
-}
-
-/// Class names short enough for the bar chart's axis.
-fn short(name: &str) -> &str {
-    match name {
-        "happiness" => "happy",
-        "surprise" => "surprise",
-        "sadness" => "sad",
-        "helplessness" => "helpless",
-        "disappointment" => "disapp.",
-        other => other,
-    }
 }

@@ -1,4 +1,4 @@
-//! The temporal module of CLIPER's dynamic branch (`../shared/CLIPER.md`
+//! The temporal module of CLIPER's dynamic branch (`docs/model.md`
 //! section 6), after DFER-CLIP's `Temporal_Transformer_Cls`: a learnable CLS
 //! token and positional embeddings (frames + 1 positions) over per-frame CLIP
 //! image embeddings, pre-LayerNorm transformer blocks (multi-head attention

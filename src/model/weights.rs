@@ -3,7 +3,7 @@
 //! Two namings exist in the wild: HF (`vision_model.*`, `text_model.*`, what
 //! `openai/clip-vit-base-patch16` ships) and OpenAI's (`visual.*`,
 //! `transformer.resblocks.N.*`, what CLIPER checkpoints hold). Everything is
-//! converted to HF naming on load (see `../shared/CLIPER.md` section 1 for the
+//! converted to HF naming on load (see `docs/model.md` section 1 for the
 //! mapping); tensors that are not CLIP's (a CLIPER `descriptor`, `temporal.*`)
 //! are kept under their own names for the CLIPER head to pick up.
 //!

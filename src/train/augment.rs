@@ -1,4 +1,4 @@
-//! Training augmentation (`../shared/CLIPER.md` section 5): bicubic resize
+//! Training augmentation (`docs/model.md` section 5): bicubic resize
 //! and center crop, colour jitter (brightness 0.4, hue 0.3), random
 //! horizontal flip, random resized crop (scale 0.15-1, ratio 0.3-3.3), then
 //! CLIP normalisation. Test images get the plain preprocessing.

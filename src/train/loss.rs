@@ -1,4 +1,4 @@
-//! CLIPER's training loss (`../shared/CLIPER.md` section 5): a margin loss
+//! CLIPER's training loss (`docs/model.md` section 5): a margin loss
 //! (every descriptor of the true class must beat the best descriptor of any
 //! other class) plus a fine-grained loss weighted by the sub-descriptor
 //! balancing weights, which are constants (no gradient).

@@ -1,5 +1,5 @@
 //! Training and evaluation: CLIPER's two-stage recipe
-//! (`../shared/CLIPER.md` section 5), data sets, the loss, optimiser and
+//! (`docs/model.md` section 5), data sets, the loss, optimiser and
 //! schedule, augmentation, cached features and metrics.
 
 pub mod augment;

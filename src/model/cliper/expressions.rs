@@ -67,6 +67,23 @@ pub fn canonical_class(name: &str) -> Option<&'static str> {
         .map(|(c, _, _)| *c)
 }
 
+/// A short form of a class name for tight labels (chips, bar axes): at
+/// most 6 characters.
+pub fn short_class_name(name: &str) -> &str {
+    match name {
+        "happiness" => "happy",
+        "surprise" => "surpr.",
+        "sadness" => "sad",
+        "disgust" => "disg.",
+        "neutral" => "neutr.",
+        "contempt" => "cont.",
+        "anxiety" => "anx.",
+        "helplessness" => "helpl.",
+        "disappointment" => "disap.",
+        other => other,
+    }
+}
+
 /// Index of a class among all known classes (RAF-DB's 7 first, in
 /// CLIPER's order, so for those it equals [`class_index`]).
 pub fn known_index(name: &str) -> Option<usize> {

@@ -1,4 +1,4 @@
-//! The CLIPER head (`../shared/CLIPER.md` sections 2-4): classes and prompt
+//! The CLIPER head (`docs/model.md` sections 2-4): classes and prompt
 //! template, the descriptor bank, scoring, and the checkpoint file.
 
 pub mod bank;
