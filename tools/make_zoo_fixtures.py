@@ -178,8 +178,10 @@ def dfer_checkpoint(name, model, cfg, classes, texts, class_specific, depth, wit
     ids = tok(prompts, context_length=77)  # [C, 77]
     with torch.no_grad():
         embedding = model.text_model.embeddings.token_embedding(ids)
-    prefix = embedding[:, :1, :].clone()
-    suffix = embedding[:, 1 + N_CTX:, :].clone()
+    # Views of one embedding, as DFER-CLIP's register_buffer keeps them: the
+    # file stores them strided, at an offset, sharing a storage.
+    prefix = embedding[:, :1, :]
+    suffix = embedding[:, 1 + N_CTX:, :]
     ctx = 0.3 * torch.randn(n_cls, N_CTX, width) if class_specific else 0.3 * torch.randn(N_CTX, width)
     embed = cfg.projection_dim
     temporal = TemporalCls(16, embed, depth, heads=2, mlp=32, dim_head=64).eval()
@@ -203,8 +205,8 @@ def dfer_checkpoint(name, model, cfg, classes, texts, class_specific, depth, wit
     clip_sd = hf_to_openai(hf_sd)
     sd = {}
     sd["module.prompt_learner.ctx"] = ctx.contiguous()
-    sd["module.prompt_learner.token_prefix"] = prefix.contiguous()
-    sd["module.prompt_learner.token_suffix"] = suffix.contiguous()
+    sd["module.prompt_learner.token_prefix"] = prefix
+    sd["module.prompt_learner.token_suffix"] = suffix
     for k, v in clip_sd.items():
         if k.startswith("transformer.") or k in ("positional_embedding", "ln_final.weight",
                                                   "ln_final.bias", "text_projection"):

@@ -459,13 +459,107 @@ fn read_pickle(path: &Path) -> candle_core::Result<Vec<(String, Tensor)>> {
     })
 }
 
+/// The tensors of a PyTorch zip checkpoint under `key`, read from their
+/// storages here rather than by Candle's `PthTensors::get`, which refuses
+/// strided views (DFER-CLIP's prompt buffers are slices of one embedding:
+/// `[7, 68, W]` with the stride of `[7, 77, W]`, at an offset). Each
+/// storage is read once, shared by its views, and dropped once they are
+/// built.
+fn read_pth(path: &Path, key: Option<&str>) -> candle_core::Result<Vec<(String, Tensor)>> {
+    use std::io::Read;
+    let mut infos = candle_core::pickle::read_pth_tensor_info(path, false, key)?;
+    infos.sort_by(|a, b| a.path.cmp(&b.path));
+    let file = std::io::BufReader::new(std::fs::File::open(path)?);
+    let mut zip = zip::ZipArchive::new(file)
+        .map_err(|e| candle_core::Error::Msg(format!("not a PyTorch zip: {e}")))?;
+    let mut out = Vec::with_capacity(infos.len());
+    let mut storage: (String, Vec<u8>) = (String::new(), Vec::new());
+    for info in &infos {
+        if storage.0 != info.path {
+            let mut entry = zip.by_name(&info.path).map_err(|e| {
+                candle_core::Error::Msg(format!("storage {} of `{}`: {e}", info.path, info.name))
+            })?;
+            let mut bytes = Vec::with_capacity(entry.size().min(1 << 34) as usize);
+            entry.read_to_end(&mut bytes)?;
+            storage = (info.path.clone(), bytes);
+        }
+        out.push((info.name.clone(), strided_tensor(&storage.1, info)?));
+    }
+    Ok(out)
+}
+
+/// A tensor of a storage's bytes, by its view's shape and strides (in
+/// elements) and offset (Candle's pickle reader gives it in bytes).
+fn strided_tensor(
+    bytes: &[u8],
+    info: &candle_core::pickle::TensorInfo,
+) -> candle_core::Result<Tensor> {
+    let es = info.dtype.size_in_bytes();
+    let dims = info.layout.dims().to_vec();
+    let stride = info.layout.stride().to_vec();
+    if !info.layout.start_offset().is_multiple_of(es) {
+        return Err(candle_core::Error::Msg(format!(
+            "tensor `{}` starts inside an element of its storage",
+            info.name
+        )));
+    }
+    let offset = info.layout.start_offset() / es;
+    let n: usize = dims.iter().product();
+    let too_short = || {
+        candle_core::Error::Msg(format!(
+            "tensor `{}` reaches past the end of its storage ({} bytes)",
+            info.name,
+            bytes.len()
+        ))
+    };
+    let data: std::borrow::Cow<[u8]> = if info.layout.is_contiguous() {
+        let a = offset.saturating_mul(es);
+        let b = offset.saturating_add(n).saturating_mul(es);
+        std::borrow::Cow::Borrowed(bytes.get(a..b).ok_or_else(too_short)?)
+    } else {
+        // The last element read bounds them all (strides are not negative).
+        let last = dims
+            .iter()
+            .zip(&stride)
+            .map(|(&d, &s)| d.saturating_sub(1).saturating_mul(s))
+            .fold(offset, usize::saturating_add);
+        if n > 0 && last.saturating_add(1).saturating_mul(es) > bytes.len() {
+            return Err(too_short());
+        }
+        // A view may repeat its storage (stride 0), but a hostile header
+        // must not make it ask for terabytes.
+        if n.saturating_mul(es) > bytes.len().saturating_mul(64).max(1 << 20) {
+            return Err(candle_core::Error::Msg(format!(
+                "tensor `{}` is a view {n} elements large of a storage of {} bytes",
+                info.name,
+                bytes.len()
+            )));
+        }
+        let mut v = Vec::with_capacity(n * es);
+        let mut idx = vec![0usize; dims.len()];
+        for _ in 0..n {
+            let src = offset + idx.iter().zip(&stride).map(|(i, s)| i * s).sum::<usize>();
+            v.extend_from_slice(&bytes[src * es..(src + 1) * es]);
+            for k in (0..dims.len()).rev() {
+                idx[k] += 1;
+                if idx[k] < dims[k] {
+                    break;
+                }
+                idx[k] = 0;
+            }
+        }
+        std::borrow::Cow::Owned(v)
+    };
+    Tensor::from_raw_buffer(&data, info.dtype, &dims, &Device::Cpu)
+}
+
 fn read_pickle_unchecked(path: &Path) -> candle_core::Result<Vec<(String, Tensor)>> {
-    let all = candle_core::pickle::read_all(path)?;
+    let all = read_pth(path, None)?;
     // Training scripts often save `{"state_dict": ..., "epoch": ...}`, and
     // may keep a tensor or two beside it (DFER-CLIP's `best_acc`): the
     // nested state dict is the model when it holds more.
     for key in ["state_dict", "model", "model_state_dict"] {
-        if let Ok(v) = candle_core::pickle::read_all_with_key(path, Some(key)) {
+        if let Ok(v) = read_pth(path, Some(key)) {
             if v.len() > all.len() {
                 return Ok(v);
             }
