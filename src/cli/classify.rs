@@ -1,0 +1,311 @@
+//! `cliper classify`, `classify-clip` and `embed`: stills, clips and raw embeddings.
+
+use super::*;
+
+#[derive(clap::Args)]
+pub(crate) struct ClassifyArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    bank: BankArgs,
+    #[command(flatten)]
+    faces: FaceArgs,
+    /// Show only the K highest-scoring descriptors per face.
+    #[arg(value_parser = ranged::<1, 1000>, long)]
+    top: Option<usize>,
+    /// One JSON object per image on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Image-encoder precision: auto (f32 on CPU, f16 on GPUs), f32,
+    /// f16, bf16 (GPUs) or q8 (8-bit, CPU; see `cliper bench`).
+    #[arg(long, value_enum, default_value_t = Precision::Auto)]
+    precision: Precision,
+    /// Images to classify.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+}
+
+impl ClassifyArgs {
+    pub(crate) fn run(self) -> Result<()> {
+        let Self {
+            model,
+            bank,
+            faces,
+            top,
+            json,
+            precision,
+            images,
+        } = self;
+        classify(model, bank, faces, top, json, precision, images)
+    }
+}
+
+#[derive(clap::Args)]
+pub(crate) struct ClassifyClipArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    bank: BankArgs,
+    #[command(flatten)]
+    faces: FaceArgs,
+    /// Show only the K highest-scoring descriptors.
+    #[arg(value_parser = ranged::<1, 1000>, long)]
+    top: Option<usize>,
+    /// One JSON object per clip on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Videos (any format FFmpeg reads: .mp4, .mov, .mkv, .webm, .avi, ...) or folders of frames.
+    #[arg(required = true)]
+    clips: Vec<PathBuf>,
+}
+
+impl ClassifyClipArgs {
+    pub(crate) fn run(self) -> Result<()> {
+        let Self {
+            model,
+            bank,
+            faces,
+            top,
+            json,
+            clips,
+        } = self;
+        classify_clip(model, bank, faces, top, json, clips)
+    }
+}
+
+#[derive(clap::Args)]
+pub(crate) struct EmbedArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Image to embed (the whole image, no face detection).
+    #[arg(long, conflicts_with = "text", required_unless_present = "text")]
+    image: Option<PathBuf>,
+    /// Text to embed.
+    #[arg(long)]
+    text: Option<String>,
+}
+
+impl EmbedArgs {
+    pub(crate) fn run(self) -> Result<()> {
+        let Self { model, image, text } = self;
+        embed(&model, image, text)
+    }
+}
+
+fn load_model(args: &ModelArgs) -> Result<ClipModel> {
+    let device = model::device::select(&args.device)?;
+    let dtype = model::device::default_dtype(&device);
+    let path = model::weights::locate(args.weights.as_deref())?;
+    let ckpt = model::Checkpoint::load(&path, candle_core::DType::F32)?;
+    Ok(ClipModel::from_checkpoint(&ckpt, &device, dtype)?)
+}
+
+fn embed(args: &ModelArgs, image: Option<PathBuf>, text: Option<String>) -> Result<()> {
+    let clip = load_model(args)?;
+    let emb = match (image, text) {
+        (Some(path), _) => {
+            let rgb = cliper::vision::images::load_rgb(&path)?;
+            let size = clip.config.vision.image_size as u32;
+            let px = model::preprocess::preprocess_tensor(
+                &image::DynamicImage::ImageRgb8(rgb),
+                size,
+                &clip.device,
+            )?
+            .unsqueeze(0)?;
+            clip.encode_images(&px)?
+        }
+        (None, Some(text)) => {
+            let tok = model::tokenizer::ClipTokenizer::new();
+            clip.encode_texts(&tok, &[text.as_str()])
+                .context("cannot embed the text")?
+        }
+        (None, None) => anyhow::bail!("give --image FILE or --text STRING"),
+    };
+    let v: Vec<f32> = emb.squeeze(0)?.to_vec1()?;
+    println!("{}", serde_json::json!({ "embedding": v }));
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn classify_note(bank: &cliper::model::cliper::DescriptorBank) {
+    if bank.kind == cliper::model::cliper::BankKind::DferClip {
+        eprintln!("note: DFER-CLIP is a video model; still images are scored by its image branch (each frame's feature against the class features). `cliper classify-clip` and the dynamic mode use its temporal module.");
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn classify(
+    model: ModelArgs,
+    bank: BankArgs,
+    faces: FaceArgs,
+    top: Option<usize>,
+    json: bool,
+    precision: Precision,
+    images: Vec<PathBuf>,
+) -> Result<()> {
+    let mut analyzer = faces.still_analyzer()?;
+    let loaded = setup::load_with(&model.spec(&bank), precision)?;
+    classify_note(&loaded.bank);
+    let mut failed = 0;
+    for path in &images {
+        let rgb = match cliper::vision::images::load_rgb(path) {
+            Ok(rgb) => rgb,
+            Err(e) => {
+                eprintln!("error: {e}");
+                failed += 1;
+                continue;
+            }
+        };
+        let faces = analyzer
+            .analyze(&loaded.clip, &loaded.bank, &rgb)
+            .with_context(|| format!("cannot classify {}", path.display()))?;
+        if json {
+            let faces: Vec<_> = faces
+                .iter()
+                .map(|f| output::face_json(&f.bbox, &f.scores, &loaded.bank, top))
+                .collect();
+            let mut v = serde_json::json!({"image": path, "faces": faces});
+            if loaded.bank.kind == cliper::model::cliper::BankKind::DferClip {
+                // DFER-CLIP is a video model: a still gets its image branch.
+                v["branch"] = serde_json::json!("image");
+            }
+            println!("{v}");
+        } else {
+            print_table(path, &faces, &loaded.bank, top.unwrap_or(5));
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} images could not be read", images.len());
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn classify_clip(
+    model: ModelArgs,
+    bank: BankArgs,
+    faces: FaceArgs,
+    top: Option<usize>,
+    json: bool,
+    clips: Vec<PathBuf>,
+) -> Result<()> {
+    use cliper::pipeline::clip::{classify_clip, clip_json, sample_clip};
+    use cliper::pipeline::dynamic::DynamicScorer;
+    let mut analyzer = faces.still_analyzer()?;
+    let loaded = setup::load(&model.spec(&bank))?;
+    let temporal = match &loaded.cliper {
+        Some(ck) => ck
+            .temporal_module(loaded.clip.config.embed_dim, &loaded.clip.device)
+            .with_context(|| format!("cannot load the temporal module of {}", ck.path.display()))?,
+        None => None,
+    };
+    let scorer = DynamicScorer::new(temporal, &loaded.clip.device);
+    if scorer.temporal.is_none() {
+        eprintln!("note: no trained temporal weights; dynamic scores are the mean of the 16 frames' static scores");
+    }
+    let mut failed = 0;
+    let mut incomplete = 0;
+    for path in &clips {
+        let sampled = match sample_clip(path, scorer.frames()) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: {e}");
+                failed += 1;
+                continue;
+            }
+        };
+        for n in &sampled.notes {
+            eprintln!("{}: {n}", path.display());
+        }
+        if !sampled.complete {
+            incomplete += 1;
+        }
+        let r = classify_clip(&loaded.clip, &loaded.bank, &mut analyzer, &scorer, &sampled)
+            .with_context(|| format!("cannot classify {}", path.display()))?;
+        if json {
+            println!("{}", clip_json(path, &r, &sampled, &loaded.bank, top));
+        } else {
+            let faces: Vec<cliper::pipeline::FaceResult> = match (&r.bbox, &r.scores) {
+                (Some(b), Some(s)) => vec![cliper::pipeline::FaceResult {
+                    bbox: *b,
+                    scores: s.scores.clone(),
+                    embedding: Vec::new(),
+                }],
+                _ => Vec::new(),
+            };
+            println!(
+                "[dynamic: {}, {} frames{}]",
+                r.scores
+                    .as_ref()
+                    .map(|s| s.mode.as_str())
+                    .unwrap_or("no face"),
+                sampled.frames.len(),
+                if sampled.complete {
+                    String::new()
+                } else {
+                    format!(
+                        ", INCOMPLETE: sampled from the {} readable frames",
+                        sampled.source_frames
+                    )
+                }
+            );
+            print_table(path, &faces, &loaded.bank, top.unwrap_or(5));
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} clips could not be read", clips.len());
+    }
+    if incomplete > 0 {
+        anyhow::bail!(
+            "{incomplete} of {} clips could not be read whole (\"complete\": false; see the notes above): their scores cover only the frames read",
+            clips.len()
+        );
+    }
+    Ok(())
+}
+
+fn print_table(
+    path: &std::path::Path,
+    faces: &[cliper::pipeline::FaceResult],
+    bank: &cliper::model::cliper::DescriptorBank,
+    top: usize,
+) {
+    println!(
+        "{}: {} face(s)  [{} descriptors: {}]",
+        path.display(),
+        faces.len(),
+        bank.kind.as_str(),
+        bank.source
+    );
+    for (n, f) in faces.iter().enumerate() {
+        let b = &f.bbox;
+        println!(
+            "  face {} at x={} y={} w={} h={}: {}",
+            n + 1,
+            b.x,
+            b.y,
+            b.w,
+            b.h,
+            f.scores.predicted_name()
+        );
+        for (c, name) in f.scores.layout.classes().iter().enumerate() {
+            let p = f.scores.probs[c];
+            let bar = "#".repeat((p * 30.0).round() as usize);
+            println!(
+                "    {name:<10} score {:>8.3}  prob {p:>6.3}  {bar}",
+                f.scores.class_scores[c]
+            );
+        }
+        println!("    top descriptors:");
+        for &i in f.scores.ranked().iter().take(top) {
+            let d = &bank.descriptors[i];
+            println!(
+                "      {:>8.3}  {:<10} #{}  {}",
+                f.scores.logits[i],
+                bank.layout.name(d.class),
+                d.index,
+                d.text
+            );
+        }
+    }
+}
