@@ -3,12 +3,11 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{astronaut_path, cliper, fixtures, weights};
+use common::{astronaut_path, cliper, fixtures, torch_zip, weights};
 
 /// Waits for `child` up to `limit`; kills it and fails the test on a hang.
 fn wait_or_kill(mut child: Child, limit: Duration, what: &str) -> (i32, String) {
@@ -36,19 +35,6 @@ fn spawn(args: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
-}
-
-/// A `torch.save`-shaped zip whose `archive/data.pkl` is `pickle`.
-fn torch_zip(path: &Path, pickle: &[u8]) {
-    let f = std::fs::File::create(path).unwrap();
-    let mut z = zip::ZipWriter::new(f);
-    let opts =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    z.start_file("archive/data.pkl", opts).unwrap();
-    z.write_all(pickle).unwrap();
-    z.start_file("archive/version", opts).unwrap();
-    z.write_all(b"3\n").unwrap();
-    z.finish().unwrap();
 }
 
 #[test]

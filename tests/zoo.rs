@@ -337,18 +337,11 @@ fn bad_models_and_heads_get_clear_errors() {
 
 /// A torch zip whose pickle calls `posix.system`.
 fn write_evil_pickle(path: &Path) {
-    use std::io::Write;
     // protocol 2: GLOBAL posix system, a string, TUPLE1, REDUCE, STOP
-    let pickle = b"\x80\x02cposix\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03.";
-    let f = std::fs::File::create(path).unwrap();
-    let mut z = zip::ZipWriter::new(f);
-    let opts: zip::write::SimpleFileOptions =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    z.start_file("archive/data.pkl", opts).unwrap();
-    z.write_all(pickle).unwrap();
-    z.start_file("archive/version", opts).unwrap();
-    z.write_all(b"3\n").unwrap();
-    z.finish().unwrap();
+    torch_zip(
+        path,
+        b"\x80\x02cposix\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03.",
+    );
 }
 
 /// An 11-class model end to end: a recorded run, its report, and eval.

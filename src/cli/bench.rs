@@ -22,9 +22,9 @@ pub(crate) struct BenchArgs {
     /// Worker threads (default: one per core, or $RAYON_NUM_THREADS).
     #[arg(value_parser = ranged::<1, 1024>, long)]
     threads: Option<usize>,
-    /// Compute device: auto, cpu, cuda or metal.
-    #[arg(long, default_value = "auto")]
-    device: String,
+    /// Compute device.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
     /// Images for the reduced-precision agreement report (default: 64
     /// crops of the built-in demo portrait).
     #[arg(long, num_args = 1..)]
@@ -54,7 +54,7 @@ impl BenchArgs {
             precision,
             runs,
             threads,
-            device,
+            device: device.as_str().into(),
             images,
             ..Default::default()
         };

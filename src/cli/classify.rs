@@ -93,7 +93,7 @@ impl EmbedArgs {
 }
 
 fn load_model(args: &ModelArgs) -> Result<ClipModel> {
-    let device = model::device::select(&args.device)?;
+    let device = model::device::select(args.device.as_str())?;
     let dtype = model::device::default_dtype(&device);
     let path = model::weights::locate(args.weights.as_deref())?;
     let ckpt = model::Checkpoint::load(&path, candle_core::DType::F32)?;

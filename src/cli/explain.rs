@@ -8,11 +8,11 @@ pub(crate) struct ExplainArgs {
     model: ModelArgs,
     #[command(flatten)]
     bank: BankArgs,
-    /// fast (value path, every frame), gradcam (attention x gradient) or
-    /// occlusion (grey out grid cells).
-    #[arg(long, default_value = "fast")]
-    method: String,
-    /// A class name or a descriptor index 0..34 (default: each face's prediction).
+    /// How the map is computed.
+    #[arg(long, value_enum, default_value_t = cliper::model::explain::Method::Fast)]
+    method: cliper::model::explain::Method,
+    /// A class name of the model, or a descriptor index 0..D-1 (CLIPER:
+    /// 0..34; default: each face's prediction).
     #[arg(long)]
     target: Option<String>,
     /// Occlusion grid cells per side.
@@ -48,9 +48,6 @@ impl ExplainArgs {
         } = self;
         use cliper::model::explain::Method;
         use cliper::pipeline::explain as ex;
-        let method = Method::parse(&method).ok_or_else(|| {
-            anyhow::anyhow!("unknown --method `{method}`: use fast, gradcam or occlusion")
-        })?;
         if !(0.0..=1.0).contains(&opacity) {
             anyhow::bail!("--opacity {opacity} is out of range 0..1");
         }

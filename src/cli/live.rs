@@ -24,8 +24,8 @@ pub(crate) struct LiveArgs {
     explain: Option<String>,
     /// Which map to draw: fast (every frame), gradcam or occlusion (computed
     /// in the background for the paused frame).
-    #[arg(long, value_name = "METHOD", default_value = "fast")]
-    map: String,
+    #[arg(long, value_name = "METHOD", value_enum, default_value_t = cliper::model::explain::Method::Fast)]
+    map: cliper::model::explain::Method,
     /// Occlusion grid cells per side for --map occlusion.
     #[arg(value_parser = ranged::<1, 32>, long, default_value_t = 7)]
     grid: usize,
@@ -43,12 +43,7 @@ fn live(args: LiveArgs) -> Result<()> {
             "--screenshot needs --exit-after SECONDS: the picture is taken just before the window closes"
         );
     }
-    let map = cliper::model::explain::Method::parse(&args.map).ok_or_else(|| {
-        anyhow::anyhow!(
-            "unknown --map `{}`: use fast, gradcam or occlusion",
-            args.map
-        )
-    })?;
+    let map = args.map;
     if !(1..=32).contains(&args.grid) {
         anyhow::bail!(
             "--grid {} is out of range: give 1 to 32 cells per side",

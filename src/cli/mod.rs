@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use cliper::model::device::Precision;
+use cliper::model::device::{DeviceChoice, Precision};
 use cliper::model::{self, ClipModel};
 use cliper::pipeline::analyzer::{AnalyzerConfig, FaceAnalyzer};
 use cliper::pipeline::output;
@@ -100,9 +100,9 @@ struct ModelArgs {
     /// Default: $CLIPER_WEIGHTS, then weights/, then the Hugging Face cache.
     #[arg(long)]
     weights: Option<PathBuf>,
-    /// Compute device: auto, cpu, cuda or metal.
-    #[arg(long, default_value = "auto")]
-    device: String,
+    /// Compute device.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
 }
 
 #[derive(clap::Args, Clone)]
@@ -136,7 +136,7 @@ impl ModelArgs {
         ModelSpec {
             weights: self.weights.clone(),
             bank: bank.source(),
-            device: self.device.clone(),
+            device: self.device.as_str().into(),
             head: bank.head.as_deref().map(cliper::model::zoo::resolve),
         }
     }

@@ -72,7 +72,7 @@ impl TrainArgs {
             seed,
             cache_dir: cache,
             skip_unreadable,
-            device: model.device,
+            device: model.device.as_str().into(),
             force,
         };
         let summary = cliper::train::trainer::train(&opts, &mut |line| eprintln!("{line}"))?;

@@ -50,16 +50,8 @@ impl WeightsAction {
 }
 
 fn fetch_named(name: &str) -> Result<()> {
-    use indicatif::{ProgressBar, ProgressStyle};
     let entry = model::zoo::find(name).ok_or_else(|| model::zoo::ZooError::Unknown(name.into()))?;
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}, eta {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
+    let bar = model::weights::download_bar();
     bar.set_message(entry.name.to_string());
     let path = model::zoo::fetch(entry.name, &mut |done, total| {
         bar.set_length(total);

@@ -72,6 +72,28 @@ impl Precision {
     }
 }
 
+/// `--device`: which device to run on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceChoice {
+    /// A CUDA GPU, else Metal, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+impl DeviceChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceChoice::Auto => "auto",
+            DeviceChoice::Cpu => "cpu",
+            DeviceChoice::Cuda => "cuda",
+            DeviceChoice::Metal => "metal",
+        }
+    }
+}
+
 /// Opens the device named by `choice`; `auto` takes the best one available.
 pub fn select(choice: &str) -> Result<Device, DeviceError> {
     match choice {

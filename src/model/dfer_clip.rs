@@ -31,17 +31,8 @@ use crate::model::layers::l2_normalize;
 use crate::model::tokenizer::{ClipTokenizer, EOT, SOT};
 use crate::model::ClipModel;
 
-/// The class orders DFER-CLIP trains with (`models/Text.py`): DFEW and
-/// FERV39k's 7, MAFW's 11.
-pub const DFEW_CLASSES: [&str; 7] = [
-    "happiness",
-    "sadness",
-    "neutral",
-    "anger",
-    "surprise",
-    "disgust",
-    "fear",
-];
+/// The class orders DFER-CLIP trains with (`models/Text.py`): MAFW's 11,
+/// whose first 7 are DFEW's and FERV39k's.
 pub const MAFW_CLASSES: [&str; 11] = [
     "happiness",
     "sadness",
@@ -55,6 +46,7 @@ pub const MAFW_CLASSES: [&str; 11] = [
     "helplessness",
     "disappointment",
 ];
+pub const DFEW_CLASSES: &[&str] = MAFW_CLASSES.split_at(7).0;
 
 /// The prompt learner's saved tensors.
 #[derive(Clone, Debug)]

@@ -85,11 +85,16 @@ pub fn resolve(
     Ok((w.matmul(text)?, Target::Descriptor(0)))
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+/// How a map is computed (`--method`, `--map`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Method {
+    /// The value path: every frame, no extra forward pass.
     #[default]
     Fast,
+    /// Attention x gradient.
+    #[value(name = "gradcam", alias = "grad-cam")]
     GradCam,
+    /// Grey out grid cells, one forward pass each.
     Occlusion,
 }
 

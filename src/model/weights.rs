@@ -1074,6 +1074,19 @@ fn stall_limit() -> std::time::Duration {
 /// message naming the host. `hf-hub` retries 3 times and resumes a partial
 /// file from where it stopped, so running the command again goes on.
 pub fn fetch() -> std::result::Result<PathBuf, String> {
+    let bar = download_bar();
+    let b = bar.clone();
+    let result = fetch_watched(move |file, done, total| {
+        b.set_message(file.to_string());
+        b.set_length(total);
+        b.set_position(done);
+    });
+    bar.finish_and_clear();
+    result
+}
+
+/// The progress bar of every download (the hub's, the named models').
+pub fn download_bar() -> indicatif::ProgressBar {
     use indicatif::{ProgressBar, ProgressStyle};
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -1083,14 +1096,7 @@ pub fn fetch() -> std::result::Result<PathBuf, String> {
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    let b = bar.clone();
-    let result = fetch_watched(move |file, done, total| {
-        b.set_message(file.to_string());
-        b.set_length(total);
-        b.set_position(done);
-    });
-    bar.finish_and_clear();
-    result
+    bar
 }
 
 /// [`fetch_with_progress`] under the stall watchdog of [`fetch`].

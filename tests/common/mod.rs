@@ -128,3 +128,18 @@ pub fn assert_fails_naming(args: &[&str], needle: &str) -> String {
     );
     err
 }
+
+/// A `torch.save`-shaped zip whose `archive/data.pkl` is `pickle`.
+#[allow(dead_code)]
+pub fn torch_zip(path: &Path, pickle: &[u8]) {
+    use std::io::Write;
+    let f = std::fs::File::create(path).unwrap();
+    let mut z = zip::ZipWriter::new(f);
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    z.start_file("archive/data.pkl", opts).unwrap();
+    z.write_all(pickle).unwrap();
+    z.start_file("archive/version", opts).unwrap();
+    z.write_all(b"3\n").unwrap();
+    z.finish().unwrap();
+}
