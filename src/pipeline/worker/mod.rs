@@ -1,0 +1,523 @@
+//! The live pipeline: background threads that turn frames into per-face
+//! results, for the app and for `cliper run`.
+//!
+//! ```text
+//!  capture ──[1]──> detect + track ──[1]──> encode + score ──> events
+//!  (source)         (FaceDetector,          (CLIP vision tower, one batch
+//!                    Tracker)                per frame; descriptor bank)
+//! ```
+//!
+//! Each arrow is a queue of capacity one. Live, the newest frame wins: a
+//! stage that is still busy when a new frame arrives finds only the newest
+//! one waiting, so latency never piles up and slow inference simply skips
+//! frames. In batch mode the queues block instead, and every frame of a file
+//! is processed.
+//!
+//! Results leave over a channel as [`PipelineEvent`]s; after each one the
+//! worker calls the `notify` callback it was given (the app passes
+//! `request_repaint`). Nothing here knows about the UI.
+//!
+//! Faults are events, never panics: a source that cannot be opened or a
+//! camera that vanishes is reported and the pipeline waits for another
+//! source; a model that fails to load is reported and frames still flow
+//! (boxes without scores).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender, TrySendError};
+use image::RgbImage;
+
+use crate::model::cliper::scoring;
+use crate::model::cliper::{CliperCheckpoint, DescriptorBank};
+use crate::model::device;
+use crate::model::explain::{self, ExplainMap, Method, Target};
+use crate::model::temporal::TemporalModule;
+use crate::model::tokenizer::ClipTokenizer;
+use crate::model::{Checkpoint, ClipModel};
+use crate::pipeline::analyzer::{AnalyzerConfig, FaceAnalyzer, FaceResult};
+use crate::pipeline::dynamic::{DynamicScorer, DynamicScores, FeatureWindows};
+use crate::pipeline::setup::{self, BankSource, Loaded, ModelSpec};
+use crate::vision::faces::crop_face;
+use crate::vision::source::{Frame, FrameSource, SourceError, SourceSpec};
+use crate::vision::tracking::{TrackedFace, Tracker, TrackerConfig};
+
+/// How the pipeline treats time and frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunMode {
+    /// For display: files and images play in real time, stale frames are
+    /// dropped, and a source that ends leaves the pipeline waiting for the
+    /// next one.
+    Live,
+    /// For batch processing: as fast as possible, every frame processed in
+    /// order, and the pipeline finishes when the source ends.
+    Batch,
+}
+
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    pub source: SourceSpec,
+    pub model: ModelSpec,
+    pub analyzer: AnalyzerConfig,
+    pub tracker: TrackerConfig,
+    pub mode: RunMode,
+    /// Stop after this many frames (`cliper run --frames N`).
+    pub max_frames: Option<u64>,
+    /// A free-text description scored next to the classes.
+    pub probe: Option<String>,
+    /// The dynamic branch's window of frame features per face.
+    pub dynamic: DynamicSettings,
+    /// Draw this descriptor's or class's fast map for every face from the start.
+    pub explain: Option<Target>,
+    /// Send each frame with its boxes ([`PipelineEvent::Frame`]): on in live
+    /// mode (the window shows them), and in batch runs that record video.
+    pub emit_frames: bool,
+    /// Batch mode: after a source ends or fails, wait for the next
+    /// [`PipelineCommand::SetSource`] instead of finishing, so that one
+    /// loaded model serves a whole list of files (`cliper batch`).
+    pub keep_open: bool,
+}
+
+/// Window length and stride of the dynamic branch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DynamicSettings {
+    /// Frame features per window (capped at the temporal module's frames).
+    pub window: usize,
+    /// A new dynamic score every `stride` frames once a window is full.
+    pub stride: usize,
+}
+
+impl Default for DynamicSettings {
+    fn default() -> Self {
+        Self {
+            window: crate::model::temporal::DEFAULT_FRAMES,
+            stride: 1,
+        }
+    }
+}
+
+/// A request for the maps of one still frame (the app's paused frame),
+/// computed on a background thread: Grad-CAM and occlusion cost one to
+/// dozens of forward passes per face, far too slow for every frame.
+#[derive(Clone, Debug)]
+pub struct ExactRequest {
+    /// Chosen by the caller; the events about this request carry it.
+    pub id: u64,
+    pub frame: Arc<DetectedFrame>,
+    pub target: Target,
+    pub method: Method,
+    /// Occlusion grid cells per side.
+    pub grid: usize,
+}
+
+/// Live detection runs on frames shrunk to this longer side: 320x240 for a
+/// 640x480 camera, about 40 ms with rustface on a laptop core (against about
+/// 65 ms at the analyzer's default), and a new frame's boxes reach the screen
+/// that much sooner. Faces down to 80 px in a 640x480 frame are still found.
+pub const LIVE_DETECT_MAX_SIDE: u32 = 320;
+
+impl PipelineConfig {
+    /// Defaults for `mode`; live mode detects on smaller frames.
+    pub fn new(source: SourceSpec, model: ModelSpec, mode: RunMode) -> Self {
+        let mut analyzer = AnalyzerConfig::default();
+        if mode == RunMode::Live {
+            analyzer.detector.max_side = LIVE_DETECT_MAX_SIDE;
+        }
+        Self {
+            source,
+            model,
+            analyzer,
+            tracker: TrackerConfig::default(),
+            mode,
+            max_frames: None,
+            probe: None,
+            dynamic: DynamicSettings::default(),
+            explain: None,
+            emit_frames: mode == RunMode::Live,
+            keep_open: false,
+        }
+    }
+}
+
+/// What the model loader found, for the status bar.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    /// "CPU", "CUDA", "Metal".
+    pub device: String,
+    /// The CLIP weights file in use.
+    pub weights: std::path::PathBuf,
+    /// Seconds it took to load the weights and build the bank.
+    pub load_secs: f32,
+}
+
+/// A frame after detection and tracking, ready to show.
+#[derive(Debug)]
+pub struct DetectedFrame {
+    /// Counter of frames that entered the pipeline (across sources).
+    pub seq: u64,
+    /// Source generation: bumps every time a source is (re)opened.
+    pub generation: u64,
+    /// Index and time of the frame in its source.
+    pub index: u64,
+    pub t: f64,
+    pub image: Arc<RgbImage>,
+    pub faces: Vec<TrackedFace>,
+    /// When the capture stage got the frame.
+    pub captured: Instant,
+    /// Decoding the frame (video files; 0 for other sources).
+    pub decode_ms: f32,
+    pub detect_ms: f32,
+    /// Capture rate of the source, frames per second.
+    pub capture_fps: f32,
+    /// Frames the capture stage dropped so far because detection was busy.
+    pub dropped: u64,
+}
+
+/// One face of a scored frame.
+#[derive(Clone, Debug)]
+pub struct TrackedResult {
+    /// Track id (stable across frames).
+    pub id: u64,
+    pub face: FaceResult,
+    /// Logit of the probe text, on the descriptor logits' scale.
+    pub probe_logit: Option<f32>,
+    /// The dynamic branch's latest scores for this face, once its window of
+    /// frame features is full (`None` before).
+    pub dynamic: Option<DynamicScores>,
+    /// How many frame features the face's window holds.
+    pub window_fill: usize,
+    /// The fast explanation map of the requested target, when one is asked
+    /// for ([`PipelineCommand::SetExplain`]).
+    pub explain: Option<ExplainMap>,
+}
+
+/// Time spent in each stage for one frame, in milliseconds, plus rates.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StageTimings {
+    /// Decoding the frame (video files).
+    pub decode_ms: f32,
+    pub detect_ms: f32,
+    /// Crop, preprocess and vision-tower forward of all faces (one batch).
+    pub encode_ms: f32,
+    /// Logits against the bank and the probe.
+    pub score_ms: f32,
+    pub capture_fps: f32,
+    /// Frames scored per second.
+    pub inference_fps: f32,
+}
+
+/// The scores of one frame.
+#[derive(Clone, Debug)]
+pub struct FrameScores {
+    pub seq: u64,
+    pub generation: u64,
+    pub index: u64,
+    pub t: f64,
+    pub captured: Instant,
+    /// Faces in the order they were detected (left to right).
+    pub faces: Vec<TrackedResult>,
+    pub timings: StageTimings,
+    /// The probe text the `probe_logit`s refer to.
+    pub probe: Option<String>,
+    /// The bank the scores refer to.
+    pub bank: Arc<DescriptorBank>,
+}
+
+/// Facts about an opened source.
+#[derive(Clone, Debug)]
+pub struct SourceInfo {
+    pub spec: SourceSpec,
+    pub generation: u64,
+    pub name: String,
+    pub len: Option<u64>,
+    pub fps: f64,
+    pub live: bool,
+}
+
+/// What the pipeline reports.
+#[derive(Debug)]
+pub enum PipelineEvent {
+    SourceOpened(SourceInfo),
+    /// The source could not be opened, or failed for good (a camera
+    /// unplugged, a damaged file); the pipeline waits for another source.
+    SourceFailed {
+        spec: SourceSpec,
+        error: String,
+        /// Frames of this source sent on before it failed (0: it never opened).
+        frames: u64,
+    },
+    /// A frame was skipped (an unreadable image in a folder).
+    SourceWarning(String),
+    /// A finite source played to its end.
+    SourceEnded {
+        generation: u64,
+        frames: u64,
+    },
+    /// A frame with its face boxes (live mode, or `emit_frames`).
+    Frame(Arc<DetectedFrame>),
+    ModelLoading,
+    ModelReady(ModelInfo),
+    ModelFailed(String),
+    BankReady(Arc<DescriptorBank>),
+    BankFailed(String),
+    /// The probe text was encoded (`None`: probe cleared).
+    ProbeReady(Option<String>),
+    ProbeFailed {
+        text: String,
+        error: String,
+    },
+    Scores(FrameScores),
+    /// One face's map for an [`ExactRequest`].
+    ExactMap {
+        request: u64,
+        face: u64,
+        map: ExplainMap,
+    },
+    /// Work done on an [`ExactRequest`], in forward passes.
+    ExactProgress {
+        request: u64,
+        done: usize,
+        total: usize,
+    },
+    /// An [`ExactRequest`] finished (`error`: it failed), or was cancelled
+    /// (`cancelled`: a newer request or [`PipelineCommand::Exact`]`(None)`).
+    ExactDone {
+        request: u64,
+        error: Option<String>,
+        cancelled: bool,
+    },
+    /// Batch mode: every frame was processed, or the pipeline stopped.
+    Finished,
+}
+
+/// Commands to a running pipeline.
+#[derive(Clone, Debug)]
+pub enum PipelineCommand {
+    /// Close the current source and open another (or reopen it: replay).
+    SetSource(SourceSpec),
+    SetBank(BankSource),
+    SetProbe(Option<String>),
+    /// Window length and stride of the dynamic branch (windows restart).
+    SetDynamic(DynamicSettings),
+    /// Compute the fast explanation map of this descriptor or class for
+    /// every face (or stop: `None`).
+    SetExplain(Option<Target>),
+    /// Compute the maps of a still frame in the background (a newer request
+    /// cancels the one running), or stop: `None`.
+    Exact(Option<ExactRequest>),
+    /// Hold a file source at its current frame (`true`) or play on. Live
+    /// cameras keep streaming (and recording): the window freezes instead.
+    SetPaused(bool),
+}
+
+type Notify = Arc<Mutex<Box<dyn FnMut() + Send>>>;
+
+/// Sends events and pokes the consumer.
+#[derive(Clone)]
+struct Events {
+    tx: Sender<PipelineEvent>,
+    notify: Notify,
+}
+
+impl Events {
+    /// Returns false when nobody listens any more.
+    fn send(&self, e: PipelineEvent) -> bool {
+        let ok = self.tx.send(e).is_ok();
+        if let Ok(mut f) = self.notify.lock() {
+            f();
+        }
+        ok
+    }
+}
+
+/// A capacity-one queue in front of a stage.
+struct StageQueue<T> {
+    tx: Sender<T>,
+    /// A receiver kept by the sender to throw away a stale item.
+    drain: Receiver<T>,
+    newest_wins: bool,
+}
+
+impl<T> StageQueue<T> {
+    fn new(newest_wins: bool) -> (Self, Receiver<T>) {
+        let (tx, rx) = bounded(1);
+        (
+            Self {
+                tx,
+                drain: rx.clone(),
+                newest_wins,
+            },
+            rx,
+        )
+    }
+
+    /// Queues `item`; returns (still open, frames dropped).
+    fn push(&self, mut item: T) -> (bool, u64) {
+        if !self.newest_wins {
+            return (self.tx.send(item).is_ok(), 0);
+        }
+        let mut dropped = 0;
+        loop {
+            match self.tx.try_send(item) {
+                Ok(()) => return (true, dropped),
+                Err(TrySendError::Full(back)) => {
+                    if self.drain.try_recv().is_ok() {
+                        dropped += 1;
+                    }
+                    item = back;
+                }
+                Err(TrySendError::Disconnected(_)) => return (false, dropped),
+            }
+        }
+    }
+}
+
+/// A captured frame on its way to detection.
+struct Captured {
+    frame: Frame,
+    seq: u64,
+    generation: u64,
+    captured: Instant,
+    capture_fps: f32,
+    decode_ms: f32,
+    dropped: u64,
+}
+
+/// Events a batch pipeline may queue ahead of its consumer.
+const BATCH_EVENTS: usize = 64;
+
+/// A running pipeline. Dropping it stops the threads (without waiting).
+pub struct Pipeline {
+    pub events: Receiver<PipelineEvent>,
+    capture_cmd: Sender<PipelineCommand>,
+    infer_cmd: Sender<PipelineCommand>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Pipeline {
+    /// Starts the threads. `notify` is called after every event (from the
+    /// worker threads): pass `move || ctx.request_repaint()` from an app, or
+    /// `|| {}`.
+    pub fn start(config: PipelineConfig, notify: impl FnMut() + Send + 'static) -> Self {
+        // Batch runs wait for their consumer: a slow disk under a recording
+        // or a slow reader of `cliper run`'s output then slows the pipeline
+        // instead of piling up frames (each one an image) in memory. Live,
+        // the window drains the queue every frame and stale frames go.
+        let (ev_tx, events) = match config.mode {
+            RunMode::Batch => bounded(BATCH_EVENTS),
+            RunMode::Live => unbounded(),
+        };
+        let events_out = Events {
+            tx: ev_tx,
+            notify: Arc::new(Mutex::new(Box::new(notify))),
+        };
+        let newest_wins = config.mode == RunMode::Live;
+        let (to_detect, detect_rx) = StageQueue::<Captured>::new(newest_wins);
+        let (to_infer, infer_rx) = StageQueue::<Arc<DetectedFrame>>::new(newest_wins);
+        let (capture_cmd, capture_cmd_rx) = unbounded();
+        let (infer_cmd, infer_cmd_rx) = unbounded();
+        let mut threads = Vec::new();
+
+        let ev = events_out.clone();
+        let cfg = config.clone();
+        threads.push(spawn("cliper-capture", move || {
+            capture_stage(cfg, to_detect, capture_cmd_rx, ev)
+        }));
+        let ev = events_out.clone();
+        let cfg = config.clone();
+        threads.push(spawn("cliper-detect", move || {
+            detect_stage(cfg, detect_rx, to_infer, ev)
+        }));
+        let ev = events_out;
+        threads.push(spawn("cliper-infer", move || {
+            infer_stage(config, infer_rx, infer_cmd_rx, ev)
+        }));
+        Self {
+            events,
+            capture_cmd,
+            infer_cmd,
+            threads,
+        }
+    }
+
+    /// Sends a command to the stage that owns it.
+    pub fn command(&self, cmd: PipelineCommand) {
+        let _ = match cmd {
+            PipelineCommand::SetSource(_) | PipelineCommand::SetPaused(_) => {
+                self.capture_cmd.send(cmd)
+            }
+            _ => self.infer_cmd.send(cmd),
+        };
+    }
+
+    /// Stops the threads and waits for them (batch use; the app just drops
+    /// the pipeline, since a camera read may block for a frame time).
+    pub fn join(mut self) {
+        self.shut();
+        // Nobody reads the events any more: a stage blocked on a full
+        // queue must see the channel closed, not wait for ever.
+        self.events = crossbeam_channel::never();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    fn shut(&mut self) {
+        // Closing the command channels tells capture and inference to stop;
+        // detection stops when capture closes its queue.
+        let (dead, _) = unbounded();
+        self.capture_cmd = dead.clone();
+        self.infer_cmd = dead;
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.shut();
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(f)
+        .unwrap_or_else(|e| panic!("cannot start thread {name}: {e}"))
+}
+
+/// Rate of events from the spacing of the last few, in events per second.
+#[derive(Default)]
+struct RateMeter {
+    last: Option<Instant>,
+    period: Option<f32>,
+}
+
+impl RateMeter {
+    fn tick(&mut self) -> f32 {
+        let now = Instant::now();
+        if let Some(last) = self.last {
+            let dt = now.duration_since(last).as_secs_f32();
+            self.period = Some(match self.period {
+                Some(p) => 0.8 * p + 0.2 * dt,
+                None => dt,
+            });
+        }
+        self.last = Some(now);
+        match self.period {
+            Some(p) if p > 0.0 => 1.0 / p,
+            _ => 0.0,
+        }
+    }
+}
+
+mod capture;
+mod detect;
+mod exact;
+mod infer;
+
+use capture::capture_stage;
+use detect::detect_stage;
+use infer::infer_stage;
