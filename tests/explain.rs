@@ -210,13 +210,13 @@ fn explain_bad_input() {
 
 #[test]
 fn live_pipeline_draws_the_fast_map_of_the_chosen_target() {
-    use cliper::pipeline::setup::ModelSpec;
+    use cliper::model::setup::ModelSpec;
     use cliper::pipeline::worker::{Pipeline, PipelineConfig, PipelineEvent, RunMode};
     use cliper::vision::source::SourceSpec;
     let photo = astronaut_path();
     let model = ModelSpec {
         weights: Some(fixtures().join("clip_c_hf16")),
-        bank: cliper::pipeline::setup::BankSource::Learned(
+        bank: cliper::model::setup::BankSource::Learned(
             fixtures().join("clip_c_hf16/descriptors.safetensors"),
         ),
         device: "cpu".into(),
@@ -273,7 +273,7 @@ fn live_pipeline_draws_the_fast_map_of_the_chosen_target() {
 #[test]
 fn live_pipeline_computes_exact_maps_of_a_paused_frame() {
     use cliper::model::explain::Method;
-    use cliper::pipeline::setup::ModelSpec;
+    use cliper::model::setup::ModelSpec;
     use cliper::pipeline::worker::{
         ExactRequest, Pipeline, PipelineCommand, PipelineConfig, PipelineEvent, RunMode,
     };
@@ -282,7 +282,7 @@ fn live_pipeline_computes_exact_maps_of_a_paused_frame() {
     let photo = astronaut_path();
     let model = ModelSpec {
         weights: Some(fixtures().join("clip_c_hf16")),
-        bank: cliper::pipeline::setup::BankSource::Learned(
+        bank: cliper::model::setup::BankSource::Learned(
             fixtures().join("clip_c_hf16/descriptors.safetensors"),
         ),
         device: "cpu".into(),

@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use cliper::pipeline::setup::ModelSpec;
+use cliper::model::setup::ModelSpec;
 use cliper::pipeline::worker::{FrameScores, Pipeline, PipelineConfig, PipelineEvent, RunMode};
 use cliper::vision::source::{SourceSpec, DEFAULT_IMAGE_FPS};
 use common::*;
@@ -575,7 +575,7 @@ fn live_pipeline_survives_ending_and_failing_sources() {
     // Switching the bank to a learned one from a file.
     let learned = fixtures().join("clip_c_hf16/descriptors.safetensors");
     pipeline.command(PipelineCommand::SetBank(
-        cliper::pipeline::setup::BankSource::Learned(learned),
+        cliper::model::setup::BankSource::Learned(learned),
     ));
     let learned_or_failed = |e: &PipelineEvent| match e {
         PipelineEvent::BankReady(b) => b.kind == cliper::model::cliper::BankKind::Learned,

@@ -668,8 +668,8 @@ fn replay_without_a_readable_video_shows_the_timelines() {
 /// capture, smoothed values recorded, and finished in the background.
 #[test]
 fn a_recording_started_mid_session_in_live_mode() {
+    use cliper::model::setup::ModelSpec;
     use cliper::pipeline::recorder::{RecordOptions, Recorder};
-    use cliper::pipeline::setup::ModelSpec;
     use cliper::pipeline::worker::{Pipeline, PipelineConfig, PipelineEvent, RunMode};
     use cliper::vision::source::SourceSpec;
 

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use common::*;
 use serde_json::Value;
 
+use cliper::model::setup::{self, BankSource, ModelSpec};
 use cliper::pipeline::dynamic::DynamicScorer;
-use cliper::pipeline::setup::{self, BankSource, ModelSpec};
 
 fn zoo(name: &str) -> PathBuf {
     fixtures().join("zoo").join(name)

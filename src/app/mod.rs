@@ -24,7 +24,7 @@ mod video;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use crate::pipeline::setup::ModelSpec;
+use crate::model::setup::ModelSpec;
 use crate::vision::source::SourceSpec;
 
 pub use live::CliperApp;

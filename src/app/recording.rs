@@ -11,9 +11,9 @@ use eframe::egui::{self, Color32, RichText};
 
 use super::store::{ModelState, Store};
 use super::Action;
+use crate::model::setup::ModelSpec;
 use crate::pipeline::analyzer::AnalyzerConfig;
 use crate::pipeline::recorder::{format_elapsed, run_settings, RecordOptions, Recorder};
-use crate::pipeline::setup::ModelSpec;
 use crate::pipeline::worker::{PipelineEvent, LIVE_DETECT_MAX_SIDE};
 use crate::session::finalize::{finalize_all, Finalized};
 use crate::session::writer::FinishReport;

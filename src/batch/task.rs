@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::model::cliper::DescriptorBank;
+use crate::model::setup::ModelSpec;
 use crate::pipeline::analyzer::AnalyzerConfig;
 use crate::pipeline::recorder::{RecordOptions, Recorder};
-use crate::pipeline::setup::ModelSpec;
 use crate::pipeline::worker::{
     DynamicSettings, ModelInfo, Pipeline, PipelineCommand, PipelineConfig, PipelineEvent, RunMode,
 };
@@ -375,7 +375,7 @@ fn lock_held(dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::setup::BankSource;
+    use crate::model::setup::BankSource;
 
     fn options(out: &Path, items: Vec<WorkItem>, shard: Shard) -> TaskOptions {
         TaskOptions {

@@ -5,10 +5,10 @@
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use cliper::model::device::{DeviceChoice, Precision};
+use cliper::model::setup::{self, BankSource, ModelSpec};
 use cliper::model::{self, ClipModel};
 use cliper::pipeline::analyzer::{AnalyzerConfig, FaceAnalyzer};
 use cliper::pipeline::output;
-use cliper::pipeline::setup::{self, BankSource, ModelSpec};
 use std::path::PathBuf;
 
 pub(crate) use session::recover_sessions;
@@ -145,7 +145,7 @@ impl ModelArgs {
 impl BankArgs {
     fn source(&self) -> BankSource {
         match (&self.descriptors, &self.prompts) {
-            (Some(d), _) if cliper::pipeline::setup::is_prompts_file(d) => {
+            (Some(d), _) if cliper::model::setup::is_prompts_file(d) => {
                 BankSource::Prompts(d.clone())
             }
             (Some(d), _) => BankSource::Learned(cliper::model::zoo::resolve(d)),

@@ -12,6 +12,7 @@ pub mod layers;
 pub mod pickle_guard;
 pub mod preprocess;
 pub mod rng;
+pub mod setup;
 pub mod temporal;
 pub mod text;
 pub mod tokenizer;

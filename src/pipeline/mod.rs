@@ -1,4 +1,4 @@
-//! Turning frames into per-face results: model setup, face analysis, the
+//! Turning frames into per-face results: face analysis, the
 //! threaded live pipeline, batch runs, and the JSON shape of results. No UI
 //! types here.
 
@@ -10,7 +10,6 @@ pub mod explain;
 pub mod output;
 pub mod recorder;
 pub mod run;
-pub mod setup;
 pub mod smoothing;
 pub mod worker;
 

@@ -19,8 +19,8 @@ use crossbeam_channel::Receiver;
 use serde_json::{json, Value};
 
 use crate::model::cliper::{DescriptorBank, ExpressionScores};
+use crate::model::setup::{BankSource, ModelSpec};
 use crate::pipeline::analyzer::AnalyzerConfig;
-use crate::pipeline::setup::{BankSource, ModelSpec};
 use crate::pipeline::smoothing;
 use crate::pipeline::worker::{
     DetectedFrame, FrameScores, ModelInfo, PipelineEvent, RunMode, SourceInfo, TrackedResult,

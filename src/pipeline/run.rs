@@ -7,10 +7,10 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::model::setup::ModelSpec;
 use crate::pipeline::analyzer::AnalyzerConfig;
 use crate::pipeline::output;
 use crate::pipeline::recorder::{RecordOptions, RecordOutcome, Recorder};
-use crate::pipeline::setup::ModelSpec;
 use crate::pipeline::worker::{
     DynamicSettings, FrameScores, Pipeline, PipelineConfig, PipelineEvent, RunMode,
 };

@@ -15,7 +15,7 @@ pub enum TrainError {
     #[error(transparent)]
     Dataset(#[from] dataset::DatasetError),
     #[error(transparent)]
-    Setup(Box<crate::pipeline::setup::SetupError>),
+    Setup(Box<crate::model::setup::SetupError>),
     #[error(transparent)]
     Device(#[from] crate::model::device::DeviceError),
     #[error(transparent)]
@@ -32,8 +32,8 @@ pub enum TrainError {
     Candle(#[from] candle_core::Error),
 }
 
-impl From<crate::pipeline::setup::SetupError> for TrainError {
-    fn from(e: crate::pipeline::setup::SetupError) -> Self {
+impl From<crate::model::setup::SetupError> for TrainError {
+    fn from(e: crate::model::setup::SetupError) -> Self {
         Self::Setup(Box::new(e))
     }
 }

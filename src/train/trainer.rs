@@ -1012,13 +1012,13 @@ fn train_clips(
 
 /// `cliper eval`: metrics of a model and bank on the test split.
 pub fn evaluate(
-    spec: &crate::pipeline::setup::ModelSpec,
+    spec: &crate::model::setup::ModelSpec,
     data_dir: &Path,
     layout: Layout,
     skip_unreadable: bool,
 ) -> Result<Metrics, TrainError> {
     let data = dataset::load_test(data_dir, layout)?;
-    let loaded = crate::pipeline::setup::load(spec)?;
+    let loaded = crate::model::setup::load(spec)?;
     if data.clips {
         let f = encode_split(
             &loaded.clip,

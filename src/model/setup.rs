@@ -1,5 +1,7 @@
-//! Loading what the pipeline needs: CLIP weights (plus a CLIPER checkpoint's
-//! fine-tuned vision tower) and the descriptor bank.
+//! Loading a model for the pipeline, `train` and `eval`: the CLIP weights
+//! (with a CLIPER checkpoint's fine-tuned vision tower, or the whole CLIP a
+//! DFER-CLIP file holds), its preprocessing, and the descriptor bank (with
+//! an Exp-CLIP head).
 
 use std::path::{Path, PathBuf};
 
