@@ -199,6 +199,28 @@ fn exp_clip_head_matches_pytorch() {
         let d = max_abs_diff(&s[0].probs, &floats(&want["probs"]));
         assert!(d < 1e-5, "{name}: probabilities differ by {d}");
     }
+    // A clip without temporal weights: the head on the mean feature, as
+    // Exp-CLIP scores video.
+    let imgs: Vec<image::RgbImage> = ["square0.png", "face.png"]
+        .iter()
+        .map(|n| {
+            image::open(fixtures().join("clip_c_hf16").join(n))
+                .unwrap()
+                .to_rgb8()
+        })
+        .collect();
+    let raw = loaded
+        .clip
+        .encode_rgb_raw(&imgs)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let clip = DynamicScorer::new(None, &loaded.clip.device)
+        .score(&raw, bank)
+        .unwrap();
+    assert_eq!(clip.mode.as_str(), "mean-of-features");
+    let d = max_abs_diff(&clip.scores.logits, &floats(&r["clip_logits"]));
+    assert!(d < 1e-4, "clip logits differ by {d}");
     // The probe goes through the head too: its logit is on the same scale.
     let probe = bank
         .encode_probe(

@@ -272,6 +272,12 @@ def exp_clip(tok):
         tf = model.text_projection(model.text_model(input_ids=tok(texts, context_length=77)).pooler_output)
         t = norm(head(tf))
         out = {"classes": list(prompts), "text_features": t.tolist(), "images": {}}
+        # Exp-CLIP's Dynamic_FER on the two images as a 2-frame clip: the
+        # head on each frame, the mean, then normalised.
+        px = torch.stack([squash(Image.open(os.path.join(d, n)), model.config.vision_config.image_size)
+                          for n in ["square0.png", "face.png"]])
+        v = head(model.visual_projection(model.vision_model(pixel_values=px).pooler_output)).mean(0)
+        out["clip_logits"] = (100.0 * norm(v) @ t.T).tolist()
         for fname in ["square0.png", "face.png"]:
             img = Image.open(os.path.join(d, fname))
             px = squash(img, model.config.vision_config.image_size).unsqueeze(0)

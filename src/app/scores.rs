@@ -40,6 +40,10 @@ pub fn show(ui: &mut egui::Ui, store: &Store, timeline_secs: f32, height: f32, d
                 if dynamic {
                     let what = match &h.dynamic {
                         Some((_, DynamicMode::Temporal)) => "dynamic: temporal module".to_string(),
+                        Some((_, DynamicMode::MeanOfFeatures)) => {
+                            "dynamic: the head on the mean of the window's features (Exp-CLIP)"
+                                .to_string()
+                        }
                         Some((_, DynamicMode::MeanOfStatic)) => {
                             "dynamic: no trained temporal weights, mean of the window's static scores"
                                 .to_string()

@@ -19,6 +19,9 @@ pub enum DynamicMode {
     Temporal,
     /// No temporal weights: the mean of the window's static scores.
     MeanOfStatic,
+    /// An Exp-CLIP head and no temporal weights: the head on the mean of
+    /// the window's features, as Exp-CLIP scores video.
+    MeanOfFeatures,
 }
 
 impl DynamicMode {
@@ -26,6 +29,7 @@ impl DynamicMode {
         match self {
             DynamicMode::Temporal => "temporal",
             DynamicMode::MeanOfStatic => "mean-of-static",
+            DynamicMode::MeanOfFeatures => "mean-of-features",
         }
     }
 }
@@ -114,6 +118,19 @@ impl DynamicScorer {
                     .map(|scores| DynamicScores {
                         scores,
                         mode: DynamicMode::Temporal,
+                    })
+                    .collect())
+            }
+            // Exp-CLIP's `Dynamic_FER`: project every frame, average, then
+            // normalise; the head is linear, so that is the head on the
+            // mean of the raw features.
+            None if bank.head.is_some() => {
+                let mean = crate::model::layers::l2_normalize(&raw.mean(1)?)?;
+                Ok(scoring::score(&mean, bank)?
+                    .into_iter()
+                    .map(|scores| DynamicScores {
+                        scores,
+                        mode: DynamicMode::MeanOfFeatures,
                     })
                     .collect())
             }
