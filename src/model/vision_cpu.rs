@@ -963,13 +963,21 @@ mod tests {
     use crate::model::config::{Activation, ClipConfig};
     use crate::model::{Checkpoint, ClipModel};
 
-    fn small(act: Activation) -> ClipModel {
+    /// A small random CLIP of a given vision geometry (image side, patch,
+    /// width, heads, layers).
+    fn model(
+        geometry: (usize, usize, usize, usize, usize),
+        act: Activation,
+        seed: u64,
+    ) -> ClipModel {
+        let (image, patch, width, heads, layers) = geometry;
         let mut cfg = ClipConfig::vit_b16();
-        cfg.vision.image_size = 48;
-        cfg.vision.width = 64;
-        cfg.vision.layers = 3;
-        cfg.vision.heads = 4;
-        cfg.vision.mlp = 256;
+        cfg.vision.image_size = image;
+        cfg.vision.patch_size = patch;
+        cfg.vision.width = width;
+        cfg.vision.layers = layers;
+        cfg.vision.heads = heads;
+        cfg.vision.mlp = 4 * width;
         cfg.vision.activation = act;
         cfg.text.layers = 1;
         cfg.text.vocab_size = 600;
@@ -977,8 +985,12 @@ mod tests {
         cfg.text.heads = 2;
         cfg.text.mlp = 128;
         cfg.embed_dim = 32;
-        let ckpt = Checkpoint::random(&cfg, 7).unwrap();
+        let ckpt = Checkpoint::random(&cfg, seed).unwrap();
         ClipModel::from_checkpoint(&ckpt, &Device::Cpu, DType::F32).unwrap()
+    }
+
+    fn small(act: Activation) -> ClipModel {
+        model((48, 16, 64, 4, 3), act, 7)
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -1083,24 +1095,14 @@ mod tests {
         for (image, patch, width, heads, layers) in
             [(64, 32, 48, 2, 2), (42, 14, 48, 3, 3), (84, 14, 64, 4, 2)]
         {
-            let mut cfg = ClipConfig::vit_b16();
-            cfg.vision.image_size = image;
-            cfg.vision.patch_size = patch;
-            cfg.vision.width = width;
-            cfg.vision.layers = layers;
-            cfg.vision.heads = heads;
-            cfg.vision.mlp = 4 * width;
-            cfg.text.layers = 1;
-            cfg.text.vocab_size = 300;
-            cfg.text.width = 32;
-            cfg.text.heads = 2;
-            cfg.text.mlp = 64;
-            cfg.embed_dim = 24;
-            let ckpt = Checkpoint::random(&cfg, 11).unwrap();
-            let mut clip = ClipModel::from_checkpoint(&ckpt, &Device::Cpu, DType::F32).unwrap();
+            let mut clip = model(
+                (image, patch, width, heads, layers),
+                Activation::QuickGelu,
+                11,
+            );
             let px = Tensor::randn(0f32, 1.0, (2, 3, image, image), &Device::Cpu).unwrap();
             let fast = clip.vision.forward_with(&px, true, true).unwrap();
-            assert_eq!(fast.embedding.dims(), &[2, 24]);
+            assert_eq!(fast.embedding.dims(), &[2, 32]);
             let tokens = (image / patch) * (image / patch) + 1;
             assert_eq!(
                 fast.last_block_input.as_ref().unwrap().dims(),
