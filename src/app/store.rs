@@ -579,6 +579,7 @@ mod tests {
                             w: 50,
                             h: 50,
                             score: 3.0,
+                            landmarks: None,
                         },
                         scores: ExpressionScores::from_logits(
                             l,

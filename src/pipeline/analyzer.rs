@@ -7,9 +7,9 @@ use image::RgbImage;
 use crate::model::cliper::scoring::{self, ExpressionScores};
 use crate::model::cliper::DescriptorBank;
 use crate::model::ClipModel;
-use crate::vision::faces::{
-    crop_face, FaceBox, FaceDetector, FaceDetectorConfig, DEFAULT_FACE_MARGIN,
-};
+use std::path::PathBuf;
+
+use crate::vision::faces::{model_crop, FaceBox, FaceDetector, FaceDetectorConfig};
 
 /// One face of one frame.
 #[derive(Clone, Debug)]
@@ -26,16 +26,41 @@ pub struct AnalyzerConfig {
     pub detect: bool,
     /// Margin around each face box (see `vision::faces::square_crop`).
     pub margin: f32,
+    /// Turn each crop so the eyes are level, where the detector gives
+    /// landmarks (see `vision::faces::model_crop`).
+    pub align: bool,
     pub detector: FaceDetectorConfig,
+    /// A CenterFace ONNX file to use instead of the embedded one.
+    pub detector_model: Option<PathBuf>,
 }
 
 impl Default for AnalyzerConfig {
     fn default() -> Self {
+        let detector = FaceDetectorConfig::default();
         Self {
             detect: true,
-            margin: DEFAULT_FACE_MARGIN,
-            detector: FaceDetectorConfig::default(),
+            margin: detector.kind.default_margin(),
+            align: true,
+            detector,
+            detector_model: None,
         }
+    }
+}
+
+impl AnalyzerConfig {
+    /// The model's input for one detected face.
+    pub fn crop(&self, img: &RgbImage, face: &FaceBox) -> RgbImage {
+        model_crop(img, face, self.margin, self.align)
+    }
+
+    /// The same settings with another detector, its default margin
+    /// included when the margin was the old detector's default.
+    pub fn with_detector(mut self, kind: crate::vision::faces::DetectorKind) -> Self {
+        if self.margin == self.detector.kind.default_margin() {
+            self.margin = kind.default_margin();
+        }
+        self.detector.kind = kind;
+        self
     }
 }
 
@@ -47,7 +72,10 @@ pub struct FaceAnalyzer {
 impl FaceAnalyzer {
     pub fn new(config: AnalyzerConfig) -> Result<Self, crate::vision::faces::FaceError> {
         let detector = if config.detect {
-            Some(FaceDetector::new(config.detector)?)
+            Some(FaceDetector::with_model(
+                config.detector,
+                config.detector_model.as_deref(),
+            )?)
         } else {
             None
         };
@@ -58,13 +86,19 @@ impl FaceAnalyzer {
     pub fn find_faces(&mut self, img: &RgbImage) -> Vec<FaceBox> {
         match self.detector.as_mut() {
             Some(d) => d.detect(img),
-            None => vec![FaceBox {
-                x: 0,
-                y: 0,
-                w: img.width(),
-                h: img.height(),
-                score: 1.0,
-            }],
+            None => vec![whole_frame(img)],
+        }
+    }
+
+    /// [`find_faces`](Self::find_faces) plus weaker faces that may continue
+    /// a track, each with whether it is confident enough to start one.
+    pub fn candidates(&mut self, img: &RgbImage) -> Vec<(FaceBox, bool)> {
+        match self.detector.as_mut() {
+            Some(d) => {
+                let faces = d.candidates(img);
+                faces.into_iter().map(|f| (f, d.is_confident(&f))).collect()
+            }
+            None => vec![(whole_frame(img), true)],
         }
     }
 
@@ -73,10 +107,7 @@ impl FaceAnalyzer {
         if self.detector.is_none() {
             return vec![img.clone()];
         }
-        faces
-            .iter()
-            .map(|f| crop_face(img, f, self.config.margin))
-            .collect()
+        faces.iter().map(|f| self.config.crop(img, f)).collect()
     }
 
     /// Detect, crop, encode and score.
@@ -89,6 +120,17 @@ impl FaceAnalyzer {
         let faces = self.find_faces(img);
         let crops = self.crops(img, &faces);
         score_crops(clip, bank, &faces, &crops)
+    }
+}
+
+fn whole_frame(img: &RgbImage) -> FaceBox {
+    FaceBox {
+        x: 0,
+        y: 0,
+        w: img.width(),
+        h: img.height(),
+        score: 1.0,
+        landmarks: None,
     }
 }
 

@@ -10,7 +10,7 @@ use crate::model::cliper::{scoring, DescriptorBank};
 use crate::model::explain::{self, colormap, ExplainMap, Method, Target};
 use crate::model::ClipModel;
 use crate::vision::draw::{draw_text, fill_rect, stroke_rect};
-use crate::vision::faces::{square_crop, FaceBox};
+use crate::vision::faces::{crop_face, square_crop, FaceBox};
 
 pub struct FaceExplanation {
     pub bbox: FaceBox,
@@ -65,7 +65,16 @@ pub fn explain_image(
 ) -> candle_core::Result<Vec<FaceExplanation>> {
     let faces = analyzer.find_faces(img);
     let per_face = grid * grid + 1;
-    let crops = analyzer.crops(img, &faces);
+    // Straight squares, not eye-levelled crops: each map is laid over its
+    // square of the image.
+    let crops = if analyzer.config.detect {
+        faces
+            .iter()
+            .map(|f| crop_face(img, f, analyzer.config.margin))
+            .collect()
+    } else {
+        analyzer.crops(img, &faces)
+    };
     let mut out = Vec::new();
     for (fi, (face, crop)) in faces.iter().zip(&crops).enumerate() {
         let region = if analyzer.config.detect {

@@ -174,6 +174,7 @@ mod tests {
             w: s,
             h: s,
             score: 5.0,
+            landmarks: None,
         }
     }
 

@@ -55,6 +55,8 @@ impl ExactJob {
             if !self.live(r.id) {
                 return Ok(false);
             }
+            // The straight square, not the eye-levelled crop: the map is drawn
+            // over that square of the frame.
             let crop = if self.analyzer.detect {
                 crop_face(&r.frame.image, &face.bbox, self.analyzer.margin)
             } else {

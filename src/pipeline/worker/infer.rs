@@ -227,7 +227,7 @@ impl Scorer {
             frame
                 .faces
                 .iter()
-                .map(|f| crop_face(&frame.image, &f.bbox, analyzer.margin))
+                .map(|f| analyzer.crop(&frame.image, &f.bbox))
                 .collect()
         } else {
             vec![(*frame.image).clone()]
