@@ -9,6 +9,7 @@ use cliper::model::setup::{self, BankSource, ModelSpec};
 use cliper::model::{self, ClipModel};
 use cliper::pipeline::analyzer::{AnalyzerConfig, FaceAnalyzer};
 use cliper::pipeline::output;
+use cliper::vision::faces::DetectorKind;
 use std::path::PathBuf;
 
 pub(crate) use session::recover_sessions;
@@ -17,6 +18,7 @@ pub(crate) mod batch;
 pub(crate) mod bench;
 pub(crate) mod classify;
 pub(crate) mod explain;
+pub(crate) mod faces;
 pub(crate) mod live;
 pub(crate) mod run;
 pub(crate) mod session;
@@ -39,6 +41,10 @@ pub(crate) enum Command {
     /// of frames) with the dynamic branch: 16 frames, one per equal segment.
     #[command(allow_negative_numbers = true)]
     ClassifyClip(classify::ClassifyClipArgs),
+    /// Find the faces in images (boxes, scores, landmarks) as JSON lines, and
+    /// optionally draw them; no expression model needed.
+    #[command(allow_negative_numbers = true)]
+    Faces(faces::FacesArgs),
     /// Map where on each face a descriptor or class looks, drawn over the image.
     #[command(allow_negative_numbers = true)]
     Explain(explain::ExplainArgs),
@@ -86,6 +92,7 @@ impl Command {
             Command::Eval(a) => a.run(),
             Command::ClassifyClip(a) => a.run(),
             Command::Explain(a) => a.run(),
+            Command::Faces(a) => a.run(),
             Command::Classify(a) => a.run(),
             Command::Bench(a) => a.run(),
             Command::Embed(a) => a.run(),
@@ -161,9 +168,24 @@ struct FaceArgs {
     /// Treat the whole image or frame as one face (no face detection).
     #[arg(long)]
     no_detect: bool,
-    /// Margin around each detected face, as a fraction of the box side.
-    #[arg(long, default_value_t = cliper::vision::faces::DEFAULT_FACE_MARGIN)]
-    margin: f32,
+    /// The face detector: CenterFace (a CNN with landmarks; finds turned,
+    /// tilted and partly covered faces) or SeetaFace's frontal cascade
+    /// (lighter, frontal faces only).
+    #[arg(long, value_enum, default_value_t = DetectorKind::CenterFace)]
+    detector: DetectorKind,
+    /// A CenterFace ONNX file to use instead of the built-in one.
+    #[arg(long, value_name = "FILE")]
+    detector_model: Option<PathBuf>,
+    /// CenterFace: the probability a face needs, from 0.05 to 0.95.
+    #[arg(long, value_name = "P", value_parser = probability)]
+    confidence: Option<f32>,
+    /// Crop faces straight, without turning them so the eyes are level.
+    #[arg(long)]
+    no_align: bool,
+    /// Margin around each detected face, as a fraction of the box side
+    /// (default: 0.15 for CenterFace's boxes, 0.25 for SeetaFace's).
+    #[arg(long)]
+    margin: Option<f32>,
     /// The smallest face looked for, in pixels (default: 20 for `classify`
     /// and `explain`, 40 for `run` and `batch` on files, 64 for cameras and
     /// the demo). Below 40 the frame is enlarged, which costs time.
@@ -178,17 +200,27 @@ struct FaceArgs {
 
 impl FaceArgs {
     fn analyzer_config(&self) -> Result<AnalyzerConfig> {
-        if !(0.0..=2.0).contains(&self.margin) {
+        let margin = self.margin.unwrap_or(self.detector.default_margin());
+        if !(0.0..=2.0).contains(&margin) {
+            anyhow::bail!("--margin {margin} is out of range: use a fraction between 0 and 2");
+        }
+        if self.detector_model.is_some() && self.detector != DetectorKind::CenterFace {
             anyhow::bail!(
-                "--margin {} is out of range: use a fraction between 0 and 2",
-                self.margin
+                "--detector-model is a CenterFace ONNX file: use it with --detector centerface"
             );
         }
         let mut cfg = AnalyzerConfig {
             detect: !self.no_detect,
-            margin: self.margin,
+            margin,
+            align: !self.no_align,
+            detector_model: self.detector_model.clone(),
             ..Default::default()
         };
+        cfg.detector.kind = self.detector;
+        if let Some(p) = self.confidence {
+            cfg.detector.confidence = p;
+            cfg.detector.track_confidence = cfg.detector.track_confidence.min(p);
+        }
         if let Some(m) = self.min_face {
             cfg.detector.min_face_size = m as u32;
         }
@@ -217,6 +249,15 @@ impl FaceArgs {
         cfg.detector.min_face_size = self.min_face.unwrap_or(20) as u32;
         cfg.detector.max_side = self.detect_size.unwrap_or(4096) as u32;
         Ok(FaceAnalyzer::new(cfg)?)
+    }
+}
+
+/// A probability from 0.05 to 0.95, with the range in the message.
+fn probability(text: &str) -> Result<f32, String> {
+    match text.trim().parse::<f32>() {
+        Ok(p) if (0.05..=0.95).contains(&p) => Ok(p),
+        Ok(p) => Err(format!("{p} is out of range: give 0.05 to 0.95")),
+        Err(_) => Err("give a probability from 0.05 to 0.95".into()),
     }
 }
 

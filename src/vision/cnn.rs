@@ -23,6 +23,13 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
+/// Largest stride, dilation or padding accepted: detectors use 1 to 4, and
+/// a bound keeps a damaged file from asking for enormous feature maps.
+const MAX_ATTR: i64 = 64;
+
+/// Most values one feature map may hold (1 GiB of f32).
+const MAX_MAP: usize = 1 << 28;
+
 /// Errors from reading or running a network.
 #[derive(Debug, thiserror::Error)]
 pub enum CnnError {
@@ -239,11 +246,11 @@ fn ints2(
 ) -> Result<[usize; 2], CnnError> {
     match attr(node, name) {
         None => Ok(default),
-        Some(a) if a.ints.len() == 2 && a.ints.iter().all(|&v| (0..=4096).contains(&v)) => {
+        Some(a) if a.ints.len() == 2 && a.ints.iter().all(|&v| (0..=MAX_ATTR).contains(&v)) => {
             Ok([a.ints[0] as usize, a.ints[1] as usize])
         }
         Some(a) => Err(unsupported(format!(
-            "node `{}` ({}) has {name} = {:?}; only two values in 0..=4096 are supported",
+            "node `{}` ({}) has {name} = {:?}; only two values in 0..=64 are supported",
             node.name, node.op_type, a.ints
         ))),
     }
@@ -467,7 +474,7 @@ impl Network {
                         None => [0; 4],
                         Some(a)
                             if a.ints.len() == 4
-                                && a.ints.iter().all(|&v| (0..=4096).contains(&v)) =>
+                                && a.ints.iter().all(|&v| (0..=MAX_ATTR).contains(&v)) =>
                         {
                             // ONNX order: top, left, bottom, right.
                             [
@@ -707,9 +714,7 @@ impl Network {
         }
         let mut buffers: Vec<Option<FeatureMap>> = vec![None; self.buffers];
         buffers[self.input] = Some(input);
-        let prof = std::env::var_os("CLIPER_CNN_PROFILE").is_some();
         for s in &self.steps {
-            let t0 = std::time::Instant::now();
             let get = |k: usize| buffers[s.inputs[k]].as_ref().expect("planned buffer");
             let map = |ws: &mut Workspace, x: &FeatureMap, f: &dyn Fn(usize, f32) -> f32| {
                 let mut y = ws.map(x.c, x.h, x.w);
@@ -747,22 +752,6 @@ impl Network {
                 Op::Relu => map(ws, get(0), &|_, v| v.max(0.0)),
                 Op::Sigmoid => map(ws, get(0), &|_, v| 1.0 / (1.0 + (-v).exp())),
             };
-            if prof {
-                let kind = match &s.op {
-                    Op::Conv(c) => format!(
-                        "conv k{:?} s{:?} g{} {}->{} t{}",
-                        c.kernel, c.stride, c.groups, c.in_ch, c.out_ch, c.transposed
-                    ),
-                    o => format!("{o:?}").chars().take(12).collect(),
-                };
-                eprintln!(
-                    "PROF {:.3} {} {}x{}",
-                    t0.elapsed().as_secs_f64() * 1000.0,
-                    kind,
-                    out.h,
-                    out.w
-                );
-            }
             for &b in &s.frees {
                 if let Some(m) = buffers[b].take() {
                     ws.give(m.data);
@@ -966,10 +955,20 @@ impl Conv {
             }
         };
         match (dim(0, h), dim(1, w)) {
-            (Some(oh), Some(ow)) if oh > 0 && ow > 0 => Ok((oh, ow)),
+            (Some(oh), Some(ow))
+                if oh > 0
+                    && ow > 0
+                    && oh
+                        .checked_mul(ow)
+                        .and_then(|n| n.checked_mul(self.out_ch))
+                        .is_some_and(|n| n <= MAX_MAP) =>
+            {
+                Ok((oh, ow))
+            }
             _ => Err(CnnError::Input {
                 got: [self.in_ch, h, w],
-                expected: "an image larger than the network's kernels",
+                expected:
+                    "an image larger than the network's kernels, and feature maps under 1 GiB",
             }),
         }
     }
