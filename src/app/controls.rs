@@ -82,7 +82,7 @@ pub fn show(
     ui.separator();
     probe_section(ui, state, store, actions);
     ui.separator();
-    display_section(ui, settings);
+    display_section(ui, settings, actions);
     ui.separator();
     bank_section(ui, state, settings, actions);
 }
@@ -328,8 +328,35 @@ fn probe_section(
         });
 }
 
-fn display_section(ui: &mut egui::Ui, settings: &mut Settings) {
+fn display_section(ui: &mut egui::Ui, settings: &mut Settings, actions: &mut Vec<Action>) {
     section(ui, "Display");
+    ui.horizontal(|ui| {
+        use crate::vision::faces::DetectorKind;
+        ui.label("faces");
+        for (kind, name, about) in [
+            (
+                DetectorKind::CenterFace,
+                "CenterFace",
+                "A CNN with landmarks: finds turned, tilted and partly covered faces, and levels the eyes of each crop",
+            ),
+            (
+                DetectorKind::Seeta,
+                "SeetaFace",
+                "SeetaFace's frontal cascade (rustface): lighter, frontal faces only",
+            ),
+        ] {
+            if ui
+                .radio(settings.detector == kind, name)
+                .on_hover_text(about)
+                .clicked()
+                && settings.detector != kind
+            {
+                actions.push(Action::SetDetector(kind));
+            }
+        }
+    });
+    ui.checkbox(&mut settings.show_landmarks, "landmarks")
+        .on_hover_text("Draw the eyes, nose tip and mouth corners CenterFace finds");
     ui.add(
         egui::Slider::new(&mut settings.smoothing, 0.0..=MAX_SMOOTHING)
             .text("smoothing")

@@ -243,6 +243,7 @@ impl CliperApp {
     /// Starts the pipeline (model loading happens on its thread).
     fn start(&mut self, ctx: &egui::Context) {
         let mut config = PipelineConfig::new(self.source.clone(), self.model_spec(), RunMode::Live);
+        config.analyzer = config.analyzer.with_detector(self.settings.detector);
         let probe = self.settings.probe.trim();
         config.probe = (!probe.is_empty()).then(|| probe.to_string());
         config.dynamic = self.dynamic_settings();
@@ -262,7 +263,13 @@ impl CliperApp {
             self.recording.stop();
         } else {
             let s = &self.settings;
-            (self.recording).start(&self.store, &self.opts.model, &s.probe, s.smoothing);
+            (self.recording).start(
+                &self.store,
+                &self.opts.model,
+                &s.probe,
+                s.smoothing,
+                s.detector,
+            );
         }
     }
 
@@ -347,6 +354,12 @@ impl CliperApp {
                 }
             }
             Action::SetPaused(p) => self.set_paused(p),
+            Action::SetDetector(kind) => {
+                self.settings.detector = kind;
+                if let Some(p) = &self.pipeline {
+                    p.command(PipelineCommand::SetDetector(kind));
+                }
+            }
             Action::Download => self.first_run.download(ctx),
             Action::RecheckWeights => match weights::locate(self.opts.model.weights.as_deref()) {
                 Ok(_) => {
@@ -469,6 +482,10 @@ impl CliperApp {
                     &mut self.store,
                     self.notice.as_deref(),
                     &self.source,
+                    self.settings.show_landmarks,
+                    // The margin the pipeline crops with (the live app uses
+                    // the detector's default).
+                    self.settings.detector.default_margin(),
                     actions,
                 );
             });

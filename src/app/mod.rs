@@ -92,6 +92,8 @@ pub enum Action {
     Explain(Option<crate::model::explain::Target>),
     /// Freeze the window on the current frame (`true`) or go back to live.
     SetPaused(bool),
+    /// Find faces with this detector.
+    SetDetector(crate::vision::faces::DetectorKind),
 }
 
 /// Speed figures of a session, printed when it closes.

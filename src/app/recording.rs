@@ -103,7 +103,14 @@ impl RecordingState {
     }
 
     /// Starts a recording into a new folder (or the `--record` one).
-    pub fn start(&mut self, store: &Store, model: &ModelSpec, probe: &str, smoothing: f32) {
+    pub fn start(
+        &mut self,
+        store: &Store,
+        model: &ModelSpec,
+        probe: &str,
+        smoothing: f32,
+        detector: crate::vision::faces::DetectorKind,
+    ) {
         if self.recorder.is_some() {
             return;
         }
@@ -113,7 +120,7 @@ impl RecordingState {
             .unwrap_or_else(|| new_session_dir(&self.base));
         let mut opts = RecordOptions::new(&dir);
         opts.raw_video = self.raw_video;
-        let mut analyzer = AnalyzerConfig::default();
+        let mut analyzer = AnalyzerConfig::default().with_detector(detector);
         analyzer.detector.max_side = LIVE_DETECT_MAX_SIDE;
         let probe = probe.trim();
         opts.settings = run_settings(

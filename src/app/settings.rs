@@ -37,6 +37,10 @@ pub struct Settings {
     pub dynamic_window: usize,
     /// A new dynamic score every N frames.
     pub dynamic_stride: usize,
+    /// The face detector.
+    pub detector: crate::vision::faces::DetectorKind,
+    /// Draw the detector's landmarks (eyes, nose, mouth corners) on faces.
+    pub show_landmarks: bool,
 }
 
 impl Default for Settings {
@@ -52,6 +56,8 @@ impl Default for Settings {
             dynamic: false,
             dynamic_window: crate::model::temporal::DEFAULT_FRAMES,
             dynamic_stride: 1,
+            detector: crate::vision::faces::DetectorKind::default(),
+            show_landmarks: false,
         }
     }
 }

@@ -27,6 +27,8 @@ pub fn show(
     store: &mut Store,
     notice: Option<&str>,
     source: &SourceSpec,
+    show_landmarks: bool,
+    margin: f32,
     actions: &mut Vec<Action>,
 ) {
     if let Some(n) = notice {
@@ -70,6 +72,20 @@ pub fn show(
         for tf in &f.faces {
             let b = tf.bbox;
             let bx = Rect::from_min_max(to_screen(b.x, b.y), to_screen(b.x + b.w, b.y + b.h));
+            if let (true, Some(l)) = (show_landmarks, b.landmarks) {
+                // Eyes blue, nose red, mouth corners yellow.
+                let colours = [
+                    Color32::from_rgb(70, 140, 255),
+                    Color32::from_rgb(70, 140, 255),
+                    Color32::from_rgb(255, 80, 80),
+                    Color32::from_rgb(255, 220, 40),
+                    Color32::from_rgb(255, 220, 40),
+                ];
+                for (p, c) in l.iter().zip(colours) {
+                    let at = r.min + Vec2::new(p[0], p[1]) * scale;
+                    painter.circle_filled(at, (b.w as f32 * scale / 40.0).clamp(2.0, 5.0), c);
+                }
+            }
             let history = store.faces.get(&tf.id);
             let (color, label) = match history {
                 Some(h) => {
@@ -93,7 +109,7 @@ pub fn show(
                     f.image.width(),
                     f.image.height(),
                     &b,
-                    crate::vision::faces::DEFAULT_FACE_MARGIN,
+                    margin,
                 );
                 let region = Rect::from_min_max(
                     r.min + Vec2::new(sx as f32, sy as f32) * scale,

@@ -53,12 +53,22 @@ pub fn face_json(
     bank: &DescriptorBank,
     top: Option<usize>,
 ) -> Value {
-    json!({
+    let mut v = json!({
         "box": box_json(b),
         "classes": classes_json(s),
         "predicted": s.predicted_name(),
         "descriptors": descriptors_json(s, bank, top),
-    })
+    });
+    add_landmarks(&mut v, b);
+    v
+}
+
+/// `"landmarks": [[x, y]; 5]` (to a tenth of a pixel), where the detector
+/// gives them.
+fn add_landmarks(v: &mut Value, b: &FaceBox) {
+    if let Some(l) = b.landmarks {
+        v["landmarks"] = json!(l.map(|p| p.map(|x| (x * 10.0).round() / 10.0)));
+    }
 }
 
 /// One tracked face of a video frame: id, box, classes, prediction, and the
@@ -77,6 +87,7 @@ pub fn tracked_face_json(
         "classes": classes_json(s),
         "predicted": s.predicted_name(),
     });
+    add_landmarks(&mut v, b);
     if let Some(k) = top {
         v["descriptors"] = descriptors_json(s, bank, Some(k));
     }

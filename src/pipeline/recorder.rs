@@ -10,6 +10,7 @@
 //!
 //! Nothing here blocks: the writer's threads do the writing and encoding.
 
+use crate::vision::faces::DetectorKind;
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -434,6 +435,8 @@ impl Recorder {
         FaceRecord {
             id,
             bbox: [b.x, b.y, b.w, b.h],
+            detection: Some(b.score),
+            landmarks: b.landmarks.map(round_landmarks),
             predicted: sc.predicted_name().to_string(),
             classes: class_scores_of(sc),
             dynamic: f
@@ -491,12 +494,27 @@ pub fn run_settings(
         },
         "detect": analyzer.detect,
         "margin": analyzer.margin,
-        "detector": {
-            "min_face_size": d.min_face_size,
-            "score_threshold": d.score_threshold,
-            "pyramid_scale": d.pyramid_scale,
-            "slide_step": d.slide_step,
-            "max_side": d.max_side,
+        "align": analyzer.align,
+        "detector": match d.kind {
+            DetectorKind::CenterFace => json!({
+                "kind": d.kind.name(),
+                "model": analyzer
+                    .detector_model
+                    .as_ref()
+                    .map_or("built-in".to_string(), |p| p.display().to_string()),
+                "min_face_size": d.min_face_size,
+                "confidence": d.confidence,
+                "track_confidence": d.track_confidence,
+                "max_side": d.max_side,
+            }),
+            DetectorKind::Seeta => json!({
+                "kind": d.kind.name(),
+                "min_face_size": d.min_face_size,
+                "score_threshold": d.score_threshold,
+                "pyramid_scale": d.pyramid_scale,
+                "slide_step": d.slide_step,
+                "max_side": d.max_side,
+            }),
         },
         "frames": frames,
         "probe": probe,
@@ -512,4 +530,10 @@ pub fn format_elapsed(d: Duration) -> String {
     } else {
         format!("{}:{:02}", s / 60, s % 60)
     }
+}
+
+/// Landmarks to a tenth of a pixel: the detector is not finer, and the
+/// JSONL stays readable.
+fn round_landmarks(l: [[f32; 2]; 5]) -> [[f32; 2]; 5] {
+    l.map(|p| p.map(|v| (v * 10.0).round() / 10.0))
 }

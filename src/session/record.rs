@@ -34,6 +34,13 @@ pub struct FaceRecord {
     /// `[x, y, w, h]` in source pixels.
     #[serde(rename = "box")]
     pub bbox: [u32; 4],
+    /// The detector's confidence in the face (CenterFace: a probability).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detection: Option<f32>,
+    /// Left eye, right eye (as seen), nose tip, left and right mouth
+    /// corner, `[x, y]` in source pixels, where the detector gives them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub landmarks: Option<[[f32; 2]; 5]>,
     /// Static prediction and scores.
     pub predicted: String,
     pub classes: Vec<ClassScore>,
@@ -335,6 +342,8 @@ mod tests {
             wall: "2026-05-01T12:30:05.123Z".into(),
             source_t: 0.28,
             faces: vec![FaceRecord {
+                detection: None,
+                landmarks: None,
                 id: 3,
                 bbox: [10, 20, 30, 40],
                 predicted: "happiness".into(),

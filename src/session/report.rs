@@ -433,6 +433,8 @@ mod tests {
         let mut probs = [0.05f32; 7];
         probs[class] = 0.7;
         FaceRecord {
+            detection: None,
+            landmarks: None,
             id,
             bbox: [0, 0, 10, 10],
             predicted: CLASSES[class].into(),

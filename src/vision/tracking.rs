@@ -4,7 +4,8 @@
 //! more than their own overlap allows between two detections (low frame
 //! rates, fast heads). A track survives a few frames without a detection
 //! (the detector blinks on profile views and motion blur) and keeps its id
-//! when the face is found again.
+//! when the face is found again. Detections the detector is unsure of only
+//! continue tracks ([`Tracker::update_scored`]).
 
 use crate::vision::faces::FaceBox;
 
@@ -108,24 +109,40 @@ impl Tracker {
 
     /// Assigns an id to each detection of a new frame, in the order given.
     pub fn update(&mut self, detections: &[FaceBox]) -> Vec<TrackedFace> {
+        let all: Vec<(FaceBox, bool)> = detections.iter().map(|d| (*d, true)).collect();
+        self.update_scored(&all)
+    }
+
+    /// As [`update`](Self::update), for detections marked confident or not
+    /// (by the detector's score, `FaceDetector::is_confident`). As in
+    /// ByteTrack, confident detections are matched to the tracks first; weak
+    /// ones then only continue a track that is left over, so a face that
+    /// turns away and scores low keeps its id, while a weak detection never
+    /// starts a track of its own and is dropped when no track wants it.
+    pub fn update_scored(&mut self, detections: &[(FaceBox, bool)]) -> Vec<TrackedFace> {
         if self.next_id == 0 {
             self.next_id = 1;
         }
-        let mut pairs: Vec<(f32, usize, usize)> = Vec::new();
-        for (ti, t) in self.tracks.iter().enumerate() {
-            for (di, d) in detections.iter().enumerate() {
-                if let Some(a) = self.affinity(&t.bbox, d) {
-                    pairs.push((a, ti, di));
-                }
-            }
-        }
-        pairs.sort_by(|a, b| b.0.total_cmp(&a.0));
         let mut track_of: Vec<Option<usize>> = vec![None; detections.len()];
         let mut taken = vec![false; self.tracks.len()];
-        for (_, ti, di) in pairs {
-            if !taken[ti] && track_of[di].is_none() {
-                taken[ti] = true;
-                track_of[di] = Some(ti);
+        for confident in [true, false] {
+            let mut pairs: Vec<(f32, usize, usize)> = Vec::new();
+            for (ti, t) in self.tracks.iter().enumerate() {
+                for (di, (d, c)) in detections.iter().enumerate() {
+                    if *c != confident || taken[ti] {
+                        continue;
+                    }
+                    if let Some(a) = self.affinity(&t.bbox, d) {
+                        pairs.push((a, ti, di));
+                    }
+                }
+            }
+            pairs.sort_by(|a, b| b.0.total_cmp(&a.0));
+            for (_, ti, di) in pairs {
+                if !taken[ti] && track_of[di].is_none() {
+                    taken[ti] = true;
+                    track_of[di] = Some(ti);
+                }
             }
         }
         for (ti, t) in self.tracks.iter_mut().enumerate() {
@@ -134,7 +151,7 @@ impl Tracker {
             }
         }
         let mut out = Vec::with_capacity(detections.len());
-        for (di, d) in detections.iter().enumerate() {
+        for (di, (d, confident)) in detections.iter().enumerate() {
             let id = match track_of[di] {
                 Some(ti) => {
                     let t = &mut self.tracks[ti];
@@ -143,6 +160,7 @@ impl Tracker {
                     t.hits += 1;
                     t.id
                 }
+                None if !confident => continue,
                 None => {
                     let id = self.next_id;
                     self.next_id += 1;
@@ -220,5 +238,26 @@ mod tests {
         t.reset();
         assert!(t.tracks().is_empty());
         assert_eq!(t.update(&[b(600, 100, 80)])[0].id, 3);
+    }
+
+    #[test]
+    fn weak_detections_continue_tracks_but_never_start_them() {
+        let mut t = Tracker::new(TrackerConfig::default());
+        let first = t.update_scored(&[(b(100, 100, 80), true)]);
+        assert_eq!(first[0].id, 1);
+        // The head turns: the detector is unsure for ten frames, longer than
+        // the tracker would wait for a miss; the track carries on.
+        for i in 0..10 {
+            let out = t.update_scored(&[(b(104 + i, 100, 78), false), (b(400, 50, 60), false)]);
+            assert_eq!(out.len(), 1, "the unsure stranger is dropped: {out:?}");
+            assert_eq!(out[0].id, 1);
+        }
+        // Confident again, same id; a confident newcomer gets the next id.
+        let out = t.update_scored(&[(b(112, 100, 80), true), (b(400, 50, 60), true)]);
+        assert_eq!(out.iter().map(|f| f.id).collect::<Vec<_>>(), [1, 2]);
+        // A confident detection wins the track over a weak one in the same place.
+        let out = t.update_scored(&[(b(113, 101, 80), false), (b(114, 100, 80), true)]);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].bbox.x, 114);
     }
 }

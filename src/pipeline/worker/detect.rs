@@ -1,14 +1,16 @@
 //! The detect stage: faces and tracks, on its own small thread pool.
 
 use super::*;
+use crate::vision::faces::{DetectorKind, FaceError};
 
 pub(super) fn detect_stage(
     config: PipelineConfig,
     input: Receiver<Captured>,
+    commands: Receiver<PipelineCommand>,
     out: StageQueue<Arc<DetectedFrame>>,
     events: Events,
 ) {
-    // rustface parallelises on rayon, and so does the CPU model: on rayon's
+    // Both detectors parallelise on rayon, and so does the CPU model: on rayon's
     // global pool a detection would queue behind a whole forward pass. In
     // its own small pool the OS shares the cores between the two stages, so
     // boxes keep coming at detection speed while the model is busy.
@@ -17,19 +19,37 @@ pub(super) fn detect_stage(
         .thread_name(|i| format!("cliper-detect-{i}"))
         .build();
     match pool {
-        Ok(pool) => pool.install(move || detect_loop(config, input, out, events)),
-        Err(_) => detect_loop(config, input, out, events),
+        Ok(pool) => pool.install(move || detect_loop(config, input, commands, out, events)),
+        Err(_) => detect_loop(config, input, commands, out, events),
+    }
+}
+
+/// The analyzer of `config`; a CenterFace file that cannot be used falls
+/// back to the built-in SeetaFace cascade, with a warning.
+fn analyzer_for(config: &AnalyzerConfig, events: &Events) -> Result<FaceAnalyzer, FaceError> {
+    match FaceAnalyzer::new(config.clone()) {
+        Err(e) if config.detector.kind == DetectorKind::CenterFace => {
+            // A CenterFace file that cannot be used: keep going on the
+            // built-in SeetaFace cascade, and say so.
+            let fallback = config.clone().with_detector(DetectorKind::Seeta);
+            events.send(PipelineEvent::SourceWarning(format!(
+                "{e}; detecting with SeetaFace's frontal cascade instead"
+            )));
+            FaceAnalyzer::new(fallback)
+        }
+        other => other,
     }
 }
 
 fn detect_loop(
-    config: PipelineConfig,
+    mut config: PipelineConfig,
     input: Receiver<Captured>,
+    commands: Receiver<PipelineCommand>,
     out: StageQueue<Arc<DetectedFrame>>,
     events: Events,
 ) {
     // The detector is not Send: build it on the thread that runs it.
-    let mut analyzer = match FaceAnalyzer::new(config.analyzer.clone()) {
+    let mut analyzer = match analyzer_for(&config.analyzer, &events) {
         Ok(a) => a,
         Err(e) => {
             events.send(PipelineEvent::SourceFailed {
@@ -43,6 +63,21 @@ fn detect_loop(
     let mut tracker = Tracker::new(config.tracker);
     let mut generation = 0;
     for c in input.iter() {
+        for cmd in commands.try_iter() {
+            if let PipelineCommand::SetDetector(kind) = cmd {
+                let next = config.analyzer.clone().with_detector(kind);
+                match analyzer_for(&next, &events) {
+                    Ok(a) => {
+                        analyzer = a;
+                        config.analyzer = next;
+                        tracker.reset();
+                    }
+                    Err(e) => {
+                        events.send(PipelineEvent::SourceWarning(e.to_string()));
+                    }
+                }
+            }
+        }
         if c.generation != generation {
             if config.keep_open {
                 // Each file of a batch is its own session: ids from 1.
@@ -53,8 +88,8 @@ fn detect_loop(
             generation = c.generation;
         }
         let start = Instant::now();
-        let boxes = analyzer.find_faces(&c.frame.image);
-        let faces = tracker.update(&boxes);
+        let boxes = analyzer.candidates(&c.frame.image);
+        let faces = tracker.update_scored(&boxes);
         let detected = Arc::new(DetectedFrame {
             seq: c.seq,
             generation: c.generation,

@@ -326,7 +326,7 @@ fn temporal_of(cliper: Option<&CliperCheckpoint>, clip: &ClipModel) -> Option<Te
 }
 
 pub(super) fn infer_stage(
-    config: PipelineConfig,
+    mut config: PipelineConfig,
     input: Receiver<Arc<DetectedFrame>>,
     commands: Receiver<PipelineCommand>,
     events: Events,
@@ -391,6 +391,10 @@ pub(super) fn infer_stage(
             select! {
                 recv(commands) -> cmd => {
                     match cmd {
+                        // The crops follow the detector's margin.
+                        Ok(PipelineCommand::SetDetector(kind)) => {
+                            config.analyzer = config.analyzer.clone().with_detector(kind);
+                        }
                         Ok(cmd) => handle_command(&mut scorer, cmd, &config.analyzer, &events),
                         // The owner is gone: finish the frames in flight
                         // (batch) or stop (live).
@@ -505,7 +509,9 @@ fn handle_command(
             s.exact(r, analyzer, events);
             return;
         }
-        PipelineCommand::SetSource(_) | PipelineCommand::SetPaused(_) => return,
+        PipelineCommand::SetSource(_)
+        | PipelineCommand::SetPaused(_)
+        | PipelineCommand::SetDetector(_) => return,
     };
     events.send(ev);
 }

@@ -312,6 +312,8 @@ pub enum PipelineCommand {
     /// Hold a file source at its current frame (`true`) or play on. Live
     /// cameras keep streaming (and recording): the window freezes instead.
     SetPaused(bool),
+    /// Switch the face detector (tracks restart).
+    SetDetector(crate::vision::faces::DetectorKind),
 }
 
 type Notify = Arc<Mutex<Box<dyn FnMut() + Send>>>;
@@ -394,6 +396,7 @@ const BATCH_EVENTS: usize = 64;
 pub struct Pipeline {
     pub events: Receiver<PipelineEvent>,
     capture_cmd: Sender<PipelineCommand>,
+    detect_cmd: Sender<PipelineCommand>,
     infer_cmd: Sender<PipelineCommand>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -420,6 +423,7 @@ impl Pipeline {
         let (to_infer, infer_rx) = StageQueue::<Arc<DetectedFrame>>::new(newest_wins);
         let (capture_cmd, capture_cmd_rx) = unbounded();
         let (infer_cmd, infer_cmd_rx) = unbounded();
+        let (detect_cmd, detect_cmd_rx) = unbounded();
         let mut threads = Vec::new();
 
         let ev = events_out.clone();
@@ -430,7 +434,7 @@ impl Pipeline {
         let ev = events_out.clone();
         let cfg = config.clone();
         threads.push(spawn("cliper-detect", move || {
-            detect_stage(cfg, detect_rx, to_infer, ev)
+            detect_stage(cfg, detect_rx, detect_cmd_rx, to_infer, ev)
         }));
         let ev = events_out;
         threads.push(spawn("cliper-infer", move || {
@@ -439,6 +443,7 @@ impl Pipeline {
         Self {
             events,
             capture_cmd,
+            detect_cmd,
             infer_cmd,
             threads,
         }
@@ -449,6 +454,10 @@ impl Pipeline {
         let _ = match cmd {
             PipelineCommand::SetSource(_) | PipelineCommand::SetPaused(_) => {
                 self.capture_cmd.send(cmd)
+            }
+            PipelineCommand::SetDetector(kind) => {
+                let _ = self.infer_cmd.send(PipelineCommand::SetDetector(kind));
+                self.detect_cmd.send(cmd)
             }
             _ => self.infer_cmd.send(cmd),
         };
