@@ -749,39 +749,6 @@ fn set_sum(a: &mut [f32], b: &[f32], c: &[f32]) {
 /// instruction set (AVX-512, AVX2+FMA, baseline) and picked at run time, so
 /// a portable build still uses the wide registers.
 mod simd {
-    /// Declares `pub fn $name(args)` that dispatches to copies of `$body`
-    /// compiled with wider instruction sets when the CPU has them.
-    macro_rules! multiversion {
-        ($(#[$m:meta])* pub fn $name:ident($($arg:ident : $ty:ty),*) $body:block) => {
-            $(#[$m])*
-            pub fn $name($($arg: $ty),*) {
-                #[inline(always)]
-                fn body($($arg: $ty),*) $body
-                #[cfg(target_arch = "x86_64")]
-                {
-                    #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma")]
-                    unsafe fn avx512($($arg: $ty),*) { body($($arg),*) }
-                    #[target_feature(enable = "avx2,fma")]
-                    unsafe fn avx2($($arg: $ty),*) { body($($arg),*) }
-                    if std::arch::is_x86_feature_detected!("avx512f")
-                        && std::arch::is_x86_feature_detected!("avx512vl")
-                        && std::arch::is_x86_feature_detected!("avx512dq")
-                    {
-                        // SAFETY: the features were detected.
-                        return unsafe { avx512($($arg),*) };
-                    }
-                    if std::arch::is_x86_feature_detected!("avx2")
-                        && std::arch::is_x86_feature_detected!("fma")
-                    {
-                        // SAFETY: the features were detected.
-                        return unsafe { avx2($($arg),*) };
-                    }
-                }
-                body($($arg),*)
-            }
-        };
-    }
-
     const LANES: usize = 16;
 
     /// `e^x` to about 2 ulp for x in [-87, 88] (clamped outside), written
