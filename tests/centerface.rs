@@ -323,3 +323,66 @@ fn timing_report() {
         eprintln!("{w}x{h}: median {:.1} ms", ts[2]);
     }
 }
+
+/// The astronaut's head, cut out, on a grey 640x480 frame: moved to `x`,
+/// turned by `degrees`, squeezed to `squeeze` of its width (a head turning
+/// away shows a narrower face), and with the lower `cover` fraction hidden
+/// behind a dark bar (a hand).
+fn head_frame(x: i64, degrees: f32, squeeze: f32, cover: f32) -> RgbImage {
+    let astronaut = load("astronaut.png");
+    let head = image::imageops::crop_imm(&astronaut, 130, 20, 200, 220).to_image();
+    let w = ((200.0 * squeeze).round() as u32).max(1);
+    let head = image::imageops::resize(&head, w, 220, image::imageops::FilterType::Triangle);
+    let mut square = RgbImage::from_pixel(260, 260, image::Rgb([128, 128, 128]));
+    image::imageops::replace(&mut square, &head, (260 - w as i64) / 2, 20);
+    let turned = rotate(&square, degrees);
+    let mut frame = RgbImage::from_pixel(640, 480, image::Rgb([128, 128, 128]));
+    image::imageops::replace(&mut frame, &turned, x, 110);
+    if cover > 0.0 {
+        let top = 110 + 20 + (220.0 * (1.0 - cover)) as u32;
+        for yy in top..(110 + 240).min(480) {
+            for xx in (x.max(0) as u32 + 30)..(x.max(0) as u32 + 230).min(640) {
+                frame.put_pixel(xx, yy, image::Rgb([60, 40, 30]));
+            }
+        }
+    }
+    frame
+}
+
+#[test]
+fn a_turning_tilting_covered_head_keeps_one_track() {
+    use cliper::vision::tracking::{Tracker, TrackerConfig};
+    let mut det = FaceDetector::new(FaceDetectorConfig::default()).unwrap();
+    let mut tracker = Tracker::new(TrackerConfig::default());
+    let frames = 40;
+    let mut ids = Vec::new();
+    let mut missing = 0;
+    for i in 0..frames {
+        let t = i as f32 / (frames - 1) as f32;
+        // Across the frame, a tilt from -35 to +35 degrees, the face
+        // narrowing to half its width mid-way, a hand over the lower third
+        // for a quarter of the clip.
+        let x = 60 + (300.0 * t) as i64;
+        let degrees = -35.0 + 70.0 * t;
+        let squeeze = 1.0 - 0.5 * (1.0 - (2.0 * t - 1.0).abs());
+        let cover = if (0.4..0.65).contains(&t) { 0.35 } else { 0.0 };
+        let img = head_frame(x, degrees, squeeze, cover);
+        let candidates: Vec<_> = det
+            .candidates(&img)
+            .into_iter()
+            .map(|f| {
+                let confident = det.is_confident(&f);
+                (f, confident)
+            })
+            .collect();
+        let faces = tracker.update_scored(&candidates);
+        assert!(faces.len() <= 1, "frame {i}: {faces:?}");
+        match faces.first() {
+            Some(f) => ids.push(f.id),
+            None => missing += 1,
+        }
+    }
+    ids.dedup();
+    assert_eq!(ids, [1], "one id throughout");
+    assert!(missing <= 2, "{missing} frames without the face");
+}

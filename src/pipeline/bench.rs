@@ -21,7 +21,7 @@ use crate::model::device::{self, Precision};
 use crate::model::temporal::{TemporalConfig, TemporalModule};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::{preprocess, weights, Checkpoint, ClipConfig, ClipModel};
-use crate::vision::faces::{FaceDetector, FaceDetectorConfig};
+use crate::vision::faces::{DetectorKind, FaceDetector, FaceDetectorConfig};
 use crate::vision::source::demo::DemoSource;
 
 #[derive(Clone, Debug)]
@@ -146,10 +146,9 @@ pub struct BenchReport {
     pub image_encode_ms_per_image: Vec<(usize, Stat)>,
     /// Scoring of the largest batch against the 35 descriptors.
     pub scoring_ms: (usize, Stat),
-    /// Frame size -> detection time.
-    pub face_detection_ms: Vec<((u32, u32), Stat)>,
-    /// Faces found in each benchmark frame.
-    pub faces_found: Vec<((u32, u32), usize)>,
+    /// Each detector at each frame size, with the settings of the live
+    /// app and of stills, in the same run.
+    pub face_detection: Vec<DetectionTiming>,
     /// One temporal pass over a 16-frame window (random weights).
     pub temporal_ms: Stat,
     /// The live fast explanation map of one face (value path of the last
@@ -195,6 +194,20 @@ fn sized(v: &[((u32, u32), Stat)]) -> Value {
             .map(|((w, h), s)| (format!("{w}x{h}"), s.to_json()))
             .collect(),
     )
+}
+
+/// One detector timed on one frame size.
+#[derive(Clone, Debug)]
+pub struct DetectionTiming {
+    /// `centerface` or `seeta`.
+    pub detector: &'static str,
+    /// `live` (the app's and cameras' settings: faces from 64 px, frames
+    /// shrunk to 320 px) or `still` (`classify`'s: full size, faces from 20 px).
+    pub settings: &'static str,
+    pub size: (u32, u32),
+    /// Faces found in the frame (the demo face, scaled).
+    pub faces: usize,
+    pub ms: Stat,
 }
 
 /// Frames per run of the video stages.
@@ -446,12 +459,42 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     progress("face detection");
     let frame = DemoSource::new().render(0.0);
     let mut detection = Vec::new();
-    let mut faces_found = Vec::new();
-    let mut detector = FaceDetector::new(FaceDetectorConfig::default())?;
-    for (fw, fh) in [(640, 480), (320, 240)] {
-        let img = image::imageops::resize(&frame, fw, fh, image::imageops::FilterType::Triangle);
-        faces_found.push(((fw, fh), detector.detect(&img).len()));
-        detection.push(((fw, fh), time(w, r, || Ok(detector.detect(&img)))?));
+    for kind in [DetectorKind::CenterFace, DetectorKind::Seeta] {
+        for (settings, min_face, max_side) in [
+            ("live", 64, crate::pipeline::worker::LIVE_DETECT_MAX_SIDE),
+            ("still", 20, 4096),
+        ] {
+            let cfg = FaceDetectorConfig {
+                kind,
+                min_face_size: min_face,
+                max_side,
+                ..FaceDetectorConfig::default()
+            };
+            let mut detector = FaceDetector::new(cfg)?;
+            for (fw, fh) in [(640, 480), (1920, 1080)] {
+                progress(&format!(
+                    "face detection: {} ({settings}), {fw}x{fh}",
+                    kind.name()
+                ));
+                let img =
+                    image::imageops::resize(&frame, fw, fh, image::imageops::FilterType::Triangle);
+                let faces = detector.detect(&img).len();
+                // Full-size HD stills take a second or more: fewer runs.
+                let runs = if settings == "still" && fw > 1000 {
+                    r.div_ceil(4)
+                } else {
+                    r
+                };
+                let ms = time(w.min(1), runs, || Ok(detector.detect(&img)))?;
+                detection.push(DetectionTiming {
+                    detector: kind.name(),
+                    settings,
+                    size: (fw, fh),
+                    faces,
+                    ms,
+                });
+            }
+        }
     }
 
     progress("video decode and encode");
@@ -505,7 +548,11 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         })?
     };
 
-    let detect_640 = detection[0].1.median;
+    // The pipeline's default detector at the live settings.
+    let detect_640 = detection
+        .iter()
+        .find(|d| d.detector == "centerface" && d.settings == "live" && d.size == (640, 480))
+        .map_or(0.0, |d| d.ms.median);
     let faces_per_second = encode
         .iter()
         .map(|&(b, stat)| {
@@ -550,8 +597,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         preprocess_ms_per_image: preprocess_ms,
         image_encode_ms_per_image: encode,
         scoring_ms: (max_batch, scoring_ms),
-        face_detection_ms: detection,
-        faces_found,
+        face_detection: detection,
         temporal_ms,
         explain_fast_map_ms,
         explain_gradcam_ms,
@@ -586,13 +632,18 @@ impl BenchReport {
                 "min": round3(self.scoring_ms.1.min),
                 "max": round3(self.scoring_ms.1.max),
             },
-            "face_detection_ms": sized(&self.face_detection_ms),
-            "faces_found": Value::Object(
-                self.faces_found
-                    .iter()
-                    .map(|((w, h), n)| (format!("{w}x{h}"), json!(n)))
-                    .collect(),
-            ),
+            "face_detection": self
+                .face_detection
+                .iter()
+                .map(|d| {
+                    let mut v = d.ms.to_json();
+                    v["detector"] = json!(d.detector);
+                    v["settings"] = json!(d.settings);
+                    v["size"] = json!(format!("{}x{}", d.size.0, d.size.1));
+                    v["faces"] = json!(d.faces);
+                    v
+                })
+                .collect::<Vec<_>>(),
             "temporal_ms": self.temporal_ms.to_json(),
             "explain_fast_map_ms": self.explain_fast_map_ms.to_json(),
             "explain_gradcam_ms": self.explain_gradcam_ms.to_json(),
@@ -628,12 +679,12 @@ impl BenchReport {
         );
         let row = |name: &str, st: &Stat| {
             format!(
-                "  {name:<34} {:>9.2} {:>9.2} {:>9.2}\n",
+                "  {name:<44} {:>9.2} {:>9.2} {:>9.2}\n",
                 st.median, st.min, st.max
             )
         };
         s += &format!(
-            "  {:<34} {:>9} {:>9} {:>9}\n",
+            "  {:<44} {:>9} {:>9} {:>9}\n",
             "stage", "median", "min", "max"
         );
         s += &row("preprocess (per image)", &self.preprocess_ms_per_image);
@@ -644,8 +695,13 @@ impl BenchReport {
             &format!("scoring (batch {})", self.scoring_ms.0),
             &self.scoring_ms.1,
         );
-        for (((w, h), st), (_, n)) in self.face_detection_ms.iter().zip(&self.faces_found) {
-            s += &row(&format!("face detection {w}x{h} ({n} found)"), st);
+        for d in &self.face_detection {
+            let (w, h) = d.size;
+            let label = format!(
+                "faces: {} {} {w}x{h} ({} found)",
+                d.detector, d.settings, d.faces
+            );
+            s += &row(&label, &d.ms);
         }
         s += &row("temporal pass (16 frames)", &self.temporal_ms);
         s += &row("fast explanation map (1 face)", &self.explain_fast_map_ms);
