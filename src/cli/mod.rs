@@ -188,7 +188,7 @@ struct FaceArgs {
     margin: Option<f32>,
     /// The smallest face looked for, in pixels (default: 20 for `classify`
     /// and `explain`, 40 for `run` and `batch` on files, 64 for cameras and
-    /// the demo). Below 40 the frame is enlarged, which costs time.
+    /// the demo). Larger values shrink the frame the detector searches.
     #[arg(long, value_name = "PX", value_parser = ranged::<20, 4096>)]
     min_face: Option<usize>,
     /// Detect on frames shrunk to at most PX on the longer side (default:

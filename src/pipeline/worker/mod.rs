@@ -114,10 +114,11 @@ pub struct ExactRequest {
     pub grid: usize,
 }
 
-/// Live detection runs on frames shrunk to this longer side: 320x240 for a
-/// 640x480 camera, about 40 ms with rustface on a laptop core (against about
-/// 65 ms at the analyzer's default), and a new frame's boxes reach the screen
-/// that much sooner. Faces down to 80 px in a 640x480 frame are still found.
+/// Live detection runs on frames shrunk to at most this longer side, so a
+/// new frame's boxes reach the screen sooner. CenterFace looks for faces from
+/// 64 px there, which shrinks a 640x480 frame further, to 200x150 (about
+/// 16 ms on the 2-core VM, `cliper bench`); SeetaFace searches 320x240
+/// (about 50 ms) and finds faces down to 80 px in a 640x480 frame.
 pub const LIVE_DETECT_MAX_SIDE: u32 = 320;
 
 impl PipelineConfig {
