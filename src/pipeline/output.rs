@@ -67,7 +67,7 @@ pub fn face_json(
 /// gives them.
 fn add_landmarks(v: &mut Value, b: &FaceBox) {
     if let Some(l) = b.landmarks {
-        v["landmarks"] = json!(l.map(|p| p.map(|x| (x * 10.0).round() / 10.0)));
+        v["landmarks"] = json!(l.map(|p| p.map(|x| (f64::from(x) * 10.0).round() / 10.0)));
     }
 }
 

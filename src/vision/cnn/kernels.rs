@@ -1,0 +1,492 @@
+//! The arithmetic: convolutions (dense through `gemm` or a small-input
+//! kernel, depthwise as a stencil, transposed as a product and a scatter),
+//! with the bias and ReLU applied while each block is in cache.
+
+use rayon::prelude::*;
+
+use super::{CnnError, Conv, FeatureMap, Workspace, MAX_MAP};
+
+/// Inner dimension up to which a 1x1 convolution runs on [`pointwise_block`]
+/// rather than `gemm`: with 16 to 64 input channels the product is a few
+/// multiply-adds per output, and gemm's packing costs more than the
+/// arithmetic (measured on CenterFace's 16 -> 96 layer at 240x320: 25 ms in
+/// gemm on the 2-core AMD EPYC).
+const SMALL_K: usize = 64;
+
+/// Output columns per block of [`pointwise_block`]: its rows of `acc` stay in L1.
+const POINTWISE_BLOCK: usize = 256;
+
+multiversion! {
+    /// `acc [m, len] = bias + w [m, k] x xs [k, n][.., c0..c0 + len]`, then
+    /// the ReLU; `m` is `bias.len()`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pointwise_block(
+        acc: &mut [f32],
+        w: &[f32],
+        xs: &[f32],
+        n: usize,
+        c0: usize,
+        len: usize,
+        bias: &[f32],
+        relu: bool
+    ) {
+        let m = bias.len();
+        let k = w.len() / m.max(1);
+        for (co, row) in acc.chunks_exact_mut(len).enumerate().take(m) {
+            row.fill(bias[co]);
+            for (kk, &wv) in w[co * k..(co + 1) * k].iter().enumerate() {
+                let x = &xs[kk * n + c0..kk * n + c0 + len];
+                for (a, &v) in row.iter_mut().zip(x) {
+                    *a += wv * v;
+                }
+            }
+            if relu {
+                row.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+        }
+    }
+}
+
+/// A 1x1 convolution with few input channels: blocks of output columns in
+/// parallel, each computed in cache and copied out once.
+fn pointwise_small(dst: &mut [f32], w: &[f32], xs: &[f32], n: usize, bias: &[f32], relu: bool) {
+    let m = bias.len();
+    let dst_ptr = SendPtr(dst.as_mut_ptr());
+    assert!(dst.len() >= m * n);
+    let blocks: Vec<usize> = (0..n).step_by(POINTWISE_BLOCK).collect();
+    blocks.par_iter().for_each_init(
+        || vec![0.0f32; m * POINTWISE_BLOCK],
+        |acc, &c0| {
+            let len = POINTWISE_BLOCK.min(n - c0);
+            pointwise_block(&mut acc[..m * len], w, xs, n, c0, len, bias, relu);
+            for (co, row) in acc[..m * len].chunks_exact(len).enumerate() {
+                // SAFETY: `dst` holds `m * n` values (asserted above); this
+                // task alone writes columns `c0..c0 + len` of each row.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        row.as_ptr(),
+                        dst_ptr.get().add(co * n + c0),
+                        len,
+                    );
+                }
+            }
+        },
+    );
+}
+
+/// Columns of the output computed per task: a block of every output row
+/// stays in the core's cache from the bias fill through the product to the
+/// ReLU, instead of streaming a whole feature map three times.
+const COLUMN_BLOCK: usize = 1024;
+
+/// A raw pointer that tasks writing disjoint parts of one buffer may share.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used for tasks that write disjoint column ranges of one
+// buffer that outlives them (see `conv_matmul`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `dst [m, n] = act(bias + lhs [m, k] x rhs [k, n])` (without a bias, `dst`
+/// is overwritten), row-major `dst` and
+/// `rhs`, `lhs` with the given row and column strides; one task per block of
+/// columns on rayon's current pool.
+#[allow(clippy::too_many_arguments)]
+fn conv_matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    lhs: &[f32],
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: &[f32],
+    bias: Option<&[f32]>,
+    relu: bool,
+) {
+    assert!(dst.len() >= m * n && rhs.len() >= k * n);
+    assert!(m == 0 || k == 0 || (m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len());
+    let dst_ptr = SendPtr(dst.as_mut_ptr());
+    let blocks: Vec<(usize, usize)> = (0..n)
+        .step_by(COLUMN_BLOCK)
+        .map(|c0| (c0, (c0 + COLUMN_BLOCK).min(n)))
+        .collect();
+    let run = |&(c0, c1): &(usize, usize)| {
+        let cols = c1 - c0;
+        let base = dst_ptr.get();
+        // SAFETY: the assertions above bound every access: `dst` and `rhs`
+        // hold `m * n` and `k * n` values with row stride `n`, `lhs` covers
+        // `m` rows and `k` columns at its strides. Each task touches only
+        // columns `c0..c1` of `dst`, so tasks never overlap.
+        unsafe {
+            if let Some(b) = bias {
+                for (r, &v) in b.iter().enumerate().take(m) {
+                    std::slice::from_raw_parts_mut(base.add(r * n + c0), cols).fill(v);
+                }
+            }
+            gemm::gemm(
+                m,
+                cols,
+                k,
+                base.add(c0),
+                1,
+                n as isize,
+                // Without a bias the product overwrites `dst`.
+                bias.is_some(),
+                lhs.as_ptr(),
+                lhs_cs as isize,
+                lhs_rs as isize,
+                rhs.as_ptr().add(c0),
+                1,
+                n as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+            if relu {
+                for r in 0..m {
+                    let row = std::slice::from_raw_parts_mut(base.add(r * n + c0), cols);
+                    row.iter_mut().for_each(|v| *v = v.max(0.0));
+                }
+            }
+        }
+    };
+    if blocks.len() > 1 && rayon::current_num_threads() > 1 {
+        blocks.par_iter().for_each(run);
+    } else {
+        blocks.iter().for_each(run);
+    }
+}
+
+impl Conv {
+    pub(super) fn fold_affine(&mut self, scale: &[f32], shift: &[f32]) {
+        let (kh, kw) = (self.kernel[0], self.kernel[1]);
+        if self.transposed {
+            // [in, out / g, kh, kw]: output channel = g * (out / g) + o.
+            let per = self.out_ch / self.groups;
+            let in_per = self.in_ch / self.groups;
+            for ci in 0..self.in_ch {
+                let g = ci / in_per;
+                for o in 0..per {
+                    let co = g * per + o;
+                    let at = (ci * per + o) * kh * kw;
+                    self.weight[at..at + kh * kw]
+                        .iter_mut()
+                        .for_each(|w| *w *= scale[co]);
+                }
+            }
+        } else {
+            let per = self.weight.len() / self.out_ch;
+            for co in 0..self.out_ch {
+                self.weight[co * per..(co + 1) * per]
+                    .iter_mut()
+                    .for_each(|w| *w *= scale[co]);
+            }
+        }
+        for co in 0..self.out_ch {
+            self.bias[co] = self.bias[co] * scale[co] + shift[co];
+        }
+    }
+
+    fn out_size(&self, h: usize, w: usize) -> Result<(usize, usize), CnnError> {
+        let dim = |i: usize, size: usize| -> Option<usize> {
+            let span = self.dilation[i] * (self.kernel[i] - 1) + 1;
+            let (p0, p1) = (self.pads[i], self.pads[i + 2]);
+            if self.transposed {
+                ((size - 1) * self.stride[i] + span + self.output_padding[i]).checked_sub(p0 + p1)
+            } else {
+                (size + p0 + p1)
+                    .checked_sub(span)
+                    .map(|v| v / self.stride[i] + 1)
+            }
+        };
+        match (dim(0, h), dim(1, w)) {
+            (Some(oh), Some(ow))
+                if oh > 0
+                    && ow > 0
+                    && oh
+                        .checked_mul(ow)
+                        .and_then(|n| n.checked_mul(self.out_ch))
+                        .is_some_and(|n| n <= MAX_MAP) =>
+            {
+                Ok((oh, ow))
+            }
+            _ => Err(CnnError::Input {
+                got: [self.in_ch, h, w],
+                expected:
+                    "an image larger than the network's kernels, and feature maps under 1 GiB",
+            }),
+        }
+    }
+
+    pub(super) fn run(&self, x: &FeatureMap, ws: &mut Workspace) -> Result<FeatureMap, CnnError> {
+        let (oh, ow) = self.out_size(x.h, x.w)?;
+        let mut y = ws.map(self.out_ch, oh, ow);
+        // Each kernel adds the bias and applies the ReLU while a block of its
+        // output is in cache.
+        if self.transposed {
+            self.transposed_into(x, &mut y, ws);
+        } else if self.groups == self.in_ch && self.groups == self.out_ch && self.groups > 1 {
+            self.depthwise_into(x, &mut y);
+        } else {
+            self.dense_into(x, &mut y, ws);
+        }
+        Ok(y)
+    }
+
+    /// Grouped or full convolution: im2col per group, then a matrix product
+    /// (a 1x1, stride-1 convolution reads the input directly).
+    fn dense_into(&self, x: &FeatureMap, y: &mut FeatureMap, ws: &mut Workspace) {
+        let (kh, kw) = (self.kernel[0], self.kernel[1]);
+        let (oh, ow) = (y.h, y.w);
+        let n = oh * ow;
+        let cin_g = self.in_ch / self.groups;
+        let cout_g = self.out_ch / self.groups;
+        let k = cin_g * kh * kw;
+        let direct = kh == 1 && kw == 1 && self.stride == [1, 1] && self.pads == [0; 4];
+        let mut cols = if direct { Vec::new() } else { ws.take(k * n) };
+        for g in 0..self.groups {
+            let xg = &x.data[g * cin_g * x.h * x.w..(g + 1) * cin_g * x.h * x.w];
+            let rhs: &[f32] = if direct {
+                xg
+            } else {
+                cols.par_chunks_mut(n).enumerate().for_each(|(row, out)| {
+                    let ci = row / (kh * kw);
+                    let (ky, kx) = ((row / kw) % kh, row % kw);
+                    let plane = &xg[ci * x.h * x.w..(ci + 1) * x.h * x.w];
+                    for oy in 0..oh {
+                        let iy = (oy * self.stride[0] + ky * self.dilation[0]) as isize
+                            - self.pads[0] as isize;
+                        let dst = &mut out[oy * ow..(oy + 1) * ow];
+                        if iy < 0 || iy >= x.h as isize {
+                            dst.fill(0.0);
+                            continue;
+                        }
+                        let src = &plane[iy as usize * x.w..(iy as usize + 1) * x.w];
+                        // Output columns whose input column is inside the row.
+                        let sx = self.stride[1];
+                        let off = (kx * self.dilation[1]) as isize - self.pads[1] as isize;
+                        let lo = if off < 0 {
+                            ((-off) as usize).div_ceil(sx)
+                        } else {
+                            0
+                        };
+                        let hi = if (x.w as isize) > off {
+                            ((x.w as isize - off - 1) as usize / sx + 1).min(ow)
+                        } else {
+                            0
+                        };
+                        if lo >= hi {
+                            dst.fill(0.0);
+                            continue;
+                        }
+                        dst[..lo].fill(0.0);
+                        dst[hi..].fill(0.0);
+                        let start = (lo * sx) as isize + off;
+                        let start = start as usize;
+                        if sx == 1 {
+                            dst[lo..hi].copy_from_slice(&src[start..start + hi - lo]);
+                        } else {
+                            for (j, d) in dst[lo..hi].iter_mut().enumerate() {
+                                *d = src[start + j * sx];
+                            }
+                        }
+                    }
+                });
+                &cols
+            };
+            let w = &self.weight[g * cout_g * k..(g + 1) * cout_g * k];
+            let dst = &mut y.data[g * cout_g * n..(g + 1) * cout_g * n];
+            let bias = &self.bias[g * cout_g..(g + 1) * cout_g];
+            if k <= SMALL_K {
+                pointwise_small(dst, w, rhs, n, bias, self.relu);
+            } else {
+                conv_matmul(cout_g, n, k, dst, w, k, 1, rhs, Some(bias), self.relu);
+            }
+        }
+        ws.give(cols);
+    }
+
+    /// One filter per channel: a direct stencil, one channel per task.
+    fn depthwise_into(&self, x: &FeatureMap, y: &mut FeatureMap) {
+        let fast = self.kernel == [3, 3]
+            && self.dilation == [1, 1]
+            && self.pads == [1; 4]
+            && (self.stride == [1, 1] || self.stride == [2, 2]);
+        let (oh, ow) = (y.h, y.w);
+        y.data
+            .par_chunks_mut(oh * ow)
+            .enumerate()
+            .for_each(|(ch, out)| {
+                let k = self.kernel[0] * self.kernel[1];
+                let w = &self.weight[ch * k..(ch + 1) * k];
+                out.fill(self.bias[ch]);
+                if fast {
+                    depthwise3x3(x.plane(ch), x.w, x.h, w, self.stride[0], out, ow, oh);
+                } else {
+                    self.depthwise_plane(x.plane(ch), x.w, x.h, w, out, ow, oh);
+                }
+                if self.relu {
+                    out.iter_mut().for_each(|v| *v = v.max(0.0));
+                }
+            });
+    }
+
+    /// Any kernel, stride, padding and dilation, one plane.
+    #[allow(clippy::too_many_arguments)]
+    fn depthwise_plane(
+        &self,
+        plane: &[f32],
+        iw: usize,
+        ih: usize,
+        w: &[f32],
+        out: &mut [f32],
+        ow: usize,
+        oh: usize,
+    ) {
+        let (kh, kw) = (self.kernel[0], self.kernel[1]);
+        let [sy, sx] = self.stride;
+        let [dy, dx] = self.dilation;
+        let (pt, pl) = (self.pads[0] as isize, self.pads[1] as isize);
+        for oy in 0..oh {
+            for ky in 0..kh {
+                let iy = (oy * sy + ky * dy) as isize - pt;
+                if iy < 0 || iy >= ih as isize {
+                    continue;
+                }
+                let src = &plane[iy as usize * iw..(iy as usize + 1) * iw];
+                for kx in 0..kw {
+                    let wv = w[ky * kw + kx];
+                    for (ox, d) in out[oy * ow..(oy + 1) * ow].iter_mut().enumerate() {
+                        let ix = (ox * sx + kx * dx) as isize - pl;
+                        if ix >= 0 && ix < iw as isize {
+                            *d += wv * src[ix as usize];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    /// Transposed convolution: the matrix product `W^T x` gives each input
+    /// pixel's contribution to every kernel tap, which is then added into place.
+    fn transposed_into(&self, x: &FeatureMap, y: &mut FeatureMap, ws: &mut Workspace) {
+        let (kh, kw) = (self.kernel[0], self.kernel[1]);
+        let n = x.h * x.w;
+        let cin_g = self.in_ch / self.groups;
+        let cout_g = self.out_ch / self.groups;
+        let rows = cout_g * kh * kw;
+        let mut cols = ws.take(rows * n);
+        for g in 0..self.groups {
+            // Weight [in, out/g, kh, kw] of this group, read as [cin_g, rows]
+            // and used transposed: lhs [rows, cin_g].
+            let w = &self.weight[g * cin_g * rows..(g + 1) * cin_g * rows];
+            let xg = &x.data[g * cin_g * n..(g + 1) * cin_g * n];
+            conv_matmul(rows, n, cin_g, &mut cols, w, 1, rows, xg, None, false);
+            let (oh, ow) = (y.h, y.w);
+            let out = &mut y.data[g * cout_g * oh * ow..(g + 1) * cout_g * oh * ow];
+            out.par_chunks_mut(oh * ow)
+                .enumerate()
+                .for_each(|(co, plane)| {
+                    plane.fill(self.bias[g * cout_g + co]);
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let row = &cols[((co * kh + ky) * kw + kx) * n..][..n];
+                            for iy in 0..x.h {
+                                let oy = (iy * self.stride[0] + ky * self.dilation[0]) as isize
+                                    - self.pads[0] as isize;
+                                if oy < 0 || oy >= oh as isize {
+                                    continue;
+                                }
+                                for ix in 0..x.w {
+                                    let ox = (ix * self.stride[1] + kx * self.dilation[1]) as isize
+                                        - self.pads[1] as isize;
+                                    if ox >= 0 && ox < ow as isize {
+                                        plane[oy as usize * ow + ox as usize] += row[iy * x.w + ix];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    if self.relu {
+                        plane.iter_mut().for_each(|v| *v = v.max(0.0));
+                    }
+                });
+        }
+        ws.give(cols);
+    }
+}
+
+multiversion! {
+    /// A 3x3 depthwise filter with padding 1 and stride 1 or 2 over one plane,
+    /// written so that every tap is a contiguous multiply-add the compiler
+    /// vectorises (stride 2 first splits each input row into even and odd columns).
+    #[allow(clippy::too_many_arguments)]
+    pub fn depthwise3x3(
+        plane: &[f32],
+        iw: usize,
+        ih: usize,
+        w: &[f32],
+        stride: usize,
+        out: &mut [f32],
+        ow: usize,
+        oh: usize
+    ) {
+        let mut even = vec![0.0f32; iw.div_ceil(2) + 1];
+        let mut odd = vec![0.0f32; iw / 2 + 1];
+        for oy in 0..oh {
+            let dst = &mut out[oy * ow..(oy + 1) * ow];
+            for ky in 0..3 {
+                let iy = (oy * stride + ky) as isize - 1;
+                if iy < 0 || iy >= ih as isize {
+                    continue;
+                }
+                let row = &plane[iy as usize * iw..(iy as usize + 1) * iw];
+                let (w0, w1, w2) = (w[ky * 3], w[ky * 3 + 1], w[ky * 3 + 2]);
+                if stride == 1 {
+                    // out[x] += w0 * row[x - 1] + w1 * row[x] + w2 * row[x + 1],
+                    // with zeros outside the row (here ow == iw).
+                    if iw == 1 {
+                        dst[0] += w1 * row[0];
+                        continue;
+                    }
+                    let inner = dst[1..iw - 1].iter_mut().zip(&row[..iw - 2]);
+                    for ((d, &l), (&c, &r)) in inner.zip(row[1..iw - 1].iter().zip(&row[2..])) {
+                        *d += w0 * l + w1 * c + w2 * r;
+                    }
+                    dst[0] += w1 * row[0] + w2 * row[1];
+                    dst[iw - 1] += w0 * row[iw - 2] + w1 * row[iw - 1];
+                } else {
+                    // Input column 2x - 1 + kx: odd[x - 1], even[x], odd[x].
+                    for ((pair, e), o) in row.chunks_exact(2).zip(&mut even).zip(&mut odd) {
+                        *e = pair[0];
+                        *o = pair[1];
+                    }
+                    if iw % 2 == 1 {
+                        even[iw / 2] = row[iw - 1];
+                    }
+                    let ne = iw.div_ceil(2);
+                    let no = iw / 2;
+                    for (d, &e) in dst.iter_mut().zip(&even[..ne]) {
+                        *d += w1 * e;
+                    }
+                    for (d, &o) in dst.iter_mut().zip(&odd[..no]) {
+                        *d += w2 * o;
+                    }
+                    if ow > 1 {
+                        for (d, &o) in dst[1..].iter_mut().zip(&odd[..no]) {
+                            *d += w0 * o;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

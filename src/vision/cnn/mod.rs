@@ -1,0 +1,332 @@
+//! A small executor for the ONNX convolutional networks the face detectors
+//! ship as: `Conv` (any kernel, stride, padding, dilation and groups),
+//! `ConvTranspose`, `BatchNormalization`, `Relu`, `Add` and `Sigmoid`, on one
+//! image (`[1, C, H, W]`, f32).
+//!
+//! Why our own and not `tract-onnx`: on CenterFace at 640x480 (2-core AMD EPYC,
+//! AVX-512), tract 0.21 took about 270 ms a frame, ten times ONNX Runtime's
+//! 28 ms on the same cores, and too slow for a live detector. The network is
+//! almost all 1x1 convolutions, which are plain matrix products, and 3x3
+//! depthwise convolutions, which are memory-bound stencils; the first go to the
+//! `gemm` crate (the one Candle uses) and the second to a direct loop, each
+//! parallel on rayon's current pool. `cliper bench` times it beside rustface.
+//!
+//! The file is read with `prost` against the few messages of `onnx.proto`
+//! that describe such a graph. At load, batch norms that follow a convolution
+//! are folded into its weights and a `Relu` that is the only reader of its
+//! input is fused into the op before it, so a forward pass is a list of
+//! convolutions, adds and activations over numbered buffers, each buffer
+//! freed after its last reader.
+
+mod kernels;
+mod onnx;
+
+/// Largest stride, dilation or padding accepted: detectors use 1 to 4, and
+/// a bound keeps a damaged file from asking for enormous feature maps.
+pub(crate) const MAX_ATTR: i64 = 64;
+
+/// Most values one feature map may hold (1 GiB of f32).
+pub(crate) const MAX_MAP: usize = 1 << 28;
+
+/// Errors from reading or running a network.
+#[derive(Debug, thiserror::Error)]
+pub enum CnnError {
+    #[error("{file}: not an ONNX model ({reason}); use the .onnx file the detector ships as")]
+    Format { file: String, reason: String },
+    #[error("{file}: unsupported ONNX graph: {reason}")]
+    Unsupported { file: String, reason: String },
+    #[error("{file}: tensor `{name}` is invalid: {reason}")]
+    Tensor {
+        file: String,
+        name: String,
+        reason: String,
+    },
+    #[error("input of {got:?} does not fit the network: {expected}")]
+    Input {
+        got: [usize; 3],
+        expected: &'static str,
+    },
+}
+
+/// A feature map of one image: `[c, h, w]`, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FeatureMap {
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub data: Vec<f32>,
+}
+
+impl FeatureMap {
+    pub fn zeros(c: usize, h: usize, w: usize) -> Self {
+        Self {
+            c,
+            h,
+            w,
+            data: vec![0.0; c * h * w],
+        }
+    }
+
+    /// Plane `ch` (`h * w` values).
+    pub fn plane(&self, ch: usize) -> &[f32] {
+        let n = self.h * self.w;
+        &self.data[ch * n..(ch + 1) * n]
+    }
+}
+
+/// A convolution (or transposed convolution) with its batch norm folded in.
+#[derive(Clone, Debug)]
+struct Conv {
+    /// `[out, in / groups, kh, kw]` for `Conv`; `[in, out / groups, kh, kw]`
+    /// for `ConvTranspose`, as ONNX stores them.
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    in_ch: usize,
+    out_ch: usize,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    /// Top, left, bottom, right.
+    pads: [usize; 4],
+    dilation: [usize; 2],
+    groups: usize,
+    /// Extra rows and columns at the end of a transposed convolution's output.
+    output_padding: [usize; 2],
+    transposed: bool,
+    relu: bool,
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Conv(Conv),
+    /// `y = x * scale + shift` per channel, for a norm no convolution feeds.
+    Affine {
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+        relu: bool,
+    },
+    Add {
+        relu: bool,
+    },
+    Relu,
+    Sigmoid,
+}
+
+#[derive(Clone, Debug)]
+struct Step {
+    op: Op,
+    inputs: Vec<usize>,
+    output: usize,
+    /// Buffers whose last reader this step is.
+    frees: Vec<usize>,
+}
+
+/// A loaded network, ready to run on images of any size its strides divide.
+#[derive(Clone, Debug)]
+pub struct Network {
+    steps: Vec<Step>,
+    input: usize,
+    input_channels: usize,
+    outputs: Vec<usize>,
+    buffers: usize,
+}
+
+impl Network {
+    /// How many steps read buffer `b` (the graph outputs count as readers).
+    fn readers(&self, b: usize) -> usize {
+        self.steps.iter().filter(|s| s.inputs.contains(&b)).count()
+            + self.outputs.iter().filter(|&&o| o == b).count()
+    }
+
+    /// Folds batch norms into the convolution before them and fuses a `Relu`
+    /// into the op before it, where that op's output has no other reader.
+    fn fuse(&mut self) {
+        let mut i = 0;
+        while i < self.steps.len() {
+            let (input, folds) = {
+                let s = &self.steps[i];
+                let Some(&input) = s.inputs.first() else {
+                    i += 1;
+                    continue;
+                };
+                let folds = matches!(s.op, Op::Affine { .. } | Op::Relu) && input != 0;
+                (input, folds)
+            };
+            if !folds || self.readers(input) != 1 {
+                i += 1;
+                continue;
+            }
+            let Some(p) = self.steps[..i].iter().rposition(|s| s.output == input) else {
+                i += 1;
+                continue;
+            };
+            let step = self.steps[i].clone();
+            let fused = match (&mut self.steps[p].op, &step.op) {
+                (Op::Conv(c), Op::Affine { scale, shift, .. }) if !c.relu => {
+                    c.fold_affine(scale, shift);
+                    true
+                }
+                (Op::Conv(Conv { relu, .. }), Op::Relu)
+                | (Op::Add { relu }, Op::Relu)
+                | (Op::Affine { relu, .. }, Op::Relu)
+                    if !*relu =>
+                {
+                    *relu = true;
+                    true
+                }
+                _ => false,
+            };
+            if fused {
+                // The fused op now writes the later op's buffer.
+                self.steps[p].output = step.output;
+                self.steps.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn plan_frees(&mut self) {
+        let mut last = vec![None; self.buffers];
+        for (i, s) in self.steps.iter().enumerate() {
+            for &b in &s.inputs {
+                last[b] = Some(i);
+            }
+        }
+        for (b, l) in last.into_iter().enumerate() {
+            if let Some(i) = l {
+                if !self.outputs.contains(&b) {
+                    self.steps[i].frees.push(b);
+                }
+            }
+        }
+    }
+
+    /// Channels of the image the network reads.
+    pub fn input_channels(&self) -> usize {
+        self.input_channels
+    }
+
+    /// Runs the network on one image; the outputs come in the graph's order.
+    pub fn run(&self, input: FeatureMap) -> Result<Vec<FeatureMap>, CnnError> {
+        self.run_with(input, &mut Workspace::default())
+    }
+
+    /// [`run`](Self::run), reusing the buffers of earlier runs kept in `ws`.
+    pub fn run_with(
+        &self,
+        input: FeatureMap,
+        ws: &mut Workspace,
+    ) -> Result<Vec<FeatureMap>, CnnError> {
+        if input.c != self.input_channels || input.h == 0 || input.w == 0 {
+            return Err(CnnError::Input {
+                got: [input.c, input.h, input.w],
+                expected: "the network's input channels and a non-empty image",
+            });
+        }
+        let mut buffers: Vec<Option<FeatureMap>> = vec![None; self.buffers];
+        buffers[self.input] = Some(input);
+        for s in &self.steps {
+            let get = |k: usize| buffers[s.inputs[k]].as_ref().expect("planned buffer");
+            let map = |ws: &mut Workspace, x: &FeatureMap, f: &dyn Fn(usize, f32) -> f32| {
+                let mut y = ws.map(x.c, x.h, x.w);
+                let n = x.h * x.w;
+                for (i, (v, &u)) in y.data.iter_mut().zip(&x.data).enumerate() {
+                    *v = f(i / n.max(1), u);
+                }
+                y
+            };
+            let out = match &s.op {
+                Op::Conv(c) => c.run(get(0), ws)?,
+                Op::Affine { scale, shift, relu } => map(ws, get(0), &|ch, v| {
+                    let v = v * scale[ch] + shift[ch];
+                    if *relu {
+                        v.max(0.0)
+                    } else {
+                        v
+                    }
+                }),
+                Op::Add { relu } => {
+                    let (a, b) = (get(0), get(1));
+                    if (a.c, a.h, a.w) != (b.c, b.h, b.w) {
+                        return Err(CnnError::Input {
+                            got: [b.c, b.h, b.w],
+                            expected:
+                                "a size whose every stride divides it (the detector pads to 32)",
+                        });
+                    }
+                    let mut y = ws.map(a.c, a.h, a.w);
+                    for ((v, &p), &q) in y.data.iter_mut().zip(&a.data).zip(&b.data) {
+                        *v = if *relu { (p + q).max(0.0) } else { p + q };
+                    }
+                    y
+                }
+                Op::Relu => map(ws, get(0), &|_, v| v.max(0.0)),
+                Op::Sigmoid => map(ws, get(0), &|_, v| 1.0 / (1.0 + (-v).exp())),
+            };
+            for &b in &s.frees {
+                if let Some(m) = buffers[b].take() {
+                    ws.give(m.data);
+                }
+            }
+            buffers[s.output] = Some(out);
+        }
+        Ok(self
+            .outputs
+            .iter()
+            .map(|&o| buffers[o].take().expect("outputs are kept"))
+            .collect())
+    }
+}
+
+/// Buffers kept between runs. Fresh allocations of feature-map size are
+/// returned to the OS on free and page-fault on first touch, which on the
+/// 2-core VM cost as much as the arithmetic of the largest convolutions.
+#[derive(Debug, Default)]
+pub struct Workspace {
+    free: Vec<Vec<f32>>,
+}
+
+impl Workspace {
+    /// Most buffers kept: a MobileNet's widest point holds a handful alive.
+    const KEEP: usize = 16;
+
+    /// A zeroed buffer of `len` values.
+    fn take(&mut self, len: usize) -> Vec<f32> {
+        let best = self
+            .free
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.capacity() >= len)
+            .min_by_key(|(_, v)| v.capacity())
+            .map(|(i, _)| i);
+        let mut v = match best {
+            Some(i) => self.free.swap_remove(i),
+            None => Vec::with_capacity(len),
+        };
+        v.clear();
+        v.resize(len, 0.0);
+        v
+    }
+
+    fn map(&mut self, c: usize, h: usize, w: usize) -> FeatureMap {
+        FeatureMap {
+            c,
+            h,
+            w,
+            data: self.take(c * h * w),
+        }
+    }
+
+    fn give(&mut self, v: Vec<f32>) {
+        if v.capacity() == 0 {
+            return;
+        }
+        self.free.push(v);
+        if self.free.len() > Self::KEEP {
+            // Drop the smallest.
+            if let Some(i) = (0..self.free.len()).min_by_key(|&i| self.free[i].capacity()) {
+                self.free.swap_remove(i);
+            }
+        }
+    }
+}
