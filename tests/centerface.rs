@@ -340,7 +340,7 @@ fn head_frame(x: i64, degrees: f32, squeeze: f32, cover: f32) -> RgbImage {
     image::imageops::replace(&mut frame, &turned, x, 110);
     if cover > 0.0 {
         let top = 110 + 20 + (220.0 * (1.0 - cover)) as u32;
-        for yy in top..(110 + 240).min(480) {
+        for yy in top..(110 + 240) {
             for xx in (x.max(0) as u32 + 30)..(x.max(0) as u32 + 230).min(640) {
                 frame.put_pixel(xx, yy, image::Rgb([60, 40, 30]));
             }

@@ -21,6 +21,7 @@ pub struct VideoView {
     shown: Option<(u64, u64)>,
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn show(
     ui: &mut egui::Ui,
     view: &mut VideoView,

@@ -144,7 +144,7 @@ impl CenterFace {
     /// Runs the network on an RGB input of values 0..255, `[3, H, W]` with
     /// `H` and `W` multiples of [`STRIDE`].
     pub fn forward(&mut self, input: FeatureMap) -> Result<Maps, CnnError> {
-        if input.h % STRIDE as usize != 0 || input.w % STRIDE as usize != 0 {
+        if !input.h.is_multiple_of(STRIDE as usize) || !input.w.is_multiple_of(STRIDE as usize) {
             return Err(CnnError::Input {
                 got: [input.c, input.h, input.w],
                 expected: "an RGB image whose sides are multiples of 32",
@@ -210,8 +210,8 @@ pub fn to_input(img: &RgbImage) -> FeatureMap {
     let plane = ph * pw;
     for (y, row) in img.as_raw().chunks_exact(w * 3).enumerate() {
         for (x, px) in row.chunks_exact(3).enumerate() {
-            for c in 0..3 {
-                m.data[c * plane + y * pw + x] = f32::from(px[c]);
+            for (c, &v) in px.iter().enumerate() {
+                m.data[c * plane + y * pw + x] = f32::from(v);
             }
         }
     }
@@ -226,8 +226,8 @@ pub fn decode(maps: &Maps, threshold: f32, size: (f32, f32)) -> Vec<Detection> {
     let (width, height) = size;
     let mut found = Vec::new();
     for (i, &s) in maps.heatmap.data.iter().enumerate() {
-        // NaN fails the comparison and is skipped.
-        if !(s > threshold) {
+        // NaN is not above the threshold and is skipped.
+        if s.partial_cmp(&threshold) != Some(std::cmp::Ordering::Greater) {
             continue;
         }
         let (cy, cx) = ((i / w) as f32, (i % w) as f32);
@@ -242,7 +242,7 @@ pub fn decode(maps: &Maps, threshold: f32, size: (f32, f32)) -> Vec<Detection> {
             .min(height);
         let x2 = (x1 + bw).min(width);
         let y2 = (y1 + bh).min(height);
-        if !(x2 > x1 && y2 > y1) || ![x1, y1, x2, y2].iter().all(|v| v.is_finite()) {
+        if !(x2 > x1 && y2 > y1 && [x1, y1, x2, y2].iter().all(|v| v.is_finite())) {
             continue;
         }
         let mut landmarks = [[0.0f32; 2]; 5];

@@ -185,14 +185,12 @@ impl Conv {
             }
         } else {
             let per = self.weight.len() / self.out_ch;
-            for co in 0..self.out_ch {
-                self.weight[co * per..(co + 1) * per]
-                    .iter_mut()
-                    .for_each(|w| *w *= scale[co]);
+            for (row, &sc) in self.weight.chunks_exact_mut(per).zip(scale) {
+                row.iter_mut().for_each(|w| *w *= sc);
             }
         }
-        for co in 0..self.out_ch {
-            self.bias[co] = self.bias[co] * scale[co] + shift[co];
+        for ((b, &sc), &sh) in self.bias.iter_mut().zip(scale).zip(shift) {
+            *b = *b * sc + sh;
         }
     }
 
