@@ -248,11 +248,8 @@ fn live_pipeline_draws_the_fast_map_of_the_chosen_target() {
         let f = &s.faces[0];
         let map = f.explain.as_ref().expect("a map for the face");
         assert_eq!((map.rows, map.cols), (4, 4));
-        let crop = cliper::vision::faces::crop_face(
-            &img,
-            &f.face.bbox,
-            cliper::vision::faces::DEFAULT_FACE_MARGIN,
-        );
+        // The crop the pipeline scores: the default detector's margin, eyes levelled.
+        let crop = cliper::pipeline::analyzer::AnalyzerConfig::default().crop(&img, &f.face.bbox);
         let px = clip.pixels(&[crop]).unwrap();
         let want = cliper::model::explain::fast_map(
             &clip.vision,
@@ -351,10 +348,11 @@ fn live_pipeline_computes_exact_maps_of_a_paused_frame() {
 
     // The direct maps on the same crop.
     let (clip, bank) = tiny_cliper();
+    // Exact maps are computed on the straight square, at the detector's margin.
     let crop = cliper::vision::faces::crop_face(
         &frame.image,
         &face.bbox,
-        cliper::vision::faces::DEFAULT_FACE_MARGIN,
+        cliper::vision::faces::DetectorKind::default().default_margin(),
     );
     let px = clip.pixels(&[crop]).unwrap();
     let text = &bank.text_features;
