@@ -386,3 +386,81 @@ fn a_turning_tilting_covered_head_keeps_one_track() {
     assert_eq!(ids, [1], "one id throughout");
     assert!(missing <= 2, "{missing} frames without the face");
 }
+
+mod common;
+
+/// The pipeline (what the live app runs) given a CenterFace file it cannot
+/// read: it says so and carries on with SeetaFace, finding the face.
+#[test]
+fn the_pipeline_falls_back_to_seeta_on_a_bad_model_file() {
+    use cliper::model::setup::{BankSource, ModelSpec};
+    use cliper::pipeline::worker::{Pipeline, PipelineConfig, PipelineEvent, RunMode};
+    use cliper::vision::source::SourceSpec;
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("broken.onnx");
+    std::fs::write(&bad, b"\x08\x07 not a model").unwrap();
+    let model = ModelSpec {
+        weights: Some(common::fixtures().join("clip_c_hf16")),
+        bank: BankSource::Learned(common::fixtures().join("clip_c_hf16/descriptors.safetensors")),
+        device: "cpu".into(),
+        head: None,
+    };
+    let photo = common::astronaut_path();
+    let mut config = PipelineConfig::new(
+        SourceSpec::from_path(&photo, 10.0).unwrap(),
+        model,
+        RunMode::Batch,
+    );
+    config.max_frames = Some(2);
+    config.analyzer.detector_model = Some(bad);
+    let pipeline = Pipeline::start(config, || {});
+    let (mut warnings, mut faces) = (Vec::new(), Vec::new());
+    for ev in pipeline.events.iter() {
+        match ev {
+            PipelineEvent::SourceWarning(w) => warnings.push(w),
+            PipelineEvent::Scores(s) => faces.push(s.faces.len()),
+            PipelineEvent::ModelFailed(e) | PipelineEvent::SourceFailed { error: e, .. } => {
+                panic!("{e}")
+            }
+            PipelineEvent::Finished => break,
+            _ => {}
+        }
+    }
+    pipeline.join();
+    assert_eq!(faces, [1, 1]);
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("broken.onnx") && w.contains("SeetaFace")),
+        "{warnings:?}"
+    );
+}
+
+/// `cliper faces` and `cliper classify` name a detector file they cannot use.
+#[test]
+fn the_cli_names_a_bad_detector_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("broken.onnx");
+    std::fs::write(&bad, b"junk").unwrap();
+    let photo = common::astronaut_path();
+    common::assert_fails_naming(
+        &[
+            "faces",
+            "--detector-model",
+            bad.to_str().unwrap(),
+            photo.to_str().unwrap(),
+        ],
+        "broken.onnx",
+    );
+    let (code, out, err) =
+        common::cliper(&["faces", "--detector", "seeta", photo.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["detector"], "seeta");
+    assert_eq!(v["faces"].as_array().unwrap().len(), 1);
+    assert!(v["faces"][0].get("landmarks").is_none());
+    let (code, out, _) = common::cliper(&["faces", photo.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["faces"][0]["landmarks"].as_array().unwrap().len(), 5);
+}

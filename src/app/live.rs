@@ -77,6 +77,9 @@ impl CliperApp {
             .and_then(|s| eframe::get_value(s, STORAGE_KEY))
             .unwrap_or_default();
         let mut settings = settings.sanitized();
+        if let Some(kind) = opts.detector {
+            settings.detector = kind;
+        }
         if opts.dynamic {
             settings.dynamic = true;
         }
@@ -244,6 +247,7 @@ impl CliperApp {
     fn start(&mut self, ctx: &egui::Context) {
         let mut config = PipelineConfig::new(self.source.clone(), self.model_spec(), RunMode::Live);
         config.analyzer = config.analyzer.with_detector(self.settings.detector);
+        config.analyzer.detector_model = self.opts.detector_model.clone();
         let probe = self.settings.probe.trim();
         config.probe = (!probe.is_empty()).then(|| probe.to_string());
         config.dynamic = self.dynamic_settings();

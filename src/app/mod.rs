@@ -59,6 +59,10 @@ pub struct LiveOptions {
     pub grid: usize,
     /// `--pause-after SECONDS`: pause on the newest scored frame then.
     pub pause_after: Option<f64>,
+    /// `--detector`: overrides the saved choice.
+    pub detector: Option<crate::vision::faces::DetectorKind>,
+    /// `--detector-model FILE`: a CenterFace ONNX file.
+    pub detector_model: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]

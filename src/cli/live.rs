@@ -33,6 +33,13 @@ pub(crate) struct LiveArgs {
     /// the exact maps; Space pauses and resumes by hand).
     #[arg(long, value_name = "SECONDS")]
     pause_after: Option<f64>,
+    /// The face detector (default: the saved choice, else CenterFace).
+    #[arg(long, value_enum)]
+    detector: Option<DetectorKind>,
+    /// A CenterFace ONNX file to use instead of the built-in one (if it
+    /// cannot be read, the window says so and uses SeetaFace).
+    #[arg(long, value_name = "FILE")]
+    detector_model: Option<PathBuf>,
     #[command(flatten)]
     record: RecordArgs,
 }
@@ -80,6 +87,8 @@ fn live(args: LiveArgs) -> Result<()> {
         map,
         grid: args.grid,
         pause_after: args.pause_after,
+        detector: args.detector,
+        detector_model: args.detector_model.clone(),
     };
     let timed = opts.exit_after.is_some();
     let report = cliper::app::run_live(opts)?;
