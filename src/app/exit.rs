@@ -17,27 +17,38 @@ const SHOT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug, Default)]
 pub struct Outcome {
     pub report: Option<SessionReport>,
-    pub screenshot_error: Option<String>,
+    pub screenshot_error: Option<ScreenshotError>,
+}
+
+/// Why `--screenshot` could not be written.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ScreenshotError {
+    #[error("cannot write the screenshot {}: folder {} does not exist", .path.display(), .folder.display())]
+    NoFolder { path: PathBuf, folder: PathBuf },
+    #[error("cannot write the screenshot {}: it is a folder; give a file name ending in .png", .0.display())]
+    IsFolder(PathBuf),
+    #[error("the screenshot has an unexpected size")]
+    Size,
+    #[error("cannot write the screenshot {}: {reason}", .path.display())]
+    Write { path: PathBuf, reason: String },
+    #[error("the renderer did not return a screenshot within {secs} s; {} was not written", .path.display())]
+    Timeout { secs: u64, path: PathBuf },
 }
 
 /// Fails early (before a window opens) when the screenshot cannot be written.
-pub fn check_writable(path: &Path) -> Result<(), String> {
+pub fn check_writable(path: &Path) -> Result<(), ScreenshotError> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
     if !parent.is_dir() {
-        return Err(format!(
-            "cannot write the screenshot {}: folder {} does not exist",
-            path.display(),
-            parent.display()
-        ));
+        return Err(ScreenshotError::NoFolder {
+            path: path.to_path_buf(),
+            folder: parent.to_path_buf(),
+        });
     }
     if path.is_dir() {
-        return Err(format!(
-            "cannot write the screenshot {}: it is a folder; give a file name ending in .png",
-            path.display()
-        ));
+        return Err(ScreenshotError::IsFolder(path.to_path_buf()));
     }
     Ok(())
 }
@@ -74,7 +85,7 @@ impl ExitPlan {
     }
 
     /// Advances the plan; returns a screenshot error when saving failed.
-    pub fn tick(&mut self, ctx: &egui::Context) -> Option<String> {
+    pub fn tick(&mut self, ctx: &egui::Context) -> Option<ScreenshotError> {
         let mut error = None;
         match &self.phase {
             Phase::Running => {
@@ -108,14 +119,13 @@ impl ExitPlan {
                     }
                     self.close(ctx);
                 } else if since.elapsed() > SHOT_TIMEOUT {
-                    error = Some(format!(
-                        "the renderer did not return a screenshot within {} s; {} was not written",
-                        SHOT_TIMEOUT.as_secs(),
-                        self.screenshot
-                            .as_deref()
-                            .unwrap_or(Path::new("?"))
-                            .display()
-                    ));
+                    error = Some(ScreenshotError::Timeout {
+                        secs: SHOT_TIMEOUT.as_secs(),
+                        path: self
+                            .screenshot
+                            .clone()
+                            .unwrap_or_else(|| PathBuf::from("?")),
+                    });
                     self.close(ctx);
                 } else {
                     ctx.request_repaint();
@@ -132,10 +142,13 @@ impl ExitPlan {
     }
 }
 
-fn save_png(img: &ColorImage, path: &Path) -> Result<(), String> {
+fn save_png(img: &ColorImage, path: &Path) -> Result<(), ScreenshotError> {
     let [w, h] = img.size;
     let rgba = image::RgbaImage::from_raw(w as u32, h as u32, img.as_raw().to_vec())
-        .ok_or_else(|| "the screenshot has an unexpected size".to_string())?;
+        .ok_or(ScreenshotError::Size)?;
     rgba.save_with_format(path, image::ImageFormat::Png)
-        .map_err(|e| format!("cannot write the screenshot {}: {e}", path.display()))
+        .map_err(|e| ScreenshotError::Write {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
 }

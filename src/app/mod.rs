@@ -69,8 +69,8 @@ pub struct LiveOptions {
 pub enum AppError {
     #[error("cannot open the window: {0}. A display is needed (on Linux, DISPLAY or WAYLAND_DISPLAY with OpenGL); without one, use `cliper run --source SRC` or start under `xvfb-run -a`")]
     Window(String),
-    #[error("{0}")]
-    Screenshot(String),
+    #[error(transparent)]
+    Screenshot(#[from] exit::ScreenshotError),
     #[error("--exit-after {0} is out of range: give a number of seconds above 0")]
     ExitAfter(f64),
 }

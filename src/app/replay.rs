@@ -37,8 +37,8 @@ pub enum ReplayError {
     Session(#[from] SessionError),
     #[error("cannot open the window: {0}. A display is needed (on Linux, DISPLAY or WAYLAND_DISPLAY with OpenGL); without one, use `cliper report DIR`")]
     Window(String),
-    #[error("{0}")]
-    Screenshot(String),
+    #[error(transparent)]
+    Screenshot(#[from] super::exit::ScreenshotError),
     #[error("--exit-after {0} is out of range: give a number of seconds above 0")]
     ExitAfter(f64),
 }

@@ -60,8 +60,7 @@ impl ExplainArgs {
         let target = target
             .as_deref()
             .map(|t| ex::parse_target(t, &layout))
-            .transpose()
-            .map_err(anyhow::Error::msg)?;
+            .transpose()?;
         let mut analyzer = faces.still_analyzer()?;
         // Occlusion runs grid^2 + 1 forward passes per face: seconds each
         // with a full-size model on a CPU.

@@ -82,8 +82,7 @@ fn live(args: LiveArgs) -> Result<()> {
                     &cliper::model::cliper::expressions::BankLayout::cliper(),
                 )
             })
-            .transpose()
-            .map_err(anyhow::Error::msg)?,
+            .transpose()?,
         map,
         grid: args.grid,
         pause_after: args.pause_after,

@@ -20,23 +20,37 @@ pub struct FaceExplanation {
     pub map: ExplainMap,
 }
 
+/// A `--target` that names no class or descriptor of the bank.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("descriptor index {index} is out of range 0..{last}")]
+    Index { index: usize, last: usize },
+    #[error("unknown target `{given}`: give a class of this model ({classes}) or a descriptor index 0..{last}")]
+    Unknown {
+        given: String,
+        classes: String,
+        last: usize,
+    },
+}
+
 /// Parses `--target` under a bank's layout: a class name, or a
 /// descriptor index 0..D-1.
-pub fn parse_target(s: &str, layout: &BankLayout) -> Result<Target, String> {
-    let n = layout.num_descriptors();
-    if let Ok(i) = s.trim().parse::<usize>() {
-        if i < n {
-            return Ok(Target::Descriptor(i));
+pub fn parse_target(s: &str, layout: &BankLayout) -> Result<Target, TargetError> {
+    let last = layout.num_descriptors().saturating_sub(1);
+    if let Ok(index) = s.trim().parse::<usize>() {
+        if index <= last && layout.num_descriptors() > 0 {
+            return Ok(Target::Descriptor(index));
         }
-        return Err(format!("descriptor index {i} is out of range 0..{}", n - 1));
+        return Err(TargetError::Index { index, last });
     }
-    layout.index(s).map(Target::Class).ok_or_else(|| {
-        format!(
-            "unknown target `{s}`: give a class of this model ({}) or a descriptor index 0..{}",
-            layout.classes().join(", "),
-            n - 1
-        )
-    })
+    layout
+        .index(s)
+        .map(Target::Class)
+        .ok_or_else(|| TargetError::Unknown {
+            given: s.to_string(),
+            classes: layout.classes().join(", "),
+            last,
+        })
 }
 
 pub fn target_json(t: Target, layout: &BankLayout) -> Value {

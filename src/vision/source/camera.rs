@@ -161,7 +161,7 @@ impl FrameSource for CameraSource {
             res.height(),
             buffer.buffer(),
         )
-        .map_err(|e| self.lost(e))?;
+        .map_err(|e| self.lost(e.to_string()))?;
         let index = self.count;
         self.count += 1;
         Ok(Some(Frame {
@@ -184,19 +184,35 @@ impl FrameSource for CameraSource {
     }
 }
 
+/// A camera buffer that does not hold the frame it claims to.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("{format} frame of {width}x{height} has {got} bytes, expected {need}")]
+    Short {
+        format: FrameFormat,
+        width: u32,
+        height: u32,
+        got: usize,
+        need: usize,
+    },
+    #[error("bad MJPEG frame: {0}")]
+    Jpeg(#[from] image::ImageError),
+}
+
 /// Decodes one camera buffer to RGB.
-pub fn decode(format: FrameFormat, w: u32, h: u32, data: &[u8]) -> Result<RgbImage, String> {
+pub fn decode(format: FrameFormat, w: u32, h: u32, data: &[u8]) -> Result<RgbImage, FrameError> {
     let (wu, hu) = (w as usize, h as usize);
-    let short = |need: usize| {
-        format!(
-            "{format} frame of {w}x{h} has {} bytes, expected {need}",
-            data.len()
-        )
+    let short = |need: usize| FrameError::Short {
+        format,
+        width: w,
+        height: h,
+        got: data.len(),
+        need,
     };
     match format {
         FrameFormat::MJPEG => image::load_from_memory_with_format(data, image::ImageFormat::Jpeg)
             .map(|i| i.to_rgb8())
-            .map_err(|e| format!("bad MJPEG frame: {e}")),
+            .map_err(FrameError::from),
         FrameFormat::YUYV => {
             let need = wu * hu * 2;
             if data.len() < need || !w.is_multiple_of(2) {
@@ -281,7 +297,7 @@ mod tests {
         let p = img.get_pixel(0, 1).0;
         assert!(p[0] > 200 && p[1] < 60 && p[2] < 60, "{p:?}");
         let e = decode(FrameFormat::YUYV, 4, 4, &yuyv).unwrap_err();
-        assert!(e.contains("expected 32"), "{e}");
+        assert!(e.to_string().contains("expected 32"), "{e}");
         let bgr = decode(FrameFormat::RAWBGR, 1, 1, &[1, 2, 3]).unwrap();
         assert_eq!(bgr.get_pixel(0, 0).0, [3, 2, 1]);
         assert!(decode(FrameFormat::MJPEG, 2, 2, b"junk").is_err());
