@@ -12,7 +12,7 @@ use crate::model::weights::{self, HUB_REPO, LOCAL_WEIGHTS_DIR, WEIGHTS_ENV};
 
 enum Progress {
     Bytes { file: String, done: u64, total: u64 },
-    Done(Result<std::path::PathBuf, String>),
+    Done(Result<std::path::PathBuf, weights::DownloadError>),
 }
 
 #[derive(Default)]
@@ -75,7 +75,7 @@ impl FirstRun {
                 }
                 Progress::Done(Ok(path)) => finished = Some(path),
                 Progress::Done(Err(e)) => {
-                    self.error = Some(e);
+                    self.error = Some(e.to_string());
                     self.status = None;
                     self.rx = None;
                     return None;

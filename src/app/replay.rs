@@ -55,9 +55,8 @@ pub fn run_replay(opts: ReplayOptions) -> Result<(), ReplayError> {
     }
     let session = Session::open(&opts.dir)?;
     // A damaged video must not hide the timelines: replay what is there.
-    let video = session.open_video().map_err(|e| {
+    let video = session.open_video().inspect_err(|e| {
         eprintln!("warning: {e}; replaying the timelines without the video");
-        e.to_string()
     });
     let outcome: Arc<Mutex<Outcome>> = Arc::default();
     let native = eframe::NativeOptions {
@@ -95,7 +94,7 @@ pub fn run_replay(opts: ReplayOptions) -> Result<(), ReplayError> {
 /// The decoding thread's mailbox.
 struct Decoder {
     requests: Sender<usize>,
-    frames: Receiver<(usize, Result<RgbImage, String>)>,
+    frames: Receiver<(usize, Result<RgbImage, crate::vision::video::VideoError>)>,
 }
 
 fn spawn_decoder(mut reader: IndexedVideo, ctx: egui::Context) -> Option<Decoder> {
@@ -109,7 +108,7 @@ fn spawn_decoder(mut reader: IndexedVideo, ctx: egui::Context) -> Option<Decoder
                 while let Ok(n) = req_rx.try_recv() {
                     k = n;
                 }
-                let r = reader.frame(k).map_err(|e| e.to_string());
+                let r = reader.frame(k);
                 if out_tx.send((k, r)).is_err() {
                     return;
                 }
@@ -147,7 +146,7 @@ impl ReplayApp {
     fn new(
         ctx: &egui::Context,
         session: Session,
-        video: Result<Option<IndexedVideo>, String>,
+        video: Result<Option<IndexedVideo>, crate::session::SessionError>,
         opts: ReplayOptions,
         outcome: Arc<Mutex<Outcome>>,
     ) -> Self {
@@ -227,7 +226,7 @@ impl ReplayApp {
                     }
                     self.video_error = None;
                 }
-                Err(e) => self.video_error = Some(e),
+                Err(e) => self.video_error = Some(e.to_string()),
             }
         }
         let vt = self.t - self.video_start_t;

@@ -121,8 +121,7 @@ impl EvalArgs {
         let spec = model.spec(&bank);
         let m = cliper::train::trainer::evaluate(&spec, &data, layout, skip_unreadable)?;
         if let Some(p) = &png {
-            m.save_png(p, &format!("confusion: {}", data.display()))
-                .map_err(anyhow::Error::msg)?;
+            m.save_png(p, &format!("confusion: {}", data.display()))?;
         }
         if json {
             println!("{}", m.to_json());

@@ -28,7 +28,7 @@ impl WeightsAction {
     pub(crate) fn run(self) -> Result<()> {
         match self {
             WeightsAction::Fetch { name: None } => {
-                let path = model::weights::fetch().map_err(anyhow::Error::msg)?;
+                let path = model::weights::fetch()?;
                 eprintln!("weights ready: {}", path.display());
                 Ok(())
             }

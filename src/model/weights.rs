@@ -1073,7 +1073,7 @@ fn stall_limit() -> std::time::Duration {
 /// (a server that accepts and never answers, a dead link), it fails with a
 /// message naming the host. `hf-hub` retries 3 times and resumes a partial
 /// file from where it stopped, so running the command again goes on.
-pub fn fetch() -> std::result::Result<PathBuf, String> {
+pub fn fetch() -> std::result::Result<PathBuf, DownloadError> {
     let bar = download_bar();
     let b = bar.clone();
     let result = fetch_watched(move |file, done, total| {
@@ -1083,6 +1083,28 @@ pub fn fetch() -> std::result::Result<PathBuf, String> {
     });
     bar.finish_and_clear();
     result
+}
+
+/// Why the CLIP weights could not be downloaded; each says what to do.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum DownloadError {
+    #[error("cannot start the download: {0}")]
+    Thread(String),
+    #[error("cannot set up the Hugging Face client: {0}")]
+    Client(String),
+    #[error(
+        "no data from {host} for {secs} s: check the network connection (and HTTPS_PROXY if you use a proxy), then run `cliper weights fetch` again, which resumes the download. Without network access, download model.safetensors and config.json from https://huggingface.co/{HUB_REPO} by hand and put them in {LOCAL_WEIGHTS_DIR}/"
+    )]
+    Stalled { host: String, secs: u64 },
+    #[error("the download stopped without a result")]
+    Stopped,
+    #[error(
+        "could not download {file} from {HUB_REPO} ({reason}). Without network access, download \
+         model.safetensors and config.json from https://huggingface.co/{HUB_REPO} by hand \
+         and put them in {LOCAL_WEIGHTS_DIR}/ (or anywhere, and pass --weights DIR or set \
+         ${WEIGHTS_ENV})"
+    )]
+    File { file: String, reason: String },
 }
 
 /// The progress bar of every download (the hub's, the named models').
@@ -1102,10 +1124,10 @@ pub fn download_bar() -> indicatif::ProgressBar {
 /// [`fetch_with_progress`] under the stall watchdog of [`fetch`].
 pub fn fetch_watched(
     mut report: impl FnMut(&str, u64, u64),
-) -> std::result::Result<PathBuf, String> {
+) -> std::result::Result<PathBuf, DownloadError> {
     enum Msg {
         Progress(String, u64, u64),
-        Done(std::result::Result<PathBuf, String>),
+        Done(std::result::Result<PathBuf, DownloadError>),
     }
     let (tx, rx) = crossbeam_channel::unbounded();
     let progress = tx.clone();
@@ -1117,21 +1139,20 @@ pub fn fetch_watched(
             });
             let _ = tx.send(Msg::Done(r));
         })
-        .map_err(|e| format!("cannot start the download: {e}"))?;
+        .map_err(|e| DownloadError::Thread(e.to_string()))?;
     let limit = stall_limit();
     loop {
         match rx.recv_timeout(limit) {
             Ok(Msg::Progress(f, d, t)) => report(&f, d, t),
             Ok(Msg::Done(r)) => return r,
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                return Err(format!(
-                    "no data from {} for {} s: check the network connection (and HTTPS_PROXY if you use a proxy), then run `cliper weights fetch` again, which resumes the download. Without network access, download model.safetensors and config.json from https://huggingface.co/{HUB_REPO} by hand and put them in {LOCAL_WEIGHTS_DIR}/",
-                    hub_endpoint(),
-                    limit.as_secs()
-                ))
+                return Err(DownloadError::Stalled {
+                    host: hub_endpoint(),
+                    secs: limit.as_secs(),
+                })
             }
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                return Err("the download stopped without a result".into())
+                return Err(DownloadError::Stopped)
             }
         }
     }
@@ -1141,7 +1162,7 @@ pub fn fetch_watched(
 /// called as the download goes (from the calling thread).
 pub fn fetch_with_progress(
     report: impl FnMut(&str, u64, u64) + Send + 'static,
-) -> std::result::Result<PathBuf, String> {
+) -> std::result::Result<PathBuf, DownloadError> {
     struct Report<F> {
         file: String,
         done: u64,
@@ -1173,7 +1194,7 @@ pub fn fetch_with_progress(
         .with_progress(false)
         .with_retries(3)
         .build()
-        .map_err(|e| format!("cannot set up the Hugging Face client: {e}"))?;
+        .map_err(|e| DownloadError::Client(e.to_string()))?;
     let repo = api.model(HUB_REPO.to_string());
     let shared = std::sync::Arc::new(std::sync::Mutex::new(report));
     let mut last = PathBuf::new();
@@ -1189,14 +1210,12 @@ pub fn fetch_with_progress(
             total: 0,
             f: shared.clone(),
         };
-        last = repo.download_with_progress(file, progress).map_err(|e| {
-            format!(
-                "could not download {file} from {HUB_REPO} ({e}). Without network access, download \
-                 model.safetensors and config.json from https://huggingface.co/{HUB_REPO} by hand \
-                 and put them in {LOCAL_WEIGHTS_DIR}/ (or anywhere, and pass --weights DIR or set \
-                 ${WEIGHTS_ENV})"
-            )
-        })?;
+        last = repo
+            .download_with_progress(file, progress)
+            .map_err(|e| DownloadError::File {
+                file: file.to_string(),
+                reason: e.to_string(),
+            })?;
     }
     Ok(last)
 }

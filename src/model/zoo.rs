@@ -396,16 +396,27 @@ fn is_html(resp: &ureq::Response) -> bool {
         .is_some_and(|c| c.to_ascii_lowercase().starts_with("text/html"))
 }
 
+/// Why a downloaded file is not a DFER-CLIP checkpoint.
+#[derive(Debug, thiserror::Error)]
+enum NotDferClip {
+    #[error("{0}")]
+    Pickle(String),
+    #[error("not a DFER-CLIP checkpoint, which holds a `state_dict`: {0}")]
+    NoStateDict(candle_core::Error),
+    #[error("a PyTorch checkpoint, but without DFER-CLIP's `prompt_learner.ctx`")]
+    NoPromptLearner,
+}
+
 /// Checks that a file is a DFER-CLIP checkpoint without loading its
 /// tensors: the pickle guard, then the tensor index of `state_dict`.
-fn check_dfer_clip(path: &Path) -> Result<(), String> {
-    super::pickle_guard::check_file(path).map_err(|e| e.to_string())?;
+fn check_dfer_clip(path: &Path) -> Result<(), NotDferClip> {
+    super::pickle_guard::check_file(path).map_err(|e| NotDferClip::Pickle(e.to_string()))?;
     let infos = candle_core::pickle::read_pth_tensor_info(path, false, Some("state_dict"))
-        .map_err(|e| format!("not a DFER-CLIP checkpoint, which holds a `state_dict`: {e}"))?;
+        .map_err(NotDferClip::NoStateDict)?;
     if super::dfer_clip::is_dfer_clip(infos.iter().map(|i| &i.name)) {
         Ok(())
     } else {
-        Err("a PyTorch checkpoint, but without DFER-CLIP's `prompt_learner.ctx`".into())
+        Err(NotDferClip::NoPromptLearner)
     }
 }
 
@@ -509,9 +520,9 @@ fn fetch_to(
                 ));
             }
             save_body(resp, &url, tmp, report)?;
-            check_dfer_clip(tmp).map_err(|reason| ZooError::Mismatch {
+            check_dfer_clip(tmp).map_err(|e| ZooError::Mismatch {
                 name: entry.name.into(),
-                reason,
+                reason: e.to_string(),
                 page: entry.page(),
             })
         }

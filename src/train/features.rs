@@ -78,30 +78,54 @@ fn progress(len: usize, what: &str) -> ProgressBar {
     pb
 }
 
-fn load_sample_images(s: &Sample, clips: bool) -> Result<Vec<image::RgbImage>, String> {
+/// Why a sample's images could not be read.
+#[derive(Debug, thiserror::Error)]
+enum SampleError {
+    #[error(transparent)]
+    Clip(#[from] crate::vision::clips::ClipError),
+    #[error(transparent)]
+    Image(#[from] crate::vision::images::ImageError),
+    #[error("{}: only {frames} frames could be read ({notes})", .path.display())]
+    Incomplete {
+        path: PathBuf,
+        frames: usize,
+        notes: String,
+    },
+    #[error("{}: cannot read the clip folder: {source}", .path.display())]
+    Folder {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: clip folder holds no frames", .0.display())]
+    EmptyFolder(PathBuf),
+}
+
+fn load_sample_images(s: &Sample, clips: bool) -> Result<Vec<image::RgbImage>, SampleError> {
     if clips && s.path.is_file() {
         // A video file: the same sampling through FFmpeg as classify-clip.
         let sampled = crate::vision::clips::sample_clip(&s.path, CLIP_FRAMES)?;
         if !sampled.complete {
-            return Err(format!(
-                "{}: only {} frames could be read ({})",
-                s.path.display(),
-                sampled.source_frames,
-                sampled.notes.join("; ")
-            ));
+            return Err(SampleError::Incomplete {
+                path: s.path.clone(),
+                frames: sampled.source_frames,
+                notes: sampled.notes.join("; "),
+            });
         }
         Ok(sampled.frames)
     } else if clips {
-        let frames = clip_frames(&s.path).map_err(|e| e.to_string())?;
+        let frames = clip_frames(&s.path).map_err(|source| SampleError::Folder {
+            path: s.path.clone(),
+            source,
+        })?;
         if frames.is_empty() {
-            return Err(format!("{}: clip folder holds no frames", s.path.display()));
+            return Err(SampleError::EmptyFolder(s.path.clone()));
         }
-        segment_indices(frames.len(), CLIP_FRAMES, None)
+        Ok(segment_indices(frames.len(), CLIP_FRAMES, None)
             .into_iter()
-            .map(|i| load_rgb(&frames[i]).map_err(|e| e.to_string()))
-            .collect()
+            .map(|i| load_rgb(&frames[i]))
+            .collect::<Result<_, _>>()?)
     } else {
-        Ok(vec![load_rgb(&s.path).map_err(|e| e.to_string())?])
+        Ok(vec![load_rgb(&s.path)?])
     }
 }
 
@@ -166,7 +190,7 @@ pub fn encode_split(
                 }
                 Err(e) => {
                     pb.abandon();
-                    return Err(TrainError::Unreadable(e));
+                    return Err(TrainError::Unreadable(e.to_string()));
                 }
             }
             pb.inc(1);
@@ -209,12 +233,11 @@ pub fn encode_split(
             ("skipped".to_string(), sk),
         ]);
         // A cache that cannot be written only costs time next run.
-        let write = || -> Result<(), String> {
-            std::fs::create_dir_all(f.parent().unwrap_or(Path::new(".")))
-                .map_err(|e| e.to_string())?;
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(f.parent().unwrap_or(Path::new(".")))?;
             let tmp = f.with_extension("tmp");
-            candle_core::safetensors::save(&map, &tmp).map_err(|e| e.to_string())?;
-            std::fs::rename(&tmp, f).map_err(|e| e.to_string())
+            candle_core::safetensors::save(&map, &tmp).map_err(std::io::Error::other)?;
+            std::fs::rename(&tmp, f)
         };
         if let Err(e) = write() {
             eprintln!("warning: cannot write feature cache {}: {e}", f.display());

@@ -218,11 +218,22 @@ impl Metrics {
         img
     }
 
-    pub fn save_png(&self, path: &Path, title: &str) -> Result<(), String> {
+    pub fn save_png(&self, path: &Path, title: &str) -> Result<(), PngError> {
         self.render_png(title)
             .save(path)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+            .map_err(|source| PngError {
+                path: path.to_path_buf(),
+                source,
+            })
     }
+}
+
+/// The confusion-matrix PNG could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write {}: {source}", .path.display())]
+pub struct PngError {
+    pub path: std::path::PathBuf,
+    pub source: image::ImageError,
 }
 
 #[cfg(test)]

@@ -86,22 +86,19 @@ impl Clone for CenterFace {
 impl CenterFace {
     /// The embedded model, parsed once per process.
     pub fn embedded() -> Result<Self, CnnError> {
-        static NET: OnceLock<Result<Arc<Network>, String>> = OnceLock::new();
+        static NET: OnceLock<Result<Arc<Network>, CnnError>> = OnceLock::new();
+        const NAME: &str = "the embedded assets/centerface.onnx (the build is damaged: restore the file and rebuild)";
         let net = NET.get_or_init(|| {
-            Network::from_bytes(EMBEDDED_MODEL, "the embedded assets/centerface.onnx")
-                .and_then(|n| Self::check(n, "the embedded assets/centerface.onnx"))
+            Network::from_bytes(EMBEDDED_MODEL, NAME)
+                .and_then(|n| Self::check(n, NAME))
                 .map(Arc::new)
-                .map_err(|e| e.to_string())
         });
         match net {
             Ok(net) => Ok(Self {
                 net: net.clone(),
                 ws: Workspace::default(),
             }),
-            Err(reason) => Err(CnnError::Format {
-                file: "the embedded assets/centerface.onnx".into(),
-                reason: format!("{reason}; the build is damaged, restore the file and rebuild"),
-            }),
+            Err(e) => Err(e.clone()),
         }
     }
 

@@ -68,24 +68,42 @@ pub struct SampledClip {
 /// the sampled frames; longer ones are sampled by seeking.
 const SEQUENTIAL_MAX_FRAMES: u64 = 1500;
 
+/// Why a clip could not be sampled.
+#[derive(Debug, thiserror::Error)]
+pub enum ClipError {
+    #[error("cannot read clip folder {}: {source}", .path.display())]
+    Folder {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("clip folder {} holds no images", .0.display())]
+    EmptyFolder(PathBuf),
+    #[error(transparent)]
+    Image(#[from] crate::vision::images::ImageError),
+    #[error(transparent)]
+    Video(#[from] VideoError),
+}
+
 /// Samples `n` frames (the middle of each of `n` equal segments). Clips
 /// shorter than `n` repeat frames, as the reference sampling does. Memory
 /// holds the `n` frames, whatever the clip's length.
-pub fn sample_clip(path: &Path, n: usize) -> Result<SampledClip, String> {
+pub fn sample_clip(path: &Path, n: usize) -> Result<SampledClip, ClipError> {
     let mut notes = Vec::new();
     let (frames, total, complete) = if path.is_dir() {
-        let files = clip_frames(path)
-            .map_err(|e| format!("cannot read clip folder {}: {e}", path.display()))?;
+        let files = clip_frames(path).map_err(|source| ClipError::Folder {
+            path: path.to_path_buf(),
+            source,
+        })?;
         if files.is_empty() {
-            return Err(format!("clip folder {} holds no images", path.display()));
+            return Err(ClipError::EmptyFolder(path.to_path_buf()));
         }
         let frames = segment_indices(files.len(), n, None)
             .into_iter()
-            .map(|i| load_rgb(&files[i]).map_err(|e| e.to_string()))
+            .map(|i| load_rgb(&files[i]))
             .collect::<Result<Vec<_>, _>>()?;
         (frames, files.len(), true)
     } else {
-        sample_video(path, n, &mut notes).map_err(|e| e.to_string())?
+        sample_video(path, n, &mut notes)?
     };
     if total < n {
         notes.push(format!(

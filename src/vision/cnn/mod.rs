@@ -29,7 +29,7 @@ pub(crate) const MAX_ATTR: i64 = 64;
 pub(crate) const MAX_MAP: usize = 1 << 28;
 
 /// Errors from reading or running a network.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum CnnError {
     #[error("{file}: not an ONNX model ({reason}); use the .onnx file the detector ships as")]
     Format { file: String, reason: String },
