@@ -214,7 +214,7 @@ impl Recorder {
     /// Finishes the recording (waits for the writer: the encoder's last
     /// frames and meta.json).
     pub fn finish(mut self) -> Result<FinishReport, SessionError> {
-        self.flush_pending(u64::MAX);
+        self.end_pending();
         self.writer.finish()
     }
 
@@ -241,7 +241,7 @@ impl Recorder {
 
     /// [`finish`](Self::finish) on a background thread.
     pub fn finish_in_background(mut self) -> Receiver<Result<FinishReport, SessionError>> {
-        self.flush_pending(u64::MAX);
+        self.end_pending();
         self.writer.finish_in_background()
     }
 
@@ -346,6 +346,19 @@ impl Recorder {
             if let Some(old) = self.pending.pop_front() {
                 self.send_video(&old);
             }
+        }
+    }
+
+    /// The frames still waiting when the recording ends. Live (capture
+    /// clock), frames without scores belong in the video: inference skips
+    /// frames by design. On the source clock every frame is scored, so a
+    /// waiting frame is one a stop (a signal, a stop button) cut off before
+    /// its scores: it is left out, so that the video and session.jsonl hold
+    /// the same frames.
+    fn end_pending(&mut self) {
+        match self.clock {
+            Clock::Capture => self.flush_pending(u64::MAX),
+            Clock::Source => self.pending.clear(),
         }
     }
 
