@@ -9,7 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use cliper::vision::video::{IndexedVideo, VideoError, VideoReader, VideoWriter};
+use cliper::vision::video::{IndexedVideo, VideoError, VideoReader, VideoWriter, FRAGMENT_SECS};
 use image::RgbImage;
 use serde_json::Value;
 
@@ -358,8 +358,20 @@ fn recordings_play_in_ffprobe_with_their_times_even_when_killed() {
             assert!((a - b).abs() < 1e-3, "ffprobe {ff:?}");
         }
     }
-    // A writer that never finishes (the process was killed): every frame
-    // pushed is in the file already, which plays as it is.
+    // A writer that never finishes (the process was killed): the file plays
+    // as it is, with every frame before the fragment being filled. A
+    // fragment closes when a frame FRAGMENT_SECS or more after its first
+    // arrives.
+    let mut first = times[0];
+    let mut written = 0;
+    for (k, &t) in times.iter().enumerate() {
+        if t - first >= FRAGMENT_SECS - 1e-9 {
+            written = k;
+            first = t;
+        }
+    }
+    assert!(written > 0 && written < times.len());
+    assert!(times[times.len() - 1] - times[written] < FRAGMENT_SECS);
     let killed = dir.path().join("killed.mp4");
     let mut w = VideoWriter::create(&killed, (160, 96), 25.0).unwrap();
     for (k, &t) in times.iter().enumerate() {
@@ -367,11 +379,15 @@ fn recordings_play_in_ffprobe_with_their_times_even_when_killed() {
     }
     std::mem::forget(w);
     let (frames, _, _) = decode_all(&killed);
-    assert_eq!(frames.len(), times.len(), "nothing is held back");
+    assert_eq!(frames.len(), written, "only the open fragment is held back");
+    for (k, (&(t, idx), want)) in frames.iter().zip(times).enumerate() {
+        assert_eq!(idx as usize, k);
+        assert!((t - want).abs() < 1e-3, "killed, frame {k}: {t} vs {want}");
+    }
     if let Some(ff) = ffprobe_times(&killed) {
         assert_eq!(
             ff.len(),
-            times.len(),
+            written,
             "ffprobe reads the unfinished file: {ff:?}"
         );
     }

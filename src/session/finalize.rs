@@ -1,6 +1,6 @@
 //! Finishing a session whose writer died (a crash, a kill, a power cut):
 //! cut a partial last line from session.jsonl and session.csv, count the
-//! frames of video.mp4 (a fragment per frame: it needs no repair), and mark
+//! frames of video.mp4 (fragmented: it needs no repair), and mark
 //! meta.json "recovered".
 //!
 //! A session is unfinished when meta.json says "recording" and nobody holds

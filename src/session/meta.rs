@@ -183,7 +183,7 @@ pub struct RecoveryMeta {
     #[serde(default)]
     pub csv_rebuilt: bool,
     /// Frames of video.mp4 readable after the crash (it needs no repair:
-    /// it is written a fragment per frame).
+    /// it is fragmented MP4; the open fragment, at most 0.5 s, is lost).
     #[serde(default)]
     pub video_frames: Option<u64>,
 }

@@ -16,7 +16,7 @@
 //!
 //! Crash safety comes from how the files are written, not from a clean exit:
 //! every line is appended and flushed frame by frame, the video gets a
-//! fragment per frame, and `meta.json` is replaced atomically. A session
+//! fragment every half second, and `meta.json` is replaced atomically. A session
 //! whose `meta.json` still says "recording" after its writer is gone is
 //! finalised by [`finalize`]: partial last lines are cut, the video's frames
 //! are counted, and it is marked "recovered".

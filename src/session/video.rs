@@ -1,7 +1,7 @@
 //! The session's video: annotated frames drawn here and encoded by
 //! [`crate::vision::video::VideoWriter`] (FFmpeg, H.264 in fragmented MP4,
-//! one fragment per frame): `video.mp4` is playable while it is being
-//! written and after a crash, with no repair step.
+//! a fragment every half second): `video.mp4` is playable while it is
+//! being written and after a crash, with no repair step.
 //!
 //! Frames carry their own times: a sample lasts until the next frame, so the
 //! video keeps real time even when frames were skipped, and frame times equal

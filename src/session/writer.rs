@@ -422,7 +422,7 @@ fn video_loop(
                 let _ = data.send(DataMsg::Meta(Box::new(MetaUpdate::Video(VideoMeta {
                     codec: "h264".into(),
                     encoder: w.encoder_name().to_string(),
-                    container: "mp4, fragmented (a fragment per frame)".into(),
+                    container: "mp4, fragmented (a fragment every 0.5 s)".into(),
                     width: size.0,
                     height: size.1,
                     fps: f.fps,

@@ -11,8 +11,8 @@
 //!   key frame before the time asked for and decodes forward to it.
 //! - [`IndexedVideo`] adds random access by frame number (replay's scrubber).
 //! - [`VideoWriter`] encodes H.264 (libx264 where the build has it) into
-//!   fragmented MP4, one fragment per frame, so a killed recording plays
-//!   without any repair.
+//!   fragmented MP4, a fragment every half second, so a killed recording
+//!   plays without any repair and lacks at most its last half second.
 //!
 //! Damage is not fatal: an undecodable packet is skipped and counted, a
 //! truncated file ends early; both are reported once through
@@ -24,7 +24,7 @@ mod decode;
 mod encode;
 
 pub use decode::{DecodedFrame, IndexedVideo, VideoInfo, VideoReader};
-pub use encode::VideoWriter;
+pub use encode::{VideoWriter, FRAGMENT_SECS};
 
 use std::path::{Path, PathBuf};
 use std::sync::Once;
