@@ -22,9 +22,11 @@
 
 mod decode;
 mod encode;
+mod indexed;
 
-pub use decode::{DecodedFrame, IndexedVideo, VideoInfo, VideoReader};
+pub use decode::{DecodedFrame, VideoInfo, VideoReader};
 pub use encode::{VideoWriter, FRAGMENT_SECS};
+pub use indexed::IndexedVideo;
 
 use std::path::{Path, PathBuf};
 use std::sync::Once;

@@ -1,0 +1,190 @@
+use super::*;
+use crate::pipeline::worker::TrackedResult;
+use crate::pipeline::FaceResult;
+
+fn bank() -> Arc<DescriptorBank> {
+    Arc::new(DescriptorBank {
+        kind: crate::model::cliper::BankKind::ZeroShot,
+        source: "test".into(),
+        layout: Arc::new(crate::model::cliper::expressions::BankLayout::cliper()),
+        head: None,
+        descriptors: Vec::new(),
+        text_features: candle_core::Tensor::zeros(
+            (35, 4),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap(),
+    })
+}
+
+fn scores_event(generation: u64, faces: &[(u64, usize)]) -> PipelineEvent {
+    let faces = faces
+        .iter()
+        .map(|&(id, class)| {
+            let mut l = vec![0.0; 35];
+            l[class * 5..class * 5 + 5]
+                .iter_mut()
+                .for_each(|x| *x = 4.0);
+            TrackedResult {
+                id,
+                face: FaceResult {
+                    bbox: FaceBox {
+                        x: id as u32 * 100,
+                        y: 0,
+                        w: 50,
+                        h: 50,
+                        score: 3.0,
+                        landmarks: None,
+                    },
+                    scores: ExpressionScores::from_logits(
+                        l,
+                        &std::sync::Arc::new(
+                            crate::model::cliper::expressions::BankLayout::cliper(),
+                        ),
+                    ),
+                    embedding: vec![],
+                },
+                probe_logit: Some(1.5),
+                dynamic: None,
+                window_fill: 0,
+                explain: None,
+            }
+        })
+        .collect();
+    PipelineEvent::Scores(FrameScores {
+        seq: 0,
+        generation,
+        index: 0,
+        t: 0.0,
+        captured: Instant::now(),
+        faces,
+        timings: StageTimings::default(),
+        probe: Some("p".into()),
+        bank: bank(),
+    })
+}
+
+fn opened(generation: u64) -> PipelineEvent {
+    PipelineEvent::SourceOpened(SourceInfo {
+        spec: SourceSpec::Demo,
+        generation,
+        name: "demo".into(),
+        len: None,
+        fps: 25.0,
+        live: false,
+    })
+}
+
+#[test]
+fn scores_build_histories_and_select_a_face() {
+    let mut s = Store::new(SourceSpec::Demo);
+    s.apply(opened(1), 0.0, 30.0);
+    s.apply(scores_event(1, &[(2, 3), (1, 6)]), 0.0, 30.0);
+    assert_eq!(s.faces.len(), 2);
+    assert_eq!(s.selected, Some(1), "leftmost face is selected");
+    assert_eq!(s.faces[&2].shown.predicted, 3);
+    // Smoothing keeps part of the old scores.
+    s.apply(scores_event(1, &[(2, 0), (1, 6)]), 0.5, 30.0);
+    let h = &s.faces[&2];
+    assert_eq!(h.timeline.len(), 2);
+    assert_eq!(h.raw.predicted, 0);
+    assert!((h.shown.class_scores[0] - 2.0).abs() < 1e-5);
+    assert_eq!(h.probe_logit, Some(1.5));
+    // A late result from an old source is ignored.
+    s.apply(scores_event(7, &[(9, 1)]), 0.0, 30.0);
+    assert!(!s.faces.contains_key(&9));
+    assert_eq!(s.score_lag.len(), 2);
+}
+
+fn frame_event(seq: u64) -> PipelineEvent {
+    PipelineEvent::Frame(Arc::new(DetectedFrame {
+        seq,
+        generation: 1,
+        index: seq,
+        t: seq as f64 / 25.0,
+        image: Arc::new(image::RgbImage::new(8, 8)),
+        faces: Vec::new(),
+        captured: Instant::now(),
+        decode_ms: 0.0,
+        detect_ms: 0.0,
+        capture_fps: 25.0,
+        dropped: 0,
+    }))
+}
+
+#[test]
+fn pause_freezes_the_window_and_collects_exact_maps() {
+    let mut s = Store::new(SourceSpec::Demo);
+    assert!(!s.pause(), "nothing to pause on before a frame");
+    s.apply(opened(1), 0.0, 30.0);
+    s.apply(frame_event(5), 0.0, 30.0);
+    s.apply(scores_event(1, &[(2, 3)]), 0.0, 30.0);
+    assert!(s.pause());
+    let t = s.now();
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(s.now(), t, "the clock stands still while paused");
+    // New frames and scores do not reach the window.
+    s.apply(frame_event(6), 0.0, 30.0);
+    s.apply(scores_event(1, &[(2, 0)]), 0.0, 30.0);
+    assert_eq!(s.shown_frame().unwrap().seq, 5);
+    assert_eq!(s.faces[&2].raw.predicted, 3);
+    assert_eq!(s.faces[&2].timeline.len(), 1);
+    // No target: nothing to compute. With one, the paused frame's key.
+    assert!(s.wanted_exact().is_none());
+    s.explain = Some(Target::Class(3));
+    s.map_method = Method::GradCam;
+    let key = s.wanted_exact().unwrap();
+    assert_eq!(key, ((1, 5), Target::Class(3), Method::GradCam, 0));
+    assert!(s.map_for(2).is_none(), "nothing drawn until the map comes");
+    s.exact.push(ExactMaps::pending(9, key));
+    let map = ExplainMap {
+        rows: 1,
+        cols: 2,
+        values: vec![0.5, 1.0],
+        logit: 2.0,
+    };
+    s.apply(
+        PipelineEvent::ExactMap {
+            request: 9,
+            face: 2,
+            map,
+        },
+        0.0,
+        30.0,
+    );
+    s.apply(
+        PipelineEvent::ExactDone {
+            request: 9,
+            error: None,
+            cancelled: false,
+        },
+        0.0,
+        30.0,
+    );
+    let (m, method) = s.map_for(2).unwrap();
+    assert_eq!(
+        (m.values.clone(), method),
+        (vec![0.5, 1.0], Method::GradCam)
+    );
+    assert!(s.current_exact().unwrap().finished);
+    // Another method is another request; a cancelled one is forgotten.
+    s.map_method = Method::Occlusion;
+    assert!(s.current_exact().is_none());
+    // Resuming: live again, the clock runs on from where it stood.
+    s.resume();
+    assert!(s.exact.is_empty() && s.paused.is_none());
+    assert!(s.now() - t < 0.02, "paused time is not counted");
+    s.apply(frame_event(7), 0.0, 30.0);
+    assert_eq!(s.shown_frame().unwrap().seq, 7);
+}
+
+#[test]
+fn latency_median() {
+    let mut l = LatencyStat::default();
+    for v in [5.0, 1.0, 3.0] {
+        l.push(v);
+    }
+    assert_eq!(l.median(), Some(3.0));
+    assert_eq!(l.percentile(1.0), Some(5.0));
+}
