@@ -417,11 +417,20 @@ fn the_pipeline_falls_back_to_seeta_on_a_bad_model_file() {
     let (mut warnings, mut faces) = (Vec::new(), Vec::new());
     for ev in pipeline.events.iter() {
         match ev {
-            PipelineEvent::SourceWarning(w) => warnings.push(w),
-            PipelineEvent::Scores(s) => faces.push(s.faces.len()),
-            PipelineEvent::ModelFailed(e) | PipelineEvent::SourceFailed { error: e, .. } => {
-                panic!("{e}")
+            PipelineEvent::SourceWarning(w) => {
+                // The fallback is a typed warning, not only a message.
+                assert!(
+                    matches!(
+                        w,
+                        cliper::pipeline::worker::SourceWarning::DetectorFallback(_)
+                    ),
+                    "{w:?}"
+                );
+                warnings.push(w.to_string())
             }
+            PipelineEvent::Scores(s) => faces.push(s.faces.len()),
+            PipelineEvent::ModelFailed(e) => panic!("{e}"),
+            PipelineEvent::SourceFailed { error, .. } => panic!("{error}"),
             PipelineEvent::Finished => break,
             _ => {}
         }

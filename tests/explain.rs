@@ -339,7 +339,7 @@ fn live_pipeline_computes_exact_maps_of_a_paused_frame() {
                     request,
                     error,
                     cancelled,
-                } => done.push((request, error, cancelled)),
+                } => done.push((request, error.map(|e| e.to_string()), cancelled)),
                 _ => {}
             }
         }

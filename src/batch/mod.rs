@@ -78,8 +78,16 @@ pub enum BatchError {
     },
     #[error("{0} is not the output of `cliper batch`: it has no {WORKLIST_FILE} (give the --out folder of a batch run)")]
     NotABatch(PathBuf),
-    #[error("{0}")]
-    Model(String),
+    #[error(transparent)]
+    Model(Box<crate::pipeline::worker::ModelError>),
+    #[error("the pipeline stopped unexpectedly")]
+    PipelineStopped,
+    #[error("--probe \"{text}\": {error}")]
+    Probe {
+        text: String,
+        #[source]
+        error: Box<crate::pipeline::worker::ModelError>,
+    },
 }
 
 impl BatchError {

@@ -263,7 +263,7 @@ impl Runner<'_> {
         let mut s = Scored::default();
         let mut recorder: Option<Recorder> = None;
         let mut expected: Option<u64> = None;
-        let stopped = || BatchError::Model("the pipeline stopped unexpectedly".into());
+        let stopped = || BatchError::PipelineStopped;
         while expected != Some(s.frames) {
             let Some(p) = &self.pipeline else {
                 return Err(stopped());
@@ -281,10 +281,13 @@ impl Runner<'_> {
                 PipelineEvent::ModelReady(info) => self.model = Some(info),
                 PipelineEvent::BankReady(bank) => self.bank = Some(bank),
                 PipelineEvent::ModelFailed(e) | PipelineEvent::BankFailed(e) => {
-                    return Err(BatchError::Model(e))
+                    return Err(BatchError::Model(Box::new(e)))
                 }
                 PipelineEvent::ProbeFailed { text, error } => {
-                    return Err(BatchError::Model(format!("--probe \"{text}\": {error}")))
+                    return Err(BatchError::Probe {
+                        text,
+                        error: Box::new(error),
+                    })
                 }
                 PipelineEvent::SourceOpened(info) => {
                     let mut r = RecordOptions::new(tmp);
@@ -299,9 +302,9 @@ impl Runner<'_> {
                         Err(e) => s.recording_error = Some(e.to_string()),
                     }
                 }
-                PipelineEvent::SourceWarning(w) => s.warnings.push(w),
+                PipelineEvent::SourceWarning(w) => s.warnings.push(w.to_string()),
                 PipelineEvent::SourceFailed { error, frames, .. } => {
-                    s.failed = Some(error);
+                    s.failed = Some(error.to_string());
                     expected = Some(frames);
                 }
                 PipelineEvent::SourceEnded { frames, .. } => expected = Some(frames),

@@ -12,7 +12,8 @@ use crate::pipeline::analyzer::AnalyzerConfig;
 use crate::pipeline::output;
 use crate::pipeline::recorder::{RecordOptions, RecordOutcome, Recorder};
 use crate::pipeline::worker::{
-    DynamicSettings, FrameScores, Pipeline, PipelineConfig, PipelineEvent, RunMode,
+    DynamicSettings, FrameScores, ModelError, Pipeline, PipelineConfig, PipelineEvent, RunMode,
+    SourceFailure,
 };
 use crate::vision::source::SourceSpec;
 
@@ -64,10 +65,16 @@ pub struct RunSummary {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("{0}")]
-    Source(String),
-    #[error("{0}")]
-    Model(String),
+    #[error(transparent)]
+    Source(#[from] SourceFailure),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("--probe \"{text}\": {error}")]
+    Probe {
+        text: String,
+        #[source]
+        error: ModelError,
+    },
     #[error("cannot write the results: {0}")]
     Output(std::io::Error),
 }
@@ -168,7 +175,7 @@ pub fn run(opts: &RunOptions, out: &mut dyn Write) -> Result<RunSummary, RunErro
                 break;
             }
             PipelineEvent::ProbeFailed { text, error } => {
-                result = Err(RunError::Model(format!("--probe \"{text}\": {error}")));
+                result = Err(RunError::Probe { text, error });
                 break;
             }
             PipelineEvent::Scores(s) => {

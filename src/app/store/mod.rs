@@ -348,9 +348,12 @@ impl Store {
                 self.source_state = SourceState::Playing;
             }
             PipelineEvent::SourceFailed { spec, error, .. } => {
-                self.source_state = SourceState::Failed { spec, error };
+                self.source_state = SourceState::Failed {
+                    spec,
+                    error: error.to_string(),
+                };
             }
-            PipelineEvent::SourceWarning(w) => self.warning = Some((w, self.now())),
+            PipelineEvent::SourceWarning(w) => self.warning = Some((w.to_string(), self.now())),
             PipelineEvent::SourceEnded { generation, frames } => {
                 if self.source.as_ref().map(|s| s.generation) == Some(generation) {
                     self.source_state = SourceState::Ended { frames };
@@ -378,7 +381,7 @@ impl Store {
             }
             PipelineEvent::ModelLoading => self.model = ModelState::Loading,
             PipelineEvent::ModelReady(info) => self.model = ModelState::Ready(info),
-            PipelineEvent::ModelFailed(e) => self.model = ModelState::Failed(e),
+            PipelineEvent::ModelFailed(e) => self.model = ModelState::Failed(e.to_string()),
             PipelineEvent::BankReady(b) => {
                 self.bank = Some(b);
                 self.bank_error = None;
@@ -390,12 +393,12 @@ impl Store {
                 // features: they are asked for again.
                 self.exact.clear();
             }
-            PipelineEvent::BankFailed(e) => self.bank_error = Some(e),
+            PipelineEvent::BankFailed(e) => self.bank_error = Some(e.to_string()),
             PipelineEvent::ProbeReady(t) => {
                 self.probe = t;
                 self.probe_error = None;
             }
-            PipelineEvent::ProbeFailed { error, .. } => self.probe_error = Some(error),
+            PipelineEvent::ProbeFailed { error, .. } => self.probe_error = Some(error.to_string()),
             PipelineEvent::Scores(s) => self.apply_scores(s, smoothing, keep_secs),
             PipelineEvent::ExactMap { request, face, map } => {
                 if let Some(e) = self.exact_mut(request) {
@@ -419,7 +422,7 @@ impl Store {
                 if let Some(e) = self.exact_mut(request) {
                     e.finished = true;
                     e.cancelled = cancelled;
-                    e.error = error;
+                    e.error = error.map(|e| e.to_string());
                     e.secs = Some(e.started.elapsed().as_secs_f32());
                 }
                 // A cancelled job is asked for again if it is wanted again.

@@ -47,7 +47,7 @@ pub(super) fn capture_stage(
                 Err(e) => {
                     let failed = PipelineEvent::SourceFailed {
                         spec: s,
-                        error: e.to_string(),
+                        error: e.into(),
                         frames: 0,
                     };
                     if !events.send(failed) || finish_at_end {
@@ -114,7 +114,7 @@ pub(super) fn capture_stage(
         }
         let next = shielded(|| src.next_frame());
         for w in src.take_warnings() {
-            if !events.send(PipelineEvent::SourceWarning(w)) {
+            if !events.send(PipelineEvent::SourceWarning(SourceWarning::Source(w))) {
                 return;
             }
         }
@@ -132,9 +132,7 @@ pub(super) fn capture_stage(
                 continue;
             }
             Err(e) if e.is_recoverable() => {
-                if !events.send(PipelineEvent::SourceWarning(format!(
-                    "skipped a frame: {e}"
-                ))) {
+                if !events.send(PipelineEvent::SourceWarning(SourceWarning::SkippedFrame(e))) {
                     return;
                 }
                 continue;
@@ -143,7 +141,7 @@ pub(super) fn capture_stage(
                 source = None;
                 let failed = PipelineEvent::SourceFailed {
                     spec: current.clone(),
-                    error: e.to_string(),
+                    error: e.into(),
                     frames: frames_this_source,
                 };
                 if !events.send(failed) || finish_at_end {

@@ -32,9 +32,9 @@ fn analyzer_for(config: &AnalyzerConfig, events: &Events) -> Result<FaceAnalyzer
             // A CenterFace file that cannot be used: keep going on the
             // built-in SeetaFace cascade, and say so.
             let fallback = config.clone().with_detector(DetectorKind::Seeta);
-            events.send(PipelineEvent::SourceWarning(format!(
-                "{e}; detecting with SeetaFace's frontal cascade instead"
-            )));
+            events.send(PipelineEvent::SourceWarning(
+                SourceWarning::DetectorFallback(e),
+            ));
             FaceAnalyzer::new(fallback)
         }
         other => other,
@@ -54,7 +54,7 @@ fn detect_loop(
         Err(e) => {
             events.send(PipelineEvent::SourceFailed {
                 spec: config.source.clone(),
-                error: e.to_string(),
+                error: e.into(),
                 frames: 0,
             });
             return;
@@ -73,7 +73,7 @@ fn detect_loop(
                         tracker.reset();
                     }
                     Err(e) => {
-                        events.send(PipelineEvent::SourceWarning(e.to_string()));
+                        events.send(PipelineEvent::SourceWarning(SourceWarning::Detector(e)));
                     }
                 }
             }

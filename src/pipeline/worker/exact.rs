@@ -20,7 +20,7 @@ impl ExactJob {
         let id = request.id;
         let (error, cancelled) = match self.maps(&request) {
             Ok(done) => (None, !done),
-            Err(e) => (Some(e.to_string()), false),
+            Err(e) => (Some(ModelError::Candle(e)), false),
         };
         self.events.send(PipelineEvent::ExactDone {
             request: id,

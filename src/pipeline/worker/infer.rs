@@ -74,9 +74,9 @@ impl Scorer {
         self.last_dynamic.clear();
     }
 
-    fn set_bank(&mut self, source: &BankSource) -> Result<Arc<DescriptorBank>, String> {
+    fn set_bank(&mut self, source: &BankSource) -> Result<Arc<DescriptorBank>, ModelError> {
         let mut checkpoint = match source {
-            BankSource::Learned(p) => Some(CliperCheckpoint::load(p).map_err(|e| e.to_string())?),
+            BankSource::Learned(p) => Some(CliperCheckpoint::load(p)?),
             _ => None,
         };
         // The model must match the bank: a checkpoint may carry a fine-tuned
@@ -92,25 +92,24 @@ impl Scorer {
             own_next.is_some() || checkpoint.as_ref().is_some_and(|c| !c.vision.is_empty());
         if tuned_now || tuned_next {
             let mut base = match own_next {
-                Some((path, tensors)) => {
-                    Checkpoint::from_tensors(&path, tensors).map_err(|e| e.to_string())?
-                }
+                Some((path, tensors)) => Checkpoint::from_tensors(&path, tensors)?,
                 None => {
                     let plain = match &self.plain_weights {
                         Some(p) => p.clone(),
-                        None => crate::model::weights::locate(None).map_err(|e| e.to_string())?,
+                        None => crate::model::weights::locate(None)?,
                     };
-                    Checkpoint::load(&plain, candle_core::DType::F32).map_err(|e| e.to_string())?
+                    Checkpoint::load(&plain, candle_core::DType::F32)?
                 }
             };
             if let Some(c) = checkpoint.as_ref().filter(|c| !c.vision.is_empty()) {
-                c.apply_vision(&mut base).map_err(|e| e.to_string())?;
+                c.apply_vision(&mut base)?;
             }
             let own = checkpoint.as_ref().is_some_and(|c| c.is_dfer_clip());
-            self.clip = Arc::new(
-                ClipModel::from_checkpoint(&base, &self.clip.device, self.clip.dtype)
-                    .map_err(|e| e.to_string())?,
-            );
+            self.clip = Arc::new(ClipModel::from_checkpoint(
+                &base,
+                &self.clip.device,
+                self.clip.dtype,
+            )?);
             if !own {
                 self.plain_weights = Some(self.clip.source.clone());
             }
@@ -143,8 +142,7 @@ impl Scorer {
             source,
             checkpoint.as_ref(),
             head,
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         self.cliper = checkpoint;
         self.bank = Arc::new(bank);
         // Windows hold features of the old vision tower, and the temporal
@@ -164,7 +162,7 @@ impl Scorer {
         Ok(self.bank.clone())
     }
 
-    fn set_probe(&mut self, text: Option<String>) -> Result<Option<String>, String> {
+    fn set_probe(&mut self, text: Option<String>) -> Result<Option<String>, ModelError> {
         let Some(text) = text.map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) else {
             self.probe = None;
             return Ok(None);
@@ -172,7 +170,7 @@ impl Scorer {
         let feat = self
             .bank
             .encode_probe(&self.clip, &self.tokenizer, &text)
-            .map_err(|e| format!("cannot encode the text: {e}"))?;
+            .map_err(ModelError::Probe)?;
         self.probe = Some((text.clone(), feat));
         Ok(Some(text))
     }
@@ -202,7 +200,7 @@ impl Scorer {
         if let Err(e) = spawned {
             events.send(PipelineEvent::ExactDone {
                 request: id,
-                error: Some(format!("cannot start the explanation thread: {e}")),
+                error: Some(ModelError::Thread(e)),
                 cancelled: false,
             });
         }
@@ -343,9 +341,7 @@ pub(super) fn infer_stage(
         Err(e @ (setup::SetupError::Cliper(_) | setup::SetupError::Bank(_)))
             if !batch && !matches!(config.model.bank, BankSource::BuiltinZeroShot) =>
         {
-            events.send(PipelineEvent::BankFailed(format!(
-                "{e}; using the built-in zero-shot descriptions instead"
-            )));
+            events.send(PipelineEvent::BankFailed(ModelError::BankFellBack(Box::new(e))));
             let mut spec = config.model.clone();
             spec.bank = BankSource::BuiltinZeroShot;
             setup::load(&spec)
@@ -367,7 +363,7 @@ pub(super) fn infer_stage(
             Some(scorer)
         }
         Err(e) => {
-            events.send(PipelineEvent::ModelFailed(e.to_string()));
+            events.send(PipelineEvent::ModelFailed(e.into()));
             if batch {
                 events.send(PipelineEvent::Finished);
                 return;
@@ -430,10 +426,10 @@ pub(super) fn infer_stage(
         let faces = match s.score(&frame, &config.analyzer, &mut timings) {
             Ok(f) => f,
             Err(e) => {
-                events.send(PipelineEvent::ModelFailed(format!(
-                    "inference failed on frame {}: {e}",
-                    frame.index
-                )));
+                events.send(PipelineEvent::ModelFailed(ModelError::Inference {
+                    frame: frame.index,
+                    error: e,
+                }));
                 if batch {
                     events.send(PipelineEvent::Finished);
                     return;
@@ -472,7 +468,7 @@ fn handle_command(
             PipelineCommand::Exact(Some(r)) => {
                 events.send(PipelineEvent::ExactDone {
                     request: r.id,
-                    error: Some("no model is loaded".into()),
+                    error: Some(ModelError::NoModel),
                     cancelled: false,
                 });
                 return;
@@ -480,9 +476,7 @@ fn handle_command(
             PipelineCommand::SetProbe(_) => "probe text",
             _ => return,
         };
-        events.send(PipelineEvent::ModelFailed(format!(
-            "cannot change the {what}: no model is loaded"
-        )));
+        events.send(PipelineEvent::ModelFailed(ModelError::NotLoaded(what)));
         return;
     };
     let ev = match cmd {

@@ -247,12 +247,12 @@ pub enum PipelineEvent {
     /// unplugged, a damaged file); the pipeline waits for another source.
     SourceFailed {
         spec: SourceSpec,
-        error: String,
+        error: SourceFailure,
         /// Frames of this source sent on before it failed (0: it never opened).
         frames: u64,
     },
     /// A frame was skipped (an unreadable image in a folder).
-    SourceWarning(String),
+    SourceWarning(SourceWarning),
     /// A finite source played to its end.
     SourceEnded {
         generation: u64,
@@ -262,14 +262,14 @@ pub enum PipelineEvent {
     Frame(Arc<DetectedFrame>),
     ModelLoading,
     ModelReady(ModelInfo),
-    ModelFailed(String),
+    ModelFailed(ModelError),
     BankReady(Arc<DescriptorBank>),
-    BankFailed(String),
+    BankFailed(ModelError),
     /// The probe text was encoded (`None`: probe cleared).
     ProbeReady(Option<String>),
     ProbeFailed {
         text: String,
-        error: String,
+        error: ModelError,
     },
     Scores(FrameScores),
     /// One face's map for an [`ExactRequest`].
@@ -288,7 +288,7 @@ pub enum PipelineEvent {
     /// (`cancelled`: a newer request or [`PipelineCommand::Exact`]`(None)`).
     ExactDone {
         request: u64,
-        error: Option<String>,
+        error: Option<ModelError>,
         cancelled: bool,
     },
     /// Batch mode: every frame was processed, or the pipeline stopped.
@@ -525,8 +525,11 @@ impl RateMeter {
 
 mod capture;
 mod detect;
+mod error;
 mod exact;
 mod infer;
+
+pub use error::{ModelError, SourceFailure, SourceWarning};
 
 use capture::capture_stage;
 use detect::detect_stage;
