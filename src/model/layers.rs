@@ -198,6 +198,21 @@ impl EncoderLayer {
         })
     }
 
+    /// `n` layers, `vb.pp("layers.{i}")` each (a tower's `encoder`).
+    pub fn stack(
+        n: usize,
+        width: usize,
+        heads: usize,
+        mlp: usize,
+        eps: f64,
+        act: Activation,
+        vb: VarBuilder,
+    ) -> Result<Vec<Self>> {
+        (0..n)
+            .map(|i| Self::new(width, heads, mlp, eps, act, vb.pp(format!("layers.{i}"))))
+            .collect()
+    }
+
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let h = self
             .self_attn

@@ -8,7 +8,6 @@ pub(super) fn capture_stage(
     commands: Receiver<PipelineCommand>,
     events: Events,
 ) {
-    let mut spec = Some(config.source.clone());
     let mut current = config.source.clone();
     let mut source: Option<Box<dyn FrameSource>> = None;
     let mut generation = 0u64;
@@ -18,12 +17,15 @@ pub(super) fn capture_stage(
     // Real-time pacing of file sources: wall time of the first frame and its `t`.
     let mut clock: Option<(Instant, f64)> = None;
     let mut frames_this_source = 0u64;
-    let mut paused = false;
+    let mut control = Control {
+        spec: Some(config.source.clone()),
+        paused: false,
+    };
     // Batch runs end with their source, unless told to wait for the next.
     let finish_at_end = config.mode == RunMode::Batch && !config.keep_open;
     loop {
-        if let Some(s) = spec.take() {
-            paused = false;
+        if let Some(s) = control.spec.take() {
+            control.paused = false;
             source = None;
             generation += 1;
             clock = None;
@@ -58,34 +60,22 @@ pub(super) fn capture_stage(
         }
         let Some(src) = source.as_mut() else {
             // Nothing to read: wait for a new source, or the end.
-            match commands.recv() {
-                Ok(PipelineCommand::SetSource(s)) => spec = Some(s),
-                Ok(PipelineCommand::SetPaused(p)) => paused = p,
-                Ok(_) => {}
-                Err(_) => return,
+            if !control.wait(&commands) {
+                return;
             }
             continue;
         };
         // Commands arrive between frames.
-        loop {
-            match commands.try_recv() {
-                Ok(PipelineCommand::SetSource(s)) => spec = Some(s),
-                Ok(PipelineCommand::SetPaused(p)) => paused = p,
-                Ok(_) => {}
-                Err(crossbeam_channel::TryRecvError::Empty) => break,
-                Err(crossbeam_channel::TryRecvError::Disconnected) => return,
-            }
+        if !control.take_waiting(&commands) {
+            return;
         }
-        if spec.is_some() {
+        if control.spec.is_some() {
             continue;
         }
-        if paused && !src.is_live() && config.mode == RunMode::Live {
+        if control.paused && !src.is_live() && config.mode == RunMode::Live {
             // A file holds its frame until resumed; its clock restarts then.
-            match commands.recv() {
-                Ok(PipelineCommand::SetSource(s)) => spec = Some(s),
-                Ok(PipelineCommand::SetPaused(p)) => paused = p,
-                Ok(_) => {}
-                Err(_) => return,
+            if !control.wait(&commands) {
+                return;
             }
             clock = None;
             continue;
@@ -160,28 +150,22 @@ pub(super) fn capture_stage(
             let due = start.checked_add(wait).unwrap_or(start);
             let now = Instant::now();
             if due > now {
-                match commands.recv_timeout(due - now) {
-                    Ok(PipelineCommand::SetSource(s)) => {
-                        spec = Some(s);
-                        continue;
+                while Instant::now() < due && control.spec.is_none() && !control.paused {
+                    if !control.wait_until(&commands, due) {
+                        return;
                     }
-                    // Paused while waiting: this frame is shown on resume.
-                    Ok(PipelineCommand::SetPaused(true)) => {
-                        paused = true;
-                        match commands.recv() {
-                            Ok(PipelineCommand::SetSource(s)) => {
-                                spec = Some(s);
-                                continue;
-                            }
-                            Ok(PipelineCommand::SetPaused(p)) => paused = p,
-                            Ok(_) => {}
-                            Err(_) => return,
+                }
+                // Paused while waiting: this frame is shown on resume.
+                if control.paused && control.spec.is_none() {
+                    while control.paused && control.spec.is_none() {
+                        if !control.wait(&commands) {
+                            return;
                         }
-                        clock = Some((Instant::now(), frame.t));
                     }
-                    Ok(_) => {}
-                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+                    clock = Some((Instant::now(), frame.t));
+                }
+                if control.spec.is_some() {
+                    continue;
                 }
             } else if now.duration_since(due) > Duration::from_millis(500) {
                 // Fell behind (a slow decode, a suspended laptop): re-anchor
@@ -205,6 +189,57 @@ pub(super) fn capture_stage(
         dropped += d;
         if !open {
             return;
+        }
+    }
+}
+
+/// The commands the capture stage obeys: another source, pause.
+struct Control {
+    /// A source to open before the next frame.
+    spec: Option<SourceSpec>,
+    paused: bool,
+}
+
+impl Control {
+    fn apply(&mut self, cmd: PipelineCommand) {
+        match cmd {
+            PipelineCommand::SetSource(s) => self.spec = Some(s),
+            PipelineCommand::SetPaused(p) => self.paused = p,
+            _ => {}
+        }
+    }
+
+    /// Waits for a command; false when the owner is gone.
+    fn wait(&mut self, commands: &Receiver<PipelineCommand>) -> bool {
+        match commands.recv() {
+            Ok(cmd) => {
+                self.apply(cmd);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Takes the commands already waiting; false when the owner is gone.
+    fn take_waiting(&mut self, commands: &Receiver<PipelineCommand>) -> bool {
+        loop {
+            match commands.try_recv() {
+                Ok(cmd) => self.apply(cmd),
+                Err(crossbeam_channel::TryRecvError::Empty) => return true,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    /// Waits for a command until `deadline`; false when the owner is gone.
+    fn wait_until(&mut self, commands: &Receiver<PipelineCommand>, deadline: Instant) -> bool {
+        match commands.recv_deadline(deadline) {
+            Ok(cmd) => {
+                self.apply(cmd);
+                true
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => true,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => false,
         }
     }
 }

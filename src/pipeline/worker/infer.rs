@@ -341,7 +341,9 @@ pub(super) fn infer_stage(
         Err(e @ (setup::SetupError::Cliper(_) | setup::SetupError::Bank(_)))
             if !batch && !matches!(config.model.bank, BankSource::BuiltinZeroShot) =>
         {
-            events.send(PipelineEvent::BankFailed(ModelError::BankFellBack(Box::new(e))));
+            events.send(PipelineEvent::BankFailed(ModelError::BankFellBack(
+                Box::new(e),
+            )));
             let mut spec = config.model.clone();
             spec.bank = BankSource::BuiltinZeroShot;
             setup::load(&spec)

@@ -63,10 +63,7 @@ pub(super) fn train_clips(
         )?;
     }
     if !opts.stage1_only && state.epoch < total_epochs {
-        let text = l2_normalize(&learned_text_features(
-            &clip.text,
-            &state.descriptor.to_device(&dev)?,
-        )?)?;
+        let text = descriptor_text(clip, &state.descriptor.to_device(&dev)?)?;
         let cfg = temporal_config(clip.config.embed_dim);
         let init = if state.temporal.is_empty() {
             crate::model::temporal::TemporalModule::init_tensors(&cfg, opts.seed ^ 0x7e4)?

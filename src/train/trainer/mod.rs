@@ -89,6 +89,12 @@ pub struct TrainSummary {
     pub epochs_run: usize,
 }
 
+/// The normalised text features of descriptors [35, T, D] (the scoring's
+/// right-hand side).
+fn descriptor_text(clip: &ClipModel, descriptor: &Tensor) -> candle_core::Result<Tensor> {
+    l2_normalize(&learned_text_features(&clip.text, descriptor)?)
+}
+
 fn epoch_bar(len: usize, label: String) -> ProgressBar {
     let pb = ProgressBar::new(len as u64);
     pb.set_style(
@@ -371,10 +377,7 @@ pub fn train(opts: &TrainOptions, log: &mut dyn FnMut(&str)) -> Result<TrainSumm
 
     // ---------------- stage 2: the vision tower ----------------------------
     if !opts.stage1_only && state.epoch < total_epochs {
-        let text = l2_normalize(&learned_text_features(
-            &clip.text,
-            &state.descriptor.to_device(&dev)?,
-        )?)?;
+        let text = descriptor_text(&clip, &state.descriptor.to_device(&dev)?)?;
         let varmap = VarMap::new();
         {
             let mut data_map = varmap
@@ -559,7 +562,7 @@ fn descriptor_stage(
             )?;
             let f = train_x.index_select(&idx, 0)?;
             let labels: Vec<usize> = batch.iter().map(|&i| train_labels[i]).collect();
-            let t = l2_normalize(&learned_text_features(&clip.text, desc.as_tensor())?)?;
+            let t = descriptor_text(clip, desc.as_tensor())?;
             let logits = score_logits(&f, &t)?;
             let out = cliper_loss(&logits, &labels)?;
             opt.step(&out.loss.backward()?)?;
@@ -571,10 +574,7 @@ fn descriptor_stage(
             pb.inc(1);
         }
         pb.finish_and_clear();
-        let t = l2_normalize(&learned_text_features(
-            &clip.text,
-            &desc.as_tensor().detach(),
-        )?)?;
+        let t = descriptor_text(clip, &desc.as_tensor().detach())?;
         let m = evaluate_features(test_x, test_labels, &t)?;
         state.descriptor = desc.as_tensor().detach().to_device(&Device::Cpu)?;
         epochs_run += 1;
