@@ -36,10 +36,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let per_image = |s: Stat| s.median / batch as f64;
     let mut rows: Vec<(&str, f64)> = Vec::new();
 
-    clip.vision.candle_only = true;
+    clip.vision.backend = cliper::model::vision::VisionBackend::Candle;
     let reference = bench::time(warmup, runs, || Ok(clip.vision.forward(&px)?))?;
     rows.push(("Candle op-by-op f32 (reference)", per_image(reference)));
-    clip.vision.candle_only = false;
+    clip.vision.backend = cliper::model::vision::VisionBackend::FusedF32;
     let fused = bench::time(warmup, runs, || Ok(clip.vision.forward(&px)?))?;
     rows.push(("fused f32", per_image(fused)));
     if clip.vision.set_quantized(true).is_ok() {

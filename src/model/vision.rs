@@ -25,6 +25,32 @@ pub struct VisionOutput {
     pub last_block_input: Option<Tensor>,
 }
 
+/// How the tower runs, chosen when it is built ([`VisionTower::new`]) or
+/// when the precision is set ([`VisionTower::set_quantized`]), never per call.
+#[derive(Clone, Debug)]
+pub enum VisionBackend {
+    /// Candle's op-by-op forward: any device and dtype, with gradients.
+    Candle,
+    /// The fused CPU forward in f32 (`vision_cpu`).
+    FusedF32,
+    /// The fused CPU forward with 8-bit linear layers (`--precision q8`).
+    FusedQ8(Arc<QuantizedLinears>),
+}
+
+impl VisionBackend {
+    /// The 8-bit layers, when the backend has them.
+    pub fn quantized(&self) -> Option<&QuantizedLinears> {
+        match self {
+            Self::FusedQ8(q) => Some(q),
+            _ => None,
+        }
+    }
+
+    pub fn is_fused(&self) -> bool {
+        !matches!(self, Self::Candle)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct VisionTower {
     patch_embedding: Conv2d,
@@ -35,11 +61,11 @@ pub struct VisionTower {
     pub post_layernorm: LayerNorm,
     pub projection: Linear,
     pub config: VisionConfig,
-    /// 8-bit linear layers for `--precision q8` (CPU only; see `vision_cpu`).
-    pub quantized: Option<Arc<QuantizedLinears>>,
-    /// Always run Candle's op-by-op forward, never the fused CPU kernels
-    /// (for comparisons; gradient tracking selects it anyway).
-    pub candle_only: bool,
+    /// Fused CPU kernels where the weights allow them (f32 on the CPU, not
+    /// trained here), Candle's ops otherwise. Set it to
+    /// [`VisionBackend::Candle`] to compare; a tracked input (a gradient
+    /// wanted) runs Candle's ops whatever it says.
+    pub backend: VisionBackend,
 }
 
 impl VisionTower {
@@ -74,7 +100,7 @@ impl VisionTower {
         let post_layernorm =
             LayerNorm::new(cfg.width, cfg.layer_norm_eps, vm.pp("post_layernorm"))?;
         let projection = linear_no_bias(cfg.width, embed_dim, vb.pp("visual_projection"))?;
-        Ok(Self {
+        let mut tower = Self {
             patch_embedding,
             class_embedding,
             position_embedding,
@@ -83,9 +109,12 @@ impl VisionTower {
             post_layernorm,
             projection,
             config: cfg.clone(),
-            quantized: None,
-            candle_only: false,
-        })
+            backend: VisionBackend::Candle,
+        };
+        if super::vision_cpu::supports(&tower, None) {
+            tower.backend = VisionBackend::FusedF32;
+        }
+        Ok(tower)
     }
 
     /// Patch-embedding weight [D, 3, P, P], class embedding [D] and
@@ -105,11 +134,22 @@ impl VisionTower {
     /// Quantizes the blocks' linear layers to 8 bits (`true`) or goes back
     /// to f32 (`false`). Only the CPU f32 fast path uses them.
     pub fn set_quantized(&mut self, on: bool) -> Result<()> {
-        self.quantized = if on {
-            Some(Arc::new(QuantizedLinears::new(self)?))
-        } else {
-            None
-        };
+        if !on {
+            if self.backend.is_fused() {
+                self.backend = VisionBackend::FusedF32;
+            }
+            return Ok(());
+        }
+        if !super::vision_cpu::supports(self, None) {
+            candle_core::bail!(
+                "8-bit precision runs only on the CPU in f32: use --precision f32 on this device"
+            )
+        }
+        let q = QuantizedLinears::new(self)?;
+        if !super::vision_cpu::supports(self, Some(&q)) {
+            candle_core::bail!("the 8-bit layers do not fit this tower's blocks")
+        }
+        self.backend = VisionBackend::FusedQ8(Arc::new(q));
         Ok(())
     }
 
@@ -143,14 +183,12 @@ impl VisionTower {
                 "vision tower expects [B, 3, {s}, {s}] pixels, got [_, {c}, {h}, {w}]"
             )
         }
-        if let Some(out) =
-            super::vision_cpu::forward(self, pixels, want_layer_cls, want_last_input)?
-        {
-            return Ok(out);
+        if self.backend.is_fused() && !pixels.track_op() {
+            return super::vision_cpu::forward(self, pixels, want_layer_cls, want_last_input);
         }
-        if self.quantized.is_some() {
+        if self.backend.quantized().is_some() {
             candle_core::bail!(
-                "8-bit precision runs only on the CPU in f32: use --precision f32 on this device"
+                "8-bit precision has no gradients: use --precision f32 to explain or train"
             )
         }
         let mut x = self.embed(pixels)?;
@@ -185,8 +223,8 @@ impl VisionTower {
     /// query-key mixing, as in MaskCLIP), `ln_post` and the projection:
     /// [B, g*g, E], from the last block's input.
     pub fn patch_value_embeddings(&self, last_block_input: &Tensor) -> Result<Tensor> {
-        if let Some(p) = super::vision_cpu::patch_value_embeddings(self, last_block_input)? {
-            return Ok(p);
+        if self.backend.is_fused() && !last_block_input.track_op() {
+            return super::vision_cpu::patch_value_embeddings(self, last_block_input);
         }
         let Some(last) = self.layers.last() else {
             candle_core::bail!("vision tower has no layers")

@@ -228,7 +228,23 @@ enum QuantizedLinear {
 /// of each block), for `--precision q8`. LayerNorms, attention, the patch
 /// embedding and the final projection stay f32.
 pub struct QuantizedLinears {
-    layers: Vec<[QuantizedLinear; 6]>,
+    layers: Vec<BlockLinears<QuantizedLinear>>,
+}
+
+/// A transformer block's six linear layers.
+struct BlockLinears<T> {
+    q: T,
+    k: T,
+    v: T,
+    out: T,
+    fc1: T,
+    fc2: T,
+}
+
+impl<T> BlockLinears<T> {
+    fn iter(&self) -> impl Iterator<Item = &T> {
+        [&self.q, &self.k, &self.v, &self.out, &self.fc1, &self.fc2].into_iter()
+    }
 }
 
 impl std::fmt::Debug for QuantizedLinears {
@@ -236,7 +252,7 @@ impl std::fmt::Debug for QuantizedLinears {
         let vnni = self
             .layers
             .iter()
-            .flatten()
+            .flat_map(BlockLinears::iter)
             .filter(|l| matches!(l, QuantizedLinear::Vnni(_)))
             .count();
         write!(
@@ -273,7 +289,14 @@ impl QuantizedLinears {
             .map(|layer| {
                 let [qp, kp, vp, op] = layer.self_attn.projections();
                 let (fc1, fc2, _) = layer.mlp.parts();
-                Ok([q(qp)?, q(kp)?, q(vp)?, q(op)?, q(fc1)?, q(fc2)?])
+                Ok(BlockLinears {
+                    q: q(qp)?,
+                    k: q(kp)?,
+                    v: q(vp)?,
+                    out: q(op)?,
+                    fc1: q(fc1)?,
+                    fc2: q(fc2)?,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { layers })
@@ -364,25 +387,73 @@ fn give_back(v: Vec<f32>) {
     }
 }
 
-/// Whether the fast path can run `tower` on `pixels`.
-fn eligible(tower: &VisionTower, pixels: &Tensor) -> bool {
-    !tower.candle_only
-        && pixels.device().is_cpu()
-        && pixels.dtype() == DType::F32
-        && !pixels.track_op()
+/// Views of every weight the fused forward reads, checked once.
+struct TowerViews<'a> {
+    blocks: Vec<BlockView<'a>>,
+    patch_w: HostF32<'a>,
+    class_emb: HostF32<'a>,
+    pos_emb: HostF32<'a>,
+    pre_ln: NormView<'a>,
+    post_ln: NormView<'a>,
+    proj: LinearView<'a>,
 }
 
-/// The fast forward, or `None` when it does not apply (non-CPU, not f32,
-/// tracked weights or input): the caller then runs the Candle path.
+/// The views of `tower` (with `quantized` layers), or `None` when the fused
+/// path cannot run it: weights not f32 on the CPU, tracked (being trained),
+/// or of shapes it does not handle.
+fn tower_views<'a>(
+    tower: &'a VisionTower,
+    quantized: Option<&'a QuantizedLinears>,
+) -> Option<TowerViews<'a>> {
+    let cfg = &tower.config;
+    let d = cfg.width;
+    let blocks = block_views(tower, quantized)?;
+    let (patch_w, class_emb, pos_emb) = tower.embedding_weights();
+    let (patch_w, class_emb, pos_emb) = (
+        HostF32::new(patch_w)?,
+        HostF32::new(class_emb)?,
+        HostF32::new(pos_emb)?,
+    );
+    let kdim = 3 * cfg.patch_size * cfg.patch_size;
+    let fits = patch_w.len == d * kdim
+        && class_emb.len == d
+        && pos_emb.len == cfg.tokens() * d
+        && cfg.grid() * cfg.patch_size == cfg.image_size;
+    fits.then_some(())?;
+    Some(TowerViews {
+        blocks,
+        patch_w,
+        class_emb,
+        pos_emb,
+        pre_ln: NormView::new(tower.pre_layernorm(), d)?,
+        post_ln: NormView::new(&tower.post_layernorm, d)?,
+        proj: LinearView::new(&tower.projection, None)?,
+    })
+}
+
+/// Whether the fused forward can run `tower` (with `quantized` layers):
+/// decided when the tower is built or its precision set.
+pub fn supports(tower: &VisionTower, quantized: Option<&QuantizedLinears>) -> bool {
+    tower_views(tower, quantized).is_some()
+}
+
+fn views_of(tower: &VisionTower) -> Result<TowerViews<'_>> {
+    match tower_views(tower, tower.backend.quantized()) {
+        Some(v) => Ok(v),
+        None => candle_core::bail!(
+            "the fused CPU forward cannot run this tower (its weights changed after it was built)"
+        ),
+    }
+}
+
+/// The fused forward of a tower whose backend is fused, on untracked
+/// pixels (a tracked input, which wants a gradient, runs Candle's ops).
 pub fn forward(
     tower: &VisionTower,
     pixels: &Tensor,
     want_layer_cls: bool,
     want_last_input: bool,
-) -> Result<Option<VisionOutput>> {
-    if !eligible(tower, pixels) {
-        return Ok(None);
-    }
+) -> Result<VisionOutput> {
     // Run the whole forward on a rayon worker: its many parallel loops then
     // share work by stealing, instead of each one waking the pool from an
     // outside thread and sleeping until it is done.
@@ -394,40 +465,28 @@ fn forward_on_worker(
     pixels: &Tensor,
     want_layer_cls: bool,
     want_last_input: bool,
-) -> Result<Option<VisionOutput>> {
-    let quantized = tower.quantized.as_deref();
+) -> Result<VisionOutput> {
     let cfg = &tower.config;
     let d = cfg.width;
-    let Some(views) = block_views(tower, quantized) else {
-        return Ok(None);
-    };
-    let (patch_w, class_emb, pos_emb) = tower.embedding_weights();
-    let (Some(patch_w), Some(class_emb), Some(pos_emb)) = (
-        HostF32::new(patch_w),
-        HostF32::new(class_emb),
-        HostF32::new(pos_emb),
-    ) else {
-        return Ok(None);
-    };
-    let (Some(pre_ln), Some(post_ln)) = (
-        NormView::new(tower.pre_layernorm(), d),
-        NormView::new(&tower.post_layernorm, d),
-    ) else {
-        return Ok(None);
-    };
-    let Some(proj) = LinearView::new(&tower.projection, None) else {
-        return Ok(None);
-    };
-    let pixels = pixels.contiguous()?;
+    let TowerViews {
+        blocks: views,
+        patch_w,
+        class_emb,
+        pos_emb,
+        pre_ln,
+        post_ln,
+        proj,
+    } = views_of(tower)?;
+    let pixels = pixels
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
     let Some(px) = HostF32::new(&pixels) else {
-        return Ok(None);
+        candle_core::bail!("the fused CPU forward cannot read these pixels")
     };
     let (b, _, s, _) = pixels.dims4()?;
     let (p, g, t) = (cfg.patch_size, cfg.grid(), cfg.tokens());
     let kdim = 3 * p * p;
-    if patch_w.len != d * kdim || class_emb.len != d || pos_emb.len != t * d || g * p != s {
-        return Ok(None);
-    }
     let m = b * t;
 
     // Patch embedding as a matmul over unfolded patches: [B*g*g, 3*p*p].
@@ -512,11 +571,11 @@ fn forward_on_worker(
     let e = proj.n;
     let mut emb = vec![0f32; b * e];
     proj.apply(&pooled, None, b, &mut emb, e, false)?;
-    Ok(Some(VisionOutput {
+    Ok(VisionOutput {
         embedding: Tensor::from_vec(emb, (b, e), &Device::Cpu)?,
         layer_cls,
         last_block_input,
-    }))
+    })
 }
 
 /// The patch tokens of the last block's input `x` [B, T, D] taken through
@@ -524,34 +583,31 @@ fn forward_on_worker(
 /// its MLP, `ln_post` and the projection: [B, T-1, E]. The class token is
 /// skipped: without attention no token reads another. `None` when the fused
 /// path does not apply (the caller runs Candle's ops).
-pub fn patch_value_embeddings(tower: &VisionTower, x: &Tensor) -> Result<Option<Tensor>> {
-    if tower.candle_only || !x.device().is_cpu() || x.dtype() != DType::F32 || x.track_op() {
-        return Ok(None);
-    }
+pub fn patch_value_embeddings(tower: &VisionTower, x: &Tensor) -> Result<Tensor> {
     rayon::scope(|_| patch_values_on_worker(tower, x))
 }
 
-fn patch_values_on_worker(tower: &VisionTower, x: &Tensor) -> Result<Option<Tensor>> {
+fn patch_values_on_worker(tower: &VisionTower, x: &Tensor) -> Result<Tensor> {
     let d = tower.config.width;
     let (b, t, dx) = x.dims3()?;
     if dx != d || t < 2 {
-        return Ok(None);
+        candle_core::bail!("patch values of [{b}, {t}, {dx}] tokens: want [B, T > 1, {d}]")
     }
-    let Some(views) = block_views(tower, tower.quantized.as_deref()) else {
-        return Ok(None);
-    };
+    let TowerViews {
+        blocks: views,
+        post_ln,
+        proj,
+        ..
+    } = views_of(tower)?;
     let Some(blk) = views.last() else {
-        return Ok(None);
+        candle_core::bail!("vision tower has no layers")
     };
-    let (Some(post_ln), Some(proj)) = (
-        NormView::new(&tower.post_layernorm, d),
-        LinearView::new(&tower.projection, None),
-    ) else {
-        return Ok(None);
-    };
-    let x = x.contiguous()?;
+    let x = x
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
     let Some(xin) = HostF32::new(&x) else {
-        return Ok(None);
+        candle_core::bail!("the fused CPU forward cannot read these tokens")
     };
     let p = t - 1;
     let m = b * p;
@@ -579,7 +635,7 @@ fn patch_values_on_worker(tower: &VisionTower, x: &Tensor) -> Result<Option<Tens
     for buf in [r, h, v, f] {
         give_back(buf);
     }
-    Ok(Some(Tensor::from_vec(out, (b, p, e), &Device::Cpu)?))
+    Tensor::from_vec(out, (b, p, e), &Device::Cpu)
 }
 
 fn block_views<'a>(
@@ -596,7 +652,6 @@ fn block_views<'a>(
         .enumerate()
         .map(|(i, layer)| {
             let q = quantized.map(|q| &q.layers[i]);
-            let qm = |j: usize| q.map(|q| &q[j]);
             let [qp, kp, vp, op] = layer.self_attn.projections();
             let (fc1, fc2, act) = layer.mlp.parts();
             let heads = layer.self_attn.heads();
@@ -606,14 +661,14 @@ fn block_views<'a>(
             let view = BlockView {
                 ln1: NormView::new(&layer.layer_norm1, d)?,
                 qkv: [
-                    LinearView::new(qp, qm(0))?,
-                    LinearView::new(kp, qm(1))?,
-                    LinearView::new(vp, qm(2))?,
+                    LinearView::new(qp, q.map(|q| &q.q))?,
+                    LinearView::new(kp, q.map(|q| &q.k))?,
+                    LinearView::new(vp, q.map(|q| &q.v))?,
                 ],
-                out: LinearView::new(op, qm(3))?,
+                out: LinearView::new(op, q.map(|q| &q.out))?,
                 ln2: NormView::new(&layer.layer_norm2, d)?,
-                fc1: LinearView::new(fc1, qm(4))?,
-                fc2: LinearView::new(fc2, qm(5))?,
+                fc1: LinearView::new(fc1, q.map(|q| &q.fc1))?,
+                fc2: LinearView::new(fc2, q.map(|q| &q.fc2))?,
                 act,
                 heads,
             };
@@ -983,7 +1038,7 @@ mod tests {
             let mut clip = small(act);
             let px = Tensor::randn(0f32, 1.0, (3, 3, 48, 48), &Device::Cpu).unwrap();
             let fast = clip.vision.forward_with(&px, true, true).unwrap();
-            clip.vision.candle_only = true;
+            clip.vision.backend = crate::model::vision::VisionBackend::Candle;
             let slow = clip.vision.forward_with(&px, true, true).unwrap();
             let d = max_diff(&fast.embedding, &slow.embedding);
             assert!(d < 1e-4, "{act:?}: embedding differs by {d}");
@@ -1013,7 +1068,7 @@ mod tests {
                 .last_block_input
                 .unwrap();
             let fast = clip.vision.patch_value_embeddings(&x).unwrap();
-            clip.vision.candle_only = true;
+            clip.vision.backend = crate::model::vision::VisionBackend::Candle;
             let slow = clip.vision.patch_value_embeddings(&x).unwrap();
             assert_eq!(fast.dims(), &[2, 9, 32]);
             assert_eq!(fast.dims(), slow.dims());
@@ -1048,8 +1103,9 @@ mod tests {
         let cos: Vec<f32> = (full * low).unwrap().sum(1).unwrap().to_vec1().unwrap();
         assert!(cos.iter().all(|&c| c > 0.995), "cosines {cos:?}");
         // Training-style (tracked) inputs cannot take the 8-bit path.
-        clip.vision.candle_only = true;
-        assert!(clip.encode_images(&px).is_err());
+        let tracked = candle_core::Var::from_tensor(&px).unwrap();
+        let err = clip.vision.forward(tracked.as_tensor()).unwrap_err();
+        assert!(err.to_string().contains("no gradients"), "{err}");
     }
 
     /// The backbones other models bring (DFER-CLIP's ViT-B/32, Exp-CLIP's
@@ -1075,14 +1131,14 @@ mod tests {
                 fast.last_block_input.as_ref().unwrap().dims(),
                 &[2, tokens, width]
             );
-            clip.vision.candle_only = true;
+            clip.vision.backend = crate::model::vision::VisionBackend::Candle;
             let slow = clip.vision.forward_with(&px, true, true).unwrap();
             let d = max_diff(&fast.embedding, &slow.embedding);
             assert!(
                 d < 1e-4,
                 "patch {patch} on {image} px: embedding differs by {d}"
             );
-            clip.vision.candle_only = false;
+            clip.vision.backend = crate::model::vision::VisionBackend::FusedF32;
             let full = clip.encode_images(&px).unwrap();
             clip.vision.set_quantized(true).unwrap();
             let low = clip.encode_images(&px).unwrap();

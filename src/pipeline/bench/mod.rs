@@ -392,7 +392,7 @@ fn agreement(
 fn f32_reference(clip: &ClipModel, opts: &BenchOptions) -> Result<ClipModel, BenchError> {
     if clip.dtype == DType::F32 {
         let mut vision = clip.vision.clone();
-        vision.quantized = None;
+        vision.set_quantized(false)?;
         return Ok(ClipModel {
             vision,
             text: clip.text.clone(),
