@@ -11,9 +11,9 @@
 //! until the next one, and variable rates keep their exact times.
 //!
 //! Why not a fragment per frame (which would lose at most one frame): FFmpeg's
-//! MP4 muxer keeps an index entry per fragment for the whole file, so memory
-//! grew with the recording, about 50 MB over a day at 40 fps, where a
-//! fragment every half second keeps a day's index within a few MB.
+//! MP4 muxer keeps an index entry per fragment for the whole file. Measured
+//! over 150,000 small frames, memory grew 40 bytes a frame that way and 2.9
+//! with half-second fragments (README, "Soak").
 
 use std::path::{Path, PathBuf};
 
