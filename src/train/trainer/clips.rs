@@ -112,13 +112,7 @@ pub(super) fn train_clips(
             rng.shuffle(&mut order);
             let (mut loss_sum, mut correct) = (0f64, 0usize);
             for batch in order.chunks(opts.batch_size) {
-                let idx = Tensor::from_vec(
-                    batch.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                    batch.len(),
-                    &dev,
-                )?;
-                let x = train_x.index_select(&idx, 0)?;
-                let labels: Vec<usize> = batch.iter().map(|&i| train_f.labels[i]).collect();
+                let (x, labels) = select_batch(&train_x, &train_f.labels, batch)?;
                 let f = l2_normalize(&module.forward(&x)?)?;
                 let logits = score_logits(&f, &text)?;
                 let out = cliper_loss(&logits, &labels)?;

@@ -95,6 +95,23 @@ fn descriptor_text(clip: &ClipModel, descriptor: &Tensor) -> candle_core::Result
     l2_normalize(&learned_text_features(&clip.text, descriptor)?)
 }
 
+/// The rows `batch` of `x` (on its device) and their labels.
+fn select_batch(
+    x: &Tensor,
+    labels: &[usize],
+    batch: &[usize],
+) -> candle_core::Result<(Tensor, Vec<usize>)> {
+    let idx = Tensor::from_vec(
+        batch.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+        batch.len(),
+        x.device(),
+    )?;
+    Ok((
+        x.index_select(&idx, 0)?,
+        batch.iter().map(|&i| labels[i]).collect(),
+    ))
+}
+
 fn epoch_bar(len: usize, label: String) -> ProgressBar {
     let pb = ProgressBar::new(len as u64);
     pb.set_style(
@@ -555,13 +572,7 @@ fn descriptor_stage(
         );
         let (mut loss_sum, mut correct) = (0f64, 0usize);
         for batch in order.chunks(opts.batch_size) {
-            let idx = Tensor::from_vec(
-                batch.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                batch.len(),
-                &dev,
-            )?;
-            let f = train_x.index_select(&idx, 0)?;
-            let labels: Vec<usize> = batch.iter().map(|&i| train_labels[i]).collect();
+            let (f, labels) = select_batch(train_x, train_labels, batch)?;
             let t = descriptor_text(clip, desc.as_tensor())?;
             let logits = score_logits(&f, &t)?;
             let out = cliper_loss(&logits, &labels)?;
