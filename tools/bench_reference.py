@@ -1,13 +1,21 @@
 #!/usr/bin/env python3
-"""Times the CLIP ViT-B/16 image encoder in ONNX Runtime and PyTorch, and
-optionally `cliper bench --json` in the same run, and prints the ratios.
+"""Times the CLIP ViT-B/16 image encoder in ONNX Runtime and PyTorch (and
+OpenVINO when it is installed), f32 and reduced precision, and optionally
+`cliper bench --json` in the same run, and prints the ratios.
+
+Peers: `onnxruntime` (f32), `onnxruntime-int8` (`quantize_dynamic`, the
+8-bit path ORT documents for transformers on the CPU), `pytorch` (f32),
+`pytorch-bf16` (the model cast to bfloat16; oneDNN uses AMX or
+AVX512-BF16 where the CPU has them), `openvino` (f32) and `openvino-bf16`
+(`INFERENCE_PRECISION_HINT=bf16`; OpenVINO falls back to f32 on a CPU
+without bf16 instructions, which the table then shows).
 
 All three use random weights of the real shape (HF
 `CLIPVisionModelWithProjection`, 224 px, patch 16, width 768, 12 layers,
 projection to 512), the same thread count and the same batch sizes. The
 PyTorch model is exported to ONNX once (cached under target/bench-reference/).
 
-    pip install torch transformers onnx onnxruntime
+    pip install torch transformers onnx onnxruntime openvino
     cargo build --release
     python3 tools/bench_reference.py --threads 2 --batch 1,8 --cliper target/release/cliper \
         --precision f32 q8
@@ -35,6 +43,7 @@ def parse_args():
     p.add_argument("--cliper", help="path of the cliper binary to run `bench --json` with (optional)")
     p.add_argument("--precision", nargs="+", default=["f32"], help="cliper precisions to time (f32, q8, ...)")
     p.add_argument("--skip-torch", action="store_true", help="do not time PyTorch")
+    p.add_argument("--skip-reduced", action="store_true", help="do not time the peers' int8/bf16 paths")
     p.add_argument("--cache", default="target/bench-reference", help="where the ONNX export is kept")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p.parse_args()
@@ -99,6 +108,39 @@ def per_image(stat, b):
     return {k: v / b for k, v in stat.items()}
 
 
+def quantize_onnx(path: Path) -> Path:
+    """ORT's dynamic 8-bit quantization of the exported model (cached)."""
+    out = path.with_name(path.stem + "_int8.onnx")
+    if not out.exists():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        print(f"quantizing {out} ...", file=sys.stderr)
+        quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
+    return out
+
+
+def bench_openvino(path, batches, threads, warmup, runs, precision):
+    import numpy as np
+    import openvino as ov
+
+    core = ov.Core()
+    cfg = {
+        "INFERENCE_NUM_THREADS": str(threads),
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": precision,
+    }
+    model = core.read_model(str(path))
+    out = {}
+    rng = np.random.default_rng(0)
+    for b in batches:
+        model.reshape({"pixel_values": [b, 3, 224, 224]})
+        compiled = core.compile_model(model, "CPU", cfg)
+        req = compiled.create_infer_request()
+        x = rng.standard_normal((b, 3, 224, 224), dtype=np.float32)
+        out[str(b)] = per_image(timed(lambda: req.infer({"pixel_values": x}), warmup, runs), b)
+    return out, ov.__version__
+
+
 def bench_onnx(path, batches, threads, warmup, runs):
     import numpy as np
     import onnxruntime as ort
@@ -117,13 +159,17 @@ def bench_onnx(path, batches, threads, warmup, runs):
     return out, ort.__version__
 
 
-def bench_torch(model, batches, threads, warmup, runs):
+def bench_torch(model, batches, threads, warmup, runs, dtype=None):
     import torch
 
     torch.set_num_threads(threads)
+    if dtype is not None:
+        import copy
+
+        model = copy.deepcopy(model).to(dtype)
     out = {}
     for b in batches:
-        x = torch.randn(b, 3, 224, 224)
+        x = torch.randn(b, 3, 224, 224, dtype=dtype or torch.float32)
         with torch.inference_mode():
             out[str(b)] = per_image(timed(lambda: model(pixel_values=x).image_embeds, warmup, runs), b)
     return out, torch.__version__
@@ -167,6 +213,27 @@ def main():
         pt_t, pt_v = bench_torch(model, batches, args.threads, args.warmup, args.runs)
         result["image_encode_ms_per_image"]["pytorch"] = pt_t
         result["versions"]["pytorch"] = pt_v
+    if not args.skip_reduced:
+        print("timing ONNX Runtime int8 ...", file=sys.stderr)
+        q_t, _ = bench_onnx(quantize_onnx(onnx_path), batches, args.threads, args.warmup, args.runs)
+        result["image_encode_ms_per_image"]["onnxruntime-int8"] = q_t
+        if not args.skip_torch:
+            print("timing PyTorch bf16 ...", file=sys.stderr)
+            b_t, _ = bench_torch(model, batches, args.threads, args.warmup, args.runs, torch.bfloat16)
+            result["image_encode_ms_per_image"]["pytorch-bf16"] = b_t
+    try:
+        import openvino  # noqa: F401
+
+        have_ov = True
+    except ImportError:
+        have_ov = False
+        print("OpenVINO is not installed (pip install openvino): not timed", file=sys.stderr)
+    if have_ov:
+        for prec, name in [("f32", "openvino")] + ([] if args.skip_reduced else [("bf16", "openvino-bf16")]):
+            print(f"timing {name} ...", file=sys.stderr)
+            o_t, o_v = bench_openvino(onnx_path, batches, args.threads, args.warmup, args.runs, prec)
+            result["image_encode_ms_per_image"][name] = o_t
+            result["versions"]["openvino"] = o_v
     if args.cliper:
         for prec in args.precision:
             print(f"timing cliper ({prec}) ...", file=sys.stderr)
@@ -188,6 +255,7 @@ def main():
         print(json.dumps(result, indent=1))
         return
     print(f"ViT-B/16 image encoder, ms per image (median of {args.runs}), {args.threads} thread(s)")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()))
     head = f"{'engine':<16}" + "".join(f"{'batch ' + str(b):>12}{'vs ORT':>9}" for b in batches)
     print(head)
     for name, t in result["image_encode_ms_per_image"].items():

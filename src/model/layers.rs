@@ -213,6 +213,20 @@ impl EncoderLayer {
             .collect()
     }
 
+    /// The block's linear layers: q, k, v, out, fc1, fc2.
+    pub fn linears_mut(&mut self) -> [&mut Linear; 6] {
+        let a = &mut self.self_attn;
+        let m = &mut self.mlp;
+        [
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.out_proj,
+            &mut m.fc1,
+            &mut m.fc2,
+        ]
+    }
+
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let h = self
             .self_attn

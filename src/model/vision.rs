@@ -112,6 +112,7 @@ impl VisionTower {
             backend: VisionBackend::Candle,
         };
         if super::vision_cpu::supports(&tower, None) {
+            super::vision_cpu::store_transposed(&mut tower)?;
             tower.backend = VisionBackend::FusedF32;
         }
         Ok(tower)
