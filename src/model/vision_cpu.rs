@@ -182,62 +182,60 @@ impl<'a> LinearView<'a> {
         let parts = column_split(m, n, k);
         let dst_ptr = SendPtr(dst.as_mut_ptr());
         let w_ptr = SendPtr(self.w.ptr as *mut f32);
+        // A gemm operand: its first element, column stride, row stride.
+        type Operand = (*const f32, isize, isize);
         let transposed = self.transposed;
         let run = |(c0, c1): (usize, usize)| {
+            let w = w_ptr.get() as *const f32;
+            let x = (x.as_ptr(), 1, k as isize);
+            // gemm's (rows, cols, dst column and row strides, lhs, rhs).
+            let (rows, cols, dst_cs, dst_rs, lhs, rhs): (
+                usize,
+                usize,
+                isize,
+                isize,
+                Operand,
+                Operand,
+            ) = if transposed {
+                // dst^T = W x^T: `w` is W^T [k, n] row-major, that is W
+                // column-major, a left operand gemm reads without
+                // packing it (packing the weights again on every call
+                // cost a third of a batch-1 forward); x^T is packed.
+                // SAFETY (the add): c0 < n, inside `w`.
+                let w = (unsafe { w.add(c0) }, n as isize, 1);
+                let xt = (x.0, x.2, x.1);
+                (c1 - c0, m, dst_rs as isize, 1, w, xt)
+            } else {
+                // `w` is [n, k] row-major, read as the k x n matrix W^T
+                // (row stride 1, column stride k).
+                // SAFETY (the add): c0 * k < n * k, inside `w`.
+                let wt = (unsafe { w.add(c0 * k) }, k as isize, 1);
+                (m, c1 - c0, 1, dst_rs as isize, x, wt)
+            };
             // SAFETY: bounds checked above; each part writes only its own
             // columns c0..c1 of `dst`.
             unsafe {
-                if transposed {
-                    // dst^T = W x^T: `w` is W^T [k, n] row-major, which is
-                    // W column-major, the left operand gemm reads without
-                    // packing it (packing the weights again on every call
-                    // costs a third of a batch-1 forward); x^T is packed.
-                    gemm::gemm(
-                        c1 - c0,
-                        m,
-                        k,
-                        dst_ptr.get().add(c0),
-                        dst_rs as isize,
-                        1,
-                        read_dst,
-                        w_ptr.get().add(c0) as *const f32,
-                        n as isize,
-                        1,
-                        x.as_ptr(),
-                        k as isize,
-                        1,
-                        1.0f32,
-                        1.0f32,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    )
-                } else {
-                    // `w` is [n, k] row-major, read as the k x n matrix W^T
-                    // (row stride 1, column stride k).
-                    gemm::gemm(
-                        m,
-                        c1 - c0,
-                        k,
-                        dst_ptr.get().add(c0),
-                        1,
-                        dst_rs as isize,
-                        read_dst,
-                        x.as_ptr(),
-                        1,
-                        k as isize,
-                        w_ptr.get().add(c0 * k) as *const f32,
-                        k as isize,
-                        1,
-                        1.0f32,
-                        1.0f32,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    )
-                }
+                gemm::gemm(
+                    rows,
+                    cols,
+                    k,
+                    dst_ptr.get().add(c0),
+                    dst_cs,
+                    dst_rs,
+                    read_dst,
+                    lhs.0,
+                    lhs.1,
+                    lhs.2,
+                    rhs.0,
+                    rhs.1,
+                    rhs.2,
+                    1.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
             }
         };
         if parts.len() == 1 {
