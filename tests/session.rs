@@ -685,7 +685,10 @@ fn a_recording_started_mid_session_in_live_mode() {
         path: root.path().join("frames"),
         fps: 20.0,
     };
-    let pipeline = Pipeline::start(PipelineConfig::new(source, model, RunMode::Live), || {});
+    let mut config = PipelineConfig::new(source, model, RunMode::Live);
+    // The window's smoothing: the pipeline smooths, the recording keeps it.
+    config.smoothing = 0.6;
+    let pipeline = Pipeline::start(config, || {});
     let (mut info, mut model_info, mut bank) = (None, None, None);
     let mut recorder: Option<Recorder> = None;
     let mut recorded_scores = 0;
@@ -711,7 +714,6 @@ fn a_recording_started_mid_session_in_live_mode() {
                 )
                 .unwrap();
                 r.prime(info.as_ref(), model_info.as_ref(), bank.as_ref());
-                r.set_smoothing(0.6);
                 recorder = Some(r);
             }
             PipelineEvent::SourceEnded { .. } => break,

@@ -53,6 +53,8 @@ pub struct CliperApp {
     outcome: Arc<Mutex<Outcome>>,
     /// The dynamic window settings last sent to the pipeline.
     dynamic_sent: Option<DynamicSettings>,
+    /// The smoothing factor the pipeline has.
+    smoothing_sent: Option<f32>,
     /// The id of the last exact-map request.
     exact_requests: u64,
     /// The exact maps wanted and since when: a request goes out once the
@@ -114,6 +116,7 @@ impl CliperApp {
             opts,
             outcome,
             dynamic_sent: None,
+            smoothing_sent: None,
             exact_requests: 0,
             exact_wish: None,
             auto_paused: false,
@@ -169,14 +172,20 @@ impl CliperApp {
         }
     }
 
-    /// Sends changed dynamic window settings to the pipeline.
+    /// Sends changed dynamic window and smoothing settings to the pipeline.
     fn sync_dynamic(&mut self) {
+        let Some(p) = &self.pipeline else {
+            return;
+        };
         let want = self.dynamic_settings();
         if self.dynamic_sent != Some(want) {
-            if let Some(p) = &self.pipeline {
-                p.command(PipelineCommand::SetDynamic(want));
-                self.dynamic_sent = Some(want);
-            }
+            p.command(PipelineCommand::SetDynamic(want));
+            self.dynamic_sent = Some(want);
+        }
+        let smoothing = self.settings.smoothing;
+        if self.smoothing_sent != Some(smoothing) {
+            p.command(PipelineCommand::SetSmoothing(smoothing));
+            self.smoothing_sent = Some(smoothing);
         }
     }
 
@@ -253,6 +262,8 @@ impl CliperApp {
         config.dynamic = self.dynamic_settings();
         self.store.explain = self.opts.explain;
         self.dynamic_sent = Some(config.dynamic);
+        config.smoothing = self.settings.smoothing;
+        self.smoothing_sent = Some(config.smoothing);
         let ctx = ctx.clone();
         config.explain = self.store.explain;
         self.pipeline = Some(Pipeline::start(config, move || ctx.request_repaint()));
@@ -291,7 +302,6 @@ impl CliperApp {
         let Some(p) = &self.pipeline else {
             return;
         };
-        let smoothing = self.settings.smoothing;
         let keep = f64::from(self.settings.timeline_secs) + 1.0;
         while let Ok(ev) = p.events.try_recv() {
             match &ev {
@@ -308,8 +318,8 @@ impl CliperApp {
                 }
                 _ => {}
             }
-            self.recording.observe(&ev, smoothing);
-            self.store.apply(ev, smoothing, keep);
+            self.recording.observe(&ev);
+            self.store.apply(ev, keep);
         }
         self.recording.poll();
         self.store.prune(keep);

@@ -90,11 +90,10 @@ impl RecordingState {
     }
 
     /// Feeds an event to the recording (call before the store takes it).
-    pub fn observe(&mut self, event: &PipelineEvent, smoothing: f32) {
+    pub fn observe(&mut self, event: &PipelineEvent) {
         let Some(r) = self.recorder.as_mut() else {
             return;
         };
-        r.set_smoothing(smoothing);
         r.observe(event);
         if let Some(e) = r.error() {
             self.message = Some((format!("Recording stopped: {e}"), true));
@@ -138,7 +137,6 @@ impl RecordingState {
                     _ => None,
                 };
                 r.prime(store.source.as_ref(), model_info, store.bank.as_ref());
-                r.set_smoothing(smoothing);
                 self.message = None;
                 self.recorder = Some(r);
             }

@@ -12,12 +12,13 @@ use std::time::Instant;
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use eframe::egui::{self, Color32, CornerRadius, RichText, TextureHandle, TextureOptions};
-use egui_plot::{Bar, BarChart, Line, Plot, PlotPoints, VLine};
 use image::RgbImage;
 
 use super::exit::{check_writable, ExitPlan, Outcome};
 use super::palette::class_color;
+use super::scores::{ClassTimeline, Curves};
 use crate::session::report::{summarize, Report, MAX_FRAME_SECS};
+use crate::session::timeline::Timelines;
 use crate::session::{Session, SessionError};
 use crate::vision::video::IndexedVideo;
 
@@ -125,6 +126,8 @@ fn spawn_decoder(mut reader: IndexedVideo, ctx: egui::Context) -> Option<Decoder
 struct ReplayApp {
     session: Session,
     report: Report,
+    /// The faces' curves, folded from the session's records.
+    timelines: Timelines,
     /// Video time of each frame.
     video_times: Vec<f64>,
     video_start_t: f64,
@@ -151,6 +154,7 @@ impl ReplayApp {
         outcome: Arc<Mutex<Outcome>>,
     ) -> Self {
         let report = summarize(&session);
+        let timelines = Timelines::from_records(&session.frames, &report.classes);
         let (video, unreadable) = match video {
             Ok(v) => (v, None),
             Err(e) => (None, Some(e)),
@@ -175,6 +179,7 @@ impl ReplayApp {
             t: session.frames.first().map_or(0.0, |f| f.t),
             session,
             report,
+            timelines,
             video_times,
             decoder,
             video_error,
@@ -366,31 +371,13 @@ impl ReplayApp {
             ))
             .strong(),
         );
-        let bars: Vec<Bar> = probs
-            .iter()
-            .enumerate()
-            .map(|(c, &p)| {
-                Bar::new(c as f64, f64::from(p))
-                    .width(0.72)
-                    .fill(class_color(name(c)))
-                    .name(name(c))
-            })
-            .collect();
-        Plot::new("replay-bars")
-            .height(150.0)
-            .allow_drag(false)
-            .allow_zoom(false)
-            .allow_scroll(false)
-            .allow_boxed_zoom(false)
-            .allow_double_click_reset(false)
-            .show_x(false)
-            .show_axes([false, true])
-            .y_axis_formatter(|m, _| format!("{:.0}%", m.value * 100.0))
-            .show(ui, |p| {
-                p.set_plot_bounds_x(-0.6..=(classes.len() as f64 - 0.4));
-                p.set_plot_bounds_y(0.0..=1.02);
-                p.bar_chart(BarChart::new("probability", bars));
-            });
+        // The bars and curves show what the window showed (smoothed where
+        // smoothing was on), as the live window draws them.
+        let shown = match &face.smoothed {
+            Some(sm) => sm.probs(&classes),
+            None => probs.clone(),
+        };
+        super::scores::class_bars(ui, "replay-bars", &classes, &shown, 150.0);
         ui.horizontal_wrapped(|ui| {
             for (c, n) in classes.iter().enumerate() {
                 ui.label(
@@ -449,60 +436,34 @@ impl ReplayApp {
 
     fn timeline(&mut self, ui: &mut egui::Ui, height: f32) {
         let dur = self.duration().max(1e-3);
-        let points = self
-            .selected
-            .map(|id| self.session.timeline(id))
+        let face = self.selected.and_then(|id| self.timelines.get(id));
+        let curves: Vec<Curves> = face
+            .map(|f| {
+                vec![
+                    Curves {
+                        points: &f.shown,
+                        dashed: false,
+                        on_display: true,
+                    },
+                    Curves {
+                        points: &f.dynamic,
+                        dashed: true,
+                        on_display: false,
+                    },
+                ]
+            })
             .unwrap_or_default();
-        let t = self.t;
-        let seek = Plot::new("replay-timeline")
-            .height(height)
-            .allow_drag(false)
-            .allow_zoom(false)
-            .allow_scroll(false)
-            .allow_boxed_zoom(false)
-            .allow_double_click_reset(false)
-            .y_axis_min_width(28.0)
-            .x_axis_formatter(move |m, _| {
-                if dur < 10.0 {
-                    format!("{:.1} s", m.value)
-                } else {
-                    format!("{:.0} s", m.value)
-                }
-            })
-            .y_axis_formatter(|m, _| format!("{:.0}%", m.value * 100.0))
-            .show(ui, |p| {
-                p.set_plot_bounds_x(0.0..=dur);
-                p.set_plot_bounds_y(0.0..=1.0);
-                for (c, name) in self.report.classes.iter().enumerate() {
-                    let name = name.as_str();
-                    // A face that left the picture breaks its lines.
-                    let mut run: Vec<[f64; 2]> = Vec::new();
-                    let mut prev_t = f64::NEG_INFINITY;
-                    for pt in &points {
-                        if pt.t - prev_t > MAX_FRAME_SECS && !run.is_empty() {
-                            let done = std::mem::take(&mut run);
-                            p.line(Line::new(name, PlotPoints::new(done)).color(class_color(name)));
-                        }
-                        run.push([
-                            pt.t,
-                            f64::from(pt.probs.get(c).copied().unwrap_or(f32::NAN)),
-                        ]);
-                        prev_t = pt.t;
-                    }
-                    if !run.is_empty() {
-                        p.line(Line::new(name, PlotPoints::new(run)).color(class_color(name)));
-                    }
-                }
-                p.vline(VLine::new("now", t).color(Color32::WHITE).width(1.5));
-                let r = p.response();
-                if r.clicked() || r.dragged() {
-                    p.pointer_coordinate().map(|c| c.x)
-                } else {
-                    None
-                }
-            })
-            .inner;
-        if let Some(x) = seek {
+        let plot = ClassTimeline {
+            id: "replay-timeline",
+            names: &self.report.classes,
+            from: 0.0,
+            to: dur,
+            origin: 0.0,
+            marker: Some(self.t),
+            emphasize: None,
+            max_gap: MAX_FRAME_SECS,
+        };
+        if let Some(x) = plot.show(ui, &curves, height) {
             self.t = x.clamp(0.0, dur);
             self.playing = false;
         }

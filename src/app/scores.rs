@@ -1,13 +1,17 @@
 //! The selected face's scores: a bar chart of the class probabilities and
 //! a scrolling timeline of the last N seconds of each class (the classes of
-//! the bank in use).
+//! the bank in use). Replay draws its face with the same two panels
+//! ([`class_bars`], [`ClassTimeline`]).
 
-use eframe::egui::{self, RichText};
-use egui_plot::{Bar, BarChart, Line, LineStyle, Plot, PlotPoint, PlotPoints, Text};
+use std::collections::VecDeque;
+
+use eframe::egui::{self, Color32, RichText};
+use egui_plot::{Bar, BarChart, Line, LineStyle, Plot, PlotPoint, PlotPoints, Text, VLine};
 
 use super::palette::class_color;
 use super::store::Store;
 use crate::pipeline::dynamic::DynamicMode;
+use crate::session::replay::TimelinePoint;
 
 /// The classes on display: the selected face's (its scores carry the bank
 /// they were made with), else the bank's, else CLIPER's.
@@ -82,6 +86,12 @@ fn bars(ui: &mut egui::Ui, store: &Store, names: &[String], h: f32, dynamic: boo
         .selected_face()
         .map(|f| f.displayed(dynamic).probs.clone())
         .unwrap_or_else(|| vec![0.0; names.len()]);
+    class_bars(ui, "class-probabilities", names, &probs, h);
+}
+
+/// Class probabilities as bars, each class's short name under its bar (the
+/// live window and replay).
+pub fn class_bars(ui: &mut egui::Ui, id: &str, names: &[String], probs: &[f32], h: f32) {
     let bars: Vec<Bar> = probs
         .iter()
         .enumerate()
@@ -93,7 +103,7 @@ fn bars(ui: &mut egui::Ui, store: &Store, names: &[String], h: f32, dynamic: boo
                 .name(name)
         })
         .collect();
-    Plot::new("class-probabilities")
+    Plot::new(id)
         .height(h)
         .allow_drag(false)
         .allow_zoom(false)
@@ -140,51 +150,144 @@ fn timeline(ui: &mut egui::Ui, store: &Store, names: &[String], secs: f32, h: f3
     let now = store.now();
     let span = f64::from(secs);
     let face = store.selected_face();
-    Plot::new("class-timeline")
-        .height(h)
-        .allow_drag(false)
-        .allow_zoom(false)
-        .allow_scroll(false)
-        .allow_boxed_zoom(false)
-        .allow_double_click_reset(false)
-        .y_axis_min_width(28.0)
-        .x_axis_formatter(|mark, _| {
-            if mark.value.abs() < 1e-9 {
-                "now".to_string()
-            } else {
-                format!("{:.0} s", mark.value)
-            }
+    let curves = face
+        .and_then(|f| store.timelines.get(f.id).map(|t| (f, t)))
+        .map(|(f, t)| {
+            let dynamic_shown = dynamic && f.dynamic.is_some();
+            vec![
+                Curves {
+                    points: &t.shown,
+                    dashed: false,
+                    on_display: !dynamic_shown,
+                },
+                Curves {
+                    points: &t.dynamic,
+                    dashed: true,
+                    on_display: dynamic_shown,
+                },
+            ]
         })
-        .y_axis_formatter(|mark, _| format!("{:.0}%", mark.value * 100.0))
-        .show(ui, |p| {
-            p.set_plot_bounds_x(-span..=0.0);
-            p.set_plot_bounds_y(0.0..=1.0);
-            if let Some(f) = face {
-                let predicted = f.displayed(dynamic).predicted;
-                for (series, is_dynamic) in [(&f.timeline, false), (&f.dynamic_timeline, true)] {
-                    if series.is_empty() {
-                        continue;
-                    }
-                    let on_display = is_dynamic == (dynamic && f.dynamic.is_some());
-                    for (c, name) in names.iter().enumerate() {
-                        let pts: Vec<[f64; 2]> = series
-                            .iter()
-                            .filter(|(t, p)| now - t <= span && p.len() == names.len())
-                            .map(|(t, p)| [t - now, f64::from(p[c])])
-                            .collect();
-                        let mut width = if c == predicted { 2.5 } else { 1.5 };
-                        if !on_display {
-                            width *= 0.6;
-                        }
-                        let mut line = Line::new(name.as_str(), PlotPoints::new(pts))
-                            .color(class_color(name))
-                            .width(width);
-                        if is_dynamic {
-                            line = line.style(LineStyle::dashed_loose());
-                        }
-                        p.line(line);
-                    }
+        .unwrap_or_default();
+    let timeline = ClassTimeline {
+        id: "class-timeline",
+        names,
+        from: now - span,
+        to: now,
+        origin: now,
+        marker: None,
+        emphasize: face.map(|f| f.displayed(dynamic).predicted),
+        max_gap: f64::INFINITY,
+    };
+    timeline.show(ui, &curves, h);
+}
+
+/// One series of a face's curves.
+pub struct Curves<'a> {
+    pub points: &'a VecDeque<TimelinePoint>,
+    /// Dashed: the dynamic branch's.
+    pub dashed: bool,
+    /// The series whose scores are on display (drawn thicker).
+    pub on_display: bool,
+}
+
+/// A plot of class probabilities over time (the live window's scrolling
+/// one, and replay's whole session).
+pub struct ClassTimeline<'a> {
+    pub id: &'a str,
+    pub names: &'a [String],
+    /// Times shown, on the curves' clock.
+    pub from: f64,
+    pub to: f64,
+    /// The time drawn as x = 0 and labelled "now" (live), or 0 (replay).
+    pub origin: f64,
+    /// A vertical line at this time (replay's position).
+    pub marker: Option<f64>,
+    /// The class drawn thickest (the one predicted now).
+    pub emphasize: Option<usize>,
+    /// A longer gap between points breaks the lines (a face that left the
+    /// picture); live, where inference may be slow, nothing breaks them.
+    pub max_gap: f64,
+}
+
+impl ClassTimeline<'_> {
+    /// Draws the curves; returns the time clicked or dragged to.
+    pub fn show(&self, ui: &mut egui::Ui, curves: &[Curves], h: f32) -> Option<f64> {
+        let (origin, span) = (self.origin, self.to - self.from);
+        let live = origin == self.to;
+        Plot::new(self.id)
+            .height(h)
+            .allow_drag(false)
+            .allow_zoom(false)
+            .allow_scroll(false)
+            .allow_boxed_zoom(false)
+            .allow_double_click_reset(false)
+            .y_axis_min_width(28.0)
+            .x_axis_formatter(move |mark, _| {
+                if live && mark.value.abs() < 1e-9 {
+                    "now".to_string()
+                } else if span < 10.0 {
+                    format!("{:.1} s", mark.value)
+                } else {
+                    format!("{:.0} s", mark.value)
                 }
+            })
+            .y_axis_formatter(|mark, _| format!("{:.0}%", mark.value * 100.0))
+            .show(ui, |p| {
+                p.set_plot_bounds_x((self.from - origin)..=(self.to - origin));
+                p.set_plot_bounds_y(0.0..=1.0);
+                for c in curves {
+                    self.series(p, c);
+                }
+                if let Some(t) = self.marker {
+                    p.vline(
+                        VLine::new("now", t - origin)
+                            .color(Color32::WHITE)
+                            .width(1.5),
+                    );
+                }
+                let r = p.response();
+                if r.clicked() || r.dragged() {
+                    p.pointer_coordinate().map(|c| c.x + origin)
+                } else {
+                    None
+                }
+            })
+            .inner
+    }
+
+    /// One series' line per class, broken where points are more than
+    /// `max_gap` apart.
+    fn series(&self, p: &mut egui_plot::PlotUi, curves: &Curves) {
+        let n = self.names.len();
+        let shown =
+            |pt: &&TimelinePoint| pt.t >= self.from - 1.0 && pt.t <= self.to && pt.probs.len() == n;
+        for (c, name) in self.names.iter().enumerate() {
+            let mut width = if self.emphasize == Some(c) { 2.5 } else { 1.5 };
+            if !curves.on_display {
+                width *= 0.6;
             }
-        });
+            let line = |run: Vec<[f64; 2]>| {
+                let line = Line::new(name.as_str(), PlotPoints::new(run))
+                    .color(class_color(name))
+                    .width(width);
+                if curves.dashed {
+                    line.style(LineStyle::dashed_loose())
+                } else {
+                    line
+                }
+            };
+            let mut run: Vec<[f64; 2]> = Vec::new();
+            let mut prev_t = f64::NEG_INFINITY;
+            for pt in curves.points.iter().filter(shown) {
+                if pt.t - prev_t > self.max_gap && !run.is_empty() {
+                    p.line(line(std::mem::take(&mut run)));
+                }
+                run.push([pt.t - self.origin, f64::from(pt.probs[c])]);
+                prev_t = pt.t;
+            }
+            if !run.is_empty() {
+                p.line(line(run));
+            }
+        }
+    }
 }

@@ -5,7 +5,8 @@
 //!
 //! Labels on the video are what the window shows: each frame's boxes with
 //! the newest scores of each face at that moment (smoothed when smoothing is
-//! on). A frame waits here until the scores of its own frame or a later one
+//! on: the pipeline smooths once, and the window and the recording both
+//! take its values). A frame waits here until the scores of its own frame or a later one
 //! arrive, so in batch runs every frame carries exactly its own scores.
 //!
 //! Nothing here blocks: the writer's threads do the writing and encoding.
@@ -22,7 +23,6 @@ use serde_json::{json, Value};
 use crate::model::cliper::{DescriptorBank, ExpressionScores};
 use crate::model::setup::{BankSource, ModelSpec};
 use crate::pipeline::analyzer::AnalyzerConfig;
-use crate::pipeline::smoothing;
 use crate::pipeline::worker::{
     DetectedFrame, FrameScores, ModelInfo, PipelineEvent, RunMode, SourceInfo, TrackedResult,
 };
@@ -108,8 +108,6 @@ pub struct Recorder {
     /// Source time of the first recorded frame (source clock).
     source_t0: Option<f64>,
     top: usize,
-    smoothing: f32,
-    smoothed: HashMap<u64, ExpressionScores>,
     /// The label each face shows now (class, probability), by session id.
     labels: HashMap<u64, (String, f32)>,
     pending: VecDeque<Arc<DetectedFrame>>,
@@ -143,8 +141,6 @@ impl Recorder {
             start_wall: SystemTime::now(),
             source_t0: None,
             top: opts.top,
-            smoothing: 0.0,
-            smoothed: HashMap::new(),
             labels: HashMap::new(),
             pending: VecDeque::new(),
             fps: 25.0,
@@ -173,12 +169,6 @@ impl Recorder {
         if let Some(b) = bank {
             self.bank_ready(b);
         }
-    }
-
-    /// The EMA factor of the displayed scores (0: off); recorded as
-    /// "smoothed" next to the raw scores.
-    pub fn set_smoothing(&mut self, a: f32) {
-        self.smoothing = a.clamp(0.0, smoothing::MAX_SMOOTHING);
     }
 
     pub fn dir(&self) -> &std::path::Path {
@@ -253,7 +243,6 @@ impl Recorder {
             // The tracker starts again at 1: keep the session's ids unique.
             self.id_offset = self.max_id;
             self.flush_pending(u64::MAX);
-            self.smoothed.clear();
             self.labels.clear();
         }
         self.generation = Some(info.generation);
@@ -425,17 +414,9 @@ impl Recorder {
     fn face_record(&mut self, f: &TrackedResult, s: &FrameScores) -> FaceRecord {
         let id = self.session_id(f.id);
         let sc = &f.face.scores;
-        let smoothed = if self.smoothing > 0.0 {
-            let next = match self.smoothed.get(&id) {
-                Some(prev) => smoothing::ema(prev, sc, self.smoothing),
-                None => sc.clone(),
-            };
-            self.smoothed.insert(id, next.clone());
-            Some(next)
-        } else {
-            None
-        };
-        let shown = smoothed.as_ref().unwrap_or(sc);
+        // The pipeline's smoothed scores are the window's: record those.
+        let smoothed = f.smoothed.as_ref();
+        let shown = smoothed.unwrap_or(sc);
         let p = shown.predicted;
         self.labels.insert(
             id,
@@ -456,7 +437,7 @@ impl Recorder {
                 .dynamic
                 .as_ref()
                 .map(|d| ScoresRecord::of(Some(d.mode.as_str()), &d.scores)),
-            smoothed: smoothed.as_ref().map(|x| ScoresRecord::of(None, x)),
+            smoothed: smoothed.map(|x| ScoresRecord::of(None, x)),
             descriptors: top_descriptors(sc, &s.bank, self.top),
             probe: match (&s.probe, f.probe_logit) {
                 (Some(text), Some(logit)) => Some(ProbeRecord {

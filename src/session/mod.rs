@@ -30,6 +30,7 @@ pub mod finalize;
 pub mod meta;
 pub mod record;
 pub mod replay;
+pub mod timeline;
 pub mod report;
 pub mod video;
 pub mod writer;

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use crate::model::cliper::{DescriptorBank, ExpressionScores};
 use crate::model::explain::{ExplainMap, Method, Target};
 use crate::pipeline::dynamic::DynamicMode;
-use crate::pipeline::smoothing;
 use crate::pipeline::worker::{
     DetectedFrame, FrameScores, ModelInfo, PipelineEvent, SourceInfo, StageTimings,
 };
+use crate::session::timeline::Timelines;
 use crate::vision::faces::FaceBox;
 use crate::vision::source::SourceSpec;
 
@@ -32,8 +32,6 @@ pub struct FaceHistory {
     pub probe_logit: Option<f32>,
     /// App time (seconds) of the latest scores.
     pub updated: f64,
-    /// (app time, displayed probabilities), oldest first.
-    pub timeline: VecDeque<(f64, Vec<f32>)>,
     /// The dynamic branch's latest scores as displayed (smoothed), once the
     /// face's window is full, and how they were made.
     pub dynamic: Option<(ExpressionScores, DynamicMode)>,
@@ -41,8 +39,6 @@ pub struct FaceHistory {
     pub window_fill: usize,
     /// The latest fast explanation map of the chosen target.
     pub explain: Option<ExplainMap>,
-    /// (app time, displayed dynamic probabilities), oldest first.
-    pub dynamic_timeline: VecDeque<(f64, Vec<f32>)>,
 }
 
 impl FaceHistory {
@@ -181,6 +177,9 @@ pub struct Store {
     /// Whether `frame` has been put on screen yet (for the latency figure).
     pub frame_shown: bool,
     pub faces: BTreeMap<u64, FaceHistory>,
+    /// The faces' class curves on the store's clock (the same store replay
+    /// folds from a session's records).
+    pub timelines: Timelines,
     pub selected: Option<u64>,
     pub source: Option<SourceInfo>,
     pub source_state: SourceState,
@@ -225,6 +224,7 @@ impl Store {
             frame: None,
             frame_shown: false,
             faces: BTreeMap::new(),
+            timelines: Timelines::default(),
             selected: None,
             source: None,
             source_state: SourceState::Opening(initial),
@@ -334,14 +334,14 @@ impl Store {
         self.exact.iter_mut().find(|e| e.request == request)
     }
 
-    /// Folds one event in. `smoothing` is the EMA factor (0 = off);
-    /// `keep_secs` how much timeline to keep.
-    pub fn apply(&mut self, event: PipelineEvent, smoothing: f32, keep_secs: f64) {
+    /// Folds one event in; `keep_secs` is how much timeline to keep.
+    pub fn apply(&mut self, event: PipelineEvent, keep_secs: f64) {
         match event {
             PipelineEvent::SourceOpened(info) => {
                 if self.source.as_ref().map(|s| &s.spec) != Some(&info.spec) {
                     // Another source: old faces do not continue.
                     self.faces.clear();
+                    self.timelines.clear();
                     self.selected = None;
                 }
                 self.source = Some(info);
@@ -386,9 +386,7 @@ impl Store {
                 self.bank = Some(b);
                 self.bank_error = None;
                 // Scores under another bank are not comparable.
-                for h in self.faces.values_mut() {
-                    h.timeline.clear();
-                }
+                self.timelines.clear();
                 // Maps of the paused frame were made with the old text
                 // features: they are asked for again.
                 self.exact.clear();
@@ -399,7 +397,7 @@ impl Store {
                 self.probe_error = None;
             }
             PipelineEvent::ProbeFailed { error, .. } => self.probe_error = Some(error.to_string()),
-            PipelineEvent::Scores(s) => self.apply_scores(s, smoothing, keep_secs),
+            PipelineEvent::Scores(s) => self.apply_scores(s, keep_secs),
             PipelineEvent::ExactMap { request, face, map } => {
                 if let Some(e) = self.exact_mut(request) {
                     e.maps.insert(face, map);
@@ -432,7 +430,7 @@ impl Store {
         }
     }
 
-    fn apply_scores(&mut self, s: FrameScores, smoothing: f32, keep_secs: f64) {
+    fn apply_scores(&mut self, s: FrameScores, keep_secs: f64) {
         if self.source.as_ref().map(|i| i.generation) != Some(s.generation) {
             return; // a late result from the previous source
         }
@@ -452,32 +450,25 @@ impl Store {
                 shown: scores.clone(),
                 probe_logit: None,
                 updated: now,
-                timeline: VecDeque::new(),
                 dynamic: None,
                 window_fill: 0,
                 explain: None,
-                dynamic_timeline: VecDeque::new(),
             });
-            h.shown = smoothing::ema(&h.shown, &scores, smoothing);
+            // The pipeline smooths (the recording gets the same values).
+            h.shown = f.smoothed.unwrap_or_else(|| scores.clone());
             h.raw = scores;
             h.bbox = f.face.bbox;
             h.probe_logit = f.probe_logit;
             h.updated = now;
-            h.timeline.push_back((now, h.shown.probs.clone()));
             h.window_fill = f.window_fill;
             h.explain = f.explain;
-            match f.dynamic {
-                Some(d) => {
-                    let shown = match &h.dynamic {
-                        Some((prev, _)) => smoothing::ema(prev, &d.scores, smoothing),
-                        None => d.scores.clone(),
-                    };
-                    h.dynamic_timeline.push_back((now, shown.probs.clone()));
-                    h.dynamic = Some((shown, d.mode));
-                }
-                // The window restarted (new bank, new settings).
-                None => h.dynamic = None,
-            }
+            h.dynamic = f
+                .dynamic
+                .map(|d| (f.dynamic_smoothed.unwrap_or(d.scores), d.mode));
+            // `None`: the window restarted (new bank, new settings).
+            let dynamic = h.dynamic.as_ref().map(|(s, _)| s.probs.clone());
+            self.timelines
+                .push(f.id, now, h.shown.probs.clone(), dynamic);
         }
         self.prune(keep_secs);
     }
@@ -490,20 +481,10 @@ impl Store {
     /// Drops timeline points older than `keep_secs` and faces with nothing left.
     pub fn prune(&mut self, keep_secs: f64) {
         let now = self.now();
-        for h in self.faces.values_mut() {
-            while h.timeline.front().is_some_and(|(t, _)| now - t > keep_secs) {
-                h.timeline.pop_front();
-            }
-            while h
-                .dynamic_timeline
-                .front()
-                .is_some_and(|(t, _)| now - t > keep_secs)
-            {
-                h.dynamic_timeline.pop_front();
-            }
-        }
+        self.timelines.prune(now, keep_secs);
+        let timelines = &self.timelines;
         self.faces
-            .retain(|_, h| !h.timeline.is_empty() || now - h.updated < FACE_TIMEOUT_SECS);
+            .retain(|id, h| timelines.has(*id) || now - h.updated < FACE_TIMEOUT_SECS);
         let selected_alive = self.selected.is_some_and(|id| {
             self.faces
                 .get(&id)

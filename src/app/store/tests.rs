@@ -47,6 +47,8 @@ fn scores_event(generation: u64, faces: &[(u64, usize)]) -> PipelineEvent {
                 },
                 probe_logit: Some(1.5),
                 dynamic: None,
+                smoothed: None,
+                dynamic_smoothed: None,
                 window_fill: 0,
                 explain: None,
             }
@@ -79,20 +81,28 @@ fn opened(generation: u64) -> PipelineEvent {
 #[test]
 fn scores_build_histories_and_select_a_face() {
     let mut s = Store::new(SourceSpec::Demo);
-    s.apply(opened(1), 0.0, 30.0);
-    s.apply(scores_event(1, &[(2, 3), (1, 6)]), 0.0, 30.0);
+    // The pipeline smooths; the store shows what it is given.
+    let mut smoother = crate::pipeline::smoothing::Smoother::new(0.5);
+    let mut smoothed = |mut ev: PipelineEvent| {
+        if let PipelineEvent::Scores(f) = &mut ev {
+            smoother.apply(f.seq, &mut f.faces);
+        }
+        ev
+    };
+    s.apply(opened(1), 30.0);
+    s.apply(smoothed(scores_event(1, &[(2, 3), (1, 6)])), 30.0);
     assert_eq!(s.faces.len(), 2);
     assert_eq!(s.selected, Some(1), "leftmost face is selected");
     assert_eq!(s.faces[&2].shown.predicted, 3);
     // Smoothing keeps part of the old scores.
-    s.apply(scores_event(1, &[(2, 0), (1, 6)]), 0.5, 30.0);
+    s.apply(smoothed(scores_event(1, &[(2, 0), (1, 6)])), 30.0);
     let h = &s.faces[&2];
-    assert_eq!(h.timeline.len(), 2);
+    assert_eq!(s.timelines.get(2).unwrap().shown.len(), 2);
     assert_eq!(h.raw.predicted, 0);
     assert!((h.shown.class_scores[0] - 2.0).abs() < 1e-5);
     assert_eq!(h.probe_logit, Some(1.5));
     // A late result from an old source is ignored.
-    s.apply(scores_event(7, &[(9, 1)]), 0.0, 30.0);
+    s.apply(scores_event(7, &[(9, 1)]), 30.0);
     assert!(!s.faces.contains_key(&9));
     assert_eq!(s.score_lag.len(), 2);
 }
@@ -117,19 +127,19 @@ fn frame_event(seq: u64) -> PipelineEvent {
 fn pause_freezes_the_window_and_collects_exact_maps() {
     let mut s = Store::new(SourceSpec::Demo);
     assert!(!s.pause(), "nothing to pause on before a frame");
-    s.apply(opened(1), 0.0, 30.0);
-    s.apply(frame_event(5), 0.0, 30.0);
-    s.apply(scores_event(1, &[(2, 3)]), 0.0, 30.0);
+    s.apply(opened(1), 30.0);
+    s.apply(frame_event(5), 30.0);
+    s.apply(scores_event(1, &[(2, 3)]), 30.0);
     assert!(s.pause());
     let t = s.now();
     std::thread::sleep(Duration::from_millis(30));
     assert_eq!(s.now(), t, "the clock stands still while paused");
     // New frames and scores do not reach the window.
-    s.apply(frame_event(6), 0.0, 30.0);
-    s.apply(scores_event(1, &[(2, 0)]), 0.0, 30.0);
+    s.apply(frame_event(6), 30.0);
+    s.apply(scores_event(1, &[(2, 0)]), 30.0);
     assert_eq!(s.shown_frame().unwrap().seq, 5);
     assert_eq!(s.faces[&2].raw.predicted, 3);
-    assert_eq!(s.faces[&2].timeline.len(), 1);
+    assert_eq!(s.timelines.get(2).unwrap().shown.len(), 1);
     // No target: nothing to compute. With one, the paused frame's key.
     assert!(s.wanted_exact().is_none());
     s.explain = Some(Target::Class(3));
@@ -150,7 +160,6 @@ fn pause_freezes_the_window_and_collects_exact_maps() {
             face: 2,
             map,
         },
-        0.0,
         30.0,
     );
     s.apply(
@@ -159,7 +168,6 @@ fn pause_freezes_the_window_and_collects_exact_maps() {
             error: None,
             cancelled: false,
         },
-        0.0,
         30.0,
     );
     let (m, method) = s.map_for(2).unwrap();
@@ -175,7 +183,7 @@ fn pause_freezes_the_window_and_collects_exact_maps() {
     s.resume();
     assert!(s.exact.is_empty() && s.paused.is_none());
     assert!(s.now() - t < 0.02, "paused time is not counted");
-    s.apply(frame_event(7), 0.0, 30.0);
+    s.apply(frame_event(7), 30.0);
     assert_eq!(s.shown_frame().unwrap().seq, 7);
 }
 

@@ -300,6 +300,8 @@ impl Scorer {
                 },
                 probe_logit: probe.as_ref().and_then(|p| p.get(i).copied()),
                 dynamic: self.last_dynamic.get(&f.id).cloned(),
+                smoothed: None,
+                dynamic_smoothed: None,
                 window_fill: self.windows.filled(f.id),
                 explain: maps.next().flatten(),
             })
@@ -380,6 +382,8 @@ pub(super) fn infer_stage(
         };
         events.send(ev);
     }
+    // Outside the scorer: the factor holds while no model is loaded.
+    let mut smoother = crate::pipeline::smoothing::Smoother::new(config.smoothing);
     let mut meter = RateMeter::default();
     let mut inference_fps = 0.0;
     let mut commands_open = true;
@@ -393,6 +397,7 @@ pub(super) fn infer_stage(
                         Ok(PipelineCommand::SetDetector(kind)) => {
                             config.analyzer = config.analyzer.clone().with_detector(kind);
                         }
+                        Ok(PipelineCommand::SetSmoothing(a)) => smoother.set_factor(a),
                         Ok(cmd) => handle_command(&mut scorer, cmd, &config.analyzer, &events),
                         // The owner is gone: finish the frames in flight
                         // (batch) or stop (live).
@@ -416,6 +421,7 @@ pub(super) fn infer_stage(
         };
         if frame.generation != generation {
             s.restart_windows();
+            smoother.clear();
             generation = frame.generation;
         }
         let mut timings = StageTimings {
@@ -425,7 +431,7 @@ pub(super) fn infer_stage(
             inference_fps,
             ..Default::default()
         };
-        let faces = match s.score(&frame, &config.analyzer, &mut timings) {
+        let mut faces = match s.score(&frame, &config.analyzer, &mut timings) {
             Ok(f) => f,
             Err(e) => {
                 events.send(PipelineEvent::ModelFailed(ModelError::Inference {
@@ -439,6 +445,7 @@ pub(super) fn infer_stage(
                 continue;
             }
         };
+        smoother.apply(frame.seq, &mut faces);
         inference_fps = meter.tick();
         timings.inference_fps = inference_fps;
         let scores = FrameScores {
@@ -507,7 +514,8 @@ fn handle_command(
         }
         PipelineCommand::SetSource(_)
         | PipelineCommand::SetPaused(_)
-        | PipelineCommand::SetDetector(_) => return,
+        | PipelineCommand::SetDetector(_)
+        | PipelineCommand::SetSmoothing(_) => return,
     };
     events.send(ev);
 }

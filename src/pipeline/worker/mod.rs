@@ -33,7 +33,7 @@ use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender, TrySendErr
 use image::RgbImage;
 
 use crate::model::cliper::scoring;
-use crate::model::cliper::{CliperCheckpoint, DescriptorBank};
+use crate::model::cliper::{CliperCheckpoint, DescriptorBank, ExpressionScores};
 use crate::model::device;
 use crate::model::explain::{self, ExplainMap, Method, Target};
 use crate::model::setup::{self, BankSource, Loaded, ModelSpec};
@@ -73,6 +73,9 @@ pub struct PipelineConfig {
     pub dynamic: DynamicSettings,
     /// Draw this descriptor's or class's fast map for every face from the start.
     pub explain: Option<Target>,
+    /// EMA factor of the displayed scores from the start (0: off); see
+    /// [`PipelineCommand::SetSmoothing`].
+    pub smoothing: f32,
     /// Send each frame with its boxes ([`PipelineEvent::Frame`]): on in live
     /// mode (the window shows them), and in batch runs that record video.
     pub emit_frames: bool,
@@ -138,6 +141,7 @@ impl PipelineConfig {
             probe: None,
             dynamic: DynamicSettings::default(),
             explain: None,
+            smoothing: 0.0,
             emit_frames: mode == RunMode::Live,
             keep_open: false,
         }
@@ -189,6 +193,12 @@ pub struct TrackedResult {
     /// The dynamic branch's latest scores for this face, once its window of
     /// frame features is full (`None` before).
     pub dynamic: Option<DynamicScores>,
+    /// The static scores as displayed (smoothed per face), when smoothing
+    /// is on ([`PipelineCommand::SetSmoothing`]).
+    pub smoothed: Option<ExpressionScores>,
+    /// The dynamic scores as displayed, when smoothing is on and the face
+    /// has dynamic scores.
+    pub dynamic_smoothed: Option<ExpressionScores>,
     /// How many frame features the face's window holds.
     pub window_fill: usize,
     /// The fast explanation map of the requested target, when one is asked
@@ -315,6 +325,9 @@ pub enum PipelineCommand {
     SetPaused(bool),
     /// Switch the face detector (tracks restart).
     SetDetector(crate::vision::faces::DetectorKind),
+    /// The EMA factor of the displayed scores (0: off, at most
+    /// [`smoothing::MAX_SMOOTHING`](crate::pipeline::smoothing::MAX_SMOOTHING)).
+    SetSmoothing(f32),
 }
 
 type Notify = Arc<Mutex<Box<dyn FnMut() + Send>>>;
