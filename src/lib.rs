@@ -42,7 +42,9 @@ macro_rules! multiversion {
 pub mod app;
 pub mod batch;
 pub mod model;
+pub(crate) mod parallel;
 pub mod pipeline;
+pub mod progress;
 pub mod session;
 pub mod stop;
 pub mod train;

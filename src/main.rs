@@ -46,8 +46,26 @@ fn no_transparent_huge_pages() {
     }
 }
 
+/// The library reports through `log`; this prints it on stderr as plain
+/// lines, warnings and errors prefixed as the rest of the CLI's messages
+/// are. `RUST_LOG` chooses what shows (default: info and above).
+fn init_logging() {
+    use std::io::Write;
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(|buf, record| {
+            let prefix = match record.level() {
+                log::Level::Error => "error: ",
+                log::Level::Warn => "warning: ",
+                _ => "",
+            };
+            writeln!(buf, "{prefix}{}", record.args())
+        })
+        .init();
+}
+
 fn main() -> ExitCode {
     no_transparent_huge_pages();
+    init_logging();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -57,7 +57,7 @@ pub fn run_replay(opts: ReplayOptions) -> Result<(), ReplayError> {
     let session = Session::open(&opts.dir)?;
     // A damaged video must not hide the timelines: replay what is there.
     let video = session.open_video().inspect_err(|e| {
-        eprintln!("warning: {e}; replaying the timelines without the video");
+        log::warn!("{e}; replaying the timelines without the video");
     });
     let outcome: Arc<Mutex<Outcome>> = Arc::default();
     let native = eframe::NativeOptions {

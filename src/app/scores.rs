@@ -89,6 +89,18 @@ fn bars(ui: &mut egui::Ui, store: &Store, names: &[String], h: f32, dynamic: boo
     class_bars(ui, "class-probabilities", names, &probs, h);
 }
 
+/// A plot of height `h` that the mouse cannot pan or zoom (the panels set
+/// their own ranges; a click on a timeline seeks instead).
+fn fixed_plot(id: &str, h: f32) -> Plot<'static> {
+    Plot::new(id)
+        .height(h)
+        .allow_drag(false)
+        .allow_zoom(false)
+        .allow_scroll(false)
+        .allow_boxed_zoom(false)
+        .allow_double_click_reset(false)
+}
+
 /// Class probabilities as bars, each class's short name under its bar (the
 /// live window and replay).
 pub fn class_bars(ui: &mut egui::Ui, id: &str, names: &[String], probs: &[f32], h: f32) {
@@ -103,13 +115,7 @@ pub fn class_bars(ui: &mut egui::Ui, id: &str, names: &[String], probs: &[f32], 
                 .name(name)
         })
         .collect();
-    Plot::new(id)
-        .height(h)
-        .allow_drag(false)
-        .allow_zoom(false)
-        .allow_scroll(false)
-        .allow_boxed_zoom(false)
-        .allow_double_click_reset(false)
+    fixed_plot(id, h)
         .show_x(false)
         .show_axes([false, true])
         .show_grid([false, true])
@@ -214,13 +220,7 @@ impl ClassTimeline<'_> {
     pub fn show(&self, ui: &mut egui::Ui, curves: &[Curves], h: f32) -> Option<f64> {
         let (origin, span) = (self.origin, self.to - self.from);
         let live = origin == self.to;
-        Plot::new(self.id)
-            .height(h)
-            .allow_drag(false)
-            .allow_zoom(false)
-            .allow_scroll(false)
-            .allow_boxed_zoom(false)
-            .allow_double_click_reset(false)
+        fixed_plot(self.id, h)
             .y_axis_min_width(28.0)
             .x_axis_formatter(move |mark, _| {
                 if live && mark.value.abs() < 1e-9 {

@@ -35,11 +35,7 @@ pub(crate) struct BatchArgs {
     #[arg(long)]
     record_video: bool,
     #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    bank: BankArgs,
-    #[command(flatten)]
-    faces: FaceArgs,
+    scoring: ScoringArgs,
     /// Descriptors kept per face in session.jsonl.
     #[arg(value_parser = ranged::<1, 1000>, long, value_name = "K", default_value_t = 5)]
     top: usize,
@@ -97,8 +93,8 @@ fn batch(args: BatchArgs) -> Result<()> {
         (None, Some(m)) => batch::manifest_work_list(m)?,
         (None, None) => anyhow::bail!("give --input DIR or --manifest FILE"),
     };
-    let analyzer = args.faces.file_analyzer_config()?;
-    let model = args.model.spec(&args.bank);
+    let analyzer = args.scoring.faces.file_analyzer_config()?;
+    let model = args.scoring.model.spec(&args.scoring.bank);
     let settings = cliper::pipeline::recorder::run_settings(
         "batch",
         &model,

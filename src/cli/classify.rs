@@ -5,11 +5,7 @@ use super::*;
 #[derive(clap::Args)]
 pub(crate) struct ClassifyArgs {
     #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    bank: BankArgs,
-    #[command(flatten)]
-    faces: FaceArgs,
+    scoring: ScoringArgs,
     /// Show only the K highest-scoring descriptors per face.
     #[arg(value_parser = ranged::<1, 1000>, long)]
     top: Option<usize>,
@@ -25,30 +21,11 @@ pub(crate) struct ClassifyArgs {
     images: Vec<PathBuf>,
 }
 
-impl ClassifyArgs {
-    pub(crate) fn run(self) -> Result<()> {
-        let Self {
-            model,
-            bank,
-            faces,
-            top,
-            json,
-            precision,
-            images,
-        } = self;
-        classify(model, bank, faces, top, json, precision, images)
-    }
-}
-
 #[derive(clap::Args)]
 pub(crate) struct ClassifyClipArgs {
     #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    bank: BankArgs,
-    #[command(flatten)]
-    faces: FaceArgs,
-    /// Show only the K highest-scoring descriptors.
+    scoring: ScoringArgs,
+    /// Show only the K highest-scoring descriptors per clip.
     #[arg(value_parser = ranged::<1, 1000>, long)]
     top: Option<usize>,
     /// One JSON object per clip on stdout.
@@ -57,20 +34,6 @@ pub(crate) struct ClassifyClipArgs {
     /// Videos (any format FFmpeg reads: .mp4, .mov, .mkv, .webm, .avi, ...) or folders of frames.
     #[arg(required = true)]
     clips: Vec<PathBuf>,
-}
-
-impl ClassifyClipArgs {
-    pub(crate) fn run(self) -> Result<()> {
-        let Self {
-            model,
-            bank,
-            faces,
-            top,
-            json,
-            clips,
-        } = self;
-        classify_clip(model, bank, faces, top, json, clips)
-    }
 }
 
 #[derive(clap::Args)]
@@ -126,142 +89,143 @@ fn embed(args: &ModelArgs, image: Option<PathBuf>, text: Option<String>) -> Resu
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 fn classify_note(bank: &cliper::model::cliper::DescriptorBank) {
     if bank.kind == cliper::model::cliper::BankKind::DferClip {
         eprintln!("note: DFER-CLIP is a video model; still images are scored by its image branch (each frame's feature against the class features). `cliper classify-clip` and the dynamic mode use its temporal module.");
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn classify(
-    model: ModelArgs,
-    bank: BankArgs,
-    faces: FaceArgs,
-    top: Option<usize>,
-    json: bool,
-    precision: Precision,
-    images: Vec<PathBuf>,
-) -> Result<()> {
-    let mut analyzer = faces.still_analyzer()?;
-    let loaded = setup::load_with(&model.spec(&bank), precision)?;
-    classify_note(&loaded.bank);
-    let mut failed = 0;
-    for path in &images {
-        let rgb = match cliper::vision::images::load_rgb(path) {
-            Ok(rgb) => rgb,
-            Err(e) => {
-                eprintln!("error: {e}");
-                failed += 1;
-                continue;
+impl ClassifyArgs {
+    pub(crate) fn run(self) -> Result<()> {
+        let Self {
+            scoring: ScoringArgs { model, bank, faces },
+            top,
+            json,
+            precision,
+            images,
+        } = self;
+        let mut analyzer = faces.still_analyzer()?;
+        let loaded = setup::load_with(&model.spec(&bank), precision)?;
+        classify_note(&loaded.bank);
+        let mut failed = 0;
+        for path in &images {
+            let rgb = match cliper::vision::images::load_rgb(path) {
+                Ok(rgb) => rgb,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    failed += 1;
+                    continue;
+                }
+            };
+            let faces = analyzer
+                .analyze(&loaded.clip, &loaded.bank, &rgb)
+                .with_context(|| format!("cannot classify {}", path.display()))?;
+            if json {
+                let faces: Vec<_> = faces
+                    .iter()
+                    .map(|f| output::face_json(&f.bbox, &f.scores, &loaded.bank, top))
+                    .collect();
+                let mut v = serde_json::json!({"image": path, "faces": faces});
+                if loaded.bank.kind == cliper::model::cliper::BankKind::DferClip {
+                    // DFER-CLIP is a video model: a still gets its image branch.
+                    v["branch"] = serde_json::json!("image");
+                }
+                println!("{v}");
+            } else {
+                print_table(path, &faces, &loaded.bank, top.unwrap_or(5));
             }
-        };
-        let faces = analyzer
-            .analyze(&loaded.clip, &loaded.bank, &rgb)
-            .with_context(|| format!("cannot classify {}", path.display()))?;
-        if json {
-            let faces: Vec<_> = faces
-                .iter()
-                .map(|f| output::face_json(&f.bbox, &f.scores, &loaded.bank, top))
-                .collect();
-            let mut v = serde_json::json!({"image": path, "faces": faces});
-            if loaded.bank.kind == cliper::model::cliper::BankKind::DferClip {
-                // DFER-CLIP is a video model: a still gets its image branch.
-                v["branch"] = serde_json::json!("image");
-            }
-            println!("{v}");
-        } else {
-            print_table(path, &faces, &loaded.bank, top.unwrap_or(5));
         }
+        if failed > 0 {
+            anyhow::bail!("{failed} of {} images could not be read", images.len());
+        }
+        Ok(())
     }
-    if failed > 0 {
-        anyhow::bail!("{failed} of {} images could not be read", images.len());
-    }
-    Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn classify_clip(
-    model: ModelArgs,
-    bank: BankArgs,
-    faces: FaceArgs,
-    top: Option<usize>,
-    json: bool,
-    clips: Vec<PathBuf>,
-) -> Result<()> {
-    use cliper::pipeline::clip::{classify_clip, clip_json, sample_clip};
-    use cliper::pipeline::dynamic::DynamicScorer;
-    let mut analyzer = faces.still_analyzer()?;
-    let loaded = setup::load(&model.spec(&bank))?;
-    let temporal = match &loaded.cliper {
-        Some(ck) => ck
-            .temporal_module(loaded.clip.config.embed_dim, &loaded.clip.device)
-            .with_context(|| format!("cannot load the temporal module of {}", ck.path.display()))?,
-        None => None,
-    };
-    let scorer = DynamicScorer::new(temporal, &loaded.clip.device);
-    if scorer.temporal.is_none() {
-        eprintln!("note: no trained temporal weights; dynamic scores are the mean of the 16 frames' static scores");
-    }
-    let mut failed = 0;
-    let mut incomplete = 0;
-    for path in &clips {
-        let sampled = match sample_clip(path, scorer.frames()) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("error: {e}");
-                failed += 1;
-                continue;
-            }
+impl ClassifyClipArgs {
+    pub(crate) fn run(self) -> Result<()> {
+        let Self {
+            scoring: ScoringArgs { model, bank, faces },
+            top,
+            json,
+            clips,
+        } = self;
+        use cliper::pipeline::clip::{classify_clip, clip_json, sample_clip};
+        use cliper::pipeline::dynamic::DynamicScorer;
+        let mut analyzer = faces.still_analyzer()?;
+        let loaded = setup::load(&model.spec(&bank))?;
+        let temporal = match &loaded.cliper {
+            Some(ck) => ck
+                .temporal_module(loaded.clip.config.embed_dim, &loaded.clip.device)
+                .with_context(|| {
+                    format!("cannot load the temporal module of {}", ck.path.display())
+                })?,
+            None => None,
         };
-        for n in &sampled.notes {
-            eprintln!("{}: {n}", path.display());
+        let scorer = DynamicScorer::new(temporal, &loaded.clip.device);
+        if scorer.temporal.is_none() {
+            eprintln!("note: no trained temporal weights; dynamic scores are the mean of the 16 frames' static scores");
         }
-        if !sampled.complete {
-            incomplete += 1;
-        }
-        let r = classify_clip(&loaded.clip, &loaded.bank, &mut analyzer, &scorer, &sampled)
-            .with_context(|| format!("cannot classify {}", path.display()))?;
-        if json {
-            println!("{}", clip_json(path, &r, &sampled, &loaded.bank, top));
-        } else {
-            let faces: Vec<cliper::pipeline::FaceResult> = match (&r.bbox, &r.scores) {
-                (Some(b), Some(s)) => vec![cliper::pipeline::FaceResult {
-                    bbox: *b,
-                    scores: s.scores.clone(),
-                    embedding: Vec::new(),
-                }],
-                _ => Vec::new(),
-            };
-            println!(
-                "[dynamic: {}, {} frames{}]",
-                r.scores
-                    .as_ref()
-                    .map(|s| s.mode.as_str())
-                    .unwrap_or("no face"),
-                sampled.frames.len(),
-                if sampled.complete {
-                    String::new()
-                } else {
-                    format!(
-                        ", INCOMPLETE: sampled from the {} readable frames",
-                        sampled.source_frames
-                    )
+        let mut failed = 0;
+        let mut incomplete = 0;
+        for path in &clips {
+            let sampled = match sample_clip(path, scorer.frames()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    failed += 1;
+                    continue;
                 }
-            );
-            print_table(path, &faces, &loaded.bank, top.unwrap_or(5));
+            };
+            for n in &sampled.notes {
+                eprintln!("{}: {n}", path.display());
+            }
+            if !sampled.complete {
+                incomplete += 1;
+            }
+            let r = classify_clip(&loaded.clip, &loaded.bank, &mut analyzer, &scorer, &sampled)
+                .with_context(|| format!("cannot classify {}", path.display()))?;
+            if json {
+                println!("{}", clip_json(path, &r, &sampled, &loaded.bank, top));
+            } else {
+                let faces: Vec<cliper::pipeline::FaceResult> = match (&r.bbox, &r.scores) {
+                    (Some(b), Some(s)) => vec![cliper::pipeline::FaceResult {
+                        bbox: *b,
+                        scores: s.scores.clone(),
+                        embedding: Vec::new(),
+                    }],
+                    _ => Vec::new(),
+                };
+                println!(
+                    "[dynamic: {}, {} frames{}]",
+                    r.scores
+                        .as_ref()
+                        .map(|s| s.mode.as_str())
+                        .unwrap_or("no face"),
+                    sampled.frames.len(),
+                    if sampled.complete {
+                        String::new()
+                    } else {
+                        format!(
+                            ", INCOMPLETE: sampled from the {} readable frames",
+                            sampled.source_frames
+                        )
+                    }
+                );
+                print_table(path, &faces, &loaded.bank, top.unwrap_or(5));
+            }
         }
-    }
-    if failed > 0 {
-        anyhow::bail!("{failed} of {} clips could not be read", clips.len());
-    }
-    if incomplete > 0 {
-        anyhow::bail!(
+        if failed > 0 {
+            anyhow::bail!("{failed} of {} clips could not be read", clips.len());
+        }
+        if incomplete > 0 {
+            anyhow::bail!(
             "{incomplete} of {} clips could not be read whole (\"complete\": false; see the notes above): their scores cover only the frames read",
             clips.len()
         );
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 fn print_table(

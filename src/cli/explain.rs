@@ -65,15 +65,11 @@ impl ExplainArgs {
         // Occlusion runs grid^2 + 1 forward passes per face: seconds each
         // with a full-size model on a CPU.
         let bar = (method == Method::Occlusion).then(|| {
-            let pb = indicatif::ProgressBar::new(0);
-            pb.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "occlusion [{bar:30}] {pos}/{len} forward passes, eta {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            pb
+            cliper::progress::bar(
+                0,
+                "occlusion [{bar:30}] {pos}/{len} forward passes, eta {eta}",
+                "",
+            )
         });
         let faces = ex::explain_image(
             &loaded.clip,

@@ -162,6 +162,18 @@ impl BankArgs {
     }
 }
 
+/// What the commands that find and score faces in files take: the model,
+/// its bank of descriptors, and how faces are found.
+#[derive(clap::Args, Clone)]
+struct ScoringArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    bank: BankArgs,
+    #[command(flatten)]
+    faces: FaceArgs,
+}
+
 /// How faces are found in stills, clips and frames.
 #[derive(clap::Args, Clone)]
 struct FaceArgs {

@@ -5,11 +5,9 @@ use super::*;
 #[derive(clap::Args, Clone)]
 pub(crate) struct RunArgs {
     #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    bank: BankArgs,
-    #[command(flatten)]
     source: SourceArgs,
+    #[command(flatten)]
+    scoring: ScoringArgs,
     /// Stop after N frames (a still image gives 1 frame unless told otherwise;
     /// cameras and the demo run until interrupted).
     #[arg(long, value_name = "N")]
@@ -24,8 +22,6 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "TEXT")]
     probe: Option<String>,
     #[command(flatten)]
-    faces: FaceArgs,
-    #[command(flatten)]
     dynamic: DynamicArgs,
     #[command(flatten)]
     record: RecordArgs,
@@ -38,13 +34,13 @@ fn run_headless(args: RunArgs) -> Result<()> {
     use cliper::vision::source::SourceSpec;
     let analyzer = match source {
         SourceSpec::Video(_) | SourceSpec::Still { .. } | SourceSpec::Folder { .. } => {
-            args.faces.file_analyzer_config()?
+            args.scoring.faces.file_analyzer_config()?
         }
-        SourceSpec::Camera { .. } | SourceSpec::Demo => args.faces.analyzer_config()?,
+        SourceSpec::Camera { .. } | SourceSpec::Demo => args.scoring.faces.analyzer_config()?,
     };
     let opts = cliper::pipeline::run::RunOptions {
         source,
-        model: args.model.spec(&args.bank),
+        model: args.scoring.model.spec(&args.scoring.bank),
         analyzer,
         frames: args.frames,
         json: args.json,
@@ -106,11 +102,12 @@ fn run_headless(args: RunArgs) -> Result<()> {
             String::new()
         }
     );
-    if let Some(rec) = &summary.record {
-        for n in &rec.notes {
+    if let Some(outcome) = &summary.record {
+        let rec = &outcome.left;
+        for n in &rec.errors {
             eprintln!("warning: {n}");
         }
-        if let Some(e) = &rec.error {
+        if let Some(e) = &outcome.error {
             anyhow::bail!(
                 "the recording in {} stopped: {e} (all {} frames were processed; {} were recorded)",
                 rec.dir.display(),

@@ -44,36 +44,21 @@ pub(crate) struct TrainArgs {
 
 impl TrainArgs {
     pub(crate) fn run(self) -> Result<()> {
-        let Self {
-            model,
-            data,
-            layout,
-            stage1_epochs,
-            epochs,
-            stage1_only,
-            batch_size,
-            out,
-            resume,
-            seed,
-            cache,
-            skip_unreadable,
-            force,
-        } = self;
         let opts = cliper::train::trainer::TrainOptions {
-            weights: model.weights,
-            data,
-            layout,
-            stage1_epochs,
-            epochs,
-            stage1_only,
-            batch_size,
-            out: out.clone(),
-            resume,
-            seed,
-            cache_dir: cache,
-            skip_unreadable,
-            device: model.device.as_str().into(),
-            force,
+            device: self.model.device.as_str().into(),
+            weights: self.model.weights,
+            data: self.data,
+            layout: self.layout,
+            stage1_epochs: self.stage1_epochs,
+            epochs: self.epochs,
+            stage1_only: self.stage1_only,
+            batch_size: self.batch_size,
+            out: self.out,
+            resume: self.resume,
+            seed: self.seed,
+            cache_dir: self.cache,
+            skip_unreadable: self.skip_unreadable,
+            force: self.force,
         };
         let summary = cliper::train::trainer::train(&opts, &mut |line| eprintln!("{line}"))?;
         eprintln!(
@@ -81,7 +66,7 @@ impl TrainArgs {
             100.0 * summary.best_war,
             100.0 * summary.best_uar,
             summary.best_epoch,
-            out.display()
+            opts.out.display()
         );
         Ok(())
     }

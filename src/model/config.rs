@@ -66,6 +66,37 @@ pub struct TextConfig {
     pub activation: Activation,
 }
 
+/// The transformer encoder's dimensions, the same fields in both towers'
+/// configs (as in Hugging Face's `CLIPVisionConfig` and `CLIPTextConfig`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EncoderShape {
+    pub width: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub mlp: usize,
+    pub layer_norm_eps: f64,
+    pub activation: Activation,
+}
+
+macro_rules! encoder_shape {
+    ($($config:ty),*) => {$(
+        impl $config {
+            /// The dimensions of this tower's encoder.
+            pub fn encoder(&self) -> EncoderShape {
+                EncoderShape {
+                    width: self.width,
+                    layers: self.layers,
+                    heads: self.heads,
+                    mlp: self.mlp,
+                    layer_norm_eps: self.layer_norm_eps,
+                    activation: self.activation,
+                }
+            }
+        }
+    )*};
+}
+encoder_shape!(VisionConfig, TextConfig);
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClipConfig {
     pub vision: VisionConfig,

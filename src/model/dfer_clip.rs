@@ -68,13 +68,9 @@ pub fn is_dfer_clip<'a>(mut names: impl Iterator<Item = &'a String>) -> bool {
 /// separate CLIP weights are needed), read from the file's tensor index
 /// alone, after the pickle guard.
 pub fn has_own_clip(path: &std::path::Path) -> bool {
-    let is_pickle = path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-        matches!(
-            e.to_ascii_lowercase().as_str(),
-            "pth" | "pt" | "ckpt" | "bin"
-        )
-    });
-    if !is_pickle || crate::model::pickle_guard::check_file(path).is_err() {
+    if !crate::model::weights::is_pickle_file(path)
+        || crate::model::pickle_guard::check_file(path).is_err()
+    {
         return false;
     }
     let Ok(infos) = candle_core::pickle::read_pth_tensor_info(path, false, Some("state_dict"))

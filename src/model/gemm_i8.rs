@@ -14,6 +14,7 @@
 //! Used by `vision_cpu` for `--precision q8`; [`available`] says whether
 //! this CPU can run it (otherwise Candle's Q8_0 matmul is used).
 
+use crate::parallel::SendPtr;
 use rayon::prelude::*;
 
 /// Inputs per quantization group.
@@ -184,7 +185,7 @@ pub fn matmul(
     assert_eq!(x.k, k, "activations and weights disagree on k");
     assert!(m == 0 || (dst_rs >= n && dst.len() >= (m - 1) * dst_rs + n));
     assert!(bias.is_none_or(|b| b.len() == n));
-    let dst_ptr = DstPtr(dst.as_mut_ptr());
+    let dst_ptr = SendPtr(dst.as_mut_ptr());
     let panels = n / NR;
     for m0 in (0..m).step_by(MC) {
         let mc = MC.min(m - m0);
@@ -205,18 +206,6 @@ pub fn matmul(
                 }
             }
         });
-    }
-}
-
-#[derive(Clone, Copy)]
-struct DstPtr(*mut f32);
-unsafe impl Send for DstPtr {}
-unsafe impl Sync for DstPtr {}
-
-impl DstPtr {
-    /// Through a method, so that closures capture the whole (Send) struct.
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

@@ -8,7 +8,7 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
-use super::config::Activation;
+use super::config::{Activation, EncoderShape};
 
 /// Whether `t` takes part in a gradient computation.
 fn tracks(t: &Tensor) -> bool {
@@ -182,34 +182,20 @@ pub struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    pub fn new(
-        width: usize,
-        heads: usize,
-        mlp: usize,
-        eps: f64,
-        act: Activation,
-        vb: VarBuilder,
-    ) -> Result<Self> {
+    pub fn new(shape: &EncoderShape, vb: VarBuilder) -> Result<Self> {
+        let (width, eps) = (shape.width, shape.layer_norm_eps);
         Ok(Self {
             layer_norm1: LayerNorm::new(width, eps, vb.pp("layer_norm1"))?,
-            self_attn: Attention::new(width, heads, vb.pp("self_attn"))?,
+            self_attn: Attention::new(width, shape.heads, vb.pp("self_attn"))?,
             layer_norm2: LayerNorm::new(width, eps, vb.pp("layer_norm2"))?,
-            mlp: Mlp::new(width, mlp, act, vb.pp("mlp"))?,
+            mlp: Mlp::new(width, shape.mlp, shape.activation, vb.pp("mlp"))?,
         })
     }
 
-    /// `n` layers, `vb.pp("layers.{i}")` each (a tower's `encoder`).
-    pub fn stack(
-        n: usize,
-        width: usize,
-        heads: usize,
-        mlp: usize,
-        eps: f64,
-        act: Activation,
-        vb: VarBuilder,
-    ) -> Result<Vec<Self>> {
-        (0..n)
-            .map(|i| Self::new(width, heads, mlp, eps, act, vb.pp(format!("layers.{i}"))))
+    /// The tower's layers, `vb.pp("layers.{i}")` each (a tower's `encoder`).
+    pub fn stack(shape: &EncoderShape, vb: VarBuilder) -> Result<Vec<Self>> {
+        (0..shape.layers)
+            .map(|i| Self::new(shape, vb.pp(format!("layers.{i}"))))
             .collect()
     }
 

@@ -14,6 +14,7 @@
 //! place from the tower's tensors. With [`QuantizedLinears`] the transformer's
 //! linear layers run Candle's 8-bit (Q8_0) matmul instead (`--precision q8`).
 
+use crate::parallel::SendPtr;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Storage, Tensor};
 use candle_nn::Linear;
@@ -779,19 +780,6 @@ fn cls_rows(x: &[f32], b: usize, t: usize, d: usize) -> Vec<f32> {
     (0..b)
         .flat_map(|bi| x[bi * t * d..bi * t * d + d].iter().copied())
         .collect()
-}
-
-/// A pointer that may cross into rayon tasks writing disjoint regions.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// Through a method, so that closures capture the whole (Send) struct.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// Softmax attention of every (image, head): `qkv` [B*T, 3D] holds q, k, v

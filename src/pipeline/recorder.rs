@@ -71,30 +71,21 @@ impl RecordOptions {
 /// What a recording left, for a run's summary.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RecordOutcome {
-    pub dir: PathBuf,
-    pub frames: u64,
-    pub face_rows: u64,
-    pub video_frames: u64,
-    pub video_dropped: u64,
-    /// video.mp4, when it was written.
-    pub video: Option<PathBuf>,
+    /// What was written; its `errors` are the problems met besides the one
+    /// that stopped the recording (kept in meta.json's errors).
+    pub left: FinishReport,
     /// The error that stopped the recording (or kept it from starting).
     pub error: Option<String>,
-    /// Other problems met while recording (kept in meta.json's errors).
-    pub notes: Vec<String>,
 }
 
 impl RecordOutcome {
     pub fn failed(dir: &std::path::Path, error: String) -> Self {
         Self {
-            dir: dir.to_path_buf(),
-            frames: 0,
-            face_rows: 0,
-            video_frames: 0,
-            video_dropped: 0,
-            video: None,
+            left: FinishReport {
+                dir: dir.to_path_buf(),
+                ..FinishReport::default()
+            },
             error: Some(error),
-            notes: Vec::new(),
         }
     }
 }
@@ -213,18 +204,13 @@ impl Recorder {
         let dir = self.dir().to_path_buf();
         let stopped = self.error();
         match self.finish() {
-            Ok(r) => RecordOutcome {
-                frames: r.frames,
-                face_rows: r.face_rows,
-                video_frames: r.video_frames,
-                video_dropped: r.video_dropped,
-                video: r.video,
-                notes: (r.errors.into_iter())
-                    .filter(|e| Some(e) != stopped.as_ref())
-                    .collect(),
-                error: stopped,
-                dir,
-            },
+            Ok(mut left) => {
+                left.errors.retain(|e| Some(e) != stopped.as_ref());
+                RecordOutcome {
+                    left,
+                    error: stopped,
+                }
+            }
             Err(e) => RecordOutcome::failed(&dir, stopped.unwrap_or_else(|| e.to_string())),
         }
     }

@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 use crate::model::setup::ModelSpec;
 use crate::pipeline::analyzer::AnalyzerConfig;
@@ -102,7 +102,7 @@ pub fn run(opts: &RunOptions, out: &mut dyn Write) -> Result<RunSummary, RunErro
         Some(r) => match Recorder::start(r.clone(), RunMode::Batch) {
             Ok(rec) => Some(rec),
             Err(e) => {
-                eprintln!("error: {e}; the run goes on without recording");
+                log::error!("{e}; the run goes on without recording");
                 record_outcome = Some(RecordOutcome::failed(&r.dir, e.to_string()));
                 None
             }
@@ -132,7 +132,7 @@ pub fn run(opts: &RunOptions, out: &mut dyn Write) -> Result<RunSummary, RunErro
         if let Some(rec) = recorder.as_mut() {
             rec.observe(&event);
             if let Some(e) = rec.error() {
-                let say = || eprintln!("error: recording stopped: {e}; the run goes on");
+                let say = || log::error!("recording stopped: {e}; the run goes on");
                 match &bar {
                     Some(pb) => pb.suspend(say),
                     None => say(),
@@ -147,15 +147,11 @@ pub fn run(opts: &RunOptions, out: &mut dyn Write) -> Result<RunSummary, RunErro
                     (l, f) => l.or(f),
                 };
                 if let (true, Some(total)) = (opts.progress, total) {
-                    let pb = ProgressBar::new(total);
-                    pb.set_style(
-                        ProgressStyle::with_template(
-                            "{msg} [{bar:30}] {pos}/{len} frames, {per_sec}, eta {eta}",
-                        )
-                        .unwrap_or_else(|_| ProgressStyle::default_bar())
-                        .progress_chars("=> "),
+                    let pb = crate::progress::bar(
+                        total,
+                        "{msg} [{bar:30}] {pos}/{len} frames, {per_sec}, eta {eta}",
+                        info.name.clone(),
                     );
-                    pb.set_message(info.name.clone());
                     bar = Some(pb);
                 }
             }
@@ -166,8 +162,8 @@ pub fn run(opts: &RunOptions, out: &mut dyn Write) -> Result<RunSummary, RunErro
             PipelineEvent::SourceWarning(w) => {
                 summary.warnings += 1;
                 match &bar {
-                    Some(pb) => pb.suspend(|| eprintln!("warning: {w}")),
-                    None => eprintln!("warning: {w}"),
+                    Some(pb) => pb.suspend(|| log::warn!("{w}")),
+                    None => log::warn!("{w}"),
                 }
             }
             PipelineEvent::ModelFailed(e) | PipelineEvent::BankFailed(e) => {

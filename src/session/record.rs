@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::cliper::scoring::argmax;
 use crate::model::cliper::ExpressionScores;
 
 /// One line of `session.jsonl`.
@@ -187,16 +188,6 @@ fn by_name<S: AsRef<str>>(
         .collect()
 }
 
-fn argmax(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best
-}
-
 /// Rounds seconds to microseconds, as `cliper run --json` does.
 pub fn round_secs(t: f64) -> f64 {
     (t * 1e6).round() / 1e6
@@ -240,34 +231,42 @@ pub fn csv_columns<S: AsRef<str>>(classes: &[S]) -> Vec<String> {
 
 /// The header line of `session.csv`, with its newline.
 pub fn csv_header<S: AsRef<str>>(classes: &[S]) -> String {
-    format!("{}\n", csv_columns(classes).join(","))
+    csv_line(csv_columns(classes))
+}
+
+/// One CSV line of `cells`, quoted where a cell needs it, ending in `\n`.
+fn csv_line<I: IntoIterator<Item = T>, T: AsRef<[u8]>>(cells: I) -> String {
+    let mut w = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::Any(b'\n'))
+        .from_writer(Vec::new());
+    // Writing to memory cannot fail, and the cells are UTF-8 strings.
+    let _ = w.write_record(cells);
+    let bytes = w.into_inner().unwrap_or_default();
+    String::from_utf8(bytes).unwrap_or_default()
 }
 
 fn csv_row<S: AsRef<str>>(frame: &FrameRecord, f: &FaceRecord, classes: &[S], out: &mut String) {
-    use std::fmt::Write;
     let [x, y, w, h] = f.bbox;
-    let _ = write!(
-        out,
-        "{:.6},{},{},{x},{y},{w},{h},{}",
-        frame.t, frame.frame, f.id, f.predicted
-    );
-    for p in f.probs(classes) {
-        let _ = write!(out, ",{p}");
-    }
-    for s in f.scores(classes) {
-        let _ = write!(out, ",{s}");
-    }
+    let mut cells: Vec<String> = vec![
+        format!("{:.6}", frame.t),
+        frame.frame.to_string(),
+        f.id.to_string(),
+        x.to_string(),
+        y.to_string(),
+        w.to_string(),
+        h.to_string(),
+        f.predicted.clone(),
+    ];
+    cells.extend(f.probs(classes).iter().map(f32::to_string));
+    cells.extend(f.scores(classes).iter().map(f32::to_string));
     for extra in [&f.dynamic, &f.smoothed] {
         match extra {
-            Some(s) => {
-                for p in s.probs(classes) {
-                    let _ = write!(out, ",{p}");
-                }
-            }
-            None => out.push_str(&",".repeat(classes.len())),
+            Some(s) => cells.extend(s.probs(classes).iter().map(f32::to_string)),
+            None => cells.extend(std::iter::repeat_n(String::new(), classes.len())),
         }
     }
-    let _ = writeln!(out, ",{}", frame.wall);
+    cells.push(frame.wall.clone());
+    out.push_str(&csv_line(cells));
 }
 
 /// One parsed CSV row (for checks and tools; pandas reads the file as is).
@@ -288,7 +287,15 @@ pub struct CsvRow {
 /// Parses a data row of a `session.csv` of `n` classes; `None` when it is
 /// not a complete row.
 pub fn parse_csv_row(line: &str, n: usize) -> Option<CsvRow> {
-    let cells: Vec<&str> = line.trim_end_matches(['\r', '\n']).split(',').collect();
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(line.as_bytes());
+    let mut record = csv::StringRecord::new();
+    if !reader.read_record(&mut record).ok()? {
+        return None;
+    }
+    let cells: Vec<&str> = record.iter().collect();
     if cells.len() != 8 + 4 * n + 1 {
         return None;
     }

@@ -298,24 +298,35 @@ fn load_csv(manifest: &Path) -> Result<(Vec<Sample>, Vec<Sample>), DatasetError>
     let text = text.trim_start_matches('\u{feff}');
     let base = manifest.parent().unwrap_or(Path::new("."));
     let (mut train, mut test) = (Vec::new(), Vec::new());
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let cols: Vec<&str> = line.split(',').map(str::trim).collect();
-        if i == 0 && cols.first().is_some_and(|c| c.eq_ignore_ascii_case("path")) {
-            continue;
-        }
-        let bad = |reason: String| DatasetError::BadLine {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .comment(Some(b'#'))
+        .trim(csv::Trim::All)
+        .from_reader(text.as_bytes());
+    for (k, record) in reader.records().enumerate() {
+        let bad = |line: u64, reason: String| DatasetError::BadLine {
             file: manifest.to_path_buf(),
-            line: i + 1,
+            line: line as usize,
             reason,
         };
+        let record = record.map_err(|e| {
+            let line = e.position().map_or(0, |p| p.line());
+            bad(line, e.to_string())
+        })?;
+        let line = record.position().map_or(0, |p| p.line());
+        let bad = |reason: String| bad(line, reason);
+        let cols: Vec<&str> = record.iter().collect();
+        if k == 0 && cols.first().is_some_and(|c| c.eq_ignore_ascii_case("path")) {
+            continue;
+        }
+        if cols.iter().all(|c| c.is_empty()) {
+            continue;
+        }
         if cols.len() != 3 {
             return Err(bad(format!(
                 "expected `path,label,split`, found `{}`",
-                shorten(line)
+                shorten(&cols.join(","))
             )));
         }
         let label = parse_label(cols[1]).ok_or_else(|| {

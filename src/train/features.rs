@@ -7,7 +7,7 @@ use std::hash::Hasher;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 use super::dataset::{clip_frames, segment_indices, Sample};
 use super::TrainError;
@@ -68,14 +68,11 @@ pub fn cache_key(clip: &ClipModel, samples: &[Sample], clips: bool, weights_stam
 }
 
 fn progress(len: usize, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len as u64);
-    pb.set_style(
-        ProgressStyle::with_template("{msg:>18} [{bar:30}] {pos}/{len} ({eta} left)")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    pb.set_message(what.to_string());
-    pb
+    crate::progress::bar(
+        len as u64,
+        "{msg:>18} [{bar:30}] {pos}/{len} ({eta} left)",
+        what,
+    )
 }
 
 /// Why a sample's images could not be read.
@@ -156,7 +153,7 @@ pub fn encode_split(
                     .and_then(|s| s.to_vec1::<u32>().ok())
                     .and_then(|v| v.first().copied())
                     .unwrap_or(0) as usize;
-                eprintln!(
+                log::info!(
                     "{what}: {} cached features from {}",
                     labels.len(),
                     f.display()
@@ -185,7 +182,7 @@ pub fn encode_split(
                     labels.push(s.label);
                 }
                 Err(e) if skip_unreadable => {
-                    pb.suspend(|| eprintln!("skipping: {e}"));
+                    pb.suspend(|| log::warn!("skipping: {e}"));
                     skipped += 1;
                 }
                 Err(e) => {
@@ -218,7 +215,7 @@ pub fn encode_split(
     };
     let features = normalise_last(&raw_features)?;
     if skipped > 0 {
-        eprintln!("{what}: skipped {skipped} unreadable sample(s)");
+        log::warn!("{what}: skipped {skipped} unreadable sample(s)");
     }
     if let Some(f) = &cache_file {
         let lab = Tensor::from_vec(
@@ -240,7 +237,7 @@ pub fn encode_split(
             std::fs::rename(&tmp, f)
         };
         if let Err(e) = write() {
-            eprintln!("warning: cannot write feature cache {}: {e}", f.display());
+            log::warn!("cannot write feature cache {}: {e}", f.display());
         }
     }
     Ok(EncodedSplit {

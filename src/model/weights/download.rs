@@ -67,16 +67,11 @@ pub enum DownloadError {
 
 /// The progress bar of every download (the hub's, the named models').
 pub fn download_bar() -> indicatif::ProgressBar {
-    use indicatif::{ProgressBar, ProgressStyle};
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}, eta {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    bar
+    crate::progress::bar(
+        0,
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}, eta {eta}",
+        "",
+    )
 }
 
 /// [`fetch_with_progress`] under the stall watchdog of [`fetch`].

@@ -169,6 +169,17 @@ enum Format {
     Pickle,
 }
 
+/// Whether `p` has the extension of a weights file this crate reads
+/// (`.safetensors`, or PyTorch's `.pt`, `.pth`, `.bin`, `.ckpt`).
+pub fn is_weights_file(p: &Path) -> bool {
+    format_of(p).is_some()
+}
+
+/// Whether `p` has the extension of a PyTorch (pickle) file.
+pub fn is_pickle_file(p: &Path) -> bool {
+    format_of(p) == Some(Format::Pickle)
+}
+
 fn format_of(p: &Path) -> Option<Format> {
     match p.extension()?.to_str()?.to_ascii_lowercase().as_str() {
         "safetensors" => Some(Format::Safetensors),

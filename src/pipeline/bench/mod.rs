@@ -12,10 +12,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
-use image::RgbImage;
 use serde_json::{json, Map, Value};
 
-use crate::model::cliper::scoring::{self, ExpressionScores};
+use crate::model::cliper::scoring;
 use crate::model::cliper::DescriptorBank;
 use crate::model::device::{self, Precision};
 use crate::model::temporal::{TemporalConfig, TemporalModule};
@@ -24,7 +23,11 @@ use crate::model::{preprocess, weights, Checkpoint, ClipConfig, ClipModel};
 use crate::vision::faces::{DetectorKind, FaceDetector, FaceDetectorConfig};
 use crate::vision::source::demo::DemoSource;
 
+mod agreement;
 mod report;
+
+pub use agreement::Agreement;
+use agreement::{agreement, demo_crops, f32_reference, pixels};
 
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
@@ -122,18 +125,6 @@ impl Stat {
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
-}
-
-/// How a reduced precision compares with f32 on the same images.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Agreement {
-    pub images: usize,
-    /// Fraction of images whose predicted class is the same.
-    pub top1: f64,
-    /// Largest absolute difference of any class probability.
-    pub max_prob_diff: f64,
-    /// Smallest cosine similarity between the two image embeddings.
-    pub min_cosine: f64,
 }
 
 #[derive(Clone, Debug)]
@@ -307,107 +298,6 @@ fn load_model(opts: &BenchOptions) -> Result<(ClipModel, String), BenchError> {
         clip.vision.set_quantized(true)?;
     }
     Ok((clip, name))
-}
-
-/// Square face crops cut from the demo portrait at varied positions, sizes
-/// and brightness: a deterministic stand-in for a test set.
-fn demo_crops(n: usize) -> Vec<RgbImage> {
-    let demo = DemoSource::new();
-    (0..n)
-        .map(|i| {
-            let frame = demo.render(i as f64 * 0.73);
-            let (w, h) = frame.dimensions();
-            let side = (h as f32 * (0.45 + 0.4 * ((i * 7 % 11) as f32 / 10.0))) as u32;
-            let side = side.min(w).min(h);
-            let x = ((w - side) as f32 * ((i * 5 % 9) as f32 / 8.0)) as u32;
-            let y = ((h - side) as f32 * ((i * 3 % 5) as f32 / 4.0)) as u32;
-            let mut crop = image::imageops::crop_imm(&frame, x, y, side, side).to_image();
-            if i % 2 == 1 {
-                image::imageops::flip_horizontal_in_place(&mut crop);
-            }
-            crop
-        })
-        .collect()
-}
-
-fn pixels(clip: &ClipModel, crops: &[RgbImage]) -> Result<Tensor, BenchError> {
-    Ok(clip.pixels(crops)?)
-}
-
-/// Scores of `px` [N, 3, S, S] in batches of `batch`, plus the embeddings.
-fn classify_all(
-    clip: &ClipModel,
-    bank: &DescriptorBank,
-    px: &Tensor,
-    batch: usize,
-) -> Result<(Vec<ExpressionScores>, Vec<Vec<f32>>), BenchError> {
-    let n = px.dim(0)?;
-    let (mut scores, mut embs) = (Vec::new(), Vec::new());
-    let mut i = 0;
-    while i < n {
-        let len = batch.min(n - i);
-        let emb = clip.encode_images(&px.narrow(0, i, len)?)?;
-        scores.extend(scoring::score(&emb, bank)?);
-        embs.extend(emb.to_vec2::<f32>()?);
-        i += len;
-    }
-    Ok((scores, embs))
-}
-
-/// Compares `low` (a reduced precision) with `full` (f32) on `crops`.
-fn agreement(
-    low: &ClipModel,
-    full: &ClipModel,
-    bank: &DescriptorBank,
-    crops: &[RgbImage],
-) -> Result<Agreement, BenchError> {
-    let px = pixels(low, crops)?;
-    let (low, low_emb) = classify_all(low, bank, &px, 8)?;
-    let (full, full_emb) = classify_all(full, bank, &px, 8)?;
-    let same = low
-        .iter()
-        .zip(&full)
-        .filter(|(a, b)| a.predicted == b.predicted)
-        .count();
-    let max_prob_diff = low
-        .iter()
-        .zip(&full)
-        .flat_map(|(a, b)| a.probs.iter().zip(&b.probs).map(|(x, y)| (x - y).abs()))
-        .fold(0f32, f32::max);
-    let min_cosine = low_emb
-        .iter()
-        .zip(&full_emb)
-        .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>())
-        .fold(1f32, f32::min);
-    Ok(Agreement {
-        images: crops.len(),
-        top1: same as f64 / crops.len().max(1) as f64,
-        max_prob_diff: max_prob_diff as f64,
-        min_cosine: min_cosine as f64,
-    })
-}
-
-/// The f32 twin of `clip`: the same weights without quantization, or
-/// rebuilt in f32 when `clip` runs in a 16-bit dtype.
-fn f32_reference(clip: &ClipModel, opts: &BenchOptions) -> Result<ClipModel, BenchError> {
-    if clip.dtype == DType::F32 {
-        let mut vision = clip.vision.clone();
-        vision.set_quantized(false)?;
-        return Ok(ClipModel {
-            vision,
-            text: clip.text.clone(),
-            config: clip.config.clone(),
-            device: clip.device.clone(),
-            dtype: clip.dtype,
-            source: clip.source.clone(),
-            preprocessing: clip.preprocessing,
-        });
-    }
-    let opts = BenchOptions {
-        precision: Precision::F32,
-        ..opts.clone()
-    };
-    Ok(load_model(&opts)?.0)
 }
 
 /// Runs every stage; `progress` receives one line per stage.

@@ -206,11 +206,9 @@ impl Scorer {
         }
     }
 
-    /// Scores all faces of a frame in one batch.
-    ///
-    /// The dynamic branch (its own issue) plugs in here: it keeps a window of
-    /// the last 16 `embedding`s per track id and scores the temporal module's
-    /// output against the same bank; the static results stay as they are.
+    /// Scores all faces of a frame in one batch: the static scores, and where
+    /// the dynamic branch is on, each track's window of its last 16 image
+    /// features through the temporal module against the same bank.
     fn score(
         &mut self,
         frame: &DetectedFrame,
@@ -316,8 +314,8 @@ fn temporal_of(cliper: Option<&CliperCheckpoint>, clip: &ClipModel) -> Option<Te
     match ck.temporal_module(clip.config.embed_dim, &clip.device) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!(
-                "warning: {}: temporal weights not used ({e}); dynamic scores fall back to the mean of static scores",
+            log::warn!(
+                "{}: temporal weights not used ({e}); dynamic scores fall back to the mean of static scores",
                 ck.path.display()
             );
             None

@@ -118,10 +118,11 @@ pub struct ExactRequest {
 }
 
 /// Live detection runs on frames shrunk to at most this longer side, so a
-/// new frame's boxes reach the screen sooner. CenterFace looks for faces from
-/// 64 px there, which shrinks a 640x480 frame further, to 200x150 (about
-/// 16 ms on the 2-core VM, `cliper bench`); SeetaFace searches 320x240
-/// (about 50 ms) and finds faces down to 80 px in a 640x480 frame.
+/// new frame's boxes reach the screen sooner (detection time grows with the
+/// pixels searched; `cliper bench` times it). CenterFace looks for faces
+/// from 64 px there, which shrinks a 640x480 frame further, to 200x150;
+/// SeetaFace searches 320x240 and finds faces down to 80 px in a 640x480
+/// frame.
 pub const LIVE_DETECT_MAX_SIDE: u32 = 320;
 
 impl PipelineConfig {

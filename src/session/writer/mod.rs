@@ -141,7 +141,7 @@ pub struct WriterStatus {
 }
 
 /// What a finished recording left.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct FinishReport {
     pub dir: PathBuf,
     pub frames: u64,

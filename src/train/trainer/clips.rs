@@ -153,18 +153,15 @@ pub(super) fn train_clips(
                     state.epoch,
                 )?;
             }
-            log(&format!(
-                "epoch {:>3}/{} stage 2 (temporal)  lr {:.1e}  loss {:.4}  train acc {:5.1}%  test WAR {:5.1}%  UAR {:5.1}%{}",
-                state.epoch, total_epochs, opt.config.lr, loss_sum / n as f64, 100.0 * correct as f64 / n as f64,
-                100.0 * m.war(), 100.0 * m.uar(), if best { "  (best, saved)" } else { "" }
+            log(&epoch_line(
+                (state.epoch, total_epochs, "stage 2 (temporal)"),
+                opt.config.lr,
+                (loss_sum, correct, n),
+                &m,
+                best,
             ));
             save_state(&state_path(&opts.out), &state, 2)?;
         }
     }
-    Ok(TrainSummary {
-        best_war: state.best_war.max(0.0),
-        best_uar: state.best_uar,
-        best_epoch: state.best_epoch,
-        epochs_run,
-    })
+    Ok(TrainSummary::of(&state, epochs_run))
 }

@@ -78,7 +78,7 @@ pub fn evaluate(
             Some(t) if t.config.flavour.normalised_input() => l2_normalize(&t.forward(&x)?)?,
             Some(t) => l2_normalize(&t.forward(&f.raw_features.to_device(&loaded.clip.device)?)?)?,
             None => {
-                eprintln!("note: no trained temporal weights; scoring each clip by the mean of its frames' static scores");
+                log::info!("note: no trained temporal weights; scoring each clip by the mean of its frames' static scores");
                 mean_of_frames(&x)?
             }
         };

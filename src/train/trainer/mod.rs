@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 use super::augment::{augment, AugmentConfig};
 use super::dataset::{self, Dataset, Layout};
@@ -31,9 +31,11 @@ use crate::model::vision::VisionTower;
 use crate::model::weights::{self, Checkpoint};
 use crate::model::{device, ClipModel};
 use crate::vision::images::load_rgb;
+use stage1::{descriptor_stage, save_checkpoint, save_checkpoint_with};
 
 mod clips;
 mod evaluate;
+mod stage1;
 mod state;
 
 use clips::*;
@@ -80,6 +82,27 @@ impl TrainOptions {
     }
 }
 
+/// An epoch's line of the log: `(epoch, of epochs, stage)`, the learning
+/// rate, `(summed loss, correct, samples)` on the training set, and the
+/// test metrics.
+fn epoch_line(
+    (epoch, total, stage): (usize, usize, &str),
+    lr: f64,
+    (loss_sum, correct, seen): (f64, usize, usize),
+    m: &Metrics,
+    best: bool,
+) -> String {
+    let seen = seen.max(1) as f64;
+    format!(
+        "epoch {epoch:>3}/{total} {stage}  lr {lr:.1e}  loss {:.4}  train acc {:5.1}%  test WAR {:5.1}%  UAR {:5.1}%{}",
+        loss_sum / seen,
+        100.0 * correct as f64 / seen,
+        100.0 * m.war(),
+        100.0 * m.uar(),
+        if best { "  (best, saved)" } else { "" }
+    )
+}
+
 /// What a finished run reports.
 #[derive(Debug)]
 pub struct TrainSummary {
@@ -87,6 +110,18 @@ pub struct TrainSummary {
     pub best_uar: f64,
     pub best_epoch: usize,
     pub epochs_run: usize,
+}
+
+impl TrainSummary {
+    /// The best epoch so far of `state`, after `epochs_run` epochs.
+    fn of(state: &State, epochs_run: usize) -> Self {
+        Self {
+            best_war: state.best_war.max(0.0),
+            best_uar: state.best_uar,
+            best_epoch: state.best_epoch,
+            epochs_run,
+        }
+    }
 }
 
 /// The normalised text features of descriptors [35, T, D] (the scoring's
@@ -113,14 +148,7 @@ fn select_batch(
 }
 
 fn epoch_bar(len: usize, label: String) -> ProgressBar {
-    let pb = ProgressBar::new(len as u64);
-    pb.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    pb.set_message(label);
-    pb
+    crate::progress::bar(len as u64, "{msg} [{bar:30}] {pos}/{len} {per_sec}", label)
 }
 
 fn weights_stamp(path: &Path) -> String {
@@ -160,7 +188,6 @@ pub fn readings(clip: &ClipModel, descriptor: &Tensor) -> Result<String, TrainEr
     Ok(s)
 }
 
-/// Runs the recipe; `log` receives one line per epoch and notices.
 fn same_file(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
@@ -216,6 +243,7 @@ fn check_out(opts: &TrainOptions, data_root: &Path) -> Result<(), TrainError> {
     }))
 }
 
+/// Runs the recipe; `log` receives one line per epoch and notices.
 pub fn train(opts: &TrainOptions, log: &mut dyn FnMut(&str)) -> Result<TrainSummary, TrainError> {
     if opts.batch_size == 0 {
         return Err(TrainError::Invalid(
@@ -459,7 +487,9 @@ pub fn train(opts: &TrainOptions, log: &mut dyn FnMut(&str)) -> Result<TrainSumm
                             px.extend(augment(&img, size, &aug, &mut rng));
                             labels.push(data.train[i].label);
                         }
-                        Err(e) if opts.skip_unreadable => pb.suspend(|| eprintln!("skipping: {e}")),
+                        Err(e) if opts.skip_unreadable => {
+                            pb.suspend(|| log::warn!("skipping: {e}"))
+                        }
                         Err(e) => return Err(TrainError::Unreadable(e.to_string())),
                     }
                 }
@@ -513,145 +543,15 @@ pub fn train(opts: &TrainOptions, log: &mut dyn FnMut(&str)) -> Result<TrainSumm
             if best {
                 save_checkpoint(opts, &state.descriptor, &state.vision, &m, state.epoch)?;
             }
-            log(&format!(
-                "epoch {:>3}/{} stage 2  lr {:.1e}  loss {:.4}  train acc {:5.1}%  test WAR {:5.1}%  UAR {:5.1}%{}",
-                state.epoch,
-                total_epochs,
+            log(&epoch_line(
+                (state.epoch, total_epochs, "stage 2"),
                 opt.config.lr,
-                loss_sum / seen.max(1) as f64,
-                100.0 * correct as f64 / seen.max(1) as f64,
-                100.0 * m.war(),
-                100.0 * m.uar(),
-                if best { "  (best, saved)" } else { "" }
+                (loss_sum, correct, seen),
+                &m,
+                best,
             ));
             save_state(&state_path(&opts.out), &state, 2)?;
         }
     }
-    Ok(TrainSummary {
-        best_war: state.best_war.max(0.0),
-        best_uar: state.best_uar,
-        best_epoch: state.best_epoch,
-        epochs_run,
-    })
-}
-
-/// Stage 1: trains only the descriptors on fixed features [N, E] (cached
-/// image features, or the mean of each clip's frames), one epoch at a time
-/// until `opts.stage1_epochs`, saving the best checkpoint and the state after
-/// each epoch. Returns the number of epochs run.
-#[allow(clippy::too_many_arguments)]
-fn descriptor_stage(
-    opts: &TrainOptions,
-    clip: &ClipModel,
-    state: &mut State,
-    rng: &mut SplitMix64,
-    (train_x, train_labels): (&Tensor, &[usize]),
-    (test_x, test_labels): (&Tensor, &[usize]),
-    total_epochs: usize,
-    what: &str,
-    log: &mut dyn FnMut(&str),
-) -> Result<usize, TrainError> {
-    let dev = clip.device.clone();
-    let desc = Var::from_tensor(&state.descriptor.to_device(&dev)?)?;
-    let mut opt = AdamW::new(vec![desc.clone()], AdamWConfig::stage1())?;
-    if state.moments.len() == 1 {
-        opt.moments = vec![(
-            state.moments[0].0.to_device(&dev)?,
-            state.moments[0].1.to_device(&dev)?,
-        )];
-        opt.step = state.opt_step;
-    }
-    let n = train_labels.len();
-    let mut epochs_run = 0;
-    while state.epoch < opts.stage1_epochs {
-        let mut order: Vec<usize> = (0..n).collect();
-        rng.shuffle(&mut order);
-        let pb = epoch_bar(
-            n.div_ceil(opts.batch_size),
-            format!("epoch {}/{} {what}", state.epoch + 1, total_epochs),
-        );
-        let (mut loss_sum, mut correct) = (0f64, 0usize);
-        for batch in order.chunks(opts.batch_size) {
-            let (f, labels) = select_batch(train_x, train_labels, batch)?;
-            let t = descriptor_text(clip, desc.as_tensor())?;
-            let logits = score_logits(&f, &t)?;
-            let out = cliper_loss(&logits, &labels)?;
-            opt.step(&out.loss.backward()?)?;
-            loss_sum += out.loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
-            for (row, &y) in logits.detach().to_vec2::<f32>()?.into_iter().zip(&labels) {
-                correct +=
-                    (ExpressionScores::from_logits(row, &cliper_layout()).predicted == y) as usize;
-            }
-            pb.inc(1);
-        }
-        pb.finish_and_clear();
-        let t = descriptor_text(clip, &desc.as_tensor().detach())?;
-        let m = evaluate_features(test_x, test_labels, &t)?;
-        state.descriptor = desc.as_tensor().detach().to_device(&Device::Cpu)?;
-        epochs_run += 1;
-        let best = state.end_epoch(&opt, &m)?;
-        if best {
-            save_checkpoint(opts, &state.descriptor, &HashMap::new(), &m, state.epoch)?;
-        }
-        log(&format!(
-            "epoch {:>3}/{} {what}  lr {:.1e}  loss {:.4}  train acc {:5.1}%  test WAR {:5.1}%  UAR {:5.1}%{}",
-            state.epoch,
-            total_epochs,
-            opt.config.lr,
-            loss_sum / n as f64,
-            100.0 * correct as f64 / n as f64,
-            100.0 * m.war(),
-            100.0 * m.uar(),
-            if best { "  (best, saved)" } else { "" }
-        ));
-        save_state(&state_path(&opts.out), state, 1)?;
-    }
-    log(&format!(
-        "descriptor readings (nearest words per token):\n{}",
-        readings(clip, &state.descriptor)?
-    ));
-    Ok(epochs_run)
-}
-
-fn save_checkpoint(
-    opts: &TrainOptions,
-    descriptor: &Tensor,
-    vision: &HashMap<String, Tensor>,
-    m: &Metrics,
-    epoch: usize,
-) -> Result<(), TrainError> {
-    save_checkpoint_with(opts, descriptor, vision, &HashMap::new(), m, epoch)
-}
-
-fn save_checkpoint_with(
-    opts: &TrainOptions,
-    descriptor: &Tensor,
-    vision: &HashMap<String, Tensor>,
-    temporal: &HashMap<String, Tensor>,
-    m: &Metrics,
-    epoch: usize,
-) -> Result<(), TrainError> {
-    let ck = CliperCheckpoint {
-        descriptor: Some(descriptor.clone()),
-        vision: vision.clone(),
-        temporal: temporal.clone(),
-        ..Default::default()
-    };
-    let heads = temporal
-        .get("temporal.pos_embedding")
-        .and_then(|t| t.dims().last().copied())
-        .map(|w| temporal_config(w).heads.to_string())
-        .unwrap_or_default();
-    ck.save(
-        &opts.out,
-        &[
-            ("temporal_heads", heads),
-            ("epoch", epoch.to_string()),
-            ("test_war", format!("{:.6}", m.war())),
-            ("test_uar", format!("{:.6}", m.uar())),
-            ("data", opts.data.display().to_string()),
-            ("layout", opts.layout.name().into()),
-        ],
-    )?;
-    Ok(())
+    Ok(TrainSummary::of(&state, epochs_run))
 }

@@ -2,6 +2,7 @@
 //! kernel, depthwise as a stencil, transposed as a product and a scatter),
 //! with the bias and ReLU applied while each block is in cache.
 
+use crate::parallel::SendPtr;
 use rayon::prelude::*;
 
 use super::{CnnError, Conv, FeatureMap, Workspace, MAX_MAP};
@@ -78,19 +79,6 @@ fn pointwise_small(dst: &mut [f32], w: &[f32], xs: &[f32], n: usize, bias: &[f32
 /// stays in the core's cache from the bias fill through the product to the
 /// ReLU, instead of streaming a whole feature map three times.
 const COLUMN_BLOCK: usize = 1024;
-
-/// A raw pointer that tasks writing disjoint parts of one buffer may share.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: only used for tasks that write disjoint column ranges of one
-// buffer that outlives them (see `conv_matmul`).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// `dst [m, n] = act(bias + lhs [m, k] x rhs [k, n])` (without a bias, `dst`
 /// is overwritten), row-major `dst` and

@@ -135,36 +135,24 @@ mod tests {
     }
 
     #[test]
-    fn square_crop_is_centred_when_there_is_room() {
-        // 100x100 box at (200, 100), margin 0.25 -> side 150, centre (250, 150).
-        assert_eq!(
-            square_crop(640, 480, &face(200, 100, 100, 100), 0.25),
-            (175, 75, 150, 150)
-        );
-        // A non-square box gives a square on its longer side.
-        assert_eq!(
-            square_crop(640, 480, &face(200, 100, 60, 100), 0.0),
-            (180, 100, 100, 100)
-        );
-    }
-
-    #[test]
-    fn square_crop_shifts_inward_at_corners_and_shrinks_only_when_needed() {
-        // Top-left corner: shifted to (0, 0), full size kept.
-        assert_eq!(
-            square_crop(640, 480, &face(0, 0, 80, 80), 0.25),
-            (0, 0, 120, 120)
-        );
-        // Bottom-right corner: shifted so it ends at the image edge.
-        assert_eq!(
-            square_crop(640, 480, &face(600, 440, 40, 40), 0.5),
-            (560, 400, 80, 80)
-        );
-        // Bigger than the image's shorter side: shrinks to it, still square.
-        assert_eq!(
-            square_crop(640, 480, &face(100, 0, 480, 480), 0.25),
-            (100, 0, 480, 480)
-        );
+    fn square_crop_is_centred_shifted_inward_and_shrunk_only_when_needed() {
+        // (image, face box, margin, crop)
+        let known = [
+            // 100x100 box at (200, 100), margin 0.25 -> side 150, centre (250, 150).
+            ((640, 480), (200, 100, 100, 100), 0.25, (175, 75, 150, 150)),
+            // A non-square box gives a square on its longer side.
+            ((640, 480), (200, 100, 60, 100), 0.0, (180, 100, 100, 100)),
+            // Top-left corner: shifted to (0, 0), full size kept.
+            ((640, 480), (0, 0, 80, 80), 0.25, (0, 0, 120, 120)),
+            // Bottom-right corner: shifted so it ends at the image edge.
+            ((640, 480), (600, 440, 40, 40), 0.5, (560, 400, 80, 80)),
+            // Bigger than the image's shorter side: shrinks to it, still square.
+            ((640, 480), (100, 0, 480, 480), 0.25, (100, 0, 480, 480)),
+        ];
+        for ((img_w, img_h), (x, y, w, h), margin, want) in known {
+            let got = square_crop(img_w, img_h, &face(x, y, w, h), margin);
+            assert_eq!(got, want, "box {:?} margin {margin}", (x, y, w, h));
+        }
         let mut cases = Vec::new();
         for (img_w, img_h) in [(640, 480), (480, 640), (50, 50), (1, 1), (1, 300), (300, 2)] {
             for (fw, fh) in [(0, 0), (1, 1), (40, 40), (120, 90), (700, 700)] {

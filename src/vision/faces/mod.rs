@@ -214,11 +214,10 @@ impl Default for FaceDetectorConfig {
 impl FaceDetectorConfig {
     /// SeetaFace with its settings for a live webcam view.
     ///
-    /// Detection time grows with the pixels searched. Measured on the 2-core
-    /// development VM (release build, median of 21 runs, see the ignored
-    /// `timing_report` test): about 117 ms for a full 640x480 frame, 78 ms at
-    /// 480x360, 39 ms at 320x240. With `min_face_size` 64 a 640x480 frame is
-    /// searched at 400x300 (64 px faces map onto the 40 px window), about 65 ms.
+    /// Detection time grows with the pixels searched (the ignored
+    /// `timing_report` test and `cliper bench` time it). With
+    /// `min_face_size` 64 a 640x480 frame is searched at 400x300 (64 px faces
+    /// map onto the 40 px window).
     /// Score 2.0, pyramid 0.8 and step 4 are rustface's own example settings.
     pub fn seeta() -> Self {
         Self {

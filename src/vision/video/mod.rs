@@ -23,6 +23,7 @@
 mod decode;
 mod encode;
 mod indexed;
+mod rgb;
 
 pub use decode::{DecodedFrame, VideoInfo, VideoReader};
 pub use encode::{VideoWriter, FRAGMENT_SECS};
