@@ -41,6 +41,7 @@ macro_rules! multiversion {
 
 pub mod app;
 pub mod batch;
+pub mod charts;
 pub mod model;
 pub(crate) mod parallel;
 pub mod pipeline;

@@ -85,8 +85,24 @@ fn embed(args: &ModelArgs, image: Option<PathBuf>, text: Option<String>) -> Resu
         (None, None) => anyhow::bail!("give --image FILE or --text STRING"),
     };
     let v: Vec<f32> = emb.squeeze(0)?.to_vec1()?;
-    println!("{}", serde_json::json!({ "embedding": v }));
+    #[derive(serde::Serialize)]
+    struct EmbeddingJson {
+        embedding: Vec<f32>,
+    }
+    println!(
+        "{}",
+        serde_json::to_string(&EmbeddingJson { embedding: v })?
+    );
     Ok(())
+}
+
+/// `cliper classify --json`'s line for one image.
+#[derive(serde::Serialize)]
+struct ImageJson<'a> {
+    image: &'a std::path::Path,
+    faces: Vec<output::FaceJson<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    branch: Option<&'static str>,
 }
 
 fn classify_note(bank: &cliper::model::cliper::DescriptorBank) {
@@ -121,16 +137,16 @@ impl ClassifyArgs {
                 .analyze(&loaded.clip, &loaded.bank, &rgb)
                 .with_context(|| format!("cannot classify {}", path.display()))?;
             if json {
-                let faces: Vec<_> = faces
-                    .iter()
-                    .map(|f| output::face_json(&f.bbox, &f.scores, &loaded.bank, top))
-                    .collect();
-                let mut v = serde_json::json!({"image": path, "faces": faces});
-                if loaded.bank.kind == cliper::model::cliper::BankKind::DferClip {
+                let line = ImageJson {
+                    image: path,
+                    faces: (faces.iter())
+                        .map(|f| output::FaceJson::new(&f.bbox, &f.scores, &loaded.bank, top))
+                        .collect(),
                     // DFER-CLIP is a video model: a still gets its image branch.
-                    v["branch"] = serde_json::json!("image");
-                }
-                println!("{v}");
+                    branch: (loaded.bank.kind == cliper::model::cliper::BankKind::DferClip)
+                        .then_some("image"),
+                };
+                println!("{}", serde_json::to_string(&line)?);
             } else {
                 print_table(path, &faces, &loaded.bank, top.unwrap_or(5));
             }

@@ -109,14 +109,20 @@ impl ExplainArgs {
             .save(&out)
             .with_context(|| format!("cannot write {}", out.display()))?;
         if json {
-            let faces: Vec<_> = faces
-                .iter()
-                .map(|f| ex::explanation_json(f, &layout))
-                .collect();
-            println!(
-                "{}",
-                serde_json::json!({"image": image, "method": method.as_str(), "faces": faces})
-            );
+            #[derive(serde::Serialize)]
+            struct ExplainJson<'a> {
+                image: &'a std::path::Path,
+                method: &'a str,
+                faces: Vec<ex::ExplanationJson<'a>>,
+            }
+            let line = ExplainJson {
+                image: &image,
+                method: method.as_str(),
+                faces: (faces.iter())
+                    .map(|f| ex::ExplanationJson::new(f, &layout))
+                    .collect(),
+            };
+            println!("{}", serde_json::to_string(&line)?);
         } else {
             eprintln!("wrote {} ({} face(s))", out.display(), faces.len());
         }

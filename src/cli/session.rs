@@ -102,8 +102,8 @@ fn report(dir: PathBuf, json: bool, png_dir: Option<PathBuf>, no_png: bool) -> R
     };
     if json {
         let mut v = summary.to_json();
-        v["timelines"] = serde_json::json!(pngs);
-        println!("{v}");
+        v.timelines = Some(pngs);
+        println!("{}", serde_json::to_string(&v)?);
     } else {
         print!("{}", summary.to_text());
         if !pngs.is_empty() {

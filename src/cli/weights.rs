@@ -37,11 +37,17 @@ impl WeightsAction {
             WeightsAction::Info { weights } => {
                 let path = model::weights::locate(weights.as_deref())?;
                 let ckpt = model::Checkpoint::load(&path, candle_core::DType::F32)?;
-                let info = serde_json::json!({
-                    "path": path,
-                    "naming": format!("{:?}", ckpt.naming),
-                    "config": ckpt.config,
-                });
+                #[derive(serde::Serialize)]
+                struct InfoJson<'a> {
+                    path: &'a std::path::Path,
+                    naming: String,
+                    config: &'a cliper::model::ClipConfig,
+                }
+                let info = InfoJson {
+                    path: &path,
+                    naming: format!("{:?}", ckpt.naming),
+                    config: &ckpt.config,
+                };
                 println!("{}", serde_json::to_string_pretty(&info)?);
                 Ok(())
             }
@@ -77,33 +83,48 @@ fn fetch_named(name: &str) -> Result<()> {
 fn list_models(json: bool) -> Result<()> {
     let clip = model::weights::locate(None).ok();
     if json {
-        let models: Vec<serde_json::Value> = model::zoo::CATALOGUE
-            .iter()
-            .map(|e| {
-                serde_json::json!({
-                    "name": e.name,
-                    "kind": e.kind.as_str(),
-                    "installed": e.installed(),
-                    "path": e.path(),
-                    "backbone": e.backbone,
-                    "needs_clip": e.needs_clip,
-                    "classes": e.classes,
-                    "descriptors_per_class": e.descriptors_per_class,
-                    "source": e.page(),
-                    "project": e.project,
-                    "licence": e.licence,
-                    "accuracy": e.accuracy,
+        #[derive(serde::Serialize)]
+        struct ModelJson {
+            name: &'static str,
+            kind: &'static str,
+            installed: bool,
+            path: PathBuf,
+            backbone: &'static str,
+            needs_clip: Option<&'static str>,
+            classes: &'static str,
+            descriptors_per_class: &'static str,
+            source: String,
+            project: &'static str,
+            licence: &'static str,
+            accuracy: &'static str,
+        }
+        #[derive(serde::Serialize)]
+        struct ListJson {
+            clip_weights: Option<PathBuf>,
+            models_dir: PathBuf,
+            models: Vec<ModelJson>,
+        }
+        let list = ListJson {
+            clip_weights: clip,
+            models_dir: model::zoo::models_dir(),
+            models: (model::zoo::CATALOGUE.iter())
+                .map(|e| ModelJson {
+                    name: e.name,
+                    kind: e.kind.as_str(),
+                    installed: e.installed(),
+                    path: e.path(),
+                    backbone: e.backbone,
+                    needs_clip: e.needs_clip,
+                    classes: e.classes,
+                    descriptors_per_class: e.descriptors_per_class,
+                    source: e.page(),
+                    project: e.project,
+                    licence: e.licence,
+                    accuracy: e.accuracy,
                 })
-            })
-            .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "clip_weights": clip,
-                "models_dir": model::zoo::models_dir(),
-                "models": models,
-            }))?
-        );
+                .collect(),
+        };
+        println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());
     }
     match &clip {

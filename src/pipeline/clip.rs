@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use super::analyzer::FaceAnalyzer;
 use super::dynamic::{DynamicScorer, DynamicScores};
@@ -72,31 +72,48 @@ pub fn classify_clip(
     })
 }
 
-/// `{"image": PATH, "mode": "dynamic", ..., "faces": [...]}`.
+/// `cliper classify-clip --json`'s line for one clip.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClipJson<'a> {
+    pub image: &'a Path,
+    /// Always `dynamic`.
+    pub mode: &'static str,
+    pub frames: usize,
+    pub source_frames: usize,
+    pub complete: bool,
+    pub repeated_frames: bool,
+    pub frames_with_face: usize,
+    pub notes: &'a [String],
+    pub faces: Vec<output::FaceJson<'a>>,
+}
+
+/// The JSON line of a clip's result.
 pub fn clip_json(
     path: &Path,
     r: &ClipResult,
     sampled: &SampledClip,
     bank: &DescriptorBank,
     top: Option<usize>,
-) -> Value {
-    let faces: Vec<Value> = match (&r.bbox, &r.scores) {
+) -> String {
+    let faces = match (&r.bbox, &r.scores) {
         (Some(b), Some(s)) => {
-            let mut f = output::face_json(b, &s.scores, bank, top);
-            f["temporal"] = json!(s.mode.as_str());
+            let mut f = output::FaceJson::new(b, &s.scores, bank, top);
+            f.temporal = Some(s.mode.as_str());
             vec![f]
         }
         _ => Vec::new(),
     };
-    json!({
-        "image": path,
-        "mode": "dynamic",
-        "frames": sampled.frames.len(),
-        "source_frames": sampled.source_frames,
-        "complete": sampled.complete,
-        "repeated_frames": sampled.source_frames < sampled.frames.len(),
-        "frames_with_face": r.frames_with_face,
-        "notes": sampled.notes,
-        "faces": faces,
-    })
+    let line = ClipJson {
+        image: path,
+        mode: "dynamic",
+        frames: sampled.frames.len(),
+        source_frames: sampled.source_frames,
+        complete: sampled.complete,
+        repeated_frames: sampled.source_frames < sampled.frames.len(),
+        frames_with_face: r.frames_with_face,
+        notes: &sampled.notes,
+        faces,
+    };
+    // Serialising plain structs of numbers and strings cannot fail.
+    serde_json::to_string(&line).unwrap_or_default()
 }

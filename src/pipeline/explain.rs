@@ -2,7 +2,7 @@
 //! drawn over the image, with the raw grid values for JSON.
 
 use image::{Rgb, RgbImage};
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use super::analyzer::FaceAnalyzer;
 use crate::model::cliper::expressions::BankLayout;
@@ -53,12 +53,35 @@ pub fn parse_target(s: &str, layout: &BankLayout) -> Result<Target, TargetError>
         })
 }
 
-pub fn target_json(t: Target, layout: &BankLayout) -> Value {
-    match t {
-        Target::Class(c) => json!({"kind": "class", "name": layout.name(c)}),
-        Target::Descriptor(i) => {
-            let (c, k) = layout.locate(i);
-            json!({"kind": "descriptor", "index": i, "class": layout.name(c), "class_index": k})
+/// A map's target as JSON: a class by name, or a descriptor by its index,
+/// class and index within the class.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum TargetJson<'a> {
+    Class {
+        name: &'a str,
+    },
+    Descriptor {
+        index: usize,
+        class: &'a str,
+        class_index: usize,
+    },
+}
+
+impl<'a> TargetJson<'a> {
+    pub fn new(t: Target, layout: &'a BankLayout) -> Self {
+        match t {
+            Target::Class(c) => Self::Class {
+                name: layout.name(c),
+            },
+            Target::Descriptor(i) => {
+                let (c, k) = layout.locate(i);
+                Self::Descriptor {
+                    index: i,
+                    class: layout.name(c),
+                    class_index: k,
+                }
+            }
         }
     }
 }
@@ -212,13 +235,30 @@ pub fn render(img: &RgbImage, faces: &[FaceExplanation], opacity: f32, title: &s
     out
 }
 
-pub fn explanation_json(f: &FaceExplanation, layout: &BankLayout) -> Value {
-    json!({
-        "box": [f.bbox.x, f.bbox.y, f.bbox.w, f.bbox.h],
-        "region": [f.region.0, f.region.1, f.region.2, f.region.3],
-        "target": target_json(f.target, layout),
-        "logit": f.map.logit,
-        "grid": [f.map.rows, f.map.cols],
-        "map": f.map.grid(),
-    })
+/// One face's map in `cliper explain --json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExplanationJson<'a> {
+    #[serde(rename = "box")]
+    pub bbox: [u32; 4],
+    /// The crop the map covers, `[x, y, w, h]`.
+    pub region: [u32; 4],
+    pub target: TargetJson<'a>,
+    pub logit: f32,
+    /// `[rows, cols]`.
+    pub grid: [usize; 2],
+    pub map: Vec<Vec<f32>>,
+}
+
+impl<'a> ExplanationJson<'a> {
+    pub fn new(f: &FaceExplanation, layout: &'a BankLayout) -> Self {
+        let (x, y, w, h) = f.region;
+        Self {
+            bbox: [f.bbox.x, f.bbox.y, f.bbox.w, f.bbox.h],
+            region: [x, y, w, h],
+            target: TargetJson::new(f.target, layout),
+            logit: f.map.logit,
+            grid: [f.map.rows, f.map.cols],
+            map: f.map.grid(),
+        }
+    }
 }

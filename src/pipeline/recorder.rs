@@ -13,12 +13,13 @@
 
 use crate::vision::faces::DetectorKind;
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::Receiver;
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::model::cliper::{DescriptorBank, ExpressionScores};
 use crate::model::setup::{BankSource, ModelSpec};
@@ -452,8 +453,58 @@ fn top_descriptors(s: &ExpressionScores, bank: &DescriptorBank, k: usize) -> Vec
         .collect()
 }
 
-/// The settings of a run for meta.json: what was asked for (weights,
-/// bank, device), detection and cropping, frame limit, probe, smoothing.
+/// The settings of a run in meta.json: what was asked for (weights, bank,
+/// device), detection and cropping, frame limit, probe, smoothing.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunSettings<'a> {
+    pub command: &'a str,
+    pub weights_arg: &'a Option<PathBuf>,
+    pub device_arg: &'a str,
+    pub bank: BankSetting<'a>,
+    pub detect: bool,
+    pub margin: f32,
+    pub align: bool,
+    pub detector: DetectorSetting,
+    pub frames: Option<u64>,
+    pub probe: Option<&'a str>,
+    pub smoothing: f32,
+}
+
+/// The descriptors asked for: `"built-in zero-shot"`, `{"prompts": PATH}`
+/// or `{"learned": PATH}`.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BankSetting<'a> {
+    #[serde(rename = "built-in zero-shot")]
+    BuiltinZeroShot,
+    Prompts(&'a Path),
+    Learned(&'a Path),
+}
+
+/// The face detector and its settings.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum DetectorSetting {
+    CenterFace {
+        kind: &'static str,
+        /// `built-in` or the ONNX file given.
+        model: String,
+        min_face_size: u32,
+        confidence: f32,
+        track_confidence: f32,
+        max_side: u32,
+    },
+    Seeta {
+        kind: &'static str,
+        min_face_size: u32,
+        score_threshold: f32,
+        pyramid_scale: f32,
+        slide_step: u32,
+        max_side: u32,
+    },
+}
+
+/// [`RunSettings`] of a run, as the JSON meta.json keeps.
 pub fn run_settings(
     command: &str,
     model: &ModelSpec,
@@ -463,43 +514,42 @@ pub fn run_settings(
     smoothing: f32,
 ) -> Value {
     let d = &analyzer.detector;
-    json!({
-        "command": command,
-        "weights_arg": model.weights,
-        "device_arg": model.device,
-        "bank": match &model.bank {
-            BankSource::BuiltinZeroShot => json!("built-in zero-shot"),
-            BankSource::Prompts(p) => json!({"prompts": p}),
-            BankSource::Learned(p) => json!({"learned": p}),
+    let settings = RunSettings {
+        command,
+        weights_arg: &model.weights,
+        device_arg: &model.device,
+        bank: match &model.bank {
+            BankSource::BuiltinZeroShot => BankSetting::BuiltinZeroShot,
+            BankSource::Prompts(p) => BankSetting::Prompts(p),
+            BankSource::Learned(p) => BankSetting::Learned(p),
         },
-        "detect": analyzer.detect,
-        "margin": analyzer.margin,
-        "align": analyzer.align,
-        "detector": match d.kind {
-            DetectorKind::CenterFace => json!({
-                "kind": d.kind.name(),
-                "model": analyzer
-                    .detector_model
-                    .as_ref()
+        detect: analyzer.detect,
+        margin: analyzer.margin,
+        align: analyzer.align,
+        detector: match d.kind {
+            DetectorKind::CenterFace => DetectorSetting::CenterFace {
+                kind: d.kind.name(),
+                model: (analyzer.detector_model.as_ref())
                     .map_or("built-in".to_string(), |p| p.display().to_string()),
-                "min_face_size": d.min_face_size,
-                "confidence": d.confidence,
-                "track_confidence": d.track_confidence,
-                "max_side": d.max_side,
-            }),
-            DetectorKind::Seeta => json!({
-                "kind": d.kind.name(),
-                "min_face_size": d.min_face_size,
-                "score_threshold": d.score_threshold,
-                "pyramid_scale": d.pyramid_scale,
-                "slide_step": d.slide_step,
-                "max_side": d.max_side,
-            }),
+                min_face_size: d.min_face_size,
+                confidence: d.confidence,
+                track_confidence: d.track_confidence,
+                max_side: d.max_side,
+            },
+            DetectorKind::Seeta => DetectorSetting::Seeta {
+                kind: d.kind.name(),
+                min_face_size: d.min_face_size,
+                score_threshold: d.score_threshold,
+                pyramid_scale: d.pyramid_scale,
+                slide_step: d.slide_step,
+                max_side: d.max_side,
+            },
         },
-        "frames": frames,
-        "probe": probe,
-        "smoothing": smoothing,
-    })
+        frames,
+        probe,
+        smoothing,
+    };
+    serde_json::to_value(settings).unwrap_or_default()
 }
 
 /// How long a recording has run, as `m:ss`.

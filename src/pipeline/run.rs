@@ -229,19 +229,17 @@ fn json_line(s: &FrameScores, top: Option<usize>, dynamic: bool) -> String {
         .faces
         .iter()
         .map(|f| {
-            let probe = match (&s.probe, f.probe_logit) {
-                (Some(text), Some(l)) => Some((text.as_str(), l)),
+            let mut v = output::FaceJson::tracked(f.id, &f.face.bbox, &f.face.scores, &s.bank, top);
+            v.probe = match (&s.probe, f.probe_logit) {
+                (Some(text), Some(logit)) => Some(output::ProbeJson { text, logit }),
                 _ => None,
             };
-            let mut v =
-                output::tracked_face_json(f.id, &f.face.bbox, &f.face.scores, &s.bank, top, probe);
-            if let (true, Some(d)) = (dynamic, &f.dynamic) {
-                v["dynamic"] = output::dynamic_json(d);
-            }
+            v.dynamic = f.dynamic.as_ref().filter(|_| dynamic).map(Into::into);
             v
         })
         .collect();
-    output::frame_json(s.index, s.t, faces).to_string()
+    // Serialising plain structs of numbers and strings cannot fail.
+    serde_json::to_string(&output::FrameJson::new(s.index, s.t, faces)).unwrap_or_default()
 }
 
 fn text_line(s: &FrameScores) -> String {

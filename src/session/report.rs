@@ -1,7 +1,7 @@
 //! `cliper report`: a summary per face of a recorded session (frames seen,
 //! share of time per dominant expression, mean probabilities) as text and
 //! JSON, and a timeline picture per face (`timeline_<id>.png`), drawn with
-//! the bitmap font of `vision::draw` (no font files needed).
+//! plotters (`crate::charts`).
 //!
 //! Each frame of a face counts for the time until the session's next
 //! processed frame, at most [`MAX_FRAME_SECS`] (a face that left the picture
@@ -11,12 +11,14 @@
 
 use std::path::{Path, PathBuf};
 
-use image::{Rgb, RgbImage};
-use serde_json::{json, Value};
+use image::RgbImage;
+use plotters::prelude::*;
+use serde::Serialize;
 
 use super::replay::Session;
 use super::SessionError;
-use crate::vision::draw::{draw_line, draw_text, fill_rect, text_width};
+use crate::charts::{self, ChartError};
+use crate::model::cliper::expressions::class_rgb;
 
 /// The most one frame counts for, seconds.
 pub const MAX_FRAME_SECS: f64 = 1.0;
@@ -202,41 +204,92 @@ impl Report {
         self.classes.get(c).map(String::as_str).unwrap_or("?")
     }
 
-    pub fn to_json(&self) -> Value {
-        let per_class = |v: &[f64]| -> Value {
-            self.classes
-                .iter()
-                .zip(v)
-                .map(|(c, x)| (c.to_string(), json!((x * 1e6).round() / 1e6)))
-                .collect::<serde_json::Map<_, _>>()
-                .into()
+    /// The summary as `cliper report --json` prints it (the caller adds
+    /// the timelines it wrote).
+    pub fn to_json(&self) -> ReportJson<'_> {
+        let per_class = |values| PerClass {
+            classes: &self.classes,
+            values,
         };
-        json!({
-            "session": self.dir,
-            "status": self.status,
-            "started": self.started,
-            "sources": self.sources,
-            "frames": self.frames,
-            "duration": self.duration,
-            "classes": self.classes,
-            "faces": self.faces.iter().map(|f| json!({
-                "id": f.id,
-                "frames": f.frames,
-                "seconds": (f.seconds * 1e6).round() / 1e6,
-                "first_t": f.first_t,
-                "last_t": f.last_t,
-                "dominant": self.class(f.dominant()),
-                "dominant_share": per_class(&f.dominant_share),
-                "mean_probs": per_class(&f.mean_probs),
-            })).collect::<Vec<_>>(),
-        })
+        ReportJson {
+            session: &self.dir,
+            status: &self.status,
+            started: &self.started,
+            sources: &self.sources,
+            frames: self.frames,
+            duration: self.duration,
+            classes: &self.classes,
+            faces: (self.faces.iter())
+                .map(|f| FaceJson {
+                    id: f.id,
+                    frames: f.frames,
+                    seconds: round6(f.seconds),
+                    first_t: f.first_t,
+                    last_t: f.last_t,
+                    dominant: self.class(f.dominant()),
+                    dominant_share: per_class(&f.dominant_share),
+                    mean_probs: per_class(&f.mean_probs),
+                })
+                .collect(),
+            timelines: None,
+        }
     }
 }
 
-const BG: Rgb<u8> = Rgb([24, 24, 30]);
-const AXIS: Rgb<u8> = Rgb([200, 200, 210]);
-const GRID: Rgb<u8> = Rgb([55, 55, 66]);
-const TEXT: Rgb<u8> = Rgb([235, 235, 240]);
+fn round6(x: f64) -> f64 {
+    (x * 1e6).round() / 1e6
+}
+
+/// `cliper report --json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReportJson<'a> {
+    pub session: &'a Path,
+    pub status: &'a str,
+    pub started: &'a str,
+    pub sources: &'a [String],
+    pub frames: u64,
+    pub duration: f64,
+    pub classes: &'a [String],
+    pub faces: Vec<FaceJson<'a>>,
+    /// The timeline pictures written, one per face.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timelines: Option<Vec<PathBuf>>,
+}
+
+/// One face of [`ReportJson`].
+#[derive(Clone, Debug, Serialize)]
+pub struct FaceJson<'a> {
+    pub id: u64,
+    pub frames: u64,
+    pub seconds: f64,
+    pub first_t: f64,
+    pub last_t: f64,
+    pub dominant: &'a str,
+    pub dominant_share: PerClass<'a>,
+    pub mean_probs: PerClass<'a>,
+}
+
+/// Per-class values as `{"class": value}` in class order, to 1e-6.
+#[derive(Clone, Debug)]
+pub struct PerClass<'a> {
+    classes: &'a [String],
+    values: &'a [f64],
+}
+
+impl Serialize for PerClass<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(
+            (self.classes.iter())
+                .zip(self.values)
+                .map(|(c, &x)| (c, round6(x))),
+        )
+    }
+}
+
+const BG: RGBColor = RGBColor(24, 24, 30);
+const AXIS: RGBColor = RGBColor(200, 200, 210);
+const GRID: RGBColor = RGBColor(55, 55, 66);
+const TEXT: RGBColor = RGBColor(235, 235, 240);
 
 /// A tick step that gives at most about 10 ticks over `span`.
 fn tick_step(span: f64) -> f64 {
@@ -265,138 +318,120 @@ fn format_secs(t: f64, step: f64) -> String {
     }
 }
 
-/// The timeline of face `id`: its class probabilities over the session,
-/// with axes, a legend (class names and mean probabilities) and, under the
-/// plot, a strip coloured by the dominant class.
-pub fn timeline_png(s: &Session, id: u64) -> RgbImage {
+/// The timeline picture of face `id`: each class's probability over time
+/// (the dominant class drawn last, on top), the top class as a strip
+/// underneath, and a legend with each class's mean.
+pub fn timeline_png(s: &Session, id: u64) -> Result<RgbImage, ChartError> {
     let (w, h) = (1100u32, 460u32);
-    let (left, right, top, bottom) = (64i64, 200i64, 44i64, 78i64);
-    let (pw, ph) = (w as i64 - left - right, h as i64 - top - bottom);
-    let mut img = RgbImage::from_pixel(w, h, BG);
     let points = s.timeline(id);
     let classes = s.classes();
-    let rgb: Vec<Rgb<u8>> = classes
-        .iter()
-        .map(|c| Rgb(crate::model::cliper::expressions::class_rgb(c)))
+    let colours: Vec<RGBColor> = (classes.iter())
+        .map(|c| charts::rgb(class_rgb(c)))
         .collect();
     let summary = summarize(s).faces.into_iter().find(|f| f.id == id);
     let t_end = s
         .duration()
         .max(points.last().map_or(0.0, |p| p.t))
         .max(1e-3);
-    let x_of = |t: f64| left as f32 + (t / t_end) as f32 * pw as f32;
-    let y_of = |p: f32| top as f32 + (1.0 - p.clamp(0.0, 1.0)) * ph as f32;
-
-    let title = format!(
-        "face #{id}: class probabilities over time ({} frames, {:.1} s)",
-        points.len(),
-        summary.as_ref().map_or(0.0, |f| f.seconds)
-    );
-    draw_text(&mut img, left, 14, &title, 2, TEXT);
-
-    // Grid and y axis.
-    for k in 0..=4 {
-        let p = k as f32 / 4.0;
-        let y = y_of(p) as i64;
-        fill_rect(&mut img, left, y, pw, 1, GRID);
-        let label = format!("{:.0}%", p * 100.0);
-        let lw = i64::from(text_width(&label, 1));
-        draw_text(&mut img, left - 8 - lw, y - 4, &label, 1, AXIS);
-    }
-    // X axis with ticks in seconds.
     let step = tick_step(t_end);
-    let mut t = 0.0;
-    while t <= t_end + 1e-9 {
-        let x = x_of(t) as i64;
-        fill_rect(&mut img, x, top, 1, ph, GRID);
-        fill_rect(&mut img, x, top + ph, 1, 5, AXIS);
-        let label = format_secs(t, step);
-        let lw = i64::from(text_width(&label, 1));
-        draw_text(&mut img, x - lw / 2, top + ph + 8, &label, 1, AXIS);
-        t += step;
-    }
-    fill_rect(&mut img, left, top, 1, ph + 1, AXIS);
-    fill_rect(&mut img, left, top + ph, pw + 1, 1, AXIS);
-    let xlabel = "time (s)";
-    draw_text(
-        &mut img,
-        left + pw / 2 - i64::from(text_width(xlabel, 1)) / 2,
-        top + ph + 22,
-        xlabel,
-        1,
-        AXIS,
-    );
-
-    // The curves; a gap longer than MAX_FRAME_SECS breaks them (the face was away).
     let gap = MAX_FRAME_SECS.max(3.0 * typical_gap(&points));
-    let order: Vec<usize> = {
-        // The dominant class last, so it is drawn on top.
-        let d = summary.as_ref().map_or(0, |f| f.dominant());
-        (0..classes.len()).filter(|&c| c != d).chain([d]).collect()
-    };
-    for c in order {
-        for pair in points.windows(2) {
-            let (a, b) = (&pair[0], &pair[1]);
-            let (Some(&pa), Some(&pb)) = (a.probs.get(c), b.probs.get(c)) else {
-                continue;
-            };
-            if b.t - a.t > gap || !(pa.is_finite() && pb.is_finite()) {
-                continue;
-            }
-            draw_line(
-                &mut img,
-                (x_of(a.t), y_of(pa)),
-                (x_of(b.t), y_of(pb)),
-                2,
-                rgb[c],
-            );
-        }
-        if points.len() == 1 {
-            let p = &points[0];
-            fill_rect(
-                &mut img,
-                x_of(p.t) as i64 - 2,
-                y_of(p.probs.get(c).copied().unwrap_or(0.0)) as i64 - 2,
-                5,
-                5,
-                rgb[c],
-            );
-        }
-    }
-    // Dominant class strip.
-    let strip_y = top + ph + 40;
-    draw_text(&mut img, 4, strip_y + 2, "top", 1, AXIS);
-    for (i, p) in points.iter().enumerate() {
-        let next = points
-            .get(i + 1)
-            .map_or(p.t + typical_gap(&points), |n| n.t)
-            .min(p.t + gap);
-        let (x0, x1) = (x_of(p.t) as i64, x_of(next.min(t_end)) as i64);
-        fill_rect(
-            &mut img,
-            x0,
-            strip_y,
-            (x1 - x0).max(1),
-            12,
-            rgb.get(p.predicted).copied().unwrap_or(AXIS),
+    let font = |size: u32, colour: RGBColor| (charts::FONT, size).into_font().color(&colour);
+    charts::render(w, h, |root| {
+        root.fill(&BG)?;
+        let (main, legend) = root.split_horizontally(w - LEGEND_W);
+        let (plot, strip) = main.split_vertically(h - STRIP_H);
+        let title = format!(
+            "face #{id}: class probabilities over time ({} frames, {:.1} s)",
+            points.len(),
+            summary.as_ref().map_or(0.0, |f| f.seconds)
         );
-    }
-
-    // Legend.
-    let lx = left + pw + 24;
-    draw_text(&mut img, lx, top, "class  mean", 1, AXIS);
-    // Rows shrink to fit 11 classes in the plot's height.
-    let row = ((ph - 20) / classes.len().max(1) as i64).min(22);
-    for (c, name) in classes.iter().enumerate() {
-        let y = top + 20 + c as i64 * row;
-        fill_rect(&mut img, lx, y, 14, 10, rgb[c]);
-        let mean = summary.as_ref().map_or(0.0, |f| f.mean_probs[c]);
-        let name = &name[..name.len().min(10)];
-        let label = format!("{name:<10}{:>4.0}%", mean * 100.0);
-        draw_text(&mut img, lx + 22, y + 1, &label, 1, TEXT);
-    }
-    img
+        let mut chart = ChartBuilder::on(&plot)
+            .caption(title, font(20, TEXT))
+            .margin(12)
+            .x_label_area_size(44)
+            .y_label_area_size(52)
+            .build_cartesian_2d(0f64..t_end, 0f64..1f64)?;
+        chart
+            .configure_mesh()
+            .x_labels((t_end / step).floor() as usize + 1)
+            .y_labels(5)
+            .x_label_formatter(&|t| format_secs(*t, step))
+            .y_label_formatter(&|p| format!("{:.0}%", p * 100.0))
+            .x_desc("time (s)")
+            .label_style(font(14, AXIS))
+            .axis_desc_style(font(14, AXIS))
+            .axis_style(AXIS)
+            .bold_line_style(GRID)
+            .light_line_style(BG)
+            .draw()?;
+        // The dominant class last, so it is drawn on top.
+        let dominant = summary.as_ref().map_or(0, |f| f.dominant());
+        let order = (0..classes.len())
+            .filter(|&c| c != dominant)
+            .chain([dominant]);
+        for c in order {
+            // A gap longer than `gap` breaks the curve (the face was away).
+            let mut run: Vec<(f64, f64)> = Vec::new();
+            let mut runs = Vec::new();
+            for p in &points {
+                let v = p.probs.get(c).copied().unwrap_or(f32::NAN);
+                let broken = run.last().is_some_and(|&(t, _)| p.t - t > gap);
+                if !v.is_finite() || broken {
+                    runs.push(std::mem::take(&mut run));
+                }
+                if v.is_finite() {
+                    run.push((p.t, f64::from(v).clamp(0.0, 1.0)));
+                }
+            }
+            runs.push(run);
+            for run in runs.into_iter().filter(|r| !r.is_empty()) {
+                if run.len() == 1 {
+                    chart.draw_series([Circle::new(run[0], 3, colours[c].filled())])?;
+                } else {
+                    chart.draw_series(LineSeries::new(run, colours[c].stroke_width(2)))?;
+                }
+            }
+        }
+        // The top class as a strip, on the plot's time axis.
+        let (y0, y1) = (8, 22);
+        let x_of = |t: f64| chart.backend_coord(&(t.min(t_end), 0.0)).0;
+        strip.draw(&Text::new("top", (8, y0), font(14, AXIS)))?;
+        let strip_of = |x: i32| x - main.get_base_pixel().0;
+        for (i, p) in points.iter().enumerate() {
+            let next = (points.get(i + 1))
+                .map_or(p.t + typical_gap(&points), |n| n.t)
+                .min(p.t + gap);
+            let (x0, x1) = (strip_of(x_of(p.t)), strip_of(x_of(next)));
+            let colour = colours.get(p.predicted).copied().unwrap_or(AXIS);
+            strip.draw(&Rectangle::new(
+                [(x0, y0), (x1.max(x0 + 1), y1)],
+                colour.filled(),
+            ))?;
+        }
+        // Legend: each class's colour and mean probability.
+        legend.draw(&Text::new("class", (16, 44), font(15, AXIS)))?;
+        legend.draw(&Text::new("mean", (136, 44), font(15, AXIS)))?;
+        // Rows shrink to fit 11 classes in the plot's height.
+        let row = ((h as i32 - 120) / classes.len().max(1) as i32).min(26);
+        for (c, name) in classes.iter().enumerate() {
+            let y = 70 + c as i32 * row;
+            legend.draw(&Rectangle::new(
+                [(16, y), (30, y + 12)],
+                colours[c].filled(),
+            ))?;
+            let mean = summary.as_ref().map_or(0.0, |f| f.mean_probs[c]);
+            let name: String = name.chars().take(10).collect();
+            legend.draw(&Text::new(name, (38, y - 2), font(15, TEXT)))?;
+            let pct = format!("{:>3.0}%", mean * 100.0);
+            legend.draw(&Text::new(pct, (136, y - 2), font(15, TEXT)))?;
+        }
+        Ok(())
+    })
 }
+
+/// The legend's width and the top-class strip's height, in pixels.
+const LEGEND_W: u32 = 180;
+const STRIP_H: u32 = 36;
 
 fn typical_gap(points: &[super::replay::TimelinePoint]) -> f64 {
     let mut g: Vec<f64> = points.windows(2).map(|w| w[1].t - w[0].t).collect();
@@ -415,6 +450,7 @@ pub fn write_timelines(s: &Session, out: &Path) -> Result<Vec<PathBuf>, SessionE
         .map(|id| {
             let path = out.join(format!("timeline_{id}.png"));
             timeline_png(s, id)
+                .map_err(|e| SessionError::write(&path, e))?
                 .save(&path)
                 .map_err(|e| SessionError::write(&path, e))?;
             Ok(path)
@@ -467,7 +503,7 @@ mod tests {
             .collect();
         Session {
             dir: PathBuf::from("s"),
-            meta: SessionMeta::new(String::new(), "source", Value::Null),
+            meta: SessionMeta::new(String::new(), "source", serde_json::Value::Null),
             frames,
             bad_lines: 0,
         }
@@ -488,7 +524,7 @@ mod tests {
         assert_eq!((g.frames, g.dominant()), (2, 6));
         let text = r.to_text();
         assert!(text.contains("face #1: 10 frames") && text.contains("mostly happiness (60%"));
-        let j = r.to_json();
+        let j = serde_json::to_value(r.to_json()).unwrap();
         assert_eq!(j["faces"][1]["dominant"], "neutral");
         assert_eq!(j["faces"][0]["dominant_share"]["sadness"], 0.4);
     }
@@ -496,15 +532,30 @@ mod tests {
     #[test]
     fn timeline_draws_the_dominant_curve() {
         let s = session();
-        let img = timeline_png(&s, 1);
-        // Happiness at 70% for the first 0.5 s: its colour on that height.
-        let (left, top, ph, pw) = (64.0f32, 44.0f32, 460.0 - 44.0 - 78.0, 1100.0 - 64.0 - 200.0);
-        let x = left + 0.25 / 0.9 * pw;
-        let y = top + 0.3 * ph;
-        let near = (-3..=3).any(|d| {
-            img.get_pixel(x as u32, (y as i32 + d) as u32).0
-                == crate::model::cliper::expressions::class_rgb("happiness")
-        });
-        assert!(near, "no happiness curve at ({x}, {y})");
+        let img = timeline_png(&s, 1).unwrap();
+        if let Some(dir) = std::env::var_os("CLIPER_SAVE_CHARTS") {
+            img.save(std::path::Path::new(&dir).join("timeline.png"))
+                .unwrap();
+        }
+        let happy = class_rgb("happiness");
+        let (plot_w, plot_h) = (1100 - LEGEND_W, 460 - STRIP_H);
+        // Happiness is at 70% for the first 0.6 s, then at 5%: its curve is
+        // high on the left of the plot and low on the right.
+        let curve_y = |xs: std::ops::Range<u32>| {
+            let mut ys: Vec<u32> = xs
+                .flat_map(|x| (40..plot_h - 50).map(move |y| (x, y)))
+                .filter(|&(x, y)| img.get_pixel(x, y).0 == happy)
+                .map(|(_, y)| y)
+                .collect();
+            ys.sort();
+            ys.get(ys.len() / 2).copied()
+        };
+        let left = curve_y(100..300).expect("no happiness curve on the left");
+        let right = curve_y(plot_w - 150..plot_w - 30).expect("no happiness curve on the right");
+        assert!(right > left + 150, "happiness at y {left} then {right}");
+        // The strip below shows happiness first and sadness last.
+        let strip_y = plot_h + 15;
+        assert_eq!(img.get_pixel(150, strip_y).0, happy);
+        assert_eq!(img.get_pixel(plot_w - 60, strip_y).0, class_rgb("sadness"));
     }
 }

@@ -3,11 +3,13 @@
 
 use std::path::Path;
 
-use image::{Rgb, RgbImage};
-use serde_json::{json, Value};
+use image::RgbImage;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+use serde_json::Value;
 
+use crate::charts::{self, ChartError};
 use crate::model::cliper::expressions::CLASSES;
-use crate::vision::draw::{draw_text, fill_rect, stroke_rect, text_width};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Metrics {
@@ -93,21 +95,30 @@ impl Metrics {
         }
     }
 
+    /// `cliper eval --json`: WAR, UAR, per-class recall (null for a class
+    /// with no samples), the confusion matrix (rows: truth) and the count.
     pub fn to_json(&self) -> Value {
-        let recall: serde_json::Map<String, Value> = self
-            .classes
-            .iter()
-            .zip(self.per_class_recall())
-            .map(|(name, r)| (name.to_string(), json!(r)))
-            .collect();
-        json!({
-            "war": self.war(),
-            "uar": self.uar(),
-            "classes": self.classes,
-            "per_class_recall": recall,
-            "confusion": self.confusion,
-            "n": self.n(),
-        })
+        #[derive(serde::Serialize)]
+        struct MetricsJson<'a> {
+            war: f64,
+            uar: f64,
+            classes: &'a [String],
+            per_class_recall: serde_json::Map<String, Value>,
+            confusion: &'a [Vec<usize>],
+            n: usize,
+        }
+        let json = MetricsJson {
+            war: self.war(),
+            uar: self.uar(),
+            classes: &self.classes,
+            per_class_recall: (self.classes.iter())
+                .zip(self.per_class_recall())
+                .map(|(name, r)| (name.clone(), r.map_or(Value::Null, Value::from)))
+                .collect(),
+            confusion: &self.confusion,
+            n: self.n(),
+        };
+        serde_json::to_value(json).unwrap_or_default()
     }
 
     /// A readable report: WAR, UAR, per-class recall, confusion matrix.
@@ -139,101 +150,82 @@ impl Metrics {
         s
     }
 
-    /// Draws the confusion matrix (row-normalised colours, counts in cells).
-    pub fn render_png(&self, title: &str) -> RgbImage {
-        let n = self.classes.len() as i64;
-        let cell = 72i64;
-        let left = 120i64;
-        let top = 70i64;
-        let w = left + cell * n + 20;
-        let h = top + cell * n + 110;
-        let mut img = RgbImage::from_pixel(w as u32, h as u32, Rgb([255, 255, 255]));
-        let ink = Rgb([20, 20, 30]);
-        draw_text(&mut img, 10, 10, title, 2, ink);
-        draw_text(
-            &mut img,
-            10,
-            38,
-            &format!(
+    /// The confusion matrix as a picture: rows the true classes, columns the
+    /// predicted ones, each cell shaded by its share of the row.
+    pub fn render_png(&self, title: &str) -> Result<RgbImage, ChartError> {
+        let n = self.classes.len() as i32;
+        let (cell, left, top) = (72i32, 130i32, 80i32);
+        let (w, h) = (left + cell * n + 20, top + cell * n + 90);
+        let ink = RGBColor(20, 20, 30);
+        let font = |size: u32, colour: RGBColor| (charts::FONT, size).into_font().color(&colour);
+        charts::render(w as u32, h as u32, |root| {
+            root.fill(&WHITE)?;
+            root.draw(&Text::new(title, (10, 8), font(22, ink)))?;
+            let summary = format!(
                 "WAR {:.1}%  UAR {:.1}%  n={}",
                 100.0 * self.war(),
                 100.0 * self.uar(),
                 self.n()
-            ),
-            1,
-            ink,
-        );
-        for (r, row) in self.confusion.iter().enumerate() {
-            let support: usize = row.iter().sum();
-            for (c, &v) in row.iter().enumerate() {
-                let frac = if support > 0 {
-                    v as f64 / support as f64
-                } else {
-                    0.0
-                };
-                let shade = (255.0 - 200.0 * frac) as u8;
-                let color = Rgb([shade, shade, 255]);
-                let (x, y) = (left + c as i64 * cell, top + r as i64 * cell);
-                fill_rect(&mut img, x, y, cell, cell, color);
-                stroke_rect(&mut img, x, y, cell, cell, 1, Rgb([180, 180, 200]));
-                let label = v.to_string();
-                let tc = if frac > 0.6 {
-                    Rgb([255, 255, 255])
-                } else {
-                    ink
-                };
-                let tw = text_width(&label, 2) as i64;
-                draw_text(
-                    &mut img,
-                    x + (cell - tw) / 2,
-                    y + cell / 2 - 8,
-                    &label,
-                    2,
-                    tc,
-                );
+            );
+            root.draw(&Text::new(summary, (10, 38), font(15, ink)))?;
+            root.draw(&Text::new("true", (8, top - 20), font(14, ink)))?;
+            let centred = |size| font(size, ink).pos(Pos::new(HPos::Center, VPos::Center));
+            for (r, row) in self.confusion.iter().enumerate() {
+                let support: usize = row.iter().sum();
+                let y = top + r as i32 * cell;
+                for (c, &v) in row.iter().enumerate() {
+                    let frac = if support > 0 {
+                        v as f64 / support as f64
+                    } else {
+                        0.0
+                    };
+                    let shade = (255.0 - 200.0 * frac) as u8;
+                    let x = left + c as i32 * cell;
+                    let corners = [(x, y), (x + cell, y + cell)];
+                    root.draw(&Rectangle::new(
+                        corners,
+                        RGBColor(shade, shade, 255).filled(),
+                    ))?;
+                    root.draw(&Rectangle::new(corners, RGBColor(180, 180, 200)))?;
+                    let style = match frac > 0.6 {
+                        true => centred(20).color(&WHITE),
+                        false => centred(20),
+                    };
+                    let middle = (x + cell / 2, y + cell / 2);
+                    root.draw(&Text::new(v.to_string(), middle, style))?;
+                }
+                let name = self.classes[r].as_str();
+                root.draw(&Text::new(name, (8, y + cell / 2 - 8), font(14, ink)))?;
             }
-            draw_text(
-                &mut img,
-                8,
-                top + r as i64 * cell + cell / 2 - 4,
-                &self.classes[r],
-                1,
-                ink,
-            );
-        }
-        for (c, name) in self.classes.iter().enumerate() {
-            let short = &name[..name.len().min(8)];
-            let tw = text_width(short, 1) as i64;
-            draw_text(
-                &mut img,
-                left + c as i64 * cell + (cell - tw) / 2,
-                top + cell * n + 8,
-                short,
-                1,
-                ink,
-            );
-        }
-        draw_text(&mut img, left, top + cell * n + 30, "predicted ->", 1, ink);
-        draw_text(&mut img, 8, top - 16, "true", 1, ink);
-        img
+            for (c, name) in self.classes.iter().enumerate() {
+                let short: String = name.chars().take(9).collect();
+                let at = (left + c as i32 * cell + cell / 2, top + cell * n + 14);
+                root.draw(&Text::new(short, at, centred(13)))?;
+            }
+            let arrow = (left, top + cell * n + 36);
+            root.draw(&Text::new("predicted ->", arrow, font(14, ink)))?;
+            Ok(())
+        })
     }
 
     pub fn save_png(&self, path: &Path, title: &str) -> Result<(), PngError> {
+        let err = |reason: String| PngError {
+            path: path.to_path_buf(),
+            reason,
+        };
         self.render_png(title)
+            .map_err(|e| err(e.to_string()))?
             .save(path)
-            .map_err(|source| PngError {
-                path: path.to_path_buf(),
-                source,
-            })
+            .map_err(|e| err(e.to_string()))
     }
 }
 
 /// The confusion-matrix PNG could not be written.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot write {}: {source}", .path.display())]
+#[error("cannot write {}: {reason}", .path.display())]
 pub struct PngError {
     pub path: std::path::PathBuf,
-    pub source: image::ImageError,
+    pub reason: String,
 }
 
 #[cfg(test)]
@@ -254,8 +246,17 @@ mod tests {
         let j = m.to_json();
         assert_eq!(j["n"], 10);
         assert_eq!(j["confusion"][0][6], 1);
-        let img = m.render_png("test");
+        let img = m.render_png("test").unwrap();
         assert!(img.width() > 500);
+        // Surprise's row: 3 of 4 right, so its first cell is shaded 75%, and
+        // the empty disgust row stays white.
+        let cell = |r: u32, c: u32| img.get_pixel(130 + c * 72 + 4, 80 + r * 72 + 4).0;
+        assert_eq!(cell(0, 0), [105, 105, 255]);
+        assert_eq!(cell(2, 2), [255, 255, 255]);
+        if let Some(dir) = std::env::var_os("CLIPER_SAVE_CHARTS") {
+            img.save(std::path::Path::new(&dir).join("confusion.png"))
+                .unwrap();
+        }
     }
 
     #[test]
@@ -269,6 +270,6 @@ mod tests {
         assert!((m.uar() - 0.75).abs() < 1e-12);
         assert!(m.to_text().contains("disappointment"));
         assert_eq!(m.to_json()["per_class_recall"]["contempt"], 1.0);
-        assert!(m.render_png("mafw").width() > 11 * 72);
+        assert!(m.render_png("mafw").unwrap().width() > 11 * 72);
     }
 }

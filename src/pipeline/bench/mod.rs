@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
-use serde_json::{json, Map, Value};
 
 use crate::model::cliper::scoring;
 use crate::model::cliper::DescriptorBank;
@@ -117,10 +116,6 @@ impl Stat {
             max: self.max * by,
         }
     }
-
-    pub fn to_json(self) -> Value {
-        json!({"median": round3(self.median), "min": round3(self.min), "max": round3(self.max)})
-    }
 }
 
 fn round3(x: f64) -> f64 {
@@ -178,15 +173,6 @@ pub fn time<T>(
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     Ok(Stat::from_ms(ms))
-}
-
-/// `{"640x480": {"median", "min", "max"}, ...}`.
-fn sized(v: &[((u32, u32), Stat)]) -> Value {
-    Value::Object(
-        v.iter()
-            .map(|((w, h), s)| (format!("{w}x{h}"), s.to_json()))
-            .collect(),
-    )
 }
 
 /// One detector timed on one frame size.

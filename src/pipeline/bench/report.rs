@@ -1,64 +1,133 @@
-//! The benchmark's report: the text table and the JSON.
+//! The benchmark's report: the text table and the JSON (whose schema is
+//! the structs below; `tools/bench_reference.py` reads it).
+
+use serde::Serialize;
 
 use super::*;
 
+#[derive(Serialize)]
+struct BenchJson<'a> {
+    device: &'a str,
+    precision: &'a str,
+    threads: usize,
+    weights: &'a str,
+    runs: usize,
+    /// Batch size -> per-image encode time.
+    image_encode_ms_per_image: Keyed<Stat>,
+    preprocess_ms_per_image: Stat,
+    scoring_ms: ScoringJson,
+    face_detection: Vec<DetectionJson>,
+    temporal_ms: Stat,
+    explain_fast_map_ms: Stat,
+    explain_gradcam_ms: Stat,
+    /// `WxH` -> time per frame.
+    video_decode_ms_per_frame: Keyed<Stat>,
+    video_encode_ms_per_frame: Keyed<Stat>,
+    /// Batch size -> faces per second.
+    faces_per_second: Keyed<f64>,
+    peak_memory_mb: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agreement_vs_f32: Option<AgreementJson>,
+}
+
+#[derive(Serialize)]
+struct ScoringJson {
+    batch: usize,
+    #[serde(flatten)]
+    stat: Stat,
+}
+
+#[derive(Serialize)]
+struct DetectionJson {
+    #[serde(flatten)]
+    ms: Stat,
+    detector: &'static str,
+    settings: &'static str,
+    size: String,
+    faces: usize,
+}
+
+#[derive(Serialize)]
+struct AgreementJson {
+    images: usize,
+    top1_agreement: f64,
+    max_prob_diff: f64,
+    min_cosine: f64,
+}
+
+/// `(key, value)` pairs as a JSON object, in their order.
+struct Keyed<V>(Vec<(String, V)>);
+
+impl<V: Serialize> Serialize for Keyed<V> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
+}
+
+/// A stage's figures to the microsecond.
+impl Serialize for Stat {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Stat", 3)?;
+        st.serialize_field("median", &round3(self.median))?;
+        st.serialize_field("min", &round3(self.min))?;
+        st.serialize_field("max", &round3(self.max))?;
+        st.end()
+    }
+}
+
 impl BenchReport {
-    pub fn to_json(&self) -> Value {
-        let per_batch = |v: &[(usize, Stat)]| {
-            Value::Object(
-                v.iter()
-                    .map(|(b, s)| (b.to_string(), s.to_json()))
-                    .collect::<Map<_, _>>(),
-            )
+    /// The report as `cliper bench --json` prints it.
+    pub fn to_json(&self) -> String {
+        let per_image = |v: &[(usize, Stat)]| -> Vec<(String, Stat)> {
+            v.iter().map(|(b, s)| (b.to_string(), *s)).collect()
         };
-        let mut out = json!({
-            "device": self.device,
-            "precision": self.precision.as_str(),
-            "threads": self.threads,
-            "weights": self.weights,
-            "runs": self.runs,
-            "image_encode_ms_per_image": per_batch(&self.image_encode_ms_per_image),
-            "preprocess_ms_per_image": self.preprocess_ms_per_image.to_json(),
-            "scoring_ms": {
-                "batch": self.scoring_ms.0,
-                "median": round3(self.scoring_ms.1.median),
-                "min": round3(self.scoring_ms.1.min),
-                "max": round3(self.scoring_ms.1.max),
+        let sized = |v: &[((u32, u32), Stat)]| -> Vec<(String, Stat)> {
+            v.iter()
+                .map(|((w, h), s)| (format!("{w}x{h}"), *s))
+                .collect()
+        };
+        let json = BenchJson {
+            device: &self.device,
+            precision: self.precision.as_str(),
+            threads: self.threads,
+            weights: &self.weights,
+            runs: self.runs,
+            image_encode_ms_per_image: Keyed(per_image(&self.image_encode_ms_per_image)),
+            preprocess_ms_per_image: self.preprocess_ms_per_image,
+            scoring_ms: ScoringJson {
+                batch: self.scoring_ms.0,
+                stat: self.scoring_ms.1,
             },
-            "face_detection": self
-                .face_detection
-                .iter()
-                .map(|d| {
-                    let mut v = d.ms.to_json();
-                    v["detector"] = json!(d.detector);
-                    v["settings"] = json!(d.settings);
-                    v["size"] = json!(format!("{}x{}", d.size.0, d.size.1));
-                    v["faces"] = json!(d.faces);
-                    v
+            face_detection: (self.face_detection.iter())
+                .map(|d| DetectionJson {
+                    ms: d.ms,
+                    detector: d.detector,
+                    settings: d.settings,
+                    size: format!("{}x{}", d.size.0, d.size.1),
+                    faces: d.faces,
                 })
-                .collect::<Vec<_>>(),
-            "temporal_ms": self.temporal_ms.to_json(),
-            "explain_fast_map_ms": self.explain_fast_map_ms.to_json(),
-            "explain_gradcam_ms": self.explain_gradcam_ms.to_json(),
-            "video_decode_ms_per_frame": sized(&self.video_decode_ms),
-            "video_encode_ms_per_frame": sized(&self.video_encode_ms),
-            "faces_per_second": Value::Object(
-                self.faces_per_second
-                    .iter()
-                    .map(|(b, f)| (b.to_string(), json!((f * 10.0).round() / 10.0)))
+                .collect(),
+            temporal_ms: self.temporal_ms,
+            explain_fast_map_ms: self.explain_fast_map_ms,
+            explain_gradcam_ms: self.explain_gradcam_ms,
+            video_decode_ms_per_frame: Keyed(sized(&self.video_decode_ms)),
+            video_encode_ms_per_frame: Keyed(sized(&self.video_encode_ms)),
+            faces_per_second: Keyed(
+                (self.faces_per_second.iter())
+                    .map(|(b, f)| (b.to_string(), (f * 10.0).round() / 10.0))
                     .collect(),
             ),
-            "peak_memory_mb": self.peak_memory_mb.map(|m| m.round()),
-        });
-        if let Some(a) = &self.agreement {
-            out["agreement_vs_f32"] = json!({
-                "images": a.images,
-                "top1_agreement": a.top1,
-                "max_prob_diff": (a.max_prob_diff * 1e6).round() / 1e6,
-                "min_cosine": a.min_cosine,
-            });
-        }
-        out
+            peak_memory_mb: self.peak_memory_mb.map(f64::round),
+            agreement_vs_f32: self.agreement.as_ref().map(|a| AgreementJson {
+                images: a.images,
+                top1_agreement: a.top1,
+                max_prob_diff: (a.max_prob_diff * 1e6).round() / 1e6,
+                min_cosine: a.min_cosine,
+            }),
+        };
+        // Serialising plain structs of numbers and strings cannot fail.
+        serde_json::to_string(&json).unwrap_or_default()
     }
 
     pub fn to_text(&self) -> String {
