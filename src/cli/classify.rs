@@ -2,16 +2,23 @@
 
 use super::*;
 
+/// What `classify` and `classify-clip` print.
+#[derive(clap::Args)]
+struct OutputArgs {
+    /// Show only the K highest-scoring descriptors of each face.
+    #[arg(value_parser = ranged::<1, 1000>, long)]
+    top: Option<usize>,
+    /// One JSON object per image or clip on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(clap::Args)]
 pub(crate) struct ClassifyArgs {
     #[command(flatten)]
     scoring: ScoringArgs,
-    /// Show only the K highest-scoring descriptors per face.
-    #[arg(value_parser = ranged::<1, 1000>, long)]
-    top: Option<usize>,
-    /// One JSON object per image on stdout.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
     /// Image-encoder precision: auto (f32 on CPU, f16 on GPUs), f32,
     /// f16, bf16 (GPUs) or q8 (8-bit, CPU; see `cliper bench`).
     #[arg(long, value_enum, default_value_t = Precision::Auto)]
@@ -25,12 +32,8 @@ pub(crate) struct ClassifyArgs {
 pub(crate) struct ClassifyClipArgs {
     #[command(flatten)]
     scoring: ScoringArgs,
-    /// Show only the K highest-scoring descriptors per clip.
-    #[arg(value_parser = ranged::<1, 1000>, long)]
-    top: Option<usize>,
-    /// One JSON object per clip on stdout.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
     /// Videos (any format FFmpeg reads: .mp4, .mov, .mkv, .webm, .avi, ...) or folders of frames.
     #[arg(required = true)]
     clips: Vec<PathBuf>,
@@ -115,8 +118,7 @@ impl ClassifyArgs {
     pub(crate) fn run(self) -> Result<()> {
         let Self {
             scoring: ScoringArgs { model, bank, faces },
-            top,
-            json,
+            output: OutputArgs { top, json },
             precision,
             images,
         } = self;
@@ -162,8 +164,7 @@ impl ClassifyClipArgs {
     pub(crate) fn run(self) -> Result<()> {
         let Self {
             scoring: ScoringArgs { model, bank, faces },
-            top,
-            json,
+            output: OutputArgs { top, json },
             clips,
         } = self;
         use cliper::pipeline::clip::{classify_clip, clip_json, sample_clip};

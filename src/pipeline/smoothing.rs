@@ -135,37 +135,18 @@ mod tests {
 #[cfg(test)]
 mod smoother_tests {
     use super::*;
-    use crate::model::cliper::expressions::BankLayout;
-    use crate::pipeline::FaceResult;
     use crate::vision::faces::FaceBox;
 
     fn face(id: u64, class: usize) -> TrackedResult {
-        let layout = std::sync::Arc::new(BankLayout::cliper());
-        let mut l = vec![0.0; 35];
-        l[class * 5..class * 5 + 5]
-            .iter_mut()
-            .for_each(|x| *x = 4.0);
-        TrackedResult {
-            id,
-            face: FaceResult {
-                bbox: FaceBox {
-                    x: 0,
-                    y: 0,
-                    w: 9,
-                    h: 9,
-                    score: 1.0,
-                    landmarks: None,
-                },
-                scores: ExpressionScores::from_logits(l, &layout),
-                embedding: Vec::new(),
-            },
-            probe_logit: None,
-            dynamic: None,
-            smoothed: None,
-            dynamic_smoothed: None,
-            window_fill: 0,
-            explain: None,
-        }
+        let bbox = FaceBox {
+            x: 0,
+            y: 0,
+            w: 9,
+            h: 9,
+            score: 1.0,
+            landmarks: None,
+        };
+        TrackedResult::predicting(id, class, bbox)
     }
 
     #[test]

@@ -1,6 +1,5 @@
 use super::*;
 use crate::pipeline::worker::TrackedResult;
-use crate::pipeline::FaceResult;
 
 fn bank() -> Arc<DescriptorBank> {
     Arc::new(DescriptorBank {
@@ -22,35 +21,17 @@ fn scores_event(generation: u64, faces: &[(u64, usize)]) -> PipelineEvent {
     let faces = faces
         .iter()
         .map(|&(id, class)| {
-            let mut l = vec![0.0; 35];
-            l[class * 5..class * 5 + 5]
-                .iter_mut()
-                .for_each(|x| *x = 4.0);
+            let bbox = FaceBox {
+                x: id as u32 * 100,
+                y: 0,
+                w: 50,
+                h: 50,
+                score: 3.0,
+                landmarks: None,
+            };
             TrackedResult {
-                id,
-                face: FaceResult {
-                    bbox: FaceBox {
-                        x: id as u32 * 100,
-                        y: 0,
-                        w: 50,
-                        h: 50,
-                        score: 3.0,
-                        landmarks: None,
-                    },
-                    scores: ExpressionScores::from_logits(
-                        l,
-                        &std::sync::Arc::new(
-                            crate::model::cliper::expressions::BankLayout::cliper(),
-                        ),
-                    ),
-                    embedding: vec![],
-                },
                 probe_logit: Some(1.5),
-                dynamic: None,
-                smoothed: None,
-                dynamic_smoothed: None,
-                window_fill: 0,
-                explain: None,
+                ..TrackedResult::predicting(id, class, bbox)
             }
         })
         .collect();

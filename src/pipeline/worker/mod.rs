@@ -207,6 +207,33 @@ pub struct TrackedResult {
     pub explain: Option<ExplainMap>,
 }
 
+#[cfg(test)]
+impl TrackedResult {
+    /// For tests: face `id` at `bbox` under CLIPER's classes, whose
+    /// descriptors of `class` alone fire (logit 4), so it predicts `class`.
+    pub(crate) fn predicting(id: u64, class: usize, bbox: crate::vision::faces::FaceBox) -> Self {
+        let layout = Arc::new(crate::model::cliper::expressions::BankLayout::cliper());
+        let mut logits = vec![0.0; layout.num_descriptors()];
+        for x in &mut logits[class * 5..class * 5 + 5] {
+            *x = 4.0;
+        }
+        TrackedResult {
+            id,
+            face: FaceResult {
+                bbox,
+                scores: ExpressionScores::from_logits(logits, &layout),
+                embedding: Vec::new(),
+            },
+            probe_logit: None,
+            dynamic: None,
+            smoothed: None,
+            dynamic_smoothed: None,
+            window_fill: 0,
+            explain: None,
+        }
+    }
+}
+
 /// Time spent in each stage for one frame, in milliseconds, plus rates.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StageTimings {

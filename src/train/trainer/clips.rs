@@ -142,25 +142,15 @@ pub(super) fn train_clips(
             )?;
             state.temporal = tensors;
             epochs_run += 1;
-            let best = state.end_epoch(&opt, &m)?;
-            if best {
-                save_checkpoint_with(
-                    opts,
-                    &state.descriptor,
-                    &HashMap::new(),
-                    &state.temporal,
-                    &m,
-                    state.epoch,
-                )?;
-            }
-            log(&epoch_line(
-                (state.epoch, total_epochs, "stage 2 (temporal)"),
-                opt.config.lr,
-                (loss_sum, correct, n),
-                &m,
-                best,
-            ));
-            save_state(&state_path(&opts.out), &state, 2)?;
+            let tally = EpochTally {
+                stage: 2,
+                label: "stage 2 (temporal)",
+                total_epochs,
+                loss_sum,
+                correct,
+                seen: n,
+            };
+            state.close_epoch(opts, &opt, &m, &tally, log)?;
         }
     }
     Ok(TrainSummary::of(&state, epochs_run))

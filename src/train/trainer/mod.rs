@@ -31,7 +31,7 @@ use crate::model::vision::VisionTower;
 use crate::model::weights::{self, Checkpoint};
 use crate::model::{device, ClipModel};
 use crate::vision::images::load_rgb;
-use stage1::{descriptor_stage, save_checkpoint, save_checkpoint_with};
+use stage1::{descriptor_stage, save_checkpoint};
 
 mod clips;
 mod evaluate;
@@ -82,21 +82,28 @@ impl TrainOptions {
     }
 }
 
-/// An epoch's line of the log: `(epoch, of epochs, stage)`, the learning
-/// rate, `(summed loss, correct, samples)` on the training set, and the
-/// test metrics.
-fn epoch_line(
-    (epoch, total, stage): (usize, usize, &str),
-    lr: f64,
-    (loss_sum, correct, seen): (f64, usize, usize),
-    m: &Metrics,
-    best: bool,
-) -> String {
-    let seen = seen.max(1) as f64;
+/// What an epoch did on the training set, for its line of the log.
+pub(super) struct EpochTally<'a> {
+    /// 1 or 2, and how the log names it.
+    pub(super) stage: u8,
+    pub(super) label: &'a str,
+    pub(super) total_epochs: usize,
+    /// Summed loss, right predictions and samples seen.
+    pub(super) loss_sum: f64,
+    pub(super) correct: usize,
+    pub(super) seen: usize,
+}
+
+/// An epoch's line of the log: the tally, the learning rate and the test
+/// metrics.
+fn epoch_line(t: &EpochTally, epoch: usize, lr: f64, m: &Metrics, best: bool) -> String {
+    let seen = t.seen.max(1) as f64;
     format!(
-        "epoch {epoch:>3}/{total} {stage}  lr {lr:.1e}  loss {:.4}  train acc {:5.1}%  test WAR {:5.1}%  UAR {:5.1}%{}",
-        loss_sum / seen,
-        100.0 * correct as f64 / seen,
+        "epoch {epoch:>3}/{} {}  lr {lr:.1e}  loss {:.4}  train acc {:5.1}%  test WAR {:5.1}%  UAR {:5.1}%{}",
+        t.total_epochs,
+        t.label,
+        t.loss_sum / seen,
+        100.0 * t.correct as f64 / seen,
         100.0 * m.war(),
         100.0 * m.uar(),
         if best { "  (best, saved)" } else { "" }
@@ -539,18 +546,15 @@ pub fn train(opts: &TrainOptions, log: &mut dyn FnMut(&str)) -> Result<TrainSumm
                 .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
                 .collect::<candle_core::Result<_>>()?;
             epochs_run += 1;
-            let best = state.end_epoch(&opt, &m)?;
-            if best {
-                save_checkpoint(opts, &state.descriptor, &state.vision, &m, state.epoch)?;
-            }
-            log(&epoch_line(
-                (state.epoch, total_epochs, "stage 2"),
-                opt.config.lr,
-                (loss_sum, correct, seen),
-                &m,
-                best,
-            ));
-            save_state(&state_path(&opts.out), &state, 2)?;
+            let tally = EpochTally {
+                stage: 2,
+                label: "stage 2",
+                total_epochs,
+                loss_sum,
+                correct,
+                seen,
+            };
+            state.close_epoch(opts, &opt, &m, &tally, log)?;
         }
     }
     Ok(TrainSummary::of(&state, epochs_run))

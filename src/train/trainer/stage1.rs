@@ -57,18 +57,15 @@ pub(super) fn descriptor_stage(
         let m = evaluate_features(test_x, test_labels, &t)?;
         state.descriptor = desc.as_tensor().detach().to_device(&Device::Cpu)?;
         epochs_run += 1;
-        let best = state.end_epoch(&opt, &m)?;
-        if best {
-            save_checkpoint(opts, &state.descriptor, &HashMap::new(), &m, state.epoch)?;
-        }
-        log(&epoch_line(
-            (state.epoch, total_epochs, what),
-            opt.config.lr,
-            (loss_sum, correct, n),
-            &m,
-            best,
-        ));
-        save_state(&state_path(&opts.out), state, 1)?;
+        let tally = EpochTally {
+            stage: 1,
+            label: what,
+            total_epochs,
+            loss_sum,
+            correct,
+            seen: n,
+        };
+        state.close_epoch(opts, &opt, &m, &tally, log)?;
     }
     log(&format!(
         "descriptor readings (nearest words per token):\n{}",
@@ -78,16 +75,6 @@ pub(super) fn descriptor_stage(
 }
 
 pub(super) fn save_checkpoint(
-    opts: &TrainOptions,
-    descriptor: &Tensor,
-    vision: &HashMap<String, Tensor>,
-    m: &Metrics,
-    epoch: usize,
-) -> Result<(), TrainError> {
-    save_checkpoint_with(opts, descriptor, vision, &HashMap::new(), m, epoch)
-}
-
-pub(super) fn save_checkpoint_with(
     opts: &TrainOptions,
     descriptor: &Tensor,
     vision: &HashMap<String, Tensor>,

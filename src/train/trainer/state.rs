@@ -43,6 +43,34 @@ impl State {
     }
 }
 
+impl State {
+    /// Ends an epoch ([`Self::end_epoch`]); when it is the best so far,
+    /// saves the checkpoint (the descriptors with the tuned vision or
+    /// temporal tensors); logs the epoch's line and saves this state.
+    pub(super) fn close_epoch(
+        &mut self,
+        opts: &TrainOptions,
+        opt: &AdamW,
+        m: &Metrics,
+        tally: &EpochTally,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<(), TrainError> {
+        let best = self.end_epoch(opt, m)?;
+        if best {
+            save_checkpoint(
+                opts,
+                &self.descriptor,
+                &self.vision,
+                &self.temporal,
+                m,
+                self.epoch,
+            )?;
+        }
+        log(&epoch_line(tally, self.epoch, opt.config.lr, m, best));
+        save_state(&state_path(&opts.out), self, tally.stage)
+    }
+}
+
 pub(super) fn save_state(path: &Path, s: &State, stage: u8) -> Result<(), TrainError> {
     let mut ck = CliperCheckpoint {
         descriptor: Some(s.descriptor.clone()),

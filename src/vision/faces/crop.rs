@@ -217,19 +217,20 @@ mod tests {
         sums.map(|s| [s[0] / s[2].max(1.0), s[1] / s[2].max(1.0)])
     }
 
+    /// The box of `tilted_face`'s face, with its landmarks.
+    fn centred_face(l: [[f32; 2]; 5]) -> FaceBox {
+        FaceBox {
+            landmarks: Some(l),
+            ..face(50, 50, 100, 100)
+        }
+    }
+
     #[test]
     fn a_tilted_face_is_cropped_upright() {
         for degrees in [-30.0f32, -12.0, 8.0, 25.0] {
             let (img, l) = tilted_face(degrees);
             assert!((eye_line_degrees(&l) - degrees).abs() < 1e-3);
-            let face = FaceBox {
-                x: 50,
-                y: 50,
-                w: 100,
-                h: 100,
-                score: 0.9,
-                landmarks: Some(l),
-            };
+            let face = centred_face(l);
             let crop = model_crop(&img, &face, DEFAULT_FACE_MARGIN, true);
             let [a, b] = eye_centroids(&crop);
             let level = (b[1] - a[1]).atan2(b[0] - a[0]).to_degrees();
@@ -247,14 +248,7 @@ mod tests {
     #[test]
     fn level_or_landmark_free_faces_are_cropped_as_before() {
         let (img, l) = tilted_face(0.3);
-        let mut face = FaceBox {
-            x: 50,
-            y: 50,
-            w: 100,
-            h: 100,
-            score: 0.9,
-            landmarks: Some(l),
-        };
+        let mut face = centred_face(l);
         let straight = crop_face(&img, &face, 0.25);
         assert_eq!(model_crop(&img, &face, 0.25, true), straight);
         face.landmarks = None;
