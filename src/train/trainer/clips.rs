@@ -98,12 +98,7 @@ pub(super) fn train_clips(
         };
         let mut opt = AdamW::new(vars.clone(), base_cfg)?;
         if !state.temporal.is_empty() && state.moments.len() == vars.len() {
-            opt.moments = state
-                .moments
-                .iter()
-                .map(|(a, b)| Ok((a.to_device(&dev)?, b.to_device(&dev)?)))
-                .collect::<candle_core::Result<_>>()?;
-            opt.step = state.opt_step;
+            state.resume_optimiser(&mut opt, &dev)?;
         }
         while state.epoch < total_epochs {
             let e2 = state.epoch - opts.stage1_epochs;
@@ -118,10 +113,7 @@ pub(super) fn train_clips(
                 let out = cliper_loss(&logits, &labels)?;
                 opt.step(&out.loss.backward()?)?;
                 loss_sum += out.loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
-                for (row, &y) in logits.detach().to_vec2::<f32>()?.into_iter().zip(&labels) {
-                    correct += (ExpressionScores::from_logits(row, &cliper_layout()).predicted == y)
-                        as usize;
-                }
+                correct += count_correct(&logits, &labels)?;
             }
             let tensors: HashMap<String, Tensor> = names
                 .iter()

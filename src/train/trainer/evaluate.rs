@@ -20,6 +20,15 @@ pub(super) fn cliper_layout() -> std::sync::Arc<crate::model::cliper::expression
     std::sync::Arc::new(crate::model::cliper::expressions::BankLayout::cliper())
 }
 
+/// How many rows of descriptor `logits` [B, 35] predict their `labels`.
+pub(super) fn count_correct(logits: &Tensor, labels: &[usize]) -> candle_core::Result<usize> {
+    let layout = cliper_layout();
+    let rows = logits.detach().to_vec2::<f32>()?;
+    Ok((rows.into_iter().zip(labels))
+        .filter(|(row, &y)| ExpressionScores::from_logits(row.clone(), &layout).predicted == y)
+        .count())
+}
+
 /// Metrics of normalised image (or clip) features [N, E] under a bank of
 /// any shape. `labels` are known-class indices (`expressions::known_name`),
 /// matched to the bank's classes by name: a class the model lacks is an

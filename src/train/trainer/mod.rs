@@ -464,12 +464,7 @@ pub fn train(opts: &TrainOptions, log: &mut dyn FnMut(&str)) -> Result<TrainSumm
             && state.opt_step > 0
             && !state.vision.is_empty()
         {
-            opt.moments = state
-                .moments
-                .iter()
-                .map(|(a, b)| Ok((a.to_device(&dev)?, b.to_device(&dev)?)))
-                .collect::<candle_core::Result<_>>()?;
-            opt.step = state.opt_step;
+            state.resume_optimiser(&mut opt, &dev)?;
         }
         let size = clip.config.vision.image_size as u32;
         let s = size as usize;
@@ -511,10 +506,7 @@ pub fn train(opts: &TrainOptions, log: &mut dyn FnMut(&str)) -> Result<TrainSumm
                 opt.step(&grads)?;
                 loss_sum += out.loss.to_scalar::<f32>()? as f64 * labels.len() as f64;
                 seen += labels.len();
-                for (row, &y) in logits.detach().to_vec2::<f32>()?.into_iter().zip(&labels) {
-                    correct += (ExpressionScores::from_logits(row, &cliper_layout()).predicted == y)
-                        as usize;
-                }
+                correct += count_correct(&logits, &labels)?;
                 pb.inc(1);
             }
             pb.finish_and_clear();

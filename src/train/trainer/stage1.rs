@@ -23,11 +23,7 @@ pub(super) fn descriptor_stage(
     let desc = Var::from_tensor(&state.descriptor.to_device(&dev)?)?;
     let mut opt = AdamW::new(vec![desc.clone()], AdamWConfig::stage1())?;
     if state.moments.len() == 1 {
-        opt.moments = vec![(
-            state.moments[0].0.to_device(&dev)?,
-            state.moments[0].1.to_device(&dev)?,
-        )];
-        opt.step = state.opt_step;
+        state.resume_optimiser(&mut opt, &dev)?;
     }
     let n = train_labels.len();
     let mut epochs_run = 0;
@@ -46,10 +42,7 @@ pub(super) fn descriptor_stage(
             let out = cliper_loss(&logits, &labels)?;
             opt.step(&out.loss.backward()?)?;
             loss_sum += out.loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
-            for (row, &y) in logits.detach().to_vec2::<f32>()?.into_iter().zip(&labels) {
-                correct +=
-                    (ExpressionScores::from_logits(row, &cliper_layout()).predicted == y) as usize;
-            }
+            correct += count_correct(&logits, &labels)?;
             pb.inc(1);
         }
         pb.finish_and_clear();

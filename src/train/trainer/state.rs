@@ -44,6 +44,19 @@ impl State {
 }
 
 impl State {
+    /// Gives `opt` the saved optimiser moments and step, on `dev`.
+    pub(super) fn resume_optimiser(
+        &self,
+        opt: &mut AdamW,
+        dev: &Device,
+    ) -> candle_core::Result<()> {
+        opt.moments = (self.moments.iter())
+            .map(|(a, b)| Ok((a.to_device(dev)?, b.to_device(dev)?)))
+            .collect::<candle_core::Result<_>>()?;
+        opt.step = self.opt_step;
+        Ok(())
+    }
+
     /// Ends an epoch ([`Self::end_epoch`]); when it is the best so far,
     /// saves the checkpoint (the descriptors with the tuned vision or
     /// temporal tensors); logs the epoch's line and saves this state.
