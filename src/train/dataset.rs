@@ -418,4 +418,26 @@ mod tests {
         assert_eq!(parse_label("8"), None);
         assert_eq!(parse_label("happy"), Some(3));
     }
+
+    #[test]
+    fn csv_manifest_reads_quoted_paths_and_names_bad_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["a.jpg", "b, two.jpg", "c.jpg"] {
+            std::fs::write(dir.path().join(f), b"x").unwrap();
+        }
+        let manifest = dir.path().join("list.csv");
+        std::fs::write(
+            &manifest,
+            "path,label,split\n# a comment\n\na.jpg, 4 ,train\n\"b, two.jpg\",happy,test\nc.jpg,7,val\n",
+        )
+        .unwrap();
+        let (train, test) = load_csv(&manifest).unwrap();
+        assert_eq!(train.len(), 1);
+        assert_eq!((train[0].label, test.len()), (3, 2));
+        assert_eq!(test[0].path, dir.path().join("b, two.jpg"));
+        assert_eq!((test[0].label, test[1].label), (3, 6));
+        std::fs::write(&manifest, "a.jpg,4,train\nc.jpg,4\n").unwrap();
+        let e = load_csv(&manifest).unwrap_err().to_string();
+        assert!(e.contains("list.csv:2:") && e.contains("path,label,split"), "{e}");
+    }
 }
