@@ -152,23 +152,16 @@ fn source_section(
                 }
             });
     }
-    ui.horizontal(|ui| {
-        let edit = ui.add(
-            egui::TextEdit::singleline(&mut state.path)
-                .hint_text("video, image or folder path")
-                .desired_width(ui.available_width() - 56.0),
-        );
-        let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
-        if ui.button("Open").clicked() || enter {
-            match SourceSpec::parse(&state.path, None) {
-                Ok(spec) => {
-                    state.path_error = None;
-                    actions.push(Action::SetSource(spec));
-                }
-                Err(e) => state.path_error = Some(e.to_string()),
+    let field = ("video, image or folder path", "Open", 56.0);
+    if let Some(path) = path_entry(ui, &mut state.path, field) {
+        match SourceSpec::parse(&path, None) {
+            Ok(spec) => {
+                state.path_error = None;
+                actions.push(Action::SetSource(spec));
             }
+            Err(e) => state.path_error = Some(e.to_string()),
         }
-    });
+    }
     ui.label(
         RichText::new("any video FFmpeg reads (MP4, MOV, MKV, WebM, AVI, ...), images, folders; or drop a file here")
             .small()
@@ -422,19 +415,31 @@ fn bank_section(
     ui.radio(from_file, "from a file:").on_hover_text(
         "A CLIPER checkpoint (.safetensors, .pth) with learned descriptors, a DFER-CLIP checkpoint (.pth, as published), or a prompts file (.txt) of zero-shot descriptions (any classes, any number each)",
     );
+    let field = ("descriptors.safetensors or prompts.txt", "Load", 56.0);
+    if let Some(path) = path_entry(ui, &mut state.bank_path, field) {
+        actions.push(Action::SetBank(BankChoice::File(path)));
+    }
+}
+
+/// A path field with its button (`button_w` pixels kept for it): the
+/// trimmed path, when it is not empty and the button is pressed or Enter
+/// ends the edit.
+pub(super) fn path_entry(
+    ui: &mut egui::Ui,
+    path: &mut String,
+    (hint, button, button_w): (&str, &str, f32),
+) -> Option<String> {
     ui.horizontal(|ui| {
         let edit = ui.add(
-            egui::TextEdit::singleline(&mut state.bank_path)
-                .hint_text("descriptors.safetensors or prompts.txt")
-                .desired_width(ui.available_width() - 56.0),
+            egui::TextEdit::singleline(path)
+                .hint_text(hint)
+                .desired_width(ui.available_width() - button_w),
         );
         let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
-        if (ui.button("Load").clicked() || enter) && !state.bank_path.trim().is_empty() {
-            actions.push(Action::SetBank(BankChoice::File(
-                state.bank_path.trim().to_string(),
-            )));
-        }
-    });
+        let pressed = ui.button(button).clicked() || enter;
+        (pressed && !path.trim().is_empty()).then(|| path.trim().to_string())
+    })
+    .inner
 }
 
 fn truncate(s: &str, n: usize) -> String {

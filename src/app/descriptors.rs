@@ -289,18 +289,9 @@ fn grid(
         let label =
             Rect::from_min_size(egui::pos2(rect.left(), y), Vec2::new(label_w - 4.0, cell.y));
         if current == Some(Target::Class(c)) {
-            painter.rect_stroke(
-                label,
-                CornerRadius::same(3),
-                Stroke::new(1.5, class_color(name)),
-                StrokeKind::Inside,
-            );
+            outline(&painter, label, 1.5, class_color(name));
         }
-        if response.clicked()
-            && response
-                .interact_pointer_pos()
-                .is_some_and(|p| label.contains(p))
-        {
+        if clicked_in(&response, label) {
             clicked = Some(Target::Class(c));
         }
         painter.text(
@@ -336,27 +327,13 @@ fn grid(
                 text_color,
             );
             if current == Some(Target::Descriptor(i)) {
-                painter.rect_stroke(
-                    r,
-                    CornerRadius::same(3),
-                    Stroke::new(2.0, Color32::YELLOW),
-                    StrokeKind::Inside,
-                );
+                outline(&painter, r, 2.0, Color32::YELLOW);
             }
-            if response.clicked()
-                && response
-                    .interact_pointer_pos()
-                    .is_some_and(|p| r.contains(p))
-            {
+            if clicked_in(&response, r) {
                 clicked = Some(Target::Descriptor(i));
             }
             if response.hover_pos().is_some_and(|p| r.contains(p)) {
-                painter.rect_stroke(
-                    r,
-                    CornerRadius::same(3),
-                    Stroke::new(1.5, Color32::WHITE),
-                    StrokeKind::Inside,
-                );
+                outline(&painter, r, 1.5, Color32::WHITE);
                 hovered = Some(i);
             }
         }
@@ -380,4 +357,22 @@ fn grid(
         }
     }
     clicked
+}
+
+/// Whether `response` is a click inside `r`.
+fn clicked_in(response: &egui::Response, r: Rect) -> bool {
+    response.clicked()
+        && response
+            .interact_pointer_pos()
+            .is_some_and(|p| r.contains(p))
+}
+
+/// A rounded outline of `width` inside `r`.
+fn outline(painter: &egui::Painter, r: Rect, width: f32, colour: Color32) {
+    painter.rect_stroke(
+        r,
+        CornerRadius::same(3),
+        Stroke::new(width, colour),
+        StrokeKind::Inside,
+    );
 }

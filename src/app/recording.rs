@@ -281,15 +281,8 @@ pub fn show(ui: &mut egui::Ui, state: &mut RecordingState, actions: &mut Vec<Act
     for n in &state.recovered_notes {
         ui.label(RichText::new(n).small().weak());
     }
-    ui.horizontal(|ui| {
-        let edit = ui.add(
-            egui::TextEdit::singleline(&mut state.open_path)
-                .hint_text("session folder")
-                .desired_width(ui.available_width() - 110.0),
-        );
-        let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
-        if (ui.button("Open Session").clicked() || enter) && !state.open_path.trim().is_empty() {
-            actions.push(Action::OpenSession(PathBuf::from(state.open_path.trim())));
-        }
-    });
+    let field = ("session folder", "Open Session", 110.0);
+    if let Some(path) = super::controls::path_entry(ui, &mut state.open_path, field) {
+        actions.push(Action::OpenSession(PathBuf::from(path)));
+    }
 }

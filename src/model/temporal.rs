@@ -358,30 +358,18 @@ impl TemporalModule {
                     Tensor::zeros(d, DType::F32, &dev)?,
                 );
             }
-            out.insert(
-                format!("{p}.attn.to_qkv.weight"),
-                uniform(&[3 * cfg.inner, d], d, &mut rng)?,
-            );
-            out.insert(
-                format!("{p}.attn.to_out.weight"),
-                uniform(&[d, cfg.inner], cfg.inner, &mut rng)?,
-            );
-            out.insert(
-                format!("{p}.attn.to_out.bias"),
-                uniform(&[d], cfg.inner, &mut rng)?,
-            );
-            out.insert(
-                format!("{p}.mlp.fc1.weight"),
-                uniform(&[cfg.mlp, d], d, &mut rng)?,
-            );
-            out.insert(
-                format!("{p}.mlp.fc1.bias"),
-                uniform(&[cfg.mlp], d, &mut rng)?,
-            );
-            out.insert(
-                format!("{p}.mlp.fc2.weight"),
-                uniform(&[d, cfg.mlp], cfg.mlp, &mut rng)?,
-            );
+            // (name, shape, fan-in), PyTorch's default uniform bounds.
+            let linears: [(&str, &[usize], usize); 6] = [
+                ("attn.to_qkv.weight", &[3 * cfg.inner, d], d),
+                ("attn.to_out.weight", &[d, cfg.inner], cfg.inner),
+                ("attn.to_out.bias", &[d], cfg.inner),
+                ("mlp.fc1.weight", &[cfg.mlp, d], d),
+                ("mlp.fc1.bias", &[cfg.mlp], d),
+                ("mlp.fc2.weight", &[d, cfg.mlp], cfg.mlp),
+            ];
+            for (name, shape, fan_in) in linears {
+                out.insert(format!("{p}.{name}"), uniform(shape, fan_in, &mut rng)?);
+            }
             out.insert(
                 format!("{p}.mlp.fc2.bias"),
                 uniform(&[d], cfg.mlp, &mut rng)?,

@@ -105,6 +105,13 @@ impl DynamicScorer {
             .collect();
         let raw = Tensor::from_vec(flat, (windows.len(), f, e), &self.device)?;
         let x = crate::model::layers::l2_normalize(&raw)?;
+        // Each window's clip feature [B, E], scored against the bank.
+        let clips = |features: &Tensor, mode| -> candle_core::Result<Vec<DynamicScores>> {
+            let clip = crate::model::layers::l2_normalize(features)?;
+            Ok((scoring::score(&clip, bank)?.into_iter())
+                .map(|scores| DynamicScores { scores, mode })
+                .collect())
+        };
         match &self.temporal {
             Some(t) => {
                 let input = if t.config.flavour.normalised_input() {
@@ -112,28 +119,12 @@ impl DynamicScorer {
                 } else {
                     &raw
                 };
-                let clip = crate::model::layers::l2_normalize(&t.forward(input)?)?;
-                Ok(scoring::score(&clip, bank)?
-                    .into_iter()
-                    .map(|scores| DynamicScores {
-                        scores,
-                        mode: DynamicMode::Temporal,
-                    })
-                    .collect())
+                clips(&t.forward(input)?, DynamicMode::Temporal)
             }
             // Exp-CLIP's `Dynamic_FER`: project every frame, average, then
             // normalise; the head is linear, so that is the head on the
             // mean of the raw features.
-            None if bank.head.is_some() => {
-                let mean = crate::model::layers::l2_normalize(&raw.mean(1)?)?;
-                Ok(scoring::score(&mean, bank)?
-                    .into_iter()
-                    .map(|scores| DynamicScores {
-                        scores,
-                        mode: DynamicMode::MeanOfFeatures,
-                    })
-                    .collect())
-            }
+            None if bank.head.is_some() => clips(&raw.mean(1)?, DynamicMode::MeanOfFeatures),
             None => {
                 let per_frame = scoring::score(&x.reshape((windows.len() * f, e))?, bank)?;
                 Ok(per_frame

@@ -438,6 +438,9 @@ mod tests {
         assert_eq!((test[0].label, test[1].label), (3, 6));
         std::fs::write(&manifest, "a.jpg,4,train\nc.jpg,4\n").unwrap();
         let e = load_csv(&manifest).unwrap_err().to_string();
-        assert!(e.contains("list.csv:2:") && e.contains("path,label,split"), "{e}");
+        assert!(
+            e.contains("list.csv:2:") && e.contains("path,label,split"),
+            "{e}"
+        );
     }
 }
