@@ -48,10 +48,11 @@ fn no_transparent_huge_pages() {
 
 /// The library reports through `log`; this prints it on stderr as plain
 /// lines, warnings and errors prefixed as the rest of the CLI's messages
-/// are. `RUST_LOG` chooses what shows (default: info and above).
+/// are. `RUST_LOG` chooses what shows (default: cliper's own notes and
+/// above; the window toolkit's chatter stays out).
 fn init_logging() {
     use std::io::Write;
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("cliper=info"))
         .format(|buf, record| {
             let prefix = match record.level() {
                 log::Level::Error => "error: ",
