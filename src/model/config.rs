@@ -35,12 +35,9 @@ impl Activation {
 pub struct VisionConfig {
     pub image_size: usize,
     pub patch_size: usize,
-    pub width: usize,
-    pub layers: usize,
-    pub heads: usize,
-    pub mlp: usize,
-    pub layer_norm_eps: f64,
-    pub activation: Activation,
+    /// Its encoder's dimensions, read as `vision.width` and so on.
+    #[serde(flatten)]
+    pub encoder: EncoderShape,
 }
 
 impl VisionConfig {
@@ -58,17 +55,14 @@ impl VisionConfig {
 pub struct TextConfig {
     pub vocab_size: usize,
     pub context_length: usize,
-    pub width: usize,
-    pub layers: usize,
-    pub heads: usize,
-    pub mlp: usize,
-    pub layer_norm_eps: f64,
-    pub activation: Activation,
+    /// Its encoder's dimensions, read as `text.width` and so on.
+    #[serde(flatten)]
+    pub encoder: EncoderShape,
 }
 
-/// The transformer encoder's dimensions, the same fields in both towers'
-/// configs (as in Hugging Face's `CLIPVisionConfig` and `CLIPTextConfig`).
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// The transformer encoder's dimensions, the same in both towers' configs
+/// (as in Hugging Face's `CLIPVisionConfig` and `CLIPTextConfig`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EncoderShape {
     pub width: usize,
     pub layers: usize,
@@ -78,24 +72,24 @@ pub struct EncoderShape {
     pub activation: Activation,
 }
 
-macro_rules! encoder_shape {
+/// A tower's config reads as its encoder's shape (`vision.width`), the
+/// fields it adds beside.
+macro_rules! deref_to_encoder {
     ($($config:ty),*) => {$(
-        impl $config {
-            /// The dimensions of this tower's encoder.
-            pub fn encoder(&self) -> EncoderShape {
-                EncoderShape {
-                    width: self.width,
-                    layers: self.layers,
-                    heads: self.heads,
-                    mlp: self.mlp,
-                    layer_norm_eps: self.layer_norm_eps,
-                    activation: self.activation,
-                }
+        impl std::ops::Deref for $config {
+            type Target = EncoderShape;
+            fn deref(&self) -> &EncoderShape {
+                &self.encoder
+            }
+        }
+        impl std::ops::DerefMut for $config {
+            fn deref_mut(&mut self) -> &mut EncoderShape {
+                &mut self.encoder
             }
         }
     )*};
 }
-encoder_shape!(VisionConfig, TextConfig);
+deref_to_encoder!(VisionConfig, TextConfig);
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClipConfig {
@@ -112,22 +106,26 @@ impl ClipConfig {
             vision: VisionConfig {
                 image_size: 224,
                 patch_size: 16,
-                width: 768,
-                layers: 12,
-                heads: 12,
-                mlp: 3072,
-                layer_norm_eps: 1e-5,
-                activation: Activation::QuickGelu,
+                encoder: EncoderShape {
+                    width: 768,
+                    layers: 12,
+                    heads: 12,
+                    mlp: 3072,
+                    layer_norm_eps: 1e-5,
+                    activation: Activation::QuickGelu,
+                },
             },
             text: TextConfig {
                 vocab_size: 49408,
                 context_length: 77,
-                width: 512,
-                layers: 12,
-                heads: 8,
-                mlp: 2048,
-                layer_norm_eps: 1e-5,
-                activation: Activation::QuickGelu,
+                encoder: EncoderShape {
+                    width: 512,
+                    layers: 12,
+                    heads: 8,
+                    mlp: 2048,
+                    layer_norm_eps: 1e-5,
+                    activation: Activation::QuickGelu,
+                },
             },
             embed_dim: 512,
         }

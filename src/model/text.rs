@@ -32,7 +32,7 @@ impl TextTower {
             candle_nn::embedding(cfg.vocab_size, cfg.width, emb.pp("token_embedding"))?;
         let position_embedding =
             emb.get((cfg.context_length, cfg.width), "position_embedding.weight")?;
-        let layers = EncoderLayer::stack(&cfg.encoder(), tm.pp("encoder"))?;
+        let layers = EncoderLayer::stack(&cfg.encoder, tm.pp("encoder"))?;
         let final_layer_norm =
             LayerNorm::new(cfg.width, cfg.layer_norm_eps, tm.pp("final_layer_norm"))?;
         let projection = linear_no_bias(cfg.width, embed_dim, vb.pp("text_projection"))?;

@@ -88,7 +88,7 @@ impl VisionTower {
         let class_embedding = emb.get(cfg.width, "class_embedding")?;
         let position_embedding = emb.get((cfg.tokens(), cfg.width), "position_embedding.weight")?;
         let pre_layernorm = LayerNorm::new(cfg.width, cfg.layer_norm_eps, vm.pp("pre_layrnorm"))?;
-        let layers = EncoderLayer::stack(&cfg.encoder(), vm.pp("encoder"))?;
+        let layers = EncoderLayer::stack(&cfg.encoder, vm.pp("encoder"))?;
         let post_layernorm =
             LayerNorm::new(cfg.width, cfg.layer_norm_eps, vm.pp("post_layernorm"))?;
         let projection = linear_no_bias(cfg.width, embed_dim, vb.pp("visual_projection"))?;

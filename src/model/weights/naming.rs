@@ -2,6 +2,7 @@
 //! architecture read from tensor shapes and `config.json`.
 
 use super::*;
+use crate::model::config::EncoderShape;
 
 /// Detects the naming of a tensor map.
 pub fn detect_naming(tensors: &HashMap<String, Tensor>) -> Option<Naming> {
@@ -302,22 +303,26 @@ pub fn infer_config(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<Cl
         vision: VisionConfig {
             image_size: grid * patch[3],
             patch_size: patch[3],
-            width: vwidth,
-            layers: vlayers,
-            heads: vheads,
-            mlp: vmlp,
-            layer_norm_eps: veps,
-            activation: vact,
+            encoder: EncoderShape {
+                width: vwidth,
+                layers: vlayers,
+                heads: vheads,
+                mlp: vmlp,
+                layer_norm_eps: veps,
+                activation: vact,
+            },
         },
         text: TextConfig {
             vocab_size: tok[0],
             context_length: tpos[0],
-            width: twidth,
-            layers: tlayers,
-            heads: theads,
-            mlp: tmlp,
-            layer_norm_eps: teps,
-            activation: tact,
+            encoder: EncoderShape {
+                width: twidth,
+                layers: tlayers,
+                heads: theads,
+                mlp: tmlp,
+                layer_norm_eps: teps,
+                activation: tact,
+            },
         },
         embed_dim: vproj[0],
     })
