@@ -127,16 +127,16 @@ pub fn merge(out: &Path, to: Option<&Path>) -> Result<MergeSummary, BatchError> 
                 }
             }
             summary.rows += rows;
-            match result.outcome {
+            match result.of.outcome {
                 Outcome::Partial => summary.partial += 1,
                 _ => summary.complete += 1,
             }
             let mut row = vec![
                 key,
                 id,
-                Cell::Str(result.path.clone()),
-                Cell::Str(result.outcome.as_str().into()),
-                Cell::I64(result.frames as i64),
+                Cell::Str(result.of.path.clone()),
+                Cell::Str(result.of.outcome.as_str().into()),
+                Cell::I64(result.of.frames as i64),
                 Cell::I64(rows as i64),
                 Cell::I64(result.tracks as i64),
                 Cell::F64(result.duration_s),
@@ -157,10 +157,10 @@ pub fn merge(out: &Path, to: Option<&Path>) -> Result<MergeSummary, BatchError> 
         // No result: the newest thing a task said about it.
         let last = status
             .iter()
-            .filter(|s| s.id == item.id && !matches!(s.outcome, Outcome::Skipped))
+            .filter(|s| s.of.id == item.id && !matches!(s.of.outcome, Outcome::Skipped))
             .max_by(|a, b| a.time.cmp(&b.time));
         let (outcome, error, task) = match last {
-            Some(s) if s.outcome == Outcome::Failed => {
+            Some(s) if s.of.outcome == Outcome::Failed => {
                 summary.failed += 1;
                 ("failed", s.error.clone(), Some(s.task.clone()))
             }

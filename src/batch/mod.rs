@@ -382,17 +382,26 @@ impl Outcome {
     }
 }
 
-/// `OUT/<id>/batch.json`: what became of one finished input.
+/// Which input, and what became of it: the fields `batch.json` and the
+/// status lines share.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct InputResult {
+pub struct InputOutcome {
+    /// The input as the work list names it, its path and its folder's id.
     pub input: String,
     pub path: String,
     pub id: String,
-    /// `complete` or `partial`.
+    /// In `batch.json`, `complete` or `partial`.
     pub outcome: Outcome,
     pub frames: u64,
     /// Face rows (faces over all frames).
     pub faces: u64,
+}
+
+/// `OUT/<id>/batch.json`: what became of one finished input.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InputResult {
+    #[serde(flatten)]
+    pub of: InputOutcome,
     /// Distinct face tracks.
     pub tracks: u64,
     /// Source time of the last frame, seconds.
@@ -414,12 +423,8 @@ pub struct InputResult {
 pub struct StatusLine {
     pub time: String,
     pub task: String,
-    pub input: String,
-    pub path: String,
-    pub id: String,
-    pub outcome: Outcome,
-    pub frames: u64,
-    pub faces: u64,
+    #[serde(flatten)]
+    pub of: InputOutcome,
     pub seconds: f64,
     #[serde(default)]
     pub error: Option<String>,

@@ -18,8 +18,8 @@ use crate::session::{iso8601, LOCK_FILE};
 use crate::vision::source::{SourceSpec, DEFAULT_IMAGE_FPS};
 
 use super::{
-    append_status, claim_work_list, host_name, BatchError, InputResult, Outcome, Shard, StatusLine,
-    WorkItem, RESULT_FILE,
+    append_status, claim_work_list, host_name, BatchError, InputOutcome, InputResult, Outcome,
+    Shard, StatusLine, WorkItem, RESULT_FILE,
 };
 
 /// What one task does.
@@ -106,16 +106,16 @@ pub fn run_task(
     for (k, item) in mine.iter().enumerate() {
         let status = runner.item(item)?;
         append_status(&opts.out, &opts.shard, &status)?;
-        match status.outcome {
+        match status.of.outcome {
             Outcome::Complete => summary.complete += 1,
             Outcome::Partial => summary.partial += 1,
             Outcome::Failed => summary.failed += 1,
             Outcome::Skipped => summary.skipped += 1,
             Outcome::Busy => summary.busy += 1,
         }
-        if matches!(status.outcome, Outcome::Complete | Outcome::Partial) {
-            summary.frames += status.frames;
-            summary.faces += status.faces;
+        if matches!(status.of.outcome, Outcome::Complete | Outcome::Partial) {
+            summary.frames += status.of.frames;
+            summary.faces += status.of.faces;
         }
         progress(&ItemReport {
             position: k + 1,
@@ -160,12 +160,14 @@ impl Runner<'_> {
         let line = |outcome, error: Option<String>| StatusLine {
             time: iso8601(std::time::SystemTime::now()),
             task: self.opts.shard.to_string(),
-            input: item.key.clone(),
-            path: item.path.display().to_string(),
-            id: item.id.clone(),
-            outcome,
-            frames: 0,
-            faces: 0,
+            of: InputOutcome {
+                input: item.key.clone(),
+                path: item.path.display().to_string(),
+                id: item.id.clone(),
+                outcome,
+                frames: 0,
+                faces: 0,
+            },
             seconds: 0.0,
             error,
             warnings: Vec::new(),
@@ -173,7 +175,7 @@ impl Runner<'_> {
         if done.exists() && !self.opts.force {
             let mut l = line(Outcome::Skipped, None);
             if let Ok(r) = read_result(&done) {
-                (l.frames, l.faces) = (r.frames, r.faces);
+                (l.of.frames, l.of.faces) = (r.of.frames, r.of.faces);
             }
             return Ok(l);
         }
@@ -207,8 +209,8 @@ impl Runner<'_> {
         let scored = self.score(spec, &tmp)?;
         let seconds = start.elapsed().as_secs_f64();
         let mut status = line(Outcome::Complete, None);
-        status.frames = scored.frames;
-        status.faces = scored.faces;
+        status.of.frames = scored.frames;
+        status.of.faces = scored.faces;
         status.seconds = seconds;
         status.warnings = scored.warnings.clone();
         let failure = match (&scored.failed, &scored.recording_error) {
@@ -217,7 +219,7 @@ impl Runner<'_> {
             _ => None,
         };
         if let Some(e) = failure {
-            status.outcome = Outcome::Failed;
+            status.of.outcome = Outcome::Failed;
             status.error = Some(e);
             // Nothing in it is worth keeping: a rerun starts it again.
             if tmp.exists() {
@@ -230,15 +232,17 @@ impl Runner<'_> {
             status.warnings.push(e.clone());
         }
         if !status.warnings.is_empty() {
-            status.outcome = Outcome::Partial;
+            status.of.outcome = Outcome::Partial;
         }
         let result = InputResult {
-            input: item.key.clone(),
-            path: item.path.display().to_string(),
-            id: item.id.clone(),
-            outcome: status.outcome,
-            frames: scored.frames,
-            faces: scored.faces,
+            of: InputOutcome {
+                input: item.key.clone(),
+                path: item.path.display().to_string(),
+                id: item.id.clone(),
+                outcome: status.of.outcome,
+                frames: scored.frames,
+                faces: scored.faces,
+            },
             tracks: scored.tracks.len() as u64,
             duration_s: scored.last_t,
             seconds,
@@ -248,7 +252,7 @@ impl Runner<'_> {
             finished: iso8601(std::time::SystemTime::now()),
         };
         if let Err(e) = publish(&tmp, &done, &result) {
-            status.outcome = Outcome::Failed;
+            status.of.outcome = Outcome::Failed;
             status.error = Some(e.to_string());
         }
         Ok(status)
@@ -415,12 +419,14 @@ mod tests {
             let d = out.join(&items[i].id);
             std::fs::create_dir_all(&d).unwrap();
             let r = InputResult {
-                input: items[i].key.clone(),
-                path: items[i].path.display().to_string(),
-                id: items[i].id.clone(),
-                outcome: Outcome::Complete,
-                frames: 10 + i as u64,
-                faces: 20,
+                of: InputOutcome {
+                    input: items[i].key.clone(),
+                    path: items[i].path.display().to_string(),
+                    id: items[i].id.clone(),
+                    outcome: Outcome::Complete,
+                    frames: 10 + i as u64,
+                    faces: 20,
+                },
                 tracks: 2,
                 duration_s: 1.0,
                 seconds: 0.5,
@@ -439,9 +445,9 @@ mod tests {
             seen.push((
                 r.position,
                 r.of,
-                r.status.input.clone(),
-                r.status.outcome,
-                r.status.frames,
+                r.status.of.input.clone(),
+                r.status.of.outcome,
+                r.status.of.frames,
             ))
         })
         .unwrap();
@@ -458,7 +464,7 @@ mod tests {
         assert_eq!(lines.len(), 2);
         assert!(lines
             .iter()
-            .all(|l| l.task == "1/2" && l.outcome == Outcome::Skipped));
+            .all(|l| l.task == "1/2" && l.of.outcome == Outcome::Skipped));
         // Task 0 owns missing files: each is a failure, and the task goes on.
         let s = run_task(
             &options(&out, items, Shard { index: 0, count: 2 }),

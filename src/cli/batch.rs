@@ -129,21 +129,21 @@ fn batch(args: BatchArgs) -> Result<()> {
     );
     let summary = batch::task::run_task(&opts, &mut |r| {
         let s = &r.status;
-        let what = match s.outcome {
+        let what = match s.of.outcome {
             Outcome::Skipped => "skipped (finished by an earlier run)".to_string(),
             Outcome::Failed | Outcome::Busy => format!(
                 "{}: {}",
-                s.outcome.as_str(),
+                s.of.outcome.as_str(),
                 s.error.as_deref().unwrap_or("unknown error")
             ),
             Outcome::Complete | Outcome::Partial => {
                 let mut t = format!(
                     "{}, {} frames, {} faces in {:.1} s ({:.1} frames/s)",
-                    s.outcome.as_str(),
-                    s.frames,
-                    s.faces,
+                    s.of.outcome.as_str(),
+                    s.of.frames,
+                    s.of.faces,
                     s.seconds,
-                    s.frames as f64 / s.seconds.max(1e-9)
+                    s.of.frames as f64 / s.seconds.max(1e-9)
                 );
                 if let Some(w) = s.warnings.first() {
                     t.push_str(&format!(
@@ -154,7 +154,7 @@ fn batch(args: BatchArgs) -> Result<()> {
                 t
             }
         };
-        eprintln!("[{}/{}] {}: {what}", r.position, r.of, s.input);
+        eprintln!("[{}/{}] {}: {what}", r.position, r.of, s.of.input);
     })?;
     eprintln!(
         "task {shard} done in {:.1} s: {} inputs, {} complete, {} partial, {} failed, {} skipped, {} busy; {} frames, {} faces",
