@@ -133,17 +133,8 @@ impl<'a> FaceJson<'a> {
         top: Option<usize>,
     ) -> Self {
         Self {
-            id: None,
-            bbox: [b.x, b.y, b.w, b.h],
-            classes: classes_json(s),
-            predicted: s.predicted_name(),
             descriptors: Some(descriptors_json(s, bank, top)),
-            landmarks: b
-                .landmarks
-                .map(|l| l.map(|p| p.map(|x| (f64::from(x) * 10.0).round() / 10.0))),
-            probe: None,
-            dynamic: None,
-            temporal: None,
+            ..Self::scored(b, s)
         }
     }
 
@@ -156,12 +147,28 @@ impl<'a> FaceJson<'a> {
         bank: &'a DescriptorBank,
         top: Option<usize>,
     ) -> Self {
-        let mut f = Self::new(b, s, bank, top);
-        f.id = Some(id);
-        if top.is_none() {
-            f.descriptors = None;
+        Self {
+            id: Some(id),
+            descriptors: top.map(|k| descriptors_json(s, bank, Some(k))),
+            ..Self::scored(b, s)
         }
-        f
+    }
+
+    /// Box, landmarks, classes and prediction; nothing optional.
+    fn scored(b: &FaceBox, s: &'a ExpressionScores) -> Self {
+        Self {
+            id: None,
+            bbox: [b.x, b.y, b.w, b.h],
+            classes: classes_json(s),
+            predicted: s.predicted_name(),
+            descriptors: None,
+            landmarks: b
+                .landmarks
+                .map(|l| l.map(|p| p.map(|x| (f64::from(x) * 10.0).round() / 10.0))),
+            probe: None,
+            dynamic: None,
+            temporal: None,
+        }
     }
 }
 
