@@ -142,7 +142,13 @@ impl ClassifyArgs {
                 let line = ImageJson {
                     image: path,
                     faces: (faces.iter())
-                        .map(|f| output::FaceJson::new(&f.bbox, &f.scores, &loaded.bank, top))
+                        .map(|f| {
+                            output::FaceJson::new(&f.bbox, &f.scores).with_descriptors(
+                                &f.scores,
+                                &loaded.bank,
+                                top,
+                            )
+                        })
                         .collect(),
                     // DFER-CLIP is a video model: a still gets its image branch.
                     branch: (loaded.bank.kind == cliper::model::cliper::BankKind::DferClip)

@@ -97,7 +97,7 @@ pub fn clip_json(
 ) -> String {
     let faces = match (&r.bbox, &r.scores) {
         (Some(b), Some(s)) => {
-            let mut f = output::FaceJson::new(b, &s.scores, bank, top);
+            let mut f = output::FaceJson::new(b, &s.scores).with_descriptors(&s.scores, bank, top);
             f.temporal = Some(s.mode.as_str());
             vec![f]
         }

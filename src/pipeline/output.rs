@@ -124,38 +124,9 @@ pub fn descriptors_json<'a>(
 }
 
 impl<'a> FaceJson<'a> {
-    /// A face's box, classes and prediction, and its `top` descriptors
-    /// (all of them with `None`).
-    pub fn new(
-        b: &FaceBox,
-        s: &'a ExpressionScores,
-        bank: &'a DescriptorBank,
-        top: Option<usize>,
-    ) -> Self {
-        Self {
-            descriptors: Some(descriptors_json(s, bank, top)),
-            ..Self::scored(b, s)
-        }
-    }
-
-    /// A tracked face of a video frame: its id, and descriptors only when
-    /// `top` asks for them.
-    pub fn tracked(
-        id: u64,
-        b: &FaceBox,
-        s: &'a ExpressionScores,
-        bank: &'a DescriptorBank,
-        top: Option<usize>,
-    ) -> Self {
-        Self {
-            id: Some(id),
-            descriptors: top.map(|k| descriptors_json(s, bank, Some(k))),
-            ..Self::scored(b, s)
-        }
-    }
-
-    /// Box, landmarks, classes and prediction; nothing optional.
-    fn scored(b: &FaceBox, s: &'a ExpressionScores) -> Self {
+    /// A face's box, landmarks, classes and prediction; the optional fields
+    /// empty.
+    pub fn new(b: &FaceBox, s: &'a ExpressionScores) -> Self {
         Self {
             id: None,
             bbox: [b.x, b.y, b.w, b.h],
@@ -169,6 +140,17 @@ impl<'a> FaceJson<'a> {
             dynamic: None,
             temporal: None,
         }
+    }
+
+    /// With the face's `top` descriptors of `s` (all of them with `None`).
+    pub fn with_descriptors(
+        mut self,
+        s: &ExpressionScores,
+        bank: &'a DescriptorBank,
+        top: Option<usize>,
+    ) -> Self {
+        self.descriptors = Some(descriptors_json(s, bank, top));
+        self
     }
 }
 

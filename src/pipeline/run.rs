@@ -229,7 +229,11 @@ fn json_line(s: &FrameScores, top: Option<usize>, dynamic: bool) -> String {
         .faces
         .iter()
         .map(|f| {
-            let mut v = output::FaceJson::tracked(f.id, &f.face.bbox, &f.face.scores, &s.bank, top);
+            let mut v = output::FaceJson::new(&f.face.bbox, &f.face.scores);
+            v.id = Some(f.id);
+            if let Some(k) = top {
+                v = v.with_descriptors(&f.face.scores, &s.bank, Some(k));
+            }
             v.probe = match (&s.probe, f.probe_logit) {
                 (Some(text), Some(logit)) => Some(output::ProbeJson { text, logit }),
                 _ => None,
