@@ -10,6 +10,7 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 
 use super::config::VisionConfig;
+use super::gemm_i8::Isa;
 use super::layers::{linear_no_bias, EncoderLayer, LayerNorm};
 use super::vision_cpu::QuantizedLinears;
 
@@ -124,8 +125,9 @@ impl VisionTower {
         &self.pre_layernorm
     }
 
-    /// Quantizes the blocks' linear layers to 8 bits (`true`) or goes back
-    /// to f32 (`false`). Only the CPU f32 fast path uses them.
+    /// Quantizes the blocks' linear layers to 8 bits (`true`), on the best
+    /// instruction set this CPU has (or `CLIPER_ISA`'s), or goes back to f32
+    /// (`false`). Only the CPU f32 fast path uses them.
     pub fn set_quantized(&mut self, on: bool) -> Result<()> {
         if !on {
             if self.backend.is_fused() {
@@ -133,17 +135,36 @@ impl VisionTower {
             }
             return Ok(());
         }
+        self.quantize(None)
+    }
+
+    /// Quantizes the blocks' linear layers to 8 bits for the kernel on
+    /// `forced`, or on the best instruction set (`None`).
+    pub fn quantize(&mut self, forced: Option<Isa>) -> Result<()> {
+        let isa = Isa::select(forced).map_err(candle_core::Error::wrap)?;
         if !super::vision_cpu::supports(self, None) {
             candle_core::bail!(
                 "8-bit precision runs only on the CPU in f32: use --precision f32 on this device"
             )
         }
-        let q = QuantizedLinears::new(self)?;
+        let q = QuantizedLinears::new(self, isa)?;
         if !super::vision_cpu::supports(self, Some(&q)) {
             candle_core::bail!("the 8-bit layers do not fit this tower's blocks")
         }
         self.backend = VisionBackend::FusedQ8(Arc::new(q));
         Ok(())
+    }
+
+    /// Which path the forward runs, as the status lines name it: `f32
+    /// avx512` or `f32 avx2` (the fused forward; gemm's kernels), `q8
+    /// avx512-vnni`, `q8 avx-vnni`, `q8 avx2` or `q8 q8_0`, or `candle` (op
+    /// by op, as on GPUs).
+    pub fn kernel(&self) -> String {
+        match &self.backend {
+            VisionBackend::Candle => "candle".into(),
+            VisionBackend::FusedF32 => format!("f32 {}", super::vision_cpu::f32_isa()),
+            VisionBackend::FusedQ8(q) => format!("q8 {}", q.kernel()),
+        }
     }
 
     /// Token sequence entering the first block: [B, T, D].

@@ -21,7 +21,7 @@ use candle_nn::Linear;
 use rayon::prelude::*;
 
 use super::config::Activation;
-use super::gemm_i8::{self, PackedWeights, QuantizedRows};
+use super::gemm_i8::{self, Isa, PackedWeights, QuantizedRows};
 use super::layers::LayerNorm;
 use super::vision::{VisionOutput, VisionTower};
 
@@ -139,12 +139,12 @@ impl<'a> LinearView<'a> {
             candle_core::bail!("linear layer buffers do not match [{m}, {k}] x [{n}, {k}]")
         }
         let bias = self.b.as_ref().map(|b| b.slice());
-        if let Some(QuantizedLinear::Vnni(w)) = self.quantized {
+        if let Some(QuantizedLinear::Int8(w, isa)) = self.quantized {
             let owned;
             let xq = match xq {
                 Some(xq) => xq,
                 None => {
-                    owned = QuantizedRows::new(x, m, k);
+                    owned = QuantizedRows::new(x, m, k, *isa);
                     &owned
                 }
             };
@@ -263,10 +263,12 @@ fn column_split(m: usize, n: usize, k: usize) -> Vec<(usize, usize)> {
 }
 
 impl LinearView<'_> {
-    /// `x` [m, k] quantized once for several VNNI layers reading it.
+    /// `x` [m, k] quantized once for several 8-bit layers reading it.
     fn quantize_input(&self, x: &[f32], m: usize) -> Option<QuantizedRows> {
-        matches!(self.quantized, Some(QuantizedLinear::Vnni(_)))
-            .then(|| QuantizedRows::new(x, m, self.k))
+        match self.quantized {
+            Some(QuantizedLinear::Int8(_, isa)) => Some(QuantizedRows::new(x, m, self.k, *isa)),
+            _ => None,
+        }
     }
 }
 
@@ -279,10 +281,11 @@ fn rows_mut(
     dst.par_chunks_mut(rs).take(m).with_min_len(64).enumerate()
 }
 
-/// One 8-bit linear layer: this crate's VNNI kernel where the CPU and the
-/// shape allow, Candle's Q8_0 matmul otherwise.
+/// One 8-bit linear layer: this crate's kernel (on the instruction set
+/// chosen at load) where the CPU and the shape allow, Candle's Q8_0 matmul
+/// otherwise.
 enum QuantizedLinear {
-    Vnni(PackedWeights),
+    Int8(PackedWeights, Isa),
     Candle(QMatMul),
     /// Too narrow for 8-bit blocks (inputs not a multiple of 32): kept f32.
     Full,
@@ -293,6 +296,9 @@ enum QuantizedLinear {
 /// embedding and the final projection stay f32.
 pub struct QuantizedLinears {
     layers: Vec<BlockLinears<QuantizedLinear>>,
+    /// The instruction set of this crate's kernel, `None` when this CPU has
+    /// none it runs (then every layer is Candle's Q8_0).
+    isa: Option<Isa>,
 }
 
 /// A transformer block's six linear layers.
@@ -313,24 +319,21 @@ impl<T> BlockLinears<T> {
 
 impl std::fmt::Debug for QuantizedLinears {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let vnni = self
-            .layers
-            .iter()
-            .flat_map(BlockLinears::iter)
-            .filter(|l| matches!(l, QuantizedLinear::Vnni(_)))
-            .count();
         write!(
             f,
-            "QuantizedLinears({} blocks, {vnni} VNNI layers)",
-            self.layers.len()
+            "QuantizedLinears({} blocks, {} layers on {})",
+            self.layers.len(),
+            self.int8_layers(),
+            self.kernel()
         )
     }
 }
 
 impl QuantizedLinears {
     /// Quantizes `tower`'s block weights to 8 bits: per output channel and
-    /// group of 256 inputs for the VNNI kernel, Q8_0 (groups of 32) otherwise.
-    pub fn new(tower: &VisionTower) -> Result<Self> {
+    /// group of 256 inputs for this crate's kernel on `isa`, Q8_0 (groups
+    /// of 32) where there is no `isa` or a layer's shape does not fit it.
+    pub fn new(tower: &VisionTower, isa: Option<Isa>) -> Result<Self> {
         let q = |l: &Linear| -> Result<QuantizedLinear> {
             let w = l
                 .weight()
@@ -338,10 +341,10 @@ impl QuantizedLinears {
                 .to_dtype(DType::F32)?
                 .contiguous()?;
             let (n, k) = w.dims2()?;
-            if gemm_i8::available() {
+            if let Some(isa) = isa {
                 let data = w.flatten_all()?.to_vec1::<f32>()?;
                 if let Some(p) = PackedWeights::new(&data, n, k) {
-                    return Ok(QuantizedLinear::Vnni(p));
+                    return Ok(QuantizedLinear::Int8(p, isa));
                 }
             }
             if !k.is_multiple_of(GgmlDType::Q8_0.block_size()) {
@@ -367,7 +370,24 @@ impl QuantizedLinears {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { layers })
+        Ok(Self { layers, isa })
+    }
+
+    fn int8_layers(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(BlockLinears::iter)
+            .filter(|l| matches!(l, QuantizedLinear::Int8(..)))
+            .count()
+    }
+
+    /// Which kernel the 8-bit layers run: `avx512-vnni`, `avx-vnni`,
+    /// `avx2`, or `q8_0` (Candle's) where this crate's kernel does not run.
+    pub fn kernel(&self) -> &'static str {
+        match self.isa {
+            Some(isa) if self.int8_layers() > 0 => isa.as_str(),
+            _ => "q8_0",
+        }
     }
 }
 
@@ -520,6 +540,31 @@ pub fn store_transposed(tower: &mut VisionTower) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The instruction set of the f32 matrix products: the `gemm` crate picks
+/// its kernels itself, AVX-512 where the CPU has it (its `x86-v4`
+/// feature), else AVX2 with FMA.
+pub fn f32_isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") {
+            "avx512"
+        } else if has!("avx2") && has!("fma") {
+            "avx2"
+        } else {
+            "sse"
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        "neon"
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        "scalar"
+    }
 }
 
 /// Whether the fused forward can run `tower` (with `quantized` layers):
