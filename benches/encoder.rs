@@ -30,7 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         bench::set_threads(threads)?;
     }
     let ckpt = Checkpoint::random(&ClipConfig::vit_b16(), 0)?;
-    let mut clip = ClipModel::from_checkpoint(&ckpt, &Device::Cpu, DType::F32)?;
+    let mut clip = ClipModel::from_checkpoint(ckpt, &Device::Cpu, DType::F32)?;
     let px = Tensor::randn(0f32, 1.0, (batch, 3, 224, 224), &Device::Cpu)?;
     let warmup = 1;
     let per_image = |s: Stat| s.median / batch as f64;

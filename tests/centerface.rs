@@ -404,6 +404,7 @@ fn the_pipeline_falls_back_to_seeta_on_a_bad_model_file() {
         bank: BankSource::Learned(common::fixtures().join("clip_c_hf16/descriptors.safetensors")),
         device: "cpu".into(),
         head: None,
+        precision: Default::default(),
     };
     let photo = common::astronaut_path();
     let mut config = PipelineConfig::new(

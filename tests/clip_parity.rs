@@ -11,7 +11,7 @@ use common::*;
 fn load(rel: &str) -> ClipModel {
     let path = cliper::model::weights::resolve_path(&fixtures().join(rel)).unwrap();
     let ckpt = Checkpoint::load(&path, DType::F32).unwrap();
-    ClipModel::from_checkpoint(&ckpt, &Device::Cpu, DType::F32).unwrap()
+    ClipModel::from_checkpoint(ckpt, &Device::Cpu, DType::F32).unwrap()
 }
 
 fn check_model(rel: &str, ref_dir: &str) {
@@ -177,7 +177,7 @@ fn tokenizer_matches_openai_on_tricky_strings() {
 fn full_vit_b16_shape_builds_and_runs() {
     let cfg = ClipConfig::vit_b16();
     let ckpt = Checkpoint::random(&cfg, 0).unwrap();
-    let clip = ClipModel::from_checkpoint(&ckpt, &Device::Cpu, DType::F32).unwrap();
+    let clip = ClipModel::from_checkpoint(ckpt, &Device::Cpu, DType::F32).unwrap();
     let px = Tensor::zeros((1, 3, 224, 224), DType::F32, &Device::Cpu).unwrap();
     let emb = clip.encode_images(&px).unwrap();
     assert_eq!(emb.dims(), &[1, 512]);

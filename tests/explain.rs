@@ -221,6 +221,7 @@ fn live_pipeline_draws_the_fast_map_of_the_chosen_target() {
         ),
         device: "cpu".into(),
         head: None,
+        precision: Default::default(),
     };
     let mut config = PipelineConfig::new(
         SourceSpec::from_path(&photo, 10.0).unwrap(),
@@ -284,6 +285,7 @@ fn live_pipeline_computes_exact_maps_of_a_paused_frame() {
         ),
         device: "cpu".into(),
         head: None,
+        precision: Default::default(),
     };
     let config = PipelineConfig::new(
         SourceSpec::from_path(&photo, 10.0).unwrap(),

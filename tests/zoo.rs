@@ -28,6 +28,7 @@ fn dfer_spec(file: &str) -> ModelSpec {
         bank: BankSource::Learned(zoo(file)),
         device: "cpu".into(),
         head: None,
+        precision: Default::default(),
     }
 }
 
@@ -175,6 +176,7 @@ fn exp_clip_head_matches_pytorch() {
         bank: BankSource::Prompts(zoo("expclip_prompts.txt")),
         device: "cpu".into(),
         head: Some(zoo("expclip_head.pth")),
+        precision: Default::default(),
     };
     let loaded = setup::load(&spec).unwrap();
     let bank = &loaded.bank;
@@ -305,7 +307,7 @@ fn bad_models_and_heads_get_clear_errors() {
     )
     .unwrap();
     let clip_c = cliper::model::ClipModel::from_checkpoint(
-        &base,
+        base,
         &candle_core::Device::Cpu,
         candle_core::DType::F32,
     )

@@ -135,7 +135,10 @@ pub fn show(ui: &mut egui::Ui, store: &Store, stats: &UiStats) {
                             info.weights.display(),
                             info.load_secs
                         ));
-                    ui.label(RichText::new(&info.device).strong());
+                    ui.label(RichText::new(format!("{} {}", info.device, info.kernel)).strong())
+                        .on_hover_text(
+                            "the image encoder's device, precision and kernel (--precision; cliper bench compares them)",
+                        );
                 }
                 ModelState::Failed(e) => {
                     ui.label(RichText::new("model failed to load").color(Color32::LIGHT_RED))

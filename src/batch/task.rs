@@ -397,6 +397,7 @@ mod tests {
                 bank: BankSource::BuiltinZeroShot,
                 device: "cpu".into(),
                 head: None,
+                precision: Default::default(),
             },
             analyzer: AnalyzerConfig::default(),
             dynamic: None,

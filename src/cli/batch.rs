@@ -94,7 +94,7 @@ fn batch(args: BatchArgs) -> Result<()> {
         (None, None) => anyhow::bail!("give --input DIR or --manifest FILE"),
     };
     let analyzer = args.scoring.faces.file_analyzer_config()?;
-    let model = args.scoring.model.spec(&args.scoring.bank);
+    let model = args.scoring.spec();
     let settings = cliper::pipeline::recorder::run_settings(
         "batch",
         &model,

@@ -13,9 +13,15 @@ pub(crate) struct BenchArgs {
     /// Batch sizes of the image encoder, comma-separated.
     #[arg(value_parser = ranged::<1, 256>, long, value_delimiter = ',', default_value = "1,8")]
     batch: Vec<usize>,
-    /// Image-encoder precision (q8: 8-bit, CPU; bf16/f16: GPUs).
+    /// Image-encoder precision: auto (q8 on a CPU with an 8-bit kernel, else
+    /// f32; f16 on GPUs), f32, q8 (8-bit, CPU), bf16/f16 (GPUs).
     #[arg(long, value_enum, default_value_t = Precision::Auto)]
     precision: Precision,
+    /// The 8-bit kernel to run instead of the best this CPU has (as
+    /// $CLIPER_ISA does everywhere): to measure the AVX2 path of CPUs
+    /// without AVX-512 on one that has it.
+    #[arg(long, value_enum)]
+    isa: Option<cliper::model::gemm_i8::Isa>,
     /// Timed runs per stage, after 2 warm-up runs.
     #[arg(value_parser = ranged::<1, 100000>, long, default_value_t = 10)]
     runs: usize,
@@ -41,6 +47,7 @@ impl BenchArgs {
             random,
             batch,
             precision,
+            isa,
             runs,
             threads,
             device,
@@ -52,6 +59,7 @@ impl BenchArgs {
             random,
             batches: batch,
             precision,
+            isa,
             runs,
             threads,
             device: device.as_str().into(),

@@ -19,10 +19,6 @@ pub(crate) struct ClassifyArgs {
     scoring: ScoringArgs,
     #[command(flatten)]
     output: OutputArgs,
-    /// Image-encoder precision: auto (f32 on CPU, f16 on GPUs), f32,
-    /// f16, bf16 (GPUs) or q8 (8-bit, CPU; see `cliper bench`).
-    #[arg(long, value_enum, default_value_t = Precision::Auto)]
-    precision: Precision,
     /// Images to classify.
     #[arg(required = true)]
     images: Vec<PathBuf>,
@@ -63,7 +59,7 @@ fn load_model(args: &ModelArgs) -> Result<ClipModel> {
     let dtype = model::device::default_dtype(&device);
     let path = model::weights::locate(args.weights.as_deref())?;
     let ckpt = model::Checkpoint::load(&path, candle_core::DType::F32)?;
-    Ok(ClipModel::from_checkpoint(&ckpt, &device, dtype)?)
+    Ok(ClipModel::from_checkpoint(ckpt, &device, dtype)?)
 }
 
 fn embed(args: &ModelArgs, image: Option<PathBuf>, text: Option<String>) -> Result<()> {
@@ -117,13 +113,12 @@ fn classify_note(bank: &cliper::model::cliper::DescriptorBank) {
 impl ClassifyArgs {
     pub(crate) fn run(self) -> Result<()> {
         let Self {
-            scoring: ScoringArgs { model, bank, faces },
+            scoring,
             output: OutputArgs { top, json },
-            precision,
             images,
         } = self;
-        let mut analyzer = faces.still_analyzer()?;
-        let loaded = setup::load_with(&model.spec(&bank), precision)?;
+        let mut analyzer = scoring.faces.still_analyzer()?;
+        let loaded = setup::load(&scoring.spec())?;
         classify_note(&loaded.bank);
         let mut failed = 0;
         for path in &images {
@@ -169,14 +164,14 @@ impl ClassifyArgs {
 impl ClassifyClipArgs {
     pub(crate) fn run(self) -> Result<()> {
         let Self {
-            scoring: ScoringArgs { model, bank, faces },
+            scoring,
             output: OutputArgs { top, json },
             clips,
         } = self;
         use cliper::pipeline::clip::{classify_clip, clip_json, sample_clip};
         use cliper::pipeline::dynamic::DynamicScorer;
-        let mut analyzer = faces.still_analyzer()?;
-        let loaded = setup::load(&model.spec(&bank))?;
+        let mut analyzer = scoring.faces.still_analyzer()?;
+        let loaded = setup::load(&scoring.spec())?;
         let temporal = match &loaded.cliper {
             Some(ck) => ck
                 .temporal_module(loaded.clip.config.embed_dim, &loaded.clip.device)

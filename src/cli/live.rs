@@ -9,6 +9,8 @@ pub(crate) struct LiveArgs {
     #[command(flatten)]
     bank: BankArgs,
     #[command(flatten)]
+    precision: PrecisionArgs,
+    #[command(flatten)]
     source: SourceArgs,
     /// Close the window after SECONDS and print the session's speed figures.
     #[arg(long, value_name = "SECONDS")]
@@ -64,7 +66,7 @@ fn live(args: LiveArgs) -> Result<()> {
     }
     let opts = cliper::app::LiveOptions {
         source: args.source.spec()?,
-        model: args.model.spec(&args.bank),
+        model: args.model.spec_in(&args.bank, args.precision.precision),
         bank_given: args.bank.descriptors.is_some() || args.bank.prompts.is_some(),
         exit_after: args.exit_after,
         screenshot: args.screenshot,

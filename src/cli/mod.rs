@@ -138,15 +138,33 @@ struct BankArgs {
 }
 
 impl ModelArgs {
-    /// What the pipeline loads: these weights and device, with `bank`.
+    /// What the commands that explain, train and evaluate load: these
+    /// weights and device, with `bank`, in f32 (the reference precision).
     fn spec(&self, bank: &BankArgs) -> ModelSpec {
+        self.spec_in(bank, Precision::F32)
+    }
+
+    /// [`Self::spec`] with the image encoder in `precision`.
+    fn spec_in(&self, bank: &BankArgs, precision: Precision) -> ModelSpec {
         ModelSpec {
             weights: self.weights.clone(),
             bank: bank.source(),
             device: self.device.as_str().into(),
             head: bank.head.as_deref().map(cliper::model::zoo::resolve),
+            precision,
         }
     }
+}
+
+/// `--precision` of the commands that score faces (`live`, `run`, `batch`,
+/// `classify`).
+#[derive(clap::Args, Clone)]
+struct PrecisionArgs {
+    /// Image-encoder precision: auto (on the CPU 8-bit where this CPU has
+    /// an 8-bit kernel, as `cliper bench` shows, else f32; f16 on GPUs),
+    /// f32, q8 (8-bit, CPU), f16 or bf16 (GPUs).
+    #[arg(long, value_enum, default_value_t = Precision::Auto)]
+    precision: Precision,
 }
 
 impl BankArgs {
@@ -172,6 +190,15 @@ struct ScoringArgs {
     bank: BankArgs,
     #[command(flatten)]
     faces: FaceArgs,
+    #[command(flatten)]
+    precision: PrecisionArgs,
+}
+
+impl ScoringArgs {
+    /// What the pipeline loads, in the chosen precision.
+    fn spec(&self) -> ModelSpec {
+        self.model.spec_in(&self.bank, self.precision.precision)
+    }
 }
 
 /// How faces are found in stills, clips and frames.

@@ -40,7 +40,7 @@ fn run_headless(args: RunArgs) -> Result<()> {
     };
     let opts = cliper::pipeline::run::RunOptions {
         source,
-        model: args.scoring.model.spec(&args.scoring.bank),
+        model: args.scoring.spec(),
         analyzer,
         frames: args.frames,
         json: args.json,
@@ -85,10 +85,15 @@ fn run_headless(args: RunArgs) -> Result<()> {
         );
     }
     eprintln!(
-        "processed {} frames, {} faces in {:.1} s (per frame: decode {:.1} ms, detect {:.0} ms, encode {:.0} ms, score {:.1} ms){}",
+        "processed {} frames, {} faces in {:.1} s on {} (per frame: decode {:.1} ms, detect {:.0} ms, encode {:.0} ms, score {:.1} ms){}",
         summary.frames,
         summary.faces,
         summary.secs,
+        if summary.kernel.is_empty() {
+            "a model that did not load"
+        } else {
+            &summary.kernel
+        },
         summary.decode_ms,
         summary.detect_ms,
         summary.encode_ms,

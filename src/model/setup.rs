@@ -51,6 +51,9 @@ pub struct ModelSpec {
     pub device: String,
     /// `--head`: an Exp-CLIP projection head for zero-shot banks.
     pub head: Option<PathBuf>,
+    /// `--precision` of the image encoder; `auto` resolves on the device
+    /// ([`Precision::resolve`]).
+    pub precision: Precision,
 }
 
 /// A loaded model with its bank.
@@ -62,12 +65,10 @@ pub struct Loaded {
     pub cliper: Option<CliperCheckpoint>,
 }
 
+/// Loads the model, its bank and checkpoint that `spec` names, the image
+/// encoder in `spec.precision`.
 pub fn load(spec: &ModelSpec) -> Result<Loaded, SetupError> {
-    load_with(spec, Precision::Auto)
-}
-
-/// [`load`] with the image encoder in a chosen precision.
-pub fn load_with(spec: &ModelSpec, precision: Precision) -> Result<Loaded, SetupError> {
+    let precision = spec.precision;
     let dev_name = if spec.device.is_empty() {
         "auto"
     } else {
@@ -108,21 +109,21 @@ pub fn load_with(spec: &ModelSpec, precision: Precision) -> Result<Loaded, Setup
     if let Some(c) = &cliper {
         c.apply_vision(&mut ckpt)?;
     }
-    let mut clip = ClipModel::from_checkpoint(&ckpt, &device, dtype)?;
-    drop(ckpt);
+    let mut clip = ClipModel::from_checkpoint(ckpt, &device, dtype)?;
     // DFER-CLIP and Exp-CLIP were trained and measured on squashed,
     // unnormalised pixels: give their models the pixels they know.
     if cliper.as_ref().is_some_and(|c| c.is_dfer_clip()) || spec.head.is_some() {
         clip.preprocessing = crate::model::preprocess::Preprocessing::Squash;
     }
-    if precision.quantized() {
-        clip.vision
-            .set_quantized(true)
-            .map_err(|source| WeightsError::Candle {
-                path: clip.source.clone(),
-                source,
-            })?;
-    }
+    let quantized = match precision {
+        Precision::Q8 => clip.vision.set_quantized(true).map(|()| true),
+        Precision::Auto if device.is_cpu() => clip.vision.quantize_if_fast(),
+        _ => Ok(false),
+    };
+    quantized.map_err(|source| WeightsError::Candle {
+        path: clip.source.clone(),
+        source,
+    })?;
     let tokenizer = ClipTokenizer::new();
     let bank = load_bank_with(
         &clip,

@@ -373,6 +373,12 @@ impl QuantizedLinears {
         Ok(Self { layers, isa })
     }
 
+    /// Whether every layer runs one of this crate's int8 kernels (none on
+    /// Candle's Q8_0 or in f32).
+    pub fn all_int8(&self) -> bool {
+        self.int8_layers() == self.layers.len() * 6
+    }
+
     fn int8_layers(&self) -> usize {
         self.layers
             .iter()
@@ -526,6 +532,8 @@ fn tower_views<'a>(
 /// the view as before (its matmul takes either layout); nothing is copied
 /// twice, so memory is unchanged. Untracked f32 CPU weights only.
 pub fn store_transposed(tower: &mut VisionTower) -> Result<()> {
+    // `ClipModel::from_checkpoint` has laid them out so already, one at a
+    // time; this catches towers built otherwise.
     for layer in &mut tower.layers {
         for l in layer.linears_mut() {
             let w = l.weight();
@@ -535,11 +543,32 @@ pub fn store_transposed(tower: &mut VisionTower) -> Result<()> {
             if HostF32::transposed(w).is_some() {
                 continue;
             }
-            let wt = w.t()?.contiguous()?.t()?;
-            *l = Linear::new(wt, l.bias().cloned());
+            *l = Linear::new(transposed_layout(w.clone())?, l.bias().cloned());
         }
     }
     Ok(())
+}
+
+/// `w` [n, k] as the column-major view of a contiguous `W^T` (see
+/// [`store_transposed`]); a copy, after which `w` may be dropped.
+pub fn transposed_layout(w: Tensor) -> Result<Tensor> {
+    w.t()?.contiguous()?.t()
+}
+
+/// Whether the HF-named tensor `name` is the weight of a vision block's
+/// linear layer, which the fused f32 forward reads transposed.
+pub fn is_block_linear_weight(name: &str) -> bool {
+    name.starts_with("vision_model.encoder.layers.")
+        && [
+            "q_proj.weight",
+            "k_proj.weight",
+            "v_proj.weight",
+            "out_proj.weight",
+            "fc1.weight",
+            "fc2.weight",
+        ]
+        .iter()
+        .any(|s| name.ends_with(s))
 }
 
 /// The instruction set of the f32 matrix products: the `gemm` crate picks
@@ -1135,7 +1164,7 @@ mod tests {
         cfg.text.mlp = 128;
         cfg.embed_dim = 32;
         let ckpt = Checkpoint::random(&cfg, seed).unwrap();
-        ClipModel::from_checkpoint(&ckpt, &Device::Cpu, DType::F32).unwrap()
+        ClipModel::from_checkpoint(ckpt, &Device::Cpu, DType::F32).unwrap()
     }
 
     fn small(act: Activation) -> ClipModel {
@@ -1242,8 +1271,8 @@ mod tests {
     fn f16_path_stays_close_to_f32() {
         let cfg = small(Activation::QuickGelu).config;
         let ckpt = Checkpoint::random(&cfg, 7).unwrap();
-        let full = ClipModel::from_checkpoint(&ckpt, &Device::Cpu, DType::F32).unwrap();
-        let half = ClipModel::from_checkpoint(&ckpt, &Device::Cpu, DType::F16).unwrap();
+        let full = ClipModel::from_checkpoint(ckpt.clone(), &Device::Cpu, DType::F32).unwrap();
+        let half = ClipModel::from_checkpoint(ckpt, &Device::Cpu, DType::F16).unwrap();
         let px = Tensor::randn(0f32, 1.0, (2, 3, 48, 48), &Device::Cpu).unwrap();
         let a = full.encode_images(&px).unwrap();
         let b = half.encode_images(&px).unwrap();

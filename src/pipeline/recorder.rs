@@ -251,6 +251,7 @@ impl Recorder {
         self.writer.update_meta(MetaUpdate::Model {
             weights: info.weights.clone(),
             device: info.device.clone(),
+            kernel: info.kernel.clone(),
         });
     }
 

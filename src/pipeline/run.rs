@@ -61,6 +61,8 @@ pub struct RunSummary {
     pub score_ms: f64,
     /// What the recording left, when one was asked for.
     pub record: Option<RecordOutcome>,
+    /// The device and the image encoder's path (`CPU q8 avx512-vnni`).
+    pub kernel: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +205,9 @@ pub fn run(opts: &RunOptions, out: &mut dyn Write) -> Result<RunSummary, RunErro
                 if let Some(pb) = &bar {
                     pb.inc(1);
                 }
+            }
+            PipelineEvent::ModelReady(info) => {
+                summary.kernel = format!("{} {}", info.device, info.kernel);
             }
             PipelineEvent::Finished => break,
             _ => {}

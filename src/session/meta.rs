@@ -97,6 +97,10 @@ pub struct ModelMeta {
     pub weights_sha256: Option<String>,
     /// "CPU", "CUDA", "Metal".
     pub device: String,
+    /// The image encoder's precision and kernel, as `--precision auto`
+    /// chose it or as given (`q8 avx512-vnni`, `f32 avx2`, `candle`).
+    #[serde(default)]
+    pub kernel: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

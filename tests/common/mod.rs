@@ -15,7 +15,7 @@ pub fn tiny_clip() -> cliper::model::ClipModel {
         DType::F32,
     )
     .unwrap();
-    cliper::model::ClipModel::from_checkpoint(&ckpt, &Device::Cpu, DType::F32).unwrap()
+    cliper::model::ClipModel::from_checkpoint(ckpt, &Device::Cpu, DType::F32).unwrap()
 }
 
 /// `tiny_clip()` with the learned descriptor bank of its fixture checkpoint.

@@ -98,6 +98,7 @@ pub enum Naming {
 }
 
 /// A CLIP checkpoint read into memory, renamed to HF naming.
+#[derive(Clone)]
 pub struct Checkpoint {
     pub path: PathBuf,
     pub naming: Naming,

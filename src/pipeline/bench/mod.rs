@@ -16,6 +16,7 @@ use candle_core::{DType, Tensor};
 use crate::model::cliper::scoring;
 use crate::model::cliper::DescriptorBank;
 use crate::model::device::{self, Precision};
+use crate::model::gemm_i8::Isa;
 use crate::model::temporal::{TemporalConfig, TemporalModule};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::{preprocess, weights, Checkpoint, ClipConfig, ClipModel};
@@ -35,6 +36,8 @@ pub struct BenchOptions {
     pub random: bool,
     pub batches: Vec<usize>,
     pub precision: Precision,
+    /// The 8-bit kernel to run (`--isa`); `None`: the best this CPU has.
+    pub isa: Option<Isa>,
     pub runs: usize,
     pub warmup: usize,
     /// Worker threads (rayon, Candle, gemm); `None` keeps the default.
@@ -53,6 +56,7 @@ impl Default for BenchOptions {
             random: false,
             batches: vec![1, 8],
             precision: Precision::Auto,
+            isa: None,
             runs: 10,
             warmup: 2,
             threads: None,
@@ -125,7 +129,12 @@ fn round3(x: f64) -> f64 {
 #[derive(Clone, Debug)]
 pub struct BenchReport {
     pub device: String,
+    /// The precision that ran (`auto` resolved).
     pub precision: Precision,
+    /// The image encoder's path, e.g. `q8 avx512-vnni` or `f32 avx512`.
+    pub kernel: String,
+    /// The CPU model and its features that matter here ([`cpu_summary`]).
+    pub cpu: String,
     pub threads: usize,
     pub weights: String,
     pub runs: usize,
@@ -246,6 +255,41 @@ fn tempfile_dir() -> Result<PathBuf, BenchError> {
     Ok(dir)
 }
 
+/// The CPU's model name and the features our kernels and the peers' use,
+/// e.g. `AMD EPYC 9R14 (avx2 fma avx512f avx512-vnni avx512-bf16)`.
+pub fn cpu_summary() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |key: &str| {
+        info.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let name = field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    // Linux's names of the features our kernels and the peers' use (AMX
+    // is not detectable through std on stable Rust: read from the kernel).
+    let flags = field("flags").unwrap_or_default();
+    let have: Vec<&str> = flags.split_whitespace().collect();
+    let features: Vec<&str> = [
+        "avx2",
+        "fma",
+        "avx_vnni",
+        "avx512f",
+        "avx512_vnni",
+        "avx512_bf16",
+        "amx_bf16",
+        "amx_int8",
+    ]
+    .into_iter()
+    .filter(|f| have.contains(f))
+    .collect();
+    if features.is_empty() {
+        name
+    } else {
+        format!("{name} ({})", features.join(" "))
+    }
+}
+
 /// Peak resident memory of this process (`VmHWM`), in MB.
 pub fn peak_memory_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -278,16 +322,32 @@ fn load_model(opts: &BenchOptions) -> Result<(ClipModel, String), BenchError> {
         Checkpoint::load(&path, DType::F32)?
     };
     let name = ckpt.path.display().to_string();
-    let mut clip = ClipModel::from_checkpoint(&ckpt, &device, dtype)?;
-    drop(ckpt);
-    if opts.precision.quantized() {
-        clip.vision.set_quantized(true)?;
+    let mut clip = ClipModel::from_checkpoint(ckpt, &device, dtype)?;
+    match (opts.precision, opts.isa) {
+        (Precision::Q8, isa) => clip.vision.quantize(isa)?,
+        (Precision::Auto, Some(isa)) if device.is_cpu() => clip.vision.quantize(Some(isa))?,
+        (Precision::Auto, None) if device.is_cpu() => {
+            clip.vision.quantize_if_fast()?;
+        }
+        (p, Some(isa)) => {
+            return Err(BenchError::Settings(format!(
+                "--isa {isa} picks the 8-bit CPU kernel, which --precision {} on {} does not run: use --precision q8 (or auto) --device cpu",
+                p.as_str(),
+                device::describe(&device)
+            )))
+        }
+        _ => {}
     }
     Ok((clip, name))
 }
 
 /// Runs every stage; `progress` receives one line per stage.
 pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchReport, BenchError> {
+    // Each stage's line says the peak memory so far: what a stage added.
+    let progress = &mut |stage: &str| match peak_memory_mb() {
+        Some(mb) => progress(&format!("{stage} (peak memory so far {mb:.0} MB)")),
+        None => progress(stage),
+    };
     if opts.batches.is_empty() || opts.batches.contains(&0) {
         return Err(BenchError::Settings(
             "--batch needs sizes of at least 1, e.g. --batch 1,8".into(),
@@ -302,11 +362,14 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     let (w, r) = (opts.warmup, opts.runs);
     progress("loading the model");
     let (clip, weights_name) = load_model(opts)?;
-    let precision = match opts.precision {
-        Precision::Auto if clip.dtype == DType::F16 => Precision::F16,
-        Precision::Auto => Precision::F32,
-        p => p,
+    let precision = match clip.vision.precision() {
+        "q8" => Precision::Q8,
+        "f16" => Precision::F16,
+        "bf16" => Precision::Bf16,
+        _ => Precision::F32,
     };
+    let kernel = clip.vision.kernel();
+    progress(&format!("image encoder: {kernel}"));
     progress("computing the descriptor features");
     let bank = DescriptorBank::default_zero_shot(&clip, &ClipTokenizer::new())?;
 
@@ -465,6 +528,8 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     Ok(BenchReport {
         device: device::describe(&clip.device).to_string(),
         precision,
+        kernel,
+        cpu: cpu_summary(),
         threads: if clip.device.is_cpu() {
             rayon::current_num_threads()
         } else {

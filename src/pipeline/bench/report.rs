@@ -9,6 +9,10 @@ use super::*;
 struct BenchJson<'a> {
     device: &'a str,
     precision: &'a str,
+    /// The image encoder's path (`q8 avx512-vnni`, `f32 avx512`, `candle`).
+    kernel: &'a str,
+    /// The CPU's model name and the features the kernels use.
+    cpu: &'a str,
     threads: usize,
     weights: &'a str,
     runs: usize,
@@ -90,6 +94,8 @@ impl BenchReport {
         let json = BenchJson {
             device: &self.device,
             precision: self.precision.as_str(),
+            kernel: &self.kernel,
+            cpu: &self.cpu,
             threads: self.threads,
             weights: &self.weights,
             runs: self.runs,
@@ -132,12 +138,14 @@ impl BenchReport {
 
     pub fn to_text(&self) -> String {
         let mut s = format!(
-            "cliper bench: {} {}, {} thread(s), weights {}, median/min/max of {} runs (ms)\n",
+            "cliper bench: {} {} ({}), {} thread(s), weights {}, median/min/max of {} runs (ms)\n  cpu: {}\n",
             self.device,
             self.precision.as_str(),
+            self.kernel,
             self.threads,
             self.weights,
-            self.runs
+            self.runs,
+            self.cpu
         );
         let row = |name: &str, st: &Stat| {
             format!(

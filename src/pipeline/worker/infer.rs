@@ -106,7 +106,7 @@ impl Scorer {
             }
             let own = checkpoint.as_ref().is_some_and(|c| c.is_dfer_clip());
             self.clip = Arc::new(ClipModel::from_checkpoint(
-                &base,
+                base,
                 &self.clip.device,
                 self.clip.dtype,
             )?);
@@ -358,6 +358,7 @@ pub(super) fn infer_stage(
             let info = ModelInfo {
                 device: device::describe(&scorer.clip.device).to_string(),
                 weights: scorer.clip.source.clone(),
+                kernel: scorer.clip.vision.kernel(),
                 load_secs: start.elapsed().as_secs_f32(),
             };
             events.send(PipelineEvent::ModelReady(info));

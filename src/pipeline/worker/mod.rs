@@ -156,6 +156,9 @@ pub struct ModelInfo {
     pub device: String,
     /// The CLIP weights file in use.
     pub weights: std::path::PathBuf,
+    /// The image encoder's path: its precision and kernel (`q8
+    /// avx512-vnni`, `f32 avx2`, `candle`; `VisionTower::kernel`).
+    pub kernel: String,
     /// Seconds it took to load the weights and build the bank.
     pub load_secs: f32,
 }

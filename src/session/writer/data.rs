@@ -140,12 +140,17 @@ impl DataThread {
 
     pub(super) fn update(&mut self, u: MetaUpdate) {
         match u {
-            MetaUpdate::Model { weights, device } => {
+            MetaUpdate::Model {
+                weights,
+                device,
+                kernel,
+            } => {
                 let sha = self.hash(&weights);
                 self.meta.model = Some(ModelMeta {
                     weights: weights.display().to_string(),
                     weights_sha256: sha,
                     device,
+                    kernel,
                 });
             }
             MetaUpdate::Bank { mut bank, file } => {

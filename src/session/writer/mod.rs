@@ -115,6 +115,7 @@ pub enum MetaUpdate {
     Model {
         weights: PathBuf,
         device: String,
+        kernel: String,
     },
     /// A descriptor bank came into use; `file` is hashed when given.
     Bank {

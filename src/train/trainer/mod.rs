@@ -312,7 +312,7 @@ pub fn train(opts: &TrainOptions, log: &mut dyn FnMut(&str)) -> Result<TrainSumm
     let dev = device::select(&opts.device)?;
     let base = Checkpoint::load(&wpath, DType::F32)?;
     // Training runs in f32 everywhere.
-    let mut clip = ClipModel::from_checkpoint(&base, &dev, DType::F32)?;
+    let mut clip = ClipModel::from_checkpoint(base.clone(), &dev, DType::F32)?;
     let width = clip.config.text.width;
     let total_epochs = if opts.stage1_only {
         opts.stage1_epochs

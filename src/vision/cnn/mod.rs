@@ -281,6 +281,9 @@ impl Network {
 /// Buffers kept between runs. Fresh allocations of feature-map size are
 /// returned to the OS on free and page-fault on first touch, which on the
 /// 2-core VM cost as much as the arithmetic of the largest convolutions.
+/// The kept buffers are capped in bytes as well as in number: a full-size
+/// 1080p still has 67 MB feature maps, and keeping 16 of them added 425 MB
+/// to `cliper bench`'s peak memory; the live 320 px maps (2-3 MB) all fit.
 #[derive(Debug, Default)]
 pub struct Workspace {
     free: Vec<Vec<f32>>,
@@ -289,6 +292,8 @@ pub struct Workspace {
 impl Workspace {
     /// Most buffers kept: a MobileNet's widest point holds a handful alive.
     const KEEP: usize = 16;
+    /// Most values kept in all (64 MiB of f32).
+    const KEEP_VALUES: usize = 16 << 20;
 
     /// A zeroed buffer of `len` values.
     fn take(&mut self, len: usize) -> Vec<f32> {
@@ -326,6 +331,13 @@ impl Workspace {
             // Drop the smallest.
             if let Some(i) = (0..self.free.len()).min_by_key(|&i| self.free[i].capacity()) {
                 self.free.swap_remove(i);
+            }
+        }
+        // Over the byte cap, drop the largest (the ones a still adds).
+        while self.free.iter().map(Vec::capacity).sum::<usize>() > Self::KEEP_VALUES {
+            match (0..self.free.len()).max_by_key(|&i| self.free[i].capacity()) {
+                Some(i) => drop(self.free.swap_remove(i)),
+                None => break,
             }
         }
     }
