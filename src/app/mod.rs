@@ -185,6 +185,11 @@ pub fn run_live(opts: LiveOptions) -> Result<SessionReport, AppError> {
         }
     });
     let shared = outcome.clone();
+    // The window (and a software renderer's threads it starts) steps back
+    // for the model, whose pool starts first at normal priority. Not to
+    // `SCHED_IDLE`: under Xvfb the window then fell to 9 fps.
+    crate::parallel::start_model_pool();
+    crate::parallel::give_way(crate::parallel::GiveWay::Nice);
     eframe::run_native(
         "cliper",
         native,

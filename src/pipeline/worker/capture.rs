@@ -8,6 +8,7 @@ pub(super) fn capture_stage(
     commands: Receiver<PipelineCommand>,
     events: Events,
 ) {
+    crate::parallel::give_way(config.mode.give_way());
     let mut current = config.source.clone();
     let mut source: Option<Box<dyn FrameSource>> = None;
     let mut generation = 0u64;

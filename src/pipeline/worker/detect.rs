@@ -14,6 +14,9 @@ pub(super) fn detect_stage(
     // global pool a detection would queue behind a whole forward pass. In
     // its own small pool the OS shares the cores between the two stages, so
     // boxes keep coming at detection speed while the model is busy.
+    // And the model wins the cores when both stages want them: its
+    // forward waits on its slowest thread, detection is a short stage.
+    crate::parallel::give_way(config.mode.give_way());
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(std::thread::available_parallelism().map_or(2, |n| n.get().min(4)))
         .thread_name(|i| format!("cliper-detect-{i}"))

@@ -58,6 +58,21 @@ pub enum RunMode {
     Batch,
 }
 
+impl RunMode {
+    /// How capture and detection give way to the model. In a batch run
+    /// they take only what the model leaves (`SCHED_IDLE`): the model
+    /// paces the run, and they keep up in its gaps (`cliper run`, demo, q8
+    /// on the 2-core EPYC: encode 105 -> 97 ms per frame against 81 in
+    /// `cliper bench`). Live they must keep the boxes moving beside a
+    /// busy model and window, so they step back by niceness only.
+    pub(crate) fn give_way(self) -> crate::parallel::GiveWay {
+        match self {
+            RunMode::Live => crate::parallel::GiveWay::Nice,
+            RunMode::Batch => crate::parallel::GiveWay::Idle,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct PipelineConfig {
     pub source: SourceSpec,
@@ -451,6 +466,7 @@ impl Pipeline {
     /// worker threads): pass `move || ctx.request_repaint()` from an app, or
     /// `|| {}`.
     pub fn start(config: PipelineConfig, notify: impl FnMut() + Send + 'static) -> Self {
+        crate::parallel::start_model_pool();
         // Batch runs wait for their consumer: a slow disk under a recording
         // or a slow reader of `cliper run`'s output then slows the pipeline
         // instead of piling up frames (each one an image) in memory. Live,
