@@ -1337,4 +1337,38 @@ mod tests {
             );
         }
     }
+
+    /// `--precision auto` quantizes only a tower whose every block layer
+    /// fits an int8 kernel, and says what it runs; others stay in f32.
+    #[test]
+    fn auto_quantizes_only_towers_the_int8_kernels_fit() {
+        let mut tiny = small(Activation::QuickGelu);
+        assert!(!tiny.vision.quantize_if_fast().unwrap());
+        assert_eq!(tiny.vision.precision(), "f32");
+        assert!(
+            tiny.vision.kernel().starts_with("f32 "),
+            "{}",
+            tiny.vision.kernel()
+        );
+        // ViT-B/16's width (768 = 16 panels of 48, 3 groups of 256), one block.
+        let mut wide = model((32, 16, 768, 12, 1), Activation::QuickGelu, 3);
+        let px = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
+        let full = wide.encode_images(&px).unwrap();
+        let quantized = wide.vision.quantize_if_fast().unwrap();
+        match super::Isa::best() {
+            Some(isa) => {
+                assert!(quantized);
+                assert_eq!(wide.vision.precision(), "q8");
+                assert_eq!(wide.vision.kernel(), format!("q8 {isa}"));
+                let low = wide.encode_images(&px).unwrap();
+                let cos: Vec<f32> = (full * low).unwrap().sum(1).unwrap().to_vec1().unwrap();
+                assert!(cos.iter().all(|&c| c > 0.99), "q8 cosines {cos:?}");
+            }
+            None => {
+                eprintln!("NOTICE: this CPU has no int8 kernel; auto stays in f32");
+                assert!(!quantized);
+                assert_eq!(wide.vision.precision(), "f32");
+            }
+        }
+    }
 }
