@@ -51,8 +51,9 @@ pub struct ModelSpec {
     pub device: String,
     /// `--head`: an Exp-CLIP projection head for zero-shot banks.
     pub head: Option<PathBuf>,
-    /// `--precision` of the image encoder; `auto` resolves on the device
-    /// ([`Precision::resolve`]).
+    /// `--precision` of the image encoder; `auto` is q8 on a CPU where
+    /// every block layer fits an int8 kernel
+    /// (`VisionTower::quantize_if_fast`), else the device's default dtype.
     pub precision: Precision,
 }
 

@@ -256,7 +256,8 @@ fn tempfile_dir() -> Result<PathBuf, BenchError> {
 }
 
 /// The CPU's model name and the features our kernels and the peers' use,
-/// e.g. `AMD EPYC 9R14 (avx2 fma avx512f avx512-vnni avx512-bf16)`.
+/// as Linux names them, e.g. `AMD EPYC (avx2 fma avx512f avx512_vnni
+/// avx512_bf16)`.
 pub fn cpu_summary() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let field = |key: &str| {
