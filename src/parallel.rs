@@ -27,8 +27,9 @@ pub(crate) enum GiveWay {
     /// Linux's `SCHED_IDLE`: run only on a core the model leaves; a model
     /// thread that wakes takes its core back at once.
     Idle,
-    /// Niceness +10 (a tenth of a normal thread's weight); the waking
-    /// model thread still waits for the current slice to end.
+    /// Niceness 10 (a tenth of a normal thread's weight; a thread already
+    /// at 10 or beyond stays as it is); the waking model thread still waits
+    /// for the current slice to end.
     Nice,
 }
 
@@ -66,7 +67,7 @@ pub(crate) fn give_way(how: GiveWay) {
                 if now == -1 && *libc::__errno_location() != 0 {
                     return;
                 }
-                let _ = libc::setpriority(libc::PRIO_PROCESS, tid, (now + 10).min(19));
+                let _ = libc::setpriority(libc::PRIO_PROCESS, tid, now.max(10));
             }
         }
     }

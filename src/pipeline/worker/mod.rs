@@ -62,7 +62,7 @@ impl RunMode {
     /// How capture and detection give way to the model. In a batch run
     /// they take only what the model leaves (`SCHED_IDLE`): the model
     /// paces the run, and they keep up in its gaps (`cliper run`, demo, q8
-    /// on the 2-core EPYC: encode 105 -> 97 ms per frame against 81 in
+    /// on the 2-core EPYC: encode 105 -> 88 ms per frame against 81 in
     /// `cliper bench`). Live they must keep the boxes moving beside a
     /// busy model and window, so they step back by niceness only.
     pub(crate) fn give_way(self) -> crate::parallel::GiveWay {
