@@ -177,8 +177,14 @@ impl CenterFace {
             &resized
         };
         let input = to_input(src);
-        let Ok(maps) = self.forward(input) else {
-            return Vec::new();
+        let maps = match self.forward(input) {
+            Ok(m) => m,
+            Err(e) => {
+                // Only an image too large for the feature-map cap gets here
+                // (max_side keeps the detector's own settings below it).
+                log::warn!("CenterFace cannot search a {rw}x{rh} image: {e}; no faces found in it");
+                return Vec::new();
+            }
         };
         let (sx, sy) = (w as f32 / rw as f32, h as f32 / rh as f32);
         decode(&maps, threshold, (rw as f32, rh as f32))
@@ -340,5 +346,44 @@ mod tests {
         assert_eq!(m.data[0], 10.0);
         assert_eq!(m.data[32 * 64 + 32], 20.0);
         assert_eq!(m.data[33], 0.0);
+    }
+
+    #[test]
+    fn blocked_and_banded_convolutions_match_whole_maps() {
+        // A photo: the fixture portrait, resized, padded to 32.
+        let img = image::open(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/centerface/hopper.png"
+        ))
+        .expect("fixture")
+        .to_rgb8();
+        let input = to_input(&imageops::resize(
+            &img,
+            200,
+            232,
+            imageops::FilterType::Triangle,
+        ));
+        let whole = Network::from_bytes(EMBEDDED_MODEL, "centerface.onnx").expect("model");
+        assert!(whole.inverted_steps() >= 10, "MobileNet blocks are fused");
+        let a = whole.run(input.clone()).expect("whole maps");
+        // 3000 values: one expanded channel at a time on the widest maps,
+        // dozens on the smallest, with shorter last blocks; the first
+        // convolution's im2col matrix a few rows at a time.
+        let mut ws = Workspace::with_budget(3000);
+        let b = whole.run_with(input, &mut ws).expect("blocks and bands");
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!((x.c, x.h, x.w), (y.c, y.h, y.w));
+            let scale = x.data.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            let diff = x
+                .data
+                .iter()
+                .zip(&y.data)
+                .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(
+                diff <= 1e-4 * scale,
+                "max diff {diff} (largest value {scale})"
+            );
+        }
     }
 }

@@ -5,7 +5,7 @@
 use crate::parallel::SendPtr;
 use rayon::prelude::*;
 
-use super::{CnnError, Conv, FeatureMap, Workspace, MAX_MAP};
+use super::{CnnError, Conv, FeatureMap, Inverted, Workspace, MAX_MAP};
 
 /// Inner dimension up to which a 1x1 convolution runs on [`pointwise_block`]
 /// rather than `gemm`: with 16 to 64 input channels the product is a few
@@ -80,8 +80,18 @@ fn pointwise_small(dst: &mut [f32], w: &[f32], xs: &[f32], n: usize, bias: &[f32
 /// ReLU, instead of streaming a whole feature map three times.
 const COLUMN_BLOCK: usize = 1024;
 
-/// `dst [m, n] = act(bias + lhs [m, k] x rhs [k, n])` (without a bias, `dst`
-/// is overwritten), row-major `dst` and
+/// What a product adds to.
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    /// `dst` is overwritten.
+    Zero,
+    /// `dst` starts as the bias of each row.
+    Bias(&'a [f32]),
+    /// `dst` keeps what it holds and the product is added to it.
+    Dst,
+}
+
+/// `dst [m, n] = act(start + lhs [m, k] x rhs [k, n])`, row-major `dst` and
 /// `rhs`, `lhs` with the given row and column strides; one task per block of
 /// columns on rayon's current pool.
 #[allow(clippy::too_many_arguments)]
@@ -94,7 +104,7 @@ fn conv_matmul(
     lhs_rs: usize,
     lhs_cs: usize,
     rhs: &[f32],
-    bias: Option<&[f32]>,
+    start: Start,
     relu: bool,
 ) {
     assert!(dst.len() >= m * n && rhs.len() >= k * n);
@@ -112,7 +122,7 @@ fn conv_matmul(
         // `m` rows and `k` columns at its strides. Each task touches only
         // columns `c0..c1` of `dst`, so tasks never overlap.
         unsafe {
-            if let Some(b) = bias {
+            if let Start::Bias(b) = start {
                 for (r, &v) in b.iter().enumerate().take(m) {
                     std::slice::from_raw_parts_mut(base.add(r * n + c0), cols).fill(v);
                 }
@@ -124,8 +134,8 @@ fn conv_matmul(
                 base.add(c0),
                 1,
                 n as isize,
-                // Without a bias the product overwrites `dst`.
-                bias.is_some(),
+                // Only from zero does the product overwrite `dst`.
+                !matches!(start, Start::Zero),
                 lhs.as_ptr(),
                 lhs_cs as isize,
                 lhs_rs as isize,
@@ -229,7 +239,9 @@ impl Conv {
     }
 
     /// Grouped or full convolution: im2col per group, then a matrix product
-    /// (a 1x1, stride-1 convolution reads the input directly).
+    /// (a 1x1, stride-1 convolution reads the input directly). The im2col
+    /// matrix is built for a band of output rows at a time, of at most
+    /// `ws.im2col` values.
     fn dense_into(&self, x: &FeatureMap, y: &mut FeatureMap, ws: &mut Workspace) {
         let (kh, kw) = (self.kernel[0], self.kernel[1]);
         let (oh, ow) = (y.h, y.w);
@@ -238,92 +250,202 @@ impl Conv {
         let cout_g = self.out_ch / self.groups;
         let k = cin_g * kh * kw;
         let direct = kh == 1 && kw == 1 && self.stride == [1, 1] && self.pads == [0; 4];
-        let mut cols = if direct { Vec::new() } else { ws.take(k * n) };
+        let band = if direct {
+            oh
+        } else {
+            (ws.im2col / (k * ow).max(1)).clamp(1, oh)
+        };
+        let mut cols = if direct {
+            Vec::new()
+        } else {
+            ws.take(k * band * ow)
+        };
+        // A band's product, where the band is not the whole map.
+        let mut part = if band < oh {
+            ws.take(cout_g * band * ow)
+        } else {
+            Vec::new()
+        };
         for g in 0..self.groups {
             let xg = &x.data[g * cin_g * x.h * x.w..(g + 1) * cin_g * x.h * x.w];
-            let rhs: &[f32] = if direct {
-                xg
-            } else {
-                cols.par_chunks_mut(n).enumerate().for_each(|(row, out)| {
-                    let ci = row / (kh * kw);
-                    let (ky, kx) = ((row / kw) % kh, row % kw);
-                    let plane = &xg[ci * x.h * x.w..(ci + 1) * x.h * x.w];
-                    for oy in 0..oh {
-                        let iy = (oy * self.stride[0] + ky * self.dilation[0]) as isize
-                            - self.pads[0] as isize;
-                        let dst = &mut out[oy * ow..(oy + 1) * ow];
-                        if iy < 0 || iy >= x.h as isize {
-                            dst.fill(0.0);
-                            continue;
-                        }
-                        let src = &plane[iy as usize * x.w..(iy as usize + 1) * x.w];
-                        // Output columns whose input column is inside the row.
-                        let sx = self.stride[1];
-                        let off = (kx * self.dilation[1]) as isize - self.pads[1] as isize;
-                        let lo = if off < 0 {
-                            ((-off) as usize).div_ceil(sx)
-                        } else {
-                            0
-                        };
-                        let hi = if (x.w as isize) > off {
-                            ((x.w as isize - off - 1) as usize / sx + 1).min(ow)
-                        } else {
-                            0
-                        };
-                        if lo >= hi {
-                            dst.fill(0.0);
-                            continue;
-                        }
-                        dst[..lo].fill(0.0);
-                        dst[hi..].fill(0.0);
-                        let start = (lo * sx) as isize + off;
-                        let start = start as usize;
-                        if sx == 1 {
-                            dst[lo..hi].copy_from_slice(&src[start..start + hi - lo]);
-                        } else {
-                            for (j, d) in dst[lo..hi].iter_mut().enumerate() {
-                                *d = src[start + j * sx];
-                            }
-                        }
-                    }
-                });
-                &cols
-            };
             let w = &self.weight[g * cout_g * k..(g + 1) * cout_g * k];
-            let dst = &mut y.data[g * cout_g * n..(g + 1) * cout_g * n];
             let bias = &self.bias[g * cout_g..(g + 1) * cout_g];
-            if k <= SMALL_K {
-                pointwise_small(dst, w, rhs, n, bias, self.relu);
-            } else {
-                conv_matmul(cout_g, n, k, dst, w, k, 1, rhs, Some(bias), self.relu);
+            let dst = &mut y.data[g * cout_g * n..(g + 1) * cout_g * n];
+            for oy0 in (0..oh).step_by(band) {
+                let rows = band.min(oh - oy0);
+                let bn = rows * ow;
+                let rhs: &[f32] = if direct {
+                    xg
+                } else {
+                    let cols = &mut cols[..k * bn];
+                    cols.par_chunks_mut(bn).enumerate().for_each(|(row, out)| {
+                        let ci = row / (kh * kw);
+                        let (ky, kx) = ((row / kw) % kh, row % kw);
+                        let plane = &xg[ci * x.h * x.w..(ci + 1) * x.h * x.w];
+                        self.im2col_row(plane, x.w, x.h, ky, kx, oy0, ow, out);
+                    });
+                    cols
+                };
+                let out: &mut [f32] = if band < oh {
+                    &mut part[..cout_g * bn]
+                } else {
+                    &mut *dst
+                };
+                if k <= SMALL_K {
+                    pointwise_small(out, w, rhs, bn, bias, self.relu);
+                } else {
+                    conv_matmul(
+                        cout_g,
+                        bn,
+                        k,
+                        out,
+                        w,
+                        k,
+                        1,
+                        rhs,
+                        Start::Bias(bias),
+                        self.relu,
+                    );
+                }
+                if band < oh {
+                    for (co, src) in part[..cout_g * bn].chunks_exact(bn).enumerate() {
+                        dst[co * n + oy0 * ow..co * n + oy0 * ow + bn].copy_from_slice(src);
+                    }
+                }
             }
         }
         ws.give(cols);
+        ws.give(part);
+    }
+
+    /// One im2col row, tap (`ky`, `kx`) of one input `plane`, for output
+    /// rows `oy0..` (as many as `out` holds).
+    #[allow(clippy::too_many_arguments)]
+    fn im2col_row(
+        &self,
+        plane: &[f32],
+        iw: usize,
+        ih: usize,
+        ky: usize,
+        kx: usize,
+        oy0: usize,
+        ow: usize,
+        out: &mut [f32],
+    ) {
+        let sx = self.stride[1];
+        let off = (kx * self.dilation[1]) as isize - self.pads[1] as isize;
+        // Output columns whose input column is inside the row.
+        let lo = if off < 0 {
+            ((-off) as usize).div_ceil(sx)
+        } else {
+            0
+        };
+        let hi = if (iw as isize) > off {
+            ((iw as isize - off - 1) as usize / sx + 1).min(ow)
+        } else {
+            0
+        };
+        for (r, dst) in out.chunks_exact_mut(ow).enumerate() {
+            let oy = oy0 + r;
+            let iy = (oy * self.stride[0] + ky * self.dilation[0]) as isize - self.pads[0] as isize;
+            if iy < 0 || iy >= ih as isize || lo >= hi {
+                dst.fill(0.0);
+                continue;
+            }
+            let src = &plane[iy as usize * iw..(iy as usize + 1) * iw];
+            dst[..lo].fill(0.0);
+            dst[hi..].fill(0.0);
+            let start = ((lo * sx) as isize + off) as usize;
+            if sx == 1 {
+                dst[lo..hi].copy_from_slice(&src[start..start + hi - lo]);
+            } else {
+                for (j, d) in dst[lo..hi].iter_mut().enumerate() {
+                    *d = src[start + j * sx];
+                }
+            }
+        }
     }
 
     /// One filter per channel: a direct stencil, one channel per task.
     fn depthwise_into(&self, x: &FeatureMap, y: &mut FeatureMap) {
+        self.depthwise_channels(&x.data, x.w, x.h, 0, &mut y.data, y.w, y.h);
+    }
+
+    /// Channels `ch0..` of a depthwise convolution: `planes` holds their
+    /// input planes (`iw x ih` each), `out` their output planes.
+    #[allow(clippy::too_many_arguments)]
+    fn depthwise_channels(
+        &self,
+        planes: &[f32],
+        iw: usize,
+        ih: usize,
+        ch0: usize,
+        out: &mut [f32],
+        ow: usize,
+        oh: usize,
+    ) {
         let fast = self.kernel == [3, 3]
             && self.dilation == [1, 1]
             && self.pads == [1; 4]
             && (self.stride == [1, 1] || self.stride == [2, 2]);
-        let (oh, ow) = (y.h, y.w);
-        y.data
-            .par_chunks_mut(oh * ow)
+        out.par_chunks_mut(oh * ow)
+            .zip(planes.par_chunks(ih * iw))
             .enumerate()
-            .for_each(|(ch, out)| {
+            .for_each(|(i, (out, plane))| {
+                let ch = ch0 + i;
                 let k = self.kernel[0] * self.kernel[1];
                 let w = &self.weight[ch * k..(ch + 1) * k];
                 out.fill(self.bias[ch]);
                 if fast {
-                    depthwise3x3(x.plane(ch), x.w, x.h, w, self.stride[0], out, ow, oh);
+                    depthwise3x3(plane, iw, ih, w, self.stride[0], out, ow, oh);
                 } else {
-                    self.depthwise_plane(x.plane(ch), x.w, x.h, w, out, ow, oh);
+                    self.depthwise_plane(plane, iw, ih, w, out, ow, oh);
                 }
                 if self.relu {
                     out.iter_mut().for_each(|v| *v = v.max(0.0));
                 }
             });
+    }
+
+    /// A 1x1, stride-1, unpadded, ungrouped convolution.
+    pub(super) fn is_pointwise(&self) -> bool {
+        !self.transposed
+            && self.groups == 1
+            && self.kernel == [1, 1]
+            && self.stride == [1, 1]
+            && self.pads == [0; 4]
+    }
+
+    /// One filter per channel.
+    pub(super) fn is_depthwise(&self) -> bool {
+        !self.transposed
+            && self.groups > 1
+            && self.groups == self.in_ch
+            && self.groups == self.out_ch
+    }
+
+    /// Output channels `c0..c1` of a pointwise convolution of the
+    /// `[in_ch, n]` planes `xs` into `dst`, from `start`.
+    fn pointwise_rows(&self, xs: &[f32], n: usize, c0: usize, c1: usize, dst: &mut [f32]) {
+        let k = self.in_ch;
+        let w = &self.weight[c0 * k..c1 * k];
+        let bias = &self.bias[c0..c1];
+        if k <= SMALL_K {
+            pointwise_small(dst, w, xs, n, bias, self.relu);
+        } else {
+            conv_matmul(
+                c1 - c0,
+                n,
+                k,
+                dst,
+                w,
+                k,
+                1,
+                xs,
+                Start::Bias(bias),
+                self.relu,
+            );
+        }
     }
 
     /// Any kernel, stride, padding and dilation, one plane.
@@ -375,7 +497,18 @@ impl Conv {
             // and used transposed: lhs [rows, cin_g].
             let w = &self.weight[g * cin_g * rows..(g + 1) * cin_g * rows];
             let xg = &x.data[g * cin_g * n..(g + 1) * cin_g * n];
-            conv_matmul(rows, n, cin_g, &mut cols, w, 1, rows, xg, None, false);
+            conv_matmul(
+                rows,
+                n,
+                cin_g,
+                &mut cols,
+                w,
+                1,
+                rows,
+                xg,
+                Start::Zero,
+                false,
+            );
             let (oh, ow) = (y.h, y.w);
             let out = &mut y.data[g * cout_g * oh * ow..(g + 1) * cout_g * oh * ow];
             out.par_chunks_mut(oh * ow)
@@ -474,5 +607,86 @@ multiversion! {
                 }
             }
         }
+    }
+}
+
+impl Inverted {
+    /// Runs the three steps, holding at most `ws.expanded_block` values of
+    /// expanded map.
+    pub(super) fn run(&self, x: &FeatureMap, ws: &mut Workspace) -> Result<FeatureMap, CnnError> {
+        let (e, d) = (&self.expand, &self.depthwise);
+        let c = e.out_ch;
+        let n = x.h * x.w;
+        let (oh, ow) = d.out_size(x.h, x.w)?;
+        let block = (ws.expanded_block / n.max(1)).clamp(1, c);
+        if block == c {
+            // Small maps: step by step, as unfused.
+            let expanded = e.run(x, ws)?;
+            let dw = d.run(&expanded, ws)?;
+            ws.give(expanded.data);
+            return match &self.project {
+                Some(p) => {
+                    let y = p.run(&dw, ws);
+                    ws.give(dw.data);
+                    y
+                }
+                None => Ok(dw),
+            };
+        }
+        if let Some(p) = &self.project {
+            p.out_size(oh, ow)?;
+        }
+        let no = oh * ow;
+        let mut y = match &self.project {
+            Some(p) => ws.map(p.out_ch, oh, ow),
+            None => ws.map(c, oh, ow),
+        };
+        let mut expanded = ws.take(block * n);
+        let mut dw = if self.project.is_some() {
+            ws.take(block * no)
+        } else {
+            Vec::new()
+        };
+        for c0 in (0..c).step_by(block) {
+            let c1 = (c0 + block).min(c);
+            let nb = c1 - c0;
+            e.pointwise_rows(&x.data, n, c0, c1, &mut expanded[..nb * n]);
+            match &self.project {
+                None => {
+                    let out = &mut y.data[c0 * no..c1 * no];
+                    d.depthwise_channels(&expanded[..nb * n], x.w, x.h, c0, out, ow, oh);
+                }
+                Some(p) => {
+                    let out = &mut dw[..nb * no];
+                    d.depthwise_channels(&expanded[..nb * n], x.w, x.h, c0, out, ow, oh);
+                    // The projection sums over the expanded channels: add
+                    // this block's share.
+                    let start = if c0 == 0 {
+                        Start::Bias(&p.bias)
+                    } else {
+                        Start::Dst
+                    };
+                    let w = &p.weight[c0..];
+                    conv_matmul(
+                        p.out_ch,
+                        no,
+                        nb,
+                        &mut y.data,
+                        w,
+                        p.in_ch,
+                        1,
+                        out,
+                        start,
+                        false,
+                    );
+                }
+            }
+        }
+        if self.project.as_ref().is_some_and(|p| p.relu) {
+            y.data.iter_mut().for_each(|v| *v = v.max(0.0));
+        }
+        ws.give(expanded);
+        ws.give(dw);
+        Ok(y)
     }
 }

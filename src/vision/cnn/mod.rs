@@ -95,9 +95,23 @@ struct Conv {
     relu: bool,
 }
 
+/// A MobileNet inverted residual's expansion (a 1x1 convolution), its
+/// depthwise convolution and, where one follows, its 1x1 projection, run a
+/// block of expanded channels at a time so that the expanded map (six times
+/// the block's input, at the input's full size) is never held whole. On a
+/// 1080p still CenterFace's first expansion alone is 200 MB, and on a 12 MP
+/// photo it is over the 1 GiB feature-map cap.
+#[derive(Clone, Debug)]
+struct Inverted {
+    expand: Conv,
+    depthwise: Conv,
+    project: Option<Conv>,
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     Conv(Conv),
+    Inverted(Box<Inverted>),
     /// `y = x * scale + shift` per channel, for a norm no convolution feeds.
     Affine {
         scale: Vec<f32>,
@@ -109,6 +123,15 @@ enum Op {
     },
     Relu,
     Sigmoid,
+}
+
+impl Op {
+    fn conv(&self) -> Option<&Conv> {
+        match self {
+            Op::Conv(c) => Some(c),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -185,6 +208,63 @@ impl Network {
         }
     }
 
+    /// Fuses each 1x1 convolution whose only reader is a depthwise
+    /// convolution, and the 1x1 convolution that is the depthwise one's only
+    /// reader, into an [`Inverted`] step at the expansion's place (the
+    /// fused steps read nothing else, so running them earlier is the same).
+    fn fuse_inverted(&mut self) {
+        let mut i = 0;
+        while i < self.steps.len() {
+            let Some(j) = self.sole_conv_reader(i, |c| c.is_depthwise()) else {
+                i += 1;
+                continue;
+            };
+            let expand_ok = matches!(&self.steps[i].op, Op::Conv(e) if e.is_pointwise()
+                && self.steps[j].op.conv().is_some_and(|d| d.in_ch == e.out_ch));
+            if !expand_ok {
+                i += 1;
+                continue;
+            }
+            let k = self.sole_conv_reader(j, |c| c.is_pointwise());
+            let take = |s: &mut Step| match std::mem::replace(&mut s.op, Op::Relu) {
+                Op::Conv(c) => c,
+                _ => unreachable!("checked to be a convolution"),
+            };
+            let project = k.map(|k| take(&mut self.steps[k]));
+            let depthwise = take(&mut self.steps[j]);
+            let output = k.map_or(self.steps[j].output, |k| self.steps[k].output);
+            let expand = take(&mut self.steps[i]);
+            self.steps[i].op = Op::Inverted(Box::new(Inverted {
+                expand,
+                depthwise,
+                project,
+            }));
+            self.steps[i].output = output;
+            // Remove the later steps, the last first.
+            if let Some(k) = k {
+                self.steps.remove(k);
+            }
+            self.steps.remove(j);
+            i += 1;
+        }
+    }
+
+    /// The step that is the only reader of step `i`'s output, where it is a
+    /// convolution that `fits` and reads nothing else.
+    fn sole_conv_reader(&self, i: usize, fits: impl Fn(&Conv) -> bool) -> Option<usize> {
+        let out = self.steps[i].output;
+        if self.readers(out) != 1 {
+            return None;
+        }
+        let j = i
+            + 1
+            + self.steps[i + 1..]
+                .iter()
+                .position(|s| s.inputs.contains(&out))?;
+        let s = &self.steps[j];
+        (s.inputs == [out] && s.op.conv().is_some_and(&fits)).then_some(j)
+    }
+
     fn plan_frees(&mut self) {
         let mut last = vec![None; self.buffers];
         for (i, s) in self.steps.iter().enumerate() {
@@ -199,6 +279,15 @@ impl Network {
                 }
             }
         }
+    }
+
+    /// How many fused [`Inverted`] steps the network runs.
+    #[cfg(test)]
+    pub(crate) fn inverted_steps(&self) -> usize {
+        self.steps
+            .iter()
+            .filter(|s| matches!(s.op, Op::Inverted(_)))
+            .count()
     }
 
     /// Channels of the image the network reads.
@@ -237,6 +326,7 @@ impl Network {
             };
             let out = match &s.op {
                 Op::Conv(c) => c.run(get(0), ws)?,
+                Op::Inverted(f) => f.run(get(0), ws)?,
                 Op::Affine { scale, shift, relu } => map(ws, get(0), &|ch, v| {
                     let v = v * scale[ch] + shift[ch];
                     if *relu {
@@ -283,17 +373,46 @@ impl Network {
 /// 2-core VM cost as much as the arithmetic of the largest convolutions.
 /// The kept buffers are capped in bytes as well as in number: a full-size
 /// 1080p still has 67 MB feature maps, and keeping 16 of them added 425 MB
-/// to `cliper bench`'s peak memory; the live 320 px maps (2-3 MB) all fit.
-#[derive(Debug, Default)]
+/// to `cliper bench`'s peak memory; the live 320 px maps (2-3 MB) fit.
+#[derive(Debug)]
 pub struct Workspace {
     free: Vec<Vec<f32>>,
+    /// Most values of expanded map an [`Inverted`] step holds at once.
+    pub(super) expanded_block: usize,
+    /// Most values of an im2col matrix built at once.
+    pub(super) im2col: usize,
+}
+
+impl Default for Workspace {
+    fn default() -> Self {
+        Self {
+            free: Vec::new(),
+            // 16 MiB of f32 each: the live detector's maps fit whole; a
+            // 1080p still's first expansion (96 x 544 x 960) goes 8
+            // channels at a time, its first convolution's im2col matrix
+            // (27 x 544 x 960) in 6 bands of rows.
+            expanded_block: 4 << 20,
+            im2col: 4 << 20,
+        }
+    }
 }
 
 impl Workspace {
     /// Most buffers kept: a MobileNet's widest point holds a handful alive.
     const KEEP: usize = 16;
-    /// Most values kept in all (64 MiB of f32).
-    const KEEP_VALUES: usize = 16 << 20;
+    /// Most values kept in all (32 MiB of f32).
+    const KEEP_VALUES: usize = 8 << 20;
+
+    /// A workspace that holds at most `values` of an expanded map or an
+    /// im2col matrix at once (tests: a small image through the banded paths).
+    #[cfg(test)]
+    pub(crate) fn with_budget(values: usize) -> Self {
+        Self {
+            expanded_block: values.max(1),
+            im2col: values.max(1),
+            ..Self::default()
+        }
+    }
 
     /// A zeroed buffer of `len` values.
     fn take(&mut self, len: usize) -> Vec<f32> {

@@ -483,12 +483,14 @@ impl Network {
             buffers: channels.len(),
         };
         net.fuse();
+        net.fuse_inverted();
         net.plan_frees();
         net.input_channels = net
             .steps
             .iter()
             .find_map(|s| match &s.op {
                 Op::Conv(c) if s.inputs[0] == 0 => Some(c.in_ch),
+                Op::Inverted(f) if s.inputs[0] == 0 => Some(f.expand.in_ch),
                 _ => None,
             })
             .ok_or_else(|| unsupported("no convolution reads the image input".into()))?;
