@@ -193,6 +193,16 @@ impl Conv {
     }
 
     fn out_size(&self, h: usize, w: usize) -> Result<(usize, usize), CnnError> {
+        self.out_size_held(h, w, self.out_ch)
+    }
+
+    /// The output size, where `channels` of it are held at once.
+    fn out_size_held(
+        &self,
+        h: usize,
+        w: usize,
+        channels: usize,
+    ) -> Result<(usize, usize), CnnError> {
         let dim = |i: usize, size: usize| -> Option<usize> {
             let span = self.dilation[i] * (self.kernel[i] - 1) + 1;
             let (p0, p1) = (self.pads[i], self.pads[i + 2]);
@@ -210,7 +220,7 @@ impl Conv {
                     && ow > 0
                     && oh
                         .checked_mul(ow)
-                        .and_then(|n| n.checked_mul(self.out_ch))
+                        .and_then(|n| n.checked_mul(channels))
                         .is_some_and(|n| n <= MAX_MAP) =>
             {
                 Ok((oh, ow))
@@ -239,16 +249,41 @@ impl Conv {
     }
 
     /// Grouped or full convolution: im2col per group, then a matrix product
-    /// (a 1x1, stride-1 convolution reads the input directly). The im2col
-    /// matrix is built for a band of output rows at a time, of at most
-    /// `ws.im2col` values.
+    /// (a 1x1, stride-1 convolution reads the input directly).
     fn dense_into(&self, x: &FeatureMap, y: &mut FeatureMap, ws: &mut Workspace) {
-        let (kh, kw) = (self.kernel[0], self.kernel[1]);
-        let (oh, ow) = (y.h, y.w);
-        let n = oh * ow;
         let cin_g = self.in_ch / self.groups;
         let cout_g = self.out_ch / self.groups;
-        let k = cin_g * kh * kw;
+        let (ip, op) = (x.h * x.w, y.h * y.w);
+        for g in 0..self.groups {
+            let xg = &x.data[g * cin_g * ip..(g + 1) * cin_g * ip];
+            let dst = &mut y.data[g * cout_g * op..(g + 1) * cout_g * op];
+            let rows = g * cout_g..(g + 1) * cout_g;
+            self.dense_rows(xg, x.h, x.w, rows, dst, (y.h, y.w), ws);
+        }
+    }
+
+    /// Output channels `rows` (of one group) of the convolution of that
+    /// group's input planes `xg` (`ih x iw` each) into `dst` (`oh x ow`
+    /// each). The im2col matrix is built for a band of output rows at a
+    /// time, of at most `ws.im2col` values: whole for the live detector's
+    /// maps, in bands for a still's first convolution.
+    #[allow(clippy::too_many_arguments)]
+    fn dense_rows(
+        &self,
+        xg: &[f32],
+        ih: usize,
+        iw: usize,
+        rows: std::ops::Range<usize>,
+        dst: &mut [f32],
+        (oh, ow): (usize, usize),
+        ws: &mut Workspace,
+    ) {
+        let (kh, kw) = (self.kernel[0], self.kernel[1]);
+        let n = oh * ow;
+        let k = (self.in_ch / self.groups) * kh * kw;
+        let m = rows.len();
+        let w = &self.weight[rows.start * k..rows.end * k];
+        let bias = &self.bias[rows];
         let direct = kh == 1 && kw == 1 && self.stride == [1, 1] && self.pads == [0; 4];
         let band = if direct {
             oh
@@ -262,55 +297,37 @@ impl Conv {
         };
         // A band's product, where the band is not the whole map.
         let mut part = if band < oh {
-            ws.take(cout_g * band * ow)
+            ws.take(m * band * ow)
         } else {
             Vec::new()
         };
-        for g in 0..self.groups {
-            let xg = &x.data[g * cin_g * x.h * x.w..(g + 1) * cin_g * x.h * x.w];
-            let w = &self.weight[g * cout_g * k..(g + 1) * cout_g * k];
-            let bias = &self.bias[g * cout_g..(g + 1) * cout_g];
-            let dst = &mut y.data[g * cout_g * n..(g + 1) * cout_g * n];
-            for oy0 in (0..oh).step_by(band) {
-                let rows = band.min(oh - oy0);
-                let bn = rows * ow;
-                let rhs: &[f32] = if direct {
-                    xg
-                } else {
-                    let cols = &mut cols[..k * bn];
-                    cols.par_chunks_mut(bn).enumerate().for_each(|(row, out)| {
-                        let ci = row / (kh * kw);
-                        let (ky, kx) = ((row / kw) % kh, row % kw);
-                        let plane = &xg[ci * x.h * x.w..(ci + 1) * x.h * x.w];
-                        self.im2col_row(plane, x.w, x.h, ky, kx, oy0, ow, out);
-                    });
-                    cols
-                };
-                let out: &mut [f32] = if band < oh {
-                    &mut part[..cout_g * bn]
-                } else {
-                    &mut *dst
-                };
-                if k <= SMALL_K {
-                    pointwise_small(out, w, rhs, bn, bias, self.relu);
-                } else {
-                    conv_matmul(
-                        cout_g,
-                        bn,
-                        k,
-                        out,
-                        w,
-                        k,
-                        1,
-                        rhs,
-                        Start::Bias(bias),
-                        self.relu,
-                    );
-                }
-                if band < oh {
-                    for (co, src) in part[..cout_g * bn].chunks_exact(bn).enumerate() {
-                        dst[co * n + oy0 * ow..co * n + oy0 * ow + bn].copy_from_slice(src);
-                    }
+        for oy0 in (0..oh).step_by(band) {
+            let bn = band.min(oh - oy0) * ow;
+            let rhs: &[f32] = if direct {
+                xg
+            } else {
+                let cols = &mut cols[..k * bn];
+                cols.par_chunks_mut(bn).enumerate().for_each(|(row, out)| {
+                    let ci = row / (kh * kw);
+                    let (ky, kx) = ((row / kw) % kh, row % kw);
+                    let plane = &xg[ci * ih * iw..(ci + 1) * ih * iw];
+                    self.im2col_row(plane, iw, ih, ky, kx, oy0, ow, out);
+                });
+                cols
+            };
+            let out: &mut [f32] = if band < oh {
+                &mut part[..m * bn]
+            } else {
+                &mut *dst
+            };
+            if k <= SMALL_K {
+                pointwise_small(out, w, rhs, bn, bias, self.relu);
+            } else {
+                conv_matmul(m, bn, k, out, w, k, 1, rhs, Start::Bias(bias), self.relu);
+            }
+            if band < oh {
+                for (co, src) in part[..m * bn].chunks_exact(bn).enumerate() {
+                    dst[co * n + oy0 * ow..co * n + oy0 * ow + bn].copy_from_slice(src);
                 }
             }
         }
@@ -409,11 +426,12 @@ impl Conv {
 
     /// A 1x1, stride-1, unpadded, ungrouped convolution.
     pub(super) fn is_pointwise(&self) -> bool {
-        !self.transposed
-            && self.groups == 1
-            && self.kernel == [1, 1]
-            && self.stride == [1, 1]
-            && self.pads == [0; 4]
+        self.is_full() && self.kernel == [1, 1] && self.stride == [1, 1] && self.pads == [0; 4]
+    }
+
+    /// An ungrouped, not transposed convolution.
+    pub(super) fn is_full(&self) -> bool {
+        !self.transposed && self.groups == 1
     }
 
     /// One filter per channel.
@@ -422,30 +440,6 @@ impl Conv {
             && self.groups > 1
             && self.groups == self.in_ch
             && self.groups == self.out_ch
-    }
-
-    /// Output channels `c0..c1` of a pointwise convolution of the
-    /// `[in_ch, n]` planes `xs` into `dst`, from `start`.
-    fn pointwise_rows(&self, xs: &[f32], n: usize, c0: usize, c1: usize, dst: &mut [f32]) {
-        let k = self.in_ch;
-        let w = &self.weight[c0 * k..c1 * k];
-        let bias = &self.bias[c0..c1];
-        if k <= SMALL_K {
-            pointwise_small(dst, w, xs, n, bias, self.relu);
-        } else {
-            conv_matmul(
-                c1 - c0,
-                n,
-                k,
-                dst,
-                w,
-                k,
-                1,
-                xs,
-                Start::Bias(bias),
-                self.relu,
-            );
-        }
     }
 
     /// Any kernel, stride, padding and dilation, one plane.
@@ -616,8 +610,9 @@ impl Inverted {
     pub(super) fn run(&self, x: &FeatureMap, ws: &mut Workspace) -> Result<FeatureMap, CnnError> {
         let (e, d) = (&self.expand, &self.depthwise);
         let c = e.out_ch;
-        let n = x.h * x.w;
-        let (oh, ow) = d.out_size(x.h, x.w)?;
+        let (eh, ew) = e.out_size_held(x.h, x.w, 1)?;
+        let n = eh * ew;
+        let (oh, ow) = d.out_size(eh, ew)?;
         let block = (ws.expanded_block / n.max(1)).clamp(1, c);
         if block == c {
             // Small maps: step by step, as unfused.
@@ -650,15 +645,23 @@ impl Inverted {
         for c0 in (0..c).step_by(block) {
             let c1 = (c0 + block).min(c);
             let nb = c1 - c0;
-            e.pointwise_rows(&x.data, n, c0, c1, &mut expanded[..nb * n]);
+            e.dense_rows(
+                &x.data,
+                x.h,
+                x.w,
+                c0..c1,
+                &mut expanded[..nb * n],
+                (eh, ew),
+                ws,
+            );
             match &self.project {
                 None => {
                     let out = &mut y.data[c0 * no..c1 * no];
-                    d.depthwise_channels(&expanded[..nb * n], x.w, x.h, c0, out, ow, oh);
+                    d.depthwise_channels(&expanded[..nb * n], ew, eh, c0, out, ow, oh);
                 }
                 Some(p) => {
                     let out = &mut dw[..nb * no];
-                    d.depthwise_channels(&expanded[..nb * n], x.w, x.h, c0, out, ow, oh);
+                    d.depthwise_channels(&expanded[..nb * n], ew, eh, c0, out, ow, oh);
                     // The projection sums over the expanded channels: add
                     // this block's share.
                     let start = if c0 == 0 {

@@ -95,12 +95,13 @@ struct Conv {
     relu: bool,
 }
 
-/// A MobileNet inverted residual's expansion (a 1x1 convolution), its
-/// depthwise convolution and, where one follows, its 1x1 projection, run a
-/// block of expanded channels at a time so that the expanded map (six times
-/// the block's input, at the input's full size) is never held whole. On a
-/// 1080p still CenterFace's first expansion alone is 200 MB, and on a 12 MP
-/// photo it is over the 1 GiB feature-map cap.
+/// A MobileNet inverted residual's expansion (a 1x1 convolution, or the
+/// network's first, strided one), its depthwise convolution and, where one
+/// follows, its 1x1 projection, run a block of expanded channels at a time
+/// so that neither the expanded map (six times the block's input) nor the
+/// depthwise one is ever held whole. On a 1080p still CenterFace's first
+/// expansion alone is 200 MB, and on a 12 MP photo it is over the 1 GiB
+/// feature-map cap.
 #[derive(Clone, Debug)]
 struct Inverted {
     expand: Conv,
@@ -208,7 +209,7 @@ impl Network {
         }
     }
 
-    /// Fuses each 1x1 convolution whose only reader is a depthwise
+    /// Fuses each ungrouped convolution whose only reader is a depthwise
     /// convolution, and the 1x1 convolution that is the depthwise one's only
     /// reader, into an [`Inverted`] step at the expansion's place (the
     /// fused steps read nothing else, so running them earlier is the same).
@@ -219,7 +220,7 @@ impl Network {
                 i += 1;
                 continue;
             };
-            let expand_ok = matches!(&self.steps[i].op, Op::Conv(e) if e.is_pointwise()
+            let expand_ok = matches!(&self.steps[i].op, Op::Conv(e) if e.is_full()
                 && self.steps[j].op.conv().is_some_and(|d| d.in_ch == e.out_ch));
             if !expand_ok {
                 i += 1;
