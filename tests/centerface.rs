@@ -165,6 +165,35 @@ fn still(kind: DetectorKind) -> FaceDetector {
     FaceDetector::new(cfg).unwrap()
 }
 
+/// A face filling a phone photo (the portrait enlarged 12x, 3072x3456, the
+/// face about 1300 px high): the full-size search alone finds nothing
+/// there, the coarse second search finds it, with its box where the
+/// small photo's box lands when scaled.
+#[test]
+fn a_face_filling_a_large_photo_is_found() {
+    let small = load("hopper.png");
+    let mut detector = still(DetectorKind::CenterFace);
+    let base = detector.detect(&small);
+    assert_eq!(base.len(), 1, "the portrait's face");
+    let k = 12;
+    let big = image::imageops::resize(
+        &small,
+        small.width() * k,
+        small.height() * k,
+        image::imageops::FilterType::Triangle,
+    );
+    let found = detector.detect(&big);
+    assert_eq!(found.len(), 1, "one face, not one per search: {found:?}");
+    let (a, b) = (&base[0], &found[0]);
+    let want = [a.x * k, a.y * k, a.w * k, a.h * k];
+    let got = [b.x, b.y, b.w, b.h];
+    let inter =
+        |p0: u32, p1: u32, q0: u32, q1: u32| (p0 + p1).min(q0 + q1).saturating_sub(p0.max(q0));
+    let i = inter(want[0], want[2], got[0], got[2]) * inter(want[1], want[3], got[1], got[3]);
+    let iou = i as f64 / (want[2] * want[3] + got[2] * got[3] - i) as f64;
+    assert!(iou > 0.5, "box {got:?} against {want:?}: IoU {iou:.2}");
+}
+
 #[test]
 fn both_detectors_on_real_photos() {
     let astronaut = load("astronaut.png");
