@@ -202,3 +202,18 @@ pub fn run_live(opts: LiveOptions) -> Result<SessionReport, AppError> {
     }
     Ok(outcome.report.unwrap_or_default())
 }
+
+/// The renderer's name where OpenGL rasterises on the CPU (Mesa's
+/// llvmpipe or softpipe, SwiftShader: a machine without a GPU driver, a
+/// virtual display), `None` on a GPU.
+pub(crate) fn software_renderer(gl: &eframe::glow::Context) -> Option<String> {
+    use eframe::glow::HasContext;
+    // SAFETY: RENDERER is a string query every OpenGL answers, and eframe
+    // makes its context current on this thread before it creates the app.
+    let name = unsafe { gl.get_parameter_string(eframe::glow::RENDERER) };
+    let lower = name.to_ascii_lowercase();
+    ["llvmpipe", "softpipe", "swiftshader", "software rasterizer"]
+        .iter()
+        .any(|s| lower.contains(s))
+        .then_some(name)
+}

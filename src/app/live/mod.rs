@@ -35,6 +35,9 @@ enum Screen {
 }
 
 pub struct CliperApp {
+    /// Shortest time between two frames of the window: 10 ms, or 66 ms on
+    /// an OpenGL that rasterises on the CPU (see [`super::software_renderer`]).
+    frame_interval: std::time::Duration,
     opts: LiveOptions,
     settings: Settings,
     screen: Screen,
@@ -70,6 +73,16 @@ pub struct CliperApp {
     pending_bank: Option<BankChoice>,
 }
 
+/// The delay counts from the end of ui(), before rendering: 10 ms leaves
+/// room for a few ms of rendering within a 60 Hz frame, vsync paces it on a
+/// real display, and a display without vsync (Xvfb) is not spun at 100% CPU.
+const FRAME_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// On a CPU rasteriser each frame of the window costs CPU time the model
+/// needs. Measured on the 2-core EPYC under Xvfb (llvmpipe), demo source,
+/// q8: see the README's live figures.
+const SOFTWARE_FRAME_INTERVAL: std::time::Duration = std::time::Duration::from_millis(66);
+
 impl CliperApp {
     pub fn new(
         cc: &eframe::CreationContext<'_>,
@@ -100,7 +113,18 @@ impl CliperApp {
             }
         }
         let controls = ControlsState::new(&settings, &source);
+        let frame_interval = match cc.gl.as_deref().and_then(super::software_renderer) {
+            Some(name) => {
+                log::info!(
+                    "OpenGL renders on the CPU ({name}): the window redraws at most {} times a second, to leave the cores to the model",
+                    (1.0 / SOFTWARE_FRAME_INTERVAL.as_secs_f64()).round()
+                );
+                SOFTWARE_FRAME_INTERVAL
+            }
+            None => FRAME_INTERVAL,
+        };
         let mut app = Self {
+            frame_interval,
             exit: ExitPlan::new(opts.exit_after, opts.screenshot.clone()),
             store: Store::new(source.clone()),
             screen: Screen::FirstRun,
@@ -268,7 +292,10 @@ impl CliperApp {
         self.smoothing_sent = Some(config.smoothing);
         let ctx = ctx.clone();
         config.explain = self.store.explain;
-        self.pipeline = Some(Pipeline::start(config, move || ctx.request_repaint()));
+        let interval = self.frame_interval;
+        self.pipeline = Some(Pipeline::start(config, move || {
+            ctx.request_repaint_after(interval)
+        }));
         self.screen = Screen::Live;
         if self.recording.wants_start() {
             self.toggle_recording();
@@ -461,12 +488,9 @@ impl eframe::App for CliperApp {
             }
         }
         self.ui_stats.end();
-        // The timeline scrolls continuously. The delay counts from the end of
-        // ui(), before rendering: 10 ms leaves room for a few ms of rendering
-        // within a 60 Hz frame, vsync paces it on a real display, and a
-        // display without vsync (Xvfb) is not spun at 100% CPU.
+        // The timeline scrolls continuously.
         if matches!(self.screen, Screen::Live) {
-            ctx.request_repaint_after(std::time::Duration::from_millis(10));
+            ctx.request_repaint_after(self.frame_interval);
         }
     }
 
