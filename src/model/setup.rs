@@ -121,7 +121,12 @@ pub fn load(spec: &ModelSpec) -> Result<Loaded, SetupError> {
         Precision::Auto if device.is_cpu() => clip.vision.quantize_if_fast(),
         _ => Ok(false),
     };
-    quantized.map_err(|source| WeightsError::Candle {
+    // Inference alone from here: the 8-bit layers need no f32 copy.
+    let released = quantized.and_then(|q| match q {
+        true => clip.vision.release_f32_linears().map(|_| ()),
+        false => Ok(()),
+    });
+    released.map_err(|source| WeightsError::Candle {
         path: clip.source.clone(),
         source,
     })?;

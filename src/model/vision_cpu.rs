@@ -100,7 +100,12 @@ struct LinearView<'a> {
 impl<'a> LinearView<'a> {
     fn new(l: &'a Linear, quantized: Option<&'a QuantizedLinear>) -> Option<Self> {
         let quantized = quantized.filter(|q| !matches!(q, QuantizedLinear::Full));
-        let (n, k) = l.weight().dims2().ok()?;
+        // A layer whose f32 weights were released (`release_f32_linears`)
+        // has only its 8-bit ones, which give the shape.
+        let (n, k) = match quantized {
+            Some(QuantizedLinear::Int8(w, _)) if l.weight().elem_count() == 0 => (w.n(), w.k()),
+            _ => l.weight().dims2().ok()?,
+        };
         let (w, transposed) = match HostF32::new(l.weight()) {
             Some(w) => (w, false),
             None => (HostF32::transposed(l.weight())?, true),
@@ -375,6 +380,21 @@ impl QuantizedLinears {
 
     /// Whether every layer runs one of this crate's int8 kernels (none on
     /// Candle's Q8_0 or in f32).
+    /// Per block, which of its layers (q, k, v, out, fc1, fc2) run on this
+    /// crate's kernel.
+    pub fn int8_mask(&self) -> Vec<[bool; 6]> {
+        self.layers
+            .iter()
+            .map(|b| {
+                let mut m = [false; 6];
+                for (m, l) in m.iter_mut().zip(b.iter()) {
+                    *m = matches!(l, QuantizedLinear::Int8(..));
+                }
+                m
+            })
+            .collect()
+    }
+
     pub fn all_int8(&self) -> bool {
         self.int8_layers() == self.layers.len() * 6
     }
@@ -1370,5 +1390,48 @@ mod tests {
                 assert_eq!(wide.vision.precision(), "f32");
             }
         }
+    }
+
+    #[test]
+    fn released_f32_weights_leave_the_8_bit_forward_and_the_maps_unchanged() {
+        if super::Isa::best().is_none() {
+            eprintln!("NOTICE: this CPU has no int8 kernel; nothing is released");
+            return;
+        }
+        // Three blocks of ViT-B/16's width.
+        let mut m = model((32, 16, 768, 12, 3), Activation::QuickGelu, 5);
+        let px = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
+        assert!(m.vision.quantize_if_fast().unwrap());
+        let before = m.encode_images(&px).unwrap();
+        let one = px.narrow(0, 0, 1).unwrap();
+        let text = crate::model::layers::l2_normalize(
+            &Tensor::randn(0f32, 1.0, (4, m.config.embed_dim), &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let target = crate::model::explain::Target::Class(1);
+        let cam = |v: &super::VisionTower| {
+            crate::model::explain::gradcam_map(v, &one, &text, target).unwrap()
+        };
+        let cam_before = cam(&m.vision);
+        assert!(!m.vision.f32_released());
+        let freed = m.vision.release_f32_linears().unwrap();
+        // Two of the three blocks: 4 x 768^2 + 2 x 768 x 3072 values each.
+        assert_eq!(freed, 2 * (4 * 768 * 768 + 2 * 768 * 3072));
+        assert!(m.vision.f32_released());
+        let after = m.encode_images(&px).unwrap();
+        let diff = (before - after).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(
+            diff.to_scalar::<f32>().unwrap(),
+            0.0,
+            "the same 8-bit forward"
+        );
+        let cam_after = cam(&m.vision);
+        assert_eq!(
+            cam_before.values, cam_after.values,
+            "Grad-CAM runs the kept last block"
+        );
+        let back = m.vision.set_quantized(false).unwrap_err().to_string();
+        assert!(back.contains("load the model again"), "{back}");
+        assert_eq!(m.vision.release_f32_linears().unwrap(), 0, "released once");
     }
 }

@@ -69,16 +69,42 @@ fn classify_all(
     Ok((scores, embs))
 }
 
-/// Compares `low` (a reduced precision) with `full` (f32) on `crops`.
+/// f32 embeddings of `crops`, in batches of 8.
+pub(super) fn embeddings(
+    clip: &ClipModel,
+    crops: &[RgbImage],
+) -> Result<Vec<Vec<f32>>, BenchError> {
+    let px = pixels(clip, crops)?;
+    let n = px.dim(0)?;
+    let mut embs = Vec::with_capacity(n);
+    for i in (0..n).step_by(8) {
+        let emb = clip.encode_images(&px.narrow(0, i, 8.min(n - i))?)?;
+        embs.extend(emb.to_vec2::<f32>()?);
+    }
+    Ok(embs)
+}
+
+/// Compares `low` (a reduced precision) with f32 on `crops`: with the
+/// `reference` embeddings taken before `low`'s f32 weights were freed, or
+/// else with `low` rebuilt in f32.
 pub(super) fn agreement(
     low: &ClipModel,
-    full: &ClipModel,
     bank: &DescriptorBank,
     crops: &[RgbImage],
+    reference: Option<Vec<Vec<f32>>>,
+    opts: &BenchOptions,
 ) -> Result<Agreement, BenchError> {
     let px = pixels(low, crops)?;
-    let (low, low_emb) = classify_all(low, bank, &px, 8)?;
-    let (full, full_emb) = classify_all(full, bank, &px, 8)?;
+    let (low_scores, low_emb) = classify_all(low, bank, &px, 8)?;
+    let full_emb = match reference {
+        Some(e) if e.len() == crops.len() => e,
+        _ => embeddings(&f32_reference(low, opts)?, crops)?,
+    };
+    let dim = full_emb.first().map_or(0, Vec::len);
+    let flat: Vec<f32> = full_emb.iter().flatten().copied().collect();
+    let rows = Tensor::from_vec(flat, (full_emb.len(), dim), &low.device)?;
+    let full = scoring::score(&rows, bank)?;
+    let low = low_scores;
     let same = low
         .iter()
         .zip(&full)
@@ -108,7 +134,7 @@ pub(super) fn f32_reference(
     clip: &ClipModel,
     opts: &BenchOptions,
 ) -> Result<ClipModel, BenchError> {
-    if clip.dtype == DType::F32 {
+    if clip.dtype == DType::F32 && !clip.vision.f32_released() {
         let mut vision = clip.vision.clone();
         vision.set_quantized(false)?;
         return Ok(ClipModel {
@@ -125,5 +151,5 @@ pub(super) fn f32_reference(
         precision: Precision::F32,
         ..opts.clone()
     };
-    Ok(load_model(&opts)?.0)
+    Ok(load_model(&opts, None)?.0)
 }

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
+use image::RgbImage;
 
 use crate::model::cliper::scoring;
 use crate::model::cliper::DescriptorBank;
@@ -27,7 +28,7 @@ mod agreement;
 mod report;
 
 pub use agreement::Agreement;
-use agreement::{agreement, demo_crops, f32_reference, pixels};
+use agreement::{agreement, demo_crops, pixels};
 
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
@@ -313,7 +314,16 @@ pub fn set_threads(n: usize) -> Result<(), BenchError> {
         .map_err(|e| BenchError::Settings(format!("cannot set --threads {n}: {e}")))
 }
 
-fn load_model(opts: &BenchOptions) -> Result<(ClipModel, String), BenchError> {
+/// Image embeddings, one row per image.
+type Embeddings = Vec<Vec<f32>>;
+
+/// The model as `opts` asks for it, and, where it is quantized and
+/// `reference` holds images, their f32 embeddings, taken before the f32
+/// block weights are freed (the agreement check compares against them).
+fn load_model(
+    opts: &BenchOptions,
+    reference: Option<&[RgbImage]>,
+) -> Result<(ClipModel, String, Option<Embeddings>), BenchError> {
     let device = device::select(&opts.device)?;
     let dtype = opts.precision.dtype(&device)?;
     let ckpt = if opts.random {
@@ -339,7 +349,33 @@ fn load_model(opts: &BenchOptions) -> Result<(ClipModel, String), BenchError> {
         }
         _ => {}
     }
-    Ok((clip, name))
+    let reference = match reference {
+        Some(set) if clip.vision.backend.quantized().is_some() => {
+            // The f32 twin shares the weights: nothing is copied.
+            let twin = agreement::f32_reference(&clip, opts)?;
+            Some(agreement::embeddings(&twin, set)?)
+        }
+        _ => None,
+    };
+    // As the app does: the 8-bit layers need no f32 copy.
+    clip.vision.release_f32_linears()?;
+    Ok((clip, name, reference))
+}
+
+/// The images of the agreement check: the user's, or crops of the demo portrait.
+fn agreement_set(opts: &BenchOptions) -> Result<Vec<RgbImage>, BenchError> {
+    if opts.images.is_empty() {
+        return Ok(demo_crops(opts.agreement_images.max(1)));
+    }
+    opts.images
+        .iter()
+        .map(|p| {
+            crate::vision::images::load_rgb(p).map_err(|e| BenchError::Image {
+                path: p.clone(),
+                reason: e.to_string(),
+            })
+        })
+        .collect()
 }
 
 /// Runs every stage; `progress` receives one line per stage.
@@ -362,7 +398,11 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     }
     let (w, r) = (opts.warmup, opts.runs);
     progress("loading the model");
-    let (clip, weights_name) = load_model(opts)?;
+    let set = match opts.precision {
+        Precision::F32 => None,
+        _ => Some(agreement_set(opts)?),
+    };
+    let (clip, weights_name, reference) = load_model(opts, set.as_deref())?;
     let precision = match clip.vision.precision() {
         "q8" => Precision::Q8,
         "f16" => Precision::F16,
@@ -509,21 +549,11 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         None
     } else {
         progress("agreement with f32");
-        let set = if opts.images.is_empty() {
-            demo_crops(opts.agreement_images.max(1))
-        } else {
-            opts.images
-                .iter()
-                .map(|p| {
-                    crate::vision::images::load_rgb(p).map_err(|e| BenchError::Image {
-                        path: p.clone(),
-                        reason: e.to_string(),
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?
+        let set = match set {
+            Some(set) => set,
+            None => agreement_set(opts)?,
         };
-        let reference = f32_reference(&clip, opts)?;
-        Some(agreement(&clip, &reference, &bank, &set)?)
+        Some(agreement(&clip, &bank, &set, reference, opts)?)
     };
 
     Ok(BenchReport {
