@@ -25,6 +25,16 @@ struct Cli {
     live: cli::live::LiveArgs,
 }
 
+/// The command line, each command taking negative numbers as values
+/// (`--x -0.5`) rather than as flags.
+fn parse() -> Result<Cli, clap::Error> {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command()
+        .mut_subcommands(|c| c.allow_negative_numbers(true))
+        .try_get_matches()?;
+    Cli::from_arg_matches(&matches)
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(command) => command.run(),
@@ -67,7 +77,7 @@ fn init_logging() {
 fn main() -> ExitCode {
     no_transparent_huge_pages();
     init_logging();
-    let cli = match Cli::try_parse() {
+    let cli = match parse() {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;

@@ -25,58 +25,46 @@ pub(crate) mod session;
 pub(crate) mod train;
 pub(crate) mod weights;
 
+/// Every command takes negative numbers as values (`--x -0.5`): see
+/// [`parse`](crate::parse), which sets it on each.
 #[derive(Subcommand)]
 pub(crate) enum Command {
     /// Print the L2-normalised CLIP embedding of an image or a text as JSON.
-    #[command(allow_negative_numbers = true)]
     Embed(classify::EmbedArgs),
     /// Classify the facial expressions of every face in images.
-    #[command(allow_negative_numbers = true)]
     Classify(classify::ClassifyArgs),
     /// Time each stage (preprocessing, image encoder, scoring, face
     /// detection, temporal pass) and report peak memory and faces per second.
-    #[command(allow_negative_numbers = true)]
     Bench(bench::BenchArgs),
     /// Classify the expression of the main face of a video clip (or a folder
     /// of frames) with the dynamic branch: 16 frames, one per equal segment.
-    #[command(allow_negative_numbers = true)]
     ClassifyClip(classify::ClassifyClipArgs),
     /// Find the faces in images (boxes, scores, landmarks) as JSON lines, and
     /// optionally draw them; no expression model needed.
-    #[command(allow_negative_numbers = true)]
     Faces(faces::FacesArgs),
     /// Map where on each face a descriptor or class looks, drawn over the image.
-    #[command(allow_negative_numbers = true)]
     Explain(explain::ExplainArgs),
     /// Train CLIPER descriptors (stage 1) and fine-tune the vision tower (stage 2).
-    #[command(allow_negative_numbers = true)]
     Train(train::TrainArgs),
     /// Evaluate on a data set's test split: WAR, UAR, per-class recall, confusion matrix.
-    #[command(allow_negative_numbers = true)]
     Eval(train::EvalArgs),
     /// CLIP weights and named models: fetch, list, info.
-    #[command(allow_negative_numbers = true)]
     Weights {
         #[command(subcommand)]
         action: weights::WeightsAction,
     },
     /// Open the live window (the default when no command is given).
-    #[command(allow_negative_numbers = true)]
     Live(live::LiveArgs),
     /// Run the live pipeline without a window: one line per processed frame.
-    #[command(allow_negative_numbers = true)]
     Run(run::RunArgs),
     /// Annotate a folder or list of videos and images as one task of an
     /// array job (Slurm, Kubernetes), resumable; `batch merge` makes Parquet tables.
-    #[command(allow_negative_numbers = true)]
     Batch(batch::BatchArgs),
     /// Replay a recorded session: its annotated video, the timelines and a
     /// scrubber (no model needed).
-    #[command(allow_negative_numbers = true)]
     Replay(session::ReplayArgs),
     /// Summarise a recorded session per face (frames, share of time per
     /// dominant expression, mean probabilities) and draw a timeline PNG per face.
-    #[command(allow_negative_numbers = true)]
     Report(session::ReportArgs),
 }
 
