@@ -300,6 +300,17 @@ fn replay_and_report_need_no_weights() {
     let tl = session.timeline(1);
     assert_eq!(tl.len(), FRAMES as usize);
     assert_eq!(session.index_at(0.55), Some(5));
+    // The bank's layout, as meta.json records it, for replay's store; a
+    // record's scores come back in it.
+    let layouts = session.layouts();
+    assert_eq!(layouts.len(), 1, "{layouts:?}");
+    let layout = &layouts[0].1;
+    assert_eq!(layout.classes(), session.classes().as_slice());
+    assert_eq!(layout.num_descriptors(), 35);
+    let face = &session.frames[5].faces[0];
+    let scores = face.expression_scores(layout);
+    assert_eq!(scores.probs, face.probs(&session.classes()));
+    assert_eq!(scores.predicted_name(), face.predicted);
     let mut v = session.open_video().unwrap().unwrap();
     let last = v.frame(v.len() - 1).unwrap();
     assert_eq!(last.dimensions(), (1120, 560));
@@ -692,6 +703,7 @@ fn a_recording_started_mid_session_in_live_mode() {
     let (mut info, mut model_info, mut bank) = (None, None, None);
     let mut recorder: Option<Recorder> = None;
     let mut recorded_scores = 0;
+    let mut started: Option<Instant> = None;
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
         let Ok(ev) = pipeline.events.recv_timeout(Duration::from_secs(5)) else {
@@ -705,7 +717,11 @@ fn a_recording_started_mid_session_in_live_mode() {
             PipelineEvent::ModelReady(m) => model_info = Some(m.clone()),
             PipelineEvent::BankReady(b) => bank = Some(b.clone()),
             PipelineEvent::ModelFailed(e) => panic!("{e}"),
-            PipelineEvent::Scores(_) if recorder.is_some() => recorded_scores += 1,
+            // Only frames captured after Record was pressed are recorded
+            // (under load, scores of earlier frames still come in).
+            PipelineEvent::Scores(s) if recorder.is_some() => {
+                recorded_scores += u32::from(started.is_some_and(|t| s.captured >= t));
+            }
             PipelineEvent::Scores(_) => {
                 // Scores are flowing: press Record.
                 let mut r = Recorder::start(
@@ -713,6 +729,7 @@ fn a_recording_started_mid_session_in_live_mode() {
                     RunMode::Live,
                 )
                 .unwrap();
+                started = Some(Instant::now());
                 r.prime(info.as_ref(), model_info.as_ref(), bank.as_ref());
                 recorder = Some(r);
             }

@@ -2,6 +2,9 @@
 //! session's annotated video with a scrubber, its faces, and their class
 //! timelines. Reads the session folder only; no model is loaded.
 //!
+//! The records fold into the live window's [`Store`] (the scrubber's time is
+//! its clock), and the live window's score panel draws it.
+//!
 //! The video is decoded on a background thread (a seek decodes from the key
 //! frame before it, at most 2 s of video); the UI only asks for the
 //! frame at the scrubber's time and shows the newest one that came back.
@@ -16,8 +19,10 @@ use image::RgbImage;
 
 use super::exit::{check_writable, ExitPlan, Outcome};
 use super::palette::class_color;
-use super::scores::{ClassTimeline, Curves};
-use crate::session::report::{summarize, Report, MAX_FRAME_SECS};
+use super::scores::{self, Span};
+use super::store::Store;
+use crate::model::cliper::expressions::BankLayout;
+use crate::session::report::{summarize, Report};
 use crate::session::timeline::Timelines;
 use crate::session::{Session, SessionError};
 use crate::vision::video::IndexedVideo;
@@ -126,8 +131,14 @@ fn spawn_decoder(mut reader: IndexedVideo, ctx: egui::Context) -> Option<Decoder
 struct ReplayApp {
     session: Session,
     report: Report,
-    /// The faces' curves, folded from the session's records.
-    timelines: Timelines,
+    /// What the panels draw: the session's curves and the faces of the
+    /// record at the scrubber.
+    store: Store,
+    /// The class layout of each bank, from the session time it was used.
+    layouts: Vec<(f64, Arc<BankLayout>)>,
+    /// Whether any record has dynamic scores (offers the dynamic view).
+    has_dynamic: bool,
+    dynamic: bool,
     /// Video time of each frame.
     video_times: Vec<f64>,
     video_start_t: f64,
@@ -140,7 +151,6 @@ struct ReplayApp {
     playing: bool,
     speed: f64,
     last_tick: Option<Instant>,
-    selected: Option<u64>,
     exit: ExitPlan,
     outcome: Arc<Mutex<Outcome>>,
 }
@@ -173,13 +183,19 @@ impl ReplayApp {
             (Some(_), None) => None,
         };
         let decoder = video.and_then(|v| spawn_decoder(v, ctx.clone()));
-        let selected = report.faces.first().map(|f| f.id);
+        let mut store = Store::replay(timelines, session.frames.len() as u64);
+        store.selected = report.faces.first().map(|f| f.id);
+        let has_dynamic =
+            (session.frames.iter()).any(|f| f.faces.iter().any(|x| x.dynamic.is_some()));
         Self {
+            layouts: session.layouts(),
+            has_dynamic,
+            dynamic: false,
             video_start_t: session.video_start_t(),
             t: session.frames.first().map_or(0.0, |f| f.t),
             session,
             report,
-            timelines,
+            store,
             video_times,
             decoder,
             video_error,
@@ -188,7 +204,6 @@ impl ReplayApp {
             playing: false,
             speed: 1.0,
             last_tick: None,
-            selected,
             exit: ExitPlan::new(opts.exit_after, opts.screenshot),
             outcome,
         }
@@ -243,6 +258,20 @@ impl ReplayApp {
         }
     }
 
+    /// The store to the scrubber: its clock, and the faces of the record
+    /// at that time in the layout of the bank then in use.
+    fn sync_store(&mut self) {
+        let record = self
+            .session
+            .index_at(self.t)
+            .map(|i| &self.session.frames[i]);
+        let at = record.map_or(self.t, |r| r.t);
+        let k = self.layouts.partition_point(|(from, _)| *from <= at + 1e-9);
+        let layout = &self.layouts[k.saturating_sub(1)].1;
+        self.store.seek(self.t, record, layout);
+        self.store.dynamic_view = self.dynamic;
+    }
+
     fn keys(&mut self, ctx: &egui::Context) {
         let (space, left, right) = ctx.input(|i| {
             (
@@ -289,6 +318,10 @@ impl ReplayApp {
                         ui.selectable_value(&mut self.speed, s, format!("{s}x"));
                     }
                 });
+            if self.has_dynamic {
+                ui.checkbox(&mut self.dynamic, "Dynamic")
+                    .on_hover_text("Show the dynamic branch's recorded scores");
+            }
             ui.separator();
             let m = &self.session.meta;
             ui.label(RichText::new(self.session.dir.display().to_string()).strong());
@@ -339,14 +372,14 @@ impl ReplayApp {
             ))
             .color(class_color(self.report.class(d)));
             if ui
-                .selectable_label(self.selected == Some(f.id), text)
+                .selectable_label(self.store.selected == Some(f.id), text)
                 .clicked()
             {
-                self.selected = Some(f.id);
+                self.store.selected = Some(f.id);
             }
         }
         ui.separator();
-        let Some(id) = self.selected else {
+        let Some(id) = self.store.selected else {
             return;
         };
         let record = self.session.index_at(self.t).and_then(|i| {
@@ -357,27 +390,15 @@ impl ReplayApp {
             ui.label(RichText::new(format!("Face #{id} is not in this frame.")).weak());
             return;
         };
-        let classes = self.report.classes.clone();
-        let name = |c: usize| classes.get(c).map(String::as_str).unwrap_or("?");
-        let probs = face.probs(&classes);
-        let c = face.predicted_index(&classes);
+        let classes = &self.report.classes;
+        let probs = face.probs(classes);
         ui.label(
             RichText::new(format!(
-                "Face #{id} at {:.2} s (frame {}): {} {:.0}%",
-                frame.t,
-                frame.frame,
-                name(c),
-                probs.get(c).copied().unwrap_or(f32::NAN) * 100.0
+                "Face #{id} at {:.2} s (frame {}), as computed:",
+                frame.t, frame.frame
             ))
             .strong(),
         );
-        // The bars and curves show what the window showed (smoothed where
-        // smoothing was on), as the live window draws them.
-        let shown = match &face.smoothed {
-            Some(sm) => sm.probs(&classes),
-            None => probs.clone(),
-        };
-        super::scores::class_bars(ui, "replay-bars", &classes, &shown, 150.0);
         ui.horizontal_wrapped(|ui| {
             for (c, n) in classes.iter().enumerate() {
                 ui.label(
@@ -434,37 +455,13 @@ impl ReplayApp {
         }
     }
 
-    fn timeline(&mut self, ui: &mut egui::Ui, height: f32) {
-        let dur = self.duration().max(1e-3);
-        let face = self.selected.and_then(|id| self.timelines.get(id));
-        let curves: Vec<Curves> = face
-            .map(|f| {
-                vec![
-                    Curves {
-                        points: &f.shown,
-                        dashed: false,
-                        on_display: true,
-                    },
-                    Curves {
-                        points: &f.dynamic,
-                        dashed: true,
-                        on_display: false,
-                    },
-                ]
-            })
-            .unwrap_or_default();
-        let plot = ClassTimeline {
-            id: "replay-timeline",
-            names: &self.report.classes,
-            from: 0.0,
-            to: dur,
-            origin: 0.0,
-            marker: Some(self.t),
-            emphasize: None,
-            max_gap: MAX_FRAME_SECS,
-        };
-        if let Some(x) = plot.show(ui, &curves, height) {
-            self.t = x.clamp(0.0, dur);
+    /// The live window's score panel: the selected face's bars (what the
+    /// window showed) and its curves over the whole session; a click seeks.
+    fn scores(&mut self, ui: &mut egui::Ui, height: f32) {
+        let duration = self.duration().max(1e-3);
+        let span = Span::Whole { duration };
+        if let Some(x) = scores::show(ui, &self.store, span, height, self.dynamic) {
+            self.t = x.clamp(0.0, duration);
             self.playing = false;
         }
     }
@@ -475,6 +472,7 @@ impl eframe::App for ReplayApp {
         let ctx = ui.ctx().clone();
         self.keys(&ctx);
         self.tick(&ctx);
+        self.sync_store();
         egui::Panel::top("replay-header").show(ui, |ui| self.header(ui));
         egui::Panel::bottom("replay-scrubber")
             .frame(
@@ -489,10 +487,10 @@ impl eframe::App for ReplayApp {
                 egui::ScrollArea::vertical().show(ui, |ui| self.faces_panel(ui));
             });
         egui::CentralPanel::default().show(ui, |ui| {
-            let plot_h = (ui.available_height() * 0.32).clamp(160.0, 280.0);
+            let plot_h = (ui.available_height() * 0.36).clamp(190.0, 300.0);
             let video_h = ui.available_height() - plot_h - ui.spacing().item_spacing.y;
             self.video(ui, video_h);
-            self.timeline(ui, plot_h);
+            self.scores(ui, plot_h);
         });
         if let Some(e) = self.exit.tick(&ctx) {
             if let Ok(mut o) = self.outcome.lock() {

@@ -1,7 +1,7 @@
 //! The selected face's scores: a bar chart of the class probabilities and
-//! a scrolling timeline of the last N seconds of each class (the classes of
-//! the bank in use). Replay draws its face with the same two panels
-//! ([`class_bars`], [`ClassTimeline`]).
+//! a timeline of each class (the classes of the bank in use). The live
+//! window scrolls the last N seconds; replay shows the whole session with a
+//! marker at the scrubber, and a click there seeks.
 
 use std::collections::VecDeque;
 
@@ -12,6 +12,17 @@ use super::palette::class_color;
 use super::store::Store;
 use crate::pipeline::dynamic::DynamicMode;
 use crate::session::replay::TimelinePoint;
+use crate::session::report::MAX_FRAME_SECS;
+
+/// The time the timeline spans.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Span {
+    /// Live: the last this many seconds, "now" at the right edge.
+    Recent(f32),
+    /// Replay: the whole session (0 to `duration` seconds), with a marker
+    /// at the store's time.
+    Whole { duration: f64 },
+}
 
 /// The classes on display: the selected face's (its scores carry the bank
 /// they were made with), else the bank's, else CLIPER's.
@@ -27,12 +38,20 @@ fn classes(store: &Store) -> Vec<String> {
     }
 }
 
-pub fn show(ui: &mut egui::Ui, store: &Store, timeline_secs: f32, height: f32, dynamic: bool) {
+/// Draws the panel; returns the time clicked on the timeline (replay seeks
+/// there).
+pub fn show(
+    ui: &mut egui::Ui,
+    store: &Store,
+    span: Span,
+    height: f32,
+    dynamic: bool,
+) -> Option<f64> {
     let face = store.selected_face();
     let names = classes(store);
     ui.horizontal(|ui| {
-        match face {
-            Some(h) => {
+        match (face, store.selected) {
+            (Some(h), _) => {
                 let shown = h.displayed(dynamic);
                 let c = shown.predicted;
                 ui.label(RichText::new(format!("Face #{}", h.id)).strong());
@@ -42,22 +61,26 @@ pub fn show(ui: &mut egui::Ui, store: &Store, timeline_secs: f32, height: f32, d
                         .strong(),
                 );
                 if dynamic {
-                    let what = match &h.dynamic {
-                        Some((_, DynamicMode::Temporal)) => "dynamic: temporal module".to_string(),
-                        Some((_, DynamicMode::MeanOfFeatures)) => {
+                    let what = match (&h.dynamic, h.window_fill) {
+                        (Some((_, DynamicMode::Temporal)), _) => "dynamic: temporal module".to_string(),
+                        (Some((_, DynamicMode::MeanOfFeatures)), _) => {
                             "dynamic: the head on the mean of the window's features (Exp-CLIP)"
                                 .to_string()
                         }
-                        Some((_, DynamicMode::MeanOfStatic)) => {
+                        (Some((_, DynamicMode::MeanOfStatic)), _) => {
                             "dynamic: no trained temporal weights, mean of the window's static scores"
                                 .to_string()
                         }
-                        None => format!("dynamic: filling the window ({} frames), static shown", h.window_fill),
+                        (None, Some(n)) => format!("dynamic: filling the window ({n} frames), static shown"),
+                        (None, None) => "dynamic: none recorded for this frame, static shown".to_string(),
                     };
                     ui.label(RichText::new(what).small().weak());
                 }
             }
-            None => {
+            (None, Some(id)) => {
+                ui.label(RichText::new(format!("Face #{id} is not in this frame")).weak());
+            }
+            (None, None) => {
                 ui.label(RichText::new("No face selected").weak());
             }
         }
@@ -76,9 +99,11 @@ pub fn show(ui: &mut egui::Ui, store: &Store, timeline_secs: f32, height: f32, d
             bars(ui, store, &names, plot_h, dynamic)
         });
         ui.allocate_ui(egui::vec2(ui.available_width(), plot_h), |ui| {
-            timeline(ui, store, &names, timeline_secs, plot_h, dynamic)
-        });
-    });
+            timeline(ui, store, &names, span, plot_h, dynamic)
+        })
+        .inner
+    })
+    .inner
 }
 
 fn bars(ui: &mut egui::Ui, store: &Store, names: &[String], h: f32, dynamic: bool) {
@@ -152,14 +177,22 @@ pub fn class_bars(ui: &mut egui::Ui, id: &str, names: &[String], probs: &[f32], 
 
 /// Both curves of each class: static solid, dynamic dashed; the mode on
 /// display is drawn thicker.
-fn timeline(ui: &mut egui::Ui, store: &Store, names: &[String], secs: f32, h: f32, dynamic: bool) {
+fn timeline(
+    ui: &mut egui::Ui,
+    store: &Store,
+    names: &[String],
+    span: Span,
+    h: f32,
+    dynamic: bool,
+) -> Option<f64> {
     let now = store.now();
-    let span = f64::from(secs);
     let face = store.selected_face();
-    let curves = face
-        .and_then(|f| store.timelines.get(f.id).map(|t| (f, t)))
-        .map(|(f, t)| {
-            let dynamic_shown = dynamic && f.dynamic.is_some();
+    // The selected face's curves, also while it is not in the frame (replay).
+    let dynamic_shown = dynamic && face.is_some_and(|f| f.dynamic.is_some());
+    let curves = store
+        .selected
+        .and_then(|id| store.timelines.get(id))
+        .map(|t| {
             vec![
                 Curves {
                     points: &t.shown,
@@ -174,17 +207,30 @@ fn timeline(ui: &mut egui::Ui, store: &Store, names: &[String], secs: f32, h: f3
             ]
         })
         .unwrap_or_default();
-    let timeline = ClassTimeline {
-        id: "class-timeline",
-        names,
-        from: now - span,
-        to: now,
-        origin: now,
-        marker: None,
-        emphasize: face.map(|f| f.displayed(dynamic).predicted),
-        max_gap: f64::INFINITY,
+    let emphasize = face.map(|f| f.displayed(dynamic).predicted);
+    let timeline = match span {
+        Span::Recent(secs) => ClassTimeline {
+            id: "class-timeline",
+            names,
+            from: now - f64::from(secs),
+            to: now,
+            origin: now,
+            marker: None,
+            emphasize,
+            max_gap: f64::INFINITY,
+        },
+        Span::Whole { duration } => ClassTimeline {
+            id: "class-timeline",
+            names,
+            from: 0.0,
+            to: duration,
+            origin: 0.0,
+            marker: Some(now),
+            emphasize,
+            max_gap: MAX_FRAME_SECS,
+        },
     };
-    timeline.show(ui, &curves, h);
+    timeline.show(ui, &curves, h)
 }
 
 /// One series of a face's curves.

@@ -523,28 +523,29 @@ macro_rules! ymm_tile {
     };
 }
 
-/// `acc + a . w` per group of four bytes: AVX-VNNI's `vpdpbusd ymm`.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2,avxvnni")]
-unsafe fn dot_vex_vnni(
-    acc: std::arch::x86_64::__m256i,
-    a: std::arch::x86_64::__m256i,
-    w: std::arch::x86_64::__m256i,
-) -> std::arch::x86_64::__m256i {
-    std::arch::x86_64::_mm256_dpbusd_avx_epi32(acc, a, w)
+/// `acc + a . w` per group of four bytes through one `vpdpbusd ymm`: the
+/// two forms differ only in encoding and the CPU flag they need.
+macro_rules! vnni_dot {
+    ($(#[$doc:meta] $name:ident, $features:literal, $intrinsic:ident;)*) => {$(
+        #[$doc]
+        #[cfg(target_arch = "x86_64")]
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(
+            acc: std::arch::x86_64::__m256i,
+            a: std::arch::x86_64::__m256i,
+            w: std::arch::x86_64::__m256i,
+        ) -> std::arch::x86_64::__m256i {
+            std::arch::x86_64::$intrinsic(acc, a, w)
+        }
+    )*};
 }
 
-/// The same instruction in its AVX-512 (EVEX) form.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2,avx512vnni,avx512vl")]
-unsafe fn dot_evex_vnni(
-    acc: std::arch::x86_64::__m256i,
-    a: std::arch::x86_64::__m256i,
-    w: std::arch::x86_64::__m256i,
-) -> std::arch::x86_64::__m256i {
-    std::arch::x86_64::_mm256_dpbusd_epi32(acc, a, w)
+vnni_dot! {
+    /// AVX-VNNI (VEX).
+    dot_vex_vnni, "avx2,avxvnni", _mm256_dpbusd_avx_epi32;
+    /// AVX-512 VNNI (EVEX), on 256-bit registers.
+    dot_evex_vnni, "avx2,avx512vnni,avx512vl", _mm256_dpbusd_epi32;
 }
 
 /// AVX2: u8 x i8 pairs summed in i16 (exact for 7-bit activations), then

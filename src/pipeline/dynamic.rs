@@ -32,6 +32,13 @@ impl DynamicMode {
             DynamicMode::MeanOfFeatures => "mean-of-features",
         }
     }
+
+    /// The mode named by [`as_str`](Self::as_str) (as a session records it).
+    pub fn parse(name: &str) -> Option<Self> {
+        [Self::Temporal, Self::MeanOfStatic, Self::MeanOfFeatures]
+            .into_iter()
+            .find(|m| m.as_str() == name)
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -413,28 +413,38 @@ impl Recorder {
                 shown.probs.get(p).copied().unwrap_or(0.0),
             ),
         );
-        let b = &f.face.bbox;
-        FaceRecord {
-            id,
-            bbox: [b.x, b.y, b.w, b.h],
-            detection: Some(b.score),
-            landmarks: b.landmarks.map(round_landmarks),
-            predicted: sc.predicted_name().to_string(),
-            classes: class_scores_of(sc),
-            dynamic: f
-                .dynamic
-                .as_ref()
-                .map(|d| ScoresRecord::of(Some(d.mode.as_str()), &d.scores)),
-            smoothed: smoothed.map(|x| ScoresRecord::of(None, x)),
-            descriptors: top_descriptors(sc, &s.bank, self.top),
-            probe: match (&s.probe, f.probe_logit) {
-                (Some(text), Some(logit)) => Some(ProbeRecord {
-                    text: text.clone(),
-                    logit,
-                }),
-                _ => None,
-            },
-        }
+        let descriptors = top_descriptors(sc, &s.bank, self.top);
+        face_record(id, f, descriptors, s.probe.as_deref())
+    }
+}
+
+/// The record of one face as a session holds it (`id`: its session id):
+/// what was computed, and the smoothed scores the window showed.
+pub(crate) fn face_record(
+    id: u64,
+    f: &TrackedResult,
+    descriptors: Vec<DescriptorRecord>,
+    probe: Option<&str>,
+) -> FaceRecord {
+    let sc = &f.face.scores;
+    let b = &f.face.bbox;
+    FaceRecord {
+        id,
+        bbox: [b.x, b.y, b.w, b.h],
+        detection: Some(b.score),
+        landmarks: b.landmarks.map(round_landmarks),
+        predicted: sc.predicted_name().to_string(),
+        classes: class_scores_of(sc),
+        dynamic: f
+            .dynamic
+            .as_ref()
+            .map(|d| ScoresRecord::of(Some(d.mode.as_str()), &d.scores)),
+        smoothed: f.smoothed.as_ref().map(|x| ScoresRecord::of(None, x)),
+        descriptors,
+        probe: probe.zip(f.probe_logit).map(|(text, logit)| ProbeRecord {
+            text: text.to_string(),
+            logit,
+        }),
     }
 }
 

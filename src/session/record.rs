@@ -5,8 +5,11 @@
 //! `box`, `classes` (`name`, `score`, `prob` in class order), `predicted`,
 //! `descriptors`, `probe`; a session adds `dynamic` and `smoothed`.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
+use crate::model::cliper::expressions::BankLayout;
 use crate::model::cliper::scoring::argmax;
 use crate::model::cliper::ExpressionScores;
 
@@ -148,9 +151,46 @@ impl ScoresRecord {
     pub fn probs<S: AsRef<str>>(&self, classes: &[S]) -> Vec<f32> {
         by_name(&self.classes, classes, |c| c.prob)
     }
+
+    /// The scores again in `layout`'s class order, as far as a record holds
+    /// them: no descriptor logits (NaN).
+    pub fn expression_scores(&self, layout: &Arc<BankLayout>) -> ExpressionScores {
+        scores_of(&self.classes, &self.predicted, layout)
+    }
+}
+
+/// Scores from recorded classes (matched by name; NaN for a class the record
+/// lacks) with every descriptor logit unknown (NaN).
+fn scores_of(record: &[ClassScore], predicted: &str, layout: &Arc<BankLayout>) -> ExpressionScores {
+    let names = layout.classes();
+    let probs = by_name(record, names, |c| c.prob);
+    ExpressionScores {
+        logits: vec![f32::NAN; layout.num_descriptors()],
+        class_scores: by_name(record, names, |c| c.score),
+        predicted: layout.index(predicted).unwrap_or_else(|| argmax(&probs)),
+        probs,
+        layout: layout.clone(),
+    }
 }
 
 impl FaceRecord {
+    /// The static scores again in `layout`'s class order: the recorded class
+    /// scores and probabilities, and the logits of the recorded top
+    /// descriptors (the others were not recorded and stay NaN).
+    pub fn expression_scores(&self, layout: &Arc<BankLayout>) -> ExpressionScores {
+        let mut s = scores_of(&self.classes, &self.predicted, layout);
+        for d in &self.descriptors {
+            let Some(c) = layout.index(&d.class) else {
+                continue;
+            };
+            let range = layout.range(c);
+            if d.index < range.len() {
+                s.logits[range.start + d.index] = d.logit;
+            }
+        }
+        s
+    }
+
     /// Static probabilities in the order of `classes`.
     pub fn probs<S: AsRef<str>>(&self, classes: &[S]) -> Vec<f32> {
         by_name(&self.classes, classes, |c| c.prob)

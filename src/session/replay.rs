@@ -4,10 +4,12 @@
 use std::collections::BTreeSet;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::meta::SessionMeta;
 use super::record::FrameRecord;
 use super::{SessionError, JSONL_FILE, META_FILE, RAW_VIDEO_FILE, VIDEO_FILE};
+use crate::model::cliper::expressions::BankLayout;
 use crate::vision::video::IndexedVideo;
 
 /// A session read from its folder.
@@ -62,6 +64,32 @@ impl Session {
             frames,
             bad_lines,
         })
+    }
+
+    /// The class layout of each bank the session used, with the session
+    /// time it took over from, in that order. Only banks in the session's
+    /// class order count (every per-class series of a session is in that
+    /// order); a session with none gets a layout of its classes, one
+    /// descriptor each (the recorded descriptor logits fill in where they fit).
+    pub fn layouts(&self) -> Vec<(f64, Arc<BankLayout>)> {
+        let classes = self.classes();
+        let mut v: Vec<(f64, Arc<BankLayout>)> = (self.meta.banks.iter())
+            .filter(|b| b.classes.len() == b.descriptors_per_class.len())
+            .filter_map(|b| {
+                let counts: Vec<(&str, usize)> = (b.classes.iter().map(String::as_str))
+                    .zip(b.descriptors_per_class.iter().copied())
+                    .collect();
+                let layout = BankLayout::new(&counts).ok()?;
+                (layout.classes() == classes.as_slice()).then(|| (b.from_t, Arc::new(layout)))
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        if v.is_empty() {
+            let ones: Vec<(&str, usize)> = classes.iter().map(|c| (c.as_str(), 1)).collect();
+            let layout = BankLayout::new(&ones).unwrap_or_else(|_| BankLayout::cliper());
+            v.push((f64::NEG_INFINITY, Arc::new(layout)));
+        }
+        v
     }
 
     /// The session's classes (`meta.json`), in the model's order; CLIPER's

@@ -427,7 +427,7 @@ impl CliperApp {
             scores::show(
                 ui,
                 &self.store,
-                self.settings.timeline_secs,
+                scores::Span::Recent(self.settings.timeline_secs),
                 plots_h,
                 self.settings.dynamic,
             );

@@ -1,17 +1,24 @@
-//! What the window shows, folded from pipeline events: the newest frame and
-//! its boxes, per-face score histories, the state of the source and the
-//! model, and the latency figures. Plain data; the panels read it.
+//! What the window shows: the newest frame and its boxes, per-face score
+//! histories, the state of the source and the model, and the latency
+//! figures. Plain data; the panels read it.
+//!
+//! The live window folds it from pipeline events ([`Store::apply`]); replay
+//! folds it from a session's records ([`Store::replay`], [`Store::seek`]),
+//! so the same panels draw both. The recorder writes what the store shows:
+//! the pipeline's smoothed scores, which both read.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::model::cliper::expressions::BankLayout;
 use crate::model::cliper::{DescriptorBank, ExpressionScores};
 use crate::model::explain::{ExplainMap, Method, Target};
 use crate::pipeline::dynamic::DynamicMode;
 use crate::pipeline::worker::{
     DetectedFrame, FrameScores, ModelInfo, PipelineEvent, SourceInfo, StageTimings,
 };
+use crate::session::record::{FaceRecord, FrameRecord};
 use crate::session::timeline::Timelines;
 use crate::vision::faces::FaceBox;
 use crate::vision::source::SourceSpec;
@@ -35,8 +42,9 @@ pub struct FaceHistory {
     /// The dynamic branch's latest scores as displayed (smoothed), once the
     /// face's window is full, and how they were made.
     pub dynamic: Option<(ExpressionScores, DynamicMode)>,
-    /// Frame features in the face's dynamic window.
-    pub window_fill: usize,
+    /// Frame features in the face's dynamic window (`None` in replay: a
+    /// session does not record it).
+    pub window_fill: Option<usize>,
     /// The latest fast explanation map of the chosen target.
     pub explain: Option<ExplainMap>,
 }
@@ -47,6 +55,37 @@ impl FaceHistory {
         match (&self.dynamic, dynamic) {
             (Some((s, _)), true) => s,
             _ => &self.shown,
+        }
+    }
+
+    /// A recorded face at session time `t`, as the window showed it.
+    pub fn from_record(face: &FaceRecord, t: f64, layout: &Arc<BankLayout>) -> Self {
+        let raw = face.expression_scores(layout);
+        let shown = match &face.smoothed {
+            Some(s) => s.expression_scores(layout),
+            None => raw.clone(),
+        };
+        let [x, y, w, h] = face.bbox;
+        Self {
+            id: face.id,
+            bbox: FaceBox {
+                x,
+                y,
+                w,
+                h,
+                score: face.detection.unwrap_or(f32::NAN),
+                landmarks: face.landmarks,
+            },
+            raw,
+            shown,
+            probe_logit: face.probe.as_ref().map(|p| p.logit),
+            updated: t,
+            dynamic: face.dynamic.as_ref().and_then(|d| {
+                let mode = DynamicMode::parse(d.mode.as_deref()?)?;
+                Some((d.expression_scores(layout), mode))
+            }),
+            window_fill: None,
+            explain: None,
         }
     }
 }
@@ -170,6 +209,8 @@ impl ExactMaps {
 
 pub struct Store {
     start: Instant,
+    /// Replay: the scrubber's session time, which stands in for the clock.
+    fixed_time: Option<f64>,
     /// Time the clock stood still (pauses), taken off `now()`.
     paused_total: Duration,
     /// The newest frame with its boxes.
@@ -220,6 +261,7 @@ impl Store {
     pub fn new(initial: SourceSpec) -> Self {
         Self {
             start: Instant::now(),
+            fixed_time: None,
             paused_total: Duration::ZERO,
             frame: None,
             frame_shown: false,
@@ -252,9 +294,34 @@ impl Store {
     /// Seconds since the window opened, less the time spent paused (the
     /// timeline's clock: it stands still while paused).
     pub fn now(&self) -> f64 {
+        if let Some(t) = self.fixed_time {
+            return t;
+        }
         match &self.paused {
             Some(p) => p.at,
             None => (self.start.elapsed() - self.paused_total).as_secs_f64(),
+        }
+    }
+
+    /// Replay's store: the session's curves, `frames` records, no face on
+    /// screen until [`seek`](Self::seek).
+    pub fn replay(timelines: Timelines, frames: u64) -> Self {
+        let mut store = Self::new(SourceSpec::Demo);
+        store.fixed_time = Some(0.0);
+        store.timelines = timelines;
+        store.source_state = SourceState::Ended { frames };
+        store
+    }
+
+    /// Replay: the clock to session time `t`, the faces to those of the
+    /// record shown there (`None`: no record yet). The selection stays, so
+    /// a face that leaves and comes back is followed.
+    pub fn seek(&mut self, t: f64, record: Option<&FrameRecord>, layout: &Arc<BankLayout>) {
+        self.fixed_time = Some(t);
+        self.faces.clear();
+        for face in record.map_or(&[][..], |r| &r.faces[..]) {
+            let h = FaceHistory::from_record(face, record.map_or(t, |r| r.t), layout);
+            self.faces.insert(face.id, h);
         }
     }
 
@@ -451,7 +518,7 @@ impl Store {
                 probe_logit: None,
                 updated: now,
                 dynamic: None,
-                window_fill: 0,
+                window_fill: None,
                 explain: None,
             });
             // The pipeline smooths (the recording gets the same values).
@@ -460,7 +527,7 @@ impl Store {
             h.bbox = f.face.bbox;
             h.probe_logit = f.probe_logit;
             h.updated = now;
-            h.window_fill = f.window_fill;
+            h.window_fill = Some(f.window_fill);
             h.explain = f.explain;
             h.dynamic = f
                 .dynamic
