@@ -131,11 +131,7 @@ impl ClipModel {
         // 10-20 of the 77 positions, several times faster, same result).
         let ids = ids.to_dtype(DType::U32)?;
         let rows = ids.to_vec2::<u32>()?;
-        let needed = rows
-            .iter()
-            .map(|r| super::text::argmax_u32(r) + 1)
-            .max()
-            .unwrap_or(1);
+        let needed = rows.iter().map(|r| super::argmax(r) + 1).max().unwrap_or(1);
         let ids = ids.narrow(1, 0, needed.min(ids.dim(1)?))?;
         l2_normalize(&self.text.forward_ids(&ids)?.to_dtype(DType::F32)?)
     }

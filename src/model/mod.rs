@@ -24,3 +24,15 @@ pub mod zoo;
 pub use clip::ClipModel;
 pub use config::ClipConfig;
 pub use weights::Checkpoint;
+
+/// First index of the maximum (0 for an empty slice; NaN never wins), like
+/// torch's argmax: for class scores, summaries and CLIP's token ids alike.
+pub fn argmax<T: PartialOrd>(x: &[T]) -> usize {
+    let mut best = 0;
+    for (i, v) in x.iter().enumerate() {
+        if *v > x[best] {
+            best = i;
+        }
+    }
+    best
+}

@@ -61,7 +61,7 @@ impl TextTower {
     pub fn forward_ids(&self, ids: &Tensor) -> Result<Tensor> {
         let ids = ids.to_dtype(DType::U32)?;
         let rows = ids.to_vec2::<u32>()?;
-        let eot: Vec<usize> = rows.iter().map(|r| argmax_u32(r)).collect();
+        let eot: Vec<usize> = rows.iter().map(|r| super::argmax(r)).collect();
         let embeds = self.embed_tokens(&ids)?;
         self.forward_embeds(&embeds, &eot)
     }
@@ -96,15 +96,4 @@ impl TextTower {
         let pooled = x.reshape((b * t, d))?.index_select(&index, 0)?; // [B, D]
         self.projection.forward(&pooled)
     }
-}
-
-/// First index of the maximum (like torch's argmax on CLIP's token ids).
-pub fn argmax_u32(row: &[u32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best
 }

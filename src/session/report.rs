@@ -18,6 +18,7 @@ use serde::Serialize;
 use super::replay::Session;
 use super::SessionError;
 use crate::charts::{self, ChartError};
+use crate::model::argmax;
 use crate::model::cliper::expressions::class_rgb;
 
 /// The most one frame counts for, seconds.
@@ -57,16 +58,6 @@ pub struct Report {
     /// The session's classes, the order of every per-class vector.
     pub classes: Vec<String>,
     pub faces: Vec<FaceSummary>,
-}
-
-fn argmax(v: &[f64]) -> usize {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best
 }
 
 /// How long each frame of the session counts (see the module doc).

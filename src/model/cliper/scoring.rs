@@ -81,15 +81,7 @@ pub fn softmax(x: &[f32]) -> Vec<f32> {
     e.into_iter().map(|v| v / s).collect()
 }
 
-pub fn argmax(x: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, v) in x.iter().enumerate() {
-        if *v > x[best] {
-            best = i;
-        }
-    }
-    best
-}
+pub use crate::model::argmax;
 
 /// Logits of normalised image features [N, E] against normalised text
 /// features [D, E]: [N, D]. Differentiable.
