@@ -40,6 +40,30 @@ pub(crate) fn start_model_pool() {
     let _ = rayon::current_num_threads();
 }
 
+/// Starts a thread at the model pool's priority, whatever the caller's:
+/// a thread inherits its creator's niceness and cannot take it back once
+/// lowered, so a pool thread creates it. For the stage that drives the
+/// model's forward (its serial parts run on that thread; niced, they waited
+/// behind the window and detection while the pool idled).
+pub(crate) fn spawn_beside_model<F>(
+    name: &str,
+    f: F,
+) -> std::io::Result<std::thread::JoinHandle<()>>
+where
+    F: FnOnce() + Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let builder = std::thread::Builder::new().name(name.to_string());
+    rayon::spawn(move || {
+        let _ = tx.send(builder.spawn(f));
+    });
+    rx.recv().unwrap_or_else(|_| {
+        Err(std::io::Error::other(
+            "the model pool did not start the thread",
+        ))
+    })
+}
+
 /// Lowers the calling thread's CPU priority (threads it starts afterwards
 /// inherit it), so that the model's threads win the cores when both want
 /// them. Measured on the 2-core EPYC, `cliper bench` q8 at batch 1 beside

@@ -125,7 +125,7 @@ impl std::fmt::Display for SessionReport {
         let ms = |v: Option<f32>| v.map_or("n/a".to_string(), |v| format!("{v:.0} ms"));
         write!(
             f,
-            "UI {:.0} fps (ui() {:.1} ms), capture {:.1} fps, inference {:.1} fps, capture-to-screen median {}, score lag median {} (decode {:.1} ms, detect {:.0} ms, encode {:.0} ms, score {:.1} ms), {} frames shown, {} scored",
+            "UI {:.0} fps (ui() {:.1} ms), capture {:.1} fps, inference {:.1} fps, capture-to-screen median {}, score lag median {} (decode {:.1} ms, detect median {:.0} ms, encode median {:.0} ms, score {:.1} ms), {} frames shown, {} scored",
             self.ui_fps,
             self.ui_ms,
             self.capture_fps,

@@ -237,6 +237,9 @@ pub struct Store {
     pub capture_to_screen: LatencyStat,
     /// Capture to scores arriving in the window.
     pub score_lag: LatencyStat,
+    /// Recent detection and encode times (the closing line's medians).
+    pub detect_ms: LatencyStat,
+    pub encode_ms: LatencyStat,
     pub frames_seen: u64,
     /// Show the dynamic branch's scores where a face has them.
     pub dynamic_view: bool,
@@ -279,6 +282,8 @@ impl Store {
             warning: None,
             capture_to_screen: LatencyStat::default(),
             score_lag: LatencyStat::default(),
+            detect_ms: LatencyStat::default(),
+            encode_ms: LatencyStat::default(),
             frames_seen: 0,
             dynamic_view: false,
             explain: None,
@@ -433,7 +438,10 @@ impl Store {
                 self.frames_seen += 1;
                 // Capture and detection figures come with every frame, scored or not.
                 self.timings.capture_fps = f.capture_fps;
-                self.timings.detect_ms = f.detect_ms;
+                if f.detected {
+                    self.timings.detect_ms = f.detect_ms;
+                    self.detect_ms.push(f.detect_ms);
+                }
                 self.timings.decode_ms = f.decode_ms;
                 let now = self.now();
                 for tf in &f.faces {
@@ -503,6 +511,9 @@ impl Store {
         }
         self.scores_seen += 1;
         self.timings.encode_ms = s.timings.encode_ms;
+        if !s.faces.is_empty() {
+            self.encode_ms.push(s.timings.encode_ms);
+        }
         self.timings.score_ms = s.timings.score_ms;
         self.timings.inference_fps = s.timings.inference_fps;
         self.score_lag

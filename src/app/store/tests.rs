@@ -99,6 +99,7 @@ fn frame_event(seq: u64) -> PipelineEvent {
         captured: Instant::now(),
         decode_ms: 0.0,
         detect_ms: 0.0,
+        detected: true,
         capture_fps: 25.0,
         dropped: 0,
     }))

@@ -9,6 +9,7 @@ pub(super) fn detect_stage(
     commands: Receiver<PipelineCommand>,
     out: StageQueue<Arc<DetectedFrame>>,
     events: Events,
+    model_on_cpu: Arc<AtomicBool>,
 ) {
     // Both detectors parallelise on rayon, and so does the CPU model: on rayon's
     // global pool a detection would queue behind a whole forward pass. In
@@ -22,8 +23,40 @@ pub(super) fn detect_stage(
         .thread_name(|i| format!("cliper-detect-{i}"))
         .build();
     match pool {
-        Ok(pool) => pool.install(move || detect_loop(config, input, commands, out, events)),
-        Err(_) => detect_loop(config, input, commands, out, events),
+        Ok(pool) => {
+            pool.install(move || detect_loop(config, input, commands, out, events, model_on_cpu))
+        }
+        Err(_) => detect_loop(config, input, commands, out, events, model_on_cpu),
+    }
+}
+
+/// Live, with the model on the CPU, detection shares the cores with it: a
+/// detection at every camera frame (CenterFace, 640 x 480: about 14 ms on
+/// one core, a third of a core at 25 fps) slows the model's forward, which
+/// waits on its slowest thread. So detection runs
+/// - on every frame the model is ready to take (its queue is empty), and
+/// - between those, only while it stays within [`DETECT_SHARE`] of one core;
+///
+/// the other frames carry the last boxes over (shown and recorded, not
+/// scored). Batch runs and a model on a GPU detect every frame.
+struct Pacer {
+    /// When the share allows the next detection for display.
+    next: Option<Instant>,
+}
+
+/// The share of one core that detection for display may take beside a CPU
+/// model (frames the model takes are always detected).
+pub(crate) const DETECT_SHARE: f32 = 0.15;
+
+impl Pacer {
+    /// Whether to detect this frame.
+    fn due(&self, now: Instant, model_waiting: bool) -> bool {
+        model_waiting || self.next.is_none_or(|n| now >= n)
+    }
+
+    /// Books a detection that began at `start` and took `took`.
+    fn spent(&mut self, start: Instant, took: Duration) {
+        self.next = Some(start + took.div_f32(DETECT_SHARE));
     }
 }
 
@@ -50,6 +83,7 @@ fn detect_loop(
     commands: Receiver<PipelineCommand>,
     out: StageQueue<Arc<DetectedFrame>>,
     events: Events,
+    model_on_cpu: Arc<AtomicBool>,
 ) {
     // The detector is not Send: build it on the thread that runs it.
     let mut analyzer = match analyzer_for(&config.analyzer, &events) {
@@ -65,6 +99,9 @@ fn detect_loop(
     };
     let mut tracker = Tracker::new(config.tracker);
     let mut generation = 0;
+    let mut pacer = Pacer { next: None };
+    // The last detected frame of this generation (its boxes carry over).
+    let mut last: Option<Arc<DetectedFrame>> = None;
     for c in input.iter() {
         for cmd in commands.try_iter() {
             if let PipelineCommand::SetDetector(kind) = cmd {
@@ -89,10 +126,35 @@ fn detect_loop(
                 tracker.reset();
             }
             generation = c.generation;
+            last = None;
         }
         let start = Instant::now();
+        let paced = config.mode == RunMode::Live && model_on_cpu.load(Ordering::Relaxed);
+        if let Some(prev) = last.as_ref().filter(|_| paced) {
+            if !pacer.due(start, out.is_empty()) {
+                let held = Arc::new(DetectedFrame {
+                    seq: c.seq,
+                    generation: c.generation,
+                    index: c.frame.index,
+                    t: c.frame.t,
+                    image: c.frame.image,
+                    faces: prev.faces.clone(),
+                    captured: c.captured,
+                    decode_ms: c.decode_ms,
+                    detect_ms: prev.detect_ms,
+                    capture_fps: c.capture_fps,
+                    dropped: c.dropped,
+                    detected: false,
+                });
+                if config.emit_frames && !events.send(PipelineEvent::Frame(held)) {
+                    return;
+                }
+                continue;
+            }
+        }
         let boxes = analyzer.candidates(&c.frame.image);
         let faces = tracker.update_scored(&boxes);
+        pacer.spent(start, start.elapsed());
         let detected = Arc::new(DetectedFrame {
             seq: c.seq,
             generation: c.generation,
@@ -105,12 +167,34 @@ fn detect_loop(
             detect_ms: start.elapsed().as_secs_f32() * 1000.0,
             capture_fps: c.capture_fps,
             dropped: c.dropped,
+            detected: true,
         });
+        last = Some(detected.clone());
         if config.emit_frames && !events.send(PipelineEvent::Frame(detected.clone())) {
             return;
         }
         if !out.push(detected).0 {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detection_for_display_keeps_to_its_share_and_the_model_is_never_kept_waiting() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut pacer = Pacer { next: None };
+        assert!(pacer.due(t0, false), "the first frame is detected");
+        pacer.spent(t0, Duration::from_millis(12));
+        // 12 ms at 15% of a core: the next detection for display at 80 ms.
+        assert!(!pacer.due(ms(40), false));
+        assert!(!pacer.due(ms(79), false));
+        assert!(pacer.due(ms(81), false));
+        // A frame the model is ready to take is detected at once.
+        assert!(pacer.due(ms(1), true));
     }
 }

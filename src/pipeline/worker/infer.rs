@@ -328,6 +328,7 @@ pub(super) fn infer_stage(
     input: Receiver<Arc<DetectedFrame>>,
     commands: Receiver<PipelineCommand>,
     events: Events,
+    model_on_cpu: Arc<AtomicBool>,
 ) {
     let batch = config.mode == RunMode::Batch;
     if !events.send(PipelineEvent::ModelLoading) {
@@ -361,6 +362,7 @@ pub(super) fn infer_stage(
                 kernel: scorer.clip.vision.kernel(),
                 load_secs: start.elapsed().as_secs_f32(),
             };
+            model_on_cpu.store(scorer.clip.device.is_cpu(), Ordering::Relaxed);
             events.send(PipelineEvent::ModelReady(info));
             events.send(PipelineEvent::BankReady(scorer.bank.clone()));
             Some(scorer)

@@ -23,7 +23,7 @@
 //! (boxes without scores).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -199,6 +199,11 @@ pub struct DetectedFrame {
     pub capture_fps: f32,
     /// Frames the capture stage dropped so far because detection was busy.
     pub dropped: u64,
+    /// Whether `faces` were detected in this frame. `false`: they are the
+    /// last detection's, carried over, because detection is paced (live,
+    /// model on the CPU; see `detect::Pacer`). Such frames are shown and
+    /// recorded, never scored.
+    pub detected: bool,
 }
 
 /// One face of a scored frame.
@@ -436,6 +441,12 @@ impl<T> StageQueue<T> {
             }
         }
     }
+
+    /// Whether the stage behind has taken everything queued (it is busy
+    /// with the last item, or waiting for the next).
+    fn is_empty(&self) -> bool {
+        self.drain.is_empty()
+    }
 }
 
 /// A captured frame on its way to detection.
@@ -492,15 +503,20 @@ impl Pipeline {
         threads.push(spawn("cliper-capture", move || {
             capture_stage(cfg, to_detect, capture_cmd_rx, ev)
         }));
+        // Set by the model stage once it knows where the model runs.
+        let model_on_cpu = Arc::new(AtomicBool::new(false));
         let ev = events_out.clone();
         let cfg = config.clone();
+        let on_cpu = model_on_cpu.clone();
         threads.push(spawn("cliper-detect", move || {
-            detect_stage(cfg, detect_rx, detect_cmd_rx, to_infer, ev)
+            detect_stage(cfg, detect_rx, detect_cmd_rx, to_infer, ev, on_cpu)
         }));
         let ev = events_out;
-        threads.push(spawn("cliper-infer", move || {
-            infer_stage(config, infer_rx, infer_cmd_rx, ev)
-        }));
+        // At the model pool's priority, also when the window has given way.
+        let infer = crate::parallel::spawn_beside_model("cliper-infer", move || {
+            infer_stage(config, infer_rx, infer_cmd_rx, ev, model_on_cpu)
+        });
+        threads.push(infer.unwrap_or_else(|e| panic!("cannot start thread cliper-infer: {e}")));
         Self {
             events,
             capture_cmd,
