@@ -24,20 +24,6 @@ pub enum Span {
     Whole { duration: f64 },
 }
 
-/// The classes on display: the selected face's (its scores carry the bank
-/// they were made with), else the bank's, else CLIPER's.
-fn classes(store: &Store) -> Vec<String> {
-    if let Some(f) = store.selected_face() {
-        return f.shown.layout.classes().to_vec();
-    }
-    match &store.bank {
-        Some(b) => b.layout.classes().to_vec(),
-        None => crate::model::cliper::expressions::BankLayout::cliper()
-            .classes()
-            .to_vec(),
-    }
-}
-
 /// Draws the panel; returns the time clicked on the timeline (replay seeks
 /// there).
 pub fn show(
@@ -48,7 +34,7 @@ pub fn show(
     dynamic: bool,
 ) -> Option<f64> {
     let face = store.selected_face();
-    let names = classes(store);
+    let names = store.classes();
     ui.horizontal(|ui| {
         match (face, store.selected) {
             (Some(h), _) => {

@@ -226,6 +226,9 @@ pub struct Store {
     pub source_state: SourceState,
     pub model: ModelState,
     pub bank: Option<Arc<DescriptorBank>>,
+    /// Replay: the session's classes (the order of its curves), for when
+    /// no face is on screen to carry them.
+    pub layout: Option<Arc<BankLayout>>,
     pub bank_error: Option<String>,
     /// The probe text the model has encoded, and the last probe error.
     pub probe: Option<String>,
@@ -275,6 +278,7 @@ impl Store {
             source_state: SourceState::Opening(initial),
             model: ModelState::Loading,
             bank: None,
+            layout: None,
             bank_error: None,
             probe: None,
             probe_error: None,
@@ -323,6 +327,7 @@ impl Store {
     /// a face that leaves and comes back is followed.
     pub fn seek(&mut self, t: f64, record: Option<&FrameRecord>, layout: &Arc<BankLayout>) {
         self.fixed_time = Some(t);
+        self.layout = Some(layout.clone());
         self.faces.clear();
         for face in record.map_or(&[][..], |r| &r.faces[..]) {
             let h = FaceHistory::from_record(face, record.map_or(t, |r| r.t), layout);
@@ -549,6 +554,20 @@ impl Store {
                 .push(f.id, now, h.shown.probs.clone(), dynamic);
         }
         self.prune(keep_secs);
+    }
+
+    /// The classes on display: the selected face's (its scores carry the
+    /// bank they were made with), else the bank's, else the session's
+    /// (replay), else CLIPER's.
+    pub fn classes(&self) -> Vec<String> {
+        if let Some(f) = self.selected_face() {
+            return f.shown.layout.classes().to_vec();
+        }
+        match (&self.bank, &self.layout) {
+            (Some(b), _) => b.layout.classes().to_vec(),
+            (None, Some(l)) => l.classes().to_vec(),
+            (None, None) => BankLayout::cliper().classes().to_vec(),
+        }
     }
 
     /// The scores on display for a face (dynamic or static).

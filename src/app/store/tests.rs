@@ -267,4 +267,19 @@ fn a_recorded_frame_replays_as_the_live_window_showed_it() {
     assert!(replay.faces.is_empty());
     assert_eq!(replay.selected, Some(4));
     assert!(replay.selected_face().is_none());
+    // With no face on screen the classes (the curves' legend) are still the
+    // session's, in its order (DFER-CLIP's here), not CLIPER's.
+    let dfew = [
+        "happiness",
+        "sadness",
+        "neutral",
+        "anger",
+        "surprise",
+        "disgust",
+        "fear",
+    ];
+    let counts: Vec<(&str, usize)> = dfew.iter().map(|c| (*c, 1)).collect();
+    let dfew_layout = Arc::new(BankLayout::new(&counts).unwrap());
+    replay.seek(0.0, None, &dfew_layout);
+    assert_eq!(replay.classes(), dfew);
 }
