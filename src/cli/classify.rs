@@ -120,16 +120,7 @@ impl ClassifyArgs {
         let mut analyzer = scoring.faces.still_analyzer()?;
         let loaded = setup::load(&scoring.spec())?;
         classify_note(&loaded.bank);
-        let mut failed = 0;
-        for path in &images {
-            let rgb = match cliper::vision::images::load_rgb(path) {
-                Ok(rgb) => rgb,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    failed += 1;
-                    continue;
-                }
-            };
+        super::each_image(&images, |path, rgb| {
             let faces = analyzer
                 .analyze(&loaded.clip, &loaded.bank, &rgb)
                 .with_context(|| format!("cannot classify {}", path.display()))?;
@@ -153,11 +144,8 @@ impl ClassifyArgs {
             } else {
                 print_table(path, &faces, &loaded.bank, top.unwrap_or(5));
             }
-        }
-        if failed > 0 {
-            anyhow::bail!("{failed} of {} images could not be read", images.len());
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 

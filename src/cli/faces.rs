@@ -62,16 +62,7 @@ impl FacesArgs {
                 .with_context(|| format!("could not create --draw folder {}", dir.display()))?;
         }
         let detector = analyzer.config.detector.kind.name();
-        let mut failed = 0;
-        for path in &self.images {
-            let img = match cliper::vision::images::load_rgb(path) {
-                Ok(img) => img,
-                Err(e) => {
-                    eprintln!("{e}");
-                    failed += 1;
-                    continue;
-                }
-            };
+        super::each_image(&self.images, |path, img| {
             let faces = analyzer.find_faces(&img);
             let file = path.display().to_string();
             let line = ImageFaces {
@@ -92,11 +83,8 @@ impl FacesArgs {
                 out.save(&dest)
                     .with_context(|| format!("could not write {}", dest.display()))?;
             }
-        }
-        if failed > 0 {
-            anyhow::bail!("{failed} of {} images could not be read", self.images.len());
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 

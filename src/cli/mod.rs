@@ -10,7 +10,7 @@ use cliper::model::{self, ClipModel};
 use cliper::pipeline::analyzer::{AnalyzerConfig, FaceAnalyzer};
 use cliper::pipeline::output;
 use cliper::vision::faces::DetectorKind;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub(crate) use session::recover_sessions;
 
@@ -280,6 +280,28 @@ impl FaceArgs {
 }
 
 /// A probability from 0.05 to 0.95, with the range in the message.
+/// Runs `f` on each image that reads; one that does not is reported on
+/// stderr and skipped, and the command then fails saying how many.
+pub(crate) fn each_image(
+    paths: &[PathBuf],
+    mut f: impl FnMut(&Path, image::RgbImage) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut failed = 0;
+    for path in paths {
+        match cliper::vision::images::load_rgb(path) {
+            Ok(img) => f(path, img)?,
+            Err(e) => {
+                eprintln!("error: {e}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} images could not be read", paths.len());
+    }
+    Ok(())
+}
+
 fn probability(text: &str) -> Result<f32, String> {
     match text.trim().parse::<f32>() {
         Ok(p) if (0.05..=0.95).contains(&p) => Ok(p),

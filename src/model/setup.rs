@@ -42,6 +42,16 @@ pub enum BankSource {
     Learned(PathBuf),
 }
 
+impl BankSource {
+    /// A learned bank's checkpoint, loaded; `None` for the other kinds.
+    pub fn checkpoint(&self) -> Result<Option<CliperCheckpoint>, CliperFileError> {
+        match self {
+            BankSource::Learned(p) => CliperCheckpoint::load(p).map(Some),
+            _ => Ok(None),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct ModelSpec {
     /// `--weights`: file or folder; `None` searches the usual places.
@@ -94,15 +104,9 @@ pub fn load(spec: &ModelSpec) -> Result<Loaded, SetupError> {
     }
     let device = device::select(dev_name)?;
     let dtype = precision.dtype(&device)?;
-    let mut cliper = match &spec.bank {
-        BankSource::Learned(p) => Some(CliperCheckpoint::load(p)?),
-        _ => None,
-    };
+    let mut cliper = spec.bank.checkpoint()?;
     // A DFER-CLIP file holds its whole CLIP: no separate weights needed.
-    let own_clip = cliper
-        .as_mut()
-        .filter(|c| !c.clip.is_empty())
-        .map(|c| (c.path.clone(), std::mem::take(&mut c.clip)));
+    let own_clip = cliper.as_mut().and_then(CliperCheckpoint::take_clip);
     let mut ckpt = match own_clip {
         Some((path, tensors)) => Checkpoint::from_tensors(&path, tensors)?,
         None => Checkpoint::load(&weights::locate(spec.weights.as_deref())?, DType::F32)?,

@@ -269,15 +269,7 @@ fn a_recorded_frame_replays_as_the_live_window_showed_it() {
     assert!(replay.selected_face().is_none());
     // With no face on screen the classes (the curves' legend) are still the
     // session's, in its order (DFER-CLIP's here), not CLIPER's.
-    let dfew = [
-        "happiness",
-        "sadness",
-        "neutral",
-        "anger",
-        "surprise",
-        "disgust",
-        "fear",
-    ];
+    let dfew = &crate::model::dfer_clip::MAFW_CLASSES[..7];
     let counts: Vec<(&str, usize)> = dfew.iter().map(|c| (*c, 1)).collect();
     let dfew_layout = Arc::new(BankLayout::new(&counts).unwrap());
     replay.seek(0.0, None, &dfew_layout);

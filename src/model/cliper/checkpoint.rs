@@ -237,6 +237,12 @@ impl CliperCheckpoint {
             .ok_or_else(|| CliperFileError::NoDescriptor(self.path.clone()))
     }
 
+    /// Takes the whole CLIP a file carries (DFER-CLIP), with the file's
+    /// path; `None` for a file without one.
+    pub fn take_clip(&mut self) -> Option<(PathBuf, HashMap<String, Tensor>)> {
+        (!self.clip.is_empty()).then(|| (self.path.clone(), std::mem::take(&mut self.clip)))
+    }
+
     /// Whether this is a DFER-CLIP model.
     pub fn is_dfer_clip(&self) -> bool {
         self.prompt_learner.is_some()

@@ -75,17 +75,11 @@ impl Scorer {
     }
 
     fn set_bank(&mut self, source: &BankSource) -> Result<Arc<DescriptorBank>, ModelError> {
-        let mut checkpoint = match source {
-            BankSource::Learned(p) => Some(CliperCheckpoint::load(p)?),
-            _ => None,
-        };
+        let mut checkpoint = source.checkpoint()?;
         // The model must match the bank: a checkpoint may carry a fine-tuned
         // vision tower or (DFER-CLIP) a whole CLIP of its own, and leaving
         // such a bank restores the plain CLIP.
-        let own_next = checkpoint
-            .as_mut()
-            .filter(|c| !c.clip.is_empty())
-            .map(|c| (c.path.clone(), std::mem::take(&mut c.clip)));
+        let own_next = checkpoint.as_mut().and_then(CliperCheckpoint::take_clip);
         let own_now = self.cliper.as_ref().is_some_and(|c| c.is_dfer_clip());
         let tuned_now = own_now || self.cliper.as_ref().is_some_and(|c| !c.vision.is_empty());
         let tuned_next =
