@@ -31,9 +31,9 @@ pub(super) fn detect_stage(
 }
 
 /// Live, with the model on the CPU, detection shares the cores with it: a
-/// detection at every camera frame (CenterFace, 640 x 480: about 14 ms on
-/// one core, a third of a core at 25 fps) slows the model's forward, which
-/// waits on its slowest thread. So detection runs
+/// detection at every camera frame takes a good part of a core and slows
+/// the model's forward, which waits on its slowest thread (the README's
+/// performance section has the figures). So detection runs
 /// - on every frame the model is ready to take (its queue is empty), and
 /// - between those, only while it stays within [`DETECT_SHARE`] of one core;
 ///
