@@ -35,20 +35,31 @@ pub(super) fn detect_stage(
 /// the model's forward, which waits on its slowest thread (the README's
 /// performance section has the figures). So detection runs
 /// - on every frame the model is ready to take (its queue is empty), and
-/// - between those, only while it stays within [`DETECT_SHARE`] of one core;
+/// - between those, only while it stays within [`DETECT_SHARE`] of the
+///   machine's CPU time (on many cores that is every frame);
 ///
 /// the other frames carry the last boxes over (shown and recorded, not
 /// scored). Batch runs and a model on a GPU detect every frame.
 struct Pacer {
+    /// Detection's share of one core's time (`DETECT_SHARE` x cores).
+    share: f32,
     /// When the share allows the next detection for display.
     next: Option<Instant>,
 }
 
-/// The share of one core that detection for display may take beside a CPU
-/// model (frames the model takes are always detected).
-pub(crate) const DETECT_SHARE: f32 = 0.15;
+/// The share of the machine's CPU time that detection for display may take
+/// beside a CPU model (frames the model takes are always detected): 15% of
+/// one core on two cores.
+pub(crate) const DETECT_SHARE: f32 = 0.075;
 
 impl Pacer {
+    fn new(cores: usize) -> Self {
+        Self {
+            share: DETECT_SHARE * cores.max(1) as f32,
+            next: None,
+        }
+    }
+
     /// Whether to detect this frame.
     fn due(&self, now: Instant, model_waiting: bool) -> bool {
         model_waiting || self.next.is_none_or(|n| now >= n)
@@ -56,7 +67,7 @@ impl Pacer {
 
     /// Books a detection that began at `start` and took `took`.
     fn spent(&mut self, start: Instant, took: Duration) {
-        self.next = Some(start + took.div_f32(DETECT_SHARE));
+        self.next = Some(start + took.div_f32(self.share));
     }
 }
 
@@ -99,7 +110,7 @@ fn detect_loop(
     };
     let mut tracker = Tracker::new(config.tracker);
     let mut generation = 0;
-    let mut pacer = Pacer { next: None };
+    let mut pacer = Pacer::new(std::thread::available_parallelism().map_or(2, |n| n.get()));
     // The last detected frame of this generation (its boxes carry over).
     let mut last: Option<Arc<DetectedFrame>> = None;
     for c in input.iter() {
@@ -187,14 +198,20 @@ mod tests {
     fn detection_for_display_keeps_to_its_share_and_the_model_is_never_kept_waiting() {
         let t0 = Instant::now();
         let ms = |n: u64| t0 + Duration::from_millis(n);
-        let mut pacer = Pacer { next: None };
+        let mut pacer = Pacer::new(2);
         assert!(pacer.due(t0, false), "the first frame is detected");
         pacer.spent(t0, Duration::from_millis(12));
-        // 12 ms at 15% of a core: the next detection for display at 80 ms.
+        // 12 ms at 15% of a core (two cores): the next detection for
+        // display at 80 ms.
         assert!(!pacer.due(ms(40), false));
         assert!(!pacer.due(ms(79), false));
         assert!(pacer.due(ms(81), false));
         // A frame the model is ready to take is detected at once.
         assert!(pacer.due(ms(1), true));
+        // On 16 cores the share is 1.2 cores: every frame of a 25 fps
+        // camera is detected.
+        let mut many = Pacer::new(16);
+        many.spent(t0, Duration::from_millis(12));
+        assert!(many.due(ms(40), false));
     }
 }
