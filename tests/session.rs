@@ -644,6 +644,29 @@ fn replay_window_shows_the_video_and_timeline() {
         orange > 2_000,
         "no video frame on screen ({orange} orange pixels)"
     );
+    // The live window's score panel under the video: the bar of the first
+    // face's class as the window showed it, in that class's colour.
+    let session = Session::open(dir).unwrap();
+    let face = &session.frames[0].faces[0];
+    let shown = face
+        .smoothed
+        .as_ref()
+        .map_or(&face.predicted, |s| &s.predicted);
+    let [r, g, b] = cliper::model::cliper::expressions::class_rgb(shown);
+    let near = |p: &image::Rgb<u8>| {
+        (p[0].abs_diff(r) as u32 + p[1].abs_diff(g) as u32 + p[2].abs_diff(b) as u32) < 30
+    };
+    let top = img.height() * 2 / 3;
+    let bar = (0..img.width())
+        .flat_map(|x| (top..img.height()).map(move |y| (x, y)))
+        .filter(|&(x, y)| near(img.get_pixel(x, y)))
+        .count();
+    // (The class's timeline curve alone, a line across the plot, makes
+    // under 2,000 at this size; the bar several thousand more.)
+    assert!(
+        bar > 4_000,
+        "no {shown} bar in the score panel ({bar} pixels of its colour)"
+    );
     if let Some(out) = std::env::var_os("CLIPER_TEST_DUMP") {
         std::fs::copy(&shot, Path::new(&out).join("replay.png")).unwrap();
     }
