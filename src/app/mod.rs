@@ -111,6 +111,8 @@ pub struct SessionReport {
     pub score_lag_ms: Option<f32>,
     pub decode_ms: f32,
     pub detect_ms: f32,
+    /// Share of recent frames whose faces were detected (pacing, live).
+    pub detected_share: Option<f32>,
     pub encode_ms: f32,
     pub score_ms: f32,
     pub frames_shown: u64,
@@ -125,7 +127,7 @@ impl std::fmt::Display for SessionReport {
         let ms = |v: Option<f32>| v.map_or("n/a".to_string(), |v| format!("{v:.0} ms"));
         write!(
             f,
-            "UI {:.0} fps (ui() {:.1} ms), capture {:.1} fps, inference {:.1} fps, capture-to-screen median {}, score lag median {} (decode {:.1} ms, detect median {:.0} ms, encode median {:.0} ms, score {:.1} ms), {} frames shown, {} scored",
+            "UI {:.0} fps (ui() {:.1} ms), capture {:.1} fps, inference {:.1} fps, capture-to-screen median {}, score lag median {} (decode {:.1} ms, detect median {:.0} ms{}, encode median {:.0} ms, score {:.1} ms), {} frames shown, {} scored",
             self.ui_fps,
             self.ui_ms,
             self.capture_fps,
@@ -134,6 +136,10 @@ impl std::fmt::Display for SessionReport {
             ms(self.score_lag_ms),
             self.decode_ms,
             self.detect_ms,
+            match self.detected_share {
+                Some(s) if s < 0.995 => format!(" on {:.0}% of frames", s * 100.0),
+                _ => String::new(),
+            },
             self.encode_ms,
             self.score_ms,
             self.frames_shown,

@@ -27,6 +27,9 @@ use crate::vision::source::SourceSpec;
 /// list (its history stays in the timeline until it scrolls out).
 pub const FACE_TIMEOUT_SECS: f64 = 2.0;
 
+/// Frames over which the share of detected frames is shown.
+const DETECTED_KEEP: usize = 50;
+
 /// One face's history.
 #[derive(Clone, Debug)]
 pub struct FaceHistory {
@@ -240,6 +243,9 @@ pub struct Store {
     pub capture_to_screen: LatencyStat,
     /// Capture to scores arriving in the window.
     pub score_lag: LatencyStat,
+    /// Whether each of the last frames had its faces detected (`false`:
+    /// boxes carried over while detection was paced beside a CPU model).
+    pub detected_recent: VecDeque<bool>,
     /// Recent detection and encode times (the closing line's medians).
     pub detect_ms: LatencyStat,
     pub encode_ms: LatencyStat,
@@ -286,6 +292,7 @@ impl Store {
             warning: None,
             capture_to_screen: LatencyStat::default(),
             score_lag: LatencyStat::default(),
+            detected_recent: VecDeque::new(),
             detect_ms: LatencyStat::default(),
             encode_ms: LatencyStat::default(),
             frames_seen: 0,
@@ -447,6 +454,10 @@ impl Store {
                     self.timings.detect_ms = f.detect_ms;
                     self.detect_ms.push(f.detect_ms);
                 }
+                if self.detected_recent.len() == DETECTED_KEEP {
+                    self.detected_recent.pop_front();
+                }
+                self.detected_recent.push_back(f.detected);
                 self.timings.decode_ms = f.decode_ms;
                 let now = self.now();
                 for tf in &f.faces {
@@ -554,6 +565,13 @@ impl Store {
                 .push(f.id, now, h.shown.probs.clone(), dynamic);
         }
         self.prune(keep_secs);
+    }
+
+    /// The share of recent frames whose faces were detected (below 1 while
+    /// detection is paced beside a CPU model); `None` before any frame.
+    pub fn detected_share(&self) -> Option<f32> {
+        let n = self.detected_recent.len();
+        (n > 0).then(|| self.detected_recent.iter().filter(|d| **d).count() as f32 / n as f32)
     }
 
     /// The classes on display: the selected face's (its scores carry the
