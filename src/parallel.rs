@@ -52,8 +52,13 @@ pub(crate) fn spawn_beside_model<F>(
 where
     F: FnOnce() + Send + 'static,
 {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let builder = std::thread::Builder::new().name(name.to_string());
+    // On a rayon pool thread already, which would wait for itself below:
+    // started from there.
+    if rayon::current_thread_index().is_some() {
+        return builder.spawn(f);
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
     rayon::spawn(move || {
         let _ = tx.send(builder.spawn(f));
     });
@@ -97,4 +102,37 @@ pub(crate) fn give_way(how: GiveWay) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = how;
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    fn niceness() -> i32 {
+        // SAFETY: plain system calls on this thread's id.
+        unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::getpriority(libc::PRIO_PROCESS, tid)
+        }
+    }
+
+    #[test]
+    fn a_thread_started_beside_the_model_has_the_pools_priority_not_its_callers() {
+        start_model_pool();
+        let (tx, rx) = std::sync::mpsc::channel();
+        rayon::spawn(move || tx.send(niceness()).unwrap());
+        let pool = rx.recv().unwrap();
+        let caller = std::thread::spawn(|| {
+            give_way(GiveWay::Nice);
+            let mine = niceness();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let h =
+                spawn_beside_model("test-beside", move || tx.send(niceness()).unwrap()).unwrap();
+            h.join().unwrap();
+            (mine, rx.recv().unwrap())
+        });
+        let (caller, started) = caller.join().unwrap();
+        assert!(caller >= 10, "the caller gave way: {caller}");
+        assert_eq!(started, pool, "caller at {caller}");
+    }
 }
