@@ -136,6 +136,9 @@ struct ReplayApp {
     store: Store,
     /// The class layout of each bank, from the session time it was used.
     layouts: Vec<(f64, Arc<BankLayout>)>,
+    /// The record whose faces the store holds (`Some(None)`: before the
+    /// first record; `None`: not synced yet).
+    store_record: Option<Option<usize>>,
     /// Whether any record has dynamic scores (offers the dynamic view).
     has_dynamic: bool,
     dynamic: bool,
@@ -189,6 +192,7 @@ impl ReplayApp {
             (session.frames.iter()).any(|f| f.faces.iter().any(|x| x.dynamic.is_some()));
         Self {
             layouts: session.layouts(),
+            store_record: None,
             has_dynamic,
             dynamic: false,
             video_start_t: session.video_start_t(),
@@ -258,18 +262,22 @@ impl ReplayApp {
         }
     }
 
-    /// The store to the scrubber: its clock, and the faces of the record
-    /// at that time in the layout of the bank then in use.
+    /// The store to the scrubber: its clock, and (when the scrubber moved
+    /// to another record) the faces of the record at that time, in the
+    /// layout of the bank then in use.
     fn sync_store(&mut self) {
-        let record = self
-            .session
-            .index_at(self.t)
-            .map(|i| &self.session.frames[i]);
+        self.store.dynamic_view = self.dynamic;
+        let index = self.session.index_at(self.t);
+        if self.store_record == Some(index) {
+            self.store.set_time(self.t);
+            return;
+        }
+        self.store_record = Some(index);
+        let record = index.map(|i| &self.session.frames[i]);
         let at = record.map_or(self.t, |r| r.t);
         let k = self.layouts.partition_point(|(from, _)| *from <= at + 1e-9);
         let layout = &self.layouts[k.saturating_sub(1)].1;
         self.store.seek(self.t, record, layout);
-        self.store.dynamic_view = self.dynamic;
     }
 
     fn keys(&mut self, ctx: &egui::Context) {

@@ -322,11 +322,17 @@ impl Store {
     /// Replay's store: the session's curves, `frames` records, no face on
     /// screen until [`seek`](Self::seek).
     pub fn replay(timelines: Timelines, frames: u64) -> Self {
+        // No source is opened: the state below says the recording is over.
         let mut store = Self::new(SourceSpec::Demo);
         store.fixed_time = Some(0.0);
         store.timelines = timelines;
         store.source_state = SourceState::Ended { frames };
         store
+    }
+
+    /// Replay: the clock to session time `t`, with the faces on screen kept.
+    pub fn set_time(&mut self, t: f64) {
+        self.fixed_time = Some(t);
     }
 
     /// Replay: the clock to session time `t`, the faces to those of the
@@ -336,9 +342,10 @@ impl Store {
         self.fixed_time = Some(t);
         self.layout = Some(layout.clone());
         self.faces.clear();
+        let at = record.map_or(t, |r| r.t);
         for face in record.map_or(&[][..], |r| &r.faces[..]) {
-            let h = FaceHistory::from_record(face, record.map_or(t, |r| r.t), layout);
-            self.faces.insert(face.id, h);
+            self.faces
+                .insert(face.id, FaceHistory::from_record(face, at, layout));
         }
     }
 
