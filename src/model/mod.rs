@@ -9,6 +9,7 @@ pub mod dfer_clip;
 pub mod explain;
 pub mod gemm_i8;
 pub mod layers;
+pub mod onednn;
 pub mod pickle_guard;
 pub mod preprocess;
 pub mod rng;

@@ -61,9 +61,9 @@ pub struct ModelSpec {
     pub device: String,
     /// `--head`: an Exp-CLIP projection head for zero-shot banks.
     pub head: Option<PathBuf>,
-    /// `--precision` of the image encoder; `auto` is q8 on a CPU where
-    /// every block layer fits an int8 kernel
-    /// (`VisionTower::quantize_if_fast`), else the device's default dtype.
+    /// `--precision` of the image encoder; `auto` on the CPU is the fastest
+    /// path whose agreement holds (`VisionTower::pack_fastest`), else the
+    /// device's default dtype.
     pub precision: Precision,
 }
 
@@ -120,16 +120,10 @@ pub fn load(spec: &ModelSpec) -> Result<Loaded, SetupError> {
     if cliper.as_ref().is_some_and(|c| c.is_dfer_clip()) || spec.head.is_some() {
         clip.preprocessing = crate::model::preprocess::Preprocessing::Squash;
     }
-    let quantized = match precision {
-        Precision::Q8 => clip.vision.set_quantized(true).map(|()| true),
-        Precision::Auto if device.is_cpu() => clip.vision.quantize_if_fast(),
-        _ => Ok(false),
-    };
-    // Inference alone from here: the 8-bit layers need no f32 copy.
-    let released = quantized.and_then(|q| match q {
-        true => clip.vision.release_f32_linears().map(|_| ()),
-        false => Ok(()),
-    });
+    // Inference alone from here: the packed layers need no f32 copy.
+    let released = precision
+        .pack(&mut clip.vision, &device, None)
+        .and_then(|()| clip.vision.release_f32_linears().map(|_| ()));
     released.map_err(|source| WeightsError::Candle {
         path: clip.source.clone(),
         source,

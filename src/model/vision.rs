@@ -34,15 +34,16 @@ pub enum VisionBackend {
     Candle,
     /// The fused CPU forward in f32 (`vision_cpu`).
     FusedF32,
-    /// The fused CPU forward with 8-bit linear layers (`--precision q8`).
-    FusedQ8(Arc<QuantizedLinears>),
+    /// The fused CPU forward with packed linear layers: this crate's 8-bit
+    /// kernels (`--precision q8`) or oneDNN's (`--precision bf16`).
+    FusedPacked(Arc<QuantizedLinears>),
 }
 
 impl VisionBackend {
-    /// The 8-bit layers, when the backend has them.
+    /// The packed (8-bit or oneDNN) layers, when the backend has them.
     pub fn quantized(&self) -> Option<&QuantizedLinears> {
         match self {
-            Self::FusedQ8(q) => Some(q),
+            Self::FusedPacked(q) => Some(q),
             _ => None,
         }
     }
@@ -161,28 +162,71 @@ impl VisionTower {
         if !super::vision_cpu::supports(self, Some(&q)) {
             candle_core::bail!("the 8-bit layers do not fit this tower's blocks")
         }
-        self.backend = VisionBackend::FusedQ8(Arc::new(q));
+        self.backend = VisionBackend::FusedPacked(Arc::new(q));
         Ok(())
     }
 
-    /// `--precision auto` on the CPU: quantizes to 8 bits only where every
-    /// block layer fits one of this crate's int8 kernels (measured 3x faster
-    /// than f32 at 100% top-1 agreement, `cliper bench`); Candle's Q8_0,
-    /// the fallback, is not measured to win, so other towers stay in f32.
-    /// Whether it quantized.
-    pub fn quantize_if_fast(&mut self) -> Result<bool> {
-        let Some(isa) = Isa::select(None).map_err(candle_core::Error::wrap)? else {
-            return Ok(false);
-        };
-        if !super::vision_cpu::supports(self, None) {
-            return Ok(false);
+    /// Packs the blocks' linear layers for oneDNN's products in `dtype`
+    /// (`--precision bf16`: AMX or AVX512-BF16 through oneDNN). An error
+    /// names what is missing: the library, or bf16 instructions.
+    pub fn pack_onednn(&mut self, dtype: super::onednn::DataType) -> Result<()> {
+        if self.f32_released() {
+            candle_core::bail!(
+                "this tower's f32 block weights were released after packing: load the model again"
+            )
         }
+        if !super::vision_cpu::supports(self, None) {
+            candle_core::bail!(
+                "oneDNN's products run only on the CPU in f32 weights: use --device cpu"
+            )
+        }
+        let q = QuantizedLinears::onednn(self, dtype)?;
+        if !super::vision_cpu::supports(self, Some(&q)) {
+            candle_core::bail!("the oneDNN layers do not fit this tower's blocks")
+        }
+        self.backend = VisionBackend::FusedPacked(Arc::new(q));
+        Ok(())
+    }
+
+    /// `--precision auto` on the CPU, the fastest path whose agreement with
+    /// f32 holds, by measurement:
+    /// - with AMX, oneDNN's bf16 products (the kernels of PyTorch's and
+    ///   OpenVINO's bf16, measured about twice as fast there as this crate's
+    ///   8-bit kernel; see the README);
+    /// - else this crate's 8-bit kernels, where every block layer fits one
+    ///   (measured 3x faster than f32 at 100% top-1 agreement, `cliper
+    ///   bench`); Candle's Q8_0, the fallback, is not measured to win;
+    /// - else f32.
+    ///
+    /// Returns the precision chosen (`bf16`, `q8` or `f32`).
+    pub fn pack_fastest(&mut self) -> Result<&'static str> {
+        if !super::vision_cpu::supports(self, None) {
+            return Ok("f32");
+        }
+        // The towers packed are the same on every CPU: those whose every
+        // block layer fits the int8 kernels (ViT-B/16 and its kin).
+        let Some(isa) = Isa::select(None).map_err(candle_core::Error::wrap)? else {
+            return Ok("f32");
+        };
         let q = QuantizedLinears::new(self, Some(isa))?;
         if !q.all_int8() || !super::vision_cpu::supports(self, Some(&q)) {
-            return Ok(false);
+            return Ok("f32");
         }
-        self.backend = VisionBackend::FusedQ8(Arc::new(q));
-        Ok(true)
+        if super::onednn::amx() {
+            drop(q);
+            if self.pack_onednn(super::onednn::DataType::Bf16).is_ok() {
+                return Ok("bf16");
+            }
+            return self.pack_fastest_int8(isa);
+        }
+        self.backend = VisionBackend::FusedPacked(Arc::new(q));
+        Ok("q8")
+    }
+
+    fn pack_fastest_int8(&mut self, isa: Isa) -> Result<&'static str> {
+        let q = QuantizedLinears::new(self, Some(isa))?;
+        self.backend = VisionBackend::FusedPacked(Arc::new(q));
+        Ok("q8")
     }
 
     /// Frees the f32 weights of the block layers that run on this crate's
@@ -193,7 +237,7 @@ impl VisionTower {
     /// ([`set_quantized`](Self::set_quantized)`(false)` is an error). Returns
     /// how many values were freed; 0 when the tower is not 8-bit.
     pub fn release_f32_linears(&mut self) -> Result<usize> {
-        let Some(q) = self.backend.quantized().map(|q| q.int8_mask()) else {
+        let Some(q) = self.backend.quantized().map(|q| q.packed_mask()) else {
             return Ok(0);
         };
         let keep = self.layers.len().saturating_sub(1);
@@ -227,11 +271,12 @@ impl VisionTower {
         })
     }
 
-    /// The precision the forward runs in: `q8` when quantized, else the
-    /// weights' dtype (`f32`, `f16`, `bf16`).
+    /// The precision the forward runs in: `q8` or `bf16` (or `f32`
+    /// through oneDNN) when packed, else the weights' dtype (`f32`, `f16`,
+    /// `bf16`).
     pub fn precision(&self) -> &'static str {
-        if self.backend.quantized().is_some() {
-            return "q8";
+        if let Some(q) = self.backend.quantized() {
+            return q.precision();
         }
         match self.patch_embedding.weight().dtype() {
             DType::F16 => "f16",
@@ -248,7 +293,7 @@ impl VisionTower {
         match &self.backend {
             VisionBackend::Candle => "candle".into(),
             VisionBackend::FusedF32 => format!("f32 {}", super::vision_cpu::f32_isa()),
-            VisionBackend::FusedQ8(q) => format!("q8 {}", q.kernel()),
+            VisionBackend::FusedPacked(q) => format!("{} {}", q.precision(), q.kernel()),
         }
     }
 

@@ -23,6 +23,7 @@ use rayon::prelude::*;
 use super::config::Activation;
 use super::gemm_i8::{self, Isa, PackedWeights, QuantizedRows};
 use super::layers::LayerNorm;
+use super::onednn;
 use super::vision::{VisionOutput, VisionTower};
 
 /// A read-locked view of a contiguous f32 CPU tensor's data.
@@ -104,6 +105,7 @@ impl<'a> LinearView<'a> {
         // has only its 8-bit ones, which give the shape.
         let (n, k) = match quantized {
             Some(QuantizedLinear::Int8(w, _)) if l.weight().elem_count() == 0 => (w.n(), w.k()),
+            Some(QuantizedLinear::OneDnn(w)) if l.weight().elem_count() == 0 => (w.n(), w.k()),
             _ => l.weight().dims2().ok()?,
         };
         let (w, transposed) = match HostF32::new(l.weight()) {
@@ -144,6 +146,11 @@ impl<'a> LinearView<'a> {
             candle_core::bail!("linear layer buffers do not match [{m}, {k}] x [{n}, {k}]")
         }
         let bias = self.b.as_ref().map(|b| b.slice());
+        if let Some(QuantizedLinear::OneDnn(w)) = self.quantized {
+            return w
+                .apply(x, m, dst, dst_rs, add)
+                .map_err(candle_core::Error::wrap);
+        }
         if let Some(QuantizedLinear::Int8(w, isa)) = self.quantized {
             let owned;
             let xq = match xq {
@@ -286,24 +293,28 @@ fn rows_mut(
     dst.par_chunks_mut(rs).take(m).with_min_len(64).enumerate()
 }
 
-/// One 8-bit linear layer: this crate's kernel (on the instruction set
-/// chosen at load) where the CPU and the shape allow, Candle's Q8_0 matmul
-/// otherwise.
+/// One packed linear layer: this crate's 8-bit kernel (on the instruction
+/// set chosen at load) where the CPU and the shape allow, Candle's Q8_0
+/// matmul otherwise; or a oneDNN product (bf16 or f32).
 enum QuantizedLinear {
     Int8(PackedWeights, Isa),
+    OneDnn(onednn::Linear),
     Candle(QMatMul),
     /// Too narrow for 8-bit blocks (inputs not a multiple of 32): kept f32.
     Full,
 }
 
-/// 8-bit weights of the transformer's linear layers (q, k, v, out, fc1, fc2
-/// of each block), for `--precision q8`. LayerNorms, attention, the patch
-/// embedding and the final projection stay f32.
+/// Packed weights of the transformer's linear layers (q, k, v, out, fc1,
+/// fc2 of each block): 8-bit for `--precision q8`, or oneDNN's layout for
+/// `--precision bf16` (and f32 through oneDNN). LayerNorms, attention, the
+/// patch embedding and the final projection stay f32.
 pub struct QuantizedLinears {
     layers: Vec<BlockLinears<QuantizedLinear>>,
     /// The instruction set of this crate's kernel, `None` when this CPU has
     /// none it runs (then every layer is Candle's Q8_0).
     isa: Option<Isa>,
+    /// Set when the layers are oneDNN products of this type.
+    onednn: Option<onednn::DataType>,
 }
 
 /// A transformer block's six linear layers.
@@ -359,42 +370,81 @@ impl QuantizedLinears {
                 QTensor::quantize(&w, GgmlDType::Q8_0)?,
             )?))
         };
-        let layers = tower
+        let layers = Self::each_block(tower, q)?;
+        Ok(Self {
+            layers,
+            isa,
+            onednn: None,
+        })
+    }
+
+    /// The block layers as oneDNN products in `dtype` (`Bf16` wants a CPU
+    /// with AVX512-BF16 or AMX-BF16), their weights reordered once.
+    pub fn onednn(tower: &VisionTower, dtype: onednn::DataType) -> Result<Self> {
+        let pack = |l: &Linear| -> Result<QuantizedLinear> {
+            let view = LinearView::new(l, None).ok_or_else(|| {
+                candle_core::Error::Msg("oneDNN layers need the f32 CPU weights".into())
+            })?;
+            let bias = view.b.as_ref().map(|b| b.slice());
+            onednn::Linear::new(view.w.slice(), view.transposed, bias, view.n, view.k, dtype)
+                .map(QuantizedLinear::OneDnn)
+                .map_err(candle_core::Error::wrap)
+        };
+        Ok(Self {
+            layers: Self::each_block(tower, pack)?,
+            isa: None,
+            onednn: Some(dtype),
+        })
+    }
+
+    fn each_block(
+        tower: &VisionTower,
+        f: impl Fn(&Linear) -> Result<QuantizedLinear>,
+    ) -> Result<Vec<BlockLinears<QuantizedLinear>>> {
+        tower
             .layers
             .iter()
             .map(|layer| {
                 let [qp, kp, vp, op] = layer.self_attn.projections();
                 let (fc1, fc2, _) = layer.mlp.parts();
                 Ok(BlockLinears {
-                    q: q(qp)?,
-                    k: q(kp)?,
-                    v: q(vp)?,
-                    out: q(op)?,
-                    fc1: q(fc1)?,
-                    fc2: q(fc2)?,
+                    q: f(qp)?,
+                    k: f(kp)?,
+                    v: f(vp)?,
+                    out: f(op)?,
+                    fc1: f(fc1)?,
+                    fc2: f(fc2)?,
                 })
             })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self { layers, isa })
+            .collect()
     }
 
-    /// Whether every layer runs one of this crate's int8 kernels (none on
-    /// Candle's Q8_0 or in f32).
-    /// Per block, which of its layers (q, k, v, out, fc1, fc2) run on this
-    /// crate's kernel.
-    pub fn int8_mask(&self) -> Vec<[bool; 6]> {
+    /// The precision of the packed layers: `q8`, `bf16` or `f32`.
+    pub fn precision(&self) -> &'static str {
+        match self.onednn {
+            Some(dt) => dt.as_str(),
+            None => "q8",
+        }
+    }
+
+    /// Per block, which of its layers (q, k, v, out, fc1, fc2) run on a
+    /// packed kernel (this crate's int8 or oneDNN's) and so need no f32
+    /// weights.
+    pub fn packed_mask(&self) -> Vec<[bool; 6]> {
         self.layers
             .iter()
             .map(|b| {
                 let mut m = [false; 6];
                 for (m, l) in m.iter_mut().zip(b.iter()) {
-                    *m = matches!(l, QuantizedLinear::Int8(..));
+                    *m = matches!(l, QuantizedLinear::Int8(..) | QuantizedLinear::OneDnn(_));
                 }
                 m
             })
             .collect()
     }
 
+    /// Whether every layer runs one of this crate's int8 kernels (none on
+    /// Candle's Q8_0 or in f32).
     pub fn all_int8(&self) -> bool {
         self.int8_layers() == self.layers.len() * 6
     }
@@ -407,12 +457,24 @@ impl QuantizedLinears {
             .count()
     }
 
-    /// Which kernel the 8-bit layers run: `avx512-vnni`, `avx-vnni`,
-    /// `avx2`, or `q8_0` (Candle's) where this crate's kernel does not run.
-    pub fn kernel(&self) -> &'static str {
+    /// Which kernel the layers run: `avx512-vnni`, `avx-vnni`, `avx2`, or
+    /// `q8_0` (Candle's) where this crate's kernel does not run; for oneDNN
+    /// `onednn` and its implementation (`onednn brg:avx512_core_amx`).
+    pub fn kernel(&self) -> String {
+        if self.onednn.is_some() {
+            let name = self
+                .layers
+                .iter()
+                .flat_map(BlockLinears::iter)
+                .find_map(|l| match l {
+                    QuantizedLinear::OneDnn(w) => Some(w.impl_name().to_string()),
+                    _ => None,
+                });
+            return format!("onednn {}", name.unwrap_or_default());
+        }
         match self.isa {
-            Some(isa) if self.int8_layers() > 0 => isa.as_str(),
-            _ => "q8_0",
+            Some(isa) if self.int8_layers() > 0 => isa.as_str().into(),
+            _ => "q8_0".into(),
         }
     }
 }
@@ -1358,12 +1420,12 @@ mod tests {
         }
     }
 
-    /// `--precision auto` quantizes only a tower whose every block layer
-    /// fits an int8 kernel, and says what it runs; others stay in f32.
+    /// `--precision auto` packs only a tower whose every block layer fits
+    /// a fast kernel, and says what it runs; others stay in f32.
     #[test]
-    fn auto_quantizes_only_towers_the_int8_kernels_fit() {
+    fn auto_packs_only_towers_the_fast_kernels_fit() {
         let mut tiny = small(Activation::QuickGelu);
-        assert!(!tiny.vision.quantize_if_fast().unwrap());
+        assert_eq!(tiny.vision.pack_fastest().unwrap(), "f32");
         assert_eq!(tiny.vision.precision(), "f32");
         assert!(
             tiny.vision.kernel().starts_with("f32 "),
@@ -1374,21 +1436,80 @@ mod tests {
         let mut wide = model((32, 16, 768, 12, 1), Activation::QuickGelu, 3);
         let px = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
         let full = wide.encode_images(&px).unwrap();
-        let quantized = wide.vision.quantize_if_fast().unwrap();
-        match super::Isa::best() {
-            Some(isa) => {
-                assert!(quantized);
-                assert_eq!(wide.vision.precision(), "q8");
-                assert_eq!(wide.vision.kernel(), format!("q8 {isa}"));
-                let low = wide.encode_images(&px).unwrap();
-                let cos: Vec<f32> = (full * low).unwrap().sum(1).unwrap().to_vec1().unwrap();
-                assert!(cos.iter().all(|&c| c > 0.99), "q8 cosines {cos:?}");
+        let chosen = wide.vision.pack_fastest().unwrap();
+        let kernel = wide.vision.kernel();
+        match (super::onednn::amx(), super::Isa::best()) {
+            (true, _) => {
+                assert_eq!(chosen, "bf16");
+                assert!(kernel.starts_with("bf16 onednn "), "{kernel}");
             }
-            None => {
-                eprintln!("NOTICE: this CPU has no int8 kernel; auto stays in f32");
-                assert!(!quantized);
-                assert_eq!(wide.vision.precision(), "f32");
+            (false, Some(isa)) => {
+                assert_eq!(chosen, "q8");
+                assert_eq!(kernel, format!("q8 {isa}"));
             }
+            (false, None) => {
+                eprintln!("NOTICE: this CPU has no int8 kernel and no AMX; auto stays in f32");
+                assert_eq!(chosen, "f32");
+            }
+        }
+        assert_eq!(wide.vision.precision(), chosen);
+        let low = wide.encode_images(&px).unwrap();
+        let cos: Vec<f32> = (full * low).unwrap().sum(1).unwrap().to_vec1().unwrap();
+        assert!(cos.iter().all(|&c| c > 0.99), "{chosen} cosines {cos:?}");
+    }
+
+    /// oneDNN's products (f32, and bf16 where the CPU has it) against the
+    /// f32 forward and Candle's op-by-op one, at several batch sizes, and
+    /// with the f32 copies of the packed layers released.
+    #[test]
+    fn onednn_forwards_match_f32() {
+        if let Err(e) = super::onednn::available() {
+            eprintln!("NOTICE: oneDNN path skipped: {e}");
+            return;
+        }
+        let bf16 = super::onednn::native_bf16().unwrap();
+        if !bf16 {
+            eprintln!("NOTICE: no native bf16 on this CPU: only oneDNN's f32 products are tested");
+        }
+        for act in [Activation::QuickGelu, Activation::GeluTanh] {
+            let mut m = model((32, 16, 768, 12, 2), act, 9);
+            for b in [1usize, 3] {
+                let px = Tensor::randn(0f32, 1.0, (b, 3, 32, 32), &Device::Cpu).unwrap();
+                m.vision.backend = super::super::vision::VisionBackend::Candle;
+                let candle = m.encode_images(&px).unwrap();
+                m.vision.backend = super::super::vision::VisionBackend::FusedF32;
+                let full = m.encode_images(&px).unwrap();
+                assert!(max_diff(&candle, &full) < 1e-4);
+                m.vision.pack_onednn(super::onednn::DataType::F32).unwrap();
+                assert!(
+                    m.vision.kernel().starts_with("f32 onednn "),
+                    "{}",
+                    m.vision.kernel()
+                );
+                let f = m.encode_images(&px).unwrap();
+                assert!(
+                    max_diff(&full, &f) < 1e-4,
+                    "onednn f32: {}",
+                    max_diff(&full, &f)
+                );
+                if bf16 {
+                    m.vision.pack_onednn(super::onednn::DataType::Bf16).unwrap();
+                    assert_eq!(m.vision.precision(), "bf16");
+                    let low = m.encode_images(&px).unwrap();
+                    let cos: Vec<f32> = (full.clone() * low)
+                        .unwrap()
+                        .sum(1)
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    assert!(cos.iter().all(|&c| c > 0.995), "bf16 cosines {cos:?}");
+                }
+            }
+            let px = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
+            let before = m.encode_images(&px).unwrap();
+            assert!(m.vision.release_f32_linears().unwrap() > 0);
+            let after = m.encode_images(&px).unwrap();
+            assert_eq!(max_diff(&before, &after), 0.0, "the same packed forward");
         }
     }
 
@@ -1401,7 +1522,7 @@ mod tests {
         // Three blocks of ViT-B/16's width.
         let mut m = model((32, 16, 768, 12, 3), Activation::QuickGelu, 5);
         let px = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
-        assert!(m.vision.quantize_if_fast().unwrap());
+        m.vision.quantize(None).unwrap();
         let before = m.encode_images(&px).unwrap();
         let one = px.narrow(0, 0, 1).unwrap();
         let text = crate::model::layers::l2_normalize(

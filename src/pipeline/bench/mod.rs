@@ -335,10 +335,8 @@ fn load_model(
     let name = ckpt.path.display().to_string();
     let mut clip = ClipModel::from_checkpoint(ckpt, &device, dtype)?;
     match (opts.precision, opts.isa) {
-        (Precision::Q8, isa) => clip.vision.quantize(isa)?,
-        (Precision::Auto, Some(isa)) if device.is_cpu() => clip.vision.quantize(Some(isa))?,
-        (Precision::Auto, None) if device.is_cpu() => {
-            clip.vision.quantize_if_fast()?;
+        (Precision::Q8 | Precision::Auto, _) | (Precision::Bf16 | Precision::F32, None) if device.is_cpu() => {
+            opts.precision.pack(&mut clip.vision, &device, opts.isa)?
         }
         (p, Some(isa)) => {
             return Err(BenchError::Settings(format!(

@@ -1,0 +1,888 @@
+//! Matrix products of the fused CPU forward through oneDNN, loaded at run
+//! time (`libdnnl.so.2`, Debian's `libdnnl2`; oneDNN 2.x's C API).
+//!
+//! oneDNN is what PyTorch and OpenVINO run on Intel CPUs: its brgemm
+//! kernels use AMX tiles (bf16, int8) where the CPU has them, AVX512-BF16
+//! `vdpbf16ps` where it has that, and plain AVX-512 or AVX2 otherwise. It
+//! picks the instruction set itself, at primitive creation; setting
+//! `ONEDNN_MAX_CPU_ISA` (its own variable, for example `AVX2`) caps it,
+//! which is how the AVX2 path is tested on a CPU that has more.
+//!
+//! The library is opened with `dlopen`, not linked: a machine without it
+//! runs this crate's own kernels, and only `--precision bf16` (and `auto`
+//! where oneDNN is the fastest path) asks for it, with a message that says
+//! what to install. Debian builds oneDNN on OpenMP; its thread count is set
+//! to the model pool's before every product, and its threads sleep at once
+//! after each one (`OMP_WAIT_POLICY=passive`, unless the user set it) so
+//! that they do not spin against the pool's threads between products.
+//!
+//! The weights are reordered once, at load, into the blocked layout the
+//! kernel wants; a primitive is created per (rows, destination stride,
+//! accumulate) and kept. Activations are converted to bf16 per product
+//! (round to nearest even, as oneDNN's own reorder does).
+
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_uint, c_void};
+use std::sync::{Mutex, OnceLock};
+
+use rayon::prelude::*;
+
+/// Why the oneDNN path cannot run.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum OneDnnError {
+    #[error("oneDNN ({library}) could not be loaded: {reason}. Install it (Debian/Ubuntu: apt-get install libdnnl2), or set CLIPER_ONEDNN to its path; --precision q8 or f32 run without it")]
+    Missing { library: String, reason: String },
+    #[error("CLIPER_ONEDNN=off: oneDNN is switched off; --precision q8 or f32 run without it")]
+    Off,
+    #[error("{library} is oneDNN {version}; this build speaks oneDNN 2.x's C API (Debian 12's libdnnl2 is 2.6)")]
+    Version { library: String, version: String },
+    #[error("oneDNN {what} failed (status {status})")]
+    Call { what: &'static str, status: i32 },
+    #[error("oneDNN has only its reference kernel ({impl_name}) for this product here; use --precision q8 or f32")]
+    Slow { impl_name: String },
+    #[error("oneDNN may not use bf16 instructions here (this CPU lacks avx512_bf16 and amx_bf16, or ONEDNN_MAX_CPU_ISA caps them): emulated bf16 is slower than f32; use --precision q8")]
+    NoBf16,
+}
+
+/// The element type of a oneDNN product's weights and inputs; the output
+/// is always f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DataType {
+    F32,
+    Bf16,
+}
+
+impl DataType {
+    fn code(self) -> c_int {
+        match self {
+            DataType::F32 => DT_F32,
+            DataType::Bf16 => DT_BF16,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataType::F32 => "f32",
+            DataType::Bf16 => "bf16",
+        }
+    }
+}
+
+// oneDNN 2.x constants (dnnl_types.h, dnnl_config.h).
+const SUCCESS: c_int = 0;
+const ENGINE_CPU: c_int = 1;
+const STREAM_DEFAULT: c_uint = 1;
+const DT_BF16: c_int = 2;
+const DT_F32: c_int = 3;
+const TAG_ANY: c_int = 1;
+const TAG_AB: c_int = 3;
+const ARG_SRC: c_int = 1;
+const ARG_DST: c_int = 17;
+const ARG_WEIGHTS: c_int = 33;
+const ARG_BIAS: c_int = 41;
+const QUERY_IMPL_INFO_STR: c_int = 8;
+const QUERY_WEIGHTS_MD: c_int = 131;
+const MEMORY_ALLOCATE: *mut c_void = usize::MAX as *mut c_void;
+const MAX_NDIMS: usize = 12;
+
+/// `dnnl_memory_desc_t`, opaque: 696 bytes in oneDNN 2.6; room is left for
+/// any 2.x.
+#[repr(C, align(16))]
+#[derive(Clone, Copy)]
+struct MemoryDesc([u8; 2048]);
+
+/// `dnnl_matmul_desc_t`, opaque (2,800 bytes in 2.6).
+#[repr(C, align(16))]
+struct OpDesc([u8; 8192]);
+
+type Dims = [i64; MAX_NDIMS];
+type Handle = *mut c_void;
+
+#[repr(C)]
+struct ExecArg {
+    arg: c_int,
+    memory: Handle,
+}
+
+#[repr(C)]
+struct Version {
+    major: c_int,
+    minor: c_int,
+    patch: c_int,
+    hash: *const c_char,
+    cpu_runtime: c_uint,
+    gpu_runtime: c_uint,
+}
+
+type Status = c_int;
+
+/// The C functions used, resolved once.
+struct Api {
+    _lib: libloading::Library,
+    _omp: Option<libloading::Library>,
+    engine: Handle,
+    stream_create: unsafe extern "C" fn(*mut Handle, Handle, c_uint) -> Status,
+    stream_wait: unsafe extern "C" fn(Handle) -> Status,
+    md_by_tag: unsafe extern "C" fn(*mut MemoryDesc, c_int, *const i64, c_int, c_int) -> Status,
+    md_by_strides:
+        unsafe extern "C" fn(*mut MemoryDesc, c_int, *const i64, c_int, *const i64) -> Status,
+    md_size: unsafe extern "C" fn(*const MemoryDesc) -> usize,
+    matmul_desc: unsafe extern "C" fn(
+        *mut OpDesc,
+        *const MemoryDesc,
+        *const MemoryDesc,
+        *const MemoryDesc,
+        *const MemoryDesc,
+    ) -> Status,
+    attr_create: unsafe extern "C" fn(*mut Handle) -> Status,
+    attr_destroy: unsafe extern "C" fn(Handle) -> Status,
+    attr_post_ops: unsafe extern "C" fn(Handle, Handle) -> Status,
+    post_ops_create: unsafe extern "C" fn(*mut Handle) -> Status,
+    post_ops_destroy: unsafe extern "C" fn(Handle) -> Status,
+    post_ops_sum: unsafe extern "C" fn(Handle, f32) -> Status,
+    pd_create: unsafe extern "C" fn(*mut Handle, *const c_void, Handle, Handle, Handle) -> Status,
+    pd_destroy: unsafe extern "C" fn(Handle) -> Status,
+    pd_query: unsafe extern "C" fn(Handle, c_int, c_int, *mut c_void) -> Status,
+    pd_query_md: unsafe extern "C" fn(Handle, c_int, c_int) -> *const MemoryDesc,
+    reorder_pd: unsafe extern "C" fn(
+        *mut Handle,
+        *const MemoryDesc,
+        Handle,
+        *const MemoryDesc,
+        Handle,
+        Handle,
+    ) -> Status,
+    primitive_create: unsafe extern "C" fn(*mut Handle, Handle) -> Status,
+    primitive_destroy: unsafe extern "C" fn(Handle) -> Status,
+    execute: unsafe extern "C" fn(Handle, Handle, c_int, *const ExecArg) -> Status,
+    memory_create: unsafe extern "C" fn(*mut Handle, *const MemoryDesc, Handle, Handle) -> Status,
+    memory_destroy: unsafe extern "C" fn(Handle) -> Status,
+    effective_isa: unsafe extern "C" fn() -> c_int,
+    omp_set_num_threads: Option<unsafe extern "C" fn(c_int)>,
+}
+
+// SAFETY: oneDNN's engine, primitives and memory objects may be used from
+// any thread; streams, which may not, are per thread (`STREAM`).
+unsafe impl Send for Api {}
+unsafe impl Sync for Api {}
+
+static API: OnceLock<Result<Api, OneDnnError>> = OnceLock::new();
+
+thread_local! {
+    /// This thread's oneDNN stream (a CPU stream executes in the calling
+    /// thread; one may not be shared by threads executing at once).
+    static STREAM: std::cell::Cell<Handle> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+}
+
+fn check(what: &'static str, status: Status) -> Result<(), OneDnnError> {
+    if status == SUCCESS {
+        Ok(())
+    } else {
+        Err(OneDnnError::Call { what, status })
+    }
+}
+
+fn api() -> Result<&'static Api, OneDnnError> {
+    API.get_or_init(load).as_ref().map_err(Clone::clone)
+}
+
+/// Whether oneDNN can be loaded here (it is loaded by the first call).
+pub fn available() -> Result<(), OneDnnError> {
+    api().map(|_| ())
+}
+
+fn load() -> Result<Api, OneDnnError> {
+    let library = match std::env::var("CLIPER_ONEDNN") {
+        Ok(v) if v.trim().eq_ignore_ascii_case("off") => return Err(OneDnnError::Off),
+        Ok(v) if !v.trim().is_empty() => v.trim().to_string(),
+        _ => "libdnnl.so.2".to_string(),
+    };
+    // libgomp reads its settings when it is loaded, which is now.
+    if std::env::var_os("OMP_WAIT_POLICY").is_none() {
+        std::env::set_var("OMP_WAIT_POLICY", "passive");
+    }
+    let missing = |reason: String| OneDnnError::Missing {
+        library: library.clone(),
+        reason,
+    };
+    // SAFETY: loading runs the library's initialisers; oneDNN's and
+    // libgomp's have no preconditions.
+    let lib = unsafe { libloading::Library::new(&library) }.map_err(|e| missing(e.to_string()))?;
+    macro_rules! sym {
+        ($name:literal) => {
+            // SAFETY: the symbol is oneDNN 2.x's function of this signature
+            // (dnnl.h); the version is checked below before any call but
+            // `dnnl_version` itself.
+            *unsafe { lib.get(concat!($name, "\0").as_bytes()) }
+                .map_err(|e| missing(format!("{} is missing: {e}", $name)))?
+        };
+    }
+    let version: unsafe extern "C" fn() -> *const Version = sym!("dnnl_version");
+    // SAFETY: dnnl_version returns a pointer to a static struct.
+    let v = unsafe { &*version() };
+    if v.major != 2 {
+        return Err(OneDnnError::Version {
+            library,
+            version: format!("{}.{}.{}", v.major, v.minor, v.patch),
+        });
+    }
+    // SAFETY: libgomp is already loaded as oneDNN's dependency; this only
+    // finds it again.
+    let omp = unsafe { libloading::Library::new("libgomp.so.1") }.ok();
+    let omp_set_num_threads = omp.as_ref().and_then(|l| {
+        // SAFETY: omp_set_num_threads(int) of the OpenMP API.
+        unsafe { l.get::<unsafe extern "C" fn(c_int)>(b"omp_set_num_threads\0") }
+            .ok()
+            .map(|f| *f)
+    });
+    let engine_create: unsafe extern "C" fn(*mut Handle, c_int, usize) -> Status =
+        sym!("dnnl_engine_create");
+    let mut engine = std::ptr::null_mut();
+    // SAFETY: a valid out-pointer.
+    check("engine creation", unsafe {
+        engine_create(&mut engine, ENGINE_CPU, 0)
+    })?;
+    Ok(Api {
+        engine,
+        stream_create: sym!("dnnl_stream_create"),
+        stream_wait: sym!("dnnl_stream_wait"),
+        md_by_tag: sym!("dnnl_memory_desc_init_by_tag"),
+        md_by_strides: sym!("dnnl_memory_desc_init_by_strides"),
+        md_size: sym!("dnnl_memory_desc_get_size"),
+        matmul_desc: sym!("dnnl_matmul_desc_init"),
+        attr_create: sym!("dnnl_primitive_attr_create"),
+        attr_destroy: sym!("dnnl_primitive_attr_destroy"),
+        attr_post_ops: sym!("dnnl_primitive_attr_set_post_ops"),
+        post_ops_create: sym!("dnnl_post_ops_create"),
+        post_ops_destroy: sym!("dnnl_post_ops_destroy"),
+        post_ops_sum: sym!("dnnl_post_ops_append_sum"),
+        pd_create: sym!("dnnl_primitive_desc_create"),
+        pd_destroy: sym!("dnnl_primitive_desc_destroy"),
+        pd_query: sym!("dnnl_primitive_desc_query"),
+        pd_query_md: sym!("dnnl_primitive_desc_query_md"),
+        reorder_pd: sym!("dnnl_reorder_primitive_desc_create"),
+        primitive_create: sym!("dnnl_primitive_create"),
+        primitive_destroy: sym!("dnnl_primitive_destroy"),
+        execute: sym!("dnnl_primitive_execute"),
+        memory_create: sym!("dnnl_memory_create"),
+        memory_destroy: sym!("dnnl_memory_destroy"),
+        effective_isa: sym!("dnnl_get_effective_cpu_isa"),
+        omp_set_num_threads,
+        _omp: omp,
+        _lib: lib,
+    })
+}
+
+/// The instruction set oneDNN's kernels run on here (after
+/// `ONEDNN_MAX_CPU_ISA`), as oneDNN names it.
+pub fn isa() -> Result<&'static str, OneDnnError> {
+    let api = api()?;
+    // SAFETY: no arguments.
+    let code = unsafe { (api.effective_isa)() };
+    Ok(match code {
+        0x1 => "sse41",
+        0x3 => "avx",
+        0x7 => "avx2",
+        0x407 => "avx2_vnni",
+        0x27 => "avx512_core",
+        0x67 => "avx512_core_vnni",
+        0xe7 => "avx512_core_bf16",
+        0x3e7 => "avx512_core_amx",
+        _ => "other",
+    })
+}
+
+/// Whether this CPU runs bf16 products natively (AVX512-BF16 or AMX-BF16),
+/// as far as oneDNN may use them (`ONEDNN_MAX_CPU_ISA`).
+pub fn native_bf16() -> Result<bool, OneDnnError> {
+    Ok(matches!(isa()?, "avx512_core_bf16" | "avx512_core_amx"))
+}
+
+/// Whether the CPU has AMX tiles for bf16 and oneDNN may use them.
+pub fn amx() -> bool {
+    matches!(isa(), Ok("avx512_core_amx"))
+}
+
+fn with_stream<T>(f: impl FnOnce(Handle) -> Result<T, OneDnnError>) -> Result<T, OneDnnError> {
+    let api = api()?;
+    let mut s = STREAM.with(|s| s.get());
+    if s.is_null() {
+        // SAFETY: a valid out-pointer and engine. The stream lives as long
+        // as the thread (a few hundred bytes; threads here are long-lived).
+        check("stream creation", unsafe {
+            (api.stream_create)(&mut s, api.engine, STREAM_DEFAULT)
+        })?;
+        STREAM.with(|c| c.set(s));
+    }
+    f(s)
+}
+
+/// An owned oneDNN object, destroyed on drop.
+struct Owned {
+    handle: Handle,
+    destroy: unsafe extern "C" fn(Handle) -> Status,
+}
+
+// SAFETY: see `Api`: primitives and memory may be used from any thread.
+unsafe impl Send for Owned {}
+unsafe impl Sync for Owned {}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        // SAFETY: created by the matching create call, destroyed once.
+        unsafe { (self.destroy)(self.handle) };
+    }
+}
+
+fn md_by_tag(api: &Api, dims: &[i64], dt: c_int, tag: c_int) -> Result<MemoryDesc, OneDnnError> {
+    let mut md = MemoryDesc([0; 2048]);
+    let mut d: Dims = [0; MAX_NDIMS];
+    d[..dims.len()].copy_from_slice(dims);
+    // SAFETY: valid out-pointer and dims.
+    check("memory descriptor", unsafe {
+        (api.md_by_tag)(&mut md, dims.len() as c_int, d.as_ptr(), dt, tag)
+    })?;
+    Ok(md)
+}
+
+fn md_by_strides(
+    api: &Api,
+    dims: &[i64],
+    strides: &[i64],
+    dt: c_int,
+) -> Result<MemoryDesc, OneDnnError> {
+    let mut md = MemoryDesc([0; 2048]);
+    let (mut d, mut s): (Dims, Dims) = ([0; MAX_NDIMS], [0; MAX_NDIMS]);
+    d[..dims.len()].copy_from_slice(dims);
+    s[..strides.len()].copy_from_slice(strides);
+    // SAFETY: valid out-pointer, dims and strides.
+    check("memory descriptor", unsafe {
+        (api.md_by_strides)(&mut md, dims.len() as c_int, d.as_ptr(), dt, s.as_ptr())
+    })?;
+    Ok(md)
+}
+
+fn memory(api: &Api, md: &MemoryDesc, data: Handle) -> Result<Owned, OneDnnError> {
+    let mut m = std::ptr::null_mut();
+    // SAFETY: `data` is a buffer of at least `md`'s size (or ALLOCATE) that
+    // outlives the memory object (callers keep it alive while it is used).
+    check("memory creation", unsafe {
+        (api.memory_create)(&mut m, md, api.engine, data)
+    })?;
+    Ok(Owned {
+        handle: m,
+        destroy: api.memory_destroy,
+    })
+}
+
+/// A primitive and its descriptor's implementation name.
+struct Primitive {
+    prim: Owned,
+    impl_name: String,
+}
+
+fn create_primitive(
+    api: &Api,
+    op: *const c_void,
+    post_sum: bool,
+) -> Result<(Owned, Primitive), OneDnnError> {
+    let mut attr = std::ptr::null_mut();
+    // SAFETY (this block): valid out-pointers; every object made here is
+    // destroyed here or owned by the result.
+    unsafe {
+        check("attributes", (api.attr_create)(&mut attr))?;
+        let attr = Owned {
+            handle: attr,
+            destroy: api.attr_destroy,
+        };
+        if post_sum {
+            let mut ops = std::ptr::null_mut();
+            check("post-ops", (api.post_ops_create)(&mut ops))?;
+            let ops = Owned {
+                handle: ops,
+                destroy: api.post_ops_destroy,
+            };
+            check("sum post-op", (api.post_ops_sum)(ops.handle, 1.0))?;
+            check(
+                "post-op attribute",
+                (api.attr_post_ops)(attr.handle, ops.handle),
+            )?;
+        }
+        let mut pd = std::ptr::null_mut();
+        check(
+            "matmul primitive descriptor",
+            (api.pd_create)(&mut pd, op, attr.handle, api.engine, std::ptr::null_mut()),
+        )?;
+        let pd = Owned {
+            handle: pd,
+            destroy: api.pd_destroy,
+        };
+        let mut name: *const c_char = std::ptr::null();
+        let impl_name = match (api.pd_query)(
+            pd.handle,
+            QUERY_IMPL_INFO_STR,
+            0,
+            &mut name as *mut _ as *mut c_void,
+        ) {
+            SUCCESS if !name.is_null() => std::ffi::CStr::from_ptr(name)
+                .to_string_lossy()
+                .into_owned(),
+            _ => "unknown".into(),
+        };
+        if impl_name.starts_with("ref") {
+            // The reference kernel is hundreds of times slower: say so
+            // rather than crawl.
+            return Err(OneDnnError::Slow { impl_name });
+        }
+        let mut prim = std::ptr::null_mut();
+        check(
+            "matmul primitive",
+            (api.primitive_create)(&mut prim, pd.handle),
+        )?;
+        Ok((
+            pd,
+            Primitive {
+                prim: Owned {
+                    handle: prim,
+                    destroy: api.primitive_destroy,
+                },
+                impl_name,
+            },
+        ))
+    }
+}
+
+/// The key of a cached primitive: rows, destination row stride, accumulate.
+type Key = (usize, usize, bool);
+
+/// A linear layer `y = x W^T + b` as a oneDNN matmul with its weights
+/// reordered once into the kernel's layout.
+pub struct Linear {
+    n: usize,
+    k: usize,
+    dtype: DataType,
+    bias: Option<Vec<f32>>,
+    weights_md: Box<MemoryDesc>,
+    /// The reordered weights (oneDNN owns the buffer).
+    weights: Owned,
+    /// The implementation oneDNN chose (for example `brg:avx512_core_amx`).
+    impl_name: String,
+    prims: Mutex<HashMap<Key, std::sync::Arc<Primitive>>>,
+}
+
+impl std::fmt::Debug for Linear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "onednn::Linear([{}, {}] {} on {})",
+            self.n,
+            self.k,
+            self.dtype.as_str(),
+            self.impl_name
+        )
+    }
+}
+
+/// The rows a layer is first built for: one ViT-B/16 image's tokens.
+const TYPICAL_ROWS: usize = 197;
+
+impl Linear {
+    /// `w`: the weight [n, k] row-major, or `W^T` [k, n] row-major when
+    /// `transposed`; `bias` [n].
+    pub fn new(
+        w: &[f32],
+        transposed: bool,
+        bias: Option<&[f32]>,
+        n: usize,
+        k: usize,
+        dtype: DataType,
+    ) -> Result<Self, OneDnnError> {
+        let api = api()?;
+        if dtype == DataType::Bf16 && !native_bf16()? {
+            return Err(OneDnnError::NoBf16);
+        }
+        assert_eq!(w.len(), n * k, "onednn::Linear: weight length");
+        if let Some(b) = bias {
+            assert_eq!(b.len(), n, "onednn::Linear: bias length");
+        }
+        let (ni, ki) = (n as i64, k as i64);
+        // The weights as the matmul reads them: logical [k, n].
+        let user_md = if transposed {
+            md_by_strides(api, &[ki, ni], &[ni, 1], DT_F32)?
+        } else {
+            md_by_strides(api, &[ki, ni], &[1, ki], DT_F32)?
+        };
+        let any_md = md_by_tag(api, &[ki, ni], dtype.code(), TAG_ANY)?;
+        let (pd, prim) = Self::matmul(api, TYPICAL_ROWS, n, k, dtype, &any_md, n, false, bias)?;
+        // SAFETY: a valid primitive descriptor; the returned descriptor is
+        // copied before `pd` is destroyed.
+        let weights_md = unsafe {
+            let md = (api.pd_query_md)(pd.handle, QUERY_WEIGHTS_MD, 0);
+            if md.is_null() {
+                return Err(OneDnnError::Call {
+                    what: "weights layout query",
+                    status: -1,
+                });
+            }
+            Box::new(*md)
+        };
+        drop(pd);
+        let weights = memory(api, &weights_md, MEMORY_ALLOCATE)?;
+        let src = memory(api, &user_md, w.as_ptr() as Handle)?;
+        // SAFETY (this block): valid descriptors and memories; the reorder
+        // reads `w` (alive here) and writes the owned weights.
+        unsafe {
+            let mut rpd = std::ptr::null_mut();
+            check(
+                "weights reorder descriptor",
+                (api.reorder_pd)(
+                    &mut rpd,
+                    &user_md,
+                    api.engine,
+                    &*weights_md,
+                    api.engine,
+                    std::ptr::null_mut(),
+                ),
+            )?;
+            let rpd = Owned {
+                handle: rpd,
+                destroy: api.pd_destroy,
+            };
+            let mut r = std::ptr::null_mut();
+            check(
+                "weights reorder",
+                (api.primitive_create)(&mut r, rpd.handle),
+            )?;
+            let r = Owned {
+                handle: r,
+                destroy: api.primitive_destroy,
+            };
+            let args = [
+                ExecArg {
+                    arg: ARG_SRC,
+                    memory: src.handle,
+                },
+                ExecArg {
+                    arg: ARG_DST,
+                    memory: weights.handle,
+                },
+            ];
+            with_stream(|s| {
+                check(
+                    "weights reorder",
+                    (api.execute)(r.handle, s, 2, args.as_ptr()),
+                )?;
+                check("stream wait", (api.stream_wait)(s))
+            })?;
+        }
+        let impl_name = prim.impl_name.clone();
+        let mut prims = HashMap::new();
+        prims.insert((TYPICAL_ROWS, n, false), std::sync::Arc::new(prim));
+        Ok(Self {
+            n,
+            k,
+            dtype,
+            bias: bias.map(<[f32]>::to_vec),
+            weights_md,
+            weights,
+            impl_name,
+            prims: Mutex::new(prims),
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        api: &Api,
+        m: usize,
+        n: usize,
+        k: usize,
+        dtype: DataType,
+        weights_md: &MemoryDesc,
+        dst_rs: usize,
+        add: bool,
+        bias: Option<&[f32]>,
+    ) -> Result<(Owned, Primitive), OneDnnError> {
+        let (mi, ni, ki) = (m as i64, n as i64, k as i64);
+        let src_md = md_by_tag(api, &[mi, ki], dtype.code(), TAG_AB)?;
+        let dst_md = md_by_strides(api, &[mi, ni], &[dst_rs as i64, 1], DT_F32)?;
+        let bias_md = md_by_tag(api, &[1, ni], DT_F32, TAG_AB)?;
+        let mut op = Box::new(OpDesc([0; 8192]));
+        // SAFETY: valid descriptors and out-pointer.
+        check("matmul descriptor", unsafe {
+            (api.matmul_desc)(
+                &mut *op,
+                &src_md,
+                weights_md,
+                if bias.is_some() {
+                    &bias_md
+                } else {
+                    std::ptr::null()
+                },
+                &dst_md,
+            )
+        })?;
+        create_primitive(api, &*op as *const OpDesc as *const c_void, add)
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn dtype(&self) -> DataType {
+        self.dtype
+    }
+
+    /// The implementation oneDNN runs, for example `brg:avx512_core_amx`.
+    pub fn impl_name(&self) -> &str {
+        &self.impl_name
+    }
+
+    /// Bytes of the reordered weights.
+    pub fn weight_bytes(&self) -> usize {
+        api().map_or(0, |api| {
+            // SAFETY: a valid descriptor.
+            unsafe { (api.md_size)(&*self.weights_md) }
+        })
+    }
+
+    fn primitive(
+        &self,
+        api: &Api,
+        m: usize,
+        dst_rs: usize,
+        add: bool,
+    ) -> Result<std::sync::Arc<Primitive>, OneDnnError> {
+        let key = (m, dst_rs, add);
+        let mut prims = self.prims.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = prims.get(&key) {
+            return Ok(p.clone());
+        }
+        let (_, p) = Self::matmul(
+            api,
+            m,
+            self.n,
+            self.k,
+            self.dtype,
+            &self.weights_md,
+            dst_rs,
+            add,
+            self.bias.as_deref(),
+        )?;
+        let p = std::sync::Arc::new(p);
+        // Batch sizes are few; a stream of odd ones must not grow it forever.
+        if prims.len() >= 64 {
+            prims.clear();
+        }
+        prims.insert(key, p.clone());
+        Ok(p)
+    }
+
+    /// `dst[r, ..n] (+)= x[r] W^T + b` for the `m` rows of `x` [m, k]; rows
+    /// of `dst` are `dst_rs` apart; `add`: accumulate into `dst`.
+    pub fn apply(
+        &self,
+        x: &[f32],
+        m: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+        add: bool,
+    ) -> Result<(), OneDnnError> {
+        let (n, k) = (self.n, self.k);
+        assert!(
+            m > 0 && x.len() >= m * k && dst_rs >= n && dst.len() >= (m - 1) * dst_rs + n,
+            "onednn::Linear::apply: buffers do not match [{m}, {k}] x [{n}, {k}]"
+        );
+        if dst_rs != n {
+            // oneDNN 2.6 has only its reference kernel for a strided
+            // destination: compute rows of `n` and copy them in.
+            let mut tmp = vec![0f32; m * n];
+            self.apply(x, m, &mut tmp, n, false)?;
+            dst.par_chunks_mut(dst_rs)
+                .zip(tmp.par_chunks(n))
+                .with_min_len(16)
+                .for_each(|(d, t)| {
+                    let d = &mut d[..n];
+                    if add {
+                        d.iter_mut().zip(t).for_each(|(d, t)| *d += t);
+                    } else {
+                        d.copy_from_slice(t);
+                    }
+                });
+            return Ok(());
+        }
+        let api = api()?;
+        let prim = self.primitive(api, m, dst_rs, add)?;
+        let converted;
+        let src_ptr = match self.dtype {
+            DataType::F32 => x.as_ptr() as Handle,
+            DataType::Bf16 => {
+                converted = to_bf16(&x[..m * k]);
+                converted.as_ptr() as Handle
+            }
+        };
+        let (mi, ni, ki) = (m as i64, n as i64, k as i64);
+        let src_md = md_by_tag(api, &[mi, ki], self.dtype.code(), TAG_AB)?;
+        let dst_md = md_by_strides(api, &[mi, ni], &[dst_rs as i64, 1], DT_F32)?;
+        let src = memory(api, &src_md, src_ptr)?;
+        let out = memory(api, &dst_md, dst.as_mut_ptr() as Handle)?;
+        let bias = match &self.bias {
+            Some(b) => Some(memory(
+                api,
+                &md_by_tag(api, &[1, ni], DT_F32, TAG_AB)?,
+                b.as_ptr() as Handle,
+            )?),
+            None => None,
+        };
+        let mut args = vec![
+            ExecArg {
+                arg: ARG_SRC,
+                memory: src.handle,
+            },
+            ExecArg {
+                arg: ARG_WEIGHTS,
+                memory: self.weights.handle,
+            },
+            ExecArg {
+                arg: ARG_DST,
+                memory: out.handle,
+            },
+        ];
+        if let Some(b) = &bias {
+            args.push(ExecArg {
+                arg: ARG_BIAS,
+                memory: b.handle,
+            });
+        }
+        if let Some(set) = api.omp_set_num_threads {
+            // SAFETY: sets this thread's OpenMP thread count.
+            unsafe { set(rayon::current_num_threads().max(1) as c_int) };
+        }
+        with_stream(|s| {
+            // SAFETY: the memories wrap `x` (or its bf16 copy), `dst` and the
+            // bias, all alive until the stream is waited on, and match the
+            // primitive's descriptors (same dims, types and strides).
+            unsafe {
+                check(
+                    "matmul",
+                    (api.execute)(prim.prim.handle, s, args.len() as c_int, args.as_ptr()),
+                )?;
+                check("stream wait", (api.stream_wait)(s))
+            }
+        })
+    }
+}
+
+/// `x` rounded to bf16 (nearest, ties to even; NaN stays NaN).
+fn to_bf16(x: &[f32]) -> Vec<u16> {
+    let mut out = vec![0u16; x.len()];
+    out.par_chunks_mut(16 * 1024)
+        .zip(x.par_chunks(16 * 1024))
+        .for_each(|(o, x)| {
+            for (o, &v) in o.iter_mut().zip(x) {
+                let bits = v.to_bits();
+                *o = if v.is_nan() {
+                    ((bits >> 16) | 0x40) as u16
+                } else {
+                    ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+                };
+            }
+        });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notice(e: &OneDnnError) {
+        eprintln!("NOTICE: oneDNN path skipped: {e}");
+    }
+
+    fn reference(w: &[f32], x: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+        let mut y = vec![0f32; m * n];
+        for r in 0..m {
+            for c in 0..n {
+                let mut s = b[c] as f64;
+                for i in 0..k {
+                    s += x[r * k + i] as f64 * w[c * k + i] as f64;
+                }
+                y[r * n + c] = s as f32;
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn bf16_rounding_is_nearest_even() {
+        let x = [
+            1.0f32,
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            -2.5,
+        ];
+        let y = to_bf16(&x);
+        assert_eq!(y, vec![0x3f80, 0x3f80, 0x3f82, 0xc020]);
+        assert!(f32::from_bits((to_bf16(&[f32::NAN])[0] as u32) << 16).is_nan());
+    }
+
+    #[test]
+    fn products_match_f64_in_both_layouts_strides_and_row_counts() {
+        if let Err(e) = available() {
+            return notice(&e);
+        }
+        let (n, k) = (80, 96);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 70.0)
+            .collect();
+        let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+        let b: Vec<f32> = (0..n).map(|i| i as f32 / 40.0 - 1.0).collect();
+        let dtypes: &[DataType] = match native_bf16() {
+            Ok(true) => &[DataType::F32, DataType::Bf16],
+            _ => {
+                eprintln!("NOTICE: no native bf16 here: only oneDNN's f32 product is tested");
+                &[DataType::F32]
+            }
+        };
+        for &dt in dtypes {
+            let tol = match dt {
+                DataType::F32 => 1e-4,
+                DataType::Bf16 => 0.1,
+            };
+            for transposed in [false, true] {
+                let wsrc = if transposed { &wt } else { &w };
+                let lin = Linear::new(wsrc, transposed, Some(&b), n, k, dt).unwrap();
+                for m in [1usize, 7, 197, 300] {
+                    let x: Vec<f32> = (0..m * k)
+                        .map(|i| ((i * 13 % 29) as f32 - 14.0) / 9.0)
+                        .collect();
+                    let want = reference(&w, &x, &b, m, n, k);
+                    // Into every other row of a wider buffer, accumulating
+                    // onto 1.0.
+                    let rs = n + 16;
+                    let mut dst = vec![1f32; m * rs];
+                    lin.apply(&x, m, &mut dst, rs, true).unwrap();
+                    let mut worst = 0f32;
+                    for r in 0..m {
+                        for c in 0..n {
+                            worst = worst.max((dst[r * rs + c] - 1.0 - want[r * n + c]).abs());
+                        }
+                        assert!(dst[r * rs + n..(r + 1) * rs].iter().all(|&v| v == 1.0));
+                    }
+                    assert!(worst < tol, "{dt:?} transposed={transposed} m={m}: {worst}");
+                    let mut dst = vec![f32::NAN; m * n];
+                    lin.apply(&x, m, &mut dst, n, false).unwrap();
+                    let worst = dst
+                        .iter()
+                        .zip(&want)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(worst < tol, "{dt:?} set m={m}: {worst}");
+                }
+            }
+        }
+    }
+}
