@@ -95,15 +95,7 @@ impl Precision {
             (Precision::Q8, isa) | (Precision::Auto, isa @ Some(_)) => vision.quantize(isa),
             (Precision::Bf16, _) => vision.pack_onednn(crate::model::onednn::DataType::Bf16),
             (Precision::Auto, None) => vision.pack_fastest().map(|_| ()),
-            // Opt-in: measured 12% faster at batch 1 and 3% at batch 8 on a
-            // 2-core AVX-512 EPYC, but it holds a second copy of the last
-            // block's weights and peaks at twice the block weights while
-            // packing (bench: 1,024 MB against 695 MB).
-            (Precision::F32, None)
-                if std::env::var("CLIPER_F32").is_ok_and(|v| v.trim() == "onednn") =>
-            {
-                vision.pack_onednn(crate::model::onednn::DataType::F32)
-            }
+            (Precision::F32, None) => vision.pack_f32_fastest().map(|_| ()),
             _ => Ok(()),
         }
     }

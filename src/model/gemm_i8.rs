@@ -156,9 +156,13 @@ pub struct PackedWeights {
 impl PackedWeights {
     /// Quantizes `w` [n, k] (row-major). `None` when the shape does not fit
     /// the panels (n a multiple of 48, k of 256).
+    /// Whether an [n, k] weight fits the kernel's panels and groups.
+    pub fn fits(n: usize, k: usize) -> bool {
+        n > 0 && k > 0 && n.is_multiple_of(NR) && k.is_multiple_of(GROUP)
+    }
+
     pub fn new(w: &[f32], n: usize, k: usize) -> Option<Self> {
-        if n == 0 || k == 0 || !n.is_multiple_of(NR) || !k.is_multiple_of(GROUP) || w.len() != n * k
-        {
+        if !Self::fits(n, k) || w.len() != n * k {
             return None;
         }
         let groups = k / GROUP;

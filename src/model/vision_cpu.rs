@@ -381,19 +381,61 @@ impl QuantizedLinears {
     /// The block layers as oneDNN products in `dtype` (`Bf16` wants a CPU
     /// with AVX512-BF16 or AMX-BF16), their weights reordered once.
     pub fn onednn(tower: &VisionTower, dtype: onednn::DataType) -> Result<Self> {
-        let pack = |l: &Linear| -> Result<QuantizedLinear> {
-            let view = LinearView::new(l, None).ok_or_else(|| {
-                candle_core::Error::Msg("oneDNN layers need the f32 CPU weights".into())
-            })?;
-            let bias = view.b.as_ref().map(|b| b.slice());
-            onednn::Linear::new(view.w.slice(), view.transposed, bias, view.n, view.k, dtype)
-                .map(QuantizedLinear::OneDnn)
-                .map_err(candle_core::Error::wrap)
-        };
         Ok(Self {
-            layers: Self::each_block(tower, pack)?,
+            layers: Self::each_block(tower, |l| Self::pack_onednn(l, dtype))?,
             isa: None,
             onednn: Some(dtype),
+        })
+    }
+
+    /// As [`onednn`](Self::onednn), freeing each block's f32 weights (all
+    /// but the last block's, which the explanation maps run) as soon as it
+    /// is packed: the peak holds one packed block more than the f32 tower,
+    /// not a second tower. A failure after the first block leaves the tower
+    /// without those weights (load it again).
+    pub fn onednn_releasing(tower: &mut VisionTower, dtype: onednn::DataType) -> Result<Self> {
+        let n = tower.layers.len();
+        let mut layers = Vec::with_capacity(n);
+        for i in 0..n {
+            layers.push(Self::block(&tower.layers[i], |l| {
+                Self::pack_onednn(l, dtype)
+            })?);
+            if i + 1 < n {
+                for l in tower.layers[i].linears_mut() {
+                    super::vision::release_linear(l)?;
+                }
+            }
+        }
+        Ok(Self {
+            layers,
+            isa: None,
+            onednn: Some(dtype),
+        })
+    }
+
+    fn pack_onednn(l: &Linear, dtype: onednn::DataType) -> Result<QuantizedLinear> {
+        let view = LinearView::new(l, None).ok_or_else(|| {
+            candle_core::Error::Msg("oneDNN layers need the f32 CPU weights".into())
+        })?;
+        let bias = view.b.as_ref().map(|b| b.slice());
+        onednn::Linear::new(view.w.slice(), view.transposed, bias, view.n, view.k, dtype)
+            .map(QuantizedLinear::OneDnn)
+            .map_err(candle_core::Error::wrap)
+    }
+
+    fn block(
+        layer: &super::layers::EncoderLayer,
+        f: impl Fn(&Linear) -> Result<QuantizedLinear>,
+    ) -> Result<BlockLinears<QuantizedLinear>> {
+        let [qp, kp, vp, op] = layer.self_attn.projections();
+        let (fc1, fc2, _) = layer.mlp.parts();
+        Ok(BlockLinears {
+            q: f(qp)?,
+            k: f(kp)?,
+            v: f(vp)?,
+            out: f(op)?,
+            fc1: f(fc1)?,
+            fc2: f(fc2)?,
         })
     }
 
@@ -404,18 +446,7 @@ impl QuantizedLinears {
         tower
             .layers
             .iter()
-            .map(|layer| {
-                let [qp, kp, vp, op] = layer.self_attn.projections();
-                let (fc1, fc2, _) = layer.mlp.parts();
-                Ok(BlockLinears {
-                    q: f(qp)?,
-                    k: f(kp)?,
-                    v: f(vp)?,
-                    out: f(op)?,
-                    fc1: f(fc1)?,
-                    fc2: f(fc2)?,
-                })
-            })
+            .map(|layer| Self::block(layer, &f))
             .collect()
     }
 
@@ -1510,6 +1541,32 @@ mod tests {
             assert!(m.vision.release_f32_linears().unwrap() > 0);
             let after = m.encode_images(&px).unwrap();
             assert_eq!(max_diff(&before, &after), 0.0, "the same packed forward");
+        }
+        // `--precision f32`'s choice: oneDNN where it runs AVX-512, its f32
+        // copies freed block by block, the forward unchanged.
+        let mut m = model((32, 16, 768, 12, 3), Activation::QuickGelu, 11);
+        let px = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
+        let full = m.encode_images(&px).unwrap();
+        if m.vision.pack_f32_fastest().unwrap() {
+            assert!(
+                m.vision.kernel().starts_with("f32 onednn "),
+                "{}",
+                m.vision.kernel()
+            );
+            assert!(m.vision.f32_released());
+            let f = m.encode_images(&px).unwrap();
+            assert!(max_diff(&full, &f) < 1e-4, "{}", max_diff(&full, &f));
+            assert_eq!(m.vision.release_f32_linears().unwrap(), 0, "already freed");
+        } else {
+            eprintln!(
+                "NOTICE: f32 stays on the gemm crate here (oneDNN {:?})",
+                super::onednn::isa()
+            );
+            assert!(
+                m.vision.kernel().starts_with("f32 "),
+                "{}",
+                m.vision.kernel()
+            );
         }
     }
 
