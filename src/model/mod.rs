@@ -9,6 +9,8 @@ pub mod dfer_clip;
 pub mod explain;
 pub mod gemm_i8;
 pub mod layers;
+#[cfg(all(test, target_os = "linux", target_arch = "x86_64"))]
+mod masked_cpu_tests;
 pub mod onednn;
 pub mod pickle_guard;
 pub mod preprocess;

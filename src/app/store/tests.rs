@@ -1,5 +1,7 @@
 use super::*;
 use crate::pipeline::worker::TrackedResult;
+use crate::session::record::FaceRecord;
+use crate::vision::faces::FaceBox;
 
 fn bank() -> Arc<DescriptorBank> {
     Arc::new(DescriptorBank {

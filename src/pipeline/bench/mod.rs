@@ -25,10 +25,12 @@ use crate::vision::faces::{DetectorKind, FaceDetector, FaceDetectorConfig};
 use crate::vision::source::demo::DemoSource;
 
 mod agreement;
+mod machine;
 mod report;
 
 pub use agreement::Agreement;
 use agreement::{agreement, demo_crops, pixels};
+pub use machine::{cpu_summary, peak_memory_mb};
 
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
@@ -254,50 +256,6 @@ fn tempfile_dir() -> Result<PathBuf, BenchError> {
     std::fs::create_dir_all(&dir)
         .map_err(|e| BenchError::Video(crate::vision::video::VideoError::write(&dir, e)))?;
     Ok(dir)
-}
-
-/// The CPU's model name and the features our kernels and the peers' use,
-/// as Linux names them, e.g. `AMD EPYC (avx2 fma avx512f avx512_vnni
-/// avx512_bf16)`.
-pub fn cpu_summary() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |key: &str| {
-        info.lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_once(':'))
-            .map(|(_, v)| v.trim().to_string())
-    };
-    let name = field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_string());
-    // Linux's names of the features our kernels and the peers' use (AMX
-    // is not detectable through std on stable Rust: read from the kernel).
-    let flags = field("flags").unwrap_or_default();
-    let have: Vec<&str> = flags.split_whitespace().collect();
-    let features: Vec<&str> = [
-        "avx2",
-        "fma",
-        "avx_vnni",
-        "avx512f",
-        "avx512_vnni",
-        "avx512_bf16",
-        "amx_bf16",
-        "amx_int8",
-    ]
-    .into_iter()
-    .filter(|f| have.contains(f))
-    .collect();
-    if features.is_empty() {
-        name
-    } else {
-        format!("{name} ({})", features.join(" "))
-    }
-}
-
-/// Peak resident memory of this process (`VmHWM`), in MB.
-pub fn peak_memory_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
 }
 
 /// Sets the worker thread count for rayon, gemm and Candle. Must run before

@@ -1,0 +1,50 @@
+//! Runs only the image encoder in a loop, for profilers (`perf record`):
+//! `cliper bench` times every stage, which would dilute a profile.
+//!
+//! ```text
+//! cargo build --release --example encode_loop
+//! perf record -e cpu-clock target/release/examples/encode_loop f32 1 50 2
+//! ```
+//!
+//! Arguments: precision (`f32` = the gemm crate, `onednn-f32`, `q8`,
+//! `bf16`), batch, iterations, threads. Random ViT-B/16 weights.
+
+use candle_core::{DType, Device, Tensor};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let get = |i: usize, d: &str| args.get(i).cloned().unwrap_or_else(|| d.to_string());
+    let precision = get(0, "f32");
+    let batch: usize = get(1, "1").parse()?;
+    let iters: usize = get(2, "20").parse()?;
+    let threads: usize = get(3, "0").parse()?;
+    if threads > 0 {
+        cliper::pipeline::bench::set_threads(threads)?;
+    }
+    let config = cliper::model::ClipConfig::vit_b16();
+    let ckpt = cliper::model::Checkpoint::random(&config, 0)?;
+    let mut clip = cliper::model::ClipModel::from_checkpoint(ckpt, &Device::Cpu, DType::F32)?;
+    match precision.as_str() {
+        "f32" => {}
+        "onednn-f32" => {
+            clip.vision
+                .pack_onednn(cliper::model::onednn::DataType::F32)?;
+        }
+        "bf16" => {
+            clip.vision
+                .pack_onednn(cliper::model::onednn::DataType::Bf16)?;
+        }
+        "q8" => clip.vision.set_quantized(true)?,
+        other => return Err(format!("unknown precision {other}").into()),
+    }
+    eprintln!("kernel: {}", clip.vision.kernel());
+    let px = Tensor::randn(0f32, 1.0, (batch, 3, 224, 224), &Device::Cpu)?;
+    clip.vision.forward(&px)?;
+    let t = std::time::Instant::now();
+    for _ in 0..iters {
+        clip.vision.forward(&px)?;
+    }
+    let ms = t.elapsed().as_secs_f64() * 1e3 / (iters * batch) as f64;
+    eprintln!("{ms:.1} ms per image");
+    Ok(())
+}
