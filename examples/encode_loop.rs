@@ -6,10 +6,14 @@
 //! perf record -e cpu-clock target/release/examples/encode_loop f32 1 50 2
 //! ```
 //!
-//! Arguments: precision (`f32` = the gemm crate, `onednn-f32`, `q8`,
-//! `bf16`), batch, iterations, threads. Random ViT-B/16 weights.
+//! Arguments: precision (`f32` = the gemm crate, `onednn-f32`, `auto-f32`
+//! (what `--precision f32` runs), `q8`, `bf16`), batch, iterations, threads. Random ViT-B/16 weights.
 
 use candle_core::{DType, Device, Tensor};
+
+// As the cliper binary: timings and memory as it has them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -34,10 +38,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             clip.vision
                 .pack_onednn(cliper::model::onednn::DataType::Bf16)?;
         }
+        "auto-f32" => {
+            clip.vision.pack_f32_fastest()?;
+        }
         "q8" => clip.vision.set_quantized(true)?,
         other => return Err(format!("unknown precision {other}").into()),
     }
-    eprintln!("kernel: {}", clip.vision.kernel());
+    eprintln!(
+        "kernel: {}, peak memory so far {:.0} MB",
+        clip.vision.kernel(),
+        cliper::pipeline::bench::peak_memory_mb().unwrap_or(f64::NAN)
+    );
     let px = Tensor::randn(0f32, 1.0, (batch, 3, 224, 224), &Device::Cpu)?;
     clip.vision.forward(&px)?;
     let t = std::time::Instant::now();
