@@ -71,11 +71,11 @@ where
 
 /// Lowers the calling thread's CPU priority (threads it starts afterwards
 /// inherit it), so that the model's threads win the cores when both want
-/// them. Measured on the 2-core EPYC, `cliper bench` q8 at batch 1 beside
-/// one busy loop: 88 ms alone, 187 ms with the loop at niceness +10, 108
-/// ms with it in `SCHED_IDLE`: the forward's parallel loops wake their
-/// threads a few hundred times per image, and each wake waited for the
-/// other thread's slice. Linux only (scheduling is per thread there); best
+/// them. `SCHED_IDLE` rather than niceness for work that must not slow
+/// the model at all: the forward's parallel loops wake their threads a few
+/// hundred times per image, and with a niced busy thread beside them each
+/// wake waited for the other thread's slice (measured with `cliper bench`
+/// beside a busy loop; figures in the README's "Benchmarks"). Linux only (scheduling is per thread there); best
 /// effort elsewhere and on error: a thread that cannot give way runs as before.
 pub(crate) fn give_way(how: GiveWay) {
     #[cfg(target_os = "linux")]

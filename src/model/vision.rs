@@ -188,12 +188,11 @@ impl VisionTower {
         Ok(())
     }
 
-    /// `--precision f32` on the CPU: oneDNN's f32 products where they are
-    /// measured faster than the `gemm` crate's (oneDNN loads and runs its
-    /// AVX-512 kernels: on a 2-core AVX-512 EPYC, alternating runs, 171-187
-    /// against 181-188 ms per image at batch 1 and 170-172 against 181-183
-    /// at batch 8; on Intel CPUs with two FMA ports oneDNN is what
-    /// OpenVINO's f32 runs) and every block layer fits
+    /// `--precision f32` on the CPU: oneDNN's f32 products where they were
+    /// measured faster than the `gemm` crate's (where oneDNN runs its
+    /// AVX-512 kernels; the figures are in the README's "oneDNN" section;
+    /// on Intel CPUs with two FMA ports oneDNN is what OpenVINO's f32
+    /// runs) and every block layer fits
     /// the packed kernels (the towers q8 packs); `CLIPER_F32=gemm` keeps
     /// the `gemm` crate, `CLIPER_F32=onednn` asks for oneDNN on any CPU.
     /// The f32 copies are freed block by block as they are packed, all but

@@ -640,8 +640,8 @@ fn tower_views<'a>(
 
 /// Stores the weights of every block's linear layers transposed, as the
 /// column-major view of a contiguous `W^T` [k, n], so that the fused forward
-/// hands them to gemm as an operand it need not pack (measured on a 2-core
-/// AVX-512 EPYC, ViT-B/16 at batch 1: 139 -> 102 ms per image). Candle's ops read
+/// hands them to gemm as an operand it need not pack (measured faster: see
+/// the README's "Benchmarks"). Candle's ops read
 /// the view as before (its matmul takes either layout); nothing is copied
 /// twice, so memory is unchanged. Untracked f32 CPU weights only.
 pub fn store_transposed(tower: &mut VisionTower) -> Result<()> {

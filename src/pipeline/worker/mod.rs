@@ -61,9 +61,8 @@ pub enum RunMode {
 impl RunMode {
     /// How capture and detection give way to the model. In a batch run
     /// they take only what the model leaves (`SCHED_IDLE`): the model
-    /// paces the run, and they keep up in its gaps (`cliper run`, demo, q8
-    /// on the 2-core EPYC: encode 105 -> 88 ms per frame against 81 in
-    /// `cliper bench`). Live they must keep the boxes moving beside a
+    /// paces the run, and they keep up in its gaps (measured on `cliper
+    /// run`: see the README's "Benchmarks"). Live they must keep the boxes moving beside a
     /// busy model and window, so they step back by niceness only.
     pub(crate) fn give_way(self) -> crate::parallel::GiveWay {
         match self {
