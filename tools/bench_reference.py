@@ -26,7 +26,8 @@ Reduced precisions are also given against the fastest reduced-precision peer
 of the same run (ORT int8, PyTorch bf16, OpenVINO bf16).
 
 `--cpu-mask avx2` runs every engine as it runs on a CPU without AVX-512 (a
-laptop: AVX2 and FMA), on this machine, in the same run: the script builds
+laptop: AVX2 and FMA; `avx2-vnni` keeps AVX-VNNI where the CPU has it), on
+this machine, in the same run: the script builds
 tools/cpuid_mask/cpuid_mask.c with gcc and runs itself again under it
 (LD_PRELOAD), so that ONNX Runtime, PyTorch, OpenVINO and cliper all read a
 CPUID without the AVX-512, AVX512-BF16, VNNI and AMX bits. It needs Linux's
@@ -57,7 +58,7 @@ def parse_args():
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument(
         "--cpu-mask",
-        choices=["avx2"],
+        choices=["avx2", "avx2-vnni"],
         help="run every engine as on a CPU without AVX-512/AMX (CPUID masked, see the module doc)",
     )
     return p.parse_args()

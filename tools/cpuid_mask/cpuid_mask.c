@@ -5,8 +5,12 @@
  * OpenVINO, cliper's own kernels and the gemm crate) takes the AVX2 path it
  * would take on a laptop, on the same machine and in the same run.
  *
- *     gcc -O2 -shared -fPIC -o cpuid_mask.so tools/cpuid_mask/cpuid_mask.c
+ *     gcc -O2 -shared -fPIC -o cpuid_mask.so tools/cpuid_mask/cpuid_mask.c -ldl
  *     CPUID_MASK=avx2 LD_PRELOAD=$PWD/cpuid_mask.so python3 ...
+ *
+ * CPUID_MASK=avx2: AVX2 and FMA only (AVX-VNNI cleared too, so the result
+ * is the same on every CPU); avx2-vnni: the same but AVX-VNNI is left as
+ * the CPU reports it (a recent laptop, on a CPU that has AVX-VNNI).
  *
  * How: Linux's CPUID faulting (arch_prctl(ARCH_SET_CPUID, 0); the CPU flag
  * `cpuid_fault` in /proc/cpuinfo, on Intel CPUs and on KVM/Firecracker
@@ -43,15 +47,18 @@
 #define L7_ECX_AVX512 ((1u << 1) | (1u << 6) | (1u << 11) | (1u << 12) | (1u << 14))
 /* avx512_4vnniw, avx512_4fmaps, avx512_vp2intersect, amx-bf16, avx512_fp16, amx-tile, amx-int8 */
 #define L7_EDX_AVX512 ((1u << 2) | (1u << 3) | (1u << 8) | (1u << 22) | (1u << 23) | (1u << 24) | (1u << 25))
-/* Leaf 7 subleaf 1 EAX: avx512_bf16 (bit 5); AVX-VNNI (bit 4) and AMX-FP16
- * (21) are kept as the CPU reports them. */
-#define L7S1_EAX_AVX512 (1u << 5)
+/* Leaf 7 subleaf 1 EAX: avx512_bf16 (5), amx_fp16 (21); avx_vnni (4) and
+ * avx_ifma (23) too unless the mask is avx2-vnni. EDX: avx_vnni_int8 (4). */
+#define L7S1_EAX_AVX512 ((1u << 5) | (1u << 21))
+#define L7S1_EAX_VNNI ((1u << 4) | (1u << 23))
+#define L7S1_EDX_VNNI (1u << 4)
 /* Leaf 0xD subleaf 0 EAX: the opmask/ZMM (5-7) and AMX tile (17-18) state
  * components, so that a program reading the XSAVE layout agrees. */
 #define LD_EAX_AVX512 ((1u << 5) | (1u << 6) | (1u << 7) | (1u << 17) | (1u << 18))
 
 static struct sigaction next_segv; /* the program's own SIGSEGV handler */
 static int mask_on;
+static int keep_vnni; /* CPUID_MASK=avx2-vnni: AVX-VNNI stays as the CPU has it */
 
 static long set_cpuid(int on) { return syscall(SYS_arch_prctl, ARCH_SET_CPUID, on); }
 
@@ -65,6 +72,10 @@ static void masked_cpuid(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
         r[3] &= ~L7_EDX_AVX512;
     } else if (leaf == 7 && sub == 1) {
         r[0] &= ~L7S1_EAX_AVX512;
+        if (!keep_vnni) {
+            r[0] &= ~L7S1_EAX_VNNI;
+            r[3] &= ~L7S1_EDX_VNNI;
+        }
     } else if (leaf == 0xd && sub == 0) {
         r[0] &= ~LD_EAX_AVX512;
     }
@@ -122,10 +133,12 @@ sighandler_t signal(int sig, sighandler_t handler) {
 
 __attribute__((constructor)) static void start(void) {
     const char *which = getenv("CPUID_MASK");
-    if (!which || strcmp(which, "avx2") != 0) {
-        if (which && *which) fprintf(stderr, "cpuid_mask: CPUID_MASK=%s is not known (avx2); nothing masked\n", which);
+    if (!which || (strcmp(which, "avx2") != 0 && strcmp(which, "avx2-vnni") != 0)) {
+        if (which && *which)
+            fprintf(stderr, "cpuid_mask: CPUID_MASK=%s is not known (avx2, avx2-vnni); nothing masked\n", which);
         return;
     }
+    keep_vnni = strcmp(which, "avx2-vnni") == 0;
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_segv;
