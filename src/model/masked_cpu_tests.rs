@@ -11,7 +11,7 @@ use std::process::Command;
 const CHILD: &str = "CLIPER_TEST_CPUID_MASKED";
 
 /// Builds the mask library, or says why it cannot be used here.
-fn build_mask() -> Result<PathBuf, String> {
+fn build_mask() -> Result<PathBuf, Box<dyn std::error::Error>> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let flags = cpuinfo
         .lines()
@@ -33,7 +33,7 @@ fn build_mask() -> Result<PathBuf, String> {
         .status()
         .map_err(|e| format!("no C compiler (`cc`): {e}"))?;
     if !status.success() {
-        return Err(format!("`cc` could not build {}", src.display()));
+        return Err(format!("`cc` could not build {}", src.display()).into());
     }
     Ok(out)
 }
