@@ -53,6 +53,16 @@ impl VisionBackend {
     }
 }
 
+/// One block timed on the two reduced-precision CPU paths
+/// ([`VisionTower::race_q8_bf16`]), for `--precision auto`.
+#[derive(Clone, Copy, Debug)]
+pub struct PrecisionRace {
+    /// Median milliseconds on this crate's 8-bit kernel.
+    pub q8_ms: f64,
+    /// The same with oneDNN's bf16 products.
+    pub bf16_ms: f64,
+}
+
 #[derive(Clone, Debug)]
 pub struct VisionTower {
     patch_embedding: Conv2d,
@@ -188,6 +198,47 @@ impl VisionTower {
         Ok(())
     }
 
+    /// Times this tower's first block, alone, on the fused forward with
+    /// this crate's 8-bit kernel of `isa` and with oneDNN's bf16 products:
+    /// one image, interleaved, median of five runs after two. The block
+    /// rather than one product, because the paths differ around the
+    /// products too (bf16 converts every product's input, q8 quantizes
+    /// the input of q, k and v once); one block, so that nothing of the
+    /// rest of the tower is packed twice. About 0.1 s at load for
+    /// ViT-B/16.
+    pub fn race_q8_bf16(&self, isa: Isa) -> Result<PrecisionRace> {
+        let mut one = self.clone();
+        one.layers.truncate(1);
+        if one.layers.is_empty() {
+            candle_core::bail!("the tower has no blocks to time");
+        }
+        let mut q8 = one.clone();
+        q8.backend = VisionBackend::FusedPacked(Arc::new(QuantizedLinears::new(&q8, Some(isa))?));
+        let mut bf16 = one;
+        bf16.pack_onednn(super::onednn::DataType::Bf16)?;
+        let s = self.config.image_size;
+        let device = self.class_embedding.device();
+        let px = Tensor::zeros((1, 3, s, s), DType::F32, device)?;
+        let (mut q8_ms, mut bf16_ms) = (Vec::new(), Vec::new());
+        for run in 0..7 {
+            for (tower, times) in [(&q8, &mut q8_ms), (&bf16, &mut bf16_ms)] {
+                let t = std::time::Instant::now();
+                tower.forward(&px)?;
+                if run >= 2 {
+                    times.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+        }
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        Ok(PrecisionRace {
+            q8_ms: median(q8_ms),
+            bf16_ms: median(bf16_ms),
+        })
+    }
+
     /// `--precision f32` on the CPU: oneDNN's f32 products where they were
     /// measured faster than the `gemm` crate's (where oneDNN runs its
     /// AVX-512 kernels; the figures are in the README's "oneDNN" section;
@@ -224,13 +275,16 @@ impl VisionTower {
 
     /// `--precision auto` on the CPU, the fastest path whose agreement with
     /// f32 holds, by measurement:
-    /// - with AMX, oneDNN's bf16 products (the kernels of PyTorch's and
-    ///   OpenVINO's bf16, measured about twice as fast there as this crate's
-    ///   8-bit kernel; see the README);
-    /// - else this crate's 8-bit kernels, where every block layer fits one
-    ///   (measured 3x faster than f32 at 100% top-1 agreement, `cliper
-    ///   bench`); Candle's Q8_0, the fallback, is not measured to win;
-    /// - else f32.
+    /// - where every block layer fits this crate's 8-bit kernels (measured
+    ///   3x faster than f32 at 100% top-1 agreement, `cliper bench`), those
+    ///   kernels, or oneDNN's bf16 products where the CPU has bf16
+    ///   instructions (AMX, AVX512-BF16) and they win on this CPU: one
+    ///   block is timed both ways at load ([`race_q8_bf16`](Self::race_q8_bf16)),
+    ///   since which
+    ///   wins depends on the CPU (on a Zen 4 EPYC q8 is 1.6x faster; on
+    ///   AMX Xeons the peers' bf16 runs twice as fast as our q8);
+    /// - else f32 (Candle's Q8_0, the fallback for other shapes, is not
+    ///   measured to win).
     ///
     /// Returns the precision chosen (`bf16`, `q8` or `f32`).
     pub fn pack_fastest(&mut self) -> Result<&'static str> {
@@ -242,23 +296,40 @@ impl VisionTower {
         let Some(isa) = Isa::select(None).map_err(candle_core::Error::wrap)? else {
             return Ok("f32");
         };
+        let fits = self.layers.iter_mut().all(|layer| {
+            layer.linears_mut().iter().all(|l| {
+                l.weight()
+                    .dims2()
+                    .is_ok_and(|(n, k)| super::gemm_i8::PackedWeights::fits(n, k))
+            })
+        });
+        if !fits {
+            return Ok("f32");
+        }
+        if super::onednn::native_bf16().unwrap_or(false) {
+            match self.race_q8_bf16(isa) {
+                Ok(race) if race.bf16_ms < race.q8_ms => {
+                    log::info!(
+                        "precision auto: bf16 ({:.2} ms for one block, q8 {isa} {:.2} ms)",
+                        race.bf16_ms,
+                        race.q8_ms
+                    );
+                    if self.pack_onednn(super::onednn::DataType::Bf16).is_ok() {
+                        return Ok("bf16");
+                    }
+                }
+                Ok(race) => log::info!(
+                    "precision auto: q8 {isa} ({:.2} ms for one block, bf16 {:.2} ms)",
+                    race.q8_ms,
+                    race.bf16_ms
+                ),
+                Err(e) => log::info!("precision auto: bf16 not timed ({e}); q8 {isa}"),
+            }
+        }
         let q = QuantizedLinears::new(self, Some(isa))?;
         if !q.all_int8() || !super::vision_cpu::supports(self, Some(&q)) {
             return Ok("f32");
         }
-        if super::onednn::amx() {
-            drop(q);
-            if self.pack_onednn(super::onednn::DataType::Bf16).is_ok() {
-                return Ok("bf16");
-            }
-            return self.pack_fastest_int8(isa);
-        }
-        self.backend = VisionBackend::FusedPacked(Arc::new(q));
-        Ok("q8")
-    }
-
-    fn pack_fastest_int8(&mut self, isa: Isa) -> Result<&'static str> {
-        let q = QuantizedLinears::new(self, Some(isa))?;
         self.backend = VisionBackend::FusedPacked(Arc::new(q));
         Ok("q8")
     }
