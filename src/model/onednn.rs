@@ -297,11 +297,6 @@ pub fn native_bf16() -> Result<bool, OneDnnError> {
     Ok(matches!(isa()?, "avx512_core_bf16" | "avx512_core_amx"))
 }
 
-/// Whether the CPU has AMX tiles for bf16 and oneDNN may use them.
-pub fn amx() -> bool {
-    matches!(isa(), Ok("avx512_core_amx"))
-}
-
 fn with_stream<T>(f: impl FnOnce(Handle) -> Result<T, OneDnnError>) -> Result<T, OneDnnError> {
     let api = api()?;
     let mut s = STREAM.with(|s| s.get());

@@ -198,6 +198,18 @@ impl VisionTower {
         Ok(())
     }
 
+    /// Whether every block layer's shape fits the packed kernels' panels
+    /// and groups (the towers q8 and oneDNN pack: ViT-B/16 and its kin).
+    fn block_layers_fit_panels(&mut self) -> bool {
+        self.layers.iter_mut().all(|layer| {
+            layer.linears_mut().iter().all(|l| {
+                l.weight()
+                    .dims2()
+                    .is_ok_and(|(n, k)| super::gemm_i8::PackedWeights::fits(n, k))
+            })
+        })
+    }
+
     /// Times this tower's first block, alone, on the fused forward with
     /// this crate's 8-bit kernel of `isa` and with oneDNN's bf16 products:
     /// one image, interleaved, median of five runs after two. The block
@@ -258,14 +270,7 @@ impl VisionTower {
         if !wanted || self.f32_released() || !super::vision_cpu::supports(self, None) {
             return Ok(false);
         }
-        let fits = self.layers.iter_mut().all(|layer| {
-            layer.linears_mut().iter().all(|l| {
-                l.weight()
-                    .dims2()
-                    .is_ok_and(|(n, k)| super::gemm_i8::PackedWeights::fits(n, k))
-            })
-        });
-        if !fits {
+        if !self.block_layers_fit_panels() {
             return Ok(false);
         }
         let q = QuantizedLinears::onednn_releasing(self, onednn::DataType::F32)?;
@@ -279,10 +284,10 @@ impl VisionTower {
     ///   3x faster than f32 at 100% top-1 agreement, `cliper bench`), those
     ///   kernels, or oneDNN's bf16 products where the CPU has bf16
     ///   instructions (AMX, AVX512-BF16) and they win on this CPU: one
-    ///   block is timed both ways at load ([`race_q8_bf16`](Self::race_q8_bf16)),
-    ///   since which
-    ///   wins depends on the CPU (on a Zen 4 EPYC q8 is 1.6x faster; on
-    ///   AMX Xeons the peers' bf16 runs twice as fast as our q8);
+    ///   block is timed both ways at load
+    ///   ([`race_q8_bf16`](Self::race_q8_bf16)), since which wins depends
+    ///   on the CPU (on a Zen 4 EPYC q8 is 1.6x faster; on AMX Xeons the
+    ///   peers' bf16 runs twice as fast as our q8);
     /// - else f32 (Candle's Q8_0, the fallback for other shapes, is not
     ///   measured to win).
     ///
@@ -296,14 +301,7 @@ impl VisionTower {
         let Some(isa) = Isa::select(None).map_err(candle_core::Error::wrap)? else {
             return Ok("f32");
         };
-        let fits = self.layers.iter_mut().all(|layer| {
-            layer.linears_mut().iter().all(|l| {
-                l.weight()
-                    .dims2()
-                    .is_ok_and(|(n, k)| super::gemm_i8::PackedWeights::fits(n, k))
-            })
-        });
-        if !fits {
+        if !self.block_layers_fit_panels() {
             return Ok("f32");
         }
         if super::onednn::native_bf16().unwrap_or(false) {
