@@ -302,21 +302,41 @@ pub(crate) fn each_image(
     Ok(())
 }
 
-fn probability(text: &str) -> Result<f32, String> {
+/// Why a number on the command line was refused (clap prints it after the
+/// flag's name).
+#[derive(Debug, thiserror::Error)]
+enum ArgError {
+    #[error("{value} is out of range: give {range}")]
+    OutOfRange { value: String, range: String },
+    #[error("give {what}")]
+    NotANumber { what: String },
+}
+
+fn probability(text: &str) -> Result<f32, ArgError> {
     match text.trim().parse::<f32>() {
         Ok(p) if (0.05..=0.95).contains(&p) => Ok(p),
-        Ok(p) => Err(format!("{p} is out of range: give 0.05 to 0.95")),
-        Err(_) => Err("give a probability from 0.05 to 0.95".into()),
+        Ok(p) => Err(ArgError::OutOfRange {
+            value: p.to_string(),
+            range: "0.05 to 0.95".into(),
+        }),
+        Err(_) => Err(ArgError::NotANumber {
+            what: "a probability from 0.05 to 0.95".into(),
+        }),
     }
 }
 
 /// A whole number from MIN to MAX, with the range in the message (so that
 /// `--top -1` says what to give, not "invalid digit").
-fn ranged<const MIN: usize, const MAX: usize>(text: &str) -> Result<usize, String> {
+fn ranged<const MIN: usize, const MAX: usize>(text: &str) -> Result<usize, ArgError> {
     match text.trim().parse::<i128>() {
         Ok(n) if (MIN as i128..=MAX as i128).contains(&n) => Ok(n as usize),
-        Ok(n) => Err(format!("{n} is out of range: give {MIN} to {MAX}")),
-        Err(_) => Err(format!("give a whole number from {MIN} to {MAX}")),
+        Ok(n) => Err(ArgError::OutOfRange {
+            value: n.to_string(),
+            range: format!("{MIN} to {MAX}"),
+        }),
+        Err(_) => Err(ArgError::NotANumber {
+            what: format!("a whole number from {MIN} to {MAX}"),
+        }),
     }
 }
 
