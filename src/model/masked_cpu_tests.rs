@@ -55,6 +55,7 @@ fn model_tests_pass_on_the_avx2_path() {
         .args([
             "model::vision_cpu::",
             "model::gemm_i8::",
+            "model::gemm_f32::",
             "model::onednn::",
             "model::vision::",
             "model::masked_cpu_tests::kernels_follow_the_masked_cpuid",

@@ -7,6 +7,7 @@ pub mod config;
 pub mod device;
 pub mod dfer_clip;
 pub mod explain;
+pub mod gemm_f32;
 pub mod gemm_i8;
 pub mod layers;
 #[cfg(all(test, target_os = "linux", target_arch = "x86_64"))]

@@ -53,6 +53,18 @@ impl VisionBackend {
     }
 }
 
+/// Which f32 products the CPU forward's block layers run
+/// ([`VisionTower::pack_f32`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum F32Kernel {
+    /// The `gemm` crate on the weights as loaded.
+    Gemm,
+    /// oneDNN's products, weights reordered once.
+    OneDnn,
+    /// This crate's AVX2 + FMA kernel, weights packed once.
+    Packed,
+}
+
 /// One block timed on the two reduced-precision CPU paths
 /// ([`VisionTower::race_q8_bf16`]), for `--precision auto`.
 #[derive(Clone, Copy, Debug)]
@@ -251,29 +263,50 @@ impl VisionTower {
         })
     }
 
-    /// `--precision f32` on the CPU: oneDNN's f32 products where they were
-    /// measured faster than the `gemm` crate's (where oneDNN runs its
-    /// AVX-512 kernels; the figures are in the README's "oneDNN" section;
-    /// on Intel CPUs with two FMA ports oneDNN is what OpenVINO's f32
-    /// runs) and every block layer fits
-    /// the packed kernels (the towers q8 packs); `CLIPER_F32=gemm` keeps
-    /// the `gemm` crate, `CLIPER_F32=onednn` asks for oneDNN on any CPU.
-    /// The f32 copies are freed block by block as they are packed, all but
-    /// the last block's. Returns whether it packed.
+    /// `--precision f32` on the CPU, the f32 products measured fastest on
+    /// this kind of CPU (figures in the README's "oneDNN" and "The AVX2
+    /// path" sections), where every block layer fits the packed kernels
+    /// (the towers q8 packs):
+    /// - oneDNN's where it runs its AVX-512 kernels (on Intel CPUs with two
+    ///   FMA ports oneDNN is what OpenVINO's f32 runs);
+    /// - else this crate's packed AVX2 + FMA kernel ([`super::gemm_f32`]);
+    /// - else the `gemm` crate, unpacked.
+    ///
+    /// `CLIPER_F32=gemm|onednn|packed` forces one. The f32 copies are
+    /// freed block by block as they are packed, all but the last block's.
+    /// Returns whether it packed.
     pub fn pack_f32_fastest(&mut self) -> Result<bool> {
-        use super::onednn;
-        let wanted = match std::env::var("CLIPER_F32").as_deref().map(str::trim) {
-            Ok("gemm") => false,
-            Ok("onednn") => true,
-            _ => onednn::isa().is_ok_and(|isa| isa.starts_with("avx512_core")),
+        let kernel = match std::env::var("CLIPER_F32").as_deref().map(str::trim) {
+            Ok("gemm") => F32Kernel::Gemm,
+            Ok("onednn") => F32Kernel::OneDnn,
+            Ok("packed") => F32Kernel::Packed,
+            Ok(other) if !other.is_empty() => candle_core::bail!(
+                "CLIPER_F32={other:?} is not a kernel: use gemm, onednn or packed"
+            ),
+            _ if super::onednn::isa().is_ok_and(|isa| isa.starts_with("avx512_core")) => {
+                F32Kernel::OneDnn
+            }
+            _ if super::gemm_f32::PackedF32::available() => F32Kernel::Packed,
+            _ => F32Kernel::Gemm,
         };
-        if !wanted || self.f32_released() || !super::vision_cpu::supports(self, None) {
+        self.pack_f32(kernel)
+    }
+
+    /// Packs the block layers for `kernel`'s f32 products (nothing for
+    /// [`F32Kernel::Gemm`]), where the tower runs the fused CPU forward and
+    /// every block layer fits the panels; returns whether it packed.
+    pub fn pack_f32(&mut self, kernel: F32Kernel) -> Result<bool> {
+        if kernel == F32Kernel::Gemm
+            || self.f32_released()
+            || !super::vision_cpu::supports(self, None)
+            || !self.block_layers_fit_panels()
+        {
             return Ok(false);
         }
-        if !self.block_layers_fit_panels() {
-            return Ok(false);
-        }
-        let q = QuantizedLinears::onednn_releasing(self, onednn::DataType::F32)?;
+        let q = match kernel {
+            F32Kernel::Packed => QuantizedLinears::f32_releasing(self)?,
+            _ => QuantizedLinears::onednn_releasing(self, super::onednn::DataType::F32)?,
+        };
         self.backend = VisionBackend::FusedPacked(Arc::new(q));
         Ok(true)
     }

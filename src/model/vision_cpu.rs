@@ -21,6 +21,7 @@ use candle_nn::Linear;
 use rayon::prelude::*;
 
 use super::config::Activation;
+use super::gemm_f32::{self, PackedF32};
 use super::gemm_i8::{self, Isa, PackedWeights, QuantizedRows};
 use super::layers::LayerNorm;
 use super::onednn;
@@ -106,6 +107,7 @@ impl<'a> LinearView<'a> {
         let (n, k) = match quantized {
             Some(QuantizedLinear::Int8(w, _)) if l.weight().elem_count() == 0 => (w.n(), w.k()),
             Some(QuantizedLinear::OneDnn(w)) if l.weight().elem_count() == 0 => (w.n(), w.k()),
+            Some(QuantizedLinear::F32(w)) if l.weight().elem_count() == 0 => (w.n(), w.k()),
             _ => l.weight().dims2().ok()?,
         };
         let (w, transposed) = match HostF32::new(l.weight()) {
@@ -150,6 +152,10 @@ impl<'a> LinearView<'a> {
             return w
                 .apply(x, m, dst, dst_rs, add)
                 .map_err(candle_core::Error::wrap);
+        }
+        if let Some(QuantizedLinear::F32(w)) = self.quantized {
+            gemm_f32::matmul(x, m, w, bias, dst, dst_rs, add);
+            return Ok(());
         }
         if let Some(QuantizedLinear::Int8(w, isa)) = self.quantized {
             let owned;
@@ -299,6 +305,8 @@ fn rows_mut(
 enum QuantizedLinear {
     Int8(PackedWeights, Isa),
     OneDnn(onednn::Linear),
+    /// f32 in this crate's panels (AVX2 + FMA).
+    F32(PackedF32),
     Candle(QMatMul),
     /// Too narrow for 8-bit blocks (inputs not a multiple of 32): kept f32.
     Full,
@@ -310,11 +318,19 @@ enum QuantizedLinear {
 /// patch embedding and the final projection stay f32.
 pub struct QuantizedLinears {
     layers: Vec<BlockLinears<QuantizedLinear>>,
-    /// The instruction set of this crate's kernel, `None` when this CPU has
-    /// none it runs (then every layer is Candle's Q8_0).
-    isa: Option<Isa>,
-    /// Set when the layers are oneDNN products of this type.
-    onednn: Option<onednn::DataType>,
+    packing: Packing,
+}
+
+/// What the layers of a [`QuantizedLinears`] were packed for.
+#[derive(Clone, Copy, Debug)]
+enum Packing {
+    /// This crate's 8-bit kernel on an instruction set, `None` when this
+    /// CPU has none it runs (then every layer is Candle's Q8_0).
+    Int8(Option<Isa>),
+    /// oneDNN's products in this type.
+    OneDnn(onednn::DataType),
+    /// This crate's f32 kernel ([`gemm_f32`]).
+    F32,
 }
 
 /// A transformer block's six linear layers.
@@ -373,8 +389,7 @@ impl QuantizedLinears {
         let layers = Self::each_block(tower, q)?;
         Ok(Self {
             layers,
-            isa,
-            onednn: None,
+            packing: Packing::Int8(isa),
         })
     }
 
@@ -383,8 +398,7 @@ impl QuantizedLinears {
     pub fn onednn(tower: &VisionTower, dtype: onednn::DataType) -> Result<Self> {
         Ok(Self {
             layers: Self::each_block(tower, |l| Self::pack_onednn(l, dtype))?,
-            isa: None,
-            onednn: Some(dtype),
+            packing: Packing::OneDnn(dtype),
         })
     }
 
@@ -394,23 +408,49 @@ impl QuantizedLinears {
     /// not a second tower. A failure after the first block leaves the tower
     /// without those weights (load it again).
     pub fn onednn_releasing(tower: &mut VisionTower, dtype: onednn::DataType) -> Result<Self> {
+        Self::releasing(tower, Packing::OneDnn(dtype), |l| {
+            Self::pack_onednn(l, dtype)
+        })
+    }
+
+    /// The block layers in this crate's f32 panels ([`gemm_f32`], AVX2 +
+    /// FMA), freeing the f32 weights block by block as
+    /// [`onednn_releasing`](Self::onednn_releasing) does.
+    pub fn f32_releasing(tower: &mut VisionTower) -> Result<Self> {
+        if !PackedF32::available() {
+            candle_core::bail!("the packed f32 kernel needs AVX2 and FMA, which this CPU lacks")
+        }
+        Self::releasing(tower, Packing::F32, |l| {
+            let view = LinearView::new(l, None).ok_or_else(|| {
+                candle_core::Error::Msg("packing needs the f32 CPU weights".into())
+            })?;
+            PackedF32::new(view.w.slice(), view.transposed, view.n, view.k)
+                .map(QuantizedLinear::F32)
+                .ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "a [{}, {}] layer does not fit the f32 panels",
+                        view.n, view.k
+                    ))
+                })
+        })
+    }
+
+    fn releasing(
+        tower: &mut VisionTower,
+        packing: Packing,
+        f: impl Fn(&Linear) -> Result<QuantizedLinear>,
+    ) -> Result<Self> {
         let n = tower.layers.len();
         let mut layers = Vec::with_capacity(n);
         for i in 0..n {
-            layers.push(Self::block(&tower.layers[i], |l| {
-                Self::pack_onednn(l, dtype)
-            })?);
+            layers.push(Self::block(&tower.layers[i], &f)?);
             if i + 1 < n {
                 for l in tower.layers[i].linears_mut() {
                     super::vision::release_linear(l)?;
                 }
             }
         }
-        Ok(Self {
-            layers,
-            isa: None,
-            onednn: Some(dtype),
-        })
+        Ok(Self { layers, packing })
     }
 
     fn pack_onednn(l: &Linear, dtype: onednn::DataType) -> Result<QuantizedLinear> {
@@ -452,9 +492,10 @@ impl QuantizedLinears {
 
     /// The precision of the packed layers: `q8`, `bf16` or `f32`.
     pub fn precision(&self) -> &'static str {
-        match self.onednn {
-            Some(dt) => dt.as_str(),
-            None => "q8",
+        match self.packing {
+            Packing::OneDnn(dt) => dt.as_str(),
+            Packing::Int8(_) => "q8",
+            Packing::F32 => "f32",
         }
     }
 
@@ -467,7 +508,12 @@ impl QuantizedLinears {
             .map(|b| {
                 let mut m = [false; 6];
                 for (m, l) in m.iter_mut().zip(b.iter()) {
-                    *m = matches!(l, QuantizedLinear::Int8(..) | QuantizedLinear::OneDnn(_));
+                    *m = matches!(
+                        l,
+                        QuantizedLinear::Int8(..)
+                            | QuantizedLinear::OneDnn(_)
+                            | QuantizedLinear::F32(_)
+                    );
                 }
                 m
             })
@@ -492,7 +538,10 @@ impl QuantizedLinears {
     /// `q8_0` (Candle's) where this crate's kernel does not run; for oneDNN
     /// `onednn` and its implementation (`onednn brg:avx512_core_amx`).
     pub fn kernel(&self) -> String {
-        if self.onednn.is_some() {
+        if let Packing::F32 = self.packing {
+            return "packed avx2-fma".into();
+        }
+        if let Packing::OneDnn(_) = self.packing {
             let name = self
                 .layers
                 .iter()
@@ -503,8 +552,8 @@ impl QuantizedLinears {
                 });
             return format!("onednn {}", name.unwrap_or_default());
         }
-        match self.isa {
-            Some(isa) if self.int8_layers() > 0 => isa.as_str().into(),
+        match self.packing {
+            Packing::Int8(Some(isa)) if self.int8_layers() > 0 => isa.as_str().into(),
             _ => "q8_0".into(),
         }
     }
@@ -1559,32 +1608,53 @@ mod tests {
             let after = m.encode_images(&px).unwrap();
             assert_eq!(max_diff(&before, &after), 0.0, "the same packed forward");
         }
-        // `--precision f32`'s choice: oneDNN where it runs AVX-512, its f32
-        // copies freed block by block, the forward unchanged.
-        let mut m = model((32, 16, 768, 12, 3), Activation::QuickGelu, 11);
-        let px = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
-        let full = m.encode_images(&px).unwrap();
-        if m.vision.pack_f32_fastest().unwrap() {
-            assert!(
-                m.vision.kernel().starts_with("f32 onednn "),
-                "{}",
-                m.vision.kernel()
-            );
-            assert!(m.vision.f32_released());
-            let f = m.encode_images(&px).unwrap();
-            assert!(max_diff(&full, &f) < 1e-4, "{}", max_diff(&full, &f));
-            assert_eq!(m.vision.release_f32_linears().unwrap(), 0, "already freed");
-        } else {
-            eprintln!(
-                "NOTICE: f32 stays on the gemm crate here (oneDNN {:?})",
-                super::onednn::isa()
-            );
-            assert!(
-                m.vision.kernel().starts_with("f32 "),
-                "{}",
-                m.vision.kernel()
-            );
+    }
+
+    /// `--precision f32`'s choices on the CPU: oneDNN's products, this
+    /// crate's packed AVX2 kernel (each where this CPU runs it), with the
+    /// f32 copies freed block by block, and the forward unchanged (the
+    /// `gemm` crate's, from a tower that keeps its f32 weights).
+    #[test]
+    fn packed_f32_kernels_match_the_gemm_crate() {
+        use super::super::vision::F32Kernel;
+        let mut kernels = vec![];
+        match super::onednn::available() {
+            Ok(()) => kernels.push((F32Kernel::OneDnn, "f32 onednn ")),
+            Err(e) => eprintln!("NOTICE: oneDNN's f32 products are not tested: {e}"),
         }
+        if super::PackedF32::available() {
+            kernels.push((F32Kernel::Packed, "f32 packed avx2-fma"));
+        } else {
+            eprintln!("NOTICE: the packed f32 kernel is not tested: this CPU lacks AVX2 or FMA");
+        }
+        for (kernel, name) in kernels {
+            for act in [Activation::QuickGelu, Activation::GeluTanh] {
+                let mut m = model((32, 16, 768, 12, 3), act, 11);
+                let mut gemm = m.vision.clone();
+                assert!(!gemm.pack_f32(F32Kernel::Gemm).unwrap());
+                for b in [1usize, 3] {
+                    let px = Tensor::randn(0f32, 1.0, (b, 3, 32, 32), &Device::Cpu).unwrap();
+                    let full = gemm.forward(&px).unwrap();
+                    if b == 1 {
+                        assert!(m.vision.pack_f32(kernel).unwrap(), "{kernel:?}");
+                        assert!(m.vision.kernel().starts_with(name), "{}", m.vision.kernel());
+                        assert!(m.vision.f32_released());
+                        assert_eq!(m.vision.release_f32_linears().unwrap(), 0, "already freed");
+                    }
+                    let f = m.vision.forward(&px).unwrap();
+                    let d = max_diff(&full, &f);
+                    assert!(d < 1e-4, "{kernel:?} {act:?} batch {b}: {d}");
+                }
+            }
+        }
+        // A tower whose layers do not fit the panels stays on the gemm crate.
+        let mut m = small(Activation::QuickGelu);
+        assert!(!m.vision.pack_f32(F32Kernel::Packed).unwrap());
+        assert!(
+            m.vision.kernel().starts_with("f32 "),
+            "{}",
+            m.vision.kernel()
+        );
     }
 
     #[test]
