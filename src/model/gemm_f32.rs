@@ -22,6 +22,7 @@
 //! batch 1, oneDNN 2.6's AVX2 f32 at both batch sizes); the figures are in
 //! the README's "The AVX2 path" section.
 
+#[cfg(target_arch = "x86_64")]
 use crate::parallel::SendPtr;
 use rayon::prelude::*;
 
@@ -114,6 +115,9 @@ pub fn matmul(
     assert!(x.len() >= m * k, "x holds fewer than {m} rows of {k}");
     assert!(m == 0 || (dst_rs >= n && dst.len() >= (m - 1) * dst_rs + n));
     assert!(bias.is_none_or(|b| b.len() == n));
+    // Elsewhere `available` is false and the first assert has panicked.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (bias, dst, add);
     #[cfg(target_arch = "x86_64")]
     {
         let dst = SendPtr(dst.as_mut_ptr());
