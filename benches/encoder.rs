@@ -8,10 +8,10 @@
 //!     cargo bench --bench encoder -- [--runs N] [--batch B] [--threads T]
 
 use candle_core::{DType, Device, Tensor};
+use cliper::commands::bench::{self, Stat};
 use cliper::model::config::ClipConfig;
 use cliper::model::explain::{self, Target};
 use cliper::model::{Checkpoint, ClipModel};
-use cliper::pipeline::bench::{self, Stat};
 
 fn arg(args: &[String], name: &str, default: usize) -> usize {
     args.iter()

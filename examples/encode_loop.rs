@@ -23,7 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let iters: usize = get(2, "20").parse::<usize>()?.max(1);
     let threads: usize = get(3, "0").parse()?;
     if threads > 0 {
-        cliper::pipeline::bench::set_threads(threads)?;
+        cliper::commands::bench::set_threads(threads)?;
     }
     let config = cliper::model::ClipConfig::vit_b16();
     let ckpt = cliper::model::Checkpoint::random(&config, 0)?;
@@ -47,7 +47,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     eprintln!(
         "kernel: {}, peak memory so far {:.0} MB",
         clip.vision.kernel(),
-        cliper::pipeline::bench::peak_memory_mb().unwrap_or(f64::NAN)
+        cliper::commands::bench::peak_memory_mb().unwrap_or(f64::NAN)
     );
     let px = Tensor::randn(0f32, 1.0, (batch, 3, 224, 224), &Device::Cpu)?;
     clip.vision.forward(&px)?;

@@ -42,6 +42,7 @@ macro_rules! multiversion {
 pub mod app;
 pub mod batch;
 pub mod charts;
+pub mod commands;
 pub mod model;
 pub(crate) mod parallel;
 pub mod pipeline;

@@ -54,7 +54,7 @@ impl BenchArgs {
             images,
             json,
         } = self;
-        let opts = cliper::pipeline::bench::BenchOptions {
+        let opts = cliper::commands::bench::BenchOptions {
             weights,
             random,
             batches: batch,
@@ -66,7 +66,7 @@ impl BenchArgs {
             images,
             ..Default::default()
         };
-        let report = cliper::pipeline::bench::run(&opts, &mut |s| eprintln!("bench: {s}"))?;
+        let report = cliper::commands::bench::run(&opts, &mut |s| eprintln!("bench: {s}"))?;
         if json {
             println!("{}", report.to_json());
         } else {

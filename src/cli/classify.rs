@@ -156,7 +156,7 @@ impl ClassifyClipArgs {
             output: OutputArgs { top, json },
             clips,
         } = self;
-        use cliper::pipeline::clip::{classify_clip, clip_json, sample_clip};
+        use cliper::commands::clip::{classify_clip, clip_json, sample_clip};
         use cliper::pipeline::dynamic::DynamicScorer;
         let mut analyzer = scoring.faces.still_analyzer()?;
         let loaded = setup::load(&scoring.spec())?;

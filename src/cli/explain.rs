@@ -46,8 +46,8 @@ impl ExplainArgs {
             json,
             image,
         } = self;
+        use cliper::commands::explain as ex;
         use cliper::model::explain::Method;
-        use cliper::pipeline::explain as ex;
         if !(0.0..=1.0).contains(&opacity) {
             anyhow::bail!("--opacity {opacity} is out of range 0..1");
         }

@@ -79,7 +79,7 @@ fn live(args: LiveArgs) -> Result<()> {
             .map(|t| {
                 // The live app's bank is not loaded yet: targets are read
                 // under CLIPER's classes.
-                cliper::pipeline::explain::parse_target(
+                cliper::commands::explain::parse_target(
                     t,
                     &cliper::model::cliper::expressions::BankLayout::cliper(),
                 )

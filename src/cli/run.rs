@@ -38,7 +38,7 @@ fn run_headless(args: RunArgs) -> Result<()> {
         }
         SourceSpec::Camera { .. } | SourceSpec::Demo => args.scoring.faces.analyzer_config()?,
     };
-    let opts = cliper::pipeline::run::RunOptions {
+    let opts = cliper::commands::run::RunOptions {
         source,
         model: args.scoring.spec(),
         analyzer,
@@ -76,7 +76,7 @@ fn run_headless(args: RunArgs) -> Result<()> {
         )
     })?);
     let stdout = std::io::stdout();
-    let summary = cliper::pipeline::run::run(&opts, &mut stdout.lock())?;
+    let summary = cliper::commands::run::run(&opts, &mut stdout.lock())?;
     if let Some(sig) = summary.stopped_by {
         eprintln!(
             "stopped by {} after {} frames",

@@ -6,11 +6,11 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::analyzer::FaceAnalyzer;
-use super::dynamic::{DynamicScorer, DynamicScores};
-use super::output;
 use crate::model::cliper::DescriptorBank;
 use crate::model::ClipModel;
+use crate::pipeline::analyzer::FaceAnalyzer;
+use crate::pipeline::dynamic::{DynamicScorer, DynamicScores};
+use crate::pipeline::output;
 pub use crate::vision::clips::{sample_clip, SampledClip};
 use crate::vision::faces::FaceBox;
 

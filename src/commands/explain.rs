@@ -4,11 +4,11 @@
 use image::{Rgb, RgbImage};
 use serde::Serialize;
 
-use super::analyzer::FaceAnalyzer;
 use crate::model::cliper::expressions::BankLayout;
 use crate::model::cliper::{scoring, DescriptorBank};
 use crate::model::explain::{self, colormap, ExplainMap, Method, Target};
 use crate::model::ClipModel;
+use crate::pipeline::analyzer::FaceAnalyzer;
 use crate::vision::draw::{draw_text, fill_rect, stroke_rect};
 use crate::vision::faces::{crop_face, square_crop, FaceBox};
 
