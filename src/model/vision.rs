@@ -213,12 +213,16 @@ impl VisionTower {
     /// Whether every block layer's shape fits the packed kernels' panels
     /// and groups (the towers q8 and oneDNN pack: ViT-B/16 and its kin).
     fn block_layers_fit_panels(&mut self) -> bool {
+        self.block_layers_fit(super::gemm_i8::PackedWeights::fits)
+    }
+
+    /// Whether every block layer's [n, k] shape passes `fits`.
+    fn block_layers_fit(&mut self, fits: impl Fn(usize, usize) -> bool) -> bool {
         self.layers.iter_mut().all(|layer| {
-            layer.linears_mut().iter().all(|l| {
-                l.weight()
-                    .dims2()
-                    .is_ok_and(|(n, k)| super::gemm_i8::PackedWeights::fits(n, k))
-            })
+            layer
+                .linears_mut()
+                .iter()
+                .all(|l| l.weight().dims2().is_ok_and(|(n, k)| fits(n, k)))
         })
     }
 
@@ -265,8 +269,8 @@ impl VisionTower {
 
     /// `--precision f32` on the CPU, the f32 products measured fastest on
     /// this kind of CPU (figures in the README's "oneDNN" and "The AVX2
-    /// path" sections), where every block layer fits the packed kernels
-    /// (the towers q8 packs):
+    /// path" sections, which also time ViT-L/14's shape), where every
+    /// block layer fits the kernel ([`pack_f32`](Self::pack_f32)):
     /// - oneDNN's where it runs its AVX-512 kernels (on Intel CPUs with two
     ///   FMA ports oneDNN is what OpenVINO's f32 runs);
     /// - else this crate's packed AVX2 + FMA kernel ([`super::gemm_f32`]);
@@ -294,13 +298,16 @@ impl VisionTower {
 
     /// Packs the block layers for `kernel`'s f32 products (nothing for
     /// [`F32Kernel::Gemm`]), where the tower runs the fused CPU forward and
-    /// every block layer fits the panels; returns whether it packed.
+    /// every block layer fits the kernel (any shape for oneDNN, whole
+    /// 16-column panels for the packed kernel); returns whether it packed.
     pub fn pack_f32(&mut self, kernel: F32Kernel) -> Result<bool> {
-        if kernel == F32Kernel::Gemm
-            || self.f32_released()
-            || !super::vision_cpu::supports(self, None)
-            || !self.block_layers_fit_panels()
-        {
+        // oneDNN takes any shape; the packed kernel wants whole panels.
+        let fits = match kernel {
+            F32Kernel::Gemm => return Ok(false),
+            F32Kernel::OneDnn => self.block_layers_fit(|n, k| n > 0 && k > 0),
+            F32Kernel::Packed => self.block_layers_fit(super::gemm_f32::PackedF32::fits),
+        };
+        if !fits || self.f32_released() || !super::vision_cpu::supports(self, None) {
             return Ok(false);
         }
         let q = match kernel {
@@ -321,8 +328,9 @@ impl VisionTower {
     ///   ([`race_q8_bf16`](Self::race_q8_bf16)), since which wins depends
     ///   on the CPU (on a Zen 4 EPYC q8 is 1.6x faster; on AMX Xeons the
     ///   peers' bf16 runs twice as fast as our q8);
-    /// - else f32 (Candle's Q8_0, the fallback for other shapes, is not
-    ///   measured to win).
+    /// - else f32 on the fastest f32 products
+    ///   ([`pack_f32_fastest`](Self::pack_f32_fastest); Candle's Q8_0, the
+    ///   8-bit fallback for other shapes, is not measured to win).
     ///
     /// Returns the precision chosen (`bf16`, `q8` or `f32`).
     pub fn pack_fastest(&mut self) -> Result<&'static str> {
@@ -332,9 +340,12 @@ impl VisionTower {
         // The towers packed are the same on every CPU: those whose every
         // block layer fits the int8 kernels (ViT-B/16 and its kin).
         let Some(isa) = Isa::select(None).map_err(candle_core::Error::wrap)? else {
+            self.pack_f32_fastest()?;
             return Ok("f32");
         };
         if !self.block_layers_fit_panels() {
+            // Other shapes (ViT-L/14): the fastest f32 products.
+            self.pack_f32_fastest()?;
             return Ok("f32");
         }
         if super::onednn::native_bf16().unwrap_or(false) {
