@@ -371,6 +371,26 @@ fn huge_and_bom_prompt_files_load() {
     assert_eq!(code, 0, "{err}");
 }
 
+/// A kernel override that names no kernel is said before the model loads,
+/// and not as a fault of the weights file.
+#[test]
+fn an_unknown_f32_kernel_override_is_named() {
+    let w = weights();
+    let out = Command::new(env!("CARGO_BIN_EXE_cliper"))
+        .args(["run", "--source", "demo", "--frames", "1", "--weights", &w])
+        .args(["--device", "cpu", "--precision", "f32"])
+        .env("CLIPER_F32", "fast")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("CLIPER_F32=\"fast\" is not a kernel: use gemm, onednn or packed"),
+        "{err}"
+    );
+    assert!(!err.contains(&w), "blames the weights file: {err}");
+}
+
 #[test]
 fn messages_name_the_real_cause() {
     let dir = tempfile::tempdir().unwrap();

@@ -24,6 +24,8 @@ pub enum SetupError {
     Cliper(#[from] CliperFileError),
     #[error(transparent)]
     Bank(#[from] BankError),
+    #[error(transparent)]
+    F32Kernel(#[from] crate::model::vision::F32KernelError),
     #[error("{name} is not installed (no {path}): run `cliper weights fetch {name}` (`cliper weights list` shows what it is)")]
     NotInstalled { name: String, path: PathBuf },
     #[error("{head}: an Exp-CLIP head applies to zero-shot banks (the built-in descriptions or --prompts FILE), not to the trained model {bank}: drop --head, or the trained model")]
@@ -104,6 +106,8 @@ pub fn load(spec: &ModelSpec) -> Result<Loaded, SetupError> {
     }
     let device = device::select(dev_name)?;
     let dtype = precision.dtype(&device)?;
+    // Said before a long load, not after it.
+    crate::model::vision::F32Kernel::from_env()?;
     let mut cliper = spec.bank.checkpoint()?;
     // A DFER-CLIP file holds its whole CLIP: no separate weights needed.
     let own_clip = cliper.as_mut().and_then(CliperCheckpoint::take_clip);

@@ -65,6 +65,24 @@ pub enum F32Kernel {
     Packed,
 }
 
+/// `CLIPER_F32` names no kernel.
+#[derive(Debug, thiserror::Error)]
+#[error("CLIPER_F32={0:?} is not a kernel: use gemm, onednn or packed, or unset it")]
+pub struct F32KernelError(pub String);
+
+impl F32Kernel {
+    /// The kernel `CLIPER_F32` forces, `None` when it is unset or empty.
+    pub fn from_env() -> std::result::Result<Option<Self>, F32KernelError> {
+        match std::env::var("CLIPER_F32").as_deref().map(str::trim) {
+            Ok("gemm") => Ok(Some(Self::Gemm)),
+            Ok("onednn") => Ok(Some(Self::OneDnn)),
+            Ok("packed") => Ok(Some(Self::Packed)),
+            Ok(other) if !other.is_empty() => Err(F32KernelError(other.to_string())),
+            _ => Ok(None),
+        }
+    }
+}
+
 /// One block timed on the two reduced-precision CPU paths
 /// ([`VisionTower::race_q8_bf16`]), for `--precision auto`.
 #[derive(Clone, Copy, Debug)]
@@ -280,18 +298,13 @@ impl VisionTower {
     /// freed block by block as they are packed, all but the last block's.
     /// Returns whether it packed.
     pub fn pack_f32_fastest(&mut self) -> Result<bool> {
-        let kernel = match std::env::var("CLIPER_F32").as_deref().map(str::trim) {
-            Ok("gemm") => F32Kernel::Gemm,
-            Ok("onednn") => F32Kernel::OneDnn,
-            Ok("packed") => F32Kernel::Packed,
-            Ok(other) if !other.is_empty() => candle_core::bail!(
-                "CLIPER_F32={other:?} is not a kernel: use gemm, onednn or packed"
-            ),
-            _ if super::onednn::isa().is_ok_and(|isa| isa.starts_with("avx512_core")) => {
+        let kernel = match F32Kernel::from_env().map_err(candle_core::Error::wrap)? {
+            Some(forced) => forced,
+            None if super::onednn::isa().is_ok_and(|isa| isa.starts_with("avx512_core")) => {
                 F32Kernel::OneDnn
             }
-            _ if super::gemm_f32::PackedF32::available() => F32Kernel::Packed,
-            _ => F32Kernel::Gemm,
+            None if super::gemm_f32::PackedF32::available() => F32Kernel::Packed,
+            None => F32Kernel::Gemm,
         };
         self.pack_f32(kernel)
     }
