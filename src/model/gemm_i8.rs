@@ -18,7 +18,7 @@
 //! bits, as ONNX Runtime's `reduce_range` does for the weights), so every
 //! pair fits and the sums stay exact.
 //!
-//! Used by `vision_cpu` for `--precision q8`. [`Isa::detect`] picks the
+//! Used by `vision_cpu` for `--precision q8`. [`Isa::best`] picks the
 //! best path this CPU has once, at load; `CLIPER_ISA` (or `cliper bench
 //! --isa`) forces a slower one to measure it. Without any of them Candle's
 //! Q8_0 matmul is used.

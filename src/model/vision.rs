@@ -228,8 +228,8 @@ impl VisionTower {
         Ok(())
     }
 
-    /// Whether every block layer's shape fits the packed kernels' panels
-    /// and groups (the towers q8 and oneDNN pack: ViT-B/16 and its kin).
+    /// Whether every block layer's shape fits the 8-bit kernels' panels
+    /// and groups (the towers q8 packs: ViT-B/16 and its kin).
     fn block_layers_fit_panels(&mut self) -> bool {
         self.block_layers_fit(super::gemm_i8::PackedWeights::fits)
     }
@@ -350,8 +350,9 @@ impl VisionTower {
         if !super::vision_cpu::supports(self, None) {
             return Ok("f32");
         }
-        // The towers packed are the same on every CPU: those whose every
-        // block layer fits the int8 kernels (ViT-B/16 and its kin).
+        // The towers given a reduced precision are the same on every CPU:
+        // those whose every block layer fits the int8 kernels (ViT-B/16 and
+        // its kin); the others get the fastest f32 products.
         let Some(isa) = Isa::select(None).map_err(candle_core::Error::wrap)? else {
             self.pack_f32_fastest()?;
             return Ok("f32");

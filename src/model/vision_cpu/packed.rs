@@ -25,8 +25,9 @@ pub(super) enum QuantizedLinear {
 }
 
 /// Packed weights of the transformer's linear layers (q, k, v, out, fc1,
-/// fc2 of each block): 8-bit for `--precision q8`, or oneDNN's layout for
-/// `--precision bf16` (and f32 through oneDNN). LayerNorms, attention, the
+/// fc2 of each block): 8-bit for `--precision q8`, oneDNN's layout for
+/// `--precision bf16`, and for f32 oneDNN's layout or this crate's AVX2
+/// panels ([`PackedF32`]). LayerNorms, attention, the
 /// patch embedding and the final projection stay f32.
 pub struct QuantizedLinears {
     pub(super) layers: Vec<BlockLinears<QuantizedLinear>>,
@@ -41,7 +42,7 @@ enum Packing {
     Int8(Option<Isa>),
     /// oneDNN's products in this type.
     OneDnn(onednn::DataType),
-    /// This crate's f32 kernel ([`gemm_f32`]).
+    /// This crate's f32 kernel ([`PackedF32`]).
     F32,
 }
 
@@ -125,7 +126,7 @@ impl QuantizedLinears {
         })
     }
 
-    /// The block layers in this crate's f32 panels ([`gemm_f32`], AVX2 +
+    /// The block layers in this crate's f32 panels ([`PackedF32`], AVX2 +
     /// FMA), freeing the f32 weights block by block as
     /// [`onednn_releasing`](Self::onednn_releasing) does.
     pub fn f32_releasing(tower: &mut VisionTower) -> Result<Self> {
