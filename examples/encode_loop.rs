@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Arguments: precision (`f32` = the gemm crate, `onednn-f32`, `auto-f32`
-//! (what `--precision f32` runs), `q8`, `bf16`), batch, iterations, threads. Random ViT-B/16 weights.
+//! (what `--precision f32` runs), `q8`, `onednn-q8`, `bf16`), batch, iterations, threads. Random ViT-B/16 weights.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -37,6 +37,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "bf16" => {
             clip.vision
                 .pack_onednn(cliper::model::onednn::DataType::Bf16)?;
+        }
+        "onednn-q8" => {
+            clip.vision
+                .pack_onednn(cliper::model::onednn::DataType::Int8)?;
         }
         "auto-f32" => {
             clip.vision.pack_f32_fastest()?;

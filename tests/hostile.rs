@@ -392,6 +392,24 @@ fn an_unknown_f32_kernel_override_is_named() {
 }
 
 #[test]
+fn an_unknown_q8_kernel_override_is_named() {
+    let w = weights();
+    let out = Command::new(env!("CARGO_BIN_EXE_cliper"))
+        .args(["run", "--source", "demo", "--frames", "1", "--weights", &w])
+        .args(["--device", "cpu", "--precision", "q8"])
+        .env("CLIPER_Q8", "amx")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("CLIPER_Q8=\"amx\" is not an 8-bit kernel: use own or onednn"),
+        "{err}"
+    );
+    assert!(!err.contains(&w), "blames the weights file: {err}");
+}
+
+#[test]
 fn messages_name_the_real_cause() {
     let dir = tempfile::tempdir().unwrap();
     let w = weights();

@@ -260,6 +260,15 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// One row of activations over its whole length (one scale and zero
+    /// point, 256 codes; see [`quantize_group`]), for oneDNN's 8-bit
+    /// products (`onednn::DataType::Int8`), which take one scale per row.
+    pub fn quantize_whole_row(x: &[f32], q: &mut [u8], params: &mut (f32, i32)) {
+        *params = quantize_group(x, q, 255.0);
+    }
+}
+
 /// Rounds `x` to codes `0..=levels` over its own range, `value / scale +
 /// zero`, with 0 exactly representable; returns (scale, zero).
 #[inline(always)]

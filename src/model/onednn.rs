@@ -42,21 +42,47 @@ pub enum OneDnnError {
     Slow { impl_name: String },
     #[error("oneDNN may not use bf16 instructions here (this CPU lacks avx512_bf16 and amx_bf16, or ONEDNN_MAX_CPU_ISA caps them): emulated bf16 is slower than f32; use --precision q8")]
     NoBf16,
+    #[error("oneDNN may not use VNNI or AMX int8 instructions here (oneDNN runs {isa}): its int8 products without them add u8 x s8 pairs in 16 bits, which saturate; this crate's own 8-bit kernels run instead")]
+    NoInt8 { isa: &'static str },
 }
 
 /// The element type of a oneDNN product's weights and inputs; the output
-/// is always f32.
+/// the caller gets is always f32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DataType {
     F32,
     Bf16,
+    /// 8 bits: weights s8, symmetric, one scale per output channel;
+    /// inputs u8, asymmetric, one scale and zero point per row, quantized
+    /// at each product. oneDNN sums in i32 (AMX-INT8 `tdpbusd` tiles, or
+    /// VNNI `vpdpbusd`); the rescale, the zero point's correction and the
+    /// bias are applied here ([`dequantize_row`]).
+    Int8,
 }
 
 impl DataType {
-    fn code(self) -> c_int {
+    /// The type of the inputs (`src`) oneDNN reads.
+    fn src_code(self) -> c_int {
         match self {
             DataType::F32 => DT_F32,
             DataType::Bf16 => DT_BF16,
+            DataType::Int8 => DT_U8,
+        }
+    }
+
+    /// The type of the weights oneDNN reads.
+    fn weights_code(self) -> c_int {
+        match self {
+            DataType::Int8 => DT_S8,
+            other => other.src_code(),
+        }
+    }
+
+    /// The type oneDNN writes.
+    fn dst_code(self) -> c_int {
+        match self {
+            DataType::Int8 => DT_S32,
+            _ => DT_F32,
         }
     }
 
@@ -64,6 +90,7 @@ impl DataType {
         match self {
             DataType::F32 => "f32",
             DataType::Bf16 => "bf16",
+            DataType::Int8 => "q8",
         }
     }
 }
@@ -74,6 +101,9 @@ const ENGINE_CPU: c_int = 1;
 const STREAM_DEFAULT: c_uint = 1;
 const DT_BF16: c_int = 2;
 const DT_F32: c_int = 3;
+const DT_S32: c_int = 4;
+const DT_S8: c_int = 5;
+const DT_U8: c_int = 6;
 const TAG_ANY: c_int = 1;
 const TAG_AB: c_int = 3;
 const ARG_SRC: c_int = 1;
@@ -297,6 +327,17 @@ pub fn native_bf16() -> Result<bool, OneDnnError> {
     Ok(matches!(isa()?, "avx512_core_bf16" | "avx512_core_amx"))
 }
 
+/// Whether oneDNN runs u8 x s8 products here with instructions that sum in
+/// 32 bits (AVX-VNNI, AVX-512 VNNI or AMX-INT8), as far as it may use
+/// them. Without them its int8 kernels pair products in 16 bits
+/// (`vpmaddubsw`), which saturate on full-range u8 inputs.
+pub fn native_int8() -> Result<bool, OneDnnError> {
+    Ok(matches!(
+        isa()?,
+        "avx2_vnni" | "avx512_core_vnni" | "avx512_core_bf16" | "avx512_core_amx"
+    ))
+}
+
 fn with_stream<T>(f: impl FnOnce(Handle) -> Result<T, OneDnnError>) -> Result<T, OneDnnError> {
     let api = api()?;
     let mut s = STREAM.with(|s| s.get());
@@ -477,6 +518,15 @@ pub struct Linear {
     /// The implementation oneDNN chose (for example `brg:avx512_core_amx`).
     impl_name: String,
     prims: Mutex<HashMap<Key, std::sync::Arc<Primitive>>>,
+    /// For [`DataType::Int8`], the weights' scales and code sums.
+    int8: Option<Int8Weights>,
+}
+
+/// What turns an int8 product's i32 sums back into f32, per output
+/// channel: `y = scale_x * scale[n] * (sum - zero_x * col_sum[n]) + b[n]`.
+pub struct Int8Weights {
+    scales: Vec<f32>,
+    col_sums: Vec<i32>,
 }
 
 impl std::fmt::Debug for Linear {
@@ -510,19 +560,52 @@ impl Linear {
         if dtype == DataType::Bf16 && !native_bf16()? {
             return Err(OneDnnError::NoBf16);
         }
+        if dtype == DataType::Int8 && !native_int8()? {
+            return Err(OneDnnError::NoInt8 { isa: isa()? });
+        }
         assert_eq!(w.len(), n * k, "onednn::Linear: weight length");
         if let Some(b) = bias {
             assert_eq!(b.len(), n, "onednn::Linear: bias length");
         }
         let (ni, ki) = (n as i64, k as i64);
-        // The weights as the matmul reads them: logical [k, n].
-        let user_md = if transposed {
-            md_by_strides(api, &[ki, ni], &[ni, 1], DT_F32)?
+        // 8 bits: the codes in [k, n] order, which the reorder reads.
+        let (int8, codes) = if dtype == DataType::Int8 {
+            let (q, codes) = quantize_weights(w, transposed, n, k);
+            (Some(q), codes)
         } else {
-            md_by_strides(api, &[ki, ni], &[1, ki], DT_F32)?
+            (None, Vec::new())
         };
-        let any_md = md_by_tag(api, &[ki, ni], dtype.code(), TAG_ANY)?;
-        let (pd, prim) = Self::matmul(api, TYPICAL_ROWS, n, k, dtype, &any_md, n, false, bias)?;
+        // The weights as the matmul reads them: logical [k, n].
+        let (user_md, user_ptr) = if int8.is_some() {
+            (
+                md_by_strides(api, &[ki, ni], &[ni, 1], DT_S8)?,
+                codes.as_ptr() as Handle,
+            )
+        } else if transposed {
+            (
+                md_by_strides(api, &[ki, ni], &[ni, 1], DT_F32)?,
+                w.as_ptr() as Handle,
+            )
+        } else {
+            (
+                md_by_strides(api, &[ki, ni], &[1, ki], DT_F32)?,
+                w.as_ptr() as Handle,
+            )
+        };
+        // The bias of 8-bit products is added with the rescale, not by oneDNN.
+        let onednn_bias = if int8.is_some() { None } else { bias };
+        let any_md = md_by_tag(api, &[ki, ni], dtype.weights_code(), TAG_ANY)?;
+        let (pd, prim) = Self::matmul(
+            api,
+            TYPICAL_ROWS,
+            n,
+            k,
+            dtype,
+            &any_md,
+            n,
+            false,
+            onednn_bias,
+        )?;
         // SAFETY: a valid primitive descriptor; the returned descriptor is
         // copied before `pd` is destroyed.
         let weights_md = unsafe {
@@ -540,9 +623,9 @@ impl Linear {
         let bytes = unsafe { (api.md_size)(&*weights_md) };
         let mut weights_buf = vec![CacheLine([0; 64]); bytes.div_ceil(64)].into_boxed_slice();
         let weights = memory(api, &weights_md, weights_buf.as_mut_ptr() as Handle)?;
-        let src = memory(api, &user_md, w.as_ptr() as Handle)?;
+        let src = memory(api, &user_md, user_ptr)?;
         // SAFETY (this block): valid descriptors and memories; the reorder
-        // reads `w` (alive here) and writes the owned weights.
+        // reads `w` or `codes` (alive here) and writes the owned weights.
         unsafe {
             let mut rpd = std::ptr::null_mut();
             check(
@@ -600,6 +683,7 @@ impl Linear {
             weights_buf,
             impl_name,
             prims: Mutex::new(prims),
+            int8,
         })
     }
 
@@ -616,8 +700,8 @@ impl Linear {
         bias: Option<&[f32]>,
     ) -> Result<(Owned, Primitive), OneDnnError> {
         let (mi, ni, ki) = (m as i64, n as i64, k as i64);
-        let src_md = md_by_tag(api, &[mi, ki], dtype.code(), TAG_AB)?;
-        let dst_md = md_by_strides(api, &[mi, ni], &[dst_rs as i64, 1], DT_F32)?;
+        let src_md = md_by_tag(api, &[mi, ki], dtype.src_code(), TAG_AB)?;
+        let dst_md = md_by_strides(api, &[mi, ni], &[dst_rs as i64, 1], dtype.dst_code())?;
         let bias_md = md_by_tag(api, &[1, ni], DT_F32, TAG_AB)?;
         let mut op = Box::new(OpDesc([0; 8192]));
         // SAFETY: valid descriptors and out-pointer.
@@ -683,7 +767,7 @@ impl Linear {
             &self.weights_md,
             dst_rs,
             add,
-            self.bias.as_deref(),
+            self.bias.as_deref().filter(|_| self.int8.is_none()),
         )?;
         let p = std::sync::Arc::new(p);
         // Batch sizes are few; a stream of odd ones must not grow it forever.
@@ -727,22 +811,80 @@ impl Linear {
                 });
             return Ok(());
         }
+        if let Some(w8) = &self.int8 {
+            return self.apply_int8(w8, x, m, dst, dst_rs, add);
+        }
         let api = api()?;
         let prim = self.primitive(api, m, dst_rs, add)?;
         let converted;
         let src_ptr = match self.dtype {
-            DataType::F32 => x.as_ptr() as Handle,
             DataType::Bf16 => {
                 converted = to_bf16(&x[..m * k]);
                 converted.as_ptr() as Handle
             }
+            _ => x.as_ptr() as Handle,
         };
+        self.execute(api, &prim, src_ptr, m, dst.as_mut_ptr() as Handle, dst_rs)
+    }
+
+    /// The 8-bit product: `x` quantized per row, oneDNN's i32 sums into a
+    /// scratch [m, n], then rescaled (and the bias added) into `dst`.
+    fn apply_int8(
+        &self,
+        w8: &Int8Weights,
+        x: &[f32],
+        m: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+        add: bool,
+    ) -> Result<(), OneDnnError> {
+        let (n, k) = (self.n, self.k);
+        let api = api()?;
+        let prim = self.primitive(api, m, n, false)?;
+        let mut codes = vec![0u8; m * k];
+        let mut params = vec![(0f32, 0i32); m];
+        codes
+            .par_chunks_mut(k)
+            .zip(params.par_iter_mut())
+            .zip(x.par_chunks(k))
+            .with_min_len(8)
+            .for_each(|((q, p), x)| crate::model::gemm_i8::quantize_whole_row(x, q, p));
+        let mut sums = vec![0i32; m * n];
+        self.execute(
+            api,
+            &prim,
+            codes.as_ptr() as Handle,
+            m,
+            sums.as_mut_ptr() as Handle,
+            n,
+        )?;
+        let bias = self.bias.as_deref().unwrap_or(&[]);
+        dst.par_chunks_mut(dst_rs)
+            .zip(sums.par_chunks(n))
+            .zip(params.par_iter())
+            .with_min_len(8)
+            .for_each(|((d, s), &row)| dequantize_row(s, &mut d[..n], row, w8, bias, add));
+        Ok(())
+    }
+
+    /// Runs `prim` on `m` rows at `src` (in the product's input type) into
+    /// `dst` (in its output type, rows `dst_rs` apart).
+    fn execute(
+        &self,
+        api: &Api,
+        prim: &Primitive,
+        src_ptr: Handle,
+        m: usize,
+        dst_ptr: Handle,
+        dst_rs: usize,
+    ) -> Result<(), OneDnnError> {
+        let (n, k) = (self.n, self.k);
         let (mi, ni, ki) = (m as i64, n as i64, k as i64);
-        let src_md = md_by_tag(api, &[mi, ki], self.dtype.code(), TAG_AB)?;
-        let dst_md = md_by_strides(api, &[mi, ni], &[dst_rs as i64, 1], DT_F32)?;
+        let src_md = md_by_tag(api, &[mi, ki], self.dtype.src_code(), TAG_AB)?;
+        let dst_md = md_by_strides(api, &[mi, ni], &[dst_rs as i64, 1], self.dtype.dst_code())?;
         let src = memory(api, &src_md, src_ptr)?;
-        let out = memory(api, &dst_md, dst.as_mut_ptr() as Handle)?;
-        let bias = match &self.bias {
+        let out = memory(api, &dst_md, dst_ptr)?;
+        let bias = match self.bias.as_ref().filter(|_| self.int8.is_none()) {
             Some(b) => Some(memory(
                 api,
                 &md_by_tag(api, &[1, ni], DT_F32, TAG_AB)?,
@@ -775,9 +917,10 @@ impl Linear {
             unsafe { set(rayon::current_num_threads().max(1) as c_int) };
         }
         with_stream(|s| {
-            // SAFETY: the memories wrap `x` (or its bf16 copy), `dst` and the
-            // bias, all alive until the stream is waited on, and match the
-            // primitive's descriptors (same dims, types and strides).
+            // SAFETY: the memories wrap the caller's input (`x`, or its bf16
+            // or u8 copy), output and the bias, all alive until the stream
+            // is waited on, and match the primitive's descriptors (same
+            // dims, types and strides).
             unsafe {
                 check(
                     "matmul",
@@ -786,6 +929,67 @@ impl Linear {
                 check("stream wait", (api.stream_wait)(s))
             }
         })
+    }
+}
+
+/// `w` ([n, k], or [k, n] when `transposed`) as s8 codes in [k, n] order,
+/// symmetric, one scale per output channel (`max |w| / 127`), and each
+/// channel's sum of codes (the zero point's correction).
+fn quantize_weights(w: &[f32], transposed: bool, n: usize, k: usize) -> (Int8Weights, Vec<i8>) {
+    let at = |col: usize, i: usize| {
+        if transposed {
+            w[i * n + col]
+        } else {
+            w[col * k + i]
+        }
+    };
+    let mut scales = vec![0f32; n];
+    let mut col_sums = vec![0i32; n];
+    let mut codes = vec![0i8; k * n];
+    for col in 0..n {
+        let amax = (0..k).fold(0f32, |a, i| a.max(at(col, i).abs()));
+        let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+        let mut sum = 0i32;
+        for i in 0..k {
+            let q = (at(col, i) / scale).round().clamp(-127.0, 127.0) as i8;
+            codes[i * n + col] = q;
+            sum += q as i32;
+        }
+        scales[col] = scale;
+        col_sums[col] = sum;
+    }
+    (Int8Weights { scales, col_sums }, codes)
+}
+
+multiversion! {
+    /// One row of an 8-bit product back to f32:
+    /// `dst (+)= scale * w_scales * (sums - zero * col_sums) + bias` (no
+    /// bias when it is empty). The difference is exact in i32: a row of
+    /// `k` products of at most 255 x 127 fits for `k` up to 66,000.
+    pub fn dequantize_row(
+        sums: &[i32],
+        dst: &mut [f32],
+        row: (f32, i32),
+        w: &Int8Weights,
+        bias: &[f32],
+        add: bool
+    ) {
+        let (scale, zero) = row;
+        let it = dst.iter_mut().zip(sums).zip(w.scales.iter().zip(&w.col_sums));
+        match (bias.is_empty(), add) {
+            (true, false) => it.for_each(|((d, &s), (&ws, &cs))| {
+                *d = scale * ws * (s - zero * cs) as f32;
+            }),
+            (true, true) => it.for_each(|((d, &s), (&ws, &cs))| {
+                *d += scale * ws * (s - zero * cs) as f32;
+            }),
+            (false, false) => it.zip(bias).for_each(|(((d, &s), (&ws, &cs)), &b)| {
+                *d = scale * ws * (s - zero * cs) as f32 + b;
+            }),
+            (false, true) => it.zip(bias).for_each(|(((d, &s), (&ws, &cs)), &b)| {
+                *d += scale * ws * (s - zero * cs) as f32 + b;
+            }),
+        }
     }
 }
 
@@ -853,17 +1057,23 @@ mod tests {
             .collect();
         let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
         let b: Vec<f32> = (0..n).map(|i| i as f32 / 40.0 - 1.0).collect();
-        let dtypes: &[DataType] = match native_bf16() {
-            Ok(true) => &[DataType::F32, DataType::Bf16],
-            _ => {
-                eprintln!("NOTICE: no native bf16 here: only oneDNN's f32 product is tested");
-                &[DataType::F32]
-            }
-        };
-        for &dt in dtypes {
+        let mut dtypes = vec![DataType::F32];
+        match native_bf16() {
+            Ok(true) => dtypes.push(DataType::Bf16),
+            _ => eprintln!("NOTICE: no native bf16 here: oneDNN's bf16 product is not tested"),
+        }
+        match native_int8() {
+            Ok(true) => dtypes.push(DataType::Int8),
+            _ => eprintln!("NOTICE: no VNNI or AMX here: oneDNN's int8 product is not tested"),
+        }
+        for dt in dtypes {
+            // Sums of 96 products of values up to 1.6 x 0.7: bf16 keeps 8
+            // bits of each operand, int8 a 255th of each row's range and a
+            // 127th of each channel's.
             let tol = match dt {
                 DataType::F32 => 1e-4,
                 DataType::Bf16 => 0.1,
+                DataType::Int8 => 0.15,
             };
             for transposed in [false, true] {
                 let wsrc = if transposed { &wt } else { &w };

@@ -26,6 +26,8 @@ pub enum SetupError {
     Bank(#[from] BankError),
     #[error(transparent)]
     F32Kernel(#[from] crate::model::vision::F32KernelError),
+    #[error(transparent)]
+    Q8Kernel(#[from] crate::model::vision::Q8KernelError),
     #[error("{name} is not installed (no {path}): run `cliper weights fetch {name}` (`cliper weights list` shows what it is)")]
     NotInstalled { name: String, path: PathBuf },
     #[error("{head}: an Exp-CLIP head applies to zero-shot banks (the built-in descriptions or --prompts FILE), not to the trained model {bank}: drop --head, or the trained model")]
@@ -108,6 +110,7 @@ pub fn load(spec: &ModelSpec) -> Result<Loaded, SetupError> {
     let dtype = precision.dtype(&device)?;
     // Said before a long load, not after it.
     crate::model::vision::F32Kernel::from_env()?;
+    crate::model::vision::Q8Kernel::from_env()?;
     let mut cliper = spec.bank.checkpoint()?;
     // A DFER-CLIP file holds its whole CLIP: no separate weights needed.
     let own_clip = cliper.as_mut().and_then(CliperCheckpoint::take_clip);

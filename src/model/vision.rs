@@ -83,14 +83,87 @@ impl F32Kernel {
     }
 }
 
-/// One block timed on the two reduced-precision CPU paths
-/// ([`VisionTower::race_q8_bf16`]), for `--precision auto`.
-#[derive(Clone, Copy, Debug)]
+/// Which 8-bit products `--precision q8` runs (`CLIPER_Q8` forces one;
+/// unset, the faster of the two on this CPU, timed at load).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Q8Kernel {
+    /// This crate's kernels ([`super::gemm_i8`]): weights per channel and
+    /// group of 256 inputs, activations per row and group.
+    Own,
+    /// oneDNN's int8 matmul (AMX-INT8 tiles on the Xeons that have them,
+    /// else VNNI): weights per channel, activations per row.
+    OneDnn,
+}
+
+/// `CLIPER_Q8` names no kernel.
+#[derive(Debug, thiserror::Error)]
+#[error("CLIPER_Q8={0:?} is not an 8-bit kernel: use own or onednn, or unset it")]
+pub struct Q8KernelError(pub String);
+
+impl Q8Kernel {
+    /// The kernel `CLIPER_Q8` forces, `None` when it is unset or empty.
+    pub fn from_env() -> std::result::Result<Option<Self>, Q8KernelError> {
+        match std::env::var("CLIPER_Q8").as_deref().map(str::trim) {
+            Ok("own") => Ok(Some(Self::Own)),
+            Ok("onednn") => Ok(Some(Self::OneDnn)),
+            Ok(other) if !other.is_empty() => Err(Q8KernelError(other.to_string())),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// A reduced-precision CPU path of the block layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReducedPath {
+    /// This crate's 8-bit kernels, on the instruction set chosen.
+    Q8(Isa),
+    /// oneDNN's int8 products.
+    OneDnnQ8,
+    /// oneDNN's bf16 products.
+    Bf16,
+}
+
+impl std::fmt::Display for ReducedPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReducedPath::Q8(isa) => write!(f, "q8 {isa}"),
+            ReducedPath::OneDnnQ8 => write!(f, "q8 onednn"),
+            ReducedPath::Bf16 => write!(f, "bf16 onednn"),
+        }
+    }
+}
+
+/// One block timed on reduced-precision CPU paths
+/// ([`VisionTower::race_reduced`]), for `--precision auto` and `q8`:
+/// each path that could be built and its median milliseconds.
+#[derive(Clone, Debug)]
 pub struct PrecisionRace {
-    /// Median milliseconds on this crate's 8-bit kernel.
-    pub q8_ms: f64,
-    /// The same with oneDNN's bf16 products.
-    pub bf16_ms: f64,
+    pub times: Vec<(ReducedPath, f64)>,
+}
+
+impl PrecisionRace {
+    /// The fastest path timed, `None` when none could be.
+    pub fn winner(&self) -> Option<ReducedPath> {
+        self.times
+            .iter()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|&(p, _)| p)
+    }
+
+    /// The median milliseconds of `path`, when it was timed.
+    pub fn ms(&self, path: ReducedPath) -> Option<f64> {
+        self.times.iter().find(|t| t.0 == path).map(|t| t.1)
+    }
+}
+
+impl std::fmt::Display for PrecisionRace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "one block:")?;
+        for (i, (p, t)) in self.times.iter().enumerate() {
+            write!(f, "{} {p} {t:.2} ms", if i == 0 { "" } else { "," })?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -184,19 +257,50 @@ impl VisionTower {
         self.quantize(None)
     }
 
-    /// Quantizes the blocks' linear layers to 8 bits for the kernel on
-    /// `forced`, or on the best instruction set (`None`).
+    /// Quantizes the blocks' linear layers to 8 bits: for this crate's
+    /// kernel on `forced` (or `CLIPER_ISA`'s) when an instruction set is
+    /// named; else on the faster on this CPU of this crate's kernel on its
+    /// best instruction set and oneDNN's int8 products (AMX-INT8 or VNNI),
+    /// timed on one block at load ([`race_reduced`](Self::race_reduced));
+    /// `CLIPER_Q8=own|onednn` forces one of the two.
     pub fn quantize(&mut self, forced: Option<Isa>) -> Result<()> {
         if self.f32_released() {
             candle_core::bail!(
                 "this tower's f32 block weights were released after quantizing: load the model again to quantize it for another kernel"
             )
         }
+        let named_isa =
+            forced.is_some() || std::env::var("CLIPER_ISA").is_ok_and(|v| !v.trim().is_empty());
         let isa = Isa::select(forced).map_err(candle_core::Error::wrap)?;
         if !super::vision_cpu::supports(self, None) {
             candle_core::bail!(
                 "8-bit precision runs only on the CPU in f32: use --precision f32 on this device"
             )
+        }
+        let kernel = Q8Kernel::from_env().map_err(candle_core::Error::wrap)?;
+        match (kernel, named_isa) {
+            (Some(Q8Kernel::OneDnn), true) => candle_core::bail!(
+                "CLIPER_Q8=onednn runs oneDNN's int8 products, which pick their own instructions: unset CLIPER_ISA (or --isa) or CLIPER_Q8"
+            ),
+            (Some(Q8Kernel::OneDnn), false) => {
+                return self.pack_onednn(super::onednn::DataType::Int8);
+            }
+            (None, false) if super::onednn::native_int8().unwrap_or(false) => {
+                let mut paths: Vec<_> = isa.map(ReducedPath::Q8).into_iter().collect();
+                paths.push(ReducedPath::OneDnnQ8);
+                match self.race_reduced(&paths) {
+                    Ok(race) => {
+                        log::info!("precision q8: {race}");
+                        if race.winner() == Some(ReducedPath::OneDnnQ8)
+                            && self.pack_onednn(super::onednn::DataType::Int8).is_ok()
+                        {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) => log::info!("precision q8: kernels not timed ({e})"),
+                }
+            }
+            _ => {}
         }
         let q = QuantizedLinears::new(self, isa)?;
         if !super::vision_cpu::supports(self, Some(&q)) {
@@ -245,29 +349,39 @@ impl VisionTower {
     }
 
     /// Times this tower's first block, alone, on the fused forward with
-    /// this crate's 8-bit kernel of `isa` and with oneDNN's bf16 products:
-    /// one image, interleaved, median of five runs after two. The block
-    /// rather than one product, because the paths differ around the
-    /// products too (bf16 converts every product's input, q8 quantizes
-    /// the input of q, k and v once); one block, so that nothing of the
-    /// rest of the tower is packed twice. About 0.1 s at load for
-    /// ViT-B/16.
-    pub fn race_q8_bf16(&self, isa: Isa) -> Result<PrecisionRace> {
+    /// each of `paths` that can be built (one that cannot is left out,
+    /// with a log line): one image,
+    /// interleaved, median of five runs after two. The block rather than
+    /// one product, because the paths differ around the products too
+    /// (bf16 converts every product's input; our q8 quantizes the input
+    /// of q, k and v once); one block, so that nothing of the rest of the
+    /// tower is packed twice. About 0.1 s at load for ViT-B/16.
+    pub fn race_reduced(&self, paths: &[ReducedPath]) -> Result<PrecisionRace> {
         let mut one = self.clone();
         one.layers.truncate(1);
         if one.layers.is_empty() {
             candle_core::bail!("the tower has no blocks to time");
         }
-        let mut q8 = one.clone();
-        q8.backend = VisionBackend::FusedPacked(Arc::new(QuantizedLinears::new(&q8, Some(isa))?));
-        let mut bf16 = one;
-        bf16.pack_onednn(super::onednn::DataType::Bf16)?;
+        let mut towers = Vec::new();
+        for &path in paths {
+            let mut t = one.clone();
+            let packed = match path {
+                ReducedPath::Q8(isa) => QuantizedLinears::new(&t, Some(isa)).map(|q| {
+                    t.backend = VisionBackend::FusedPacked(Arc::new(q));
+                }),
+                ReducedPath::OneDnnQ8 => t.pack_onednn(super::onednn::DataType::Int8),
+                ReducedPath::Bf16 => t.pack_onednn(super::onednn::DataType::Bf16),
+            };
+            match packed {
+                Ok(()) => towers.push((path, t, Vec::new())),
+                Err(e) => log::info!("precision race: {path} left out: {e}"),
+            }
+        }
         let s = self.config.image_size;
         let device = self.class_embedding.device();
         let px = Tensor::zeros((1, 3, s, s), DType::F32, device)?;
-        let (mut q8_ms, mut bf16_ms) = (Vec::new(), Vec::new());
         for run in 0..7 {
-            for (tower, times) in [(&q8, &mut q8_ms), (&bf16, &mut bf16_ms)] {
+            for (_, tower, times) in &mut towers {
                 let t = std::time::Instant::now();
                 tower.forward(&px)?;
                 if run >= 2 {
@@ -275,14 +389,14 @@ impl VisionTower {
                 }
             }
         }
-        let median = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        Ok(PrecisionRace {
-            q8_ms: median(q8_ms),
-            bf16_ms: median(bf16_ms),
-        })
+        let times = towers
+            .into_iter()
+            .map(|(path, _, mut v)| {
+                v.sort_by(f64::total_cmp);
+                (path, v[v.len() / 2])
+            })
+            .collect();
+        Ok(PrecisionRace { times })
     }
 
     /// `--precision f32` on the CPU, the f32 products measured fastest on
@@ -334,13 +448,14 @@ impl VisionTower {
     /// `--precision auto` on the CPU, the fastest path whose agreement with
     /// f32 holds, by measurement:
     /// - where every block layer fits this crate's 8-bit kernels (measured
-    ///   3x faster than f32 at 100% top-1 agreement, `cliper bench`), those
-    ///   kernels, or oneDNN's bf16 products where the CPU has bf16
-    ///   instructions (AMX, AVX512-BF16) and they win on this CPU: one
-    ///   block is timed both ways at load
-    ///   ([`race_q8_bf16`](Self::race_q8_bf16)), since which wins depends
-    ///   on the CPU (on a Zen 4 EPYC q8 is 1.6x faster; on AMX Xeons the
-    ///   peers' bf16 runs twice as fast as our q8);
+    ///   3x faster than f32 at 100% top-1 agreement, `cliper bench`), the
+    ///   fastest here of those kernels, oneDNN's int8 products (where
+    ///   oneDNN runs VNNI or AMX-INT8) and oneDNN's bf16 products (where
+    ///   the CPU has AVX512-BF16 or AMX-BF16): one block is timed each way
+    ///   at load ([`race_reduced`](Self::race_reduced)), since which wins
+    ///   depends on the CPU (on a Zen 4 EPYC our q8 is 1.6x faster than
+    ///   bf16 and 1.1x faster than oneDNN's int8; on AMX Xeons the peers'
+    ///   AMX paths run twice as fast as our q8);
     /// - else f32 on the fastest f32 products
     ///   ([`pack_f32_fastest`](Self::pack_f32_fastest); Candle's Q8_0, the
     ///   8-bit fallback for other shapes, is not measured to win).
@@ -362,24 +477,33 @@ impl VisionTower {
             self.pack_f32_fastest()?;
             return Ok("f32");
         }
+        let mut paths = Vec::new();
+        let q8_kernel = Q8Kernel::from_env().map_err(candle_core::Error::wrap)?;
+        if q8_kernel != Some(Q8Kernel::OneDnn) {
+            paths.push(ReducedPath::Q8(isa));
+        }
+        if q8_kernel != Some(Q8Kernel::Own) && super::onednn::native_int8().unwrap_or(false) {
+            paths.push(ReducedPath::OneDnnQ8);
+        }
         if super::onednn::native_bf16().unwrap_or(false) {
-            match self.race_q8_bf16(isa) {
-                Ok(race) if race.bf16_ms < race.q8_ms => {
-                    log::info!(
-                        "precision auto: bf16 ({:.2} ms for one block, q8 {isa} {:.2} ms)",
-                        race.bf16_ms,
-                        race.q8_ms
-                    );
-                    if self.pack_onednn(super::onednn::DataType::Bf16).is_ok() {
-                        return Ok("bf16");
+            paths.push(ReducedPath::Bf16);
+        }
+        if paths != [ReducedPath::Q8(isa)] {
+            match self.race_reduced(&paths) {
+                Ok(race) => {
+                    log::info!("precision auto: {race}");
+                    let onednn = match race.winner() {
+                        Some(ReducedPath::Bf16) => Some((super::onednn::DataType::Bf16, "bf16")),
+                        Some(ReducedPath::OneDnnQ8) => Some((super::onednn::DataType::Int8, "q8")),
+                        _ => None,
+                    };
+                    if let Some((dtype, precision)) = onednn {
+                        if self.pack_onednn(dtype).is_ok() {
+                            return Ok(precision);
+                        }
                     }
                 }
-                Ok(race) => log::info!(
-                    "precision auto: q8 {isa} ({:.2} ms for one block, bf16 {:.2} ms)",
-                    race.q8_ms,
-                    race.bf16_ms
-                ),
-                Err(e) => log::info!("precision auto: bf16 not timed ({e}); q8 {isa}"),
+                Err(e) => log::info!("precision auto: oneDNN's paths not timed ({e}); q8 {isa}"),
             }
         }
         let q = QuantizedLinears::new(self, Some(isa))?;

@@ -218,11 +218,13 @@ fn auto_packs_only_towers_the_fast_kernels_fit() {
     let chosen = wide.vision.pack_fastest().unwrap();
     let kernel = wide.vision.kernel();
     let native_bf16 = crate::model::onednn::native_bf16().unwrap_or(false);
+    let native_int8 = crate::model::onednn::native_int8().unwrap_or(false);
     match (crate::model::gemm_i8::Isa::best(), chosen) {
-        // Where bf16 is native the faster of the two is taken, timed.
+        // Where oneDNN's paths run, the fastest is taken, timed.
         (Some(_), "bf16") if native_bf16 => {
             assert!(kernel.starts_with("bf16 onednn "), "{kernel}");
         }
+        (Some(_), "q8") if native_int8 && kernel.starts_with("q8 onednn ") => {}
         (Some(isa), "q8") => assert_eq!(kernel, format!("q8 {isa}")),
         (None, "f32") => {
             eprintln!("NOTICE: this CPU has no int8 kernel; auto stays in f32");
@@ -235,23 +237,39 @@ fn auto_packs_only_towers_the_fast_kernels_fit() {
     assert!(cos.iter().all(|&c| c > 0.99), "{chosen} cosines {cos:?}");
 }
 
-/// The race `auto` runs where bf16 is native: both paths time the same
-/// one-block forward, and the times are real (positive, finite).
+/// The race `auto` and `q8` run: every path this CPU has times the same
+/// one-block forward, the times are real (positive, finite), and a path
+/// that cannot be built here is left out, not timed.
 #[test]
-fn the_precision_race_times_both_paths() {
-    if !crate::model::onednn::native_bf16().unwrap_or(false) {
-        eprintln!("NOTICE: no native bf16 here (or no oneDNN): the q8/bf16 race is not run");
-        return;
-    }
+fn the_precision_race_times_every_path() {
+    use crate::model::vision::ReducedPath;
     let Some(isa) = crate::model::gemm_i8::Isa::best() else {
-        eprintln!("NOTICE: no int8 kernel here: the q8/bf16 race is not run");
+        eprintln!("NOTICE: no int8 kernel here: the precision race is not run");
         return;
     };
     let wide = model((32, 16, 768, 12, 1), Activation::QuickGelu, 3);
-    let race = wide.vision.race_q8_bf16(isa).unwrap();
-    for t in [race.q8_ms, race.bf16_ms] {
-        assert!(t.is_finite() && t > 0.0, "{race:?}");
+    let paths = [
+        ReducedPath::Q8(isa),
+        ReducedPath::OneDnnQ8,
+        ReducedPath::Bf16,
+    ];
+    let race = wide.vision.race_reduced(&paths).unwrap();
+    assert!(race.ms(ReducedPath::Q8(isa)).is_some(), "{race}");
+    let native = |r: Result<bool, _>| r.unwrap_or(false);
+    assert_eq!(
+        race.ms(ReducedPath::OneDnnQ8).is_some(),
+        native(crate::model::onednn::native_int8()),
+        "{race}"
+    );
+    assert_eq!(
+        race.ms(ReducedPath::Bf16).is_some(),
+        native(crate::model::onednn::native_bf16()),
+        "{race}"
+    );
+    for &(path, t) in &race.times {
+        assert!(t.is_finite() && t > 0.0, "{path}: {race}");
     }
+    assert!(race.winner().is_some());
 }
 
 /// oneDNN's products (f32, and bf16 where the CPU has it) against the
@@ -263,9 +281,14 @@ fn onednn_forwards_match_f32() {
         eprintln!("NOTICE: oneDNN path skipped: {e}");
         return;
     }
-    let bf16 = crate::model::onednn::native_bf16().unwrap();
-    if !bf16 {
-        eprintln!("NOTICE: no native bf16 on this CPU: only oneDNN's f32 products are tested");
+    let mut reduced = vec![];
+    match crate::model::onednn::native_bf16() {
+        Ok(true) => reduced.push(crate::model::onednn::DataType::Bf16),
+        _ => eprintln!("NOTICE: no native bf16 on this CPU: oneDNN's bf16 products are not tested"),
+    }
+    match crate::model::onednn::native_int8() {
+        Ok(true) => reduced.push(crate::model::onednn::DataType::Int8),
+        _ => eprintln!("NOTICE: no VNNI or AMX on this CPU: oneDNN's int8 products are not tested"),
     }
     for act in [Activation::QuickGelu, Activation::GeluTanh] {
         let mut m = model((32, 16, 768, 12, 2), act, 9);
@@ -290,11 +313,11 @@ fn onednn_forwards_match_f32() {
                 "onednn f32: {}",
                 max_diff(&full, &f)
             );
-            if bf16 {
-                m.vision
-                    .pack_onednn(crate::model::onednn::DataType::Bf16)
-                    .unwrap();
-                assert_eq!(m.vision.precision(), "bf16");
+            for &dtype in &reduced {
+                m.vision.pack_onednn(dtype).unwrap();
+                assert_eq!(m.vision.precision(), dtype.as_str());
+                let kernel = m.vision.kernel();
+                assert!(kernel.contains(" onednn "), "{kernel}");
                 let low = m.encode_images(&px).unwrap();
                 let cos: Vec<f32> = (full.clone() * low)
                     .unwrap()
@@ -302,7 +325,7 @@ fn onednn_forwards_match_f32() {
                     .unwrap()
                     .to_vec1()
                     .unwrap();
-                assert!(cos.iter().all(|&c| c > 0.995), "bf16 cosines {cos:?}");
+                assert!(cos.iter().all(|&c| c > 0.99), "{kernel} cosines {cos:?}");
             }
         }
         let px = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
