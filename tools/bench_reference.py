@@ -60,7 +60,13 @@ def parse_args():
     )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--cliper", help="path of the cliper binary to run `bench --json` with (optional)")
-    p.add_argument("--precision", nargs="+", default=["f32"], help="cliper precisions to time (f32, q8, ...)")
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        default=["f32"],
+        help="cliper precisions to time (f32, q8, bf16, auto); q8:own, q8:onednn, f32:gemm, f32:onednn, "
+        "f32:packed force that kernel (CLIPER_Q8 / CLIPER_F32)",
+    )
     p.add_argument("--skip-torch", action="store_true", help="do not time PyTorch")
     p.add_argument("--skip-reduced", action="store_true", help="do not time the peers' int8/bf16 paths")
     p.add_argument("--cache", default="target/bench-reference", help="where the ONNX export is kept")
@@ -233,6 +239,9 @@ def bench_torch(model, batches, threads, warmup, runs, dtype=None):
 
 
 def bench_cliper(binary, batches, threads, runs, precision):
+    # "q8:onednn" is q8 with CLIPER_Q8=onednn, "f32:packed" f32 with
+    # CLIPER_F32=packed: one kernel forced, to time it beside the others.
+    precision, _, kernel = precision.partition(":")
     cmd = [
         binary, "bench", "--random", "--json",
         "--batch", ",".join(str(b) for b in batches),
@@ -242,6 +251,8 @@ def bench_cliper(binary, batches, threads, runs, precision):
         "--precision", precision,
     ]
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    if kernel:
+        env[f"CLIPER_{precision.upper()}"] = kernel
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         # One precision this CPU cannot run (bf16 without bf16 instructions)
@@ -337,7 +348,7 @@ def main():
     result["ratio_vs_fastest_reduced_peer"] = {
         name: {b: t[b][args.stat] / best[b][0] for b in t if b in best}
         for name, t in times.items()
-        if name.startswith("cliper-") and name != "cliper-f32"
+        if name.startswith("cliper-") and name.partition(":")[0] != "cliper-f32"
     }
 
     if args.json:
@@ -350,10 +361,10 @@ def main():
     if "cliper_kernel" in result:
         print("cliper kernels: " + ", ".join(f"{p} {k}" for p, k in result["cliper_kernel"].items()))
     print("versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()))
-    head = f"{'engine':<16}" + "".join(f"{'batch ' + str(b):>12}{'vs ORT':>9}" for b in batches)
+    head = f"{'engine':<18}" + "".join(f"{'batch ' + str(b):>12}{'vs ORT':>9}" for b in batches)
     print(head)
     for name, t in result["image_encode_ms_per_image"].items():
-        row = f"{name:<16}"
+        row = f"{name:<18}"
         for b in batches:
             m = t[str(b)][args.stat]
             r = m / ref[str(b)][args.stat]

@@ -226,6 +226,7 @@ fn load() -> Result<Api, OneDnnError> {
         Ok(v) if !v.trim().is_empty() => v.trim().to_string(),
         _ => "libdnnl.so.2".to_string(),
     };
+    request_amx_tiles();
     // libgomp reads its settings when it is loaded, which is now.
     if std::env::var_os("OMP_WAIT_POLICY").is_none() {
         std::env::set_var("OMP_WAIT_POLICY", "passive");
@@ -300,6 +301,42 @@ fn load() -> Result<Api, OneDnnError> {
         _omp: omp,
         _lib: lib,
     })
+}
+
+/// On a CPU with AMX tiles, asks Linux (5.16 and later) for the tile
+/// state, which a process must do before its first tile instruction
+/// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`; the permission
+/// is the whole process's). oneDNN asks too in its recent releases; asking
+/// here does not depend on which one is installed. A refusal is logged and
+/// otherwise left to oneDNN, which then finds no AMX and runs AVX-512.
+fn request_amx_tiles() {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        // CPUID leaf 7 (where leaf 0's EAX reaches it): EDX bit 24 is
+        // AMX-TILE.
+        let amx = std::arch::x86_64::__cpuid(0).eax >= 7
+            && std::arch::x86_64::__cpuid_count(7, 0).edx & (1 << 24) != 0;
+        if !amx {
+            return;
+        }
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: arch_prctl with this request only changes the process's
+        // permitted extended state; it takes no pointers.
+        let status = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        if status != 0 {
+            log::warn!(
+                "this CPU has AMX tiles but Linux refused them ({}): oneDNN will run without AMX",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
 }
 
 /// The instruction set oneDNN's kernels run on here (after
@@ -793,6 +830,10 @@ impl Linear {
             m > 0 && x.len() >= m * k && dst_rs >= n && dst.len() >= (m - 1) * dst_rs + n,
             "onednn::Linear::apply: buffers do not match [{m}, {k}] x [{n}, {k}]"
         );
+        if let Some(w8) = &self.int8 {
+            // Rescaled here, straight into strided rows.
+            return self.apply_int8(w8, x, m, dst, dst_rs, add);
+        }
         if dst_rs != n {
             // oneDNN 2.6 has only its reference kernel for a strided
             // destination: compute rows of `n` and copy them in.
@@ -810,9 +851,6 @@ impl Linear {
                     }
                 });
             return Ok(());
-        }
-        if let Some(w8) = &self.int8 {
-            return self.apply_int8(w8, x, m, dst, dst_rs, add);
         }
         let api = api()?;
         let prim = self.primitive(api, m, dst_rs, add)?;
