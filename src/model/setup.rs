@@ -28,6 +28,8 @@ pub enum SetupError {
     F32Kernel(#[from] crate::model::vision::F32KernelError),
     #[error(transparent)]
     Q8Kernel(#[from] crate::model::vision::Q8KernelError),
+    #[error(transparent)]
+    AttentionKernel(#[from] crate::model::vision_cpu::AttentionKernelError),
     #[error("{name} is not installed (no {path}): run `cliper weights fetch {name}` (`cliper weights list` shows what it is)")]
     NotInstalled { name: String, path: PathBuf },
     #[error("{head}: an Exp-CLIP head applies to zero-shot banks (the built-in descriptions or --prompts FILE), not to the trained model {bank}: drop --head, or the trained model")]
@@ -111,6 +113,7 @@ pub fn load(spec: &ModelSpec) -> Result<Loaded, SetupError> {
     // Said before a long load, not after it.
     crate::model::vision::F32Kernel::from_env()?;
     crate::model::vision::Q8Kernel::from_env()?;
+    crate::model::vision_cpu::AttentionKernel::from_env()?;
     let mut cliper = spec.bank.checkpoint()?;
     // A DFER-CLIP file holds its whole CLIP: no separate weights needed.
     let own_clip = cliper.as_mut().and_then(CliperCheckpoint::take_clip);

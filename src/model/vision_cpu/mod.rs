@@ -299,11 +299,13 @@ fn rows_mut(
     dst.par_chunks_mut(rs).take(m).with_min_len(64).enumerate()
 }
 
+mod attention;
 mod packed;
 mod simd;
 #[cfg(test)]
 mod tests;
 
+pub use attention::{AttentionKernel, AttentionKernelError};
 use packed::QuantizedLinear;
 pub use packed::QuantizedLinears;
 
@@ -552,6 +554,10 @@ fn forward_on_worker(
         post_ln,
         proj,
     } = views_of(tower)?;
+    let attention_kernel = tower
+        .backend
+        .quantized()
+        .map_or(attention::AttentionKernel::F32, |q| q.attention);
     let pixels = pixels
         .to_device(&Device::Cpu)?
         .to_dtype(DType::F32)?
@@ -624,7 +630,7 @@ fn forward_on_worker(
         for (j, lin) in blk.qkv.iter().enumerate() {
             lin.apply(&h, hq.as_ref(), m, &mut qkv[j * d..], 3 * d, false)?;
         }
-        attention(&qkv, &mut att, b, t, d, blk.heads);
+        attention::attend(attention_kernel, &qkv, &mut att, b, t, d, blk.heads)?;
         blk.out.apply(&att, None, m, &mut x, d, true)?;
         blk.ln2.apply(&x, &mut h, d);
         blk.fc1.apply(&h, None, m, &mut f, hidden, false)?;
@@ -764,79 +770,6 @@ fn cls_rows(x: &[f32], b: usize, t: usize, d: usize) -> Vec<f32> {
     (0..b)
         .flat_map(|bi| x[bi * t * d..bi * t * d + d].iter().copied())
         .collect()
-}
-
-/// Softmax attention of every (image, head): `qkv` [B*T, 3D] holds q, k, v
-/// side by side; writes the heads' outputs side by side into `out` [B*T, D].
-fn attention(qkv: &[f32], out: &mut [f32], b: usize, t: usize, d: usize, heads: usize) {
-    let hd = d / heads;
-    let scale = (hd as f32).powf(-0.5);
-    assert!(qkv.len() >= b * t * 3 * d && out.len() >= b * t * d);
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    (0..b * heads).into_par_iter().for_each_init(
-        || vec![0f32; t * t],
-        |scores, task| {
-            let (bi, h) = (task / heads, task % heads);
-            let base = bi * t * 3 * d + h * hd;
-            let (q, k, v) = (
-                qkv[base..].as_ptr(),
-                qkv[base + d..].as_ptr(),
-                qkv[base + 2 * d..].as_ptr(),
-            );
-            // SAFETY: every pointer stays inside `qkv` (rows of 3D, t rows
-            // from `bi * t`), `scores` is t x t, and each task writes its
-            // own hd columns of its own image's rows of `out`.
-            unsafe {
-                // scores = scale * q k^T: [t, t]
-                gemm::gemm(
-                    t,
-                    t,
-                    hd,
-                    scores.as_mut_ptr(),
-                    1,
-                    t as isize,
-                    false,
-                    q,
-                    1,
-                    3 * d as isize,
-                    k,
-                    3 * d as isize,
-                    1,
-                    0.0f32,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-                scores
-                    .chunks_exact_mut(t)
-                    .for_each(simd::softmax_row_in_place);
-                // out_h = scores v: [t, hd]
-                gemm::gemm(
-                    t,
-                    hd,
-                    t,
-                    out_ptr.get().add(bi * t * d + h * hd),
-                    1,
-                    d as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    t as isize,
-                    v,
-                    1,
-                    3 * d as isize,
-                    0.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-        },
-    );
 }
 
 fn activate(x: &mut [f32], act: Activation) {

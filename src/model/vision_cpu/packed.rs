@@ -9,6 +9,7 @@ use super::super::gemm_f32::PackedF32;
 use super::super::gemm_i8::{Isa, PackedWeights};
 use super::super::onednn;
 use super::super::vision::VisionTower;
+use super::attention::AttentionKernel;
 use super::LinearView;
 
 /// One packed linear layer: this crate's 8-bit kernel (on the instruction
@@ -32,6 +33,8 @@ pub(super) enum QuantizedLinear {
 pub struct QuantizedLinears {
     pub(super) layers: Vec<BlockLinears<QuantizedLinear>>,
     packing: Packing,
+    /// The products attention runs beside these layers.
+    pub(super) attention: AttentionKernel,
 }
 
 /// What the layers of a [`QuantizedLinears`] were packed for.
@@ -54,6 +57,17 @@ pub(super) struct BlockLinears<T> {
     pub(super) out: T,
     pub(super) fc1: T,
     pub(super) fc2: T,
+}
+
+impl Packing {
+    /// The attention beside these layers: f32 for f32 products, for the
+    /// reduced precisions [`AttentionKernel::for_reduced`].
+    fn attention(self) -> Result<AttentionKernel> {
+        match self {
+            Packing::F32 | Packing::OneDnn(onednn::DataType::F32) => Ok(AttentionKernel::F32),
+            _ => AttentionKernel::for_reduced().map_err(candle_core::Error::wrap),
+        }
+    }
 }
 
 impl<T> BlockLinears<T> {
@@ -100,18 +114,22 @@ impl QuantizedLinears {
             )?))
         };
         let layers = Self::each_block(tower, q)?;
+        let packing = Packing::Int8(isa);
         Ok(Self {
             layers,
-            packing: Packing::Int8(isa),
+            packing,
+            attention: packing.attention()?,
         })
     }
 
     /// The block layers as oneDNN products in `dtype` (`Bf16` wants a CPU
     /// with AVX512-BF16 or AMX-BF16), their weights reordered once.
     pub fn onednn(tower: &VisionTower, dtype: onednn::DataType) -> Result<Self> {
+        let packing = Packing::OneDnn(dtype);
         Ok(Self {
             layers: Self::each_block(tower, |l| Self::pack_onednn(l, dtype))?,
-            packing: Packing::OneDnn(dtype),
+            packing,
+            attention: packing.attention()?,
         })
     }
 
@@ -163,7 +181,11 @@ impl QuantizedLinears {
                 }
             }
         }
-        Ok(Self { layers, packing })
+        Ok(Self {
+            layers,
+            packing,
+            attention: packing.attention()?,
+        })
     }
 
     fn pack_onednn(l: &Linear, dtype: onednn::DataType) -> Result<QuantizedLinear> {
@@ -249,8 +271,22 @@ impl QuantizedLinears {
 
     /// Which kernel the layers run: `avx512-vnni`, `avx-vnni`, `avx2`, or
     /// `q8_0` (Candle's) where this crate's kernel does not run; for oneDNN
-    /// `onednn` and its implementation (`onednn brg:avx512_core_amx`).
+    /// `onednn` and its implementation (`onednn brg:avx512_core_amx`);
+    /// then, where attention runs in bf16, `, attention bf16` and its
+    /// implementation.
     pub fn kernel(&self) -> String {
+        match self.attention {
+            AttentionKernel::F32 => self.layers_kernel(),
+            AttentionKernel::OneDnnBf16 => format!(
+                "{}, attention bf16 {}",
+                self.layers_kernel(),
+                super::attention::onednn_impl().unwrap_or_default()
+            ),
+        }
+    }
+
+    /// [`kernel`](Self::kernel) of the block layers alone.
+    fn layers_kernel(&self) -> String {
         if let Packing::F32 = self.packing {
             return "packed avx2-fma".into();
         }

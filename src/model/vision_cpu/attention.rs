@@ -1,0 +1,349 @@
+//! Softmax attention of every (image, head) of a block, on the products
+//! chosen at load ([`AttentionKernel`]): f32 through the `gemm` crate, or
+//! bf16 through oneDNN (AMX-BF16 tiles on Xeons that have them,
+//! AVX512-BF16 elsewhere), with the softmax in f32 either way.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::Result;
+use rayon::prelude::*;
+
+use super::super::onednn::{self, Batched, Operand};
+use super::simd;
+use crate::parallel::SendPtr;
+
+/// Which products attention's two matmuls (`q k^T`, `p v`) run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// f32, the `gemm` crate, one (image, head) per task.
+    #[default]
+    F32,
+    /// bf16 operands, f32 sums, through oneDNN: one batched product per
+    /// matmul for every (image, head) of the block.
+    OneDnnBf16,
+}
+
+/// `CLIPER_ATTENTION` names no attention kernel.
+#[derive(Debug, thiserror::Error)]
+#[error("CLIPER_ATTENTION={0:?} is not an attention kernel: use f32 or bf16, or unset it")]
+pub struct AttentionKernelError(pub String);
+
+impl AttentionKernel {
+    /// The kernel `CLIPER_ATTENTION` forces, `None` when it is unset or
+    /// empty.
+    pub fn from_env() -> std::result::Result<Option<Self>, AttentionKernelError> {
+        match std::env::var("CLIPER_ATTENTION").as_deref().map(str::trim) {
+            Ok("f32") => Ok(Some(Self::F32)),
+            Ok("bf16") => Ok(Some(Self::OneDnnBf16)),
+            Ok(other) if !other.is_empty() => Err(AttentionKernelError(other.to_string())),
+            _ => Ok(None),
+        }
+    }
+
+    /// The attention of the reduced-precision paths (q8, bf16): bf16
+    /// through oneDNN where the CPU has bf16 instructions (AMX-BF16,
+    /// AVX512-BF16) and oneDNN builds the products with a fast kernel,
+    /// else f32; `CLIPER_ATTENTION` forces one (`bf16` where it cannot
+    /// run is an error). On the 2-core EPYC (AVX512-BF16) bf16 attention
+    /// was 1-2% faster per q8 forward than f32 (README, "oneDNN: bf16
+    /// attention"); on AMX the products run on the tiles.
+    pub fn for_reduced() -> std::result::Result<Self, onednn::OneDnnError> {
+        let forced = Self::from_env().ok().flatten();
+        if forced == Some(Self::F32) {
+            return Ok(Self::F32);
+        }
+        let native = onednn::native_bf16().unwrap_or(false);
+        match (forced, native) {
+            (Some(_), false) => Err(onednn::OneDnnError::NoBf16),
+            (Some(_), true) => onednn_impl().map(|_| Self::OneDnnBf16),
+            (None, false) => Ok(Self::F32),
+            (None, true) => Ok(match onednn_impl() {
+                Ok(_) => Self::OneDnnBf16,
+                Err(e) => {
+                    log::info!("attention stays f32: {e}");
+                    Self::F32
+                }
+            }),
+        }
+    }
+}
+
+/// Attention of every (image, head): `qkv` [B*T, 3D] holds q, k, v side by
+/// side; writes the heads' outputs side by side into `out` [B*T, D].
+pub(super) fn attend(
+    kernel: AttentionKernel,
+    qkv: &[f32],
+    out: &mut [f32],
+    b: usize,
+    t: usize,
+    d: usize,
+    heads: usize,
+) -> Result<()> {
+    match kernel {
+        AttentionKernel::F32 => {
+            attention_f32(qkv, out, b, t, d, heads);
+            Ok(())
+        }
+        AttentionKernel::OneDnnBf16 => {
+            attention_bf16(qkv, out, b, t, d, heads).map_err(candle_core::Error::wrap)
+        }
+    }
+}
+
+/// Softmax attention of every (image, head): `qkv` [B*T, 3D] holds q, k, v
+/// side by side; writes the heads' outputs side by side into `out` [B*T, D].
+fn attention_f32(qkv: &[f32], out: &mut [f32], b: usize, t: usize, d: usize, heads: usize) {
+    let hd = d / heads;
+    let scale = (hd as f32).powf(-0.5);
+    assert!(qkv.len() >= b * t * 3 * d && out.len() >= b * t * d);
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    (0..b * heads).into_par_iter().for_each_init(
+        || vec![0f32; t * t],
+        |scores, task| {
+            let (bi, h) = (task / heads, task % heads);
+            let base = bi * t * 3 * d + h * hd;
+            let (q, k, v) = (
+                qkv[base..].as_ptr(),
+                qkv[base + d..].as_ptr(),
+                qkv[base + 2 * d..].as_ptr(),
+            );
+            // SAFETY: every pointer stays inside `qkv` (rows of 3D, t rows
+            // from `bi * t`), `scores` is t x t, and each task writes its
+            // own hd columns of its own image's rows of `out`.
+            unsafe {
+                // scores = scale * q k^T: [t, t]
+                gemm::gemm(
+                    t,
+                    t,
+                    hd,
+                    scores.as_mut_ptr(),
+                    1,
+                    t as isize,
+                    false,
+                    q,
+                    1,
+                    3 * d as isize,
+                    k,
+                    3 * d as isize,
+                    1,
+                    0.0f32,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                scores
+                    .chunks_exact_mut(t)
+                    .for_each(simd::softmax_row_in_place);
+                // out_h = scores v: [t, hd]
+                gemm::gemm(
+                    t,
+                    hd,
+                    t,
+                    out_ptr.get().add(bi * t * d + h * hd),
+                    1,
+                    d as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    t as isize,
+                    v,
+                    1,
+                    3 * d as isize,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        },
+    );
+}
+
+/// The two batched products of one attention shape.
+struct Products {
+    qk: Batched,
+    pv: Batched,
+}
+
+/// (images, heads, tokens, head width).
+type Shape = (usize, usize, usize, usize);
+
+/// The products for `shape`, made once and kept (a handful of batch sizes
+/// per process; the cache is emptied past 64 shapes).
+fn products(shape: Shape) -> std::result::Result<Arc<Products>, onednn::OneDnnError> {
+    static CACHE: OnceLock<Mutex<HashMap<Shape, Arc<Products>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = cache.get(&shape) {
+        return Ok(p.clone());
+    }
+    let (b, h, t, hd) = (
+        shape.0 as i64,
+        shape.1 as i64,
+        shape.2 as i64,
+        shape.3 as i64,
+    );
+    // Dense [b, h, rows, cols]: oneDNN's brgemm kernels want dense inputs
+    // (with q read in place out of the q/k/v rows, oneDNN 2.6 fell back to
+    // its older `gemm:jit`); k is read as the transposed weights.
+    let dense = |rows: i64, cols: i64| [h * rows * cols, rows * cols, cols, 1];
+    let (q_s, s_s, o_s) = (dense(t, hd), dense(t, t), dense(t, hd));
+    let kt_s = [h * t * hd, t * hd, 1, hd];
+    let qk = Batched::bf16(
+        Operand {
+            dims: &[b, h, t, hd],
+            strides: &q_s,
+        },
+        Operand {
+            dims: &[b, h, hd, t],
+            strides: &kt_s,
+        },
+        Operand {
+            dims: &[b, h, t, t],
+            strides: &s_s,
+        },
+    )?;
+    let pv = Batched::bf16(
+        Operand {
+            dims: &[b, h, t, t],
+            strides: &s_s,
+        },
+        Operand {
+            dims: &[b, h, t, hd],
+            strides: &q_s,
+        },
+        Operand {
+            dims: &[b, h, t, hd],
+            strides: &o_s,
+        },
+    )?;
+    let p = Arc::new(Products { qk, pv });
+    if cache.len() >= 64 {
+        cache.clear();
+    }
+    cache.insert(shape, p.clone());
+    Ok(p)
+}
+
+/// The implementation oneDNN runs attention's products on for one
+/// ViT-B/16 head group, for the kernel's name (`brg:avx512_core_amx`).
+pub fn onednn_impl() -> std::result::Result<String, onednn::OneDnnError> {
+    Ok(products((1, 3, 197, 64))?.qk.impl_name().to_string())
+}
+
+/// Heads per task of [`attention_bf16`]: the fewest that still give the
+/// pool's threads two tasks each (a head group is one oneDNN call per
+/// product; more calls cost more, fewer tasks balance worse).
+fn heads_per_task(b: usize, heads: usize) -> usize {
+    let want = 2 * rayon::current_num_threads().max(1);
+    let groups = want.div_ceil(b.max(1)).clamp(1, heads);
+    // The largest divisor of `heads` giving at least `groups` groups.
+    (1..=heads)
+        .rev()
+        .find(|&g| heads.is_multiple_of(g) && heads / g >= groups)
+        .unwrap_or(1)
+}
+
+/// [`attend`] on oneDNN's bf16 products, one task per (image, group of
+/// heads), each running oneDNN on its own thread: q (scaled), k and v
+/// rounded to bf16 into dense head-major copies, `s = q k^T` in f32, the
+/// softmax in f32 in place, `p` rounded to bf16, `o = p v` in f32, copied
+/// into the heads' columns of `out`.
+fn attention_bf16(
+    qkv: &[f32],
+    out: &mut [f32],
+    b: usize,
+    t: usize,
+    d: usize,
+    heads: usize,
+) -> std::result::Result<(), onednn::OneDnnError> {
+    let hd = d / heads;
+    assert!(qkv.len() >= b * t * 3 * d && out.len() >= b * t * d && hd * heads == d);
+    let hpt = heads_per_task(b, heads);
+    let prods = products((1, hpt, t, hd))?;
+    let scale = (hd as f32).powf(-0.5);
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    (0..b * (heads / hpt)).into_par_iter().try_for_each(|task| {
+        let (bi, h0) = (task / (heads / hpt), task % (heads / hpt) * hpt);
+        let n = hpt * t * hd;
+        let (mut q, mut k, mut v) = (vec![0u16; n], vec![0u16; n], vec![0u16; n]);
+        for hi in 0..hpt {
+            for ti in 0..t {
+                let row = &qkv[(bi * t + ti) * 3 * d + (h0 + hi) * hd..];
+                let at = (hi * t + ti) * hd..(hi * t + ti + 1) * hd;
+                onednn::to_bf16_scaled(&row[..hd], &mut q[at.clone()], scale);
+                onednn::to_bf16_scaled(&row[d..d + hd], &mut k[at.clone()], 1.0);
+                onednn::to_bf16_scaled(&row[2 * d..2 * d + hd], &mut v[at], 1.0);
+            }
+        }
+        let mut s = vec![0f32; hpt * t * t];
+        // SAFETY: q, k and s are dense [hpt, t, hd] / [hpt, t, t], as the
+        // product's operands describe.
+        unsafe { prods.qk.run(q.as_ptr(), k.as_ptr(), s.as_mut_ptr(), 1)? };
+        let mut p = vec![0u16; s.len()];
+        for (s, p) in s.chunks_exact_mut(t).zip(p.chunks_exact_mut(t)) {
+            simd::softmax_row_in_place(s);
+            onednn::to_bf16_scaled(s, p, 1.0);
+        }
+        let mut o = s;
+        o.resize(n, 0.0);
+        // SAFETY: p is dense [hpt, t, t], v and o [hpt, t, hd].
+        unsafe { prods.pv.run(p.as_ptr(), v.as_ptr(), o.as_mut_ptr(), 1)? };
+        for hi in 0..hpt {
+            for ti in 0..t {
+                let src = &o[(hi * t + ti) * hd..][..hd];
+                // SAFETY: inside `out` (asserted above); each task writes
+                // only its own heads' columns of its own image's rows.
+                unsafe {
+                    let dst = out_ptr.get().add((bi * t + ti) * d + (h0 + hi) * hd);
+                    std::ptr::copy_nonoverlapping(src.as_ptr(), dst, hd);
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// bf16 attention against the f32 one, on ViT-B/16's head shape and on
+    /// small ones (fewer tokens than a head is wide), one and three images.
+    #[test]
+    fn bf16_attention_matches_f32() {
+        if !onednn::native_bf16().unwrap_or(false) {
+            eprintln!(
+                "NOTICE: no bf16 instructions here (or no oneDNN): bf16 attention not tested"
+            );
+            return;
+        }
+        for (b, t, d, heads) in [
+            (1, 197, 768, 12),
+            (3, 197, 768, 12),
+            (2, 5, 64, 4),
+            (1, 17, 48, 3),
+        ] {
+            let qkv: Vec<f32> = (0..b * t * 3 * d)
+                .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 4.0)
+                .collect();
+            let mut want = vec![0f32; b * t * d];
+            let mut got = vec![f32::NAN; b * t * d];
+            attend(AttentionKernel::F32, &qkv, &mut want, b, t, d, heads).unwrap();
+            attend(AttentionKernel::OneDnnBf16, &qkv, &mut got, b, t, d, heads).unwrap();
+            let worst = want
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            // Outputs are averages of values within +-2: bf16 keeps about
+            // three significant digits of each operand.
+            assert!(worst < 0.05, "[{b}, {t}, {d}] x {heads} heads: {worst}");
+        }
+    }
+}
