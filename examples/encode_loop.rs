@@ -7,7 +7,8 @@
 //! ```
 //!
 //! Arguments: precision (`f32` = the gemm crate, `onednn-f32`, `auto-f32`
-//! (what `--precision f32` runs), `q8`, `onednn-q8`, `bf16`), batch, iterations, threads. Random ViT-B/16 weights.
+//! (what `--precision f32` runs), `q8` (our 8-bit kernels), `onednn-q8`, `bf16`,
+//! `auto` (what `--precision auto` runs)), batch, iterations, threads. Random ViT-B/16 weights.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -45,7 +46,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "auto-f32" => {
             clip.vision.pack_f32_fastest()?;
         }
-        "q8" => clip.vision.set_quantized(true)?,
+        // Our 8-bit kernels on the best instruction set (an instruction
+        // set named means ours, without the race against oneDNN's).
+        "q8" => clip.vision.quantize(cliper::model::gemm_i8::Isa::best())?,
+        "auto" => {
+            clip.vision.pack_fastest()?;
+        }
         other => return Err(format!("unknown precision {other}").into()),
     }
     eprintln!(

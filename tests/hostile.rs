@@ -410,6 +410,37 @@ fn an_unknown_q8_kernel_override_is_named() {
 }
 
 #[test]
+fn conflicting_kernel_overrides_are_named() {
+    let w = weights();
+    let run = |envs: &[(&str, &str)]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_cliper"))
+            .args(["run", "--source", "demo", "--frames", "1", "--weights", &w])
+            .args(["--device", "cpu", "--precision", "q8"])
+            .envs(envs.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = run(&[("CLIPER_ISA", "avx2"), ("CLIPER_Q8", "onednn")]);
+    assert!(!ok);
+    assert!(
+        err.contains("CLIPER_Q8=onednn runs oneDNN's int8 products")
+            || err.contains("cannot run the avx2 path"),
+        "{err}"
+    );
+    let (ok, err) = run(&[("CLIPER_ATTENTION", "int4")]);
+    assert!(!ok);
+    assert!(
+        err.contains("CLIPER_ATTENTION=\"int4\" is not an attention kernel: use f32 or bf16"),
+        "{err}"
+    );
+    assert!(!err.contains(&w), "blames the weights file: {err}");
+}
+
+#[test]
 fn messages_name_the_real_cause() {
     let dir = tempfile::tempdir().unwrap();
     let w = weights();

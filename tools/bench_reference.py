@@ -242,6 +242,8 @@ def bench_cliper(binary, batches, threads, runs, precision):
     # "q8:onednn" is q8 with CLIPER_Q8=onednn, "f32:packed" f32 with
     # CLIPER_F32=packed: one kernel forced, to time it beside the others.
     precision, _, kernel = precision.partition(":")
+    if kernel and precision not in ("q8", "f32"):
+        sys.exit(f"--precision {precision}:{kernel}: only q8 and f32 take a kernel (q8:own, q8:onednn, f32:gemm, ...)")
     cmd = [
         binary, "bench", "--random", "--json",
         "--batch", ",".join(str(b) for b in batches),
@@ -251,6 +253,10 @@ def bench_cliper(binary, batches, threads, runs, precision):
         "--precision", precision,
     ]
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    # A precision without a kernel runs cliper's own choice, whatever the
+    # caller's shell forces.
+    for var in ("CLIPER_Q8", "CLIPER_F32"):
+        env.pop(var, None)
     if kernel:
         env[f"CLIPER_{precision.upper()}"] = kernel
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -3,23 +3,32 @@
 //!
 //! oneDNN is what PyTorch and OpenVINO run on Intel CPUs: its brgemm
 //! kernels use AMX tiles (bf16, int8) where the CPU has them, AVX512-BF16
-//! `vdpbf16ps` where it has that, and plain AVX-512 or AVX2 otherwise. It
-//! picks the instruction set itself, at primitive creation; setting
-//! `ONEDNN_MAX_CPU_ISA` (its own variable, for example `AVX2`) caps it,
-//! which is how the AVX2 path is tested on a CPU that has more.
+//! `vdpbf16ps` or AVX-512 VNNI `vpdpbusd` where it has those, and plain
+//! AVX-512 or AVX2 otherwise. It picks the instruction set itself, at
+//! primitive creation; setting `ONEDNN_MAX_CPU_ISA` (its own variable, for
+//! example `AVX2`) caps it, which is how the AVX2 path is tested on a CPU
+//! that has more.
 //!
 //! The library is opened with `dlopen`, not linked: a machine without it
-//! runs this crate's own kernels, and only `--precision bf16` (and `auto`
-//! where oneDNN is the fastest path) asks for it, with a message that says
-//! what to install. Debian builds oneDNN on OpenMP; its thread count is set
-//! to the model pool's before every product, and its threads sleep at once
-//! after each one (`OMP_WAIT_POLICY=passive`, unless the user set it) so
-//! that they do not spin against the pool's threads between products.
+//! runs this crate's own kernels. `--precision bf16` needs it (with a
+//! message that says what to install); `f32`, `q8` and `auto` use it where
+//! it loads and is the faster path here, and run without it otherwise;
+//! `CLIPER_Q8=onednn` and `CLIPER_ATTENTION=bf16` insist on it.
+//!
+//! Threads: Debian builds oneDNN on OpenMP. OpenMP's threads beside the
+//! model pool's oversubscribed the cores, so a product's rows are split
+//! between the pool's threads ([`Linear::apply`]) and each runs oneDNN on
+//! one OpenMP thread, its own; OpenMP threads that are started anyway sleep
+//! at once after each product (`OMP_WAIT_POLICY=passive`, unless the user
+//! set it). Every primitive gets a scratchpad from the calling thread
+//! (oneDNN's default shares one between all primitives, which concurrent
+//! products overwrote).
 //!
 //! The weights are reordered once, at load, into the blocked layout the
 //! kernel wants; a primitive is created per (rows, destination stride,
-//! accumulate) and kept. Activations are converted to bf16 per product
-//! (round to nearest even, as oneDNN's own reorder does).
+//! accumulate) and kept. Activations are rounded to bf16 per product
+//! (nearest even, as oneDNN's own reorder does) for bf16 products, and
+//! quantized to u8 per row for int8 ones ([`DataType::Int8`]).
 
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_uint, c_void};
@@ -30,9 +39,9 @@ use rayon::prelude::*;
 /// Why the oneDNN path cannot run.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum OneDnnError {
-    #[error("oneDNN ({library}) could not be loaded: {reason}. Install it (Debian/Ubuntu: apt-get install libdnnl2), or set CLIPER_ONEDNN to its path; --precision q8 or f32 run without it")]
+    #[error("oneDNN ({library}) could not be loaded: {reason}. Install it (Debian/Ubuntu: apt-get install libdnnl2), or set CLIPER_ONEDNN to its path; --precision q8 or f32 run without it (with CLIPER_Q8 and CLIPER_ATTENTION unset)")]
     Missing { library: String, reason: String },
-    #[error("CLIPER_ONEDNN=off: oneDNN is switched off; --precision q8 or f32 run without it")]
+    #[error("CLIPER_ONEDNN=off: oneDNN is switched off; --precision q8 or f32 run without it (with CLIPER_Q8 and CLIPER_ATTENTION unset)")]
     Off,
     #[error("{library} is oneDNN {version}; this build speaks oneDNN 2.x's C API (Debian 12's libdnnl2 is 2.6)")]
     Version { library: String, version: String },
@@ -42,7 +51,7 @@ pub enum OneDnnError {
     Slow { impl_name: String },
     #[error("oneDNN may not use bf16 instructions here (this CPU lacks avx512_bf16 and amx_bf16, or ONEDNN_MAX_CPU_ISA caps them): emulated bf16 is slower than f32; use --precision q8")]
     NoBf16,
-    #[error("oneDNN may not use VNNI or AMX int8 instructions here (oneDNN runs {isa}): its int8 products without them add u8 x s8 pairs in 16 bits, which saturate; this crate's own 8-bit kernels run instead")]
+    #[error("oneDNN may not use VNNI or AMX int8 instructions here (oneDNN runs {isa}): its int8 products without them add u8 x s8 pairs in 16 bits, which saturate; unset CLIPER_Q8 (or set CLIPER_Q8=own) to run this crate's own 8-bit kernels")]
     NoInt8 { isa: &'static str },
 }
 
@@ -370,13 +379,16 @@ pub fn native_bf16() -> Result<bool, OneDnnError> {
 }
 
 /// Whether oneDNN runs u8 x s8 products here with instructions that sum in
-/// 32 bits (AVX-VNNI, AVX-512 VNNI or AMX-INT8), as far as it may use
-/// them. Without them its int8 kernels pair products in 16 bits
-/// (`vpmaddubsw`), which saturate on full-range u8 inputs.
+/// 32 bits (AVX-512 VNNI or AMX-INT8), as far as it may use them. Without
+/// them its int8 kernels pair products in 16 bits (`vpmaddubsw`), which
+/// saturate on full-range u8 inputs. AVX-VNNI CPUs (`avx2_vnni`) are left
+/// out: whether oneDNN 2.6's int8 matmul uses `vpdpbusd` there was not
+/// measured (no such CPU was at hand), and this crate's `avx-vnni` kernel
+/// runs there.
 pub fn native_int8() -> Result<bool, OneDnnError> {
     Ok(matches!(
         isa()?,
-        "avx2_vnni" | "avx512_core_vnni" | "avx512_core_bf16" | "avx512_core_amx"
+        "avx512_core_vnni" | "avx512_core_bf16" | "avx512_core_amx"
     ))
 }
 
@@ -684,23 +696,14 @@ impl Linear {
         } else {
             (None, Vec::new())
         };
-        // The weights as the matmul reads them: logical [k, n].
-        let (user_md, user_ptr) = if int8.is_some() {
-            (
-                md_by_strides(api, &[ki, ni], &[ni, 1], DT_S8)?,
-                codes.as_ptr() as Handle,
-            )
-        } else if transposed {
-            (
-                md_by_strides(api, &[ki, ni], &[ni, 1], DT_F32)?,
-                w.as_ptr() as Handle,
-            )
-        } else {
-            (
-                md_by_strides(api, &[ki, ni], &[1, ki], DT_F32)?,
-                w.as_ptr() as Handle,
-            )
+        // The weights as the matmul reads them: logical [k, n], in the
+        // layout they came in (the 8-bit codes keep it too).
+        let (user_type, user_ptr) = match int8 {
+            Some(_) => (DT_S8, codes.as_ptr() as Handle),
+            None => (DT_F32, w.as_ptr() as Handle),
         };
+        let user_strides = if transposed { [ni, 1] } else { [1, ki] };
+        let user_md = md_by_strides(api, &[ki, ni], &user_strides, user_type)?;
         // The bias of 8-bit products is added with the rescale, not by oneDNN.
         let onednn_bias = if int8.is_some() { None } else { bias };
         let any_md = md_by_tag(api, &[ki, ni], dtype.weights_code(), TAG_ANY)?;
@@ -1157,31 +1160,51 @@ impl Batched {
     }
 }
 
-/// `w` ([n, k], or [k, n] when `transposed`) as s8 codes in [k, n] order,
-/// symmetric, one scale per output channel (`max |w| / 127`), and each
-/// channel's sum of codes (the zero point's correction).
+/// `w` ([n, k], or [k, n] when `transposed`) as s8 codes in the same
+/// layout, symmetric, one scale per output channel (`max |w| / 127`), and
+/// each channel's sum of codes (the zero point's correction).
 fn quantize_weights(w: &[f32], transposed: bool, n: usize, k: usize) -> (Int8Weights, Vec<i8>) {
-    let at = |col: usize, i: usize| {
-        if transposed {
-            w[i * n + col]
-        } else {
-            w[col * k + i]
+    let code = |v: f32, scale: f32| (v / scale).round().clamp(-127.0, 127.0) as i8;
+    let scale_of = |amax: f32| if amax > 0.0 { amax / 127.0 } else { 1.0 };
+    let mut codes = vec![0i8; n * k];
+    if !transposed {
+        // A row per output channel.
+        let (scales, col_sums) = codes
+            .par_chunks_mut(k)
+            .zip(w.par_chunks(k))
+            .map(|(q, w)| {
+                let scale = scale_of(w.iter().fold(0f32, |a, v| a.max(v.abs())));
+                let mut sum = 0i32;
+                for (q, &v) in q.iter_mut().zip(w) {
+                    *q = code(v, scale);
+                    sum += *q as i32;
+                }
+                (scale, sum)
+            })
+            .unzip();
+        return (Int8Weights { scales, col_sums }, codes);
+    }
+    // A column per output channel.
+    let mut amax = vec![0f32; n];
+    for row in w.chunks_exact(n) {
+        for (a, v) in amax.iter_mut().zip(row) {
+            *a = a.max(v.abs());
         }
-    };
-    let mut scales = vec![0f32; n];
+    }
+    let scales: Vec<f32> = amax.into_iter().map(scale_of).collect();
+    codes
+        .par_chunks_mut(n)
+        .zip(w.par_chunks(n))
+        .for_each(|(q, w)| {
+            for ((q, &v), &s) in q.iter_mut().zip(w).zip(&scales) {
+                *q = code(v, s);
+            }
+        });
     let mut col_sums = vec![0i32; n];
-    let mut codes = vec![0i8; k * n];
-    for col in 0..n {
-        let amax = (0..k).fold(0f32, |a, i| a.max(at(col, i).abs()));
-        let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
-        let mut sum = 0i32;
-        for i in 0..k {
-            let q = (at(col, i) / scale).round().clamp(-127.0, 127.0) as i8;
-            codes[i * n + col] = q;
-            sum += q as i32;
+    for row in codes.chunks_exact(n) {
+        for (s, &q) in col_sums.iter_mut().zip(row) {
+            *s += q as i32;
         }
-        scales[col] = scale;
-        col_sums[col] = sum;
     }
     (Int8Weights { scales, col_sums }, codes)
 }

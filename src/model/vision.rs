@@ -133,6 +133,47 @@ impl std::fmt::Display for ReducedPath {
     }
 }
 
+/// The reduced-precision paths `q8` (`with_bf16` false) or `auto` (true)
+/// chooses among, after the overrides, and whether `CLIPER_Q8=onednn`
+/// forced oneDNN's int8 (then its failures are errors, not fallbacks):
+/// - an instruction set named (`--isa`, `CLIPER_ISA`): our kernels on it;
+/// - `CLIPER_Q8=own`: our kernels (and bf16 for `auto`);
+/// - `CLIPER_Q8=onednn`: oneDNN's int8 (and bf16 for `auto`);
+/// - else every path this CPU runs.
+fn reduced_paths(
+    isa: Option<Isa>,
+    named_isa: bool,
+    with_bf16: bool,
+) -> Result<(Vec<ReducedPath>, bool)> {
+    let ours = isa.map(ReducedPath::Q8);
+    let kernel = Q8Kernel::from_env().map_err(candle_core::Error::wrap)?;
+    let (mut paths, forced) = match (kernel, named_isa) {
+        (Some(Q8Kernel::OneDnn), true) => candle_core::bail!(
+            "CLIPER_Q8=onednn runs oneDNN's int8 products, which pick their own instructions: unset CLIPER_ISA (or --isa) or CLIPER_Q8"
+        ),
+        (_, true) => return Ok((ours.into_iter().collect(), false)),
+        (Some(Q8Kernel::OneDnn), false) => {
+            if !super::onednn::native_int8().map_err(candle_core::Error::wrap)? {
+                let isa = super::onednn::isa().map_err(candle_core::Error::wrap)?;
+                return Err(candle_core::Error::wrap(super::onednn::OneDnnError::NoInt8 { isa }));
+            }
+            (vec![ReducedPath::OneDnnQ8], true)
+        }
+        (Some(Q8Kernel::Own), false) => (ours.into_iter().collect(), false),
+        (None, false) => {
+            let mut paths: Vec<_> = ours.into_iter().collect();
+            if super::onednn::native_int8().unwrap_or(false) {
+                paths.push(ReducedPath::OneDnnQ8);
+            }
+            (paths, false)
+        }
+    };
+    if with_bf16 && super::onednn::native_bf16().unwrap_or(false) {
+        paths.push(ReducedPath::Bf16);
+    }
+    Ok((paths, forced))
+}
+
 /// One block timed on reduced-precision CPU paths
 /// ([`VisionTower::race_reduced`]), for `--precision auto` and `q8`:
 /// each path that could be built and its fastest milliseconds.
@@ -277,30 +318,13 @@ impl VisionTower {
                 "8-bit precision runs only on the CPU in f32: use --precision f32 on this device"
             )
         }
-        let kernel = Q8Kernel::from_env().map_err(candle_core::Error::wrap)?;
-        match (kernel, named_isa) {
-            (Some(Q8Kernel::OneDnn), true) => candle_core::bail!(
-                "CLIPER_Q8=onednn runs oneDNN's int8 products, which pick their own instructions: unset CLIPER_ISA (or --isa) or CLIPER_Q8"
-            ),
-            (Some(Q8Kernel::OneDnn), false) => {
-                return self.pack_onednn(super::onednn::DataType::Int8);
+        let (paths, forced_onednn) = reduced_paths(isa, named_isa, false)?;
+        if self.choose(&paths, "q8") == Some(ReducedPath::OneDnnQ8) {
+            match self.pack_onednn(super::onednn::DataType::Int8) {
+                Ok(()) => return Ok(()),
+                Err(e) if forced_onednn => return Err(e),
+                Err(e) => log::warn!("oneDNN's int8 products won but could not be packed ({e}): our 8-bit kernels run"),
             }
-            (None, false) if super::onednn::native_int8().unwrap_or(false) => {
-                let mut paths: Vec<_> = isa.map(ReducedPath::Q8).into_iter().collect();
-                paths.push(ReducedPath::OneDnnQ8);
-                match self.race_reduced(&paths) {
-                    Ok(race) => {
-                        log::info!("precision q8: {race}");
-                        if race.winner() == Some(ReducedPath::OneDnnQ8)
-                            && self.pack_onednn(super::onednn::DataType::Int8).is_ok()
-                        {
-                            return Ok(());
-                        }
-                    }
-                    Err(e) => log::info!("precision q8: kernels not timed ({e})"),
-                }
-            }
-            _ => {}
         }
         let q = QuantizedLinears::new(self, isa)?;
         if !super::vision_cpu::supports(self, Some(&q)) {
@@ -348,6 +372,25 @@ impl VisionTower {
         })
     }
 
+    /// The path to pack among `paths`: the only one, or the fastest of a
+    /// race ([`race_reduced`](Self::race_reduced)), logged as `what`'s
+    /// choice; the first when the race could not run.
+    fn choose(&self, paths: &[ReducedPath], what: &str) -> Option<ReducedPath> {
+        if paths.len() <= 1 {
+            return paths.first().copied();
+        }
+        match self.race_reduced(paths) {
+            Ok(race) => {
+                log::info!("precision {what}: {race}");
+                race.winner().or(paths.first().copied())
+            }
+            Err(e) => {
+                log::info!("precision {what}: paths not timed ({e}); {}", paths[0]);
+                paths.first().copied()
+            }
+        }
+    }
+
     /// Times this tower's first block, alone, on the fused forward with
     /// each of `paths` that can be built (one that cannot is left out,
     /// with a log line): one image,
@@ -376,7 +419,7 @@ impl VisionTower {
                 ReducedPath::Bf16 => t.pack_onednn(super::onednn::DataType::Bf16),
             };
             match packed {
-                Ok(()) => towers.push((path, t, Vec::new())),
+                Ok(()) => towers.push((path, t, Some(Vec::new()))),
                 Err(e) => log::info!("precision race: {path} left out: {e}"),
             }
         }
@@ -384,17 +427,22 @@ impl VisionTower {
         let device = self.class_embedding.device();
         let px = Tensor::zeros((1, 3, s, s), DType::F32, device)?;
         for run in 0..9 {
-            for (_, tower, times) in &mut towers {
+            for (path, tower, slot) in &mut towers {
+                let Some(times) = slot else { continue };
                 let t = std::time::Instant::now();
-                tower.forward(&px)?;
-                if run >= 2 {
-                    times.push(t.elapsed().as_secs_f64() * 1e3);
+                match tower.forward(&px) {
+                    Ok(_) if run >= 2 => times.push(t.elapsed().as_secs_f64() * 1e3),
+                    Ok(_) => {}
+                    Err(e) => {
+                        log::info!("precision race: {path} left out: {e}");
+                        *slot = None;
+                    }
                 }
             }
         }
         let times = towers
             .into_iter()
-            .map(|(path, _, v)| (path, v.into_iter().fold(f64::INFINITY, f64::min)))
+            .filter_map(|(path, _, v)| Some((path, v?.into_iter().fold(f64::INFINITY, f64::min))))
             .collect();
         Ok(PrecisionRace { times })
     }
@@ -477,33 +525,20 @@ impl VisionTower {
             self.pack_f32_fastest()?;
             return Ok("f32");
         }
-        let mut paths = Vec::new();
-        let q8_kernel = Q8Kernel::from_env().map_err(candle_core::Error::wrap)?;
-        if q8_kernel != Some(Q8Kernel::OneDnn) {
-            paths.push(ReducedPath::Q8(isa));
-        }
-        if q8_kernel != Some(Q8Kernel::Own) && super::onednn::native_int8().unwrap_or(false) {
-            paths.push(ReducedPath::OneDnnQ8);
-        }
-        if super::onednn::native_bf16().unwrap_or(false) {
-            paths.push(ReducedPath::Bf16);
-        }
-        if paths != [ReducedPath::Q8(isa)] {
-            match self.race_reduced(&paths) {
-                Ok(race) => {
-                    log::info!("precision auto: {race}");
-                    let onednn = match race.winner() {
-                        Some(ReducedPath::Bf16) => Some((super::onednn::DataType::Bf16, "bf16")),
-                        Some(ReducedPath::OneDnnQ8) => Some((super::onednn::DataType::Int8, "q8")),
-                        _ => None,
-                    };
-                    if let Some((dtype, precision)) = onednn {
-                        if self.pack_onednn(dtype).is_ok() {
-                            return Ok(precision);
-                        }
-                    }
-                }
-                Err(e) => log::info!("precision auto: oneDNN's paths not timed ({e}); q8 {isa}"),
+        let named_isa = std::env::var("CLIPER_ISA").is_ok_and(|v| !v.trim().is_empty());
+        let (paths, forced_onednn) = reduced_paths(Some(isa), named_isa, true)?;
+        let onednn = match self.choose(&paths, "auto") {
+            Some(ReducedPath::Bf16) => Some((super::onednn::DataType::Bf16, "bf16")),
+            Some(ReducedPath::OneDnnQ8) => Some((super::onednn::DataType::Int8, "q8")),
+            _ => None,
+        };
+        if let Some((dtype, precision)) = onednn {
+            match self.pack_onednn(dtype) {
+                Ok(()) => return Ok(precision),
+                Err(e) if forced_onednn => return Err(e),
+                Err(e) => log::warn!(
+                    "oneDNN's {precision} won but could not be packed ({e}): our 8-bit kernels run"
+                ),
             }
         }
         let q = QuantizedLinears::new(self, Some(isa))?;

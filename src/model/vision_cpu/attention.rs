@@ -48,23 +48,29 @@ impl AttentionKernel {
     /// run is an error). On the 2-core EPYC (AVX512-BF16) bf16 attention
     /// was 1-2% faster per q8 forward than f32 (README, "oneDNN: bf16
     /// attention"); on AMX the products run on the tiles.
-    pub fn for_reduced() -> std::result::Result<Self, onednn::OneDnnError> {
-        let forced = Self::from_env().ok().flatten();
+    pub fn for_reduced() -> Result<Self> {
+        let forced = Self::from_env().map_err(candle_core::Error::wrap)?;
         if forced == Some(Self::F32) {
             return Ok(Self::F32);
         }
-        let native = onednn::native_bf16().unwrap_or(false);
+        let native = onednn::native_bf16();
         match (forced, native) {
-            (Some(_), false) => Err(onednn::OneDnnError::NoBf16),
-            (Some(_), true) => onednn_impl().map(|_| Self::OneDnnBf16),
-            (None, false) => Ok(Self::F32),
-            (None, true) => Ok(match onednn_impl() {
+            (Some(_), Ok(true)) => match onednn_impl() {
+                Ok(_) => Ok(Self::OneDnnBf16),
+                Err(e) => candle_core::bail!("CLIPER_ATTENTION=bf16: {e}"),
+            },
+            (Some(_), Ok(false)) => candle_core::bail!(
+                "CLIPER_ATTENTION=bf16: oneDNN may not use bf16 instructions here (this CPU lacks avx512_bf16 and amx_bf16, or ONEDNN_MAX_CPU_ISA caps them); unset it or set CLIPER_ATTENTION=f32"
+            ),
+            (Some(_), Err(e)) => candle_core::bail!("CLIPER_ATTENTION=bf16: {e}"),
+            (None, Ok(true)) => Ok(match onednn_impl() {
                 Ok(_) => Self::OneDnnBf16,
                 Err(e) => {
                     log::info!("attention stays f32: {e}");
                     Self::F32
                 }
             }),
+            (None, _) => Ok(Self::F32),
         }
     }
 }

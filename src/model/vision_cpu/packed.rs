@@ -65,7 +65,7 @@ impl Packing {
     fn attention(self) -> Result<AttentionKernel> {
         match self {
             Packing::F32 | Packing::OneDnn(onednn::DataType::F32) => Ok(AttentionKernel::F32),
-            _ => AttentionKernel::for_reduced().map_err(candle_core::Error::wrap),
+            _ => AttentionKernel::for_reduced(),
         }
     }
 }
