@@ -13,14 +13,16 @@
 //! runs this crate's own kernels. `--precision bf16` needs it (with a
 //! message that says what to install); `f32`, `q8` and `auto` use it where
 //! it loads and is the faster path here, and run without it otherwise;
-//! `CLIPER_Q8=onednn` and `CLIPER_ATTENTION=bf16` insist on it.
+//! `CLIPER_Q8=onednn` and `CLIPER_ATTENTION=bf16` (which applies to the
+//! reduced precisions; f32 keeps f32 attention) insist on it.
 //!
 //! Threads: Debian builds oneDNN on OpenMP. OpenMP's threads beside the
 //! model pool's oversubscribed the cores, so a product's rows are split
 //! between the pool's threads ([`Linear::apply`]) and each runs oneDNN on
-//! one OpenMP thread, its own; OpenMP threads that are started anyway sleep
-//! at once after each product (`OMP_WAIT_POLICY=passive`, unless the user
-//! set it). Every primitive gets a scratchpad from the calling thread
+//! one OpenMP thread, its own (a primitive is created for the thread
+//! count it runs on, since oneDNN fixes that at creation); a product too
+//! small to split runs on the pool's count of OpenMP threads, which sleep
+//! at once after it (`OMP_WAIT_POLICY=passive`, unless the user set it). Every primitive gets a scratchpad from the calling thread
 //! (oneDNN's default shares one between all primitives, which concurrent
 //! products overwrote).
 //!
@@ -160,7 +162,6 @@ type Status = c_int;
 /// The C functions used, resolved once.
 struct Api {
     _lib: libloading::Library,
-    _omp: Option<libloading::Library>,
     engine: Handle,
     stream_create: unsafe extern "C" fn(*mut Handle, Handle, c_uint) -> Status,
     stream_wait: unsafe extern "C" fn(Handle) -> Status,
@@ -269,15 +270,21 @@ fn load() -> Result<Api, OneDnnError> {
             version: format!("{}.{}.{}", v.major, v.minor, v.patch),
         });
     }
-    // SAFETY: libgomp is already loaded as oneDNN's dependency; this only
-    // finds it again.
-    let omp = unsafe { libloading::Library::new("libgomp.so.1") }.ok();
-    let omp_set_num_threads = omp.as_ref().and_then(|l| {
-        // SAFETY: omp_set_num_threads(int) of the OpenMP API.
-        unsafe { l.get::<unsafe extern "C" fn(c_int)>(b"omp_set_num_threads\0") }
+    // The OpenMP runtime oneDNN was linked with (libgomp for Debian's,
+    // libiomp5 for Intel's builds), found through oneDNN's own handle,
+    // whose lookups search its dependencies.
+    // SAFETY: omp_set_num_threads(int) of the OpenMP API.
+    let omp_set_num_threads =
+        unsafe { lib.get::<unsafe extern "C" fn(c_int)>(b"omp_set_num_threads\0") }
             .ok()
-            .map(|f| *f)
-    });
+            .map(|f| *f);
+    // dnnl_config.h: DNNL_RUNTIME_SEQ 1, DNNL_RUNTIME_OMP 2.
+    if !matches!(v.cpu_runtime, 1 | 2) || (v.cpu_runtime == 2 && omp_set_num_threads.is_none()) {
+        log::warn!(
+            "{library}: oneDNN's CPU threading runtime ({}) cannot be limited per product here; products split between the model's threads may run more threads than cores",
+            v.cpu_runtime
+        );
+    }
     let engine_create: unsafe extern "C" fn(*mut Handle, c_int, usize) -> Status =
         sym!("dnnl_engine_create");
     let mut engine = std::ptr::null_mut();
@@ -312,7 +319,6 @@ fn load() -> Result<Api, OneDnnError> {
         memory_destroy: sym!("dnnl_memory_destroy"),
         effective_isa: sym!("dnnl_get_effective_cpu_isa"),
         omp_set_num_threads,
-        _omp: omp,
         _lib: lib,
     })
 }
@@ -479,6 +485,14 @@ thread_local! {
     static SCRATCHPAD: std::cell::RefCell<Vec<CacheLine>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Sets this thread's OpenMP thread count (at least 1).
+fn set_omp_threads(api: &Api, threads: usize) {
+    if let Some(set) = api.omp_set_num_threads {
+        // SAFETY: omp_set_num_threads only sets this thread's count.
+        unsafe { set(threads.max(1) as c_int) };
+    }
+}
+
 /// Runs `prim` with `args` (and its scratchpad) on this thread's stream,
 /// on `omp_threads` OpenMP threads (1: this thread alone).
 ///
@@ -491,10 +505,7 @@ unsafe fn run_primitive(
     mut args: Vec<ExecArg>,
     omp_threads: usize,
 ) -> Result<(), OneDnnError> {
-    if let Some(set) = api.omp_set_num_threads {
-        // SAFETY: sets this thread's OpenMP thread count.
-        unsafe { set(omp_threads.max(1) as c_int) };
-    }
+    set_omp_threads(api, omp_threads);
     SCRATCHPAD.with(|buf| {
         let mut buf = buf.borrow_mut();
         let _scratch = match &prim.scratchpad {
@@ -528,11 +539,16 @@ unsafe fn run_primitive(
     })
 }
 
+/// Creates the primitive of `op` for `omp_threads` OpenMP threads: oneDNN
+/// fixes a primitive's thread count (and sizes its blocking and scratchpad
+/// for it) when it is created, from the calling thread's setting.
 fn create_primitive(
     api: &Api,
     op: *const c_void,
     post_sum: bool,
+    omp_threads: usize,
 ) -> Result<(Owned, Primitive), OneDnnError> {
+    set_omp_threads(api, omp_threads);
     let mut attr = std::ptr::null_mut();
     // SAFETY (this block): valid out-pointers; every object made here is
     // destroyed here or owned by the result.
@@ -614,8 +630,9 @@ fn create_primitive(
 #[repr(C, align(64))]
 struct CacheLine([u8; 64]);
 
-/// The key of a cached primitive: rows, destination row stride, accumulate.
-type Key = (usize, usize, bool);
+/// The key of a cached primitive: rows, destination row stride,
+/// accumulate, OpenMP threads.
+type Key = (usize, usize, bool, usize);
 
 /// A linear layer `y = x W^T + b` as a oneDNN matmul with its weights
 /// reordered once into the kernel's layout.
@@ -717,6 +734,7 @@ impl Linear {
             n,
             false,
             onednn_bias,
+            1,
         )?;
         // SAFETY: a valid primitive descriptor; the returned descriptor is
         // copied before `pd` is destroyed.
@@ -784,7 +802,7 @@ impl Linear {
         }
         let impl_name = prim.impl_name.clone();
         let mut prims = HashMap::new();
-        prims.insert((TYPICAL_ROWS, n, false), std::sync::Arc::new(prim));
+        prims.insert((TYPICAL_ROWS, n, false, 1), std::sync::Arc::new(prim));
         Ok(Self {
             n,
             k,
@@ -810,6 +828,7 @@ impl Linear {
         dst_rs: usize,
         add: bool,
         bias: Option<&[f32]>,
+        omp_threads: usize,
     ) -> Result<(Owned, Primitive), OneDnnError> {
         let (mi, ni, ki) = (m as i64, n as i64, k as i64);
         let src_md = md_by_tag(api, &[mi, ki], dtype.src_code(), TAG_AB)?;
@@ -830,7 +849,12 @@ impl Linear {
                 &dst_md,
             )
         })?;
-        create_primitive(api, &*op as *const OpDesc as *const c_void, add)
+        create_primitive(
+            api,
+            &*op as *const OpDesc as *const c_void,
+            add,
+            omp_threads,
+        )
     }
 
     pub fn n(&self) -> usize {
@@ -864,8 +888,9 @@ impl Linear {
         m: usize,
         dst_rs: usize,
         add: bool,
+        omp_threads: usize,
     ) -> Result<std::sync::Arc<Primitive>, OneDnnError> {
-        let key = (m, dst_rs, add);
+        let key = (m, dst_rs, add, omp_threads);
         let mut prims = self.prims.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = prims.get(&key) {
             return Ok(p.clone());
@@ -880,6 +905,7 @@ impl Linear {
             dst_rs,
             add,
             self.bias.as_deref().filter(|_| self.int8.is_none()),
+            omp_threads,
         )?;
         let p = std::sync::Arc::new(p);
         // Batch sizes are few; a stream of odd ones must not grow it forever.
@@ -956,7 +982,7 @@ impl Linear {
             return Ok(());
         }
         let api = api()?;
-        let prim = self.primitive(api, m, dst_rs, add)?;
+        let prim = self.primitive(api, m, dst_rs, add, omp_threads)?;
         let converted;
         let src_ptr = match self.dtype {
             DataType::Bf16 => {
@@ -991,7 +1017,7 @@ impl Linear {
             unreachable!("apply_int8 on a {:?} product", self.dtype)
         };
         let api = api()?;
-        let prim = self.primitive(api, m, n, false)?;
+        let prim = self.primitive(api, m, n, false, omp_threads)?;
         let mut codes = vec![0u8; m * k];
         let mut params = vec![(0f32, 0i32); m];
         codes
@@ -1072,9 +1098,10 @@ impl Linear {
 }
 
 /// A oneDNN matmul over batch dimensions, each operand read with its own
-/// strides (attention's products, read straight out of the q/k/v rows):
-/// `dst[i] = src[i] x weights[i]` for every batch index `i`, bf16
-/// operands, f32 output.
+/// strides (attention's products; dense operands get oneDNN's brgemm
+/// kernels, strided ones in 2.6 its older `gemm:jit`): `dst[i] = src[i] x
+/// weights[i]` for every batch index `i`, bf16 operands, f32 output, on one
+/// OpenMP thread per call.
 pub struct Batched {
     prim: Primitive,
     src_md: Box<MemoryDesc>,
@@ -1108,7 +1135,8 @@ impl Batched {
         check("matmul descriptor", unsafe {
             (api.matmul_desc)(&mut *op, &*src_md, &*weights_md, std::ptr::null(), &*dst_md)
         })?;
-        let (_pd, prim) = create_primitive(api, &*op as *const OpDesc as *const c_void, false)?;
+        // Run on one OpenMP thread per caller (attention's tasks).
+        let (_pd, prim) = create_primitive(api, &*op as *const OpDesc as *const c_void, false, 1)?;
         Ok(Self {
             prim,
             src_md,

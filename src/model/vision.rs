@@ -140,6 +140,9 @@ impl std::fmt::Display for ReducedPath {
 /// - `CLIPER_Q8=own`: our kernels (and bf16 for `auto`);
 /// - `CLIPER_Q8=onednn`: oneDNN's int8 (and bf16 for `auto`);
 /// - else every path this CPU runs.
+///
+/// (Under `auto`, towers whose layers do not all fit our 8-bit panels get
+/// f32 before this is asked, whatever `CLIPER_Q8` says.)
 fn reduced_paths(
     isa: Option<Isa>,
     named_isa: bool,
@@ -200,6 +203,9 @@ impl PrecisionRace {
 impl std::fmt::Display for PrecisionRace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "one block:")?;
+        if self.times.is_empty() {
+            write!(f, " no path could be timed")?;
+        }
         for (i, (p, t)) in self.times.iter().enumerate() {
             write!(f, "{} {p} {t:.2} ms", if i == 0 { "" } else { "," })?;
         }
@@ -323,7 +329,7 @@ impl VisionTower {
             match self.pack_onednn(super::onednn::DataType::Int8) {
                 Ok(()) => return Ok(()),
                 Err(e) if forced_onednn => return Err(e),
-                Err(e) => log::warn!("oneDNN's int8 products won but could not be packed ({e}): our 8-bit kernels run"),
+                Err(e) => log::warn!("oneDNN's int8 products were fastest but could not be packed ({e}): our 8-bit kernels run"),
             }
         }
         let q = QuantizedLinears::new(self, isa)?;
@@ -535,10 +541,14 @@ impl VisionTower {
         if let Some((dtype, precision)) = onednn {
             match self.pack_onednn(dtype) {
                 Ok(()) => return Ok(precision),
-                Err(e) if forced_onednn => return Err(e),
-                Err(e) => log::warn!(
-                    "oneDNN's {precision} won but could not be packed ({e}): our 8-bit kernels run"
-                ),
+                Err(e) => {
+                    log::warn!("oneDNN's {precision} was fastest but could not be packed ({e})")
+                }
+            }
+            if forced_onednn {
+                // CLIPER_Q8=onednn: its int8 products or an error.
+                self.pack_onednn(super::onednn::DataType::Int8)?;
+                return Ok("q8");
             }
         }
         let q = QuantizedLinears::new(self, Some(isa))?;

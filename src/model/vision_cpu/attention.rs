@@ -20,7 +20,7 @@ pub enum AttentionKernel {
     #[default]
     F32,
     /// bf16 operands, f32 sums, through oneDNN: one batched product per
-    /// matmul for every (image, head) of the block.
+    /// matmul for each (image, group of heads), a task each.
     OneDnnBf16,
 }
 
@@ -57,12 +57,16 @@ impl AttentionKernel {
         match (forced, native) {
             (Some(_), Ok(true)) => match onednn_impl() {
                 Ok(_) => Ok(Self::OneDnnBf16),
-                Err(e) => candle_core::bail!("CLIPER_ATTENTION=bf16: {e}"),
+                Err(e) => candle_core::bail!(
+                    "CLIPER_ATTENTION=bf16: {e} (set CLIPER_ATTENTION=f32 or unset it)"
+                ),
             },
             (Some(_), Ok(false)) => candle_core::bail!(
                 "CLIPER_ATTENTION=bf16: oneDNN may not use bf16 instructions here (this CPU lacks avx512_bf16 and amx_bf16, or ONEDNN_MAX_CPU_ISA caps them); unset it or set CLIPER_ATTENTION=f32"
             ),
-            (Some(_), Err(e)) => candle_core::bail!("CLIPER_ATTENTION=bf16: {e}"),
+            (Some(_), Err(e)) => candle_core::bail!(
+                "CLIPER_ATTENTION=bf16: {e} (set CLIPER_ATTENTION=f32 or unset it)"
+            ),
             (None, Ok(true)) => Ok(match onednn_impl() {
                 Ok(_) => Self::OneDnnBf16,
                 Err(e) => {
@@ -91,9 +95,21 @@ pub(super) fn attend(
             attention_f32(qkv, out, b, t, d, heads);
             Ok(())
         }
-        AttentionKernel::OneDnnBf16 => {
-            attention_bf16(qkv, out, b, t, d, heads).map_err(candle_core::Error::wrap)
-        }
+        AttentionKernel::OneDnnBf16 => match attention_bf16(qkv, out, b, t, d, heads) {
+            Ok(()) => Ok(()),
+            Err(e) if AttentionKernel::from_env().ok().flatten().is_some() => {
+                candle_core::bail!(
+                    "CLIPER_ATTENTION=bf16: {e} (set CLIPER_ATTENTION=f32 or unset it)"
+                )
+            }
+            Err(e) => {
+                // A shape the load-time check did not cover: f32 instead.
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| log::warn!("bf16 attention failed ({e}): f32 attention runs"));
+                attention_f32(qkv, out, b, t, d, heads);
+                Ok(())
+            }
+        },
     }
 }
 
@@ -242,9 +258,9 @@ pub fn onednn_impl() -> std::result::Result<String, onednn::OneDnnError> {
     Ok(products((1, 3, 197, 64))?.qk.impl_name().to_string())
 }
 
-/// Heads per task of [`attention_bf16`]: the fewest that still give the
-/// pool's threads two tasks each (a head group is one oneDNN call per
-/// product; more calls cost more, fewer tasks balance worse).
+/// Heads per task of [`attention_bf16`]: the most (the fewest oneDNN
+/// calls) that still give the pool's threads two tasks each (fewer tasks
+/// balance worse); a divisor of `heads`.
 fn heads_per_task(b: usize, heads: usize) -> usize {
     let want = 2 * rayon::current_num_threads().max(1);
     let groups = want.div_ceil(b.max(1)).clamp(1, heads);
