@@ -128,11 +128,26 @@ const ARG_SCRATCHPAD: c_int = 80;
 const SCRATCHPAD_MODE_USER: c_int = 1;
 const MAX_NDIMS: usize = 12;
 
-/// `dnnl_memory_desc_t`, opaque: 696 bytes in oneDNN 2.6; room is left for
-/// any 2.x.
+/// `dnnl_memory_desc_t`, opaque: 696 bytes in oneDNN 2.x (its ABI is
+/// stable within a major version, and only 2.x is loaded); room is left.
 #[repr(C, align(16))]
 #[derive(Clone, Copy)]
 struct MemoryDesc([u8; 2048]);
+
+/// Bytes of oneDNN 2.x's `dnnl_memory_desc_t`.
+const MD_BYTES: usize = 696;
+
+/// A copy of the descriptor at `md`, which oneDNN owns: only its own bytes
+/// are read (a whole `MemoryDesc` would read past it).
+///
+/// # Safety
+/// `md` points to a valid `dnnl_memory_desc_t` of oneDNN 2.x.
+unsafe fn copy_md(md: *const MemoryDesc) -> Box<MemoryDesc> {
+    let mut out = Box::new(MemoryDesc([0; 2048]));
+    // SAFETY: the caller's descriptor holds MD_BYTES bytes; `out` more.
+    unsafe { std::ptr::copy_nonoverlapping(md as *const u8, out.0.as_mut_ptr(), MD_BYTES) };
+    out
+}
 
 /// `dnnl_matmul_desc_t`, opaque (2,800 bytes in 2.6).
 #[repr(C, align(16))]
@@ -603,7 +618,7 @@ fn create_primitive(
         }
         let scratchpad = {
             let md = (api.pd_query_md)(pd.handle, QUERY_SCRATCHPAD_MD, 0);
-            (!md.is_null() && (api.md_size)(md) > 0).then(|| Box::new(*md))
+            (!md.is_null() && (api.md_size)(md) > 0).then(|| copy_md(md))
         };
         let mut prim = std::ptr::null_mut();
         check(
@@ -746,7 +761,7 @@ impl Linear {
                     status: -1,
                 });
             }
-            Box::new(*md)
+            copy_md(md)
         };
         drop(pd);
         // SAFETY: a valid descriptor.
