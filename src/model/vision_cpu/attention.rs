@@ -216,34 +216,26 @@ fn products(shape: Shape) -> std::result::Result<Arc<Products>, onednn::OneDnnEr
     let dense = |rows: i64, cols: i64| [h * rows * cols, rows * cols, cols, 1];
     let (q_s, s_s, o_s) = (dense(t, hd), dense(t, t), dense(t, hd));
     let kt_s = [h * t * hd, t * hd, 1, hd];
-    let qk = Batched::bf16(
-        Operand {
-            dims: &[b, h, t, hd],
-            strides: &q_s,
-        },
-        Operand {
-            dims: &[b, h, hd, t],
-            strides: &kt_s,
-        },
-        Operand {
-            dims: &[b, h, t, t],
-            strides: &s_s,
-        },
-    )?;
-    let pv = Batched::bf16(
-        Operand {
-            dims: &[b, h, t, t],
-            strides: &s_s,
-        },
-        Operand {
-            dims: &[b, h, t, hd],
-            strides: &q_s,
-        },
-        Operand {
-            dims: &[b, h, t, hd],
-            strides: &o_s,
-        },
-    )?;
+    let (tok_dims, kt_dims, sq_dims) = ([b, h, t, hd], [b, h, hd, t], [b, h, t, t]);
+    let tokens = Operand {
+        dims: &tok_dims,
+        strides: &q_s,
+    };
+    let scores = Operand {
+        dims: &sq_dims,
+        strides: &s_s,
+    };
+    let k_t = Operand {
+        dims: &kt_dims,
+        strides: &kt_s,
+    };
+    let out = Operand {
+        dims: &tok_dims,
+        strides: &o_s,
+    };
+    // q k^T, then p v (v laid out as q).
+    let qk = Batched::bf16(tokens, k_t, scores)?;
+    let pv = Batched::bf16(scores, tokens, out)?;
     let p = Arc::new(Products { qk, pv });
     if cache.len() >= 64 {
         cache.clear();
