@@ -695,6 +695,9 @@ impl std::fmt::Debug for Linear {
     }
 }
 
+/// The fewest rows a product is split into per thread ([`Linear::apply`]).
+const MIN_SPLIT_ROWS: usize = 64;
+
 /// The rows a layer is first built for: one ViT-B/16 image's tokens.
 const TYPICAL_ROWS: usize = 197;
 
@@ -952,13 +955,22 @@ impl Linear {
         // spun against them. On the 2-core EPYC, alternating runs of
         // `examples/encode_loop`, batch 1: q8 57.5 against 62.7-83.4 ms per
         // image, bf16 96-98 against 106-108, f32 168-173 against 173-183.
+        //
+        // Each chunk reads all the weights, so chunks keep at least
+        // `MIN_SPLIT_ROWS` rows: with many threads and few rows (16 threads,
+        // one image) 16 chunks of 13 rows would stream the weights 16 times;
+        // there fewer chunks share the threads as OpenMP threads. (Measured
+        // on 2 cores only, where every split is into chunks of 99 rows or
+        // more.)
         let threads = rayon::current_num_threads().max(1);
-        if threads > 1 && m >= 2 * threads {
-            let rows = m.div_ceil(threads);
+        let chunks = threads.min(m / MIN_SPLIT_ROWS).max(1);
+        if chunks > 1 {
+            let rows = m.div_ceil(chunks);
+            let omp = threads / chunks;
             return x[..m * k]
                 .par_chunks(rows * k)
                 .zip(dst.par_chunks_mut(rows * dst_rs))
-                .try_for_each(|(x, d)| self.apply_rows(x, x.len() / k, d, dst_rs, add, 1));
+                .try_for_each(|(x, d)| self.apply_rows(x, x.len() / k, d, dst_rs, add, omp));
         }
         self.apply_rows(x, m, dst, dst_rs, add, threads)
     }
