@@ -371,73 +371,53 @@ fn huge_and_bom_prompt_files_load() {
     assert_eq!(code, 0, "{err}");
 }
 
-/// A kernel override that names no kernel is said before the model loads,
-/// and not as a fault of the weights file.
-#[test]
-fn an_unknown_f32_kernel_override_is_named() {
+/// `cliper run` on the demo source at `precision` with `envs` set: it must
+/// fail; returns its standard error, which must not blame the weights file
+/// (kernel overrides are checked before the model loads).
+fn refused_override(precision: &str, envs: &[(&str, &str)]) -> String {
     let w = weights();
     let out = Command::new(env!("CARGO_BIN_EXE_cliper"))
         .args(["run", "--source", "demo", "--frames", "1", "--weights", &w])
-        .args(["--device", "cpu", "--precision", "f32"])
-        .env("CLIPER_F32", "fast")
+        .args(["--device", "cpu", "--precision", precision])
+        .envs(envs.iter().copied())
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{envs:?} ran: {err}");
+    assert!(!err.contains(&w), "blames the weights file: {err}");
+    err
+}
+
+/// A kernel override that names no kernel is said before the model loads,
+/// and not as a fault of the weights file.
+#[test]
+fn an_unknown_kernel_override_is_named() {
+    let err = refused_override("f32", &[("CLIPER_F32", "fast")]);
     assert!(
         err.contains("CLIPER_F32=\"fast\" is not a kernel: use gemm, onednn or packed"),
         "{err}"
     );
-    assert!(!err.contains(&w), "blames the weights file: {err}");
-}
-
-#[test]
-fn an_unknown_q8_kernel_override_is_named() {
-    let w = weights();
-    let out = Command::new(env!("CARGO_BIN_EXE_cliper"))
-        .args(["run", "--source", "demo", "--frames", "1", "--weights", &w])
-        .args(["--device", "cpu", "--precision", "q8"])
-        .env("CLIPER_Q8", "amx")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = refused_override("q8", &[("CLIPER_Q8", "amx")]);
     assert!(
         err.contains("CLIPER_Q8=\"amx\" is not an 8-bit kernel: use own or onednn"),
         "{err}"
     );
-    assert!(!err.contains(&w), "blames the weights file: {err}");
+    let err = refused_override("q8", &[("CLIPER_ATTENTION", "int4")]);
+    assert!(
+        err.contains("CLIPER_ATTENTION=\"int4\" is not an attention kernel: use f32 or bf16"),
+        "{err}"
+    );
 }
 
+/// Our kernels on a named instruction set and oneDNN's forced together.
 #[test]
 fn conflicting_kernel_overrides_are_named() {
-    let w = weights();
-    let run = |envs: &[(&str, &str)]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_cliper"))
-            .args(["run", "--source", "demo", "--frames", "1", "--weights", &w])
-            .args(["--device", "cpu", "--precision", "q8"])
-            .envs(envs.iter().copied())
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
-    let (ok, err) = run(&[("CLIPER_ISA", "avx2"), ("CLIPER_Q8", "onednn")]);
-    assert!(!ok);
+    let err = refused_override("q8", &[("CLIPER_ISA", "avx2"), ("CLIPER_Q8", "onednn")]);
     assert!(
         err.contains("CLIPER_Q8=onednn runs oneDNN's int8 products")
             || err.contains("cannot run the avx2 path"),
         "{err}"
     );
-    let (ok, err) = run(&[("CLIPER_ATTENTION", "int4")]);
-    assert!(!ok);
-    assert!(
-        err.contains("CLIPER_ATTENTION=\"int4\" is not an attention kernel: use f32 or bf16"),
-        "{err}"
-    );
-    assert!(!err.contains(&w), "blames the weights file: {err}");
 }
 
 #[test]

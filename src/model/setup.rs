@@ -112,7 +112,7 @@ pub fn load(spec: &ModelSpec) -> Result<Loaded, SetupError> {
     let dtype = precision.dtype(&device)?;
     // Said before a long load, not after it.
     crate::model::vision::F32Kernel::from_env()?;
-    crate::model::vision::Q8Kernel::from_env()?;
+    crate::model::vision::Q8Kernel::check_env()?;
     crate::model::vision_cpu::AttentionKernel::from_env()?;
     let mut cliper = spec.bank.checkpoint()?;
     // A DFER-CLIP file holds its whole CLIP: no separate weights needed.

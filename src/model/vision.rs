@@ -95,10 +95,14 @@ pub enum Q8Kernel {
     OneDnn,
 }
 
-/// `CLIPER_Q8` names no kernel.
+/// `CLIPER_Q8` names no kernel, or one that another override rules out.
 #[derive(Debug, thiserror::Error)]
-#[error("CLIPER_Q8={0:?} is not an 8-bit kernel: use own or onednn, or unset it")]
-pub struct Q8KernelError(pub String);
+pub enum Q8KernelError {
+    #[error("CLIPER_Q8={0:?} is not an 8-bit kernel: use own or onednn, or unset it")]
+    Unknown(String),
+    #[error("CLIPER_Q8=onednn runs oneDNN's int8 products, which pick their own instructions: unset CLIPER_ISA (or --isa) or CLIPER_Q8")]
+    WithIsa,
+}
 
 impl Q8Kernel {
     /// The kernel `CLIPER_Q8` forces, `None` when it is unset or empty.
@@ -106,10 +110,26 @@ impl Q8Kernel {
         match std::env::var("CLIPER_Q8").as_deref().map(str::trim) {
             Ok("own") => Ok(Some(Self::Own)),
             Ok("onednn") => Ok(Some(Self::OneDnn)),
-            Ok(other) if !other.is_empty() => Err(Q8KernelError(other.to_string())),
+            Ok(other) if !other.is_empty() => Err(Q8KernelError::Unknown(other.to_string())),
             _ => Ok(None),
         }
     }
+
+    /// [`from_env`](Self::from_env), also refusing `CLIPER_Q8=onednn` beside
+    /// `CLIPER_ISA` (which names one of our kernels): said before a model
+    /// loads.
+    pub fn check_env() -> std::result::Result<Option<Self>, Q8KernelError> {
+        let kernel = Self::from_env()?;
+        if kernel == Some(Self::OneDnn) && named_isa_env() {
+            return Err(Q8KernelError::WithIsa);
+        }
+        Ok(kernel)
+    }
+}
+
+/// Whether `CLIPER_ISA` names an instruction set (our 8-bit kernels).
+fn named_isa_env() -> bool {
+    std::env::var("CLIPER_ISA").is_ok_and(|v| !v.trim().is_empty())
 }
 
 /// A reduced-precision CPU path of the block layers.
@@ -151,14 +171,16 @@ fn reduced_paths(
     let ours = isa.map(ReducedPath::Q8);
     let kernel = Q8Kernel::from_env().map_err(candle_core::Error::wrap)?;
     let (mut paths, forced) = match (kernel, named_isa) {
-        (Some(Q8Kernel::OneDnn), true) => candle_core::bail!(
-            "CLIPER_Q8=onednn runs oneDNN's int8 products, which pick their own instructions: unset CLIPER_ISA (or --isa) or CLIPER_Q8"
-        ),
+        (Some(Q8Kernel::OneDnn), true) => {
+            return Err(candle_core::Error::wrap(Q8KernelError::WithIsa));
+        }
         (_, true) => return Ok((ours.into_iter().collect(), false)),
         (Some(Q8Kernel::OneDnn), false) => {
             if !super::onednn::native_int8().map_err(candle_core::Error::wrap)? {
                 let isa = super::onednn::isa().map_err(candle_core::Error::wrap)?;
-                return Err(candle_core::Error::wrap(super::onednn::OneDnnError::NoInt8 { isa }));
+                return Err(candle_core::Error::wrap(
+                    super::onednn::OneDnnError::NoInt8 { isa },
+                ));
             }
             (vec![ReducedPath::OneDnnQ8], true)
         }
@@ -316,8 +338,7 @@ impl VisionTower {
                 "this tower's f32 block weights were released after quantizing: load the model again to quantize it for another kernel"
             )
         }
-        let named_isa =
-            forced.is_some() || std::env::var("CLIPER_ISA").is_ok_and(|v| !v.trim().is_empty());
+        let named_isa = forced.is_some() || named_isa_env();
         let isa = Isa::select(forced).map_err(candle_core::Error::wrap)?;
         if !super::vision_cpu::supports(self, None) {
             candle_core::bail!(
@@ -531,7 +552,7 @@ impl VisionTower {
             self.pack_f32_fastest()?;
             return Ok("f32");
         }
-        let named_isa = std::env::var("CLIPER_ISA").is_ok_and(|v| !v.trim().is_empty());
+        let named_isa = named_isa_env();
         let (paths, forced_onednn) = reduced_paths(Some(isa), named_isa, true)?;
         let onednn = match self.choose(&paths, "auto") {
             Some(ReducedPath::Bf16) => Some((super::onednn::DataType::Bf16, "bf16")),
