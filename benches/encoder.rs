@@ -28,6 +28,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let threads = arg(&args, "--threads", 0);
     if threads > 0 {
         bench::set_threads(threads)?;
+    } else {
+        cliper::parallel::build_model_pool(None)?;
     }
     let ckpt = Checkpoint::random(&ClipConfig::vit_b16(), 0)?;
     let mut clip = ClipModel::from_checkpoint(ckpt, &Device::Cpu, DType::F32)?;

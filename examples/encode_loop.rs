@@ -25,6 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let threads: usize = get(3, "0").parse()?;
     if threads > 0 {
         cliper::commands::bench::set_threads(threads)?;
+    } else {
+        cliper::parallel::build_model_pool(None)?;
     }
     let config = cliper::model::ClipConfig::vit_b16();
     let ckpt = cliper::model::Checkpoint::random(&config, 0)?;

@@ -44,7 +44,7 @@ pub mod batch;
 pub mod charts;
 pub mod commands;
 pub mod model;
-pub(crate) mod parallel;
+pub mod parallel;
 pub mod pipeline;
 pub mod progress;
 pub mod session;

@@ -106,6 +106,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The model's thread pool, before anything starts rayon's default one
+    // (`bench --threads` sizes its own).
+    if !matches!(cli.command, Some(cli::Command::Bench(_))) {
+        let _ = cliper::parallel::build_model_pool(None);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

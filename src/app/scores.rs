@@ -70,12 +70,24 @@ pub fn show(
                 ui.label(RichText::new("No face selected").weak());
             }
         }
-        // One legend for both plots, in class order.
-        ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
-            for name in names.iter().rev() {
-                ui.label(RichText::new(name.as_str()).color(class_color(name)).small());
-            }
+        // One legend for both plots, in class order, where it fits beside
+        // the face's line (on a narrow window it ran over it; the bars
+        // carry the names and colours too).
+        let font = egui::TextStyle::Small.resolve(ui.style());
+        let gap = ui.spacing().item_spacing.x;
+        let needed: f32 = ui.ctx().fonts_mut(|f| {
+            names
+                .iter()
+                .map(|n| f.layout_no_wrap(n.clone(), font.clone(), egui::Color32::WHITE).size().x + gap)
+                .sum()
         });
+        if needed <= ui.available_width() {
+            ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+                for name in names.iter().rev() {
+                    ui.label(RichText::new(name.as_str()).color(class_color(name)).small());
+                }
+            });
+        }
     });
     let plot_h = (height - 28.0).max(120.0);
     ui.horizontal(|ui| {

@@ -136,16 +136,26 @@ pub fn show(ui: &mut egui::Ui, store: &Store, stats: &UiStats) {
                         .and_then(|p| p.file_name())
                         .map(|n| format!("{}/", n.to_string_lossy()))
                         .unwrap_or_default();
-                    ui.label(RichText::new(format!("{parent}{name}")).color(dim))
+                    // Shortened, and cut to the room the rates leave: on a
+                    // narrow window the full names ran over them.
+                    ui.add(
+                        egui::Label::new(
+                            RichText::new(format!("{} {}", info.device, short_kernel(&info.kernel)))
+                                .strong(),
+                        )
+                        .truncate(),
+                    )
+                    .on_hover_text(format!(
+                        "{} {}: the image encoder's device, precision and kernel \
+                         (--precision; cliper bench compares them)",
+                        info.device, info.kernel
+                    ));
+                    ui.add(egui::Label::new(RichText::new(format!("{parent}{name}")).color(dim)).truncate())
                         .on_hover_text(format!(
                             "weights: {}\nloaded in {:.1} s",
                             info.weights.display(),
                             info.load_secs
                         ));
-                    ui.label(RichText::new(format!("{} {}", info.device, info.kernel)).strong())
-                        .on_hover_text(
-                            "the image encoder's device, precision and kernel (--precision; cliper bench compares them)",
-                        );
                 }
                 ModelState::Failed(e) => {
                     ui.label(RichText::new("model failed to load").color(Color32::LIGHT_RED))
@@ -154,4 +164,33 @@ pub fn show(ui: &mut egui::Ui, store: &Store, stats: &UiStats) {
             },
         );
     });
+}
+
+/// A kernel's name without oneDNN's implementation names (`brg:avx512_core_vnni`):
+/// "q8 onednn, attention bf16". The hover text has the whole name.
+fn short_kernel(kernel: &str) -> String {
+    kernel
+        .split(", ")
+        .map(|part| {
+            part.split(' ')
+                .filter(|w| !w.contains(':'))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_kernel_is_shortened_to_precision_and_library() {
+        assert_eq!(
+            super::short_kernel(
+                "q8 onednn brg:avx512_core_vnni, attention bf16 brg:avx512_core_bf16"
+            ),
+            "q8 onednn, attention bf16"
+        );
+        assert_eq!(super::short_kernel("q8 avx512-vnni"), "q8 avx512-vnni");
+    }
 }

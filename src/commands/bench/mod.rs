@@ -266,9 +266,7 @@ pub fn set_threads(n: usize) -> Result<(), BenchError> {
     }
     // Candle reads RAYON_NUM_THREADS for its own pools.
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global()
+    crate::parallel::build_model_pool(Some(n))
         .map_err(|e| BenchError::Settings(format!("cannot set --threads {n}: {e}")))
 }
 
@@ -349,8 +347,12 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     if opts.runs == 0 {
         return Err(BenchError::Settings("--runs must be at least 1".into()));
     }
-    if let Some(n) = opts.threads {
-        set_threads(n)?;
+    match opts.threads {
+        Some(n) => set_threads(n)?,
+        // As the other commands run it (a pool started already stays).
+        None => {
+            let _ = crate::parallel::build_model_pool(None);
+        }
     }
     let (w, r) = (opts.warmup, opts.runs);
     progress("loading the model");
