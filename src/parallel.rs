@@ -1,5 +1,7 @@
-//! What the CPU kernels share to split one output buffer across rayon
-//! tasks.
+//! The model's thread pool (rayon's global pool, whose threads spin
+//! rather than yield), what the CPU kernels share to split one output
+//! buffer across its tasks, and how the stages beside the model give way
+//! to it.
 
 /// A raw pointer to an output buffer that rayon tasks writing disjoint
 /// parts of it may share.
