@@ -437,6 +437,12 @@ impl CliperApp {
 }
 
 impl eframe::App for CliperApp {
+    /// The dark theme's panel colour: the panels themselves are
+    /// transparent (see `configure_style`).
+    fn clear_color(&self, _visuals: &egui::Visuals) -> [f32; 4] {
+        egui::Visuals::dark().panel_fill.to_normalized_gamma_f32()
+    }
+
     fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
         // Also runs while the window is hidden, so events never pile up.
         self.drain_events();
@@ -556,5 +562,10 @@ fn configure_style(ctx: &egui::Context) {
     ctx.all_styles_mut(|style| {
         style.spacing.item_spacing = egui::vec2(8.0, 6.0);
         style.spacing.button_padding = egui::vec2(8.0, 3.0);
+        // The panels' colour comes from clearing the window instead
+        // ([`eframe::App::clear_color`]): a software OpenGL fills every
+        // pixel of a panel's rectangle again, a whole window's worth each
+        // frame (llvmpipe 24-26% -> 18% of a core, 1280x800 under Xvfb).
+        style.visuals.panel_fill = egui::Color32::TRANSPARENT;
     });
 }
