@@ -83,8 +83,9 @@ const YIELD_SPINS: u32 = 64;
 /// the model's threads a yield spins instead (as OpenMP's threads do while
 /// they wait), and every other thread yields as before. Measured on the
 /// 2-core EPYC, `examples/encode_loop q8 1 30 2` beside a busy loop at
-/// niceness 10: median 121.5 ms per image with yields, 64.5 with spins
-/// (58.4 alone); the README's "Speed" has the live window's figures.
+/// niceness 10: medians 122.7-131.0 ms per image with yields, 64.1-69.4
+/// with spins (58 alone either way); the README's "The model's threads do
+/// not yield" and "Speed" have the rest.
 #[cfg(target_os = "linux")]
 #[no_mangle]
 pub extern "C" fn sched_yield() -> libc::c_int {
