@@ -65,6 +65,22 @@ pub enum F32Kernel {
     Packed,
 }
 
+/// The kernel an override variable names: `Ok(None)` where it is unset
+/// or empty, `Err` with its value where it names none of `choices`.
+pub(crate) fn env_choice<T: Copy>(
+    var: &str,
+    choices: &[(&str, T)],
+) -> std::result::Result<Option<T>, String> {
+    match std::env::var(var).as_deref().map(str::trim) {
+        Ok("") | Err(_) => Ok(None),
+        Ok(value) => choices
+            .iter()
+            .find(|(name, _)| *name == value)
+            .map(|&(_, kernel)| Some(kernel))
+            .ok_or_else(|| value.to_string()),
+    }
+}
+
 /// `CLIPER_F32` names no kernel.
 #[derive(Debug, thiserror::Error)]
 #[error("CLIPER_F32={0:?} is not a kernel: use gemm, onednn or packed, or unset it")]
@@ -73,13 +89,12 @@ pub struct F32KernelError(pub String);
 impl F32Kernel {
     /// The kernel `CLIPER_F32` forces, `None` when it is unset or empty.
     pub fn from_env() -> std::result::Result<Option<Self>, F32KernelError> {
-        match std::env::var("CLIPER_F32").as_deref().map(str::trim) {
-            Ok("gemm") => Ok(Some(Self::Gemm)),
-            Ok("onednn") => Ok(Some(Self::OneDnn)),
-            Ok("packed") => Ok(Some(Self::Packed)),
-            Ok(other) if !other.is_empty() => Err(F32KernelError(other.to_string())),
-            _ => Ok(None),
-        }
+        let choices = [
+            ("gemm", Self::Gemm),
+            ("onednn", Self::OneDnn),
+            ("packed", Self::Packed),
+        ];
+        env_choice("CLIPER_F32", &choices).map_err(F32KernelError)
     }
 }
 
@@ -107,12 +122,8 @@ pub enum Q8KernelError {
 impl Q8Kernel {
     /// The kernel `CLIPER_Q8` forces, `None` when it is unset or empty.
     pub fn from_env() -> std::result::Result<Option<Self>, Q8KernelError> {
-        match std::env::var("CLIPER_Q8").as_deref().map(str::trim) {
-            Ok("own") => Ok(Some(Self::Own)),
-            Ok("onednn") => Ok(Some(Self::OneDnn)),
-            Ok(other) if !other.is_empty() => Err(Q8KernelError::Unknown(other.to_string())),
-            _ => Ok(None),
-        }
+        env_choice("CLIPER_Q8", &[("own", Self::Own), ("onednn", Self::OneDnn)])
+            .map_err(Q8KernelError::Unknown)
     }
 
     /// [`from_env`](Self::from_env), also refusing `CLIPER_Q8=onednn` beside

@@ -33,12 +33,8 @@ impl AttentionKernel {
     /// The kernel `CLIPER_ATTENTION` forces, `None` when it is unset or
     /// empty.
     pub fn from_env() -> std::result::Result<Option<Self>, AttentionKernelError> {
-        match std::env::var("CLIPER_ATTENTION").as_deref().map(str::trim) {
-            Ok("f32") => Ok(Some(Self::F32)),
-            Ok("bf16") => Ok(Some(Self::OneDnnBf16)),
-            Ok(other) if !other.is_empty() => Err(AttentionKernelError(other.to_string())),
-            _ => Ok(None),
-        }
+        let choices = [("f32", Self::F32), ("bf16", Self::OneDnnBf16)];
+        crate::model::vision::env_choice("CLIPER_ATTENTION", &choices).map_err(AttentionKernelError)
     }
 
     /// The attention of the reduced-precision paths (q8, bf16): bf16
