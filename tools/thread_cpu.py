@@ -5,7 +5,8 @@
 
 Reads /proc/PID/task/*/stat twice, SECONDS apart (default 10), and prints
 each thread name's share of one core over that time (100% = one core busy
-the whole time), largest first. Threads of the same name are summed (the
+the whole time), largest first, with its minor page faults a second (a
+thread that keeps faulting is refilling memory its allocator gave back). Threads of the same name are summed (the
 model pool's `rayon` threads, llvmpipe's `llvmpipe-N`). `--also` adds other
 processes as one line each (the Xvfb server, for instance). Linux only.
 """
@@ -27,7 +28,7 @@ def threads(pid):
             continue
         name = stat[stat.index("(") + 1 : stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2 :].split()
-        out[tid] = (name, int(fields[11]) + int(fields[12]))
+        out[tid] = (name, int(fields[11]) + int(fields[12]), int(fields[7]))
     return out
 
 
@@ -57,9 +58,11 @@ def main():
     after_also = {p: process(p) for p in args.also}
     wall = time.monotonic() - t0
     shares = {}
-    for tid, (name, ticks) in after.items():
-        used = ticks - before.get(tid, (name, 0))[1]
-        shares[group(name)] = shares.get(group(name), 0) + used
+    faults = {}
+    for tid, (name, ticks, flt) in after.items():
+        _, ticks0, flt0 = before.get(tid, (name, 0, 0))
+        shares[group(name)] = shares.get(group(name), 0) + ticks - ticks0
+        faults[group(name)] = faults.get(group(name), 0) + flt - flt0
     for p in args.also:
         with open(f"/proc/{p}/comm") as f:
             shares[f"[{f.read().strip()} {p}]"] = after_also[p] - before_also[p]
@@ -68,7 +71,9 @@ def main():
         share = 100.0 * ticks / TICK / wall
         total += share
         if share >= 0.5:
-            print(f"{share:6.1f}%  {name}")
+            flt = faults.get(name)
+            flt = f"  {flt / wall:8.0f} faults/s" if flt is not None else ""
+            print(f"{share:6.1f}%  {name:<20}{flt}")
     print(f"{total:6.1f}%  total over {wall:.1f} s ({os.cpu_count()} cores = {100 * os.cpu_count()}%)")
 
 

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
-use eframe::egui::{self, Color32, CornerRadius, RichText, TextureHandle, TextureOptions};
+use eframe::egui::{self, Color32, RichText, TextureHandle, TextureOptions};
 use image::RgbImage;
 
 use super::exit::{check_writable, ExitPlan, Outcome};
@@ -75,6 +75,7 @@ pub fn run_replay(opts: ReplayOptions) -> Result<(), ReplayError> {
         ..Default::default()
     };
     let shared = outcome.clone();
+    super::keep_freed_heap();
     eframe::run_native(
         "cliper-replay",
         native,
@@ -448,10 +449,7 @@ impl ReplayApp {
             egui::Sense::hover(),
         );
         let painter = ui.painter_at(rect);
-        painter.rect_filled(rect, CornerRadius::same(4), Color32::from_gray(14));
-        if let Some(tex) = &self.texture {
-            super::video::paint_fitted(&painter, tex, rect);
-        }
+        super::video::paint_fitted(&painter, self.texture.as_ref(), rect);
         if let Some(e) = &self.video_error {
             painter.text(
                 rect.center(),
