@@ -16,6 +16,7 @@ pub mod onednn;
 pub mod pickle_guard;
 pub mod preprocess;
 pub mod rng;
+pub(crate) mod scratch;
 pub mod setup;
 pub mod temporal;
 pub mod text;

@@ -36,6 +36,7 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_uint, c_void};
 use std::sync::{Mutex, OnceLock};
 
+use crate::model::scratch::Pool;
 use rayon::prelude::*;
 
 /// Why the oneDNN path cannot run.
@@ -1045,15 +1046,15 @@ impl Linear {
         };
         let api = api()?;
         let prim = self.primitive(api, m, n, false, omp_threads)?;
-        let mut codes = vec![0u8; m * k];
-        let mut params = vec![(0f32, 0i32); m];
+        let mut codes = CODES.take(m * k);
+        let mut params = ROW_PARAMS.take(m);
         codes
             .par_chunks_mut(k)
             .zip(params.par_iter_mut())
             .zip(x.par_chunks(k))
             .with_min_len(8)
             .for_each(|((q, p), x)| crate::model::gemm_i8::quantize_whole_row(x, q, p));
-        let mut sums = vec![0i32; m * n];
+        let mut sums = SUMS.take(m * n);
         self.execute(
             &prim,
             codes.as_ptr() as Handle,
@@ -1327,6 +1328,12 @@ pub fn bf16(v: f32) -> u16 {
         ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
     }
 }
+
+/// The 8-bit products' scratch: activation codes [m, k], each row's scale
+/// and zero point, oneDNN's i32 sums [m, n].
+static CODES: Pool<u8> = Pool::new();
+static ROW_PARAMS: Pool<(f32, i32)> = Pool::new();
+static SUMS: Pool<i32> = Pool::new();
 
 #[cfg(test)]
 mod tests {

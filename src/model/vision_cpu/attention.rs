@@ -11,7 +11,13 @@ use rayon::prelude::*;
 
 use super::super::onednn::{self, Batched, Operand};
 use super::simd;
+use crate::model::scratch::Pool;
 use crate::parallel::SendPtr;
+
+/// The bf16 attention's operands (q, k, v, probabilities) and its f32
+/// scores, reused from call to call (see `model::scratch`).
+static BF16: Pool<u16> = Pool::new();
+static SCORES: Pool<f32> = Pool::new();
 
 /// Which products attention's two matmuls (`q k^T`, `p v`) run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -281,7 +287,7 @@ fn attention_bf16(
     (0..b * (heads / hpt)).into_par_iter().try_for_each(|task| {
         let (bi, h0) = (task / (heads / hpt), task % (heads / hpt) * hpt);
         let n = hpt * t * hd;
-        let (mut q, mut k, mut v) = (vec![0u16; n], vec![0u16; n], vec![0u16; n]);
+        let (mut q, mut k, mut v) = (BF16.take(n), BF16.take(n), BF16.take(n));
         for hi in 0..hpt {
             for ti in 0..t {
                 let row = &qkv[(bi * t + ti) * 3 * d + (h0 + hi) * hd..];
@@ -291,17 +297,18 @@ fn attention_bf16(
                 onednn::to_bf16_scaled(&row[2 * d..2 * d + hd], &mut v[at], 1.0);
             }
         }
-        let mut s = vec![0f32; hpt * t * t];
+        let mut s = SCORES.take((hpt * t * t).max(n));
         // SAFETY: q, k and s are dense [hpt, t, hd] / [hpt, t, t], as the
         // product's operands describe.
         unsafe { prods.qk.run(q.as_ptr(), k.as_ptr(), s.as_mut_ptr(), 1)? };
-        let mut p = vec![0u16; s.len()];
-        for (s, p) in s.chunks_exact_mut(t).zip(p.chunks_exact_mut(t)) {
+        let mut p = BF16.take(hpt * t * t);
+        let rows = s[..hpt * t * t].chunks_exact_mut(t);
+        for (s, p) in rows.zip(p.chunks_exact_mut(t)) {
             simd::softmax_row_in_place(s);
             onednn::to_bf16_scaled(s, p, 1.0);
         }
+        // The scores are spent: their buffer takes the output.
         let mut o = s;
-        o.resize(n, 0.0);
         // SAFETY: p is dense [hpt, t, t], v and o [hpt, t, hd].
         unsafe { prods.pv.run(p.as_ptr(), v.as_ptr(), o.as_mut_ptr(), 1)? };
         for hi in 0..hpt {
