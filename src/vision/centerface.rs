@@ -16,7 +16,7 @@
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use image::{imageops, RgbImage};
+use image::RgbImage;
 
 use super::cnn::{CnnError, FeatureMap, Network, Workspace};
 
@@ -193,7 +193,7 @@ impl CenterFace {
         let src = if (rw, rh) == (w, h) {
             img
         } else {
-            resized = imageops::resize(img, rw, rh, imageops::FilterType::Triangle);
+            resized = super::resize::triangle(img, rw, rh);
             &resized
         };
         let input = to_input(src);
@@ -377,11 +377,11 @@ mod tests {
         ))
         .expect("fixture")
         .to_rgb8();
-        let input = to_input(&imageops::resize(
+        let input = to_input(&image::imageops::resize(
             &img,
             200,
             232,
-            imageops::FilterType::Triangle,
+            image::imageops::FilterType::Triangle,
         ));
         let whole = Network::from_bytes(EMBEDDED_MODEL, "centerface.onnx").expect("model");
         assert!(whole.inverted_steps() >= 10, "MobileNet blocks are fused");

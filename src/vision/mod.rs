@@ -7,6 +7,7 @@ pub mod cnn;
 pub mod draw;
 pub mod faces;
 pub mod images;
+pub mod resize;
 pub mod source;
 pub mod tracking;
 pub mod video;
