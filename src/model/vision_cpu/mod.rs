@@ -25,6 +25,7 @@ use super::config::Activation;
 use super::gemm_f32;
 use super::gemm_i8::{self, QuantizedRows};
 use super::layers::LayerNorm;
+use super::scratch::Pool;
 use super::vision::{VisionOutput, VisionTower};
 
 /// A read-locked view of a contiguous f32 CPU tensor's data.
@@ -349,49 +350,9 @@ struct BlockView<'a> {
 
 /// Work buffers kept between forwards: fresh multi-megabyte allocations
 /// would be returned to the OS and page-faulted (and zeroed) again on every
-/// frame, which costs several percent of a forward.
-static SCRATCH: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
-
-/// Keeps at most this many idle buffers (a forward uses six).
-const SCRATCH_KEEP: usize = 8;
-
-/// A buffer of `len` floats (not necessarily zero), reused when one is free.
-fn take_buffer(len: usize) -> Vec<f32> {
-    let reused = SCRATCH.lock().ok().and_then(|mut pool| {
-        let best = pool
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| v.capacity() >= len)
-            .min_by_key(|(_, v)| v.capacity())
-            .map(|(i, _)| i)?;
-        Some(pool.swap_remove(best))
-    });
-    match reused {
-        // Every caller overwrites the whole buffer, so stale values may stay.
-        Some(mut v) => {
-            v.resize(len, 0.0);
-            v
-        }
-        None => vec![0f32; len],
-    }
-}
-
-fn give_back(v: Vec<f32>) {
-    if let Ok(mut pool) = SCRATCH.lock() {
-        pool.push(v);
-        if pool.len() > SCRATCH_KEEP {
-            // Drop the smallest: the large ones are the expensive ones.
-            if let Some(i) = pool
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, v)| v.capacity())
-                .map(|(i, _)| i)
-            {
-                pool.swap_remove(i);
-            }
-        }
-    }
-}
+/// frame, which costs several percent of a forward. Every caller writes
+/// the whole buffer before reading it, so stale values may stay.
+static SCRATCH: Pool<f32> = Pool::new();
 
 /// Views of every weight the fused forward reads, checked once.
 struct TowerViews<'a> {
@@ -571,7 +532,7 @@ fn forward_on_worker(
     let m = b * t;
 
     // Patch embedding as a matmul over unfolded patches: [B*g*g, 3*p*p].
-    let mut cols = take_buffer(b * g * g * kdim);
+    let mut cols = SCRATCH.take(b * g * g * kdim);
     let px = px.slice();
     cols.par_chunks_mut(kdim).enumerate().for_each(|(i, col)| {
         let (bi, cell) = (i / (g * g), i % (g * g));
@@ -584,7 +545,7 @@ fn forward_on_worker(
             }
         }
     });
-    let mut x = take_buffer(m * d); // [B*T, D] residual stream
+    let mut x = SCRATCH.take(m * d); // [B*T, D] residual stream
     let pos = pos_emb.slice();
     for bi in 0..b {
         let xb = &mut x[bi * t * d..(bi + 1) * t * d];
@@ -609,15 +570,15 @@ fn forward_on_worker(
             true,
         )?;
     }
-    give_back(cols);
-    let mut h = take_buffer(m * d);
+    drop(cols);
+    let mut h = SCRATCH.take(m * d);
     pre_ln.apply(&x, &mut h, d);
     std::mem::swap(&mut x, &mut h);
 
     let hidden = cfg.mlp;
-    let mut qkv = take_buffer(m * 3 * d);
-    let mut att = take_buffer(m * d);
-    let mut f = take_buffer(m * hidden);
+    let mut qkv = SCRATCH.take(m * 3 * d);
+    let mut att = SCRATCH.take(m * d);
+    let mut f = SCRATCH.take(m * hidden);
     let mut layer_cls = Vec::new();
     let mut last_block_input = None;
     let n_layers = views.len();
@@ -645,9 +606,7 @@ fn forward_on_worker(
         }
     }
     let cls = cls_rows(&x, b, t, d);
-    for buf in [x, h, qkv, att, f] {
-        give_back(buf);
-    }
+    drop((x, h, qkv, att, f));
     let mut pooled = vec![0f32; b * d];
     post_ln.apply(&cls, &mut pooled, d);
     let e = proj.n;
@@ -694,19 +653,19 @@ fn patch_values_on_worker(tower: &VisionTower, x: &Tensor) -> Result<Tensor> {
     let p = t - 1;
     let m = b * p;
     // The residual stream of the patch tokens only: [B*(T-1), D].
-    let mut r = take_buffer(m * d);
+    let mut r = SCRATCH.take(m * d);
     let src = xin.slice();
     for bi in 0..b {
         r[bi * p * d..(bi + 1) * p * d].copy_from_slice(&src[(bi * t + 1) * d..(bi + 1) * t * d]);
     }
-    let mut h = take_buffer(m * d);
-    let mut v = take_buffer(m * d);
+    let mut h = SCRATCH.take(m * d);
+    let mut v = SCRATCH.take(m * d);
     blk.ln1.apply(&r, &mut h, d);
     blk.qkv[2].apply(&h, None, m, &mut v, d, false)?;
     blk.out.apply(&v, None, m, &mut r, d, true)?;
     blk.ln2.apply(&r, &mut h, d);
     let hidden = blk.fc1.n;
-    let mut f = take_buffer(m * hidden);
+    let mut f = SCRATCH.take(m * hidden);
     blk.fc1.apply(&h, None, m, &mut f, hidden, false)?;
     activate(&mut f, blk.act);
     blk.fc2.apply(&f, None, m, &mut r, d, true)?;
@@ -714,9 +673,7 @@ fn patch_values_on_worker(tower: &VisionTower, x: &Tensor) -> Result<Tensor> {
     let e = proj.n;
     let mut out = vec![0f32; m * e];
     proj.apply(&h, None, m, &mut out, e, false)?;
-    for buf in [r, h, v, f] {
-        give_back(buf);
-    }
+    drop((r, h, v, f));
     Tensor::from_vec(out, (b, p, e), &Device::Cpu)
 }
 
