@@ -406,4 +406,40 @@ mod tests {
             );
         }
     }
+
+    /// Buffers come back from the workspace holding an earlier image's
+    /// maps: an image run after another, in one workspace, whole and in
+    /// blocks and bands, gives exactly the maps of a fresh workspace.
+    #[test]
+    fn a_reused_workspace_gives_the_maps_of_a_fresh_one() {
+        let net = Network::from_bytes(EMBEDDED_MODEL, "centerface.onnx").expect("model");
+        let img = image::open(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/centerface/hopper.png"
+        ))
+        .expect("fixture")
+        .to_rgb8();
+        let first = to_input(&super::super::resize::triangle(&img, 160, 192));
+        // The second image: the first one mirrored, then shifted in value.
+        let mut second = first.clone();
+        for plane in second.data.chunks_exact_mut(second.h * second.w) {
+            for row in plane.chunks_exact_mut(second.w) {
+                row.reverse();
+            }
+        }
+        second.data.iter_mut().for_each(|v| *v = 255.0 - *v);
+        for budget in [None, Some(3000)] {
+            let fresh = || budget.map_or_else(Workspace::default, Workspace::with_budget);
+            let want = net.run_with(second.clone(), &mut fresh()).expect("fresh");
+            let mut ws = fresh();
+            net.run_with(first.clone(), &mut ws).expect("first image");
+            let got = net.run_with(second.clone(), &mut ws).expect("second image");
+            for (a, b) in want.iter().zip(&got) {
+                assert!(
+                    a.data == b.data,
+                    "budget {budget:?}: maps differ after reuse"
+                );
+            }
+        }
+    }
 }
