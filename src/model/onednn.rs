@@ -36,7 +36,7 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_uint, c_void};
 use std::sync::{Mutex, OnceLock};
 
-use crate::model::scratch::Pool;
+use crate::model::scratch::{Pool, Scratch};
 use rayon::prelude::*;
 
 /// Why the oneDNN path cannot run.
@@ -1029,8 +1029,7 @@ impl Linear {
         )
     }
 
-    /// The 8-bit product: `x` quantized per row, oneDNN's i32 sums into a
-    /// scratch [m, n], then rescaled (and the bias added) into `dst`.
+    /// The 8-bit product: `x` quantized per row, then [`apply_int8_rows`](Self::apply_int8_rows).
     fn apply_int8(
         &self,
         x: &[f32],
@@ -1040,20 +1039,86 @@ impl Linear {
         add: bool,
         omp_threads: usize,
     ) -> Result<(), OneDnnError> {
-        let (n, k) = (self.n, self.k);
+        let xq = Int8Rows::new(&x[..m * self.k], m, self.k);
+        self.int8_chunk(
+            &xq.codes,
+            &xq.params,
+            m,
+            ChunkOut::Rows {
+                dst,
+                rs: dst_rs,
+                add,
+            },
+            omp_threads,
+        )
+    }
+
+    /// The 8-bit product of rows quantized beforehand (one [`Int8Rows`]
+    /// serves q, k and v), each row of the result handed to `out`: stored
+    /// or accumulated as f32, or activated and quantized again as the next
+    /// product's input, without an f32 pass over the whole result between
+    /// them (fc1 -> GELU -> fc2). The rows are split between the pool's
+    /// threads as in [`apply`](Self::apply). Only for [`DataType::Int8`].
+    pub fn apply_int8_rows(&self, x: &Int8Rows, out: Int8Output) -> Result<(), OneDnnError> {
+        let (m, k, n) = (x.m, self.k, self.n);
+        assert!(
+            self.int8.is_some() && x.k == k && m > 0,
+            "onednn::Linear::apply_int8_rows: [{m}, {}] rows for a [{n}, {k}] {} product",
+            x.k,
+            self.dtype.as_str()
+        );
+        let threads = rayon::current_num_threads().max(1);
+        let chunks = threads.min(m / MIN_SPLIT_ROWS).max(1);
+        let rows = m.div_ceil(chunks);
+        let omp = threads / chunks;
+        let codes = x.codes.par_chunks(rows * k).zip(x.params.par_chunks(rows));
+        match out {
+            Int8Output::Rows { dst, rs, add } => {
+                assert!(
+                    rs >= n && dst.len() >= (m - 1) * rs + n,
+                    "onednn::Linear::apply_int8_rows: destination too small"
+                );
+                codes
+                    .zip(dst.par_chunks_mut(rows * rs))
+                    .try_for_each(|((c, p), dst)| {
+                        let out = ChunkOut::Rows { dst, rs, add };
+                        self.int8_chunk(c, p, p.len(), out, omp)
+                    })
+            }
+            Int8Output::Activated { act, next } => {
+                assert!(
+                    next.m == m && next.k == n,
+                    "onednn::Linear::apply_int8_rows: [{}, {}] rows for a [{m}, {n}] result",
+                    next.m,
+                    next.k
+                );
+                codes
+                    .zip(next.codes.par_chunks_mut(rows * n))
+                    .zip(next.params.par_chunks_mut(rows))
+                    .try_for_each(|(((c, p), codes), params)| {
+                        let out = ChunkOut::Activated { act, codes, params };
+                        self.int8_chunk(c, p, p.len(), out, omp)
+                    })
+            }
+        }
+    }
+
+    /// One thread's rows of an 8-bit product: oneDNN's i32 sums into a
+    /// scratch [m, n], then each row rescaled (and the bias added) into `out`.
+    fn int8_chunk(
+        &self,
+        codes: &[u8],
+        params: &[(f32, i32)],
+        m: usize,
+        out: ChunkOut,
+        omp_threads: usize,
+    ) -> Result<(), OneDnnError> {
+        let n = self.n;
         let Some(w8) = &self.int8 else {
-            unreachable!("apply_int8 on a {:?} product", self.dtype)
+            unreachable!("int8_chunk on a {:?} product", self.dtype)
         };
         let api = api()?;
         let prim = self.primitive(api, m, n, false, omp_threads)?;
-        let mut codes = CODES.take(m * k);
-        let mut params = ROW_PARAMS.take(m);
-        codes
-            .par_chunks_mut(k)
-            .zip(params.par_iter_mut())
-            .zip(x.par_chunks(k))
-            .with_min_len(8)
-            .for_each(|((q, p), x)| crate::model::gemm_i8::quantize_whole_row(x, q, p));
         let mut sums = SUMS.take(m * n);
         self.execute(
             &prim,
@@ -1064,11 +1129,33 @@ impl Linear {
             omp_threads,
         )?;
         let bias = self.bias.as_deref().unwrap_or(&[]);
-        dst.par_chunks_mut(dst_rs)
-            .zip(sums.par_chunks(n))
-            .zip(params.par_iter())
-            .with_min_len(8)
-            .for_each(|((d, s), &row)| dequantize_row(s, &mut d[..n], row, w8, bias, add));
+        match out {
+            ChunkOut::Rows { dst, rs, add } => dst
+                .par_chunks_mut(rs)
+                .zip(sums.par_chunks(n))
+                .zip(params.par_iter())
+                .with_min_len(8)
+                .for_each(|((d, s), &row)| dequantize_row(s, &mut d[..n], row, w8, bias, add)),
+            ChunkOut::Activated {
+                act,
+                codes,
+                params: params_out,
+            } => codes
+                .par_chunks_mut(n)
+                .zip(params_out.par_iter_mut())
+                .zip(sums.par_chunks(n))
+                .zip(params.par_iter())
+                .with_min_len(8)
+                .for_each_init(
+                    || ROW.take(n),
+                    |y, (((q, p), s), &row)| {
+                        // The row stays in L1 from the rescale to its codes.
+                        dequantize_row(s, y, row, w8, bias, false);
+                        act(y);
+                        crate::model::gemm_i8::quantize_whole_row(y, q, p);
+                    },
+                ),
+        }
         Ok(())
     }
 
@@ -1335,6 +1422,79 @@ static CODES: Pool<u8> = Pool::new();
 static ROW_PARAMS: Pool<(f32, i32)> = Pool::new();
 static SUMS: Pool<i32> = Pool::new();
 
+/// One row of an activated 8-bit result before it is quantized again.
+static ROW: Pool<f32> = Pool::new();
+
+/// Rows of activations quantized for [`Linear`]'s 8-bit products: u8 codes
+/// over each row's own range, with the row's scale and zero point
+/// ([`crate::model::gemm_i8::quantize_whole_row`]).
+pub struct Int8Rows {
+    codes: Scratch<'static, u8>,
+    params: Scratch<'static, (f32, i32)>,
+    m: usize,
+    k: usize,
+}
+
+impl Int8Rows {
+    /// The `m` rows of `x` [m, k], quantized.
+    pub fn new(x: &[f32], m: usize, k: usize) -> Self {
+        assert!(
+            x.len() >= m * k,
+            "Int8Rows::new: [{m}, {k}] from {} values",
+            x.len()
+        );
+        let mut rows = Self::unset(m, k);
+        rows.codes
+            .par_chunks_mut(k)
+            .zip(rows.params.par_iter_mut())
+            .zip(x.par_chunks(k))
+            .with_min_len(8)
+            .for_each(|((q, p), x)| crate::model::gemm_i8::quantize_whole_row(x, q, p));
+        rows
+    }
+
+    /// Room for `m` rows of `k` (stale contents: a product's
+    /// [`Int8Output::Activated`] writes them all).
+    pub fn unset(m: usize, k: usize) -> Self {
+        Self {
+            codes: CODES.take(m * k),
+            params: ROW_PARAMS.take(m),
+            m,
+            k,
+        }
+    }
+}
+
+/// Where the rows of an 8-bit product go.
+pub enum Int8Output<'a> {
+    /// `dst[r, ..n] (+)= y[r]` (`add`: accumulate), rows `rs` apart.
+    Rows {
+        dst: &'a mut [f32],
+        rs: usize,
+        add: bool,
+    },
+    /// `act(y[r])` quantized into `next`, the next product's input: the
+    /// same values as storing, activating and [`Int8Rows::new`], to the bit.
+    Activated {
+        act: &'a (dyn Fn(&mut [f32]) + Sync),
+        next: &'a mut Int8Rows,
+    },
+}
+
+/// One thread's rows of an 8-bit product's output.
+enum ChunkOut<'a> {
+    Rows {
+        dst: &'a mut [f32],
+        rs: usize,
+        add: bool,
+    },
+    Activated {
+        act: &'a (dyn Fn(&mut [f32]) + Sync),
+        codes: &'a mut [u8],
+        params: &'a mut [(f32, i32)],
+    },
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1410,6 +1570,90 @@ mod tests {
                         assert_eq!(&h.join().unwrap(), want, "{dt:?}");
                     }
                 });
+            }
+        }
+    }
+
+    /// fc1 -> activation -> fc2 on rows quantized once, each of fc1's rows
+    /// activated and quantized again as it comes out of the product, gives
+    /// fc2 the codes, and so the sums, of the three separate passes; q, k
+    /// and v from one [`Int8Rows`] are the products of each quantizing its
+    /// input itself. Both on the pool's threads (rows split) and on one.
+    #[test]
+    fn rows_quantized_once_and_activated_as_they_come_give_the_separate_passes_to_the_bit() {
+        match native_int8() {
+            Ok(true) => {}
+            Ok(false) => {
+                return eprintln!(
+                    "NOTICE: no VNNI or AMX here: oneDNN's int8 product is not tested"
+                )
+            }
+            Err(e) => return notice(&e),
+        }
+        let (d, hidden) = (64, 256);
+        let w1: Vec<f32> = (0..hidden * d)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 70.0)
+            .collect();
+        let b1: Vec<f32> = (0..hidden).map(|i| i as f32 / 100.0 - 1.0).collect();
+        let w2: Vec<f32> = (0..d * hidden)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 90.0)
+            .collect();
+        let b2: Vec<f32> = (0..d).map(|i| 0.5 - i as f32 / 60.0).collect();
+        let fc1 = Linear::new(&w1, false, Some(&b1), hidden, d, DataType::Int8).unwrap();
+        let fc2 = Linear::new(&w2, false, Some(&b2), d, hidden, DataType::Int8).unwrap();
+        let act = |y: &mut [f32]| y.iter_mut().for_each(|v| *v /= 1.0 + (-1.702 * *v).exp());
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for m in [1usize, 7, 197, 300] {
+                let h: Vec<f32> = (0..m * d)
+                    .map(|i| ((i * 13 % 29) as f32 - 14.0) / 9.0)
+                    .collect();
+                let x0: Vec<f32> = (0..m * d).map(|i| (i % 5) as f32 - 2.0).collect();
+                let (separate, fused) = pool.install(|| {
+                    let mut f = vec![0f32; m * hidden];
+                    fc1.apply(&h, m, &mut f, hidden, false).unwrap();
+                    act(&mut f);
+                    let mut x = x0.clone();
+                    fc2.apply(&f, m, &mut x, d, true).unwrap();
+
+                    let hq = Int8Rows::new(&h, m, d);
+                    let mut fq = Int8Rows::unset(m, hidden);
+                    let next = Int8Output::Activated {
+                        act: &act,
+                        next: &mut fq,
+                    };
+                    fc1.apply_int8_rows(&hq, next).unwrap();
+                    let mut y = x0.clone();
+                    let dst = Int8Output::Rows {
+                        dst: &mut y,
+                        rs: d,
+                        add: true,
+                    };
+                    fc2.apply_int8_rows(&fq, dst).unwrap();
+                    (x, y)
+                });
+                assert_eq!(separate, fused, "{threads} threads, {m} rows");
+                assert!(separate != x0, "the MLP changed nothing");
+
+                // Into every third column block of a wider buffer, as q, k and v.
+                let (separate, shared) = pool.install(|| {
+                    let rs = 3 * hidden;
+                    let (mut a, mut b) = (vec![7f32; m * rs], vec![7f32; m * rs]);
+                    fc1.apply(&h, m, &mut a[hidden..], rs, false).unwrap();
+                    let hq = Int8Rows::new(&h, m, d);
+                    let dst = Int8Output::Rows {
+                        dst: &mut b[hidden..],
+                        rs,
+                        add: false,
+                    };
+                    fc1.apply_int8_rows(&hq, dst).unwrap();
+                    (a, b)
+                });
+                assert_eq!(separate, shared, "{threads} threads, {m} rows, strided");
+                assert!(separate.iter().filter(|&&v| v == 7.0).count() == 2 * m * hidden);
             }
         }
     }

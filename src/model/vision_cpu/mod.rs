@@ -25,6 +25,7 @@ use super::config::Activation;
 use super::gemm_f32;
 use super::gemm_i8::{self, QuantizedRows};
 use super::layers::LayerNorm;
+use super::onednn::{self, Int8Output, Int8Rows};
 use super::scratch::Pool;
 use super::vision::{VisionOutput, VisionTower};
 
@@ -282,6 +283,15 @@ fn column_split(m: usize, n: usize, k: usize) -> Vec<(usize, usize)> {
 }
 
 impl LinearView<'_> {
+    /// The layer as one of oneDNN's 8-bit products, which take rows
+    /// quantized beforehand ([`onednn::Int8Rows`]).
+    fn onednn_int8(&self) -> Option<&onednn::Linear> {
+        match self.quantized {
+            Some(QuantizedLinear::OneDnn(w)) if w.dtype() == onednn::DataType::Int8 => Some(w),
+            _ => None,
+        }
+    }
+
     /// `x` [m, k] quantized once for several 8-bit layers reading it.
     fn quantize_input(&self, x: &[f32], m: usize) -> Option<QuantizedRows> {
         match self.quantized {
@@ -346,6 +356,66 @@ struct BlockView<'a> {
     fc2: LinearView<'a>,
     act: Activation,
     heads: usize,
+}
+
+impl BlockView<'_> {
+    /// q, k and v of `h` [m, d] side by side into `qkv` [m, 3d]; `h` is
+    /// quantized once for the three when they are 8-bit.
+    fn qkv_apply(&self, h: &[f32], m: usize, qkv: &mut [f32]) -> Result<()> {
+        let d = self.out.n;
+        if let [Some(q), Some(k), Some(v)] = self.qkv.each_ref().map(|l| l.onednn_int8()) {
+            let hq = Int8Rows::new(h, m, d);
+            for (j, w) in [q, k, v].into_iter().enumerate() {
+                let dst = &mut qkv[j * d..];
+                w.apply_int8_rows(
+                    &hq,
+                    Int8Output::Rows {
+                        dst,
+                        rs: 3 * d,
+                        add: false,
+                    },
+                )
+                .map_err(candle_core::Error::wrap)?;
+            }
+            return Ok(());
+        }
+        let hq = self.qkv[0].quantize_input(h, m);
+        for (j, lin) in self.qkv.iter().enumerate() {
+            lin.apply(h, hq.as_ref(), m, &mut qkv[j * d..], 3 * d, false)?;
+        }
+        Ok(())
+    }
+
+    /// The MLP of `h` [m, d] added to the residual stream `x` [m, d]; `f`
+    /// [m, hidden] is its work buffer. On oneDNN's 8-bit products fc1's
+    /// rows go from its sums through the activation to fc2's codes one row
+    /// at a time (the same values as the passes below, to the bit).
+    fn mlp_apply(&self, h: &[f32], m: usize, f: &mut [f32], x: &mut [f32]) -> Result<()> {
+        let (d, hidden) = (self.fc1.k, self.fc1.n);
+        if let (Some(fc1), Some(fc2)) = (self.fc1.onednn_int8(), self.fc2.onednn_int8()) {
+            let act = self.act;
+            let hq = Int8Rows::new(h, m, d);
+            let mut fq = Int8Rows::unset(m, hidden);
+            let next = Int8Output::Activated {
+                act: &|y: &mut [f32]| activate_row(y, act),
+                next: &mut fq,
+            };
+            fc1.apply_int8_rows(&hq, next)
+                .map_err(candle_core::Error::wrap)?;
+            drop(hq);
+            let dst = Int8Output::Rows {
+                dst: x,
+                rs: d,
+                add: true,
+            };
+            return fc2
+                .apply_int8_rows(&fq, dst)
+                .map_err(candle_core::Error::wrap);
+        }
+        self.fc1.apply(h, None, m, f, hidden, false)?;
+        activate(f, self.act);
+        self.fc2.apply(f, None, m, x, d, true)
+    }
 }
 
 /// Work buffers kept between forwards: fresh multi-megabyte allocations
@@ -587,16 +657,11 @@ fn forward_on_worker(
             last_block_input = Some(Tensor::from_slice(&x, (b, t, d), &Device::Cpu)?);
         }
         blk.ln1.apply(&x, &mut h, d);
-        let hq = blk.qkv[0].quantize_input(&h, m);
-        for (j, lin) in blk.qkv.iter().enumerate() {
-            lin.apply(&h, hq.as_ref(), m, &mut qkv[j * d..], 3 * d, false)?;
-        }
+        blk.qkv_apply(&h, m, &mut qkv)?;
         attention::attend(attention_kernel, &qkv, &mut att, b, t, d, blk.heads)?;
         blk.out.apply(&att, None, m, &mut x, d, true)?;
         blk.ln2.apply(&x, &mut h, d);
-        blk.fc1.apply(&h, None, m, &mut f, hidden, false)?;
-        activate(&mut f, blk.act);
-        blk.fc2.apply(&f, None, m, &mut x, d, true)?;
+        blk.mlp_apply(&h, m, &mut f, &mut x)?;
         if want_layer_cls {
             layer_cls.push(Tensor::from_vec(
                 cls_rows(&x, b, t, d),
@@ -666,9 +731,7 @@ fn patch_values_on_worker(tower: &VisionTower, x: &Tensor) -> Result<Tensor> {
     blk.ln2.apply(&r, &mut h, d);
     let hidden = blk.fc1.n;
     let mut f = SCRATCH.take(m * hidden);
-    blk.fc1.apply(&h, None, m, &mut f, hidden, false)?;
-    activate(&mut f, blk.act);
-    blk.fc2.apply(&f, None, m, &mut r, d, true)?;
+    blk.mlp_apply(&h, m, &mut f, &mut r)?;
     post_ln.apply(&r, &mut h, d);
     let e = proj.n;
     let mut out = vec![0f32; m * e];
@@ -730,11 +793,18 @@ fn cls_rows(x: &[f32], b: usize, t: usize, d: usize) -> Vec<f32> {
 }
 
 fn activate(x: &mut [f32], act: Activation) {
-    x.par_chunks_mut(16 * 1024).for_each(|c| match act {
-        Activation::QuickGelu => simd::quick_gelu_in_place(c),
-        Activation::Gelu => simd::gelu_erf_in_place(c),
-        Activation::GeluTanh => simd::gelu_tanh_in_place(c),
-    });
+    x.par_chunks_mut(16 * 1024)
+        .for_each(|c| activate_row(c, act));
+}
+
+/// The activation of each value of `x` (elementwise, so any split of a
+/// buffer gives the same values).
+fn activate_row(x: &mut [f32], act: Activation) {
+    match act {
+        Activation::QuickGelu => simd::quick_gelu_in_place(x),
+        Activation::Gelu => simd::gelu_erf_in_place(x),
+        Activation::GeluTanh => simd::gelu_tanh_in_place(x),
+    }
 }
 
 fn add2(a: &mut [f32], b: &[f32]) {
