@@ -58,6 +58,7 @@ fn model_tests_pass_on_the_avx2_path() {
             "model::gemm_f32::",
             "model::onednn::",
             "vision::resize::",
+            "vision::cnn::",
             "model::vision::",
             "model::masked_cpu_tests::kernels_follow_the_masked_cpuid",
             "--test-threads",
