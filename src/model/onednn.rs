@@ -1029,6 +1029,83 @@ impl Linear {
         )
     }
 
+    /// The bf16 product of rows rounded beforehand (one [`Bf16Rows`]
+    /// serves q, k and v; [`Bf16Rows::activated`] rounds fc1's activated
+    /// rows for fc2 in the same pass as the activation): `dst[r, ..n] (+)=
+    /// x[r] W^T + b`, rows `dst_rs` apart, split between the pool's threads
+    /// as in [`apply`](Self::apply), so the same values to the bit. Only for
+    /// [`DataType::Bf16`].
+    pub fn apply_bf16_rows(
+        &self,
+        x: &Bf16Rows,
+        dst: &mut [f32],
+        dst_rs: usize,
+        add: bool,
+    ) -> Result<(), OneDnnError> {
+        let (m, n, k) = (x.m, self.n, self.k);
+        assert!(
+            self.dtype == DataType::Bf16 && x.k == k && m > 0,
+            "onednn::Linear::apply_bf16_rows: [{m}, {}] rows for a [{n}, {k}] {} product",
+            x.k,
+            self.dtype.as_str()
+        );
+        assert!(
+            dst_rs >= n && dst.len() >= (m - 1) * dst_rs + n,
+            "onednn::Linear::apply_bf16_rows: destination too small"
+        );
+        let threads = rayon::current_num_threads().max(1);
+        let chunks = threads.min(m / MIN_SPLIT_ROWS).max(1);
+        if chunks > 1 {
+            let rows = m.div_ceil(chunks);
+            let omp = threads / chunks;
+            return x.values[..m * k]
+                .par_chunks(rows * k)
+                .zip(dst.par_chunks_mut(rows * dst_rs))
+                .try_for_each(|(x, d)| self.bf16_chunk(x, x.len() / k, d, dst_rs, add, omp));
+        }
+        self.bf16_chunk(&x.values, m, dst, dst_rs, add, threads)
+    }
+
+    /// One thread's rows of [`apply_bf16_rows`](Self::apply_bf16_rows).
+    fn bf16_chunk(
+        &self,
+        x: &[u16],
+        m: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+        add: bool,
+        omp_threads: usize,
+    ) -> Result<(), OneDnnError> {
+        let n = self.n;
+        if dst_rs != n {
+            // As in `apply_rows`: rows of `n`, then copied in.
+            let mut tmp = vec![0f32; m * n];
+            self.bf16_chunk(x, m, &mut tmp, n, false, omp_threads)?;
+            dst.par_chunks_mut(dst_rs)
+                .zip(tmp.par_chunks(n))
+                .with_min_len(16)
+                .for_each(|(d, t)| {
+                    let d = &mut d[..n];
+                    if add {
+                        d.iter_mut().zip(t).for_each(|(d, t)| *d += t);
+                    } else {
+                        d.copy_from_slice(t);
+                    }
+                });
+            return Ok(());
+        }
+        let api = api()?;
+        let prim = self.primitive(api, m, dst_rs, add, omp_threads)?;
+        self.execute(
+            &prim,
+            x.as_ptr() as Handle,
+            m,
+            dst.as_mut_ptr() as Handle,
+            dst_rs,
+            omp_threads,
+        )
+    }
+
     /// The 8-bit product: `x` quantized per row, then [`apply_int8_rows`](Self::apply_int8_rows).
     fn apply_int8(
         &self,
@@ -1465,6 +1542,54 @@ impl Int8Rows {
     }
 }
 
+/// Rows of activations rounded to bf16 (nearest even, as
+/// [`to_bf16_scaled`]) for [`Linear`]'s bf16 products.
+pub struct Bf16Rows {
+    values: Scratch<'static, u16>,
+    m: usize,
+    k: usize,
+}
+
+/// The values of [`Bf16Rows`].
+static BF16_ROWS: Pool<u16> = Pool::new();
+
+impl Bf16Rows {
+    /// The `m` rows of `x` [m, k], rounded.
+    pub fn new(x: &[f32], m: usize, k: usize) -> Self {
+        assert!(
+            x.len() >= m * k,
+            "Bf16Rows::new: [{m}, {k}] from {} values",
+            x.len()
+        );
+        let mut values = BF16_ROWS.take(m * k);
+        values
+            .par_chunks_mut(16 * 1024)
+            .zip(x[..m * k].par_chunks(16 * 1024))
+            .for_each(|(o, x)| to_bf16_scaled(x, o, 1.0));
+        Self { values, m, k }
+    }
+
+    /// `act` applied to each row of `x` [m, k] in place, and the row then
+    /// rounded while it is in cache (one pass instead of two).
+    pub fn activated(x: &mut [f32], m: usize, k: usize, act: &(dyn Fn(&mut [f32]) + Sync)) -> Self {
+        assert!(
+            x.len() >= m * k,
+            "Bf16Rows::activated: [{m}, {k}] from {} values",
+            x.len()
+        );
+        let mut values = BF16_ROWS.take(m * k);
+        values
+            .par_chunks_mut(k)
+            .zip(x[..m * k].par_chunks_mut(k))
+            .with_min_len(8)
+            .for_each(|(o, x)| {
+                act(x);
+                to_bf16_scaled(x, o, 1.0);
+            });
+        Self { values, m, k }
+    }
+}
+
 /// Where the rows of an 8-bit product go.
 pub enum Int8Output<'a> {
     /// `dst[r, ..n] (+)= y[r]` (`add`: accumulate), rows `rs` apart.
@@ -1654,6 +1779,74 @@ mod tests {
                 });
                 assert_eq!(separate, shared, "{threads} threads, {m} rows, strided");
                 assert!(separate.iter().filter(|&&v| v == 7.0).count() == 2 * m * hidden);
+            }
+        }
+    }
+
+    /// The bf16 products on rows rounded once ([`Bf16Rows`]; fc1's output
+    /// activated and rounded in one pass) give the values of each product
+    /// rounding its input itself, to the bit, rows split or not.
+    #[test]
+    fn bf16_rows_rounded_once_give_the_separate_passes_to_the_bit() {
+        match native_bf16() {
+            Ok(true) => {}
+            Ok(false) => {
+                return eprintln!(
+                    "NOTICE: no native bf16 here: oneDNN's bf16 product is not tested"
+                )
+            }
+            Err(e) => return notice(&e),
+        }
+        let (d, hidden) = (64, 256);
+        let w1: Vec<f32> = (0..hidden * d)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 70.0)
+            .collect();
+        let b1: Vec<f32> = (0..hidden).map(|i| i as f32 / 100.0 - 1.0).collect();
+        let w2: Vec<f32> = (0..d * hidden)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 90.0)
+            .collect();
+        let b2: Vec<f32> = (0..d).map(|i| 0.5 - i as f32 / 60.0).collect();
+        let fc1 = Linear::new(&w1, false, Some(&b1), hidden, d, DataType::Bf16).unwrap();
+        let fc2 = Linear::new(&w2, true, Some(&b2), d, hidden, DataType::Bf16).unwrap();
+        let act = |y: &mut [f32]| y.iter_mut().for_each(|v| *v /= 1.0 + (-1.702 * *v).exp());
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for m in [1usize, 7, 197, 300] {
+                let h: Vec<f32> = (0..m * d)
+                    .map(|i| ((i * 13 % 29) as f32 - 14.0) / 9.0)
+                    .collect();
+                let x0: Vec<f32> = (0..m * d).map(|i| (i % 5) as f32 - 2.0).collect();
+                let (separate, fused) = pool.install(|| {
+                    let mut f = vec![0f32; m * hidden];
+                    fc1.apply(&h, m, &mut f, hidden, false).unwrap();
+                    act(&mut f);
+                    let mut x = x0.clone();
+                    fc2.apply(&f, m, &mut x, d, true).unwrap();
+
+                    let hb = Bf16Rows::new(&h, m, d);
+                    let mut g = vec![0f32; m * hidden];
+                    fc1.apply_bf16_rows(&hb, &mut g, hidden, false).unwrap();
+                    let gb = Bf16Rows::activated(&mut g, m, hidden, &act);
+                    let mut y = x0.clone();
+                    fc2.apply_bf16_rows(&gb, &mut y, d, true).unwrap();
+                    (x, y)
+                });
+                assert_eq!(separate, fused, "{threads} threads, {m} rows");
+                assert!(separate != x0, "the MLP changed nothing");
+
+                let (separate, shared) = pool.install(|| {
+                    let rs = 3 * hidden;
+                    let (mut a, mut b) = (vec![7f32; m * rs], vec![7f32; m * rs]);
+                    fc1.apply(&h, m, &mut a[2 * hidden..], rs, false).unwrap();
+                    let hb = Bf16Rows::new(&h, m, d);
+                    fc1.apply_bf16_rows(&hb, &mut b[2 * hidden..], rs, false)
+                        .unwrap();
+                    (a, b)
+                });
+                assert_eq!(separate, shared, "{threads} threads, {m} rows, strided");
             }
         }
     }

@@ -25,7 +25,7 @@ use super::config::Activation;
 use super::gemm_f32;
 use super::gemm_i8::{self, QuantizedRows};
 use super::layers::LayerNorm;
-use super::onednn::{self, Int8Output, Int8Rows};
+use super::onednn::{self, Bf16Rows, Int8Output, Int8Rows};
 use super::scratch::Pool;
 use super::vision::{VisionOutput, VisionTower};
 
@@ -292,6 +292,15 @@ impl LinearView<'_> {
         }
     }
 
+    /// The layer as one of oneDNN's bf16 products, which take rows rounded
+    /// beforehand ([`onednn::Bf16Rows`]).
+    fn onednn_bf16(&self) -> Option<&onednn::Linear> {
+        match self.quantized {
+            Some(QuantizedLinear::OneDnn(w)) if w.dtype() == onednn::DataType::Bf16 => Some(w),
+            _ => None,
+        }
+    }
+
     /// `x` [m, k] quantized once for several 8-bit layers reading it.
     fn quantize_input(&self, x: &[f32], m: usize) -> Option<QuantizedRows> {
         match self.quantized {
@@ -360,7 +369,8 @@ struct BlockView<'a> {
 
 impl BlockView<'_> {
     /// q, k and v of `h` [m, d] side by side into `qkv` [m, 3d]; `h` is
-    /// quantized once for the three when they are 8-bit.
+    /// quantized (8-bit) or rounded (bf16) once for the three on oneDNN's
+    /// products.
     fn qkv_apply(&self, h: &[f32], m: usize, qkv: &mut [f32]) -> Result<()> {
         let d = self.out.n;
         if let [Some(q), Some(k), Some(v)] = self.qkv.each_ref().map(|l| l.onednn_int8()) {
@@ -379,6 +389,14 @@ impl BlockView<'_> {
             }
             return Ok(());
         }
+        if let [Some(q), Some(k), Some(v)] = self.qkv.each_ref().map(|l| l.onednn_bf16()) {
+            let hb = Bf16Rows::new(h, m, d);
+            for (j, w) in [q, k, v].into_iter().enumerate() {
+                w.apply_bf16_rows(&hb, &mut qkv[j * d..], 3 * d, false)
+                    .map_err(candle_core::Error::wrap)?;
+            }
+            return Ok(());
+        }
         let hq = self.qkv[0].quantize_input(h, m);
         for (j, lin) in self.qkv.iter().enumerate() {
             lin.apply(h, hq.as_ref(), m, &mut qkv[j * d..], 3 * d, false)?;
@@ -389,7 +407,8 @@ impl BlockView<'_> {
     /// The MLP of `h` [m, d] added to the residual stream `x` [m, d]; `f`
     /// [m, hidden] is its work buffer. On oneDNN's 8-bit products fc1's
     /// rows go from its sums through the activation to fc2's codes one row
-    /// at a time (the same values as the passes below, to the bit).
+    /// at a time; on its bf16 ones the activation and the rounding for fc2
+    /// are one pass (the same values as the passes below, to the bit).
     fn mlp_apply(&self, h: &[f32], m: usize, f: &mut [f32], x: &mut [f32]) -> Result<()> {
         let (d, hidden) = (self.fc1.k, self.fc1.n);
         if let (Some(fc1), Some(fc2)) = (self.fc1.onednn_int8(), self.fc2.onednn_int8()) {
@@ -410,6 +429,17 @@ impl BlockView<'_> {
             };
             return fc2
                 .apply_int8_rows(&fq, dst)
+                .map_err(candle_core::Error::wrap);
+        }
+        if let (Some(fc1), Some(fc2)) = (self.fc1.onednn_bf16(), self.fc2.onednn_bf16()) {
+            let act = self.act;
+            let hb = Bf16Rows::new(h, m, d);
+            fc1.apply_bf16_rows(&hb, f, hidden, false)
+                .map_err(candle_core::Error::wrap)?;
+            drop(hb);
+            let fb = Bf16Rows::activated(f, m, hidden, &|y: &mut [f32]| activate_row(y, act));
+            return fc2
+                .apply_bf16_rows(&fb, x, d, true)
                 .map_err(candle_core::Error::wrap);
         }
         self.fc1.apply(h, None, m, f, hidden, false)?;
