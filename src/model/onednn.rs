@@ -1177,6 +1177,33 @@ impl Linear {
                         self.int8_chunk(c, p, p.len(), out, omp)
                     })
             }
+            Int8Output::Bf16Heads {
+                dst,
+                tokens,
+                heads,
+                scale,
+            } => {
+                assert!(
+                    heads > 0
+                        && n.is_multiple_of(heads)
+                        && tokens > 0
+                        && m.is_multiple_of(tokens)
+                        && dst.len() >= m * n,
+                    "onednn::Linear::apply_int8_rows: [{m}, {n}] rows do not fill {} values of {heads} heads of {tokens} tokens",
+                    dst.len()
+                );
+                let dst = HeadsPtr(dst.as_mut_ptr());
+                codes.enumerate().try_for_each(|(i, (c, p))| {
+                    let out = ChunkOut::Bf16Heads {
+                        dst,
+                        first_row: i * rows,
+                        tokens,
+                        heads,
+                        scale,
+                    };
+                    self.int8_chunk(c, p, p.len(), out, omp)
+                })
+            }
         }
     }
 
@@ -1232,6 +1259,35 @@ impl Linear {
                         crate::model::gemm_i8::quantize_whole_row(y, q, p);
                     },
                 ),
+            ChunkOut::Bf16Heads {
+                dst,
+                first_row,
+                tokens,
+                heads,
+                scale,
+            } => {
+                let hd = n / heads;
+                sums.par_chunks(n)
+                    .zip(params.par_iter())
+                    .enumerate()
+                    .with_min_len(8)
+                    .for_each_init(
+                        || ROW.take(n),
+                        |y, (j, (s, &row))| {
+                            dequantize_row(s, y, row, w8, bias, false);
+                            let r = first_row + j;
+                            let (image, token) = (r / tokens, r % tokens);
+                            for (h, part) in y.chunks_exact(hd).enumerate() {
+                                let at = ((image * heads + h) * tokens + token) * hd;
+                                // SAFETY: `apply_int8_rows` checked that the
+                                // buffer holds all `m` rows' heads; row `r`'s
+                                // heads are written by this task alone.
+                                let out = unsafe { dst.slice(at, hd) };
+                                to_bf16_scaled(part, out, scale);
+                            }
+                        },
+                    )
+            }
         }
         Ok(())
     }
@@ -1604,6 +1660,16 @@ pub enum Int8Output<'a> {
         act: &'a (dyn Fn(&mut [f32]) + Sync),
         next: &'a mut Int8Rows,
     },
+    /// Attention's bf16 operands: each row's `heads` slices of `n / heads`
+    /// values, times `scale`, rounded to bf16 ([`to_bf16_scaled`]) into
+    /// `dst` laid out [image, head, token, head width], `tokens` rows an
+    /// image: the values of storing the rows and rounding them from there.
+    Bf16Heads {
+        dst: &'a mut [u16],
+        tokens: usize,
+        heads: usize,
+        scale: f32,
+    },
 }
 
 /// One thread's rows of an 8-bit product's output.
@@ -1618,6 +1684,36 @@ enum ChunkOut<'a> {
         codes: &'a mut [u8],
         params: &'a mut [(f32, i32)],
     },
+    /// Rows `first_row..` of an [`Int8Output::Bf16Heads`].
+    Bf16Heads {
+        dst: HeadsPtr,
+        first_row: usize,
+        tokens: usize,
+        heads: usize,
+        scale: f32,
+    },
+}
+
+/// The start of an [`Int8Output::Bf16Heads`] buffer, shared by the threads
+/// that write its disjoint rows.
+#[derive(Clone, Copy)]
+struct HeadsPtr(*mut u16);
+
+// SAFETY: only `int8_chunk` writes through it, each thread the heads of its
+// own rows, inside the buffer (checked in `apply_int8_rows`).
+unsafe impl Send for HeadsPtr {}
+unsafe impl Sync for HeadsPtr {}
+
+impl HeadsPtr {
+    /// `len` values from `at`.
+    ///
+    /// # Safety
+    /// They lie inside the buffer, and no one else reads or writes them
+    /// while the slice lives.
+    unsafe fn slice<'a>(self, at: usize, len: usize) -> &'a mut [u16] {
+        // SAFETY: as the caller promises.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(at), len) }
+    }
 }
 
 #[cfg(test)]
@@ -1779,6 +1875,66 @@ mod tests {
                 });
                 assert_eq!(separate, shared, "{threads} threads, {m} rows, strided");
                 assert!(separate.iter().filter(|&&v| v == 7.0).count() == 2 * m * hidden);
+            }
+        }
+    }
+
+    /// q, k or v straight from the 8-bit sums to attention's bf16 operands
+    /// ([image, head, token, head width], scaled) are the stored rows
+    /// rearranged and rounded, to the bit, rows split or not.
+    #[test]
+    fn int8_rows_go_to_bf16_heads_as_stored_rows_rounded() {
+        match native_int8() {
+            Ok(true) => {}
+            Ok(false) => {
+                return eprintln!(
+                    "NOTICE: no VNNI or AMX here: oneDNN's int8 product is not tested"
+                )
+            }
+            Err(e) => return notice(&e),
+        }
+        let (d, n, heads) = (64, 96, 3);
+        let hd = n / heads;
+        let w: Vec<f32> = (0..n * d)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 70.0)
+            .collect();
+        let b: Vec<f32> = (0..n).map(|i| i as f32 / 100.0 - 0.4).collect();
+        let lin = Linear::new(&w, false, Some(&b), n, d, DataType::Int8).unwrap();
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for (images, tokens) in [(1, 5), (2, 197), (3, 50)] {
+                let m = images * tokens;
+                let h: Vec<f32> = (0..m * d)
+                    .map(|i| ((i * 13 % 29) as f32 - 14.0) / 9.0)
+                    .collect();
+                let scale = 0.125;
+                let (want, got) = pool.install(|| {
+                    let mut rows = vec![0f32; m * n];
+                    lin.apply(&h, m, &mut rows, n, false).unwrap();
+                    let mut want = vec![0u16; m * n];
+                    for r in 0..m {
+                        let (image, token) = (r / tokens, r % tokens);
+                        for hh in 0..heads {
+                            let at = ((image * heads + hh) * tokens + token) * hd;
+                            let src = &rows[r * n + hh * hd..r * n + (hh + 1) * hd];
+                            to_bf16_scaled(src, &mut want[at..at + hd], scale);
+                        }
+                    }
+                    let hq = Int8Rows::new(&h, m, d);
+                    let mut got = vec![0xffffu16; m * n];
+                    let out = Int8Output::Bf16Heads {
+                        dst: &mut got,
+                        tokens,
+                        heads,
+                        scale,
+                    };
+                    lin.apply_int8_rows(&hq, out).unwrap();
+                    (want, got)
+                });
+                assert_eq!(want, got, "{threads} threads, {images} x {tokens}");
             }
         }
     }

@@ -282,7 +282,7 @@ fn attention_bf16(
     assert!(qkv.len() >= b * t * 3 * d && out.len() >= b * t * d && hd * heads == d);
     let hpt = heads_per_task(b, heads);
     let prods = products((1, hpt, t, hd))?;
-    let scale = (hd as f32).powf(-0.5);
+    let scale = query_scale(hd);
     let out_ptr = SendPtr(out.as_mut_ptr());
     (0..b * (heads / hpt)).into_par_iter().try_for_each(|task| {
         let (bi, h0) = (task / (heads / hpt), task % (heads / hpt) * hpt);
@@ -297,38 +297,128 @@ fn attention_bf16(
                 onednn::to_bf16_scaled(&row[2 * d..2 * d + hd], &mut v[at], 1.0);
             }
         }
-        let mut s = SCORES.take((hpt * t * t).max(n));
-        // SAFETY: q, k and s are dense [hpt, t, hd] / [hpt, t, t], as the
-        // product's operands describe.
-        unsafe { prods.qk.run(q.as_ptr(), k.as_ptr(), s.as_mut_ptr(), 1)? };
-        let mut p = BF16.take(hpt * t * t);
-        let rows = s[..hpt * t * t].chunks_exact_mut(t);
-        for (s, p) in rows.zip(p.chunks_exact_mut(t)) {
-            simd::softmax_row_in_place(s);
-            onednn::to_bf16_scaled(s, p, 1.0);
-        }
-        // The scores are spent: their buffer takes the output.
-        let mut o = s;
-        // SAFETY: p is dense [hpt, t, t], v and o [hpt, t, hd].
-        unsafe { prods.pv.run(p.as_ptr(), v.as_ptr(), o.as_mut_ptr(), 1)? };
-        for hi in 0..hpt {
-            for ti in 0..t {
-                let src = &o[(hi * t + ti) * hd..][..hd];
-                // SAFETY: inside `out` (asserted above); each task writes
-                // only its own heads' columns of its own image's rows.
-                unsafe {
-                    let dst = out_ptr.get().add((bi * t + ti) * d + (h0 + hi) * hd);
-                    std::ptr::copy_nonoverlapping(src.as_ptr(), dst, hd);
-                }
+        heads_task(&prods, [&q, &k, &v], out_ptr, (bi, h0, hpt), (t, d, hd))
+    })
+}
+
+/// What the bf16 attention multiplies q by before rounding it:
+/// `head width^-0.5`.
+pub(super) fn query_scale(hd: usize) -> f32 {
+    (hd as f32).powf(-0.5)
+}
+
+/// Three buffers of `len` bf16 values (stale) for [`attend_bf16_heads`]'s
+/// operands.
+pub(super) fn operand_buffers(len: usize) -> [crate::model::scratch::Scratch<'static, u16>; 3] {
+    [BF16.take(len), BF16.take(len), BF16.take(len)]
+}
+
+/// [`attend`]'s bf16 kernel on operands rounded beforehand, as the 8-bit
+/// q, k and v products write them ([`onednn::Int8Output::Bf16Heads`]):
+/// `q` (times `head width^-0.5`), `k` and `v` each [image, head, token,
+/// head width]. The same values as [`attend`] from the f32 rows.
+pub(super) fn attend_bf16_heads(
+    [q, k, v]: [&[u16]; 3],
+    out: &mut [f32],
+    b: usize,
+    t: usize,
+    d: usize,
+    heads: usize,
+) -> std::result::Result<(), onednn::OneDnnError> {
+    let hd = d / heads;
+    assert!(hd * heads == d && out.len() >= b * t * d);
+    assert!([q, k, v].iter().all(|x| x.len() >= b * t * d));
+    let hpt = heads_per_task(b, heads);
+    let prods = products((1, hpt, t, hd))?;
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    (0..b * (heads / hpt)).into_par_iter().try_for_each(|task| {
+        let (bi, h0) = (task / (heads / hpt), task % (heads / hpt) * hpt);
+        let at = (bi * heads + h0) * t * hd..(bi * heads + h0 + hpt) * t * hd;
+        let ops = [&q[at.clone()], &k[at.clone()], &v[at]];
+        heads_task(&prods, ops, out_ptr, (bi, h0, hpt), (t, d, hd))
+    })
+}
+
+/// One task of the bf16 attention: heads `h0..h0 + hpt` of image `bi`,
+/// from their q (scaled), k and v, dense [hpt, t, hd] bf16: `s = q k^T`
+/// in f32, the softmax in f32 in place, `p` rounded to bf16, `o = p v` in
+/// f32, copied into the heads' columns of `out` ([B*T, D]).
+fn heads_task(
+    prods: &Products,
+    [q, k, v]: [&[u16]; 3],
+    out_ptr: SendPtr,
+    (bi, h0, hpt): (usize, usize, usize),
+    (t, d, hd): (usize, usize, usize),
+) -> std::result::Result<(), onednn::OneDnnError> {
+    let n = hpt * t * hd;
+    assert!(q.len() >= n && k.len() >= n && v.len() >= n);
+    let mut s = SCORES.take((hpt * t * t).max(n));
+    // SAFETY: q, k and s are dense [hpt, t, hd] / [hpt, t, t], as the
+    // product's operands describe.
+    unsafe { prods.qk.run(q.as_ptr(), k.as_ptr(), s.as_mut_ptr(), 1)? };
+    let mut p = BF16.take(hpt * t * t);
+    let rows = s[..hpt * t * t].chunks_exact_mut(t);
+    for (s, p) in rows.zip(p.chunks_exact_mut(t)) {
+        simd::softmax_row_in_place(s);
+        onednn::to_bf16_scaled(s, p, 1.0);
+    }
+    // The scores are spent: their buffer takes the output.
+    let mut o = s;
+    // SAFETY: p is dense [hpt, t, t], v and o [hpt, t, hd].
+    unsafe { prods.pv.run(p.as_ptr(), v.as_ptr(), o.as_mut_ptr(), 1)? };
+    for hi in 0..hpt {
+        for ti in 0..t {
+            let src = &o[(hi * t + ti) * hd..][..hd];
+            // SAFETY: inside `out` (the callers assert its size); each task
+            // writes only its own heads' columns of its own image's rows.
+            unsafe {
+                let dst = out_ptr.get().add((bi * t + ti) * d + (h0 + hi) * hd);
+                std::ptr::copy_nonoverlapping(src.as_ptr(), dst, hd);
             }
         }
-        Ok(())
-    })
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Attention from operands rounded beforehand (as the 8-bit q, k and v
+    /// products write them) gives the values of the bf16 attention that
+    /// rounds the f32 q/k/v rows itself, to the bit.
+    #[test]
+    fn bf16_attention_from_rounded_heads_is_the_attention_of_the_rows() {
+        if !onednn::native_bf16().unwrap_or(false) {
+            eprintln!(
+                "NOTICE: no bf16 instructions here (or no oneDNN): bf16 attention not tested"
+            );
+            return;
+        }
+        for (b, t, d, heads) in [(1, 197, 768, 12), (3, 197, 768, 12), (2, 5, 64, 4)] {
+            let hd = d / heads;
+            let qkv: Vec<f32> = (0..b * t * 3 * d)
+                .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 4.0)
+                .collect();
+            let mut want = vec![0f32; b * t * d];
+            attend(AttentionKernel::OneDnnBf16, &qkv, &mut want, b, t, d, heads).unwrap();
+            let mut ops = vec![vec![0u16; b * t * d]; 3];
+            for (j, op) in ops.iter_mut().enumerate() {
+                let scale = if j == 0 { query_scale(hd) } else { 1.0 };
+                for r in 0..b * t {
+                    let (image, token) = (r / t, r % t);
+                    for h in 0..heads {
+                        let src = &qkv[r * 3 * d + j * d + h * hd..][..hd];
+                        let at = ((image * heads + h) * t + token) * hd;
+                        onednn::to_bf16_scaled(src, &mut op[at..at + hd], scale);
+                    }
+                }
+            }
+            let mut got = vec![f32::NAN; b * t * d];
+            attend_bf16_heads([&ops[0], &ops[1], &ops[2]], &mut got, b, t, d, heads).unwrap();
+            assert_eq!(want, got, "[{b}, {t}, {d}] x {heads} heads");
+        }
+    }
 
     /// bf16 attention against the f32 one, on ViT-B/16's head shape and on
     /// small ones (fewer tokens than a head is wide), one and three images.

@@ -404,6 +404,44 @@ impl BlockView<'_> {
         Ok(())
     }
 
+    /// Attention of `h` [b * t, d] into `att` when q, k and v are oneDNN's
+    /// 8-bit products and attention runs in bf16: the products' rows go
+    /// from their sums straight to attention's bf16 operands
+    /// ([`Int8Output::Bf16Heads`]), never stored as f32 q/k/v rows to be
+    /// read and rounded again (the same values). `false`: not this path,
+    /// or its bf16 products could not be made (the caller runs the usual
+    /// one, which says so).
+    fn attend_from_int8(
+        &self,
+        h: &[f32],
+        (b, t): (usize, usize),
+        kernel: attention::AttentionKernel,
+        att: &mut [f32],
+    ) -> Result<bool> {
+        let [Some(q), Some(k), Some(v)] = self.qkv.each_ref().map(|l| l.onednn_int8()) else {
+            return Ok(false);
+        };
+        if kernel != attention::AttentionKernel::OneDnnBf16 {
+            return Ok(false);
+        }
+        let (d, heads, m) = (self.out.n, self.heads, b * t);
+        let scales = [attention::query_scale(d / heads), 1.0, 1.0];
+        let hq = Int8Rows::new(h, m, d);
+        let mut ops = attention::operand_buffers(m * d);
+        for ((w, dst), scale) in [q, k, v].into_iter().zip(ops.iter_mut()).zip(scales) {
+            let out = Int8Output::Bf16Heads {
+                dst,
+                tokens: t,
+                heads,
+                scale,
+            };
+            w.apply_int8_rows(&hq, out)
+                .map_err(candle_core::Error::wrap)?;
+        }
+        let [qb, kb, vb] = &ops;
+        Ok(attention::attend_bf16_heads([qb, kb, vb], att, b, t, d, heads).is_ok())
+    }
+
     /// The MLP of `h` [m, d] added to the residual stream `x` [m, d]; `f`
     /// [m, hidden] is its work buffer. On oneDNN's 8-bit products fc1's
     /// rows go from its sums through the activation to fc2's codes one row
@@ -687,8 +725,10 @@ fn forward_on_worker(
             last_block_input = Some(Tensor::from_slice(&x, (b, t, d), &Device::Cpu)?);
         }
         blk.ln1.apply(&x, &mut h, d);
-        blk.qkv_apply(&h, m, &mut qkv)?;
-        attention::attend(attention_kernel, &qkv, &mut att, b, t, d, blk.heads)?;
+        if !blk.attend_from_int8(&h, (b, t), attention_kernel, &mut att)? {
+            blk.qkv_apply(&h, m, &mut qkv)?;
+            attention::attend(attention_kernel, &qkv, &mut att, b, t, d, blk.heads)?;
+        }
         blk.out.apply(&att, None, m, &mut x, d, true)?;
         blk.ln2.apply(&x, &mut h, d);
         blk.mlp_apply(&h, m, &mut f, &mut x)?;
