@@ -1795,6 +1795,27 @@ mod tests {
         }
     }
 
+    /// An MLP's two layers in `dtype`, `[hidden, d]` and `[d, hidden]`, the
+    /// second from `W^T` (both weight layouts), with biases.
+    fn mlp(d: usize, hidden: usize, dtype: DataType) -> (Linear, Linear) {
+        let w1: Vec<f32> = (0..hidden * d)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 70.0)
+            .collect();
+        let b1: Vec<f32> = (0..hidden).map(|i| i as f32 / 100.0 - 1.0).collect();
+        let w2t: Vec<f32> = (0..hidden * d)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 90.0)
+            .collect();
+        let b2: Vec<f32> = (0..d).map(|i| 0.5 - i as f32 / 60.0).collect();
+        (
+            Linear::new(&w1, false, Some(&b1), hidden, d, dtype).unwrap(),
+            Linear::new(&w2t, true, Some(&b2), d, hidden, dtype).unwrap(),
+        )
+    }
+
+    fn quick_gelu(y: &mut [f32]) {
+        y.iter_mut().for_each(|v| *v /= 1.0 + (-1.702 * *v).exp());
+    }
+
     /// fc1 -> activation -> fc2 on rows quantized once, each of fc1's rows
     /// activated and quantized again as it comes out of the product, gives
     /// fc2 the codes, and so the sums, of the three separate passes; q, k
@@ -1812,17 +1833,7 @@ mod tests {
             Err(e) => return notice(&e),
         }
         let (d, hidden) = (64, 256);
-        let w1: Vec<f32> = (0..hidden * d)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 70.0)
-            .collect();
-        let b1: Vec<f32> = (0..hidden).map(|i| i as f32 / 100.0 - 1.0).collect();
-        let w2: Vec<f32> = (0..d * hidden)
-            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 90.0)
-            .collect();
-        let b2: Vec<f32> = (0..d).map(|i| 0.5 - i as f32 / 60.0).collect();
-        let fc1 = Linear::new(&w1, false, Some(&b1), hidden, d, DataType::Int8).unwrap();
-        let fc2 = Linear::new(&w2, false, Some(&b2), d, hidden, DataType::Int8).unwrap();
-        let act = |y: &mut [f32]| y.iter_mut().for_each(|v| *v /= 1.0 + (-1.702 * *v).exp());
+        let (fc1, fc2) = mlp(d, hidden, DataType::Int8);
         for threads in [1, 2, 3] {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
@@ -1836,14 +1847,14 @@ mod tests {
                 let (separate, fused) = pool.install(|| {
                     let mut f = vec![0f32; m * hidden];
                     fc1.apply(&h, m, &mut f, hidden, false).unwrap();
-                    act(&mut f);
+                    quick_gelu(&mut f);
                     let mut x = x0.clone();
                     fc2.apply(&f, m, &mut x, d, true).unwrap();
 
                     let hq = Int8Rows::new(&h, m, d);
                     let mut fq = Int8Rows::unset(m, hidden);
                     let next = Int8Output::Activated {
-                        act: &act,
+                        act: &quick_gelu,
                         next: &mut fq,
                     };
                     fc1.apply_int8_rows(&hq, next).unwrap();
@@ -1954,17 +1965,7 @@ mod tests {
             Err(e) => return notice(&e),
         }
         let (d, hidden) = (64, 256);
-        let w1: Vec<f32> = (0..hidden * d)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 70.0)
-            .collect();
-        let b1: Vec<f32> = (0..hidden).map(|i| i as f32 / 100.0 - 1.0).collect();
-        let w2: Vec<f32> = (0..d * hidden)
-            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 90.0)
-            .collect();
-        let b2: Vec<f32> = (0..d).map(|i| 0.5 - i as f32 / 60.0).collect();
-        let fc1 = Linear::new(&w1, false, Some(&b1), hidden, d, DataType::Bf16).unwrap();
-        let fc2 = Linear::new(&w2, true, Some(&b2), d, hidden, DataType::Bf16).unwrap();
-        let act = |y: &mut [f32]| y.iter_mut().for_each(|v| *v /= 1.0 + (-1.702 * *v).exp());
+        let (fc1, fc2) = mlp(d, hidden, DataType::Bf16);
         for threads in [1, 2, 3] {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
@@ -1978,14 +1979,14 @@ mod tests {
                 let (separate, fused) = pool.install(|| {
                     let mut f = vec![0f32; m * hidden];
                     fc1.apply(&h, m, &mut f, hidden, false).unwrap();
-                    act(&mut f);
+                    quick_gelu(&mut f);
                     let mut x = x0.clone();
                     fc2.apply(&f, m, &mut x, d, true).unwrap();
 
                     let hb = Bf16Rows::new(&h, m, d);
                     let mut g = vec![0f32; m * hidden];
                     fc1.apply_bf16_rows(&hb, &mut g, hidden, false).unwrap();
-                    let gb = Bf16Rows::activated(&mut g, m, hidden, &act);
+                    let gb = Bf16Rows::activated(&mut g, m, hidden, &quick_gelu);
                     let mut y = x0.clone();
                     fc2.apply_bf16_rows(&gb, &mut y, d, true).unwrap();
                     (x, y)
