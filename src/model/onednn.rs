@@ -1816,11 +1816,60 @@ mod tests {
         y.iter_mut().for_each(|v| *v /= 1.0 + (-1.702 * *v).exp());
     }
 
+    /// Checks `fused` against the separate passes, to the bit, on one to
+    /// three threads (rows split or not) and 1 to 300 rows. `fused(fc1, fc2,
+    /// h, m, y, b)` adds the MLP of `h` [m, d] onto `y` (quick GELU between
+    /// the layers), and writes fc1 of `h` into columns `hidden..2 * hidden`
+    /// of `b`, rows `3 * hidden` apart (as q, k and v share a buffer).
+    fn matches_separate_passes(
+        dtype: DataType,
+        fused: impl Fn(&Linear, &Linear, &[f32], usize, &mut [f32], &mut [f32]) + Sync,
+    ) {
+        let (d, hidden) = (64, 256);
+        let (fc1, fc2) = mlp(d, hidden, dtype);
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for m in [1usize, 7, 197, 300] {
+                let h: Vec<f32> = (0..m * d)
+                    .map(|i| ((i * 13 % 29) as f32 - 14.0) / 9.0)
+                    .collect();
+                let x0: Vec<f32> = (0..m * d).map(|i| (i % 5) as f32 - 2.0).collect();
+                let rs = 3 * hidden;
+                let (separate, fused) = pool.install(|| {
+                    let mut f = vec![0f32; m * hidden];
+                    fc1.apply(&h, m, &mut f, hidden, false).unwrap();
+                    quick_gelu(&mut f);
+                    let mut x = x0.clone();
+                    fc2.apply(&f, m, &mut x, d, true).unwrap();
+                    let mut a = vec![7f32; m * rs];
+                    fc1.apply(&h, m, &mut a[hidden..], rs, false).unwrap();
+
+                    let (mut y, mut b) = (x0.clone(), vec![7f32; m * rs]);
+                    fused(&fc1, &fc2, &h, m, &mut y, &mut b);
+                    ((x, a), (y, b))
+                });
+                assert_eq!(
+                    separate.0, fused.0,
+                    "{dtype:?}, {threads} threads, {m} rows"
+                );
+                assert!(separate.0 != x0, "the MLP changed nothing");
+                assert_eq!(
+                    separate.1, fused.1,
+                    "{dtype:?}, {threads} threads, {m} rows, strided"
+                );
+                assert!(separate.1.iter().filter(|&&v| v == 7.0).count() == 2 * m * hidden);
+            }
+        }
+    }
+
     /// fc1 -> activation -> fc2 on rows quantized once, each of fc1's rows
     /// activated and quantized again as it comes out of the product, gives
     /// fc2 the codes, and so the sums, of the three separate passes; q, k
     /// and v from one [`Int8Rows`] are the products of each quantizing its
-    /// input itself. Both on the pool's threads (rows split) and on one.
+    /// input itself.
     #[test]
     fn rows_quantized_once_and_activated_as_they_come_give_the_separate_passes_to_the_bit() {
         match native_int8() {
@@ -1832,62 +1881,28 @@ mod tests {
             }
             Err(e) => return notice(&e),
         }
-        let (d, hidden) = (64, 256);
-        let (fc1, fc2) = mlp(d, hidden, DataType::Int8);
-        for threads in [1, 2, 3] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            for m in [1usize, 7, 197, 300] {
-                let h: Vec<f32> = (0..m * d)
-                    .map(|i| ((i * 13 % 29) as f32 - 14.0) / 9.0)
-                    .collect();
-                let x0: Vec<f32> = (0..m * d).map(|i| (i % 5) as f32 - 2.0).collect();
-                let (separate, fused) = pool.install(|| {
-                    let mut f = vec![0f32; m * hidden];
-                    fc1.apply(&h, m, &mut f, hidden, false).unwrap();
-                    quick_gelu(&mut f);
-                    let mut x = x0.clone();
-                    fc2.apply(&f, m, &mut x, d, true).unwrap();
-
-                    let hq = Int8Rows::new(&h, m, d);
-                    let mut fq = Int8Rows::unset(m, hidden);
-                    let next = Int8Output::Activated {
-                        act: &quick_gelu,
-                        next: &mut fq,
-                    };
-                    fc1.apply_int8_rows(&hq, next).unwrap();
-                    let mut y = x0.clone();
-                    let dst = Int8Output::Rows {
-                        dst: &mut y,
-                        rs: d,
-                        add: true,
-                    };
-                    fc2.apply_int8_rows(&fq, dst).unwrap();
-                    (x, y)
-                });
-                assert_eq!(separate, fused, "{threads} threads, {m} rows");
-                assert!(separate != x0, "the MLP changed nothing");
-
-                // Into every third column block of a wider buffer, as q, k and v.
-                let (separate, shared) = pool.install(|| {
-                    let rs = 3 * hidden;
-                    let (mut a, mut b) = (vec![7f32; m * rs], vec![7f32; m * rs]);
-                    fc1.apply(&h, m, &mut a[hidden..], rs, false).unwrap();
-                    let hq = Int8Rows::new(&h, m, d);
-                    let dst = Int8Output::Rows {
-                        dst: &mut b[hidden..],
-                        rs,
-                        add: false,
-                    };
-                    fc1.apply_int8_rows(&hq, dst).unwrap();
-                    (a, b)
-                });
-                assert_eq!(separate, shared, "{threads} threads, {m} rows, strided");
-                assert!(separate.iter().filter(|&&v| v == 7.0).count() == 2 * m * hidden);
-            }
-        }
+        matches_separate_passes(DataType::Int8, |fc1, fc2, h, m, y, b| {
+            let (d, hidden) = (fc1.k(), fc1.n());
+            let hq = Int8Rows::new(h, m, d);
+            let mut fq = Int8Rows::unset(m, hidden);
+            let next = Int8Output::Activated {
+                act: &quick_gelu,
+                next: &mut fq,
+            };
+            fc1.apply_int8_rows(&hq, next).unwrap();
+            let dst = Int8Output::Rows {
+                dst: y,
+                rs: d,
+                add: true,
+            };
+            fc2.apply_int8_rows(&fq, dst).unwrap();
+            let dst = Int8Output::Rows {
+                dst: &mut b[hidden..],
+                rs: 3 * hidden,
+                add: false,
+            };
+            fc1.apply_int8_rows(&hq, dst).unwrap();
+        });
     }
 
     /// q, k or v straight from the 8-bit sums to attention's bf16 operands
@@ -1952,7 +1967,7 @@ mod tests {
 
     /// The bf16 products on rows rounded once ([`Bf16Rows`]; fc1's output
     /// activated and rounded in one pass) give the values of each product
-    /// rounding its input itself, to the bit, rows split or not.
+    /// rounding its input itself.
     #[test]
     fn bf16_rows_rounded_once_give_the_separate_passes_to_the_bit() {
         match native_bf16() {
@@ -1964,48 +1979,16 @@ mod tests {
             }
             Err(e) => return notice(&e),
         }
-        let (d, hidden) = (64, 256);
-        let (fc1, fc2) = mlp(d, hidden, DataType::Bf16);
-        for threads in [1, 2, 3] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
+        matches_separate_passes(DataType::Bf16, |fc1, fc2, h, m, y, b| {
+            let (d, hidden) = (fc1.k(), fc1.n());
+            let hb = Bf16Rows::new(h, m, d);
+            let mut g = vec![0f32; m * hidden];
+            fc1.apply_bf16_rows(&hb, &mut g, hidden, false).unwrap();
+            let gb = Bf16Rows::activated(&mut g, m, hidden, &quick_gelu);
+            fc2.apply_bf16_rows(&gb, y, d, true).unwrap();
+            fc1.apply_bf16_rows(&hb, &mut b[hidden..], 3 * hidden, false)
                 .unwrap();
-            for m in [1usize, 7, 197, 300] {
-                let h: Vec<f32> = (0..m * d)
-                    .map(|i| ((i * 13 % 29) as f32 - 14.0) / 9.0)
-                    .collect();
-                let x0: Vec<f32> = (0..m * d).map(|i| (i % 5) as f32 - 2.0).collect();
-                let (separate, fused) = pool.install(|| {
-                    let mut f = vec![0f32; m * hidden];
-                    fc1.apply(&h, m, &mut f, hidden, false).unwrap();
-                    quick_gelu(&mut f);
-                    let mut x = x0.clone();
-                    fc2.apply(&f, m, &mut x, d, true).unwrap();
-
-                    let hb = Bf16Rows::new(&h, m, d);
-                    let mut g = vec![0f32; m * hidden];
-                    fc1.apply_bf16_rows(&hb, &mut g, hidden, false).unwrap();
-                    let gb = Bf16Rows::activated(&mut g, m, hidden, &quick_gelu);
-                    let mut y = x0.clone();
-                    fc2.apply_bf16_rows(&gb, &mut y, d, true).unwrap();
-                    (x, y)
-                });
-                assert_eq!(separate, fused, "{threads} threads, {m} rows");
-                assert!(separate != x0, "the MLP changed nothing");
-
-                let (separate, shared) = pool.install(|| {
-                    let rs = 3 * hidden;
-                    let (mut a, mut b) = (vec![7f32; m * rs], vec![7f32; m * rs]);
-                    fc1.apply(&h, m, &mut a[2 * hidden..], rs, false).unwrap();
-                    let hb = Bf16Rows::new(&h, m, d);
-                    fc1.apply_bf16_rows(&hb, &mut b[2 * hidden..], rs, false)
-                        .unwrap();
-                    (a, b)
-                });
-                assert_eq!(separate, shared, "{threads} threads, {m} rows, strided");
-            }
-        }
+        });
     }
 
     #[test]

@@ -278,14 +278,10 @@ fn attention_bf16(
     d: usize,
     heads: usize,
 ) -> std::result::Result<(), onednn::OneDnnError> {
+    assert!(qkv.len() >= b * t * 3 * d);
     let hd = d / heads;
-    assert!(qkv.len() >= b * t * 3 * d && out.len() >= b * t * d && hd * heads == d);
-    let hpt = heads_per_task(b, heads);
-    let prods = products((1, hpt, t, hd))?;
     let scale = query_scale(hd);
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    (0..b * (heads / hpt)).into_par_iter().try_for_each(|task| {
-        let (bi, h0) = (task / (heads / hpt), task % (heads / hpt) * hpt);
+    head_groups(out, (b, t, d, heads), |prods, out_ptr, (bi, h0, hpt)| {
         let n = hpt * t * hd;
         let (mut q, mut k, mut v) = (BF16.take(n), BF16.take(n), BF16.take(n));
         for hi in 0..hpt {
@@ -297,7 +293,32 @@ fn attention_bf16(
                 onednn::to_bf16_scaled(&row[2 * d..2 * d + hd], &mut v[at], 1.0);
             }
         }
-        heads_task(&prods, [&q, &k, &v], out_ptr, (bi, h0, hpt), (t, d, hd))
+        heads_task(prods, [&q, &k, &v], out_ptr, (bi, h0, hpt), (t, d, hd))
+    })
+}
+
+/// Runs `task(products, out, (image, first head, heads))` for each
+/// (image, group of heads) of the bf16 attention of `b` images of `t`
+/// tokens, width `d`, in parallel; each task writes its heads' columns of
+/// its image's rows of `out` [B*T, D].
+fn head_groups(
+    out: &mut [f32],
+    (b, t, d, heads): (usize, usize, usize, usize),
+    task: impl Fn(
+            &Products,
+            SendPtr,
+            (usize, usize, usize),
+        ) -> std::result::Result<(), onednn::OneDnnError>
+        + Sync,
+) -> std::result::Result<(), onednn::OneDnnError> {
+    let hd = d / heads;
+    assert!(out.len() >= b * t * d && hd * heads == d);
+    let hpt = heads_per_task(b, heads);
+    let prods = products((1, hpt, t, hd))?;
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    (0..b * (heads / hpt)).into_par_iter().try_for_each(|i| {
+        let (bi, h0) = (i / (heads / hpt), i % (heads / hpt) * hpt);
+        task(&prods, out_ptr, (bi, h0, hpt))
     })
 }
 
@@ -325,17 +346,12 @@ pub(super) fn attend_bf16_heads(
     d: usize,
     heads: usize,
 ) -> std::result::Result<(), onednn::OneDnnError> {
-    let hd = d / heads;
-    assert!(hd * heads == d && out.len() >= b * t * d);
     assert!([q, k, v].iter().all(|x| x.len() >= b * t * d));
-    let hpt = heads_per_task(b, heads);
-    let prods = products((1, hpt, t, hd))?;
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    (0..b * (heads / hpt)).into_par_iter().try_for_each(|task| {
-        let (bi, h0) = (task / (heads / hpt), task % (heads / hpt) * hpt);
+    let hd = d / heads;
+    head_groups(out, (b, t, d, heads), |prods, out_ptr, (bi, h0, hpt)| {
         let at = (bi * heads + h0) * t * hd..(bi * heads + h0 + hpt) * t * hd;
         let ops = [&q[at.clone()], &k[at.clone()], &v[at]];
-        heads_task(&prods, ops, out_ptr, (bi, h0, hpt), (t, d, hd))
+        heads_task(prods, ops, out_ptr, (bi, h0, hpt), (t, d, hd))
     })
 }
 
