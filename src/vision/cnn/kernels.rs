@@ -7,18 +7,69 @@ use rayon::prelude::*;
 
 use super::{CnnError, Conv, FeatureMap, Inverted, Workspace, MAX_MAP};
 
-/// Inner dimension up to which a 1x1 convolution runs on [`pointwise_block`]
+/// Inner dimension up to which a 1x1 convolution runs on [`pointwise_cols`]
 /// rather than `gemm`: with 16 to 64 input channels the product is a few
 /// multiply-adds per output, and gemm's packing costs more than the
 /// arithmetic (measured on CenterFace's 16 -> 96 layer at 240x320: 25 ms in
 /// gemm on the 2-core AMD EPYC).
 const SMALL_K: usize = 64;
 
-/// Output columns per block of [`pointwise_block`]: its rows of `acc` stay in L1.
+/// Output columns per task of [`pointwise_cols`].
 const POINTWISE_BLOCK: usize = 256;
 
-/// `acc [m, len] = bias + w [m, k] x xs [k, n][.., c0..c0 + len]`, then
-/// the ReLU; `m` is `bias.len()`. Each value is summed in the same order on
+/// [`pointwise_cols`] on a map of the caller's own.
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+fn pointwise_block(
+    dst: &mut [f32],
+    w: &[f32],
+    xs: &[f32],
+    n: usize,
+    c0: usize,
+    len: usize,
+    bias: &[f32],
+    relu: bool,
+) {
+    // SAFETY: the whole of `dst` is this call's.
+    unsafe { pointwise_cols(Cols::of(dst), w, xs, n, c0, len, bias, relu) }
+}
+
+/// An output map of which one task writes some columns of every row while
+/// other tasks write the others: only the row spans a task writes are ever
+/// borrowed, never the whole map.
+#[derive(Clone, Copy)]
+struct Cols {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: a `Cols` is only a pointer and a length; each task borrows only
+// spans no other task touches (see [`Cols::span`]).
+unsafe impl Send for Cols {}
+unsafe impl Sync for Cols {}
+
+impl Cols {
+    fn of(map: &mut [f32]) -> Self {
+        Self {
+            ptr: map.as_mut_ptr(),
+            len: map.len(),
+        }
+    }
+
+    /// Values `at..at + len` of the map (bounds checked).
+    ///
+    /// # Safety
+    /// No other thread reads or writes them while the span lives, and the
+    /// map outlives it.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn span<'a>(self, at: usize, len: usize) -> &'a mut [f32] {
+        assert!(at.checked_add(len).is_some_and(|end| end <= self.len));
+        std::slice::from_raw_parts_mut(self.ptr.add(at), len)
+    }
+}
+
+/// `dst [m, n][.., c0..c0 + len] = bias + w [m, k] x xs [k, n][.., c0..c0 +
+/// len]`, then the ReLU; `m` is `bias.len()`. Each value is summed in the same order on
 /// every instruction set (the bias, then input channel by channel, no fused
 /// multiply-add), so the maps do not depend on the CPU.
 ///
@@ -26,10 +77,17 @@ const POINTWISE_BLOCK: usize = 256;
 /// `k` inputs: the first version added each input channel to a whole row
 /// of 256 accumulators in L1, a load and a store per multiply-add, and was
 /// 31% of CenterFace's live forward (`perf` of `examples/detect_loop`,
-/// 2-core EPYC).
+/// 2-core EPYC). The tiles write straight into the output map: the rows
+/// of 256 sums were zeroed and copied out per task, `memset` and `memmove`
+/// together 10% of that profile. Columns left over after the tiles (a map
+/// of 10 x 14 leaves 12 after two tiles of 64) go through one tile of
+/// `C2` over a zero-padded copy of their inputs.
+///
+/// # Safety
+/// Those columns of `dst`'s rows are the caller's alone for the call.
 #[allow(clippy::too_many_arguments)]
-pub fn pointwise_block(
-    acc: &mut [f32],
+unsafe fn pointwise_cols(
+    dst: Cols,
     w: &[f32],
     xs: &[f32],
     n: usize,
@@ -43,7 +101,7 @@ pub fn pointwise_block(
         #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma")]
         #[allow(clippy::too_many_arguments)]
         unsafe fn avx512(
-            acc: &mut [f32],
+            dst: Cols,
             w: &[f32],
             xs: &[f32],
             n: usize,
@@ -53,12 +111,12 @@ pub fn pointwise_block(
             relu: bool,
         ) {
             // 16 zmm registers of sums.
-            pointwise_tiles::<4, 64, 16>(acc, w, xs, n, c0, len, bias, relu)
+            pointwise_tiles::<4, 64, 16>(dst, w, xs, n, c0, len, bias, relu)
         }
         #[target_feature(enable = "avx2,fma")]
         #[allow(clippy::too_many_arguments)]
         unsafe fn avx2(
-            acc: &mut [f32],
+            dst: Cols,
             w: &[f32],
             xs: &[f32],
             n: usize,
@@ -68,31 +126,36 @@ pub fn pointwise_block(
             relu: bool,
         ) {
             // 12 of the 16 ymm registers.
-            pointwise_tiles::<4, 24, 8>(acc, w, xs, n, c0, len, bias, relu)
+            pointwise_tiles::<4, 24, 8>(dst, w, xs, n, c0, len, bias, relu)
         }
         if std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512dq")
         {
             // SAFETY: the features were detected.
-            return unsafe { avx512(acc, w, xs, n, c0, len, bias, relu) };
+            return unsafe { avx512(dst, w, xs, n, c0, len, bias, relu) };
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the features were detected.
-            return unsafe { avx2(acc, w, xs, n, c0, len, bias, relu) };
+            return unsafe { avx2(dst, w, xs, n, c0, len, bias, relu) };
         }
     }
-    pointwise_tiles::<2, 8, 4>(acc, w, xs, n, c0, len, bias, relu)
+    // SAFETY: as for the caller.
+    unsafe { pointwise_tiles::<2, 8, 4>(dst, w, xs, n, c0, len, bias, relu) }
 }
 
-/// [`pointwise_block`] in tiles of `R` x `C`, the columns left over in
-/// tiles of `R` x `C2` (small maps have fewer columns than `C`), and what is
-/// left after those one row at a time (the same sums).
+/// [`pointwise_cols`] in tiles of `R` x `C`, the columns left over in
+/// tiles of `R` x `C2` (small maps have fewer columns than `C`), the last
+/// few in one `R` x `C2` tile over a zero-padded copy of their inputs, and
+/// the output channels left over one at a time (the same sums).
+///
+/// # Safety
+/// As [`pointwise_cols`].
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn pointwise_tiles<const R: usize, const C: usize, const C2: usize>(
-    acc: &mut [f32],
+unsafe fn pointwise_tiles<const R: usize, const C: usize, const C2: usize>(
+    dst: Cols,
     w: &[f32],
     xs: &[f32],
     n: usize,
@@ -103,43 +166,65 @@ fn pointwise_tiles<const R: usize, const C: usize, const C2: usize>(
 ) {
     let m = bias.len();
     let k = w.len() / m.max(1);
-    assert!(acc.len() >= m * len && w.len() >= m * k);
+    assert!(c0 + len <= n && w.len() >= m * k);
+
     assert!(k == 0 || (k - 1) * n + c0 + len <= xs.len());
     let tiled_rows = m / R * R;
     let wide = len / C * C;
     let narrow = wide + (len - wide) / C2 * C2;
+    // The last columns' inputs, `C2` to a row, zeros past them.
+    let padded: Vec<f32> = if narrow < len {
+        let mut p = vec![0f32; k * C2];
+        for (kk, row) in p.chunks_exact_mut(C2).enumerate() {
+            let from = kk * n + c0 + narrow;
+            row[..len - narrow].copy_from_slice(&xs[from..from + len - narrow]);
+        }
+        p
+    } else {
+        Vec::new()
+    };
     for co in (0..tiled_rows).step_by(R) {
         let rows: [&[f32]; R] = std::array::from_fn(|r| &w[(co + r) * k..(co + r + 1) * k]);
+        let tile = |dst: Cols, xs: &[f32], xn: usize, x0: usize, at: usize, keep: usize| {
+            // SAFETY: the columns are the caller's.
+            unsafe {
+                pointwise_tile::<R, C2>(dst, n, at, keep, &rows, xs, xn, x0, &bias[co..], relu, co)
+            }
+        };
         for c in (0..wide).step_by(C) {
-            pointwise_tile::<R, C>(acc, &rows, xs, n, c0 + c, len, c, &bias[co..], relu, co);
+            let at = c0 + c;
+            pointwise_tile::<R, C>(dst, n, at, C, &rows, xs, n, at, &bias[co..], relu, co);
         }
         for c in (wide..narrow).step_by(C2) {
-            pointwise_tile::<R, C2>(acc, &rows, xs, n, c0 + c, len, c, &bias[co..], relu, co);
+            tile(dst, xs, n, c0 + c, c0 + c, C2);
         }
         if narrow < len {
-            for r in 0..R {
-                pointwise_row(acc, w, xs, n, c0, len, bias, relu, co + r, narrow);
-            }
+            tile(dst, &padded, C2, 0, c0 + narrow, len - narrow);
         }
     }
     for co in tiled_rows..m {
-        pointwise_row(acc, w, xs, n, c0, len, bias, relu, co, 0);
+        pointwise_row(dst, w, xs, n, c0, len, bias, relu, co);
     }
 }
 
-/// One `R` x `C` tile of [`pointwise_block`]: output channels `co..co + R`
-/// (weights `rows`, biases `bias[..R]`), input columns `x0..x0 + C`, into
-/// `acc` columns `c..c + C` (rows `len` apart).
+/// One `R` x `C` tile of [`pointwise_cols`]: output channels `co..co + R`
+/// (weights `rows`, biases `bias[..R]`) from input columns `x0..x0 + C` of
+/// `xs` (rows `xn` apart); the first `keep` columns go to `dst` (rows `ld`
+/// apart) from column `at` on.
+///
+/// # Safety
+/// Those values of `dst` are the caller's alone.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn pointwise_tile<const R: usize, const C: usize>(
-    acc: &mut [f32],
+unsafe fn pointwise_tile<const R: usize, const C: usize>(
+    dst: Cols,
+    ld: usize,
+    at: usize,
+    keep: usize,
     rows: &[&[f32]; R],
     xs: &[f32],
-    n: usize,
+    xn: usize,
     x0: usize,
-    len: usize,
-    c: usize,
     bias: &[f32],
     relu: bool,
     co: usize,
@@ -149,7 +234,7 @@ fn pointwise_tile<const R: usize, const C: usize>(
         t[r] = [bias[r]; C];
     }
     for kk in 0..rows[0].len() {
-        let x: &[f32; C] = xs[kk * n + x0..][..C].try_into().expect("C values");
+        let x: &[f32; C] = xs[kk * xn + x0..][..C].try_into().expect("C values");
         for r in 0..R {
             let wv = rows[r][kk];
             for j in 0..C {
@@ -158,18 +243,21 @@ fn pointwise_tile<const R: usize, const C: usize>(
         }
     }
     for r in 0..R {
-        let out = &mut acc[(co + r) * len + c..][..C];
-        for j in 0..C {
-            out[j] = if relu { t[r][j].max(0.0) } else { t[r][j] };
+        let out = dst.span((co + r) * ld + at, keep);
+        for (o, &v) in out.iter_mut().zip(&t[r]) {
+            *o = if relu { v.max(0.0) } else { v };
         }
     }
 }
 
-/// Output channel `co` of [`pointwise_block`] from column `from` on.
+/// Output channel `co` of [`pointwise_cols`], columns `c0..c0 + len`.
+///
+/// # Safety
+/// Those values of `dst` are the caller's alone.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn pointwise_row(
-    acc: &mut [f32],
+unsafe fn pointwise_row(
+    dst: Cols,
     w: &[f32],
     xs: &[f32],
     n: usize,
@@ -178,13 +266,12 @@ fn pointwise_row(
     bias: &[f32],
     relu: bool,
     co: usize,
-    from: usize,
 ) {
     let k = w.len() / bias.len().max(1);
-    let row = &mut acc[co * len + from..(co + 1) * len];
+    let row = dst.span(co * n + c0, len);
     row.fill(bias[co]);
     for (kk, &wv) in w[co * k..(co + 1) * k].iter().enumerate() {
-        let x = &xs[kk * n + c0 + from..kk * n + c0 + len];
+        let x = &xs[kk * n + c0..kk * n + c0 + len];
         for (a, &v) in row.iter_mut().zip(x) {
             *a += wv * v;
         }
@@ -195,30 +282,21 @@ fn pointwise_row(
 }
 
 /// A 1x1 convolution with few input channels: blocks of output columns in
-/// parallel, each computed in cache and copied out once.
+/// parallel, each task writing its columns of every output row.
 fn pointwise_small(dst: &mut [f32], w: &[f32], xs: &[f32], n: usize, bias: &[f32], relu: bool) {
     let m = bias.len();
-    let dst_ptr = SendPtr(dst.as_mut_ptr());
     assert!(dst.len() >= m * n);
+    let cols = Cols::of(dst);
     let blocks: Vec<usize> = (0..n).step_by(POINTWISE_BLOCK).collect();
-    blocks.par_iter().for_each_init(
-        || vec![0.0f32; m * POINTWISE_BLOCK],
-        |acc, &c0| {
-            let len = POINTWISE_BLOCK.min(n - c0);
-            pointwise_block(&mut acc[..m * len], w, xs, n, c0, len, bias, relu);
-            for (co, row) in acc[..m * len].chunks_exact(len).enumerate() {
-                // SAFETY: `dst` holds `m * n` values (asserted above); this
-                // task alone writes columns `c0..c0 + len` of each row.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        row.as_ptr(),
-                        dst_ptr.get().add(co * n + c0),
-                        len,
-                    );
-                }
-            }
-        },
-    );
+    // SAFETY: each task writes only columns `c0..c0 + len` of each row.
+    let run = |&c0: &usize| unsafe {
+        pointwise_cols(cols, w, xs, n, c0, POINTWISE_BLOCK.min(n - c0), bias, relu)
+    };
+    if blocks.len() > 1 && rayon::current_num_threads() > 1 {
+        blocks.par_iter().for_each(run);
+    } else {
+        blocks.iter().for_each(run);
+    }
 }
 
 /// Columns of the output computed per task: a block of every output row
@@ -1088,24 +1166,32 @@ mod tests {
     }
 
     /// The register tiles give every value of the row-at-a-time kernel, to
-    /// the bit, whatever the channels and columns left over.
+    /// the bit, whatever the channels and columns left over, and write no
+    /// column outside their block.
     #[test]
     fn pointwise_tiles_give_the_sums_of_the_row_kernel() {
         for (m, k) in [(1, 1), (3, 5), (4, 16), (7, 24), (96, 16), (9, 64), (5, 0)] {
-            for len in [1, 7, 16, 24, 63, 64, 65, 100, 256] {
+            for len in [1, 7, 12, 16, 24, 63, 64, 65, 100, 140, 256] {
                 let (c0, n) = (3, len + 11);
                 let w = values(m * k, 1);
                 let xs = values(k.max(1) * n, 2);
                 let bias = values(m, 3);
                 for relu in [false, true] {
                     let want = pointwise_by_rows(&w, &xs, n, c0, len, &bias, relu);
-                    let mut got = vec![f32::NAN; m * len];
+                    let mut got = vec![f32::NAN; m * n];
                     pointwise_block(&mut got, &w, &xs, n, c0, len, &bias, relu);
-                    let same = want
-                        .iter()
-                        .zip(&got)
-                        .all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "m {m}, k {k}, len {len}, relu {relu}");
+                    for (co, row) in got.chunks_exact(n).enumerate() {
+                        let same = want[co * len..(co + 1) * len]
+                            .iter()
+                            .zip(&row[c0..c0 + len])
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "m {m}, k {k}, len {len}, relu {relu}, row {co}");
+                        let outside = row[..c0].iter().chain(&row[c0 + len..]);
+                        assert!(
+                            outside.clone().all(|v| v.is_nan()),
+                            "row {co} written outside"
+                        );
+                    }
                 }
             }
         }
