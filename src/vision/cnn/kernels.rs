@@ -254,11 +254,11 @@ unsafe fn pointwise_tile16_avx512<const R: usize>(
             t[r] = _mm512_add_ps(t[r], _mm512_mul_ps(wv, x));
         }
     }
-    for r in 0..R {
+    for (r, &sums) in t.iter().enumerate() {
         let v = if relu {
-            _mm512_max_ps(t[r], _mm512_setzero_ps())
+            _mm512_max_ps(sums, _mm512_setzero_ps())
         } else {
-            t[r]
+            sums
         };
         let out = dst.span((co + r) * n + at, keep);
         _mm512_mask_storeu_ps(out.as_mut_ptr(), mask, v);
@@ -300,9 +300,9 @@ unsafe fn pointwise_tile<const R: usize, const C: usize>(
             }
         }
     }
-    for r in 0..R {
+    for (r, sums) in t.iter().enumerate() {
         let out = dst.span((co + r) * ld + at, keep);
-        for (o, &v) in out.iter_mut().zip(&t[r]) {
+        for (o, &v) in out.iter_mut().zip(sums) {
             *o = if relu { v.max(0.0) } else { v };
         }
     }
@@ -853,7 +853,7 @@ multiversion! {
     ) {
         const L: usize = 16;
         assert!(plane.len() >= iw * ih && out.len() >= ow * oh && w.len() >= 9);
-        assert!(oh == (ih + stride - 1) / stride && ow == (iw + stride - 1) / stride);
+        assert!(oh == ih.div_ceil(stride) && ow == iw.div_ceil(stride));
         let out = &mut out[..ow * oh];
         let taps = [[w[0], w[1], w[2]], [w[3], w[4], w[5]], [w[6], w[7], w[8]]];
         if stride == 1 {
@@ -877,8 +877,7 @@ multiversion! {
             for oy in 0..oh {
                 for x in (0..ow).step_by(L) {
                     let mut v = [bias; L];
-                    for ky in 0..3 {
-                        let [w0, w1, w2] = taps[ky];
+                    for (ky, &[w0, w1, w2]) in taps.iter().enumerate() {
                         let r: &[f32; L + 2] =
                             p[(oy + ky) * pw + x..][..L + 2].try_into().expect("block");
                         for j in 0..L {
@@ -927,8 +926,7 @@ multiversion! {
         for oy in 0..oh {
             for x in (0..ow).step_by(L) {
                 let mut v = [bias; L];
-                for ky in 0..3 {
-                    let [w0, w1, w2] = taps[ky];
+                for (ky, &[w0, w1, w2]) in taps.iter().enumerate() {
                     let at = (2 * oy + ky) * q + x;
                     let er: &[f32; L + 1] = e[at..][..L + 1].try_into().expect("block");
                     let or: &[f32; L] = o[at..][..L].try_into().expect("block");
