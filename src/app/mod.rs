@@ -113,6 +113,9 @@ pub struct SessionReport {
     pub detect_ms: f32,
     /// Share of recent frames whose faces were detected (pacing, live).
     pub detected_share: Option<f32>,
+    /// Cropping the faces and making the model's input from them.
+    pub crop_ms: f32,
+    /// The vision tower's forward alone, as `cliper bench` times it.
     pub encode_ms: f32,
     pub score_ms: f32,
     pub frames_shown: u64,
@@ -127,7 +130,7 @@ impl std::fmt::Display for SessionReport {
         let ms = |v: Option<f32>| v.map_or("n/a".to_string(), |v| format!("{v:.0} ms"));
         write!(
             f,
-            "UI {:.0} fps (ui() {:.1} ms), capture {:.1} fps, inference {:.1} fps, capture-to-screen median {}, score lag median {} (decode {:.1} ms, detect median {:.0} ms{}, encode median {:.0} ms, score {:.1} ms), {} frames shown, {} scored",
+            "UI {:.0} fps (ui() {:.1} ms), capture {:.1} fps, inference {:.1} fps, capture-to-screen median {}, score lag median {} (decode {:.1} ms, detect median {:.0} ms{}, crop median {:.1} ms, encode median {:.0} ms, score {:.1} ms), {} frames shown, {} scored",
             self.ui_fps,
             self.ui_ms,
             self.capture_fps,
@@ -140,6 +143,7 @@ impl std::fmt::Display for SessionReport {
                 Some(s) if s < 0.995 => format!(" on {:.0}% of frames", s * 100.0),
                 _ => String::new(),
             },
+            self.crop_ms,
             self.encode_ms,
             self.score_ms,
             self.frames_shown,
@@ -180,6 +184,7 @@ pub fn run_live(opts: LiveOptions) -> Result<SessionReport, AppError> {
             .with_app_id("cliper")
             .with_inner_size([1360.0, 860.0])
             .with_min_inner_size([960.0, 620.0]),
+        dithering: DITHERING,
         ..Default::default()
     };
     // SIGTERM, SIGINT and SIGHUP close the window the way its close button
@@ -209,6 +214,15 @@ pub fn run_live(opts: LiveOptions) -> Result<SessionReport, AppError> {
     }
     Ok(outcome.report.unwrap_or_default())
 }
+
+/// egui's dither of each pixel's colour, off: it spreads the rounding of
+/// smooth gradients to 8 bits, which this window has none of (flat panels,
+/// text, plot lines, video frames that are 8-bit already), and it is a
+/// noise function per pixel in the fragment shader. Under a software
+/// renderer that was a seventh of its time: llvmpipe 18.1-18.8% -> 15.8-16.9%
+/// of a core, `cliper live --source demo` under Xvfb at 1280x800, two runs
+/// each (2-core EPYC, `tools/thread_cpu.py`).
+pub(crate) const DITHERING: bool = false;
 
 /// The largest block glibc's malloc serves from its heap rather than from
 /// a fresh mapping, and how much free memory its heap keeps before giving

@@ -72,6 +72,7 @@ pub fn run_replay(opts: ReplayOptions) -> Result<(), ReplayError> {
             .with_app_id("cliper-replay")
             .with_inner_size([1280.0, 820.0])
             .with_min_inner_size([900.0, 600.0]),
+        dithering: super::DITHERING,
         ..Default::default()
     };
     let shared = outcome.clone();

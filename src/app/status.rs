@@ -95,12 +95,12 @@ pub fn show(ui: &mut egui::Ui, store: &Store, stats: &UiStats) {
             _ => String::new(),
         };
         ui.label(format!(
-            "{decode}detect {:.0} ms{paced} · encode {:.0} ms · score {:.1} ms",
-            t.detect_ms, t.encode_ms, t.score_ms
+            "{decode}detect {:.0} ms{paced} · crop {:.1} ms · encode {:.0} ms · score {:.1} ms",
+            t.detect_ms, t.crop_ms, t.encode_ms, t.score_ms
         ))
         .on_hover_text(
             "Per-stage time for the latest frame: video decoding (FFmpeg), face detection \
-             (downscaled frame), CLIP vision tower on all face crops, logits against the descriptors. \
+             (downscaled frame), cropping the faces into the model's input, the CLIP vision tower's forward on all crops, logits against the descriptors. \
              With the model on the CPU, detection runs on the frames the model takes and only \
              a little more, leaving the model its cores; the frames between keep the last boxes",
         );

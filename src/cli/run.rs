@@ -85,7 +85,7 @@ fn run_headless(args: RunArgs) -> Result<()> {
         );
     }
     eprintln!(
-        "processed {} frames, {} faces in {:.1} s on {} (per frame: decode {:.1} ms, detect {:.0} ms, encode {:.0} ms, score {:.1} ms){}",
+        "processed {} frames, {} faces in {:.1} s on {} (per frame: decode {:.1} ms, detect {:.0} ms, crop {:.1} ms, encode {:.0} ms, score {:.1} ms){}",
         summary.frames,
         summary.faces,
         summary.secs,
@@ -96,6 +96,7 @@ fn run_headless(args: RunArgs) -> Result<()> {
         },
         summary.decode_ms,
         summary.detect_ms,
+        summary.crop_ms,
         summary.encode_ms,
         summary.score_ms,
         if summary.warnings > 0 {

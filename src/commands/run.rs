@@ -54,9 +54,10 @@ pub struct RunSummary {
     /// The signal that stopped the run before its source ended.
     pub stopped_by: Option<i32>,
     /// Mean time per frame in decoding (videos) and face detection, and in
-    /// encoding and scoring the frames that had faces, milliseconds.
+    /// cropping, encoding and scoring the frames that had faces, milliseconds.
     pub decode_ms: f64,
     pub detect_ms: f64,
+    pub crop_ms: f64,
     pub encode_ms: f64,
     pub score_ms: f64,
     /// What the recording left, when one was asked for.
@@ -183,6 +184,7 @@ pub fn run(opts: &RunOptions, out: &mut dyn Write) -> Result<RunSummary, RunErro
                 summary.decode_ms += f64::from(s.timings.decode_ms);
                 if !s.faces.is_empty() {
                     scored += 1;
+                    summary.crop_ms += f64::from(s.timings.crop_ms);
                     summary.encode_ms += f64::from(s.timings.encode_ms);
                     summary.score_ms += f64::from(s.timings.score_ms);
                 }
@@ -224,6 +226,7 @@ pub fn run(opts: &RunOptions, out: &mut dyn Write) -> Result<RunSummary, RunErro
     summary.secs = start.elapsed().as_secs_f64();
     summary.detect_ms /= summary.frames.max(1) as f64;
     summary.decode_ms /= summary.frames.max(1) as f64;
+    summary.crop_ms /= scored.max(1) as f64;
     summary.encode_ms /= scored.max(1) as f64;
     summary.score_ms /= scored.max(1) as f64;
     result.map(|_| summary)

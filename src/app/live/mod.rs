@@ -366,6 +366,7 @@ impl CliperApp {
             decode_ms: t.decode_ms,
             detect_ms: self.store.detect_ms.median().unwrap_or(t.detect_ms),
             detected_share: self.store.detected_share(),
+            crop_ms: self.store.crop_ms.median().unwrap_or(t.crop_ms),
             encode_ms: self.store.encode_ms.median().unwrap_or(t.encode_ms),
             score_ms: t.score_ms,
             frames_shown: self.store.frames_seen,

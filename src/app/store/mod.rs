@@ -181,8 +181,9 @@ pub struct Store {
     /// Whether each of the last frames had its faces detected (`false`:
     /// boxes carried over while detection was paced beside a CPU model).
     pub detected_recent: VecDeque<bool>,
-    /// Recent detection and encode times (the closing line's medians).
+    /// Recent detection, crop and encode times (the closing line's medians).
     pub detect_ms: LatencyStat,
+    pub crop_ms: LatencyStat,
     pub encode_ms: LatencyStat,
     pub frames_seen: u64,
     /// Show the dynamic branch's scores where a face has them.
@@ -229,6 +230,7 @@ impl Store {
             score_lag: LatencyStat::default(),
             detected_recent: VecDeque::new(),
             detect_ms: LatencyStat::default(),
+            crop_ms: LatencyStat::default(),
             encode_ms: LatencyStat::default(),
             frames_seen: 0,
             dynamic_view: false,
@@ -468,8 +470,10 @@ impl Store {
             return; // a late result from the previous source
         }
         self.scores_seen += 1;
+        self.timings.crop_ms = s.timings.crop_ms;
         self.timings.encode_ms = s.timings.encode_ms;
         if !s.faces.is_empty() {
+            self.crop_ms.push(s.timings.crop_ms);
             self.encode_ms.push(s.timings.encode_ms);
         }
         self.timings.score_ms = s.timings.score_ms;

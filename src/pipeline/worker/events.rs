@@ -116,7 +116,11 @@ pub struct StageTimings {
     /// Decoding the frame (video files).
     pub decode_ms: f32,
     pub detect_ms: f32,
-    /// Crop, preprocess and vision-tower forward of all faces (one batch).
+    /// Cropping the faces and turning the crops into the model's input
+    /// (resize, normalise).
+    pub crop_ms: f32,
+    /// The vision tower's forward over all faces (one batch): what
+    /// `cliper bench` times as "image encode".
     pub encode_ms: f32,
     /// Logits against the bank and the probe.
     pub score_ms: f32,

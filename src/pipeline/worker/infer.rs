@@ -225,10 +225,13 @@ impl Scorer {
         // With an explanation asked for, the same forward pass also yields
         // the last block's input, from which the fast maps cost a fraction
         // of an encode.
+        let px = self.clip.pixels(&crops)?;
+        timings.crop_ms = start.elapsed().as_secs_f32() * 1000.0;
+        let start = Instant::now();
         let (raw, last_input) = match self.explain {
-            None => (self.clip.encode_rgb_raw(&crops)?, None),
+            None => (self.clip.encode_images_raw(&px)?, None),
             Some(_) => {
-                let px = self.clip.pixels(&crops)?.to_dtype(self.clip.dtype)?;
+                let px = px.to_dtype(self.clip.dtype)?;
                 let out = self.clip.vision.forward_with(&px, false, true)?;
                 (
                     out.embedding.to_dtype(candle_core::DType::F32)?,
