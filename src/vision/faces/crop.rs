@@ -102,7 +102,12 @@ fn turned_square(img: &RgbImage, centre: (f32, f32), side: u32, degrees: f32) ->
                 let a = y0 as usize * stride + x0 as usize * 3;
                 (a, a + 3, a + stride, a + stride + 3)
             } else {
-                (at(x0, y0), at(x0 + 1, y0), at(x0, y0 + 1), at(x0 + 1, y0 + 1))
+                (
+                    at(x0, y0),
+                    at(x0 + 1, y0),
+                    at(x0, y0 + 1),
+                    at(x0 + 1, y0 + 1),
+                )
             };
             for k in 0..3 {
                 let top = f32::from(src[a + k]) * (1.0 - fx) + f32::from(src[b + k]) * fx;
@@ -345,10 +350,19 @@ mod tests {
         let ramps = RgbImage::from_fn(256, 9, |x, y| {
             Rgb([x as u8, if y % 2 == 0 { 255 } else { 0 }, (x * 7 + y) as u8])
         });
-        for img in [&noise, &ramps, &RgbImage::from_pixel(1, 1, Rgb([9, 200, 255]))] {
+        for img in [
+            &noise,
+            &ramps,
+            &RgbImage::from_pixel(1, 1, Rgb([9, 200, 255])),
+        ] {
             let (w, h) = (img.width() as f32, img.height() as f32);
             for degrees in [1.5f32, -7.25, 33.0, -89.9, 135.0, 180.0, 271.3] {
-                for (cx, cy) in [(w / 2.0, h / 2.0), (0.0, 0.0), (w + 3.5, h * 0.3), (-10.25, h)] {
+                for (cx, cy) in [
+                    (w / 2.0, h / 2.0),
+                    (0.0, 0.0),
+                    (w + 3.5, h * 0.3),
+                    (-10.25, h),
+                ] {
                     for side in [1u32, 2, 17, 64] {
                         let got = turned_square(img, (cx, cy), side, degrees);
                         let want = turned_square_per_pixel(img, (cx, cy), side, degrees);
@@ -366,10 +380,14 @@ mod tests {
 
     #[test]
     fn rounding_without_libm_is_f32_round() {
-        for x in [0.0f32, 0.49999997, 0.5, 1.5, 2.5, 254.49998, 254.5, 255.0, 255.49998, 300.0] {
+        for x in [
+            0.0f32, 0.49999997, 0.5, 1.5, 2.5, 254.49998, 254.5, 255.0, 255.49998, 300.0,
+        ] {
             assert_eq!(round_to_byte(x), x.round().clamp(0.0, 255.0) as u8, "{x}");
         }
-        for x in [-3.5f32, -1.0, -0.5, -0.0, 0.0, 0.3, 7.0, 7.9, -7.9, 1e6, -1e6] {
+        for x in [
+            -3.5f32, -1.0, -0.5, -0.0, 0.0, 0.3, 7.0, 7.9, -7.9, 1e6, -1e6,
+        ] {
             assert_eq!(floor(x), x.floor() as i64, "{x}");
         }
     }
