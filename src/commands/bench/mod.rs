@@ -435,7 +435,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
                 };
                 // The detector is made on the pool's thread: it stays there.
                 let (faces, ms) = pool.install(|| -> Result<_, BenchError> {
-                    let mut detector = FaceDetector::new(cfg.clone())?;
+                    let mut detector = FaceDetector::new(cfg)?;
                     let faces = detector.detect(&img).len();
                     Ok((faces, time(w.min(1), runs, || Ok(detector.detect(&img)))?))
                 })?;
