@@ -97,18 +97,8 @@ fn turned_square(img: &RgbImage, centre: (f32, f32), side: u32, degrees: f32) ->
             let sy = centre.1 + sin * du + cos * dv - 0.5;
             let (x0, y0) = (floor(sx), floor(sy));
             let (fx, fy) = (sx - x0 as f32, sy - y0 as f32);
-            let (a, b, c, d) = if (x0 as u64) < (w - 1) as u64 && (y0 as u64) < (h - 1) as u64 {
-                // All four inside: no clamping.
-                let a = y0 as usize * stride + x0 as usize * 3;
-                (a, a + 3, a + stride, a + stride + 3)
-            } else {
-                (
-                    at(x0, y0),
-                    at(x0 + 1, y0),
-                    at(x0, y0 + 1),
-                    at(x0 + 1, y0 + 1),
-                )
-            };
+            let (a, b) = (at(x0, y0), at(x0 + 1, y0));
+            let (c, d) = (at(x0, y0 + 1), at(x0 + 1, y0 + 1));
             for k in 0..3 {
                 let top = f32::from(src[a + k]) * (1.0 - fx) + f32::from(src[b + k]) * fx;
                 let bottom = f32::from(src[c + k]) * (1.0 - fx) + f32::from(src[d + k]) * fx;
